@@ -1,0 +1,207 @@
+//! Dispatchers: what a handler is, how it fails, and how it is registered.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::command::{CommandAdapter, Policy};
+use super::envelope::{Envelope, OutputMessage};
+use super::topic::Category;
+
+/// The timeout a dispatcher gets when none is configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a handler is given: the message and where it came from. Borrowed, because every
+/// dispatcher of a fan-out reads the same message concurrently.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub topic: &'a str,
+    pub category: Category,
+    pub envelope: &'a Envelope,
+}
+
+/// Whether trying again could help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A passing condition (a timeout upstream, a connection reset): retrying may succeed.
+    Transient,
+    /// The message itself cannot be handled: retrying would fail the same way.
+    Permanent,
+}
+
+/// A handler's failure. Any `std::error::Error` converts into a transient one with `?`; use
+/// [`HandlerError::permanent`] for failures no retry can fix. The message is sanitized before it
+/// is stored or logged, but handlers should still not put secrets in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl HandlerError {
+    pub fn transient(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(error: E) -> HandlerError {
+        HandlerError::transient(error.to_string())
+    }
+}
+
+/// The extension point for event and intent dispatchers.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use dispatchd::engine::{Handler, HandlerError, Message, OutputMessage};
+///
+/// struct Audit;
+///
+/// #[async_trait]
+/// impl Handler for Audit {
+///     async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+///         let confirmed = message.envelope.derive("audit.recorded", serde_json::json!({}));
+///         Ok(vec![OutputMessage::new("audit.events", confirmed)])
+///     }
+/// }
+/// ```
+///
+/// The engine runs the future under the dispatcher's timeout and drops it when time runs out, so
+/// a handler must be cancel-safe at its await points. A panic is caught and reported as an
+/// error of that dispatcher only.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError>;
+}
+
+#[derive(Clone)]
+pub(crate) enum Kind {
+    Handler(Arc<dyn Handler>),
+    Command(Arc<dyn CommandAdapter>),
+}
+
+/// A dispatcher as registered with the builder: identity, what it accepts, and how it runs.
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub(crate) id: Arc<str>,
+    pub(crate) category: Category,
+    pub(crate) message_types: Option<BTreeSet<String>>,
+    pub(crate) timeout: Duration,
+    pub(crate) kind: Kind,
+    /// Checked before a command adapter runs; the builder refuses them on other dispatchers.
+    pub(crate) policies: Vec<Arc<dyn Policy>>,
+}
+
+impl Dispatcher {
+    /// An event or intent dispatcher. The id is its name in routes, metrics and health, so it
+    /// must be stable across restarts.
+    pub fn new(id: impl Into<Arc<str>>, category: Category, handler: impl Handler) -> Dispatcher {
+        Dispatcher::from_arc(id, category, Arc::new(handler))
+    }
+
+    pub fn from_arc(
+        id: impl Into<Arc<str>>,
+        category: Category,
+        handler: Arc<dyn Handler>,
+    ) -> Dispatcher {
+        Dispatcher {
+            id: id.into(),
+            category,
+            message_types: None,
+            timeout: DEFAULT_TIMEOUT,
+            kind: Kind::Handler(handler),
+            policies: Vec::new(),
+        }
+    }
+
+    /// A command dispatcher: every command passes the policies, in order, before the adapter
+    /// runs.
+    pub fn command(id: impl Into<Arc<str>>, adapter: impl CommandAdapter) -> Dispatcher {
+        Dispatcher {
+            id: id.into(),
+            category: Category::Command,
+            message_types: None,
+            timeout: DEFAULT_TIMEOUT,
+            kind: Kind::Command(Arc::new(adapter)),
+            policies: Vec::new(),
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Dispatcher {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Accept only these message types (by default, all).
+    pub fn with_message_types<I, S>(mut self, types: I) -> Dispatcher
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.message_types = Some(types.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Adds a policy to a command dispatcher; the builder refuses it on any other.
+    pub fn with_policy(mut self, policy: impl Policy) -> Dispatcher {
+        self.policies.push(Arc::new(policy));
+        self
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn category(&self) -> Category {
+        self.category
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(crate) fn accepts_type(&self, message_type: &str) -> bool {
+        self.message_types
+            .as_ref()
+            .is_none_or(|types| types.contains(message_type))
+    }
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("id", &self.id)
+            .field("category", &self.category)
+            .field("message_types", &self.message_types)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}

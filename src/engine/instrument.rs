@@ -1,0 +1,134 @@
+//! The instrumentation extension point: what the engine tells observers, and the guard that keeps
+//! an observer from ever changing a dispatch.
+//!
+//! Implementations live in `crate::instrumentation`; the trait lives here because the engine is
+//! what calls it, and the engine depends on nothing outside itself.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::result::{DispatchResult, ExecutionResult};
+use super::topic::Category;
+
+/// What every hook learns about the dispatch it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchInfo<'a> {
+    pub dispatch_id: Uuid,
+    pub topic: &'a str,
+    /// `None` when the topic could not be parsed.
+    pub category: Option<Category>,
+    pub message_type: &'a str,
+    pub message_id: &'a str,
+    pub correlation_id: Option<&'a str>,
+}
+
+/// A dispatcher as hooks see it. `index` is its position in registration order, dense and fixed
+/// for the engine's lifetime, so a strategy can keep per-dispatcher state (bound metric
+/// instruments, say) in a `Vec` and find it without hashing.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatcherRef<'a> {
+    pub index: usize,
+    pub id: &'a str,
+}
+
+/// Observes the engine. Every method has a no-op default, so an implementation overrides only
+/// what it needs. Hooks run inline on the dispatch path: keep them cheap and never block.
+///
+/// A hook that panics is caught, logged at debug and counted
+/// ([`crate::engine::Engine::instrumentation_panics`]); the dispatch result is never affected.
+pub trait InstrumentationStrategy: Send + Sync + 'static {
+    /// Before any dispatcher runs; the dispatch's start time was taken before this hook.
+    fn on_dispatch_start(&self, _dispatch: &DispatchInfo<'_>) {}
+
+    /// The dispatch ended with a status that is not an error (`success`, `skipped`, `routed`).
+    fn on_dispatch_success(
+        &self,
+        _dispatch: &DispatchInfo<'_>,
+        _result: &DispatchResult,
+        _elapsed: Duration,
+    ) {
+    }
+
+    /// The dispatch ended with an error status; the result carries the sanitized error.
+    fn on_dispatch_error(
+        &self,
+        _dispatch: &DispatchInfo<'_>,
+        _result: &DispatchResult,
+        _elapsed: Duration,
+    ) {
+    }
+
+    /// One dispatcher finished (or was refused). Not in PRODUCT.md's list of hooks: it is what
+    /// per-dispatcher metrics need, and it costs nothing to strategies that ignore it.
+    fn on_dispatcher_complete(
+        &self,
+        _dispatch: &DispatchInfo<'_>,
+        _dispatcher: DispatcherRef<'_>,
+        _result: ExecutionResult,
+        _elapsed: Duration,
+    ) {
+    }
+
+    /// Every policy allowed the command and its adapter is about to run.
+    fn on_adapter_invoke(
+        &self,
+        _dispatch: &DispatchInfo<'_>,
+        _adapter: &str,
+        _command_type: &str,
+        _params: &serde_json::Value,
+    ) {
+    }
+
+    /// A policy refused a command; its adapter does not run.
+    fn on_policy_denied(
+        &self,
+        _dispatch: &DispatchInfo<'_>,
+        _policy: &str,
+        _command_type: &str,
+        _reason: &str,
+    ) {
+    }
+}
+
+/// The engine's side of instrumentation: at most one strategy (compose several with
+/// `instrumentation::Composite`), each call guarded against panics.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    strategy: Option<Arc<dyn InstrumentationStrategy>>,
+    panics: AtomicU64,
+}
+
+impl Hooks {
+    pub(crate) fn new(strategy: Option<Arc<dyn InstrumentationStrategy>>) -> Hooks {
+        Hooks {
+            strategy,
+            panics: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls the strategy, if any. With none this is one branch.
+    #[inline]
+    pub(crate) fn emit(&self, hook: &'static str, call: impl FnOnce(&dyn InstrumentationStrategy)) {
+        if let Some(strategy) = &self.strategy {
+            if catch_unwind(AssertUnwindSafe(|| call(strategy.as_ref()))).is_err() {
+                self.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    hook,
+                    "An instrumentation strategy panicked; the dispatch goes on."
+                );
+            }
+        }
+    }
+
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.strategy.is_some()
+    }
+
+    pub(crate) fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+}

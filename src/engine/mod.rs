@@ -1,0 +1,418 @@
+//! The dispatch engine: topics in, dispatchers run, a [`DispatchResult`] out.
+//!
+//! Owns: topic parsing, route matching, running the selected dispatchers concurrently under their
+//! timeouts, command policies, collecting outputs, aggregating and sanitizing errors, and calling
+//! the instrumentation hooks.
+//!
+//! Invariants: an [`Engine`] is frozen at [`EngineBuilder::build`], which validated everything;
+//! the dispatch path takes no lock and allocates only what the result holds. One dispatcher's
+//! failure, timeout or panic never hides another's success, and an instrumentation strategy
+//! never changes a result.
+//!
+//! Must not: import any I/O crate (no axum, redis, reqwest, OpenTelemetry SDK). It sees traits
+//! ([`Handler`], [`CommandAdapter`], [`OutputPublisher`], [`InstrumentationStrategy`]) and
+//! nothing else of the outside world. It runs on tokio's timer, so dispatch inside a tokio
+//! runtime with time enabled.
+
+mod builder;
+mod command;
+mod dispatcher;
+mod envelope;
+mod instrument;
+mod pattern;
+mod result;
+mod route;
+mod sanitize;
+mod topic;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use thiserror::Error;
+use uuid::Uuid;
+
+pub use builder::{BuildError, BuildProblem, EngineBuilder, MAX_ID_LEN, is_valid_id};
+pub use command::{CommandAdapter, Decision, Effect, Policy, RulePolicy};
+pub use dispatcher::{DEFAULT_TIMEOUT, Dispatcher, ErrorKind, Handler, HandlerError, Message};
+pub use envelope::{Envelope, OutputMessage};
+pub use instrument::{DispatchInfo, DispatcherRef, InstrumentationStrategy};
+pub use pattern::{PatternError, TopicPattern};
+pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ExecutionResult};
+pub use route::Route;
+pub use sanitize::{MAX_ERROR_CHARS, sanitize};
+pub use topic::{Category, MAX_TOPIC_LEN, Topic, TopicError, UnknownCategory};
+
+use builder::category_slot;
+use dispatcher::Kind;
+use instrument::Hooks;
+use route::CompiledRoute;
+
+/// The longest message type, in bytes.
+pub const MAX_MESSAGE_TYPE_LEN: usize = 255;
+
+/// Publishes handler outputs onward (to the bus). A failure makes the dispatch `publish_failed`.
+#[async_trait]
+pub trait OutputPublisher: Send + Sync + 'static {
+    async fn publish(&self, outputs: &[OutputMessage]) -> Result<(), PublishError>;
+}
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct PublishError(pub String);
+
+/// A built engine. Cheap to clone (one `Arc`), `Send + Sync`, and immutable.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dispatchers: Box<[Dispatcher]>,
+    routes: Box<[Route]>,
+    /// Enabled routes only, split by category because a topic's category must equal its route's.
+    routes_by_category: [Box<[CompiledRoute]>; 3],
+    hooks: Hooks,
+    publisher: Option<Arc<dyn OutputPublisher>>,
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::new()
+    }
+
+    /// The registered dispatchers, in registration order (the order of [`DispatcherRef::index`]).
+    pub fn dispatchers(&self) -> &[Dispatcher] {
+        &self.inner.dispatchers
+    }
+
+    /// Every registered route, enabled or not, in registration order.
+    pub fn routes(&self) -> &[Route] {
+        &self.inner.routes
+    }
+
+    /// How many times an instrumentation hook panicked (and was contained).
+    pub fn instrumentation_panics(&self) -> u64 {
+        self.inner.hooks.panics()
+    }
+
+    pub fn is_instrumented(&self) -> bool {
+        self.inner.hooks.is_enabled()
+    }
+
+    /// The dispatchers a message would reach, in registration order, each at most once.
+    pub fn select(&self, topic: &Topic<'_>, message_type: &str) -> Vec<usize> {
+        let routes = &self.inner.routes_by_category[category_slot(topic.category)];
+        let mut selected: Vec<usize> = Vec::new();
+        for route in routes.iter() {
+            if route.matches(&topic.segments, message_type)
+                && self.inner.dispatchers[route.dispatcher].accepts_type(message_type)
+                && !selected.contains(&route.dispatcher)
+            {
+                selected.push(route.dispatcher);
+            }
+        }
+        selected.sort_unstable();
+        selected
+    }
+
+    /// Dispatches one message published on `topic`. Never fails: every outcome, including a
+    /// malformed message, is a [`DispatchResult`] status.
+    pub async fn dispatch(&self, topic: &str, envelope: &Envelope) -> DispatchResult {
+        let started = Instant::now();
+        let dispatch_id = Uuid::new_v4();
+        let hooks = &self.inner.hooks;
+        let parsed = Topic::parse(topic);
+        let info = DispatchInfo {
+            dispatch_id,
+            topic,
+            category: parsed.as_ref().ok().map(Topic::category),
+            message_type: &envelope.message_type,
+            message_id: &envelope.message_id,
+            correlation_id: envelope.correlation_id.as_deref(),
+        };
+        hooks.emit("on_dispatch_start", |s| s.on_dispatch_start(&info));
+
+        let mut result = DispatchResult {
+            dispatch_id,
+            status: DispatchStatus::Success,
+            topic: topic.to_owned(),
+            message_category: info.category,
+            message_type: envelope.message_type.clone(),
+            message_id: envelope.message_id.clone(),
+            duration_ms: 0.0,
+            outputs: Vec::new(),
+            output_count: 0,
+            error_message: None,
+            error_code: None,
+            correlation_id: envelope.correlation_id.clone(),
+            trace_id: None,
+            span_id: None,
+            dispatchers: Vec::new(),
+        };
+
+        match parsed
+            .map_err(|e| e.to_string())
+            .and_then(|t| validate(envelope).map(|()| t))
+        {
+            Err(reason) => fail(
+                &mut result,
+                DispatchStatus::InvalidMessage,
+                "invalid_message",
+                &reason,
+            ),
+            Ok(parsed) => {
+                let selected = self.select(&parsed, &envelope.message_type);
+                if selected.is_empty() {
+                    let reason = format!(
+                        "no enabled route sends {} messages of type `{}` on this topic to a dispatcher",
+                        parsed.category, envelope.message_type
+                    );
+                    fail(
+                        &mut result,
+                        DispatchStatus::NoDispatcher,
+                        "no_dispatcher",
+                        &reason,
+                    );
+                } else {
+                    let message = Message {
+                        topic,
+                        category: parsed.category,
+                        envelope,
+                    };
+                    self.run_selected(&selected, &message, &info, &mut result)
+                        .await;
+                    self.publish(&mut result).await;
+                }
+            }
+        }
+
+        let elapsed = started.elapsed();
+        result.duration_ms = millis(elapsed);
+        if result.status.is_error() {
+            hooks.emit("on_dispatch_error", |s| {
+                s.on_dispatch_error(&info, &result, elapsed)
+            });
+        } else {
+            hooks.emit("on_dispatch_success", |s| {
+                s.on_dispatch_success(&info, &result, elapsed)
+            });
+        }
+        result
+    }
+
+    async fn run_selected(
+        &self,
+        selected: &[usize],
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+        result: &mut DispatchResult,
+    ) {
+        let runs: Vec<(DispatcherOutcome, Vec<OutputMessage>)> = if let [only] = selected {
+            vec![self.run_one(*only, message, info).await]
+        } else {
+            futures::future::join_all(selected.iter().map(|&i| self.run_one(i, message, info)))
+                .await
+        };
+
+        let mut failures = Vec::new();
+        for (outcome, outputs) in runs {
+            result.outputs.extend(outputs);
+            if outcome.result != ExecutionResult::Success {
+                failures.push((outcome.result, format_failure(&outcome)));
+            }
+            result.dispatchers.push(outcome);
+        }
+        result.output_count = result.outputs.len();
+        if failures.is_empty() {
+            return;
+        }
+        let (status, code) = if failures.iter().all(|(r, _)| *r == ExecutionResult::Timeout) {
+            (DispatchStatus::Timeout, "timeout")
+        } else if failures
+            .iter()
+            .all(|(r, _)| *r == ExecutionResult::Rejected)
+        {
+            (DispatchStatus::DispatcherError, "policy_denied")
+        } else {
+            (DispatchStatus::DispatcherError, "dispatcher_failed")
+        };
+        let reasons: Vec<String> = failures.into_iter().map(|(_, reason)| reason).collect();
+        fail(result, status, code, &reasons.join("; "));
+    }
+
+    async fn run_one(
+        &self,
+        index: usize,
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+    ) -> (DispatcherOutcome, Vec<OutputMessage>) {
+        let dispatcher = &self.inner.dispatchers[index];
+        let hooks = &self.inner.hooks;
+        let started = Instant::now();
+        let mut policy = None;
+
+        let run: Result<Vec<OutputMessage>, (ExecutionResult, String)> = match &dispatcher.kind {
+            Kind::Handler(handler) => guarded(dispatcher.timeout, handler.handle(message)).await,
+            Kind::Command(adapter) => {
+                let command_type = message.envelope.message_type.as_str();
+                let denial = dispatcher
+                    .policies
+                    .iter()
+                    .find_map(|p| match p.check(message) {
+                        Decision::Allow => None,
+                        Decision::Deny { reason } => Some((p.name(), reason)),
+                    });
+                match denial {
+                    Some((name, reason)) => {
+                        hooks.emit("on_policy_denied", |s| {
+                            s.on_policy_denied(info, name, command_type, &reason)
+                        });
+                        policy = Some(name.to_owned());
+                        Err((
+                            ExecutionResult::Rejected,
+                            format!("policy `{name}` denied: {reason}"),
+                        ))
+                    }
+                    None => {
+                        hooks.emit("on_adapter_invoke", |s| {
+                            s.on_adapter_invoke(
+                                info,
+                                adapter.name(),
+                                command_type,
+                                &message.envelope.payload,
+                            )
+                        });
+                        guarded(dispatcher.timeout, adapter.execute(message)).await
+                    }
+                }
+            }
+        };
+
+        let elapsed = started.elapsed();
+        let (execution, outputs, error_message) = match run {
+            Ok(outputs) => (ExecutionResult::Success, outputs, None),
+            Err((execution, reason)) => {
+                (execution, Vec::new(), Some(sanitize(&reason).into_owned()))
+            }
+        };
+        let dispatcher_ref = DispatcherRef {
+            index,
+            id: &dispatcher.id,
+        };
+        hooks.emit("on_dispatcher_complete", |s| {
+            s.on_dispatcher_complete(info, dispatcher_ref, execution, elapsed)
+        });
+        if let Some(reason) = &error_message {
+            tracing::debug!(
+                dispatcher_id = %dispatcher.id,
+                result = execution.as_str(),
+                error = %reason,
+                "A dispatcher did not succeed."
+            );
+        }
+        let outcome = DispatcherOutcome {
+            dispatcher_id: dispatcher.id.clone(),
+            result: execution,
+            duration_ms: millis(elapsed),
+            output_count: outputs.len(),
+            error_message,
+            policy,
+        };
+        (outcome, outputs)
+    }
+
+    async fn publish(&self, result: &mut DispatchResult) {
+        let Some(publisher) = &self.inner.publisher else {
+            return;
+        };
+        if result.outputs.is_empty() {
+            return;
+        }
+        if let Err(error) = publisher.publish(&result.outputs).await {
+            let reason = format!(
+                "publishing {} outputs failed: {error}",
+                result.outputs.len()
+            );
+            if result.status.is_error() {
+                let previous = result.error_message.take().unwrap_or_default();
+                result.error_message =
+                    Some(sanitize(&format!("{previous}; {reason}")).into_owned());
+            } else {
+                fail(
+                    result,
+                    DispatchStatus::PublishFailed,
+                    "publish_failed",
+                    &reason,
+                );
+            }
+        }
+    }
+}
+
+/// Runs a handler future under its timeout (dropping it when time runs out) and turns a panic
+/// into an error of this dispatcher alone.
+async fn guarded(
+    timeout: Duration,
+    run: impl Future<Output = Result<Vec<OutputMessage>, HandlerError>>,
+) -> Result<Vec<OutputMessage>, (ExecutionResult, String)> {
+    match tokio::time::timeout(timeout, AssertUnwindSafe(run).catch_unwind()).await {
+        Ok(Ok(Ok(outputs))) => Ok(outputs),
+        Ok(Ok(Err(error))) => Err((ExecutionResult::Error, error.message().to_owned())),
+        Ok(Err(panic)) => Err((
+            ExecutionResult::Error,
+            format!("panicked: {}", panic_text(&panic)),
+        )),
+        Err(_) => Err((
+            ExecutionResult::Timeout,
+            format!("timed out after {timeout:?}"),
+        )),
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-text panic payload")
+}
+
+fn validate(envelope: &Envelope) -> Result<(), String> {
+    let message_type = envelope.message_type.as_str();
+    if message_type.is_empty() {
+        return Err("message_type is empty".to_owned());
+    }
+    if message_type.len() > MAX_MESSAGE_TYPE_LEN {
+        return Err(format!(
+            "message_type is longer than {MAX_MESSAGE_TYPE_LEN} bytes"
+        ));
+    }
+    if envelope.message_id.is_empty() {
+        return Err("message_id is empty".to_owned());
+    }
+    Ok(())
+}
+
+fn format_failure(outcome: &DispatcherOutcome) -> String {
+    let reason = outcome.error_message.as_deref().unwrap_or("failed");
+    format!(
+        "dispatcher `{}` {}: {reason}",
+        outcome.dispatcher_id, outcome.result
+    )
+}
+
+fn fail(result: &mut DispatchResult, status: DispatchStatus, code: &str, reason: &str) {
+    result.status = status;
+    result.error_code = Some(code.to_owned());
+    result.error_message = Some(sanitize(reason).into_owned());
+}
+
+fn millis(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1_000.0
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,493 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::*;
+
+/// Answers with one output per message, on `<topic>.out`-like topic `echo.events`.
+struct Echo;
+
+#[async_trait]
+impl Handler for Echo {
+    async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        let reply = message
+            .envelope
+            .derive("echoed", message.envelope.payload.clone());
+        Ok(vec![OutputMessage::new("echo.events", reply)])
+    }
+}
+
+struct Fail(&'static str);
+
+#[async_trait]
+impl Handler for Fail {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Err(HandlerError::permanent(self.0))
+    }
+}
+
+/// Never finishes on its own; counts how many of its futures were dropped (cancelled).
+struct Hang(Arc<AtomicUsize>);
+
+struct DropCounter(Arc<AtomicUsize>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Handler for Hang {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        let _guard = DropCounter(self.0.clone());
+        std::future::pending::<()>().await;
+        Ok(Vec::new())
+    }
+}
+
+struct Panic;
+
+#[async_trait]
+impl Handler for Panic {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        panic!("handler exploded")
+    }
+}
+
+fn event(message_type: &str) -> Envelope {
+    Envelope::new(message_type, json!({"n": 1}))
+}
+
+fn engine_with(dispatchers: Vec<Dispatcher>, routes: Vec<Route>) -> Engine {
+    let mut builder = Engine::builder();
+    for d in dispatchers {
+        builder = builder.dispatcher(d);
+    }
+    for r in routes {
+        builder = builder.route(r);
+    }
+    builder.build().expect("valid engine")
+}
+
+#[tokio::test]
+async fn routes_a_message_to_its_dispatcher_and_returns_outputs() {
+    let engine = engine_with(
+        vec![Dispatcher::new("echo", Category::Event, Echo)],
+        vec![Route::new("r1", "dev.*.events", Category::Event, "echo")],
+    );
+    let envelope = event("user.created").with_correlation_id("corr-1");
+    let result = engine.dispatch("dev.user.events", &envelope).await;
+
+    assert_eq!(result.status, DispatchStatus::Success);
+    assert_eq!(result.message_category, Some(Category::Event));
+    assert_eq!(result.topic, "dev.user.events");
+    assert_eq!(result.message_type, "user.created");
+    assert_eq!(result.correlation_id.as_deref(), Some("corr-1"));
+    assert_eq!(result.output_count, 1);
+    assert_eq!(
+        result.outputs[0].envelope.correlation_id.as_deref(),
+        Some("corr-1")
+    );
+    assert_eq!(result.dispatchers.len(), 1);
+    assert_eq!(&*result.dispatchers[0].dispatcher_id, "echo");
+    assert_eq!(result.dispatchers[0].result, ExecutionResult::Success);
+    assert!(result.error_message.is_none() && result.error_code.is_none());
+    assert!(result.duration_ms >= 0.0);
+}
+
+#[tokio::test]
+async fn a_topic_that_no_route_matches_is_no_dispatcher() {
+    let engine = engine_with(
+        vec![Dispatcher::new("echo", Category::Event, Echo)],
+        vec![Route::new("r1", "billing.**", Category::Event, "echo")],
+    );
+    let result = engine.dispatch("shipping.events", &event("t")).await;
+    assert_eq!(result.status, DispatchStatus::NoDispatcher);
+    assert_eq!(result.error_code.as_deref(), Some("no_dispatcher"));
+    assert!(result.dispatchers.is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_topic_or_envelope_is_invalid_message_and_runs_nothing() {
+    let engine = engine_with(
+        vec![Dispatcher::new("echo", Category::Event, Echo)],
+        vec![Route::new("r1", "**", Category::Event, "echo")],
+    );
+    for topic in ["", "a..events", "dev.user", "a b.events", "user_events"] {
+        let result = engine.dispatch(topic, &event("t")).await;
+        assert_eq!(result.status, DispatchStatus::InvalidMessage, "{topic:?}");
+        assert_eq!(result.message_category, None);
+        assert!(result.dispatchers.is_empty());
+    }
+    let result = engine.dispatch("a.events", &event("")).await;
+    assert_eq!(result.status, DispatchStatus::InvalidMessage);
+    assert_eq!(
+        result.error_message.as_deref(),
+        Some("message_type is empty")
+    );
+}
+
+#[tokio::test]
+async fn the_category_of_route_and_topic_must_agree() {
+    let engine = engine_with(
+        vec![Dispatcher::new("echo", Category::Intent, Echo)],
+        vec![Route::new("r1", "**", Category::Intent, "echo")],
+    );
+    assert_eq!(
+        engine.dispatch("a.events", &event("t")).await.status,
+        DispatchStatus::NoDispatcher
+    );
+    assert_eq!(
+        engine.dispatch("a.intents", &event("t")).await.status,
+        DispatchStatus::Success
+    );
+}
+
+#[tokio::test]
+async fn message_type_filters_apply_on_routes_and_dispatchers() {
+    let engine = engine_with(
+        vec![
+            Dispatcher::new("orders", Category::Event, Echo).with_message_types(["order.placed"]),
+            Dispatcher::new("any", Category::Event, Echo),
+        ],
+        vec![
+            Route::new("r-orders", "**", Category::Event, "orders"),
+            Route::new("r-any", "**", Category::Event, "any").with_message_type("user.created"),
+        ],
+    );
+    let ran = |result: &DispatchResult| -> Vec<String> {
+        result
+            .dispatchers
+            .iter()
+            .map(|d| d.dispatcher_id.to_string())
+            .collect()
+    };
+    assert_eq!(
+        ran(&engine.dispatch("x.events", &event("order.placed")).await),
+        ["orders"]
+    );
+    assert_eq!(
+        ran(&engine.dispatch("x.events", &event("user.created")).await),
+        ["any"]
+    );
+    let result = engine.dispatch("x.events", &event("other")).await;
+    assert_eq!(result.status, DispatchStatus::NoDispatcher);
+}
+
+#[tokio::test]
+async fn each_dispatcher_runs_once_in_registration_order_however_many_routes_match() {
+    let recorder = Arc::new(crate::instrumentation::RecordingStrategy::new());
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("first", Category::Event, Echo))
+        .dispatcher(Dispatcher::new("second", Category::Event, Echo))
+        .route(Route::new("r-second", "a.**", Category::Event, "second"))
+        .route(Route::new("r-first-1", "a.*", Category::Event, "first"))
+        .route(Route::new("r-first-2", "**", Category::Event, "first"))
+        .route(Route::new("r-disabled", "**", Category::Event, "second").disabled())
+        .instrumentation(recorder.clone())
+        .build()
+        .unwrap();
+    let result = engine.dispatch("a.events", &event("t")).await;
+    let ids: Vec<&str> = result
+        .dispatchers
+        .iter()
+        .map(|d| &*d.dispatcher_id)
+        .collect();
+    assert_eq!(ids, ["first", "second"]);
+    assert_eq!(result.output_count, 2);
+    assert_eq!(engine.routes().len(), 4);
+}
+
+#[tokio::test]
+async fn disabled_routes_never_match() {
+    let engine = engine_with(
+        vec![Dispatcher::new("echo", Category::Event, Echo)],
+        vec![Route::new("r1", "**", Category::Event, "echo").disabled()],
+    );
+    assert_eq!(
+        engine.dispatch("a.events", &event("t")).await.status,
+        DispatchStatus::NoDispatcher
+    );
+}
+
+#[tokio::test]
+async fn one_failure_never_hides_another_success() {
+    let engine = engine_with(
+        vec![
+            Dispatcher::new("ok", Category::Event, Echo),
+            Dispatcher::new("broken", Category::Event, Fail("database is down")),
+        ],
+        vec![
+            Route::new("r-ok", "**", Category::Event, "ok"),
+            Route::new("r-broken", "**", Category::Event, "broken"),
+        ],
+    );
+    let result = engine.dispatch("a.events", &event("t")).await;
+    assert_eq!(result.status, DispatchStatus::DispatcherError);
+    assert_eq!(result.error_code.as_deref(), Some("dispatcher_failed"));
+    assert_eq!(
+        result.output_count, 1,
+        "the successful dispatcher's output is kept"
+    );
+    assert_eq!(result.dispatchers[0].result, ExecutionResult::Success);
+    assert_eq!(result.dispatchers[1].result, ExecutionResult::Error);
+    assert_eq!(
+        result.dispatchers[1].error_message.as_deref(),
+        Some("database is down")
+    );
+    assert_eq!(
+        result.error_message.as_deref(),
+        Some("dispatcher `broken` error: database is down")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_dispatcher_times_out_and_is_cancelled_while_others_finish() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let engine = engine_with(
+        vec![
+            Dispatcher::new("slow", Category::Event, Hang(dropped.clone()))
+                .with_timeout(Duration::from_millis(250)),
+            Dispatcher::new("fast", Category::Event, Echo),
+        ],
+        vec![
+            Route::new("r-slow", "**", Category::Event, "slow"),
+            Route::new("r-fast", "**", Category::Event, "fast"),
+        ],
+    );
+    let started = tokio::time::Instant::now();
+    let result = engine.dispatch("a.events", &event("t")).await;
+    assert_eq!(result.status, DispatchStatus::Timeout);
+    assert_eq!(result.error_code.as_deref(), Some("timeout"));
+    assert!(result.status.requires_retry());
+    assert_eq!(result.dispatchers[0].result, ExecutionResult::Timeout);
+    assert_eq!(result.dispatchers[1].result, ExecutionResult::Success);
+    assert_eq!(result.output_count, 1);
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the timed-out future was dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_dispatcher_fails_alone() {
+    let engine = engine_with(
+        vec![
+            Dispatcher::new("boom", Category::Event, Panic),
+            Dispatcher::new("ok", Category::Event, Echo),
+        ],
+        vec![
+            Route::new("r-boom", "**", Category::Event, "boom"),
+            Route::new("r-ok", "**", Category::Event, "ok"),
+        ],
+    );
+    let result = engine.dispatch("a.events", &event("t")).await;
+    assert_eq!(result.status, DispatchStatus::DispatcherError);
+    assert_eq!(
+        result.dispatchers[0].error_message.as_deref(),
+        Some("panicked: handler exploded")
+    );
+    assert_eq!(result.dispatchers[1].result, ExecutionResult::Success);
+    assert_eq!(result.output_count, 1);
+}
+
+#[tokio::test]
+async fn error_text_is_sanitized_in_the_result() {
+    let engine = engine_with(
+        vec![Dispatcher::new(
+            "db",
+            Category::Event,
+            Fail("connect postgres://app:hunter2@db/x failed, password=hunter2"),
+        )],
+        vec![Route::new("r", "**", Category::Event, "db")],
+    );
+    let result = engine.dispatch("a.events", &event("t")).await;
+    let text = serde_json::to_string(&result).unwrap();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("postgres://***@db/x"));
+}
+
+struct Refunds;
+
+#[async_trait]
+impl CommandAdapter for Refunds {
+    fn name(&self) -> &'static str {
+        "refunds"
+    }
+
+    async fn execute(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        let done = message.envelope.derive("refund.issued", json!({}));
+        Ok(vec![OutputMessage::new("billing.events", done)])
+    }
+}
+
+fn command_engine(recorder: Arc<crate::instrumentation::RecordingStrategy>) -> Engine {
+    Engine::builder()
+        .dispatcher(
+            Dispatcher::command("billing", Refunds)
+                .with_policy(RulePolicy::new("billing-rules", Effect::Deny).allow("refund")),
+        )
+        .route(Route::new(
+            "r",
+            "billing.commands",
+            Category::Command,
+            "billing",
+        ))
+        .instrumentation(recorder)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_allowed_command_runs_its_adapter() {
+    use crate::instrumentation::Recorded;
+    let recorder = Arc::new(crate::instrumentation::RecordingStrategy::new());
+    let engine = command_engine(recorder.clone());
+    let result = engine
+        .dispatch(
+            "billing.commands",
+            &Envelope::new("refund", json!({"amount": 5})),
+        )
+        .await;
+    assert_eq!(result.status, DispatchStatus::Success);
+    assert_eq!(result.outputs[0].envelope.message_type, "refund.issued");
+    let calls = recorder.calls();
+    assert!(calls.contains(&Recorded::AdapterInvoke {
+        adapter: "refunds".into(),
+        command_type: "refund".into(),
+        params: json!({"amount": 5}),
+    }));
+}
+
+#[tokio::test]
+async fn a_denied_command_does_not_run_and_names_the_policy() {
+    use crate::instrumentation::Recorded;
+    let recorder = Arc::new(crate::instrumentation::RecordingStrategy::new());
+    let engine = command_engine(recorder.clone());
+    let result = engine
+        .dispatch("billing.commands", &Envelope::new("delete", json!({})))
+        .await;
+    assert_eq!(result.status, DispatchStatus::DispatcherError);
+    assert_eq!(result.error_code.as_deref(), Some("policy_denied"));
+    assert_eq!(result.dispatchers[0].result, ExecutionResult::Rejected);
+    assert_eq!(
+        result.dispatchers[0].policy.as_deref(),
+        Some("billing-rules")
+    );
+    assert_eq!(result.output_count, 0);
+    let calls = recorder.calls();
+    assert!(calls.contains(&Recorded::PolicyDenied {
+        policy: "billing-rules".into(),
+        command_type: "delete".into(),
+    }));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Recorded::AdapterInvoke { .. }))
+    );
+}
+
+struct FailingPublisher;
+
+#[async_trait]
+impl OutputPublisher for FailingPublisher {
+    async fn publish(&self, _: &[OutputMessage]) -> Result<(), PublishError> {
+        Err(PublishError("bus unreachable".into()))
+    }
+}
+
+#[tokio::test]
+async fn outputs_that_cannot_be_published_make_publish_failed() {
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
+        .route(Route::new("r", "**", Category::Event, "echo"))
+        .publisher(Arc::new(FailingPublisher))
+        .build()
+        .unwrap();
+    let result = engine.dispatch("a.events", &event("t")).await;
+    assert_eq!(result.status, DispatchStatus::PublishFailed);
+    assert!(result.status.requires_retry());
+    assert_eq!(
+        result.error_message.as_deref(),
+        Some("publishing 1 outputs failed: bus unreachable")
+    );
+    assert_eq!(result.output_count, 1, "the outputs are still returned");
+}
+
+#[test]
+fn build_reports_every_problem_at_once() {
+    let error = Engine::builder()
+        .dispatcher(Dispatcher::new("dup", Category::Event, Echo))
+        .dispatcher(Dispatcher::new("dup", Category::Event, Echo))
+        .dispatcher(Dispatcher::new("bad id!", Category::Event, Echo))
+        .dispatcher(Dispatcher::new("intents", Category::Intent, Echo))
+        .dispatcher(Dispatcher::new("cmd", Category::Command, Echo))
+        .dispatcher(Dispatcher::new("zero", Category::Event, Echo).with_timeout(Duration::ZERO))
+        .dispatcher(Dispatcher::new("typed", Category::Event, Echo).with_message_types(["a"]))
+        .route(Route::new("r1", "**", Category::Event, "ghost"))
+        .route(Route::new("r2", "**", Category::Event, "intents"))
+        .route(Route::new("r3", "a.b*", Category::Event, "dup"))
+        .route(Route::new("r3", "**", Category::Event, "dup"))
+        .route(Route::new("r4", "**", Category::Event, "typed").with_message_type("b"))
+        .build()
+        .err()
+        .expect("invalid registration");
+    let problems = &error.problems;
+    assert!(problems.contains(&BuildProblem::DuplicateDispatcher("dup".into())));
+    assert!(problems.contains(&BuildProblem::InvalidDispatcherId("bad id!".into())));
+    assert!(problems.contains(&BuildProblem::CommandWithoutAdapter("cmd".into())));
+    assert!(problems.contains(&BuildProblem::ZeroTimeout("zero".into())));
+    assert!(problems.contains(&BuildProblem::UnknownDispatcher {
+        route: "r1".into(),
+        dispatcher: "ghost".into()
+    }));
+    assert!(
+        problems
+            .iter()
+            .any(|p| matches!(p, BuildProblem::CategoryMismatch { route, .. } if route == "r2"))
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| matches!(p, BuildProblem::InvalidPattern { route, .. } if route == "r3"))
+    );
+    assert!(problems.contains(&BuildProblem::DuplicateRoute("r3".into())));
+    assert!(
+        problems.iter().any(
+            |p| matches!(p, BuildProblem::UnreachableMessageType { route, .. } if route == "r4")
+        )
+    );
+    assert_eq!(problems.len(), 9, "{problems:#?}");
+    let text = error.to_string();
+    assert!(
+        text.contains("route `r1` names dispatcher `ghost`, which is not registered"),
+        "{text}"
+    );
+}
+
+#[test]
+fn policies_on_non_command_dispatchers_are_refused() {
+    let error = Engine::builder()
+        .dispatcher(
+            Dispatcher::new("e", Category::Event, Echo)
+                .with_policy(RulePolicy::new("p", Effect::Allow)),
+        )
+        .build()
+        .err()
+        .unwrap();
+    assert_eq!(
+        error.problems,
+        [BuildProblem::PolicyOutsideCommand("e".into())]
+    );
+}
+
+#[test]
+fn the_engine_is_send_sync_and_cheap_to_clone() {
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+    assert_send_sync::<Engine>();
+    assert_eq!(std::mem::size_of::<Engine>(), std::mem::size_of::<usize>());
+}

@@ -1,0 +1,174 @@
+//! Built-in instrumentation strategies: composition, a tracing log, and a recorder for tests.
+//!
+//! The trait itself is [`crate::engine::InstrumentationStrategy`] (the engine owns the extension
+//! point it calls); this module owns implementations. The OpenTelemetry metrics strategy lives
+//! beside the instruments it feeds, in `crate::telemetry`.
+//!
+//! Must not: block, or do I/O on the calling task. Hooks run inline on the dispatch path.
+
+mod recording;
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::engine::{DispatchInfo, DispatcherRef, InstrumentationStrategy};
+use crate::engine::{DispatchResult, ExecutionResult};
+pub use recording::{Recorded, RecordingStrategy};
+
+/// Runs several strategies, in order, for every hook. Each strategy is called even when an
+/// earlier one panicked: the panic is contained per strategy.
+#[derive(Default, Clone)]
+pub struct Composite {
+    strategies: Vec<Arc<dyn InstrumentationStrategy>>,
+}
+
+impl Composite {
+    pub fn new() -> Composite {
+        Composite::default()
+    }
+
+    pub fn with(mut self, strategy: Arc<dyn InstrumentationStrategy>) -> Composite {
+        self.strategies.push(strategy);
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.strategies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.strategies.is_empty()
+    }
+
+    /// Calls every strategy even when one panics, then re-raises the first panic so the engine
+    /// still counts it.
+    fn each(&self, call: impl Fn(&dyn InstrumentationStrategy)) {
+        let mut first_panic = None;
+        for strategy in &self.strategies {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| call(strategy.as_ref()))) {
+                first_panic.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = first_panic {
+            resume_unwind(panic);
+        }
+    }
+}
+
+impl InstrumentationStrategy for Composite {
+    fn on_dispatch_start(&self, dispatch: &DispatchInfo<'_>) {
+        self.each(|s| s.on_dispatch_start(dispatch));
+    }
+
+    fn on_dispatch_success(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        result: &DispatchResult,
+        elapsed: Duration,
+    ) {
+        self.each(|s| s.on_dispatch_success(dispatch, result, elapsed));
+    }
+
+    fn on_dispatch_error(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        result: &DispatchResult,
+        elapsed: Duration,
+    ) {
+        self.each(|s| s.on_dispatch_error(dispatch, result, elapsed));
+    }
+
+    fn on_dispatcher_complete(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        dispatcher: DispatcherRef<'_>,
+        result: ExecutionResult,
+        elapsed: Duration,
+    ) {
+        self.each(|s| s.on_dispatcher_complete(dispatch, dispatcher, result, elapsed));
+    }
+
+    fn on_adapter_invoke(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        adapter: &str,
+        command_type: &str,
+        params: &serde_json::Value,
+    ) {
+        self.each(|s| s.on_adapter_invoke(dispatch, adapter, command_type, params));
+    }
+
+    fn on_policy_denied(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        policy: &str,
+        command_type: &str,
+        reason: &str,
+    ) {
+        self.each(|s| s.on_policy_denied(dispatch, policy, command_type, reason));
+    }
+}
+
+/// Logs every dispatch through `tracing`: outcomes at debug, errors at warn. Fields use the
+/// project's vocabulary (`dispatch_id`, `topic`, `category`, `status`, `dispatcher_id`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingStrategy;
+
+impl InstrumentationStrategy for TracingStrategy {
+    fn on_dispatch_success(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        result: &DispatchResult,
+        elapsed: Duration,
+    ) {
+        tracing::debug!(
+            dispatch_id = %dispatch.dispatch_id,
+            topic = dispatch.topic,
+            category = dispatch.category.map(|c| c.as_str()),
+            message_type = dispatch.message_type,
+            status = result.status.as_str(),
+            outputs = result.output_count,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "Dispatched a message."
+        );
+    }
+
+    fn on_dispatch_error(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        result: &DispatchResult,
+        elapsed: Duration,
+    ) {
+        tracing::warn!(
+            dispatch_id = %dispatch.dispatch_id,
+            topic = dispatch.topic,
+            category = dispatch.category.map(|c| c.as_str()),
+            message_type = dispatch.message_type,
+            status = result.status.as_str(),
+            error_code = result.error_code.as_deref(),
+            error = result.error_message.as_deref(),
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "A dispatch failed."
+        );
+    }
+
+    fn on_policy_denied(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        policy: &str,
+        command_type: &str,
+        reason: &str,
+    ) {
+        tracing::info!(
+            dispatch_id = %dispatch.dispatch_id,
+            policy,
+            command_type,
+            reason,
+            "A policy denied a command."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;
