@@ -5,3 +5,4 @@
 
 pub mod engine;
 pub mod instrumentation;
+pub mod config;

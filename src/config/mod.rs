@@ -1,0 +1,173 @@
+//! Configuration: the embedded defaults, a TOML file over them, and `DISPATCHD_*` environment
+//! variables over both, validated into typed values.
+//!
+//! Owns: the raw serde shapes (nobody else sees them) and every check of user input, each
+//! reported with where it came from (file and line, or environment variable) and the field's
+//! path, all at once rather than one per run.
+//!
+//! Must not: build anything that runs. It returns [`Config`]; `app` turns it into a service.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::engine::{Category, Route};
+
+/// The embedded defaults: what `dispatchd` runs with no config file.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Environment variables that override a config field.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("DISPATCHD_LISTEN", "server.listen"),
+    ("DISPATCHD_METRICS_NAMESPACE", "metrics.namespace"),
+    ("DISPATCHD_METRICS_ENABLED", "metrics.enabled"),
+    ("DISPATCHD_LOG", "log.filter"),
+];
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub dispatchers: Vec<DispatcherConfig>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Empty, or `[a-zA-Z_][a-zA-Z0-9_]*`.
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub filter: String,
+}
+
+/// One configured dispatcher. The built-in kinds are handlers of events and intents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatcherConfig {
+    pub dispatcher_id: String,
+    pub category: Category,
+    pub message_types: Option<Vec<String>>,
+    pub timeout: Duration,
+    pub kind: DispatcherKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DispatcherKind {
+    /// Logs each message at info.
+    Log,
+    /// Appends each message as one JSON line to a file.
+    Jsonl { path: PathBuf },
+}
+
+impl DispatcherKind {
+    pub const NAMES: &[&str] = &["log", "jsonl"];
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Defaults,
+    File { path: PathBuf, line: Option<usize> },
+    Env(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Defaults => f.write_str("embedded defaults"),
+            Origin::File { path, line: Some(line) } => write!(f, "{}:{line}", path.display()),
+            Origin::File { path, line: None } => write!(f, "{}", path.display()),
+            Origin::Env(name) => write!(f, "environment variable {name}"),
+        }
+    }
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: Origin,
+    /// The field's path, such as `routes[1].dispatcher_id`; empty for a whole-file error.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: `{}`: {}", self.origin, self.field, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}", list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// Every problem found, in file order as far as known.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    format!("invalid configuration:\n  {}", lines.join("\n  "))
+}
+
+impl Config {
+    /// The embedded defaults alone, ignoring the environment.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::load_with(None, |_| None)
+    }
+
+    /// Defaults, then `file`, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with(file, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`] with the environment given as a function, for tests.
+    pub fn load_with(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file = match file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                Some((path, text))
+            }
+        };
+        raw::load(file.as_ref().map(|(p, t)| (*p, t.as_str())), &env)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,469 @@
+//! The raw serde shapes and the layering: defaults ⊕ file ⊕ environment → validated [`Config`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use super::{
+    Config, ConfigError, DEFAULT_TOML, DispatcherConfig, DispatcherKind, ENV_OVERRIDES, LogConfig,
+    MetricsConfig, Origin, Problem, ServerConfig,
+};
+use crate::engine::{
+    BuildProblem, Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage,
+    Route,
+};
+
+/// The largest request body a config may allow.
+const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    log: RawLog,
+    dispatchers: Option<Vec<RawDispatcher>>,
+    routes: Option<Vec<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_body_bytes: Option<u64>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    filter: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDispatcher {
+    dispatcher_id: String,
+    kind: String,
+    category: String,
+    message_types: Option<Vec<String>>,
+    timeout: Option<String>,
+    path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    route_id: String,
+    topic_pattern: String,
+    message_category: String,
+    dispatcher_id: String,
+    message_type: Option<String>,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+/// Knows where every field came from, to report problems by file line or variable name.
+struct Origins<'a> {
+    file: Option<(&'a Path, &'a str, Option<toml_edit::Document<&'a str>>)>,
+    env: HashMap<&'static str, &'static str>,
+}
+
+impl Origins<'_> {
+    fn of(&self, field: &str) -> Origin {
+        if let Some(var) = self.env.get(field) {
+            return Origin::Env(var);
+        }
+        if let Some((path, text, document)) = &self.file {
+            if let Some(offset) = document.as_ref().and_then(|d| offset_of(d.as_table(), field)) {
+                return Origin::File { path: path.to_path_buf(), line: Some(line_of(text, offset)) };
+            }
+            // A list the file defines owns all of its elements' fields, set or defaulted.
+            let list = field.split('[').next().unwrap_or(field);
+            if field.contains('[') && document.as_ref().is_some_and(|d| offset_of(d.as_table(), list).is_some()) {
+                return Origin::File { path: path.to_path_buf(), line: None };
+            }
+        }
+        Origin::Defaults
+    }
+
+    fn problem(&self, field: impl Into<String>, message: impl Into<String>) -> Problem {
+        let field = field.into();
+        Problem { origin: self.of(&field), field, message: message.into() }
+    }
+}
+
+pub(super) fn load(
+    file: Option<(&Path, &str)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut merged: toml::Table = toml::from_str(DEFAULT_TOML).map_err(|e| {
+        ConfigError::Invalid(vec![Problem {
+            origin: Origin::Defaults,
+            field: String::new(),
+            message: e.message().to_owned(),
+        }])
+    })?;
+
+    let mut origins = Origins { file: None, env: HashMap::new() };
+    if let Some((path, text)) = file {
+        // The file alone first, so syntax and shape errors point at its lines.
+        let table: toml::Table = toml::from_str(text).map_err(|e| invalid_toml(path, text, &e))?;
+        toml::from_str::<RawConfig>(text).map_err(|e| invalid_toml(path, text, &e))?;
+        // The default dispatchers and routes are one unit: a file that defines either list
+        // replaces both, so no default route is left pointing at a dispatcher that is gone.
+        if table.contains_key("dispatchers") || table.contains_key("routes") {
+            merged.remove("dispatchers");
+            merged.remove("routes");
+        }
+        merge(&mut merged, table);
+        origins.file = Some((path, text, toml_edit::Document::parse(text).ok()));
+    }
+
+    let mut problems = Vec::new();
+    for &(var, field) in ENV_OVERRIDES {
+        let Some(value) = env(var) else { continue };
+        origins.env.insert(field, var);
+        let value = if field == "metrics.enabled" {
+            match value.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => toml::Value::Boolean(true),
+                "false" | "0" | "no" => toml::Value::Boolean(false),
+                _ => {
+                    problems.push(origins.problem(field, format!("`{value}` is not true or false")));
+                    continue;
+                }
+            }
+        } else {
+            toml::Value::String(value)
+        };
+        set(&mut merged, field, value);
+    }
+
+    let raw: RawConfig = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
+        ConfigError::Invalid(vec![Problem {
+            origin: Origin::Defaults,
+            field: String::new(),
+            message: e.message().to_owned(),
+        }])
+    })?;
+    let config = validate(raw, &origins, &mut problems);
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigError::Invalid(problems)),
+    }
+}
+
+fn invalid_toml(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let line = error.span().map(|span| line_of(text, span.start));
+    ConfigError::Invalid(vec![Problem {
+        origin: Origin::File { path: path.to_owned(), line },
+        field: String::new(),
+        message: error.message().trim_end().to_owned(),
+    }])
+}
+
+fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Option<Config> {
+    let mut missing = |field: &str| problems.push(origins.problem(field, "is required"));
+    let listen = raw.server.listen.or_else(|| {
+        missing("server.listen");
+        None
+    });
+    let max_body_bytes = raw.server.max_body_bytes.unwrap_or(0);
+    let grace = raw.server.shutdown_grace.unwrap_or_default();
+    let enabled = raw.metrics.enabled.unwrap_or(true);
+    let namespace = raw.metrics.namespace.unwrap_or_default();
+    let filter = raw.log.filter.unwrap_or_else(|| "info".to_owned());
+
+    let listen = listen.and_then(|text| match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.push(origins.problem(
+                "server.listen",
+                format!("`{text}` is not an IP address and port such as 127.0.0.1:9000"),
+            ));
+            None
+        }
+    });
+    if !(1..=MAX_BODY_LIMIT).contains(&max_body_bytes) {
+        problems.push(origins.problem(
+            "server.max_body_bytes",
+            format!("must be between 1 and {MAX_BODY_LIMIT}"),
+        ));
+    }
+    let shutdown_grace = duration(&grace, "server.shutdown_grace", origins, problems);
+    if !is_valid_namespace(&namespace) {
+        problems.push(origins.problem(
+            "metrics.namespace",
+            format!("`{namespace}` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*"),
+        ));
+    }
+    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&filter) {
+        problems.push(origins.problem("log.filter", format!("`{filter}` is not a valid filter: {error}")));
+    }
+
+    let raw_dispatchers = raw.dispatchers.unwrap_or_default();
+    let raw_routes = raw.routes.unwrap_or_default();
+    let mut dispatchers = Vec::new();
+    let mut jsonl_paths: HashMap<PathBuf, usize> = HashMap::new();
+    let mut category_failed = false;
+    for (i, d) in raw_dispatchers.iter().enumerate() {
+        let at = |field: &str| format!("dispatchers[{i}].{field}");
+        let category = match d.category.parse::<Category>() {
+            Ok(category) => category,
+            Err(error) => {
+                problems.push(origins.problem(at("category"), error.to_string()));
+                category_failed = true;
+                Category::Event
+            }
+        };
+        let timeout = match &d.timeout {
+            None => crate::engine::DEFAULT_TIMEOUT,
+            Some(text) => duration(text, &at("timeout"), origins, problems).unwrap_or(Duration::MAX),
+        };
+        let kind = match d.kind.as_str() {
+            "log" => {
+                if d.path.is_some() {
+                    problems.push(origins.problem(at("path"), "applies only to kind `jsonl`"));
+                }
+                DispatcherKind::Log
+            }
+            "jsonl" => {
+                let path = d
+                    .path
+                    .clone()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(format!("./dispatchd-data/{}.jsonl", d.dispatcher_id)));
+                if let Some(other) = jsonl_paths.insert(path.clone(), i) {
+                    problems.push(origins.problem(
+                        at("path"),
+                        format!("`{}` is already written by dispatchers[{other}]", path.display()),
+                    ));
+                }
+                DispatcherKind::Jsonl { path }
+            }
+            other => {
+                problems.push(origins.problem(
+                    at("kind"),
+                    format!("unknown kind `{other}` (expected one of {})", DispatcherKind::NAMES.join(", ")),
+                ));
+                DispatcherKind::Log
+            }
+        };
+        dispatchers.push(DispatcherConfig {
+            dispatcher_id: d.dispatcher_id.clone(),
+            category,
+            message_types: d.message_types.clone(),
+            timeout,
+            kind,
+        });
+    }
+
+    let mut routes = Vec::new();
+    for (i, r) in raw_routes.iter().enumerate() {
+        let category = match r.message_category.parse::<Category>() {
+            Ok(category) => category,
+            Err(error) => {
+                problems.push(origins.problem(format!("routes[{i}].message_category"), error.to_string()));
+                category_failed = true;
+                Category::Event
+            }
+        };
+        routes.push(Route {
+            route_id: r.route_id.clone(),
+            topic_pattern: r.topic_pattern.clone(),
+            message_category: category,
+            dispatcher_id: r.dispatcher_id.clone(),
+            message_type: r.message_type.clone(),
+            enabled: r.enabled,
+        });
+    }
+
+    // The engine's own checks are the single source of truth for ids, references and patterns;
+    // a trial build with stand-in handlers finds them, and here they get their field paths.
+    if !category_failed {
+        check_with_engine(&dispatchers, &routes, origins, problems);
+    }
+
+    Some(Config {
+        server: ServerConfig {
+            listen: listen?,
+            max_body_bytes: usize::try_from(max_body_bytes).ok()?,
+            shutdown_grace: shutdown_grace?,
+        },
+        metrics: MetricsConfig { enabled, namespace },
+        log: LogConfig { filter },
+        dispatchers,
+        routes,
+    })
+}
+
+struct StandIn;
+
+#[async_trait]
+impl Handler for StandIn {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+fn check_with_engine(
+    dispatchers: &[DispatcherConfig],
+    routes: &[Route],
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) {
+    let mut builder = Engine::builder();
+    for d in dispatchers {
+        let mut dispatcher = Dispatcher::new(d.dispatcher_id.as_str(), d.category, StandIn)
+            .with_timeout(d.timeout);
+        if let Some(types) = &d.message_types {
+            dispatcher = dispatcher.with_message_types(types.iter().cloned());
+        }
+        builder = builder.dispatcher(dispatcher);
+    }
+    for route in routes {
+        builder = builder.route(route.clone());
+    }
+    let Err(error) = builder.build() else { return };
+    let dispatcher_at = |id: &str, nth: usize| {
+        dispatchers.iter().enumerate().filter(|(_, d)| d.dispatcher_id == id).nth(nth).map(|(i, _)| i).unwrap_or(0)
+    };
+    let route_at = |id: &str, nth: usize| {
+        routes.iter().enumerate().filter(|(_, r)| r.route_id == id).nth(nth).map(|(i, _)| i).unwrap_or(0)
+    };
+    for problem in error.problems {
+        let field = match &problem {
+            BuildProblem::InvalidDispatcherId(id) => format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 0)),
+            BuildProblem::DuplicateDispatcher(id) => format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 1)),
+            BuildProblem::ZeroTimeout(id) => format!("dispatchers[{}].timeout", dispatcher_at(id, 0)),
+            BuildProblem::CommandWithoutAdapter(id) | BuildProblem::PolicyOutsideCommand(id) => {
+                format!("dispatchers[{}].category", dispatcher_at(id, 0))
+            }
+            BuildProblem::InvalidRouteId(id) => format!("routes[{}].route_id", route_at(id, 0)),
+            BuildProblem::DuplicateRoute(id) => format!("routes[{}].route_id", route_at(id, 1)),
+            BuildProblem::UnknownDispatcher { route, .. } => format!("routes[{}].dispatcher_id", route_at(route, 0)),
+            BuildProblem::CategoryMismatch { route, .. } => format!("routes[{}].message_category", route_at(route, 0)),
+            BuildProblem::InvalidPattern { route, .. } => format!("routes[{}].topic_pattern", route_at(route, 0)),
+            BuildProblem::UnreachableMessageType { route, .. } => format!("routes[{}].message_type", route_at(route, 0)),
+        };
+        let message = match &problem {
+            BuildProblem::CommandWithoutAdapter(_) => {
+                "the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code".to_owned()
+            }
+            other => other.to_string(),
+        };
+        problems.push(origins.problem(field, message));
+    }
+}
+
+fn duration(text: &str, field: &str, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Option<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(duration) => Some(duration),
+        Err(error) => {
+            problems.push(origins.problem(field, format!("`{text}` is not a duration such as \"30s\" or \"500ms\": {error}")));
+            None
+        }
+    }
+}
+
+fn is_valid_namespace(namespace: &str) -> bool {
+    let mut bytes = namespace.bytes();
+    match bytes.next() {
+        None => true,
+        Some(first) => {
+            (first.is_ascii_alphabetic() || first == b'_')
+                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }
+    }
+}
+
+/// Lays `over` onto `base`: tables merge key by key, anything else (lists included) replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base)), toml::Value::Table(over)) => merge(base, over),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut table = table;
+    let mut keys = dotted.split('.').peekable();
+    while let Some(key) = keys.next() {
+        if keys.peek().is_none() {
+            table.insert(key.to_owned(), value);
+            return;
+        }
+        let entry = table
+            .entry(key.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else { return };
+        table = next;
+    }
+}
+
+/// The byte offset where `field` (such as `routes[1].dispatcher_id`) is written in the document.
+fn offset_of(root: &toml_edit::Table, field: &str) -> Option<usize> {
+    let mut table: &dyn toml_edit::TableLike = root;
+    let mut span = None;
+    let mut parts = field.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, Some(rest.trim_end_matches(']').parse::<usize>().ok()?)),
+            None => (part, None),
+        };
+        let item = table.get(name)?;
+        span = item.span().or(span);
+        table = match (index, item) {
+            (None, _) if last => break,
+            (None, item) => item.as_table_like()?,
+            (Some(i), toml_edit::Item::ArrayOfTables(tables)) => {
+                let element = tables.get(i)?;
+                span = element.span().or(span);
+                if last {
+                    break;
+                }
+                element
+            }
+            (Some(i), toml_edit::Item::Value(toml_edit::Value::Array(array))) => {
+                let element = array.get(i)?;
+                span = element.span().or(span);
+                if last {
+                    break;
+                }
+                element.as_inline_table()?
+            }
+            (Some(_), _) => return None,
+        };
+    }
+    span.map(|s| s.start)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(1, |before| before.matches('\n').count() + 1)
+}

@@ -1,0 +1,195 @@
+use std::io::Write;
+
+use super::*;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    let f = file(text);
+    Config::load_with(Some(f.path()), |_| None)
+}
+
+fn problems(text: &str) -> Vec<String> {
+    let f = file(text);
+    let error = Config::load_with(Some(f.path()), |_| None).unwrap_err();
+    let prefix = f.path().display().to_string();
+    error
+        .problems()
+        .iter()
+        .map(|p| p.to_string().replace(&prefix, "FILE"))
+        .collect()
+}
+
+#[test]
+fn the_embedded_defaults_route_events_to_log_and_jsonl() {
+    let config = Config::embedded().unwrap();
+    assert_eq!(config.server.listen, "127.0.0.1:9000".parse().unwrap());
+    assert_eq!(config.server.max_body_bytes, 1024 * 1024);
+    assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
+    assert!(config.metrics.enabled);
+    assert_eq!(config.metrics.namespace, "");
+    let ids: Vec<&str> = config.dispatchers.iter().map(|d| d.dispatcher_id.as_str()).collect();
+    assert_eq!(ids, ["log", "jsonl"]);
+    assert_eq!(
+        config.dispatchers[1].kind,
+        DispatcherKind::Jsonl { path: "./dispatchd-data/messages.jsonl".into() }
+    );
+    assert!(config.routes.iter().all(|r| r.topic_pattern == "**" && r.message_category == Category::Event));
+}
+
+#[test]
+fn a_file_merges_tables_and_replaces_lists() {
+    let config = load(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[dispatchers]]
+dispatcher_id = "audit"
+kind = "jsonl"
+category = "intents"
+timeout = "250ms"
+message_types = ["refund"]
+
+[[routes]]
+route_id = "audit"
+topic_pattern = "billing.**"
+message_category = "intent"
+dispatcher_id = "audit"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.server.listen.port(), 0);
+    assert_eq!(config.server.max_body_bytes, 1024 * 1024, "untouched keys keep their defaults");
+    assert_eq!(config.dispatchers.len(), 1);
+    let audit = &config.dispatchers[0];
+    assert_eq!(audit.category, Category::Intent);
+    assert_eq!(audit.timeout, Duration::from_millis(250));
+    assert_eq!(audit.kind, DispatcherKind::Jsonl { path: "./dispatchd-data/audit.jsonl".into() });
+    assert_eq!(config.routes.len(), 1);
+    assert!(config.routes[0].enabled);
+}
+
+#[test]
+fn the_environment_overrides_the_file() {
+    let f = file("[metrics]\nnamespace = \"from_file\"\n");
+    let env = |name: &str| match name {
+        "DISPATCHD_LISTEN" => Some("127.0.0.1:7777".to_owned()),
+        "DISPATCHD_METRICS_NAMESPACE" => Some("from_env".to_owned()),
+        "DISPATCHD_METRICS_ENABLED" => Some("false".to_owned()),
+        "DISPATCHD_LOG" => Some("debug".to_owned()),
+        _ => None,
+    };
+    let config = Config::load_with(Some(f.path()), env).unwrap();
+    assert_eq!(config.server.listen.port(), 7777);
+    assert_eq!(config.metrics.namespace, "from_env");
+    assert!(!config.metrics.enabled);
+    assert_eq!(config.log.filter, "debug");
+}
+
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let env = |name: &str| (name == "DISPATCHD_LISTEN").then(|| "localhost".to_owned());
+    let error = Config::load_with(None, env).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid configuration:\n  environment variable DISPATCHD_LISTEN: `server.listen`: `localhost` is not an IP address and port such as 127.0.0.1:9000"
+    );
+}
+
+#[test]
+fn unknown_fields_are_errors_with_their_line() {
+    assert_eq!(
+        problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n"),
+        ["FILE:3: unknown field `lisen`, expected one of `listen`, `max_body_bytes`, `shutdown_grace`"]
+    );
+}
+
+#[test]
+fn syntax_errors_point_at_their_line() {
+    let found = problems("[server]\nlisten = \n");
+    assert_eq!(found.len(), 1);
+    assert!(found[0].starts_with("FILE:2: "), "{found:?}");
+}
+
+#[test]
+fn a_missing_file_is_a_read_error() {
+    let error = Config::load_with(Some(Path::new("/nonexistent/dispatchd.toml")), |_| None).unwrap_err();
+    assert!(error.to_string().starts_with("cannot read config file /nonexistent/dispatchd.toml"));
+}
+
+#[test]
+fn every_semantic_problem_is_reported_with_path_and_line() {
+    let found = problems(
+        r#"[server]
+listen = "nowhere"
+shutdown_grace = "soon"
+
+[metrics]
+namespace = "9lives"
+
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "carrier-pigeon"
+category = "event"
+
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+path = "x.jsonl"
+
+[[routes]]
+route_id = "r1"
+topic_pattern = "a.b*"
+message_category = "event"
+dispatcher_id = "a"
+
+[[routes]]
+route_id = "r2"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "ghost"
+"#,
+    );
+    let expected = [
+        "FILE:2: `server.listen`: `nowhere` is not an IP address and port such as 127.0.0.1:9000",
+        "FILE:3: `server.shutdown_grace`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
+        "FILE:6: `metrics.namespace`: `9lives` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*",
+        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl)",
+        "FILE:17: `dispatchers[1].path`: applies only to kind `jsonl`",
+        "FILE:14: `dispatchers[1].dispatcher_id`: dispatcher `a` is registered twice",
+        "FILE:21: `routes[0].topic_pattern`: route `r1` has an invalid topic pattern `a.b*`: pattern segment 1 (`b*`) must be `*`, `**` or made of [A-Za-z0-9_-] (wildcards are whole segments)",
+        "FILE:29: `routes[1].dispatcher_id`: route `r2` names dispatcher `ghost`, which is not registered",
+    ];
+    assert_eq!(found, expected);
+}
+
+#[test]
+fn categories_and_command_routes_are_checked() {
+    let found = problems(
+        r#"[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "commands"
+
+[[dispatchers]]
+dispatcher_id = "b"
+kind = "log"
+category = "gossip"
+"#,
+    );
+    assert_eq!(
+        found,
+        ["FILE:9: `dispatchers[1].category`: unknown category `gossip` (expected event, command or intent)"]
+    );
+    let found = problems("[[dispatchers]]\ndispatcher_id = \"a\"\nkind = \"log\"\ncategory = \"command\"\n");
+    assert_eq!(
+        found,
+        ["FILE:4: `dispatchers[0].category`: the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code"]
+    );
+}
