@@ -1,8 +1,12 @@
 //! dispatchd: an observability-first message dispatch runtime.
 //!
 //! Embed the [`engine`] to route and run your own dispatchers, or run the whole service with
-//! [`app::App`]. See `ARCHITECTURE.md` for the map of the modules.
+//! [`app::App`]. `ARCHITECTURE.md` maps the modules and their invariants.
 
-pub mod engine;
-pub mod instrumentation;
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod dispatchers;
+pub mod engine;
+pub mod http;
+pub mod instrumentation;

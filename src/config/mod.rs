@@ -92,7 +92,10 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::Defaults => f.write_str("embedded defaults"),
-            Origin::File { path, line: Some(line) } => write!(f, "{}:{line}", path.display()),
+            Origin::File {
+                path,
+                line: Some(line),
+            } => write!(f, "{}:{line}", path.display()),
             Origin::File { path, line: None } => write!(f, "{}", path.display()),
             Origin::Env(name) => write!(f, "environment variable {name}"),
         }
@@ -121,7 +124,10 @@ impl fmt::Display for Problem {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}", list(.0))]
     Invalid(Vec<Problem>),
 }
@@ -160,8 +166,10 @@ impl Config {
         let file = match file {
             None => None,
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
                 Some((path, text))
             }
         };

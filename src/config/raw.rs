@@ -93,13 +93,26 @@ impl Origins<'_> {
             return Origin::Env(var);
         }
         if let Some((path, text, document)) = &self.file {
-            if let Some(offset) = document.as_ref().and_then(|d| offset_of(d.as_table(), field)) {
-                return Origin::File { path: path.to_path_buf(), line: Some(line_of(text, offset)) };
+            if let Some(offset) = document
+                .as_ref()
+                .and_then(|d| offset_of(d.as_table(), field))
+            {
+                return Origin::File {
+                    path: path.to_path_buf(),
+                    line: Some(line_of(text, offset)),
+                };
             }
             // A list the file defines owns all of its elements' fields, set or defaulted.
             let list = field.split('[').next().unwrap_or(field);
-            if field.contains('[') && document.as_ref().is_some_and(|d| offset_of(d.as_table(), list).is_some()) {
-                return Origin::File { path: path.to_path_buf(), line: None };
+            if field.contains('[')
+                && document
+                    .as_ref()
+                    .is_some_and(|d| offset_of(d.as_table(), list).is_some())
+            {
+                return Origin::File {
+                    path: path.to_path_buf(),
+                    line: None,
+                };
             }
         }
         Origin::Defaults
@@ -107,7 +120,11 @@ impl Origins<'_> {
 
     fn problem(&self, field: impl Into<String>, message: impl Into<String>) -> Problem {
         let field = field.into();
-        Problem { origin: self.of(&field), field, message: message.into() }
+        Problem {
+            origin: self.of(&field),
+            field,
+            message: message.into(),
+        }
     }
 }
 
@@ -123,7 +140,10 @@ pub(super) fn load(
         }])
     })?;
 
-    let mut origins = Origins { file: None, env: HashMap::new() };
+    let mut origins = Origins {
+        file: None,
+        env: HashMap::new(),
+    };
     if let Some((path, text)) = file {
         // The file alone first, so syntax and shape errors point at its lines.
         let table: toml::Table = toml::from_str(text).map_err(|e| invalid_toml(path, text, &e))?;
@@ -147,7 +167,8 @@ pub(super) fn load(
                 "true" | "1" | "yes" => toml::Value::Boolean(true),
                 "false" | "0" | "no" => toml::Value::Boolean(false),
                 _ => {
-                    problems.push(origins.problem(field, format!("`{value}` is not true or false")));
+                    problems
+                        .push(origins.problem(field, format!("`{value}` is not true or false")));
                     continue;
                 }
             }
@@ -157,13 +178,15 @@ pub(super) fn load(
         set(&mut merged, field, value);
     }
 
-    let raw: RawConfig = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
-        ConfigError::Invalid(vec![Problem {
-            origin: Origin::Defaults,
-            field: String::new(),
-            message: e.message().to_owned(),
-        }])
-    })?;
+    let raw: RawConfig = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(vec![Problem {
+                origin: Origin::Defaults,
+                field: String::new(),
+                message: e.message().to_owned(),
+            }])
+        })?;
     let config = validate(raw, &origins, &mut problems);
     match config {
         Some(config) if problems.is_empty() => Ok(config),
@@ -174,7 +197,10 @@ pub(super) fn load(
 fn invalid_toml(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
     let line = error.span().map(|span| line_of(text, span.start));
     ConfigError::Invalid(vec![Problem {
-        origin: Origin::File { path: path.to_owned(), line },
+        origin: Origin::File {
+            path: path.to_owned(),
+            line,
+        },
         field: String::new(),
         message: error.message().trim_end().to_owned(),
     }])
@@ -216,7 +242,10 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         ));
     }
     if let Err(error) = tracing_subscriber::EnvFilter::try_new(&filter) {
-        problems.push(origins.problem("log.filter", format!("`{filter}` is not a valid filter: {error}")));
+        problems.push(origins.problem(
+            "log.filter",
+            format!("`{filter}` is not a valid filter: {error}"),
+        ));
     }
 
     let raw_dispatchers = raw.dispatchers.unwrap_or_default();
@@ -236,7 +265,9 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         };
         let timeout = match &d.timeout {
             None => crate::engine::DEFAULT_TIMEOUT,
-            Some(text) => duration(text, &at("timeout"), origins, problems).unwrap_or(Duration::MAX),
+            Some(text) => {
+                duration(text, &at("timeout"), origins, problems).unwrap_or(Duration::MAX)
+            }
         };
         let kind = match d.kind.as_str() {
             "log" => {
@@ -246,15 +277,16 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
                 DispatcherKind::Log
             }
             "jsonl" => {
-                let path = d
-                    .path
-                    .clone()
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from(format!("./dispatchd-data/{}.jsonl", d.dispatcher_id)));
+                let path = d.path.clone().map(PathBuf::from).unwrap_or_else(|| {
+                    PathBuf::from(format!("./dispatchd-data/{}.jsonl", d.dispatcher_id))
+                });
                 if let Some(other) = jsonl_paths.insert(path.clone(), i) {
                     problems.push(origins.problem(
                         at("path"),
-                        format!("`{}` is already written by dispatchers[{other}]", path.display()),
+                        format!(
+                            "`{}` is already written by dispatchers[{other}]",
+                            path.display()
+                        ),
                     ));
                 }
                 DispatcherKind::Jsonl { path }
@@ -262,7 +294,10 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             other => {
                 problems.push(origins.problem(
                     at("kind"),
-                    format!("unknown kind `{other}` (expected one of {})", DispatcherKind::NAMES.join(", ")),
+                    format!(
+                        "unknown kind `{other}` (expected one of {})",
+                        DispatcherKind::NAMES.join(", ")
+                    ),
                 ));
                 DispatcherKind::Log
             }
@@ -281,7 +316,9 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         let category = match r.message_category.parse::<Category>() {
             Ok(category) => category,
             Err(error) => {
-                problems.push(origins.problem(format!("routes[{i}].message_category"), error.to_string()));
+                problems.push(
+                    origins.problem(format!("routes[{i}].message_category"), error.to_string()),
+                );
                 category_failed = true;
                 Category::Event
             }
@@ -332,8 +369,8 @@ fn check_with_engine(
 ) {
     let mut builder = Engine::builder();
     for d in dispatchers {
-        let mut dispatcher = Dispatcher::new(d.dispatcher_id.as_str(), d.category, StandIn)
-            .with_timeout(d.timeout);
+        let mut dispatcher =
+            Dispatcher::new(d.dispatcher_id.as_str(), d.category, StandIn).with_timeout(d.timeout);
         if let Some(types) = &d.message_types {
             dispatcher = dispatcher.with_message_types(types.iter().cloned());
         }
@@ -344,25 +381,51 @@ fn check_with_engine(
     }
     let Err(error) = builder.build() else { return };
     let dispatcher_at = |id: &str, nth: usize| {
-        dispatchers.iter().enumerate().filter(|(_, d)| d.dispatcher_id == id).nth(nth).map(|(i, _)| i).unwrap_or(0)
+        dispatchers
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.dispatcher_id == id)
+            .nth(nth)
+            .map(|(i, _)| i)
+            .unwrap_or(0)
     };
     let route_at = |id: &str, nth: usize| {
-        routes.iter().enumerate().filter(|(_, r)| r.route_id == id).nth(nth).map(|(i, _)| i).unwrap_or(0)
+        routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.route_id == id)
+            .nth(nth)
+            .map(|(i, _)| i)
+            .unwrap_or(0)
     };
     for problem in error.problems {
         let field = match &problem {
-            BuildProblem::InvalidDispatcherId(id) => format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 0)),
-            BuildProblem::DuplicateDispatcher(id) => format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 1)),
-            BuildProblem::ZeroTimeout(id) => format!("dispatchers[{}].timeout", dispatcher_at(id, 0)),
+            BuildProblem::InvalidDispatcherId(id) => {
+                format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 0))
+            }
+            BuildProblem::DuplicateDispatcher(id) => {
+                format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 1))
+            }
+            BuildProblem::ZeroTimeout(id) => {
+                format!("dispatchers[{}].timeout", dispatcher_at(id, 0))
+            }
             BuildProblem::CommandWithoutAdapter(id) | BuildProblem::PolicyOutsideCommand(id) => {
                 format!("dispatchers[{}].category", dispatcher_at(id, 0))
             }
             BuildProblem::InvalidRouteId(id) => format!("routes[{}].route_id", route_at(id, 0)),
             BuildProblem::DuplicateRoute(id) => format!("routes[{}].route_id", route_at(id, 1)),
-            BuildProblem::UnknownDispatcher { route, .. } => format!("routes[{}].dispatcher_id", route_at(route, 0)),
-            BuildProblem::CategoryMismatch { route, .. } => format!("routes[{}].message_category", route_at(route, 0)),
-            BuildProblem::InvalidPattern { route, .. } => format!("routes[{}].topic_pattern", route_at(route, 0)),
-            BuildProblem::UnreachableMessageType { route, .. } => format!("routes[{}].message_type", route_at(route, 0)),
+            BuildProblem::UnknownDispatcher { route, .. } => {
+                format!("routes[{}].dispatcher_id", route_at(route, 0))
+            }
+            BuildProblem::CategoryMismatch { route, .. } => {
+                format!("routes[{}].message_category", route_at(route, 0))
+            }
+            BuildProblem::InvalidPattern { route, .. } => {
+                format!("routes[{}].topic_pattern", route_at(route, 0))
+            }
+            BuildProblem::UnreachableMessageType { route, .. } => {
+                format!("routes[{}].message_type", route_at(route, 0))
+            }
         };
         let message = match &problem {
             BuildProblem::CommandWithoutAdapter(_) => {
@@ -374,11 +437,19 @@ fn check_with_engine(
     }
 }
 
-fn duration(text: &str, field: &str, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Option<Duration> {
+fn duration(
+    text: &str,
+    field: &str,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
     match humantime::parse_duration(text) {
         Ok(duration) => Some(duration),
         Err(error) => {
-            problems.push(origins.problem(field, format!("`{text}` is not a duration such as \"30s\" or \"500ms\": {error}")));
+            problems.push(origins.problem(
+                field,
+                format!("`{text}` is not a duration such as \"30s\" or \"500ms\": {error}"),
+            ));
             None
         }
     }
@@ -421,7 +492,9 @@ fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
         if !entry.is_table() {
             *entry = toml::Value::Table(toml::Table::new());
         }
-        let toml::Value::Table(next) = entry else { return };
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
         table = next;
     }
 }
@@ -434,7 +507,10 @@ fn offset_of(root: &toml_edit::Table, field: &str) -> Option<usize> {
     while let Some(part) = parts.next() {
         let last = parts.peek().is_none();
         let (name, index) = match part.split_once('[') {
-            Some((name, rest)) => (name, Some(rest.trim_end_matches(']').parse::<usize>().ok()?)),
+            Some((name, rest)) => (
+                name,
+                Some(rest.trim_end_matches(']').parse::<usize>().ok()?),
+            ),
             None => (part, None),
         };
         let item = table.get(name)?;
@@ -465,5 +541,6 @@ fn offset_of(root: &toml_edit::Table, field: &str) -> Option<usize> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).map_or(1, |before| before.matches('\n').count() + 1)
+    text.get(..offset)
+        .map_or(1, |before| before.matches('\n').count() + 1)
 }

@@ -32,13 +32,24 @@ fn the_embedded_defaults_route_events_to_log_and_jsonl() {
     assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
     assert!(config.metrics.enabled);
     assert_eq!(config.metrics.namespace, "");
-    let ids: Vec<&str> = config.dispatchers.iter().map(|d| d.dispatcher_id.as_str()).collect();
+    let ids: Vec<&str> = config
+        .dispatchers
+        .iter()
+        .map(|d| d.dispatcher_id.as_str())
+        .collect();
     assert_eq!(ids, ["log", "jsonl"]);
     assert_eq!(
         config.dispatchers[1].kind,
-        DispatcherKind::Jsonl { path: "./dispatchd-data/messages.jsonl".into() }
+        DispatcherKind::Jsonl {
+            path: "./dispatchd-data/messages.jsonl".into()
+        }
     );
-    assert!(config.routes.iter().all(|r| r.topic_pattern == "**" && r.message_category == Category::Event));
+    assert!(
+        config
+            .routes
+            .iter()
+            .all(|r| r.topic_pattern == "**" && r.message_category == Category::Event)
+    );
 }
 
 #[test]
@@ -64,12 +75,21 @@ dispatcher_id = "audit"
     )
     .unwrap();
     assert_eq!(config.server.listen.port(), 0);
-    assert_eq!(config.server.max_body_bytes, 1024 * 1024, "untouched keys keep their defaults");
+    assert_eq!(
+        config.server.max_body_bytes,
+        1024 * 1024,
+        "untouched keys keep their defaults"
+    );
     assert_eq!(config.dispatchers.len(), 1);
     let audit = &config.dispatchers[0];
     assert_eq!(audit.category, Category::Intent);
     assert_eq!(audit.timeout, Duration::from_millis(250));
-    assert_eq!(audit.kind, DispatcherKind::Jsonl { path: "./dispatchd-data/audit.jsonl".into() });
+    assert_eq!(
+        audit.kind,
+        DispatcherKind::Jsonl {
+            path: "./dispatchd-data/audit.jsonl".into()
+        }
+    );
     assert_eq!(config.routes.len(), 1);
     assert!(config.routes[0].enabled);
 }
@@ -105,7 +125,9 @@ fn a_bad_environment_value_names_the_variable() {
 fn unknown_fields_are_errors_with_their_line() {
     assert_eq!(
         problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n"),
-        ["FILE:3: unknown field `lisen`, expected one of `listen`, `max_body_bytes`, `shutdown_grace`"]
+        [
+            "FILE:3: unknown field `lisen`, expected one of `listen`, `max_body_bytes`, `shutdown_grace`"
+        ]
     );
 }
 
@@ -118,8 +140,13 @@ fn syntax_errors_point_at_their_line() {
 
 #[test]
 fn a_missing_file_is_a_read_error() {
-    let error = Config::load_with(Some(Path::new("/nonexistent/dispatchd.toml")), |_| None).unwrap_err();
-    assert!(error.to_string().starts_with("cannot read config file /nonexistent/dispatchd.toml"));
+    let error =
+        Config::load_with(Some(Path::new("/nonexistent/dispatchd.toml")), |_| None).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot read config file /nonexistent/dispatchd.toml")
+    );
 }
 
 #[test]
@@ -185,11 +212,17 @@ category = "gossip"
     );
     assert_eq!(
         found,
-        ["FILE:9: `dispatchers[1].category`: unknown category `gossip` (expected event, command or intent)"]
+        [
+            "FILE:9: `dispatchers[1].category`: unknown category `gossip` (expected event, command or intent)"
+        ]
     );
-    let found = problems("[[dispatchers]]\ndispatcher_id = \"a\"\nkind = \"log\"\ncategory = \"command\"\n");
+    let found = problems(
+        "[[dispatchers]]\ndispatcher_id = \"a\"\nkind = \"log\"\ncategory = \"command\"\n",
+    );
     assert_eq!(
         found,
-        ["FILE:4: `dispatchers[0].category`: the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code"]
+        [
+            "FILE:4: `dispatchers[0].category`: the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code"
+        ]
     );
 }

@@ -1,0 +1,191 @@
+//! The command line: `serve` (the default) and `check-config`.
+//!
+//! The edge of the program: the only place that prints to the terminal, reads signals and
+//! decides the exit code. Everything it runs is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::{Config, ConfigError};
+
+/// dispatchd: an observability-first message dispatch runtime.
+#[derive(Debug, Parser)]
+#[command(name = "dispatchd", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default). With no config file it runs the embedded defaults: HTTP
+    /// on 127.0.0.1:9000, every event logged and appended to ./dispatchd-data/messages.jsonl.
+    Serve(ServeArgs),
+    /// Validate a config file and print every problem with its location; exit 1 when invalid.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// A TOML config file laid over the embedded defaults.
+    #[arg(long, env = "DISPATCHD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Parses the command line and runs it. The binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(Some(file)) {
+        Ok(config) => {
+            println!(
+                "{} is valid: {} dispatchers, {} routes, listening on {}",
+                file.display(),
+                config.dispatchers.len(),
+                config.routes.len(),
+                config.server.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            print_config_error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_config_error(error: &ConfigError) {
+    match error {
+        ConfigError::Invalid(problems) => {
+            eprintln!(
+                "error: invalid configuration ({} problems):",
+                problems.len()
+            );
+            for problem in problems {
+                eprintln!("  {problem}");
+            }
+        }
+        other => eprintln!("error: {other}"),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            print_config_error(&error);
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log.filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let app = App::builder(config)
+        .build()
+        .await
+        .context("cannot start dispatchd")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    app.run(shutdown).await
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot listen for SIGTERM; only SIGINT will stop dispatchd.");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("Received SIGINT."),
+        () = terminate => tracing::info!("Received SIGTERM."),
+    }
+    shutdown.cancel();
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_is_the_default_and_takes_a_config() {
+        let cli = Cli::try_parse_from(["dispatchd", "--config", "x.toml"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(
+            cli.serve.config.as_deref(),
+            Some(std::path::Path::new("x.toml"))
+        );
+        let cli = Cli::try_parse_from(["dispatchd", "serve", "--config", "y.toml"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Serve(ServeArgs { config: Some(_) }))
+        ));
+        let cli = Cli::try_parse_from(["dispatchd", "check-config", "z.toml"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::CheckConfig { .. })));
+        assert!(Cli::try_parse_from(["dispatchd", "check-config"]).is_err());
+    }
+}

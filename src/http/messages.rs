@@ -1,0 +1,142 @@
+//! `POST /api/v1/messages/{topic}`: one message in, its `DispatchResult` out.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{ApiError, ApiState};
+use crate::engine::{DispatchResult, DispatchStatus, Envelope};
+
+/// The longest `message_id` or `correlation_id` accepted, in bytes.
+const MAX_ID_LEN: usize = 256;
+
+/// The request body. Unknown fields are refused so a misspelt `payload` is not silently empty.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestBody {
+    pub message_type: String,
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, with = "humantime_serde")]
+    pub timestamp: Option<SystemTime>,
+}
+
+pub(super) async fn ingest(
+    State(state): State<ApiState>,
+    topic: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(topic) = topic.map_err(|rejection| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            rejection.body_text(),
+        )
+    })?;
+    check_content_type(&headers)?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than server.max_body_bytes",
+        ),
+        status => ApiError::new(status, "invalid_body", rejection.body_text()),
+    })?;
+    let envelope = parse_envelope(&body)?;
+    let result = state.engine.dispatch(&topic, &envelope).await;
+    Ok((status_code(&result), Json(result)).into_response())
+}
+
+/// The HTTP status for a dispatch. A policy denial is 403 rather than the 502 of other
+/// dispatcher errors: nothing upstream failed, and a client should not retry it.
+pub fn status_code(result: &DispatchResult) -> StatusCode {
+    match result.status {
+        DispatchStatus::Success | DispatchStatus::Skipped => StatusCode::OK,
+        DispatchStatus::Routed => StatusCode::ACCEPTED,
+        DispatchStatus::NoDispatcher => StatusCode::NOT_FOUND,
+        DispatchStatus::InvalidMessage => StatusCode::BAD_REQUEST,
+        DispatchStatus::DispatcherError
+            if result.error_code.as_deref() == Some("policy_denied") =>
+        {
+            StatusCode::FORBIDDEN
+        }
+        DispatchStatus::DispatcherError | DispatchStatus::PublishFailed => StatusCode::BAD_GATEWAY,
+        DispatchStatus::Timeout => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+/// JSON, or no content type at all; anything else is most likely a client sending a form.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the envelope as JSON with content-type: application/json",
+        ))
+    }
+}
+
+fn parse_envelope(body: &[u8]) -> Result<Envelope, ApiError> {
+    let body: IngestBody = serde_json::from_slice(body).map_err(|error| {
+        let (status, code) = match error.classify() {
+            serde_json::error::Category::Data => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_envelope")
+            }
+            _ => (StatusCode::BAD_REQUEST, "invalid_json"),
+        };
+        ApiError::new(
+            status,
+            code,
+            format!("the body is not a valid envelope: {error}"),
+        )
+    })?;
+    for (field, value) in [
+        ("message_id", &body.message_id),
+        ("correlation_id", &body.correlation_id),
+    ] {
+        if let Some(value) = value {
+            if value.is_empty() || value.len() > MAX_ID_LEN {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_envelope",
+                    format!("{field} must be 1 to {MAX_ID_LEN} bytes"),
+                ));
+            }
+        }
+    }
+    let mut envelope = Envelope::new(body.message_type, body.payload);
+    if let Some(id) = body.message_id {
+        envelope.message_id = id;
+    }
+    envelope.correlation_id = body.correlation_id;
+    envelope.headers = body.headers;
+    if let Some(timestamp) = body.timestamp {
+        envelope.timestamp = timestamp;
+    }
+    Ok(envelope)
+}
