@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::engine::{DispatchInfo, DispatcherRef, InstrumentationStrategy};
-use crate::engine::{DispatchResult, ExecutionResult};
+use crate::engine::{DispatchResult, DispatchStatus, ExecutionResult};
 pub use recording::{Recorded, RecordingStrategy};
 
 /// Runs several strategies, in order, for every hook. Each strategy is called even when an
@@ -134,23 +134,36 @@ impl InstrumentationStrategy for TracingStrategy {
         );
     }
 
+    /// Failures the client caused (`invalid_message`, `no_dispatcher`) log at debug so a
+    /// misbehaving client cannot flood the log; failures of dispatchers log at warn.
     fn on_dispatch_error(
         &self,
         dispatch: &DispatchInfo<'_>,
         result: &DispatchResult,
         elapsed: Duration,
     ) {
-        tracing::warn!(
-            dispatch_id = %dispatch.dispatch_id,
-            topic = dispatch.topic,
-            category = dispatch.category.map(|c| c.as_str()),
-            message_type = dispatch.message_type,
-            status = result.status.as_str(),
-            error_code = result.error_code.as_deref(),
-            error = result.error_message.as_deref(),
-            elapsed_ms = elapsed.as_secs_f64() * 1e3,
-            "A dispatch failed."
-        );
+        macro_rules! log_failure {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    dispatch_id = %dispatch.dispatch_id,
+                    topic = dispatch.topic,
+                    category = dispatch.category.map(|c| c.as_str()),
+                    message_type = dispatch.message_type,
+                    status = result.status.as_str(),
+                    error_code = result.error_code.as_deref(),
+                    error = result.error_message.as_deref(),
+                    elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                    "A dispatch failed."
+                )
+            };
+        }
+        match result.status {
+            DispatchStatus::InvalidMessage | DispatchStatus::NoDispatcher => {
+                log_failure!(tracing::Level::DEBUG)
+            }
+            _ => log_failure!(tracing::Level::WARN),
+        }
     }
 
     fn on_policy_denied(
