@@ -1,1 +1,90 @@
-fn main() {}
+//! The dispatch hot path: routing, running no-op dispatchers and building the result.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use dispatchd::engine::{
+    Category, Dispatcher, Engine, EngineBuilder, Envelope, Handler, HandlerError,
+    InstrumentationStrategy, Message, OutputMessage, Route, Topic,
+};
+
+struct Noop;
+
+#[async_trait]
+impl Handler for Noop {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Overrides nothing: measures what the hook calls themselves cost.
+struct NoopStrategy;
+
+impl InstrumentationStrategy for NoopStrategy {}
+
+fn engine(fan_out: usize, strategy: bool) -> Engine {
+    let mut builder = EngineBuilder::new();
+    for n in 0..fan_out {
+        let id = format!("d{n}");
+        builder = builder
+            .dispatcher(Dispatcher::new(id.as_str(), Category::Event, Noop))
+            .route(Route::new(format!("r{n}"), "shop.*.events", Category::Event, id));
+    }
+    if strategy {
+        builder = builder.instrumentation(Arc::new(NoopStrategy));
+    }
+    builder.build().unwrap()
+}
+
+fn dispatch(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
+    let mut group = c.benchmark_group("dispatch");
+    for fan_out in [1, 4] {
+        for (label, strategy) in [("no_strategy", false), ("noop_strategy", true)] {
+            let engine = engine(fan_out, strategy);
+            group.bench_function(BenchmarkId::new(label, format!("{fan_out}_dispatchers")), |b| {
+                b.to_async(&runtime)
+                    .iter(|| engine.dispatch("shop.orders.events", &envelope));
+            });
+        }
+    }
+    group.finish();
+}
+
+/// 100 routes, a mix of literal, `*` and `**` patterns (a fifth of them start with a wildcard,
+/// so they cannot be rejected on the first segment); one of them matches.
+fn routing(c: &mut Criterion) {
+    let mut builder = EngineBuilder::new().dispatcher(Dispatcher::new("d", Category::Event, Noop));
+    for n in 0..100 {
+        let pattern = match n % 5 {
+            0 => format!("team{n}.orders.events"),
+            1 => format!("team{n}.*.events"),
+            2 => format!("team{n}.**.events"),
+            3 => format!("team{n}.**"),
+            _ => format!("*.team{n}.**"),
+        };
+        builder = builder.route(Route::new(format!("r{n}"), pattern, Category::Event, "d"));
+    }
+    let engine = builder.build().unwrap();
+    let topic = Topic::parse("team98.billing.invoices.events").unwrap();
+    assert_eq!(engine.select(&topic, "t").len(), 1);
+    c.bench_function("routing/select_100_routes", |b| {
+        b.iter(|| engine.select(std::hint::black_box(&topic), "t"));
+    });
+    c.bench_function("routing/parse_and_select_100_routes", |b| {
+        b.iter(|| {
+            let topic = Topic::parse(std::hint::black_box("team98.billing.invoices.events")).unwrap();
+            engine.select(&topic, "t")
+        });
+    });
+}
+
+criterion_group!(benches, dispatch, routing);
+criterion_main!(benches);

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -18,6 +19,9 @@ use crate::dispatchers::{JsonlFile, LogDispatcher};
 use crate::engine::{Dispatcher, Engine, Route};
 use crate::http::{self, ApiState};
 use crate::instrumentation::TracingStrategy;
+
+/// How long abandoned requests get to send their 503 before the server task is aborted.
+const ABANDON_WAIT: Duration = Duration::from_secs(2);
 
 /// Builds an [`App`] from a [`Config`], plus any dispatchers registered in code.
 pub struct AppBuilder {
@@ -127,6 +131,7 @@ impl App {
     /// everything queued.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let state = ApiState::new(self.engine.clone());
+        let abandon = state.abandon.clone();
         let router = http::router(state, self.config.server.max_body_bytes);
         tracing::info!(
             listen = %self.local_addr,
@@ -155,8 +160,16 @@ impl App {
                             ?grace,
                             "In-flight requests did not finish within the grace period; abandoning them."
                         );
-                        server.abort();
-                        Ok(Ok(()))
+                        // Abandoned requests answer 503 at once, which lets their connections
+                        // close; the server then ends by itself. Aborting is the last resort.
+                        abandon.cancel();
+                        match tokio::time::timeout(ABANDON_WAIT, &mut server).await {
+                            Ok(served) => served,
+                            Err(_) => {
+                                server.abort();
+                                Ok(Ok(()))
+                            }
+                        }
                     }
                 }
             }

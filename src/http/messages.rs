@@ -55,7 +55,16 @@ pub(super) async fn ingest(
         status => ApiError::new(status, "invalid_body", rejection.body_text()),
     })?;
     let envelope = parse_envelope(&body)?;
-    let result = state.engine.dispatch(&topic, &envelope).await;
+    let result = tokio::select! {
+        result = state.engine.dispatch(&topic, &envelope) => result,
+        () = state.abandon.cancelled() => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "dispatchd shut down before this dispatch finished; it may have run in part",
+            ));
+        }
+    };
     Ok((status_code(&result), Json(result)).into_response())
 }
 

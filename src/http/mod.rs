@@ -19,6 +19,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
 pub use error::ApiError;
@@ -29,6 +30,9 @@ pub use messages::{IngestBody, status_code};
 pub struct ApiState {
     pub engine: Engine,
     pub started: Instant,
+    /// Cancelled when the shutdown grace period ends: requests still dispatching then answer
+    /// 503 instead of holding the process open.
+    pub abandon: CancellationToken,
 }
 
 impl ApiState {
@@ -36,6 +40,7 @@ impl ApiState {
         ApiState {
             engine,
             started: Instant::now(),
+            abandon: CancellationToken::new(),
         }
     }
 }

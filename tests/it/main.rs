@@ -1,0 +1,13 @@
+//! Integration tests: one binary, one module per capability, all through real HTTP on loopback.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+// The TestApp helper: dispatchd on port 0 with its files in a temporary directory.
+mod support;
+
+// POST /api/v1/messages/{topic}: statuses, JSON errors, limits.
+mod ingest;
+// Graceful shutdown: draining in-flight requests, the grace deadline, the final flush.
+mod shutdown;
+// The real binary: serve on the embedded defaults, SIGTERM, check-config.
+mod binary;

@@ -1,0 +1,130 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dispatchd::engine::{
+    Category, Dispatcher, Handler, HandlerError, Message, OutputMessage, Route,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::support::TestApp;
+
+/// Holds each call until the test releases it, and tells the test when a call has arrived.
+struct Gate {
+    entered: Arc<Notify>,
+    release: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl Handler for Gate {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        self.entered.notify_one();
+        let _permit = self
+            .release
+            .acquire()
+            .await
+            .map_err(|_| HandlerError::transient("closed"))?;
+        Ok(Vec::new())
+    }
+}
+
+async fn gated_app(
+    edit: impl FnOnce(&mut dispatchd::config::Config),
+) -> (TestApp, Arc<Notify>, Arc<Semaphore>) {
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Semaphore::new(0));
+    let gate = Gate {
+        entered: entered.clone(),
+        release: release.clone(),
+    };
+    let app = TestApp::start_with(edit, |builder| {
+        builder
+            .dispatcher(Dispatcher::new("gate", Category::Intent, gate))
+            .route(Route::new(
+                "gated",
+                "gate.intents",
+                Category::Intent,
+                "gate",
+            ))
+    })
+    .await;
+    (app, entered, release)
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_after_shutdown_begins() {
+    let (app, entered, release) = gated_app(|_| {}).await;
+    // One event first, so the JSONL writer has something to flush at the end.
+    assert_eq!(
+        app.post_message("a.events", json!({"message_type": "t"}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
+    let client = app.client.clone();
+    let url = app.url("/api/v1/messages/gate.intents");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"message_type": "t"}))
+            .send()
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), entered.notified())
+        .await
+        .expect("request arrived");
+
+    app.begin_shutdown();
+    // New connections are refused once the listener is closed.
+    let addr = app.addr;
+    crate::support::wait_for("the listener to close", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+
+    release.add_permits(1);
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status"], "success");
+
+    let lines = app.jsonl_lines();
+    app.stop().await.expect("a clean shutdown");
+    assert_eq!(lines.len(), 1);
+}
+
+#[tokio::test]
+async fn requests_still_running_at_the_grace_deadline_are_abandoned() {
+    let (app, entered, _release) =
+        gated_app(|config| config.server.shutdown_grace = Duration::from_millis(100)).await;
+    let client = app.client.clone();
+    let url = app.url("/api/v1/messages/gate.intents");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"message_type": "t"}))
+            .send()
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), entered.notified())
+        .await
+        .expect("request arrived");
+
+    // stop() bounds the wait at 30 s; the grace period ends it after 100 ms.
+    app.stop()
+        .await
+        .expect("shutdown after the deadline is still clean");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the abandoned request is answered");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "shutting_down");
+}

@@ -1,0 +1,119 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dispatchd::app::{App, AppBuilder};
+use dispatchd::config::{Config, DispatcherKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running dispatchd on a free loopback port, stopped by [`TestApp::stop`] (or on drop).
+pub(crate) struct TestApp {
+    pub(crate) addr: SocketAddr,
+    pub(crate) client: reqwest::Client,
+    pub(crate) dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The embedded defaults, listening on a free port, writing under `dir`.
+pub(crate) fn test_config(dir: &std::path::Path) -> Config {
+    let mut config = Config::embedded().expect("embedded defaults are valid");
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    for dispatcher in &mut config.dispatchers {
+        if let DispatcherKind::Jsonl { path } = &mut dispatcher.kind {
+            *path = dir.join("messages.jsonl");
+        }
+    }
+    config
+}
+
+impl TestApp {
+    pub(crate) async fn start() -> TestApp {
+        TestApp::start_with(|_| {}, |builder| builder).await
+    }
+
+    pub(crate) async fn start_with(
+        edit: impl FnOnce(&mut Config),
+        extend: impl FnOnce(AppBuilder) -> AppBuilder,
+    ) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        edit(&mut config);
+        let app = extend(App::builder(config))
+            .build()
+            .await
+            .expect("app builds");
+        let addr = app.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run(shutdown.clone()));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        TestApp {
+            addr,
+            client,
+            dir,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub(crate) async fn post_message(
+        &self,
+        topic: &str,
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/api/v1/messages/{topic}")))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub(crate) fn jsonl_lines(&self) -> Vec<serde_json::Value> {
+        let path = self.dir.path().join("messages.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+            .collect()
+    }
+
+    /// Signals shutdown without waiting.
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Stops the service and returns what `App::run` returned, within a bound.
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("dispatchd stops within 30 s")
+            .expect("the run task did not panic")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits for `condition` with a bound, polling on tokio's clock.
+pub(crate) async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
