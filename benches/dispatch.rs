@@ -31,7 +31,12 @@ fn engine(fan_out: usize, strategy: bool) -> Engine {
         let id = format!("d{n}");
         builder = builder
             .dispatcher(Dispatcher::new(id.as_str(), Category::Event, Noop))
-            .route(Route::new(format!("r{n}"), "shop.*.events", Category::Event, id));
+            .route(Route::new(
+                format!("r{n}"),
+                "shop.*.events",
+                Category::Event,
+                id,
+            ));
     }
     if strategy {
         builder = builder.instrumentation(Arc::new(NoopStrategy));
@@ -49,10 +54,13 @@ fn dispatch(c: &mut Criterion) {
     for fan_out in [1, 4] {
         for (label, strategy) in [("no_strategy", false), ("noop_strategy", true)] {
             let engine = engine(fan_out, strategy);
-            group.bench_function(BenchmarkId::new(label, format!("{fan_out}_dispatchers")), |b| {
-                b.to_async(&runtime)
-                    .iter(|| engine.dispatch("shop.orders.events", &envelope));
-            });
+            group.bench_function(
+                BenchmarkId::new(label, format!("{fan_out}_dispatchers")),
+                |b| {
+                    b.to_async(&runtime)
+                        .iter(|| engine.dispatch("shop.orders.events", &envelope));
+                },
+            );
         }
     }
     group.finish();
@@ -80,7 +88,8 @@ fn routing(c: &mut Criterion) {
     });
     c.bench_function("routing/parse_and_select_100_routes", |b| {
         b.iter(|| {
-            let topic = Topic::parse(std::hint::black_box("team98.billing.invoices.events")).unwrap();
+            let topic =
+                Topic::parse(std::hint::black_box("team98.billing.invoices.events")).unwrap();
             engine.select(&topic, "t")
         });
     });

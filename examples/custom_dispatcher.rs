@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dispatchd::engine::{
-    Category, CommandAdapter, Dispatcher, Effect, Engine, Envelope, Handler, HandlerError,
-    Message, OutputMessage, Route, RulePolicy,
+    Category, CommandAdapter, Dispatcher, Effect, Engine, Envelope, Handler, HandlerError, Message,
+    OutputMessage, Route, RulePolicy,
 };
 use dispatchd::instrumentation::RecordingStrategy;
 use serde_json::json;
@@ -22,7 +22,9 @@ impl Handler for Invoicing {
             // Retrying cannot add a missing field.
             return Err(HandlerError::permanent("order has no amount"));
         };
-        let invoice = message.envelope.derive("invoice.requested", json!({ "amount": amount }));
+        let invoice = message
+            .envelope
+            .derive("invoice.requested", json!({ "amount": amount }));
         Ok(vec![OutputMessage::new("billing.invoices.events", invoice)])
     }
 }
@@ -37,7 +39,9 @@ impl CommandAdapter for Refunds {
     }
 
     async fn execute(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        let done = message.envelope.derive("refund.issued", message.envelope.payload.clone());
+        let done = message
+            .envelope
+            .derive("refund.issued", message.envelope.payload.clone());
         Ok(vec![OutputMessage::new("billing.refunds.events", done)])
     }
 }
@@ -55,14 +59,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Dispatcher::command("refunds", Refunds)
                 .with_policy(RulePolicy::new("refund-rules", Effect::Deny).allow("refund")),
         )
-        .route(Route::new("orders", "shop.**.events", Category::Event, "invoicing"))
-        .route(Route::new("refunds", "billing.commands", Category::Command, "refunds"))
+        .route(Route::new(
+            "orders",
+            "shop.**.events",
+            Category::Event,
+            "invoicing",
+        ))
+        .route(Route::new(
+            "refunds",
+            "billing.commands",
+            Category::Command,
+            "refunds",
+        ))
         .instrumentation(recorder.clone())
         .build()?;
 
     let order = Envelope::new("order.placed", json!({ "order_id": 7, "amount": 19.5 }));
     let result = engine.dispatch("shop.eu.orders.events", &order).await;
-    println!("order:  {} with {} output(s)", result.status, result.output_count);
+    println!(
+        "order:  {} with {} output(s)",
+        result.status, result.output_count
+    );
 
     let refund = Envelope::new("refund", json!({ "order_id": 7 }));
     let result = engine.dispatch("billing.commands", &refund).await;
@@ -70,7 +87,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let wipe = Envelope::new("wipe_ledger", json!({}));
     let result = engine.dispatch("billing.commands", &wipe).await;
-    println!("wipe:   {} ({})", result.status, result.error_message.unwrap_or_default());
+    println!(
+        "wipe:   {} ({})",
+        result.status,
+        result.error_message.unwrap_or_default()
+    );
 
     println!("hooks fired: {}", recorder.calls().len());
     Ok(())
