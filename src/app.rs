@@ -1,9 +1,10 @@
 //! The service assembled: configuration in, a bound and running dispatchd out.
 //!
 //! Startup reads in order: build (bind the listener, open files, build the engine, all of which
-//! can fail and are reported before anything runs) → [`App::run`] (serve until the shutdown
-//! token fires) → drain in-flight requests within `server.shutdown_grace` → stop and flush the
-//! writers. Tests build on port 0 and cancel the token to stop.
+//! can fail and are reported before anything runs; telemetry first, so everything built after
+//! it is measured) → [`App::run`] (serve until the shutdown token fires) → drain in-flight
+//! requests within `server.shutdown_grace` → stop and flush the writers → shut the meter
+//! provider down. Tests build on port 0 and cancel the token to stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use crate::config::{Config, DispatcherKind};
 use crate::dispatchers::{JsonlFile, LogDispatcher};
 use crate::engine::{Dispatcher, Engine, Route};
 use crate::http::{self, ApiState};
-use crate::instrumentation::TracingStrategy;
+use crate::instrumentation::{Composite, TracingStrategy};
+use crate::telemetry::Telemetry;
 
 /// How long abandoned requests get to send their 503 before the server task is aborted.
 const ABANDON_WAIT: Duration = Duration::from_secs(2);
@@ -52,9 +54,10 @@ impl AppBuilder {
             .local_addr()
             .context("the listener has no address")?;
 
+        let telemetry = Telemetry::new(&config.metrics);
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
-        let mut engine = Engine::builder().instrumentation(Arc::new(TracingStrategy));
+        let mut engine = Engine::builder();
         for spec in &config.dispatchers {
             let mut dispatcher = match &spec.kind {
                 DispatcherKind::Log => {
@@ -85,13 +88,22 @@ impl AppBuilder {
         for route in config.routes.iter().cloned().chain(self.routes) {
             engine = engine.route(route);
         }
-        let engine = engine.build().context("invalid dispatchers or routes")?;
+        let mut strategies = Composite::new().with(Arc::new(TracingStrategy));
+        let ids: Vec<String> = engine.dispatcher_ids().map(str::to_owned).collect();
+        if let Some(metrics) = telemetry.engine_strategy(ids.iter().map(String::as_str)) {
+            strategies = strategies.with(Arc::new(metrics));
+        }
+        let engine = engine
+            .instrumentation(Arc::new(strategies))
+            .build()
+            .context("invalid dispatchers or routes")?;
 
         Ok(App {
             config,
             listener,
             local_addr,
             engine,
+            telemetry,
             writers,
             stop_writers,
         })
@@ -104,6 +116,7 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     engine: Engine,
+    telemetry: Telemetry,
     writers: TaskTracker,
     stop_writers: CancellationToken,
 }
@@ -126,11 +139,15 @@ impl App {
         &self.engine
     }
 
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
     /// finish within `server.shutdown_grace`, and stops the writers after they committed
     /// everything queued.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let state = ApiState::new(self.engine.clone());
+        let state = ApiState::new(self.engine.clone(), self.telemetry.clone());
         let abandon = state.abandon.clone();
         let router = http::router(state, self.config.server.max_body_bytes);
         tracing::info!(
@@ -178,6 +195,7 @@ impl App {
         self.stop_writers.cancel();
         self.writers.close();
         self.writers.wait().await;
+        self.telemetry.shutdown();
         tracing::info!("dispatchd stopped.");
         served
             .context("the HTTP server task failed")?

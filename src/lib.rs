@@ -10,3 +10,4 @@ pub mod dispatchers;
 pub mod engine;
 pub mod http;
 pub mod instrumentation;
+pub mod telemetry;

@@ -51,6 +51,8 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Empty, or `[a-zA-Z_][a-zA-Z0-9_]*`.
     pub namespace: String,
+    /// Series per metric before new label sets fold into one overflow series.
+    pub cardinality_limit: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -17,6 +17,9 @@ use crate::engine::{
     Route,
 };
 
+/// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
+const MAX_CARDINALITY_LIMIT: u64 = 100_000;
+
 /// The largest request body a config may allow.
 const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
 
@@ -46,6 +49,7 @@ struct RawServer {
 struct RawMetrics {
     enabled: Option<bool>,
     namespace: Option<String>,
+    cardinality_limit: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +220,13 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
     let grace = raw.server.shutdown_grace.unwrap_or_default();
     let enabled = raw.metrics.enabled.unwrap_or(true);
     let namespace = raw.metrics.namespace.unwrap_or_default();
+    let cardinality_limit = raw.metrics.cardinality_limit.unwrap_or(0);
+    if !(1..=MAX_CARDINALITY_LIMIT).contains(&cardinality_limit) {
+        problems.push(origins.problem(
+            "metrics.cardinality_limit",
+            format!("must be between 1 and {MAX_CARDINALITY_LIMIT}"),
+        ));
+    }
     let filter = raw.log.filter.unwrap_or_else(|| "info".to_owned());
 
     let listen = listen.and_then(|text| match text.parse::<SocketAddr>() {
@@ -345,7 +356,11 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             max_body_bytes: usize::try_from(max_body_bytes).ok()?,
             shutdown_grace: shutdown_grace?,
         },
-        metrics: MetricsConfig { enabled, namespace },
+        metrics: MetricsConfig {
+            enabled,
+            namespace,
+            cardinality_limit: usize::try_from(cardinality_limit).ok()?,
+        },
         log: LogConfig { filter },
         dispatchers,
         routes,

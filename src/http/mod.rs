@@ -1,4 +1,4 @@
-//! The HTTP interface: health, ingest, and (with later parts) metrics and admin.
+//! The HTTP interface: health, ingest, `/metrics` and the stats API.
 //!
 //! Owns: the axum `Router`, request parsing, the JSON error shape and the mapping from a
 //! dispatch status to an HTTP status.
@@ -12,16 +12,19 @@
 
 mod error;
 mod messages;
+mod observe;
 
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
+use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
 pub use messages::{IngestBody, status_code};
 
@@ -29,6 +32,7 @@ pub use messages::{IngestBody, status_code};
 #[derive(Clone)]
 pub struct ApiState {
     pub engine: Engine,
+    pub telemetry: Telemetry,
     pub started: Instant,
     /// Cancelled when the shutdown grace period ends: requests still dispatching then answer
     /// 503 instead of holding the process open.
@@ -36,9 +40,10 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(engine: Engine) -> ApiState {
+    pub fn new(engine: Engine, telemetry: Telemetry) -> ApiState {
         ApiState {
             engine,
+            telemetry,
             started: Instant::now(),
             abandon: CancellationToken::new(),
         }
@@ -47,9 +52,16 @@ impl ApiState {
 
 /// Builds the whole API. `max_body_bytes` bounds every request body.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/health", get(health))
-        .route("/api/v1/messages/{topic}", post(messages::ingest))
+        .route("/metrics", get(observe::metrics))
+        .route("/api/v1/stats", get(observe::stats))
+        .route("/api/v1/messages/{topic}", post(messages::ingest));
+    if let Some(metrics) = state.telemetry.http_metrics() {
+        // A route layer sees the matched route template, never the raw path.
+        router = router.route_layer(middleware::from_fn_with_state(metrics, record_http));
+    }
+    router
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

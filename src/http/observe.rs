@@ -1,0 +1,59 @@
+//! `GET /metrics` and `GET /api/v1/stats`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, ApiState};
+use crate::telemetry::{CONTENT_TYPE, RenderError, stats};
+
+/// The Prometheus text exposition. Rendering is CPU work proportional to the number of series,
+/// so it runs on the blocking pool rather than on a worker that serves requests.
+pub(super) async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let telemetry = state.telemetry.clone();
+    let rendered = tokio::task::spawn_blocking(move || telemetry.render())
+        .await
+        .map_err(|_| unavailable("rendering the metrics failed"))?
+        .map_err(render_error)?;
+    Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], rendered).into_response())
+}
+
+/// Totals, success rate, latency percentiles and per-dispatcher counts, as JSON.
+pub(super) async fn stats(State(state): State<ApiState>) -> Result<Json<stats::Stats>, ApiError> {
+    let telemetry = state.telemetry.clone();
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let families = telemetry.gather()?;
+        let ids = engine.dispatchers().iter().map(|d| d.id());
+        Ok(stats::compute(&families, telemetry.namespace(), ids))
+    })
+    .await
+    .map_err(|_| unavailable("computing the stats failed"))?
+    .map(Json)
+    .map_err(render_error)
+}
+
+fn render_error(error: RenderError) -> ApiError {
+    match error {
+        RenderError::Disabled => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_disabled",
+            "metrics are disabled in this configuration (metrics.enabled = false)",
+        ),
+        RenderError::Unavailable(_) => unavailable("the metrics exporter is unavailable"),
+        RenderError::Encode(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics_encoding_failed",
+            "the metrics could not be encoded",
+        ),
+    }
+}
+
+fn unavailable(message: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "metrics_unavailable",
+        message,
+    )
+}

@@ -1,0 +1,237 @@
+//! Every instrument dispatchd exports: name, type, unit, labels, HELP text and buckets.
+//!
+//! Names here are OpenTelemetry instrument names. The Prometheus exporter derives the exported
+//! name: it appends `_total` to counters and a unit suffix (`s` → `_seconds`), and prefixes the
+//! configured namespace. So `dispatch_messages` (a counter) is exported as
+//! `dispatch_messages_total`, and an instrument name must never carry those suffixes itself.
+//! [`InstrumentSpec::exported_name`] computes the exported name; a test checks every one against
+//! PRODUCT.md's table and `docs/metrics.md`.
+
+/// The OpenTelemetry instrument kind, and the Prometheus type it is exported as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    /// An UpDownCounter: exported as a gauge, with no `_total` added.
+    UpDownCounter,
+    Histogram,
+    /// An observable gauge: computed by a callback at scrape time.
+    ObservableGauge,
+}
+
+impl Kind {
+    /// The `# TYPE` the exporter writes.
+    pub fn prometheus_type(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::UpDownCounter | Kind::ObservableGauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One instrument's declaration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InstrumentSpec {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// UCUM: `s` for seconds, `1` for ratios, empty for counts.
+    pub unit: &'static str,
+    /// The HELP text.
+    pub description: &'static str,
+    /// Label keys, in the fixed order every recording passes them.
+    pub labels: &'static [&'static str],
+    /// Explicit histogram boundaries (the OpenTelemetry defaults, 0, 5, 10, 25 …, suit
+    /// milliseconds, not seconds).
+    pub buckets: &'static [f64],
+}
+
+impl InstrumentSpec {
+    /// The name on `/metrics` for `namespace` (empty for none).
+    pub fn exported_name(&self, namespace: &str) -> String {
+        let mut name = String::new();
+        if !namespace.is_empty() {
+            name.push_str(namespace);
+            if !namespace.ends_with('_') {
+                name.push('_');
+            }
+        }
+        name.push_str(self.name);
+        match self.unit {
+            "s" => name.push_str("_seconds"),
+            "1" => name.push_str("_ratio"),
+            _ => {}
+        }
+        if self.kind == Kind::Counter {
+            name.push_str("_total");
+        }
+        name
+    }
+}
+
+/// Label keys, one vocabulary across metrics, logs and spans.
+pub mod label {
+    pub const CATEGORY: &str = "category";
+    pub const STATUS: &str = "status";
+    pub const DISPATCHER_ID: &str = "dispatcher_id";
+    pub const RESULT: &str = "result";
+    pub const ADAPTER: &str = "adapter";
+    pub const COMMAND_TYPE: &str = "command_type";
+    pub const POLICY: &str = "policy";
+    pub const HTTP_ROUTE: &str = "http_route";
+    pub const HTTP_REQUEST_METHOD: &str = "http_request_method";
+    pub const HTTP_RESPONSE_STATUS_CODE: &str = "http_response_status_code";
+    pub const METRIC: &str = "metric";
+}
+
+/// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
+/// they call out, and both must be readable.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub const DISPATCH_MESSAGES: InstrumentSpec = InstrumentSpec {
+    name: "dispatch_messages",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Messages dispatched by the engine, by category and final status.",
+    labels: &[label::CATEGORY, label::STATUS],
+    buckets: &[],
+};
+
+pub const DISPATCH_DURATION: InstrumentSpec = InstrumentSpec {
+    name: "dispatch_duration",
+    kind: Kind::Histogram,
+    unit: "s",
+    description: "Engine latency per message, from receipt to result, in seconds.",
+    labels: &[label::CATEGORY, label::STATUS],
+    buckets: LATENCY_BUCKETS,
+};
+
+pub const DISPATCHER_EXECUTIONS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_executions",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Dispatcher runs, by dispatcher and result (success, error, timeout, rejected).",
+    labels: &[label::DISPATCHER_ID, label::RESULT],
+    buckets: &[],
+};
+
+pub const DISPATCHER_EXECUTION_DURATION: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_execution_duration",
+    kind: Kind::Histogram,
+    unit: "s",
+    description: "Latency of one dispatcher run, in seconds.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: LATENCY_BUCKETS,
+};
+
+pub const DISPATCHER_ADAPTER_INVOCATIONS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_adapter_invocations",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Command adapter calls, by adapter and command type.",
+    labels: &[label::ADAPTER, label::COMMAND_TYPE],
+    buckets: &[],
+};
+
+pub const DISPATCHER_POLICY_DENIALS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_policy_denials",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Commands refused by a policy, by policy.",
+    labels: &[label::POLICY],
+    buckets: &[],
+};
+
+pub const HTTP_SERVER_REQUEST_DURATION: InstrumentSpec = InstrumentSpec {
+    name: "http_server_request_duration",
+    kind: Kind::Histogram,
+    unit: "s",
+    description: "Latency of dispatchd's own HTTP API, by route template, method and status code.",
+    labels: &[
+        label::HTTP_ROUTE,
+        label::HTTP_REQUEST_METHOD,
+        label::HTTP_RESPONSE_STATUS_CODE,
+    ],
+    buckets: LATENCY_BUCKETS,
+};
+
+pub const DISPATCHER_WORKER_THREADS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_worker_threads",
+    kind: Kind::ObservableGauge,
+    unit: "",
+    description: "Worker threads of the tokio runtime.",
+    labels: &[],
+    buckets: &[],
+};
+
+/// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
+/// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
+pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
+    name: "metric_cardinality_overflow",
+    kind: Kind::ObservableGauge,
+    unit: "",
+    description: "1 for each metric that passed its cardinality limit: new label sets of it are folded into one otel_metric_overflow=\"true\" series and lost.",
+    labels: &[label::METRIC],
+    buckets: &[],
+};
+
+/// Every instrument, in the order of PRODUCT.md's table.
+pub const ALL: &[InstrumentSpec] = &[
+    DISPATCH_MESSAGES,
+    DISPATCH_DURATION,
+    DISPATCHER_EXECUTIONS,
+    DISPATCHER_EXECUTION_DURATION,
+    DISPATCHER_ADAPTER_INVOCATIONS,
+    DISPATCHER_POLICY_DENIALS,
+    HTTP_SERVER_REQUEST_DURATION,
+    DISPATCHER_WORKER_THREADS,
+    METRIC_CARDINALITY_OVERFLOW,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exported_names_match_the_contract() {
+        let names: Vec<String> = ALL.iter().map(|spec| spec.exported_name("")).collect();
+        assert_eq!(
+            names,
+            [
+                "dispatch_messages_total",
+                "dispatch_duration_seconds",
+                "dispatcher_executions_total",
+                "dispatcher_execution_duration_seconds",
+                "dispatcher_adapter_invocations_total",
+                "dispatcher_policy_denials_total",
+                "http_server_request_duration_seconds",
+                "dispatcher_worker_threads",
+                "metric_cardinality_overflow",
+            ]
+        );
+        assert_eq!(
+            DISPATCH_MESSAGES.exported_name("ns"),
+            "ns_dispatch_messages_total"
+        );
+    }
+
+    #[test]
+    fn instrument_names_carry_no_suffix_the_exporter_adds() {
+        for spec in ALL {
+            assert!(!spec.name.ends_with("_total"), "{}", spec.name);
+            assert!(!spec.name.ends_with("_seconds"), "{}", spec.name);
+            assert!(
+                spec.kind != Kind::Histogram || !spec.buckets.is_empty(),
+                "{}",
+                spec.name
+            );
+            assert!(
+                spec.buckets.windows(2).all(|w| w[0] < w[1]),
+                "{}",
+                spec.name
+            );
+        }
+    }
+}

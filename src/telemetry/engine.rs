@@ -1,0 +1,272 @@
+//! The engine's metrics, fed by an instrumentation strategy.
+
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter};
+
+use super::catalog::{self, InstrumentSpec, label};
+use crate::engine::{
+    Category, DispatchInfo, DispatchResult, DispatchStatus, DispatcherRef, ExecutionResult,
+    InstrumentationStrategy,
+};
+
+/// How many distinct command types become `command_type` label values before the rest are
+/// counted as `other`. Command types come from requests, so they must be bounded.
+pub const MAX_COMMAND_TYPE_LABELS: usize = 64;
+
+/// The label value for a topic whose category could not be parsed.
+const UNKNOWN_CATEGORY: &str = "unknown";
+
+/// The engine's instruments, created once.
+#[derive(Clone)]
+pub struct EngineMetrics {
+    messages: Counter<u64>,
+    duration: Histogram<f64>,
+    executions: Counter<u64>,
+    execution_duration: Histogram<f64>,
+    adapter_invocations: Counter<u64>,
+    policy_denials: Counter<u64>,
+}
+
+impl EngineMetrics {
+    pub fn new(meter: &Meter) -> EngineMetrics {
+        EngineMetrics {
+            messages: counter(meter, catalog::DISPATCH_MESSAGES),
+            duration: histogram(meter, catalog::DISPATCH_DURATION),
+            executions: counter(meter, catalog::DISPATCHER_EXECUTIONS),
+            execution_duration: histogram(meter, catalog::DISPATCHER_EXECUTION_DURATION),
+            adapter_invocations: counter(meter, catalog::DISPATCHER_ADAPTER_INVOCATIONS),
+            policy_denials: counter(meter, catalog::DISPATCHER_POLICY_DENIALS),
+        }
+    }
+}
+
+pub(super) fn counter(meter: &Meter, spec: InstrumentSpec) -> Counter<u64> {
+    meter
+        .u64_counter(spec.name)
+        .with_description(spec.description)
+        .with_unit(spec.unit)
+        .build()
+}
+
+pub(super) fn histogram(meter: &Meter, spec: InstrumentSpec) -> Histogram<f64> {
+    meter
+        .f64_histogram(spec.name)
+        .with_description(spec.description)
+        .with_unit(spec.unit)
+        .with_boundaries(spec.buckets.to_vec())
+        .build()
+}
+
+/// A counter and a histogram bound to one (category, status) pair.
+struct Outcome {
+    messages: BoundCounter<u64>,
+    duration: BoundHistogram<f64>,
+}
+
+/// One dispatcher's bound instruments, bound on first use so that dispatchers that never ran
+/// export no empty series.
+struct DispatcherSlots {
+    id: KeyValue,
+    results: [OnceLock<BoundCounter<u64>>; ExecutionResult::ALL.len()],
+    duration: OnceLock<BoundHistogram<f64>>,
+}
+
+/// Records `dispatch_*` and `dispatcher_*` metrics from the engine's hooks.
+///
+/// Every label set on the dispatch path is known when the engine is built (categories, statuses,
+/// dispatcher ids, results), so each is bound once, on first use, and later recordings skip the
+/// SDK's attribute hashing: a `OnceLock` load and an atomic add. Command types and policy names
+/// are interned in a map (a read lock on the command path only), with command types capped at
+/// [`MAX_COMMAND_TYPE_LABELS`].
+pub struct MetricsStrategy {
+    metrics: EngineMetrics,
+    /// Indexed by category slot (event, command, intent, unknown), then status.
+    outcomes: [[OnceLock<Outcome>; DispatchStatus::ALL.len()]; 4],
+    dispatchers: Box<[DispatcherSlots]>,
+    commands: RwLock<HashMap<(String, String), BoundCounter<u64>>>,
+    policies: RwLock<HashMap<String, BoundCounter<u64>>>,
+}
+
+impl MetricsStrategy {
+    /// `dispatcher_ids` in the engine's registration order ([`DispatcherRef::index`]).
+    pub fn new<'a>(
+        metrics: EngineMetrics,
+        dispatcher_ids: impl IntoIterator<Item = &'a str>,
+    ) -> MetricsStrategy {
+        let dispatchers = dispatcher_ids
+            .into_iter()
+            .map(|id| DispatcherSlots {
+                id: KeyValue::new(label::DISPATCHER_ID, id.to_owned()),
+                results: Default::default(),
+                duration: OnceLock::new(),
+            })
+            .collect();
+        MetricsStrategy {
+            metrics,
+            outcomes: Default::default(),
+            dispatchers,
+            commands: RwLock::new(HashMap::new()),
+            policies: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn record_outcome(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        status: DispatchStatus,
+        elapsed: Duration,
+    ) {
+        let (slot, category) = match dispatch.category {
+            Some(Category::Event) => (0, Category::Event.as_str()),
+            Some(Category::Command) => (1, Category::Command.as_str()),
+            Some(Category::Intent) => (2, Category::Intent.as_str()),
+            None => (3, UNKNOWN_CATEGORY),
+        };
+        let index = status_index(status);
+        let outcome = self.outcomes[slot][index].get_or_init(|| {
+            let attributes = [
+                KeyValue::new(label::CATEGORY, category),
+                KeyValue::new(label::STATUS, status.as_str()),
+            ];
+            Outcome {
+                messages: self.metrics.messages.bind(&attributes),
+                duration: self.metrics.duration.bind(&attributes),
+            }
+        });
+        outcome.messages.add(1);
+        outcome.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+fn status_index(status: DispatchStatus) -> usize {
+    DispatchStatus::ALL
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(0)
+}
+
+fn result_index(result: ExecutionResult) -> usize {
+    ExecutionResult::ALL
+        .iter()
+        .position(|r| *r == result)
+        .unwrap_or(0)
+}
+
+impl InstrumentationStrategy for MetricsStrategy {
+    fn on_dispatch_success(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        result: &DispatchResult,
+        elapsed: Duration,
+    ) {
+        self.record_outcome(dispatch, result.status, elapsed);
+    }
+
+    fn on_dispatch_error(
+        &self,
+        dispatch: &DispatchInfo<'_>,
+        result: &DispatchResult,
+        elapsed: Duration,
+    ) {
+        self.record_outcome(dispatch, result.status, elapsed);
+    }
+
+    fn on_dispatcher_complete(
+        &self,
+        _: &DispatchInfo<'_>,
+        dispatcher: DispatcherRef<'_>,
+        result: ExecutionResult,
+        elapsed: Duration,
+    ) {
+        let Some(slots) = self.dispatchers.get(dispatcher.index) else {
+            // An engine other than the one this strategy was built for: record unbound, still
+            // with a dispatcher id the engine validated.
+            let id = KeyValue::new(label::DISPATCHER_ID, dispatcher.id.to_owned());
+            self.metrics.executions.add(
+                1,
+                &[id.clone(), KeyValue::new(label::RESULT, result.as_str())],
+            );
+            self.metrics
+                .execution_duration
+                .record(elapsed.as_secs_f64(), &[id]);
+            return;
+        };
+        slots.results[result_index(result)]
+            .get_or_init(|| {
+                self.metrics.executions.bind(&[
+                    slots.id.clone(),
+                    KeyValue::new(label::RESULT, result.as_str()),
+                ])
+            })
+            .add(1);
+        if result != ExecutionResult::Rejected {
+            // A refused call never ran, so it has no latency to report.
+            slots
+                .duration
+                .get_or_init(|| {
+                    self.metrics
+                        .execution_duration
+                        .bind(std::slice::from_ref(&slots.id))
+                })
+                .record(elapsed.as_secs_f64());
+        }
+    }
+
+    fn on_adapter_invoke(
+        &self,
+        _: &DispatchInfo<'_>,
+        adapter: &str,
+        command_type: &str,
+        _: &serde_json::Value,
+    ) {
+        let key = (adapter.to_owned(), command_type.to_owned());
+        if let Some(bound) = read(&self.commands).get(&key) {
+            bound.add(1);
+            return;
+        }
+        let mut commands = write(&self.commands);
+        let distinct_types = commands.len();
+        let key = if distinct_types < MAX_COMMAND_TYPE_LABELS {
+            key
+        } else {
+            (adapter.to_owned(), "other".to_owned())
+        };
+        commands
+            .entry(key)
+            .or_insert_with_key(|(adapter, command_type)| {
+                self.metrics.adapter_invocations.bind(&[
+                    KeyValue::new(label::ADAPTER, adapter.clone()),
+                    KeyValue::new(label::COMMAND_TYPE, command_type.clone()),
+                ])
+            })
+            .add(1);
+    }
+
+    fn on_policy_denied(&self, _: &DispatchInfo<'_>, policy: &str, _: &str, _: &str) {
+        if let Some(bound) = read(&self.policies).get(policy) {
+            bound.add(1);
+            return;
+        }
+        write(&self.policies)
+            .entry(policy.to_owned())
+            .or_insert_with_key(|policy| {
+                self.metrics
+                    .policy_denials
+                    .bind(&[KeyValue::new(label::POLICY, policy.clone())])
+            })
+            .add(1);
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,82 @@
+//! The HTTP API's own metrics: `http_server_request_duration_seconds`.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Histogram, Meter};
+
+use super::catalog::{self, label};
+use super::engine::histogram;
+
+/// Instruments for the HTTP server, created once.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    duration: Histogram<f64>,
+}
+
+impl HttpMetrics {
+    pub fn new(meter: &Meter) -> HttpMetrics {
+        HttpMetrics {
+            duration: histogram(meter, catalog::HTTP_SERVER_REQUEST_DURATION),
+        }
+    }
+
+    /// Records one request. `route` is the matched template (`/api/v1/messages/{topic}`),
+    /// never the raw path, so a client cannot create series.
+    pub fn request_finished(&self, route: &str, method: &Method, status: u16, seconds: f64) {
+        self.duration.record(
+            seconds,
+            &[
+                KeyValue::new(label::HTTP_ROUTE, route.to_owned()),
+                KeyValue::new(label::HTTP_REQUEST_METHOD, method_label(method)),
+                KeyValue::new(label::HTTP_RESPONSE_STATUS_CODE, i64::from(status)),
+            ],
+        );
+    }
+}
+
+/// The semantic-conventions method set; anything else is `_OTHER`, so a client cannot invent
+/// label values with custom methods.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
+}
+
+/// Middleware (installed with `route_layer`, so it sees the matched route) that times each
+/// request. Requests that match no route are not recorded: their paths are the client's.
+pub async fn record_http(
+    State(metrics): State<HttpMetrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    if let Some(route) = route {
+        metrics.request_finished(
+            &route,
+            &method,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    response
+}

@@ -1,0 +1,244 @@
+//! Telemetry: the one place that builds the OpenTelemetry meter provider, declares every
+//! instrument and renders `/metrics`.
+//!
+//! Owns: the `SdkMeterProvider` with the opentelemetry-prometheus exporter writing into a
+//! `prometheus::Registry` that belongs to this [`Telemetry`] (never the global one, so tests run
+//! in parallel), the instrument [`catalog`], typed handles per part ([`EngineMetrics`] through
+//! [`MetricsStrategy`], [`HttpMetrics`]), the cardinality limit and its overflow signal, and the
+//! structured [`stats`] view.
+//!
+//! Invariants: instruments are created once, at build; recording goes through named methods
+//! with attributes in a fixed order, and the dispatch path records through bound instruments.
+//! Label values come from configuration or closed enums, never from a request.
+//!
+//! Must not: be required. With `metrics.enabled = false` no provider is built, no strategy is
+//! installed and `/metrics` answers 404; if the exporter cannot be built, dispatchd still serves
+//! and `/metrics` answers 503.
+
+pub mod catalog;
+mod engine;
+mod http;
+pub mod stats;
+
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
+use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
+use thiserror::Error;
+
+use crate::config::MetricsConfig;
+pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
+pub use http::{HttpMetrics, record_http};
+
+/// The content type of the Prometheus text exposition format served on `/metrics`.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The label the SDK puts on the series that absorbs label sets past the cardinality limit.
+const OVERFLOW_LABEL: &str = "otel_metric_overflow";
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("metrics are disabled (metrics.enabled = false)")]
+    Disabled,
+    #[error("the metrics exporter is unavailable: {0}")]
+    Unavailable(String),
+    #[error("encoding the metrics failed: {0}")]
+    Encode(String),
+}
+
+/// The service's telemetry. Cheap to clone.
+#[derive(Clone)]
+pub struct Telemetry {
+    state: Arc<State>,
+}
+
+enum State {
+    Disabled,
+    Failed(String),
+    Enabled(Enabled),
+}
+
+struct Enabled {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    meter: Meter,
+    namespace: String,
+}
+
+impl Telemetry {
+    /// Builds the meter provider and exporter per `config`. Never fails: an exporter that cannot
+    /// be built is logged, and `/metrics` then answers 503 while everything else runs.
+    pub fn new(config: &MetricsConfig) -> Telemetry {
+        if !config.enabled {
+            return Telemetry {
+                state: Arc::new(State::Disabled),
+            };
+        }
+        let state = match Enabled::new(config) {
+            Ok(enabled) => State::Enabled(enabled),
+            Err(error) => {
+                tracing::error!(%error, "The metrics exporter could not be built; /metrics will answer 503.");
+                State::Failed(error)
+            }
+        };
+        Telemetry {
+            state: Arc::new(state),
+        }
+    }
+
+    /// Telemetry that records nothing and costs nothing.
+    pub fn disabled() -> Telemetry {
+        Telemetry {
+            state: Arc::new(State::Disabled),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        matches!(*self.state, State::Enabled(_))
+    }
+
+    fn enabled(&self) -> Option<&Enabled> {
+        match &*self.state {
+            State::Enabled(enabled) => Some(enabled),
+            _ => None,
+        }
+    }
+
+    /// The strategy that feeds the engine's metrics for these dispatchers (in registration
+    /// order), or `None` when metrics are off.
+    pub fn engine_strategy<'a>(
+        &self,
+        dispatcher_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Option<MetricsStrategy> {
+        let enabled = self.enabled()?;
+        Some(MetricsStrategy::new(
+            EngineMetrics::new(&enabled.meter),
+            dispatcher_ids,
+        ))
+    }
+
+    /// The HTTP API's metrics, or `None` when metrics are off.
+    pub fn http_metrics(&self) -> Option<HttpMetrics> {
+        self.enabled()
+            .map(|enabled| HttpMetrics::new(&enabled.meter))
+    }
+
+    /// The configured namespace (empty for none).
+    pub fn namespace(&self) -> &str {
+        self.enabled()
+            .map_or("", |enabled| enabled.namespace.as_str())
+    }
+
+    /// Collects every metric family, the overflow signal included.
+    pub fn gather(&self) -> Result<Vec<MetricFamily>, RenderError> {
+        let enabled = match &*self.state {
+            State::Disabled => return Err(RenderError::Disabled),
+            State::Failed(reason) => return Err(RenderError::Unavailable(reason.clone())),
+            State::Enabled(enabled) => enabled,
+        };
+        let mut families = enabled.registry.gather();
+        let overflow = overflow_family(&families, &enabled.namespace);
+        // A family with no series cannot be encoded; no overflow, no family.
+        if !overflow.get_metric().is_empty() {
+            families.push(overflow);
+        }
+        Ok(families)
+    }
+
+    /// Renders the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> Result<String, RenderError> {
+        let families = self.gather()?;
+        let mut buffer = Vec::with_capacity(64 * 1024);
+        TextEncoder::new()
+            .encode(&families, &mut buffer)
+            .map_err(|error| RenderError::Encode(error.to_string()))?;
+        String::from_utf8(buffer).map_err(|error| RenderError::Encode(error.to_string()))
+    }
+
+    /// Flushes and stops the meter provider. Call once, last, at shutdown.
+    pub fn shutdown(&self) {
+        if let Some(enabled) = self.enabled() {
+            if let Err(error) = enabled.provider.shutdown() {
+                tracing::debug!(%error, "The meter provider did not shut down cleanly.");
+            }
+        }
+    }
+}
+
+impl Enabled {
+    fn new(config: &MetricsConfig) -> Result<Enabled, String> {
+        let registry = prometheus::Registry::new();
+        let mut exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false);
+        if !config.namespace.is_empty() {
+            exporter = exporter.with_namespace(config.namespace.clone());
+        }
+        let exporter = exporter.build().map_err(|error| error.to_string())?;
+        let limit = config.cardinality_limit;
+        let provider = SdkMeterProvider::builder()
+            .with_resource(
+                Resource::builder()
+                    .with_service_name("dispatchd")
+                    .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                    .build(),
+            )
+            .with_reader(exporter)
+            // Deliberate, and the same for every instrument: past it, new label sets fold into
+            // one overflow series, which `metric_cardinality_overflow` reports.
+            .with_view(move |_: &Instrument| {
+                Stream::builder().with_cardinality_limit(limit).build().ok()
+            })
+            .build();
+        let meter = provider.meter("dispatchd");
+
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .unwrap_or(0) as u64;
+        let spec = catalog::DISPATCHER_WORKER_THREADS;
+        // The instrument lives as long as the provider, which keeps its callback.
+        let _ = meter
+            .u64_observable_gauge(spec.name)
+            .with_description(spec.description)
+            .with_callback(move |observer| observer.observe(workers, &[]))
+            .build();
+
+        Ok(Enabled {
+            registry,
+            provider,
+            meter,
+            namespace: config.namespace.clone(),
+        })
+    }
+}
+
+/// `metric_cardinality_overflow{metric}`: one series per metric whose SDK overflow series exists.
+fn overflow_family(families: &[MetricFamily], namespace: &str) -> MetricFamily {
+    let spec = catalog::METRIC_CARDINALITY_OVERFLOW;
+    let mut family = MetricFamily::default();
+    family.set_name(spec.exported_name(namespace));
+    family.set_help(spec.description.to_owned());
+    family.set_field_type(MetricType::GAUGE);
+    for overflowing in families.iter().filter(|f| {
+        f.get_metric()
+            .iter()
+            .any(|m| m.get_label().iter().any(|l| l.name() == OVERFLOW_LABEL))
+    }) {
+        let mut label = LabelPair::default();
+        label.set_name(catalog::label::METRIC.to_owned());
+        label.set_value(overflowing.name().to_owned());
+        let mut gauge = Gauge::default();
+        gauge.set_value(1.0);
+        let mut metric = Metric::from_label(vec![label]);
+        metric.set_gauge(gauge);
+        family.mut_metric().push(metric);
+    }
+    family
+}
+
+#[cfg(test)]
+mod tests;
