@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use dispatchd::config::MetricsConfig;
 use dispatchd::engine::{
     Category, Dispatcher, Engine, EngineBuilder, Envelope, Handler, HandlerError,
     InstrumentationStrategy, Message, OutputMessage, Route, Topic,
 };
+use dispatchd::telemetry::Telemetry;
 
 struct Noop;
 
@@ -25,7 +27,14 @@ struct NoopStrategy;
 
 impl InstrumentationStrategy for NoopStrategy {}
 
-fn engine(fan_out: usize, strategy: bool) -> Engine {
+#[derive(Clone, Copy)]
+enum Observer {
+    None,
+    Noop,
+    Metrics,
+}
+
+fn engine(fan_out: usize, observer: Observer) -> Engine {
     let mut builder = EngineBuilder::new();
     for n in 0..fan_out {
         let id = format!("d{n}");
@@ -38,8 +47,21 @@ fn engine(fan_out: usize, strategy: bool) -> Engine {
                 id,
             ));
     }
-    if strategy {
-        builder = builder.instrumentation(Arc::new(NoopStrategy));
+    match observer {
+        Observer::None => {}
+        Observer::Noop => builder = builder.instrumentation(Arc::new(NoopStrategy)),
+        Observer::Metrics => {
+            let telemetry = Telemetry::new(&MetricsConfig {
+                enabled: true,
+                namespace: String::new(),
+                cardinality_limit: 2000,
+            });
+            let ids: Vec<String> = builder.dispatcher_ids().map(str::to_owned).collect();
+            let strategy = telemetry
+                .engine_strategy(ids.iter().map(String::as_str))
+                .unwrap();
+            builder = builder.instrumentation(Arc::new(strategy));
+        }
     }
     builder.build().unwrap()
 }
@@ -52,8 +74,12 @@ fn dispatch(c: &mut Criterion) {
     let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
     let mut group = c.benchmark_group("dispatch");
     for fan_out in [1, 4] {
-        for (label, strategy) in [("no_strategy", false), ("noop_strategy", true)] {
-            let engine = engine(fan_out, strategy);
+        for (label, observer) in [
+            ("no_strategy", Observer::None),
+            ("noop_strategy", Observer::Noop),
+            ("metrics_strategy", Observer::Metrics),
+        ] {
+            let engine = engine(fan_out, observer);
             group.bench_function(
                 BenchmarkId::new(label, format!("{fan_out}_dispatchers")),
                 |b| {

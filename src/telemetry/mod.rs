@@ -97,6 +97,21 @@ impl Telemetry {
         }
     }
 
+    /// Telemetry whose exporter failed: nothing is recorded and `/metrics` answers 503. What
+    /// [`Telemetry::new`] returns when the exporter cannot be built; public so the 503 path can
+    /// be tested.
+    pub fn unavailable(reason: impl Into<String>) -> Telemetry {
+        Telemetry {
+            state: Arc::new(State::Failed(reason.into())),
+        }
+    }
+
+    /// The meter behind dispatchd's own instruments, for embedders who want their instruments
+    /// exported on the same `/metrics` (and namespaced the same way). `None` when metrics are off.
+    pub fn meter(&self) -> Option<&Meter> {
+        self.enabled().map(|enabled| &enabled.meter)
+    }
+
     pub fn is_enabled(&self) -> bool {
         matches!(*self.state, State::Enabled(_))
     }

@@ -1,1 +1,239 @@
+use std::sync::Arc;
 
+use async_trait::async_trait;
+use axum::http::Method;
+use serde_json::json;
+
+use super::*;
+use crate::config::MetricsConfig;
+use crate::engine::{
+    Category, CommandAdapter, Dispatcher, Effect, Engine, Envelope, Handler, HandlerError, Message,
+    OutputMessage, Route, RulePolicy,
+};
+
+fn config(namespace: &str, cardinality_limit: usize) -> MetricsConfig {
+    MetricsConfig {
+        enabled: true,
+        namespace: namespace.to_owned(),
+        cardinality_limit,
+    }
+}
+
+struct Ok1;
+
+#[async_trait]
+impl Handler for Ok1 {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+struct Broken;
+
+#[async_trait]
+impl Handler for Broken {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Err(HandlerError::permanent("no"))
+    }
+}
+
+struct Adapter;
+
+#[async_trait]
+impl CommandAdapter for Adapter {
+    fn name(&self) -> &'static str {
+        "ops"
+    }
+
+    async fn execute(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+fn instrumented(telemetry: &Telemetry) -> Engine {
+    let builder = Engine::builder()
+        .dispatcher(Dispatcher::new("ok", Category::Event, Ok1))
+        .dispatcher(Dispatcher::new("broken", Category::Intent, Broken))
+        .dispatcher(
+            Dispatcher::command("ops", Adapter)
+                .with_policy(RulePolicy::new("freeze", Effect::Allow).deny("deploy")),
+        )
+        .route(Route::new("r1", "**", Category::Event, "ok"))
+        .route(Route::new("r2", "**", Category::Intent, "broken"))
+        .route(Route::new("r3", "**", Category::Command, "ops"));
+    let ids: Vec<String> = builder.dispatcher_ids().map(str::to_owned).collect();
+    let strategy = telemetry
+        .engine_strategy(ids.iter().map(String::as_str))
+        .unwrap();
+    builder.instrumentation(Arc::new(strategy)).build().unwrap()
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+#[tokio::test]
+async fn dispatches_are_counted_by_category_status_dispatcher_and_result() {
+    let telemetry = Telemetry::new(&config("", 2000));
+    let engine = instrumented(&telemetry);
+    for _ in 0..5 {
+        engine
+            .dispatch("a.events", &Envelope::new("t", json!({})))
+            .await;
+    }
+    engine
+        .dispatch("a.intents", &Envelope::new("t", json!({})))
+        .await;
+    engine
+        .dispatch("not-a-topic", &Envelope::new("t", json!({})))
+        .await;
+    engine
+        .dispatch("a.commands", &Envelope::new("restart", json!({})))
+        .await;
+    engine
+        .dispatch("a.commands", &Envelope::new("deploy", json!({})))
+        .await;
+
+    let text = telemetry.render().unwrap();
+    let at = |series: &str| sample(&text, series);
+    assert_eq!(
+        at(r#"dispatch_messages_total{category="event",status="success"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        at(r#"dispatch_duration_seconds_count{category="event",status="success"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        at(r#"dispatch_messages_total{category="intent",status="dispatcher_error"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatch_messages_total{category="unknown",status="invalid_message"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_executions_total{dispatcher_id="ok",result="success"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_executions_total{dispatcher_id="broken",result="error"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_executions_total{dispatcher_id="ops",result="rejected"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_execution_duration_seconds_count{dispatcher_id="ok"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_execution_duration_seconds_count{dispatcher_id="ops"}"#),
+        Some(1.0),
+        "the rejected call has no latency; the allowed one has"
+    );
+    assert_eq!(
+        at(r#"dispatcher_adapter_invocations_total{adapter="ops",command_type="restart"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_policy_denials_total{policy="freeze"}"#),
+        Some(1.0)
+    );
+    assert!(!text.contains("otel_scope"), "scope labels are off");
+    assert!(text.contains(r#"target_info{service_name="dispatchd",service_version=""#));
+}
+
+#[tokio::test]
+async fn command_type_labels_are_capped() {
+    let telemetry = Telemetry::new(&config("", 2000));
+    let engine = instrumented(&telemetry);
+    for n in 0..(MAX_COMMAND_TYPE_LABELS + 10) {
+        engine
+            .dispatch("a.commands", &Envelope::new(format!("type{n}"), json!({})))
+            .await;
+    }
+    let text = telemetry.render().unwrap();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("dispatcher_adapter_invocations_total{"))
+        .count();
+    assert_eq!(series, MAX_COMMAND_TYPE_LABELS + 1);
+    assert_eq!(
+        sample(
+            &text,
+            r#"dispatcher_adapter_invocations_total{adapter="ops",command_type="other"}"#
+        ),
+        Some(10.0)
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_prefixes_every_name() {
+    let telemetry = Telemetry::new(&config("ns", 2000));
+    let engine = instrumented(&telemetry);
+    engine
+        .dispatch("a.events", &Envelope::new("t", json!({})))
+        .await;
+    let text = telemetry.render().unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert!(names.contains(&"ns_dispatch_messages_total"), "{names:?}");
+    assert!(names.contains(&"ns_dispatcher_worker_threads"), "{names:?}");
+    for name in names {
+        assert!(name.starts_with("ns_") || name == "target_info", "{name}");
+    }
+    assert_eq!(telemetry.namespace(), "ns");
+}
+
+#[test]
+fn disabled_telemetry_builds_nothing() {
+    let telemetry = Telemetry::new(&MetricsConfig {
+        enabled: false,
+        namespace: String::new(),
+        cardinality_limit: 2000,
+    });
+    assert!(!telemetry.is_enabled());
+    assert!(telemetry.engine_strategy(["a"]).is_none());
+    assert!(telemetry.http_metrics().is_none());
+    assert_eq!(telemetry.render(), Err(RenderError::Disabled));
+    assert!(matches!(
+        Telemetry::unavailable("boom").render(),
+        Err(RenderError::Unavailable(reason)) if reason == "boom"
+    ));
+}
+
+#[test]
+fn passing_the_cardinality_limit_is_reported() {
+    let telemetry = Telemetry::new(&config("", 5));
+    let http = telemetry.http_metrics().unwrap();
+    for n in 0..4 {
+        http.request_finished(&format!("/route{n}"), &Method::GET, 200, 0.01);
+    }
+    assert!(
+        !telemetry
+            .render()
+            .unwrap()
+            .contains("metric_cardinality_overflow")
+    );
+    for n in 4..20 {
+        http.request_finished(&format!("/route{n}"), &Method::GET, 200, 0.01);
+    }
+    let text = telemetry.render().unwrap();
+    assert!(text.contains(r#"otel_metric_overflow="true""#), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"metric_cardinality_overflow{metric="http_server_request_duration_seconds"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(text.contains("# TYPE metric_cardinality_overflow gauge"));
+}

@@ -11,3 +11,5 @@ mod ingest;
 mod shutdown;
 // The real binary: serve on the embedded defaults, SIGTERM, check-config.
 mod binary;
+// /metrics, the stats API, the golden names, docs/metrics.md, promtool and an independent parser.
+mod metrics;

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 /// A running dispatchd on a free loopback port, stopped by [`TestApp::stop`] (or on drop).
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
+    telemetry_enabled: bool,
     pub(crate) client: reqwest::Client,
     pub(crate) dir: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -44,6 +45,7 @@ impl TestApp {
             .await
             .expect("app builds");
         let addr = app.local_addr();
+        let telemetry_enabled = app.telemetry().is_enabled();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(shutdown.clone()));
         let client = reqwest::Client::builder()
@@ -52,11 +54,16 @@ impl TestApp {
             .unwrap();
         TestApp {
             addr,
+            telemetry_enabled,
             client,
             dir,
             shutdown,
             task: Some(task),
         }
+    }
+
+    pub(crate) fn telemetry_enabled(&self) -> bool {
+        self.telemetry_enabled
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -116,4 +123,24 @@ pub(crate) async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// Finds an external tool the test needs. Outside CI a missing tool skips the test with a
+/// visible message; with `DISPATCHD_REQUIRE_TOOLS=1` (set by `.ci/run`) it fails the test.
+pub(crate) fn required_tool(name: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("DISPATCHD_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{name} is required (DISPATCHD_REQUIRE_TOOLS=1) but not on PATH: install Debian's prometheus package"
+        );
+        eprintln!(
+            "SKIPPED: {name} is not on PATH (install Debian's prometheus package to run this test)"
+        );
+    }
+    found
 }

@@ -1,0 +1,81 @@
+//! Metric recording and scrape rendering.
+
+#![allow(clippy::unwrap_used)]
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use dispatchd::config::MetricsConfig;
+use dispatchd::telemetry::Telemetry;
+use opentelemetry::KeyValue;
+
+fn telemetry(cardinality_limit: usize) -> Telemetry {
+    Telemetry::new(&MetricsConfig {
+        enabled: true,
+        namespace: String::new(),
+        cardinality_limit,
+    })
+}
+
+/// What the SDK costs per recording, unbound (attributes hashed per call) and bound.
+fn recording(c: &mut Criterion) {
+    let telemetry = telemetry(2000);
+    let meter = telemetry.meter().unwrap();
+    let counter = meter.u64_counter("bench_counter").build();
+    let histogram = meter
+        .f64_histogram("bench_histogram")
+        .with_boundaries(vec![0.001, 0.01, 0.1, 1.0])
+        .build();
+    let attributes = [
+        KeyValue::new("category", "event"),
+        KeyValue::new("status", "success"),
+    ];
+    let mut group = c.benchmark_group("record");
+    group.bench_function("counter_add_2_attributes", |b| {
+        b.iter(|| counter.add(1, &attributes))
+    });
+    group.bench_function("histogram_record_2_attributes", |b| {
+        b.iter(|| histogram.record(0.004, &attributes))
+    });
+    let bound_counter = counter.bind(&attributes);
+    let bound_histogram = histogram.bind(&attributes);
+    group.bench_function("bound_counter_add", |b| b.iter(|| bound_counter.add(1)));
+    group.bench_function("bound_histogram_record", |b| {
+        b.iter(|| bound_histogram.record(0.004))
+    });
+    group.finish();
+}
+
+/// Rendering `/metrics` with N counter series beside dispatchd's own.
+fn render(c: &mut Criterion) {
+    let mut group = c.benchmark_group("render");
+    group.sample_size(20);
+    for series in [1_000, 10_000] {
+        let telemetry = telemetry(series + 10);
+        let counter = telemetry
+            .meter()
+            .unwrap()
+            .u64_counter("bench_series")
+            .build();
+        for n in 0..series {
+            counter.add(1, &[KeyValue::new("shard", n.to_string())]);
+        }
+        let text = telemetry.render().unwrap();
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("bench_series_total{"))
+                .count()
+                == series
+        );
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{series}_series")),
+            |b| b.iter(|| telemetry.render().unwrap()),
+        );
+        group.bench_function(
+            BenchmarkId::new("gather_only", format!("{series}_series")),
+            |b| b.iter(|| telemetry.gather().unwrap()),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, recording, render);
+criterion_main!(benches);
