@@ -1,10 +1,12 @@
 //! The service assembled: configuration in, a bound and running dispatchd out.
 //!
-//! Startup reads in order: build (bind the listener, open files, build the engine, all of which
-//! can fail and are reported before anything runs; telemetry first, so everything built after
-//! it is measured) → [`App::run`] (serve until the shutdown token fires) → drain in-flight
-//! requests within `server.shutdown_grace` → stop and flush the writers → shut the meter
-//! provider down. Tests build on port 0 and cancel the token to stop.
+//! Startup reads in order: build (telemetry first, so everything built after it is measured;
+//! bind the listener; open files; register every dispatcher with the health registry; build the
+//! engine; all of which can fail and is reported before anything runs) → [`App::run`] (start
+//! each dispatcher's lifecycle task, serve until the shutdown token fires) → drain in-flight
+//! requests within `server.shutdown_grace` → stop the lifecycle tasks (`stop`, `unregister`) →
+//! stop and flush the writers → shut the meter provider down. Tests build on port 0 and cancel
+//! the token to stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,10 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, DispatcherKind};
 use crate::dispatchers::{JsonlFile, LogDispatcher};
 use crate::engine::{Dispatcher, Engine, Route};
+use crate::health::{
+    HealthRegistry, HealthStrategy, LifecycleObserver, Origin, Registration, RestartBackoff,
+    supervise,
+};
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
 use crate::telemetry::Telemetry;
@@ -28,14 +34,34 @@ const ABANDON_WAIT: Duration = Duration::from_secs(2);
 /// Builds an [`App`] from a [`Config`], plus any dispatchers registered in code.
 pub struct AppBuilder {
     config: Config,
-    dispatchers: Vec<Dispatcher>,
+    dispatchers: Vec<(Dispatcher, Liveness)>,
     routes: Vec<Route>,
 }
 
+/// How one in-process dispatcher proves it is alive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Liveness {
+    pub stale_threshold: Duration,
+    pub heartbeat_interval: Duration,
+    pub critical: bool,
+}
+
 impl AppBuilder {
-    /// Registers a dispatcher written in Rust beside the configured ones.
-    pub fn dispatcher(mut self, dispatcher: Dispatcher) -> AppBuilder {
-        self.dispatchers.push(dispatcher);
+    /// Registers a dispatcher written in Rust beside the configured ones, with the configured
+    /// default stale threshold, a heartbeat every quarter of it, and not critical.
+    pub fn dispatcher(self, dispatcher: Dispatcher) -> AppBuilder {
+        let stale_threshold = self.config.health.stale_threshold;
+        let liveness = Liveness {
+            stale_threshold,
+            heartbeat_interval: stale_threshold / 4,
+            critical: false,
+        };
+        self.dispatcher_with(dispatcher, liveness)
+    }
+
+    /// Registers a dispatcher written in Rust with its own liveness settings.
+    pub fn dispatcher_with(mut self, dispatcher: Dispatcher, liveness: Liveness) -> AppBuilder {
+        self.dispatchers.push((dispatcher, liveness));
         self
     }
 
@@ -44,9 +70,11 @@ impl AppBuilder {
         self
     }
 
-    /// Binds the listener, opens the dispatchers' files and builds the engine.
+    /// Binds the listener, opens the dispatchers' files, registers the dispatchers and builds
+    /// the engine.
     pub async fn build(self) -> anyhow::Result<App> {
         let config = self.config;
+        let telemetry = Telemetry::new(&config.metrics);
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -54,43 +82,64 @@ impl AppBuilder {
             .local_addr()
             .context("the listener has no address")?;
 
-        let telemetry = Telemetry::new(&config.metrics);
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
-        let mut engine = Engine::builder();
+        let mut dispatchers = Vec::new();
         for spec in &config.dispatchers {
+            let id = spec.dispatcher_id.as_str();
             let mut dispatcher = match &spec.kind {
-                DispatcherKind::Log => {
-                    Dispatcher::new(spec.dispatcher_id.as_str(), spec.category, LogDispatcher)
-                }
+                DispatcherKind::Log => Dispatcher::new(id, spec.category, LogDispatcher),
                 DispatcherKind::Jsonl { path } => {
                     let file = JsonlFile::open(path, &writers, stop_writers.clone())
                         .await
                         .with_context(|| {
-                            format!(
-                                "dispatcher `{}` cannot open {}",
-                                spec.dispatcher_id,
-                                path.display()
-                            )
+                            format!("dispatcher `{id}` cannot open {}", path.display())
                         })?;
-                    Dispatcher::new(spec.dispatcher_id.as_str(), spec.category, file)
+                    Dispatcher::new(id, spec.category, file)
                 }
             };
             dispatcher = dispatcher.with_timeout(spec.timeout);
             if let Some(types) = &spec.message_types {
                 dispatcher = dispatcher.with_message_types(types.iter().cloned());
             }
-            engine = engine.dispatcher(dispatcher);
+            let liveness = Liveness {
+                stale_threshold: spec.stale_threshold,
+                heartbeat_interval: spec.heartbeat_interval,
+                critical: spec.critical,
+            };
+            dispatchers.push((dispatcher, liveness));
         }
-        for dispatcher in self.dispatchers {
-            engine = engine.dispatcher(dispatcher);
+        dispatchers.extend(self.dispatchers);
+
+        let observer = telemetry
+            .lifecycle_metrics()
+            .map(|metrics| Arc::new(metrics) as Arc<dyn LifecycleObserver>);
+        let health = HealthRegistry::new(config.health.clone(), observer);
+        telemetry.observe_health(&health);
+        for (dispatcher, liveness) in &dispatchers {
+            let registration = Registration {
+                origin: Origin::InProcess,
+                stale_threshold: Some(liveness.stale_threshold),
+                critical: liveness.critical,
+            };
+            health
+                .register(dispatcher.id(), registration)
+                .with_context(|| format!("dispatcher `{}` cannot register", dispatcher.id()))?;
+        }
+
+        let mut engine = Engine::builder();
+        for (dispatcher, _) in &dispatchers {
+            engine = engine.dispatcher(dispatcher.clone());
         }
         for route in config.routes.iter().cloned().chain(self.routes) {
             engine = engine.route(route);
         }
-        let mut strategies = Composite::new().with(Arc::new(TracingStrategy));
         let ids: Vec<String> = engine.dispatcher_ids().map(str::to_owned).collect();
-        if let Some(metrics) = telemetry.engine_strategy(ids.iter().map(String::as_str)) {
+        let ids = || ids.iter().map(String::as_str);
+        let mut strategies = Composite::new()
+            .with(Arc::new(TracingStrategy))
+            .with(Arc::new(HealthStrategy::new(&health, ids())));
+        if let Some(metrics) = telemetry.engine_strategy(ids()) {
             strategies = strategies.with(Arc::new(metrics));
         }
         let engine = engine
@@ -98,11 +147,17 @@ impl AppBuilder {
             .build()
             .context("invalid dispatchers or routes")?;
 
+        let liveness = dispatchers
+            .into_iter()
+            .map(|(_, liveness)| liveness)
+            .collect();
         Ok(App {
             config,
             listener,
             local_addr,
             engine,
+            liveness,
+            health,
             telemetry,
             writers,
             stop_writers,
@@ -116,6 +171,9 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     engine: Engine,
+    /// By engine index.
+    liveness: Vec<Liveness>,
+    health: HealthRegistry,
     telemetry: Telemetry,
     writers: TaskTracker,
     stop_writers: CancellationToken,
@@ -143,11 +201,33 @@ impl App {
         &self.telemetry
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
-    /// finish within `server.shutdown_grace`, and stops the writers after they committed
-    /// everything queued.
+    pub fn health(&self) -> &HealthRegistry {
+        &self.health
+    }
+
+    /// Starts every dispatcher's lifecycle task and serves until `shutdown` is cancelled, then
+    /// stops accepting, lets in-flight requests finish within `server.shutdown_grace`, stops the
+    /// lifecycle tasks, stops the writers after they committed everything queued, and shuts the
+    /// meter provider down.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let state = ApiState::new(self.engine.clone(), self.telemetry.clone());
+        let lifecycles = TaskTracker::new();
+        let stop_lifecycles = CancellationToken::new();
+        for (dispatcher, liveness) in self.engine.dispatchers().iter().zip(&self.liveness) {
+            lifecycles.spawn(supervise(
+                self.health.clone(),
+                dispatcher.clone(),
+                liveness.heartbeat_interval,
+                RestartBackoff::default(),
+                stop_lifecycles.clone(),
+            ));
+        }
+
+        let state = ApiState::new(
+            self.engine.clone(),
+            self.telemetry.clone(),
+            self.health.clone(),
+            shutdown.clone(),
+        );
         let abandon = state.abandon.clone();
         let router = http::router(state, self.config.server.max_body_bytes);
         tracing::info!(
@@ -192,6 +272,9 @@ impl App {
             }
         };
 
+        stop_lifecycles.cancel();
+        lifecycles.close();
+        lifecycles.wait().await;
         self.stop_writers.cancel();
         self.writers.close();
         self.writers.wait().await;

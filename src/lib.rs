@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod dispatchers;
 pub mod engine;
+pub mod health;
 pub mod http;
 pub mod instrumentation;
 pub mod telemetry;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::engine::{Category, Route};
+use crate::health::HealthConfig;
 
 /// The embedded defaults: what `dispatchd` runs with no config file.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -35,6 +36,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub health: HealthConfig,
     pub dispatchers: Vec<DispatcherConfig>,
     pub routes: Vec<Route>,
 }
@@ -68,6 +70,12 @@ pub struct DispatcherConfig {
     pub message_types: Option<Vec<String>>,
     pub timeout: Duration,
     pub kind: DispatcherKind,
+    /// Stale when no heartbeat for longer than this.
+    pub stale_threshold: Duration,
+    /// How often the lifecycle task heartbeats; shorter than `stale_threshold`.
+    pub heartbeat_interval: Duration,
+    /// Whether `/ready` requires it to be healthy.
+    pub critical: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

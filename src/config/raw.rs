@@ -16,9 +16,13 @@ use crate::engine::{
     BuildProblem, Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage,
     Route,
 };
+use crate::health::HealthConfig;
 
 /// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
 const MAX_CARDINALITY_LIMIT: u64 = 100_000;
+
+/// The most out-of-process workers a config may allow.
+const MAX_WORKERS_LIMIT: u64 = 100_000;
 
 /// The largest request body a config may allow.
 const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
@@ -32,6 +36,8 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    health: RawHealth,
     dispatchers: Option<Vec<RawDispatcher>>,
     routes: Option<Vec<RawRoute>>,
 }
@@ -67,6 +73,18 @@ struct RawDispatcher {
     message_types: Option<Vec<String>>,
     timeout: Option<String>,
     path: Option<String>,
+    stale_threshold: Option<String>,
+    heartbeat_interval: Option<String>,
+    critical: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    stale_threshold: Option<String>,
+    failure_limit: Option<u32>,
+    max_workers: Option<u64>,
+    max_stale_threshold: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,6 +277,8 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         ));
     }
 
+    let health = validate_health(&raw.health, origins, problems);
+
     let raw_dispatchers = raw.dispatchers.unwrap_or_default();
     let raw_routes = raw.routes.unwrap_or_default();
     let mut dispatchers = Vec::new();
@@ -280,6 +300,35 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
                 duration(text, &at("timeout"), origins, problems).unwrap_or(Duration::MAX)
             }
         };
+        let stale_threshold = match &d.stale_threshold {
+            None => health.stale_threshold,
+            Some(text) => positive(text, &at("stale_threshold"), origins, problems)
+                .unwrap_or(health.stale_threshold),
+        };
+        if stale_threshold > health.max_stale_threshold {
+            problems.push(origins.problem(
+                at("stale_threshold"),
+                format!(
+                    "must be at most health.max_stale_threshold ({})",
+                    humantime::format_duration(health.max_stale_threshold)
+                ),
+            ));
+        }
+        let heartbeat_interval = match &d.heartbeat_interval {
+            None => stale_threshold / 4,
+            Some(text) => positive(text, &at("heartbeat_interval"), origins, problems)
+                .unwrap_or(stale_threshold / 4),
+        };
+        if heartbeat_interval >= stale_threshold {
+            problems.push(origins.problem(
+                at("heartbeat_interval"),
+                format!(
+                    "({}) must be shorter than the stale threshold ({}), or the dispatcher goes stale between heartbeats",
+                    humantime::format_duration(heartbeat_interval),
+                    humantime::format_duration(stale_threshold)
+                ),
+            ));
+        }
         let kind = match d.kind.as_str() {
             "log" => {
                 if d.path.is_some() {
@@ -319,6 +368,9 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             message_types: d.message_types.clone(),
             timeout,
             kind,
+            stale_threshold,
+            heartbeat_interval,
+            critical: d.critical.unwrap_or(false),
         });
     }
 
@@ -362,6 +414,7 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             cardinality_limit: usize::try_from(cardinality_limit).ok()?,
         },
         log: LogConfig { filter },
+        health,
         dispatchers,
         routes,
     })
@@ -468,6 +521,62 @@ fn duration(
             None
         }
     }
+}
+
+fn validate_health(
+    raw: &RawHealth,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> HealthConfig {
+    let defaults = HealthConfig::default();
+    let max_stale_threshold = raw
+        .max_stale_threshold
+        .as_deref()
+        .and_then(|text| positive(text, "health.max_stale_threshold", origins, problems))
+        .unwrap_or(defaults.max_stale_threshold);
+    let stale_threshold = raw
+        .stale_threshold
+        .as_deref()
+        .and_then(|text| positive(text, "health.stale_threshold", origins, problems))
+        .unwrap_or(defaults.stale_threshold);
+    if stale_threshold > max_stale_threshold {
+        problems.push(origins.problem(
+            "health.stale_threshold",
+            "must be at most health.max_stale_threshold",
+        ));
+    }
+    let failure_limit = raw.failure_limit.unwrap_or(defaults.failure_limit);
+    if failure_limit == 0 {
+        problems.push(origins.problem("health.failure_limit", "must be at least 1"));
+    }
+    let max_workers = raw.max_workers.unwrap_or(defaults.max_workers as u64);
+    if max_workers > MAX_WORKERS_LIMIT {
+        problems.push(origins.problem(
+            "health.max_workers",
+            format!("must be at most {MAX_WORKERS_LIMIT}: every worker is a set of series"),
+        ));
+    }
+    HealthConfig {
+        stale_threshold,
+        failure_limit,
+        max_workers: usize::try_from(max_workers).unwrap_or(usize::MAX),
+        max_stale_threshold,
+    }
+}
+
+/// A duration that must be more than zero.
+fn positive(
+    text: &str,
+    field: &str,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    let value = duration(text, field, origins, problems)?;
+    if value.is_zero() {
+        problems.push(origins.problem(field, "must be more than 0"));
+        return None;
+    }
+    Some(value)
 }
 
 fn is_valid_namespace(namespace: &str) -> bool {

@@ -226,3 +226,61 @@ category = "gossip"
         ]
     );
 }
+
+#[test]
+fn health_settings_are_validated_so_staleness_can_fire() {
+    let config = load(
+        r#"
+[health]
+stale_threshold = "60s"
+failure_limit = 3
+
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+critical = true
+
+[[dispatchers]]
+dispatcher_id = "b"
+kind = "log"
+category = "event"
+stale_threshold = "20s"
+heartbeat_interval = "2s"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.health.failure_limit, 3);
+    let a = &config.dispatchers[0];
+    assert_eq!(
+        (a.stale_threshold, a.heartbeat_interval, a.critical),
+        (Duration::from_secs(60), Duration::from_secs(15), true)
+    );
+    let b = &config.dispatchers[1];
+    assert_eq!(
+        (b.stale_threshold, b.heartbeat_interval, b.critical),
+        (Duration::from_secs(20), Duration::from_secs(2), false)
+    );
+
+    let found = problems(
+        r#"[health]
+failure_limit = 0
+max_workers = 1000000
+
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+stale_threshold = "10s"
+heartbeat_interval = "10s"
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "FILE:2: `health.failure_limit`: must be at least 1",
+            "FILE:3: `health.max_workers`: must be at most 100000: every worker is a set of series",
+            "FILE:10: `dispatchers[0].heartbeat_interval`: (10s) must be shorter than the stale threshold (10s), or the dispatcher goes stale between heartbeats",
+        ]
+    );
+}

@@ -99,6 +99,15 @@ impl Handler for JsonlFile {
             })?;
         Ok(Vec::new())
     }
+
+    /// Alive while the writer task still takes lines.
+    async fn heartbeat(&self) -> Result<(), HandlerError> {
+        if self.queue.is_closed() {
+            Err(HandlerError::transient("the JSONL writer has stopped"))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 async fn write_loop(

@@ -20,6 +20,11 @@ pub trait CommandAdapter: Send + Sync + 'static {
     /// Runs the command; its type is `message.envelope.message_type` and its parameters are
     /// the payload.
     async fn execute(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError>;
+
+    /// Whether the adapter can still do its work; see `Handler::heartbeat`.
+    async fn heartbeat(&self) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// A policy's verdict on one command.

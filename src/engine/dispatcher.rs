@@ -100,6 +100,14 @@ impl<E: std::error::Error> From<E> for HandlerError {
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError>;
+
+    /// Says whether the handler can still do its work (its connection is up, its writer is
+    /// alive). The service's lifecycle task calls it on every heartbeat interval and records a
+    /// heartbeat only when it returns `Ok`, so a handler that cannot work goes stale. The default
+    /// is always alive.
+    async fn heartbeat(&self) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
@@ -186,6 +194,14 @@ impl Dispatcher {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Asks the handler or command adapter whether it is alive ([`Handler::heartbeat`]).
+    pub async fn heartbeat(&self) -> Result<(), HandlerError> {
+        match &self.kind {
+            Kind::Handler(handler) => handler.heartbeat().await,
+            Kind::Command(adapter) => adapter.heartbeat().await,
+        }
     }
 
     pub(crate) fn accepts_type(&self, message_type: &str) -> bool {

@@ -87,7 +87,7 @@ pub fn status_code(result: &DispatchResult) -> StatusCode {
 }
 
 /// JSON, or no content type at all; anything else is most likely a client sending a form.
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };

@@ -1,4 +1,5 @@
-//! The HTTP interface: health, ingest, `/metrics` and the stats API.
+//! The HTTP interface: liveness and readiness, ingest, `/metrics`, the stats API, and the
+//! dispatcher health and lifecycle API.
 //!
 //! Owns: the axum `Router`, request parsing, the JSON error shape and the mapping from a
 //! dispatch status to an HTTP status.
@@ -10,6 +11,7 @@
 //! Must not: hold any state of its own beyond what [`ApiState`] carries, or bind sockets (the
 //! `app` binds; tests call [`router`] with `oneshot`).
 
+mod dispatchers;
 mod error;
 mod messages;
 mod observe;
@@ -24,6 +26,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
+use crate::health::HealthRegistry;
 use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
 pub use messages::{IngestBody, status_code};
@@ -33,6 +36,9 @@ pub use messages::{IngestBody, status_code};
 pub struct ApiState {
     pub engine: Engine,
     pub telemetry: Telemetry,
+    pub health: HealthRegistry,
+    /// Cancelled when shutdown begins: `/ready` answers 503 from then on.
+    pub draining: CancellationToken,
     pub started: Instant,
     /// Cancelled when the shutdown grace period ends: requests still dispatching then answer
     /// 503 instead of holding the process open.
@@ -40,10 +46,17 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(engine: Engine, telemetry: Telemetry) -> ApiState {
+    pub fn new(
+        engine: Engine,
+        telemetry: Telemetry,
+        health: HealthRegistry,
+        draining: CancellationToken,
+    ) -> ApiState {
         ApiState {
             engine,
             telemetry,
+            health,
+            draining,
             started: Instant::now(),
             abandon: CancellationToken::new(),
         }
@@ -54,6 +67,21 @@ impl ApiState {
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let mut router = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(dispatchers::ready))
+        .route("/api/v1/dispatchers", get(dispatchers::list))
+        .route("/api/v1/dispatchers/{id}", get(dispatchers::one))
+        .route(
+            "/api/v1/dispatchers/{id}/register",
+            post(dispatchers::register),
+        )
+        .route(
+            "/api/v1/dispatchers/{id}/heartbeat",
+            post(dispatchers::heartbeat),
+        )
+        .route(
+            "/api/v1/dispatchers/{id}/unregister",
+            post(dispatchers::unregister),
+        )
         .route("/metrics", get(observe::metrics))
         .route("/api/v1/stats", get(observe::stats))
         .route("/api/v1/messages/{topic}", post(messages::ingest));
@@ -68,7 +96,8 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Liveness: answers while the process serves, whatever the dispatchers' state.
+/// Liveness: answers while the process serves, whatever the dispatchers' state (readiness is
+/// `/ready`).
 async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
     Json(json!({
         "status": "ok",

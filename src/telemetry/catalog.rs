@@ -81,6 +81,8 @@ pub mod label {
     pub const HTTP_REQUEST_METHOD: &str = "http_request_method";
     pub const HTTP_RESPONSE_STATUS_CODE: &str = "http_response_status_code";
     pub const METRIC: &str = "metric";
+    pub const EVENT: &str = "event";
+    pub const IS_STALE: &str = "is_stale";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -166,6 +168,71 @@ pub const DISPATCHER_WORKER_THREADS: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const DISPATCHER_ACTIVE: InstrumentSpec = InstrumentSpec {
+    // An UpDownCounter, exported as a gauge; the name keeps `_total` for compatibility with
+    // existing dashboards (PRODUCT.md), and the exporter adds nothing to it.
+    name: "dispatcher_active_total",
+    kind: Kind::UpDownCounter,
+    unit: "",
+    description: "Dispatchers currently running: 1 while running, 0 after stop. A gauge despite the _total, kept for existing dashboards.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_HEARTBEAT: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_heartbeat",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Heartbeats received, from in-process lifecycle tasks and from workers over HTTP.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_LIFECYCLE_EVENTS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_lifecycle_events",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Lifecycle events by dispatcher and event (start, stop, restart, register, unregister).",
+    labels: &[label::DISPATCHER_ID, label::EVENT],
+    buckets: &[],
+};
+
+pub const DISPATCHER_UPTIME: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_uptime",
+    kind: Kind::ObservableGauge,
+    unit: "s",
+    description: "Seconds since the dispatcher last started.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_HEALTH_STATUS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_health_status",
+    kind: Kind::ObservableGauge,
+    unit: "",
+    description: "1 when the dispatcher is healthy (not stale, not stopped, failures below the limit), 0 when not.",
+    labels: &[label::DISPATCHER_ID, label::IS_STALE],
+    buckets: &[],
+};
+
+pub const DISPATCHER_HEARTBEAT_AGE: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_heartbeat_age",
+    kind: Kind::ObservableGauge,
+    unit: "s",
+    description: "Seconds since the dispatcher's last heartbeat.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_CONSECUTIVE_FAILURES: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_consecutive_failures",
+    kind: Kind::ObservableGauge,
+    unit: "",
+    description: "Failures of the dispatcher since its last success.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
 /// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
 /// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
 pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
@@ -179,6 +246,13 @@ pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
 
 /// Every instrument, in the order of PRODUCT.md's table.
 pub const ALL: &[InstrumentSpec] = &[
+    DISPATCHER_ACTIVE,
+    DISPATCHER_HEARTBEAT,
+    DISPATCHER_LIFECYCLE_EVENTS,
+    DISPATCHER_UPTIME,
+    DISPATCHER_HEALTH_STATUS,
+    DISPATCHER_HEARTBEAT_AGE,
+    DISPATCHER_CONSECUTIVE_FAILURES,
     DISPATCH_MESSAGES,
     DISPATCH_DURATION,
     DISPATCHER_EXECUTIONS,
@@ -200,6 +274,13 @@ mod tests {
         assert_eq!(
             names,
             [
+                "dispatcher_active_total",
+                "dispatcher_heartbeat_total",
+                "dispatcher_lifecycle_events_total",
+                "dispatcher_uptime_seconds",
+                "dispatcher_health_status",
+                "dispatcher_heartbeat_age_seconds",
+                "dispatcher_consecutive_failures",
                 "dispatch_messages_total",
                 "dispatch_duration_seconds",
                 "dispatcher_executions_total",
@@ -220,7 +301,10 @@ mod tests {
     #[test]
     fn instrument_names_carry_no_suffix_the_exporter_adds() {
         for spec in ALL {
-            assert!(!spec.name.ends_with("_total"), "{}", spec.name);
+            // The one exception is the contract's own: a gauge named _total.
+            if spec.kind != Kind::UpDownCounter {
+                assert!(!spec.name.ends_with("_total"), "{}", spec.name);
+            }
             assert!(!spec.name.ends_with("_seconds"), "{}", spec.name);
             assert!(
                 spec.kind != Kind::Histogram || !spec.buckets.is_empty(),

@@ -17,6 +17,7 @@
 
 pub mod catalog;
 mod engine;
+mod health;
 mod http;
 pub mod stats;
 
@@ -32,6 +33,7 @@ use thiserror::Error;
 
 use crate::config::MetricsConfig;
 pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
+pub use health::LifecycleMetrics;
 pub use http::{HttpMetrics, record_http};
 
 /// The content type of the Prometheus text exposition format served on `/metrics`.
@@ -134,6 +136,20 @@ impl Telemetry {
             EngineMetrics::new(&enabled.meter),
             dispatcher_ids,
         ))
+    }
+
+    /// The lifecycle counters, to observe the health registry with; `None` when metrics are
+    /// off.
+    pub fn lifecycle_metrics(&self) -> Option<LifecycleMetrics> {
+        self.enabled()
+            .map(|enabled| LifecycleMetrics::new(&enabled.meter))
+    }
+
+    /// Exports the registry's health as gauges read at scrape time. Call once per registry.
+    pub fn observe_health(&self, registry: &crate::health::HealthRegistry) {
+        if let Some(enabled) = self.enabled() {
+            health::observe(&enabled.meter, registry);
+        }
     }
 
     /// The HTTP API's metrics, or `None` when metrics are off.

@@ -13,3 +13,5 @@ mod shutdown;
 mod binary;
 // /metrics, the stats API, the golden names, docs/metrics.md, promtool and an independent parser.
 mod metrics;
+// /ready, /api/v1/dispatchers and the worker lifecycle API, on paused time.
+mod health;

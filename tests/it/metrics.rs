@@ -99,6 +99,11 @@ async fn canonical_traffic(app: &TestApp, successes: usize) {
             .status(),
         StatusCode::OK
     );
+    for step in ["register", "heartbeat"] {
+        let url = app.url(&format!("/api/v1/dispatchers/remote-worker/{step}"));
+        let response = app.client.post(url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{step}");
+    }
 }
 
 async fn scrape(app: &TestApp) -> String {
@@ -482,6 +487,8 @@ async fn an_exporter_that_failed_answers_503() {
     let state = dispatchd::http::ApiState::new(
         engine,
         dispatchd::telemetry::Telemetry::unavailable("registry clash"),
+        dispatchd::health::HealthRegistry::new(Default::default(), None),
+        tokio_util::sync::CancellationToken::new(),
     );
     let router = dispatchd::http::router(state, 1024);
     let response = router

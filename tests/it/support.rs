@@ -144,3 +144,18 @@ pub(crate) fn required_tool(name: &str) -> Option<std::path::PathBuf> {
     }
     found
 }
+
+/// Waits for an async `condition` with a bound.
+pub(crate) async fn wait_for_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}

@@ -1,0 +1,560 @@
+//! Dispatcher lifecycle and health: who is registered, when each last proved alive, how often it
+//! failed in a row, and what that means.
+//!
+//! Owns: the [`HealthRegistry`] (in-process dispatchers and out-of-process workers alike), the
+//! health model ([`evaluate`]), the lifecycle task that heartbeats for in-process dispatchers and
+//! is restarted under supervision when it panics ([`supervise`]), and the strategy that feeds
+//! dispatch outcomes into the registry ([`HealthStrategy`]).
+//!
+//! Invariants:
+//! - Health is a pure function of (now, last heartbeat, stale threshold, consecutive failures,
+//!   failure limit, state). Reading it, scraping it or serving it changes nothing.
+//! - Time is tokio's clock, so tests run on paused time.
+//! - Ids are `[A-Za-z0-9_.-]{1,128}` and out-of-process registrations are bounded
+//!   (`health.max_workers`), so no client can grow label cardinality without limit.
+//! - The dispatch path takes no lock here: [`HealthStrategy`] holds each in-process record by
+//!   engine index and updates atomics.
+//!
+//! Must not: import telemetry. Metrics observe the registry through [`LifecycleObserver`] and
+//! read it at scrape time.
+
+mod strategy;
+mod supervisor;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::time::Instant;
+
+use crate::engine::is_valid_id;
+pub use strategy::HealthStrategy;
+pub use supervisor::{RestartBackoff, supervise};
+
+/// The validated `[health]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// For dispatchers and workers that set none.
+    pub stale_threshold: Duration,
+    /// Consecutive failures at which a dispatcher is unhealthy.
+    pub failure_limit: u32,
+    /// Out-of-process workers registered at once, at most.
+    pub max_workers: usize,
+    /// The largest stale threshold a worker may ask for.
+    pub max_stale_threshold: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            stale_threshold: Duration::from_secs(120),
+            failure_limit: 5,
+            max_workers: 1000,
+            max_stale_threshold: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Where a dispatcher runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Run by this engine; registered at startup, heartbeats from its lifecycle task.
+    InProcess,
+    /// A worker elsewhere that reports over HTTP.
+    Remote,
+}
+
+/// A dispatcher's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Registered, not yet started.
+    Starting,
+    Running,
+    /// Stopped; unhealthy until it starts again.
+    Stopped,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(value: u8) -> State {
+        match value {
+            0 => State::Starting,
+            1 => State::Running,
+            _ => State::Stopped,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            State::Starting => 0,
+            State::Running => 1,
+            State::Stopped => 2,
+        }
+    }
+}
+
+/// A lifecycle event, as counted by `dispatcher_lifecycle_events_total{event}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleEvent {
+    Start,
+    Stop,
+    Restart,
+    Register,
+    Unregister,
+}
+
+impl LifecycleEvent {
+    pub const ALL: [LifecycleEvent; 5] = [
+        LifecycleEvent::Start,
+        LifecycleEvent::Stop,
+        LifecycleEvent::Restart,
+        LifecycleEvent::Register,
+        LifecycleEvent::Unregister,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleEvent::Start => "start",
+            LifecycleEvent::Stop => "stop",
+            LifecycleEvent::Restart => "restart",
+            LifecycleEvent::Register => "register",
+            LifecycleEvent::Unregister => "unregister",
+        }
+    }
+}
+
+/// Told about every lifecycle event and heartbeat (the metrics implement it).
+pub trait LifecycleObserver: Send + Sync + 'static {
+    fn on_event(&self, dispatcher_id: &str, event: LifecycleEvent);
+    fn on_heartbeat(&self, dispatcher_id: &str);
+    /// `+1` when a dispatcher starts running, `-1` when it stops.
+    fn on_active(&self, dispatcher_id: &str, delta: i64);
+}
+
+/// What the registry knows of one dispatcher. Mutable parts are atomics so heartbeats and
+/// dispatch outcomes never take the registry's lock.
+#[derive(Debug)]
+pub struct Record {
+    id: Arc<str>,
+    origin: Origin,
+    critical: bool,
+    stale_threshold: Duration,
+    /// Nanoseconds since the registry's epoch.
+    last_heartbeat: AtomicU64,
+    /// Nanoseconds since the epoch at the last start; `u64::MAX` before any.
+    started: AtomicU64,
+    consecutive_failures: AtomicU32,
+    state: AtomicU8,
+}
+
+/// The health answer for one dispatcher, as `GET /api/v1/dispatchers` serves it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DispatcherHealth {
+    pub dispatcher_id: String,
+    pub healthy: bool,
+    pub is_stale: bool,
+    pub heartbeat_age_seconds: f64,
+    pub consecutive_failures: u32,
+    /// Seconds since it last started; 0 before it started.
+    pub uptime_seconds: f64,
+    pub state: State,
+    pub critical: bool,
+    pub origin: Origin,
+    pub stale_threshold_seconds: f64,
+    /// Why it is unhealthy; absent when healthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The inputs of the health model, all plain values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    pub heartbeat_age: Duration,
+    pub stale_threshold: Duration,
+    pub consecutive_failures: u32,
+    pub failure_limit: u32,
+    pub state: State,
+}
+
+/// The verdict of the health model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub healthy: bool,
+    pub is_stale: bool,
+    pub reason: Option<String>,
+}
+
+/// The health model, a pure function: stale when the last heartbeat is older than the
+/// threshold; healthy when not stale, not stopped, and with fewer consecutive failures than the
+/// limit.
+pub fn evaluate(observation: Observation) -> Verdict {
+    let is_stale = observation.heartbeat_age > observation.stale_threshold;
+    let reason = if observation.state == State::Stopped {
+        Some("stopped".to_owned())
+    } else if is_stale {
+        Some(format!(
+            "stale: no heartbeat for {:.0} s (threshold {:.0} s)",
+            observation.heartbeat_age.as_secs_f64(),
+            observation.stale_threshold.as_secs_f64()
+        ))
+    } else if observation.consecutive_failures >= observation.failure_limit {
+        Some(format!(
+            "{} consecutive failures (limit {})",
+            observation.consecutive_failures, observation.failure_limit
+        ))
+    } else {
+        None
+    };
+    Verdict {
+        healthy: reason.is_none(),
+        is_stale,
+        reason,
+    }
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum RegisterError {
+    #[error("dispatcher id `{0}` must be 1 to 128 characters of [A-Za-z0-9_.-]")]
+    InvalidId(String),
+    #[error("{0} workers are registered already, the most health.max_workers allows")]
+    LimitReached(usize),
+    #[error(
+        "`{0}` is a dispatcher of this process; workers cannot register, heartbeat or unregister it"
+    )]
+    InProcess(String),
+    #[error("stale threshold must be more than 0 s and at most {max} s", max = .0.as_secs())]
+    InvalidThreshold(Duration),
+}
+
+/// An operation named a dispatcher the registry does not know.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("no dispatcher `{0}` is registered")]
+pub struct UnknownDispatcher(pub String);
+
+/// How a dispatcher registers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Registration {
+    pub origin: Origin,
+    /// `None` for the configured default.
+    pub stale_threshold: Option<Duration>,
+    pub critical: bool,
+}
+
+/// The lifecycle and health registry. Cheap to clone.
+#[derive(Clone)]
+pub struct HealthRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: HealthConfig,
+    epoch: Instant,
+    records: RwLock<HashMap<Arc<str>, Arc<Record>>>,
+    observer: Option<Arc<dyn LifecycleObserver>>,
+}
+
+impl HealthRegistry {
+    pub fn new(
+        config: HealthConfig,
+        observer: Option<Arc<dyn LifecycleObserver>>,
+    ) -> HealthRegistry {
+        HealthRegistry {
+            inner: Arc::new(Inner {
+                config,
+                epoch: Instant::now(),
+                records: RwLock::new(HashMap::new()),
+                observer,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &HealthConfig {
+        &self.inner.config
+    }
+
+    fn now(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.inner.epoch))
+    }
+
+    fn emit(&self, id: &str, event: LifecycleEvent) {
+        tracing::debug!(
+            dispatcher_id = id,
+            event = event.as_str(),
+            "Dispatcher lifecycle event."
+        );
+        if let Some(observer) = &self.inner.observer {
+            observer.on_event(id, event);
+        }
+    }
+
+    /// Registers a dispatcher (state `starting`, its heartbeat clock starting now) and emits
+    /// `register`. A worker registering again under the same id is a restart: its record is
+    /// renewed and `restart` is emitted instead.
+    pub fn register(
+        &self,
+        id: &str,
+        registration: Registration,
+    ) -> Result<Arc<Record>, RegisterError> {
+        if !is_valid_id(id) {
+            return Err(RegisterError::InvalidId(id.to_owned()));
+        }
+        let config = &self.inner.config;
+        let stale_threshold = registration
+            .stale_threshold
+            .unwrap_or(config.stale_threshold);
+        if stale_threshold.is_zero() || stale_threshold > config.max_stale_threshold {
+            return Err(RegisterError::InvalidThreshold(config.max_stale_threshold));
+        }
+        let now = self.now();
+        let remote = registration.origin == Origin::Remote;
+        let record = Arc::new(Record {
+            id: id.into(),
+            origin: registration.origin,
+            critical: registration.critical,
+            stale_threshold,
+            last_heartbeat: AtomicU64::new(now),
+            started: AtomicU64::new(if remote { now } else { u64::MAX }),
+            consecutive_failures: AtomicU32::new(0),
+            // A worker registers when it runs; an in-process dispatcher runs once its task starts.
+            state: AtomicU8::new(
+                if remote {
+                    State::Running
+                } else {
+                    State::Starting
+                }
+                .as_u8(),
+            ),
+        });
+        let previous = {
+            let mut records = write(&self.inner.records);
+            if let Some(existing) = records.get(id) {
+                if existing.origin != registration.origin {
+                    return Err(RegisterError::InProcess(id.to_owned()));
+                }
+            } else if remote {
+                let workers = records
+                    .values()
+                    .filter(|r| r.origin == Origin::Remote)
+                    .count();
+                if workers >= config.max_workers {
+                    return Err(RegisterError::LimitReached(workers));
+                }
+            }
+            records.insert(record.id.clone(), record.clone())
+        };
+        match previous {
+            Some(previous) => {
+                self.emit(id, LifecycleEvent::Restart);
+                if previous.state() == State::Running && !remote {
+                    self.active(id, -1);
+                }
+            }
+            None => {
+                self.emit(id, LifecycleEvent::Register);
+                if remote {
+                    self.active(id, 1);
+                }
+            }
+        }
+        Ok(record)
+    }
+
+    fn active(&self, id: &str, delta: i64) {
+        if let Some(observer) = &self.inner.observer {
+            observer.on_active(id, delta);
+        }
+    }
+
+    /// Removes a dispatcher and emits `unregister`. Its gauge series vanish from the next
+    /// scrape.
+    pub fn unregister(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        let removed = write(&self.inner.records).remove(id);
+        let Some(record) = removed else {
+            return Err(UnknownDispatcher(id.to_owned()));
+        };
+        if record.origin == Origin::Remote && record.state() == State::Running {
+            self.active(id, -1);
+        }
+        self.emit(id, LifecycleEvent::Unregister);
+        Ok(())
+    }
+
+    /// Marks a dispatcher running, renews its heartbeat and emits `start`.
+    pub fn start(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        let record = self.record(id)?;
+        let now = self.now();
+        record.started.store(now, Ordering::Relaxed);
+        record.last_heartbeat.store(now, Ordering::Relaxed);
+        if record.state.swap(State::Running.as_u8(), Ordering::AcqRel) != State::Running.as_u8() {
+            self.active(id, 1);
+        }
+        self.emit(id, LifecycleEvent::Start);
+        Ok(())
+    }
+
+    /// Marks a dispatcher stopped and emits `stop`.
+    pub fn stop(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        let record = self.record(id)?;
+        if record.state.swap(State::Stopped.as_u8(), Ordering::AcqRel) == State::Running.as_u8() {
+            self.active(id, -1);
+        }
+        self.emit(id, LifecycleEvent::Stop);
+        Ok(())
+    }
+
+    /// A dispatcher's task was restarted after a panic: emits `restart` and counts a failure.
+    pub fn restart(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        let record = self.record(id)?;
+        record.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        self.emit(id, LifecycleEvent::Restart);
+        Ok(())
+    }
+
+    /// Records a heartbeat: the dispatcher proved alive now.
+    pub fn heartbeat(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        let record = self.record(id)?;
+        record.last_heartbeat.store(self.now(), Ordering::Relaxed);
+        if let Some(observer) = &self.inner.observer {
+            observer.on_heartbeat(id);
+        }
+        Ok(())
+    }
+
+    pub fn record_success(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        self.record(id)?.succeeded();
+        Ok(())
+    }
+
+    pub fn record_failure(&self, id: &str) -> Result<(), UnknownDispatcher> {
+        self.record(id)?.failed();
+        Ok(())
+    }
+
+    /// The record of a registered dispatcher, to update it without a lookup.
+    pub fn record(&self, id: &str) -> Result<Arc<Record>, UnknownDispatcher> {
+        read(&self.inner.records)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| UnknownDispatcher(id.to_owned()))
+    }
+
+    /// One dispatcher's health now.
+    pub fn health(&self, id: &str) -> Option<DispatcherHealth> {
+        let record = read(&self.inner.records).get(id).cloned()?;
+        Some(self.evaluate(&record, self.now()))
+    }
+
+    /// Every dispatcher's health now, ordered by id.
+    pub fn all(&self) -> Vec<DispatcherHealth> {
+        let now = self.now();
+        let records: Vec<Arc<Record>> = read(&self.inner.records).values().cloned().collect();
+        let mut all: Vec<DispatcherHealth> =
+            records.iter().map(|r| self.evaluate(r, now)).collect();
+        all.sort_by(|a, b| a.dispatcher_id.cmp(&b.dispatcher_id));
+        all
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.all().iter().filter(|h| h.healthy).count()
+    }
+
+    pub fn stale_count(&self) -> usize {
+        self.all().iter().filter(|h| h.is_stale).count()
+    }
+
+    fn evaluate(&self, record: &Record, now: u64) -> DispatcherHealth {
+        let heartbeat_age =
+            Duration::from_nanos(now.saturating_sub(record.last_heartbeat.load(Ordering::Relaxed)));
+        let started = record.started.load(Ordering::Relaxed);
+        let uptime = if started == u64::MAX {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(now.saturating_sub(started))
+        };
+        let state = record.state();
+        let consecutive_failures = record.consecutive_failures.load(Ordering::Relaxed);
+        let verdict = evaluate(Observation {
+            heartbeat_age,
+            stale_threshold: record.stale_threshold,
+            consecutive_failures,
+            failure_limit: self.inner.config.failure_limit,
+            state,
+        });
+        DispatcherHealth {
+            dispatcher_id: record.id.to_string(),
+            healthy: verdict.healthy,
+            is_stale: verdict.is_stale,
+            heartbeat_age_seconds: heartbeat_age.as_secs_f64(),
+            consecutive_failures,
+            uptime_seconds: if state == State::Stopped {
+                0.0
+            } else {
+                uptime.as_secs_f64()
+            },
+            state,
+            critical: record.critical,
+            origin: record.origin,
+            stale_threshold_seconds: record.stale_threshold.as_secs_f64(),
+            reason: verdict.reason,
+        }
+    }
+}
+
+impl Record {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// A success resets the failure count.
+    pub fn succeeded(&self) {
+        // Skip the write when already zero, the common case, to keep the cache line shared.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn failed(&self) {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX - 1)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,49 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{HealthRegistry, Record};
+use crate::engine::{DispatchInfo, DispatcherRef, ExecutionResult, InstrumentationStrategy};
+
+/// Feeds dispatch outcomes into the registry: a success resets a dispatcher's consecutive
+/// failures, an error or a timeout adds one. A refusal (a policy, later a breaker or a rate
+/// limit) says nothing about the dispatcher's own health and is not counted.
+///
+/// Holds each dispatcher's record by engine index, so recording is an atomic update with no
+/// lookup and no lock.
+pub struct HealthStrategy {
+    records: Box<[Option<Arc<Record>>]>,
+}
+
+impl HealthStrategy {
+    /// `dispatcher_ids` in the engine's registration order; each must be registered already.
+    pub fn new<'a>(
+        registry: &HealthRegistry,
+        dispatcher_ids: impl IntoIterator<Item = &'a str>,
+    ) -> HealthStrategy {
+        HealthStrategy {
+            records: dispatcher_ids
+                .into_iter()
+                .map(|id| registry.record(id).ok())
+                .collect(),
+        }
+    }
+}
+
+impl InstrumentationStrategy for HealthStrategy {
+    fn on_dispatcher_complete(
+        &self,
+        _: &DispatchInfo<'_>,
+        dispatcher: DispatcherRef<'_>,
+        result: ExecutionResult,
+        _: Duration,
+    ) {
+        let Some(Some(record)) = self.records.get(dispatcher.index) else {
+            return;
+        };
+        match result {
+            ExecutionResult::Success => record.succeeded(),
+            ExecutionResult::Error | ExecutionResult::Timeout => record.failed(),
+            ExecutionResult::Rejected => {}
+        }
+    }
+}

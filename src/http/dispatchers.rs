@@ -1,0 +1,218 @@
+//! Readiness, dispatcher health, and the lifecycle API for out-of-process workers.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::messages::check_content_type;
+use super::{ApiError, ApiState};
+use crate::engine::is_valid_id;
+use crate::health::{DispatcherHealth, Origin, RegisterError, Registration};
+
+/// `GET /ready`: 200 when the engine runs and every critical dispatcher is healthy; 503 with
+/// the reasons otherwise, and while shutting down.
+pub(super) async fn ready(State(state): State<ApiState>) -> Response {
+    let all = state.health.all();
+    let unhealthy: Vec<serde_json::Value> = all
+        .iter()
+        .filter(|h| !h.healthy)
+        .map(|h| {
+            json!({
+                "dispatcher_id": h.dispatcher_id,
+                "critical": h.critical,
+                "reason": h.reason,
+            })
+        })
+        .collect();
+    let counts = json!({
+        "total": all.len(),
+        "healthy": all.iter().filter(|h| h.healthy).count(),
+        "stale": all.iter().filter(|h| h.is_stale).count(),
+    });
+    let (status, verdict) = if state.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+    } else if all.iter().any(|h| h.critical && !h.healthy) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    let body = json!({ "status": verdict, "dispatchers": counts, "unhealthy": unhealthy });
+    (status, Json(body)).into_response()
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct DispatcherList {
+    dispatchers: Vec<DispatcherHealth>,
+    total: usize,
+    healthy: usize,
+    stale: usize,
+}
+
+/// `GET /api/v1/dispatchers`.
+pub(super) async fn list(State(state): State<ApiState>) -> Json<DispatcherList> {
+    let dispatchers = state.health.all();
+    Json(DispatcherList {
+        total: dispatchers.len(),
+        healthy: dispatchers.iter().filter(|h| h.healthy).count(),
+        stale: dispatchers.iter().filter(|h| h.is_stale).count(),
+        dispatchers,
+    })
+}
+
+/// `GET /api/v1/dispatchers/{id}`.
+pub(super) async fn one(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<DispatcherHealth>, ApiError> {
+    state
+        .health
+        .health(&id)
+        .map(Json)
+        .ok_or_else(|| unknown(&id))
+}
+
+/// The optional body of a registration.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    stale_threshold_seconds: Option<f64>,
+    #[serde(default)]
+    critical: bool,
+}
+
+/// `POST /api/v1/dispatchers/{id}/register`: a worker announces itself (again, after a
+/// restart).
+pub(super) async fn register(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DispatcherHealth>, ApiError> {
+    valid_id(&id)?;
+    let body = body.map_err(|rejection| {
+        ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+    })?;
+    let body: RegisterBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RegisterBody::default()
+    } else {
+        check_content_type(&headers)?;
+        serde_json::from_slice(&body).map_err(|error| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_registration",
+                format!("the body is not a valid registration: {error}"),
+            )
+        })?
+    };
+    let stale_threshold = match body.stale_threshold_seconds {
+        None => None,
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= 1e9 => {
+            Some(std::time::Duration::from_secs_f64(seconds))
+        }
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_registration",
+                "stale_threshold_seconds must be a number of seconds above 0",
+            ));
+        }
+    };
+    let registration = Registration {
+        origin: Origin::Remote,
+        stale_threshold,
+        critical: body.critical,
+    };
+    state
+        .health
+        .register(&id, registration)
+        .map_err(|error| match error {
+            RegisterError::InvalidId(_) => invalid_id(),
+            RegisterError::LimitReached(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_workers",
+                error.to_string(),
+            ),
+            RegisterError::InProcess(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "in_process_dispatcher",
+                error.to_string(),
+            ),
+            RegisterError::InvalidThreshold(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_registration",
+                error.to_string(),
+            ),
+        })?;
+    state
+        .health
+        .health(&id)
+        .map(Json)
+        .ok_or_else(|| unknown(&id))
+}
+
+/// `POST /api/v1/dispatchers/{id}/heartbeat`.
+pub(super) async fn heartbeat(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<DispatcherHealth>, ApiError> {
+    remote(&state, &id)?;
+    state.health.heartbeat(&id).map_err(|_| unknown(&id))?;
+    state
+        .health
+        .health(&id)
+        .map(Json)
+        .ok_or_else(|| unknown(&id))
+}
+
+/// `POST /api/v1/dispatchers/{id}/unregister`.
+pub(super) async fn unregister(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    remote(&state, &id)?;
+    state.health.unregister(&id).map_err(|_| unknown(&id))?;
+    Ok(Json(json!({ "dispatcher_id": id, "unregistered": true })))
+}
+
+/// A registered worker's id, or the error a worker should see.
+fn remote(state: &ApiState, id: &str) -> Result<(), ApiError> {
+    valid_id(id)?;
+    match state.health.health(id) {
+        None => Err(unknown(id)),
+        Some(health) if health.origin == Origin::InProcess => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_process_dispatcher",
+            format!("`{id}` is a dispatcher of this process; it heartbeats by itself"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn valid_id(id: &str) -> Result<(), ApiError> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(invalid_id())
+    }
+}
+
+fn invalid_id() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_dispatcher_id",
+        "a dispatcher id is 1 to 128 characters of [A-Za-z0-9_.-]",
+    )
+}
+
+fn unknown(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_dispatcher",
+        format!("no dispatcher `{id}` is registered"),
+    )
+}
