@@ -11,4 +11,5 @@ pub mod engine;
 pub mod health;
 pub mod http;
 pub mod instrumentation;
+pub mod resilience;
 pub mod telemetry;

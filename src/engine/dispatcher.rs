@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::command::{CommandAdapter, Policy};
+use crate::resilience::Protections;
 use super::envelope::{Envelope, OutputMessage};
 use super::topic::Category;
 
@@ -126,6 +127,7 @@ pub struct Dispatcher {
     pub(crate) kind: Kind,
     /// Checked before a command adapter runs; the builder refuses them on other dispatchers.
     pub(crate) policies: Vec<Arc<dyn Policy>>,
+    pub(crate) protections: Option<Arc<Protections>>,
 }
 
 impl Dispatcher {
@@ -147,6 +149,7 @@ impl Dispatcher {
             timeout: DEFAULT_TIMEOUT,
             kind: Kind::Handler(handler),
             policies: Vec::new(),
+            protections: None,
         }
     }
 
@@ -160,6 +163,7 @@ impl Dispatcher {
             timeout: DEFAULT_TIMEOUT,
             kind: Kind::Command(Arc::new(adapter)),
             policies: Vec::new(),
+            protections: None,
         }
     }
 
@@ -176,6 +180,17 @@ impl Dispatcher {
     {
         self.message_types = Some(types.into_iter().map(Into::into).collect());
         self
+    }
+
+    /// Protects it with retries, a circuit breaker, a rate limit, a concurrency limit and
+    /// de-duplication, as configured (see `crate::resilience` for the order they apply in).
+    pub fn with_protections(mut self, protections: Protections) -> Dispatcher {
+        self.protections = Some(Arc::new(protections));
+        self
+    }
+
+    pub fn protections(&self) -> Option<&Protections> {
+        self.protections.as_deref()
     }
 
     /// Adds a policy to a command dispatcher; the builder refuses it on any other.

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::FutureExt;
+
+use crate::resilience::Protections;
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -220,13 +222,17 @@ impl Engine {
         let mut failures = Vec::new();
         for (outcome, outputs) in runs {
             result.outputs.extend(outputs);
-            if outcome.result != ExecutionResult::Success {
+            if !matches!(outcome.result, ExecutionResult::Success | ExecutionResult::Skipped) {
                 failures.push((outcome.result, format_failure(&outcome)));
             }
             result.dispatchers.push(outcome);
         }
         result.output_count = result.outputs.len();
         if failures.is_empty() {
+            if result.dispatchers.iter().all(|d| d.result == ExecutionResult::Skipped) {
+                // Every dispatcher already handled this message: a duplicate.
+                result.status = DispatchStatus::Skipped;
+            }
             return;
         }
         let (status, code) = if failures.iter().all(|(r, _)| *r == ExecutionResult::Timeout) {
@@ -253,55 +259,37 @@ impl Engine {
         let hooks = &self.inner.hooks;
         let started = Instant::now();
         let mut policy = None;
+        let mut attempts = 0;
 
-        let run: Result<Vec<OutputMessage>, (ExecutionResult, String)> = match &dispatcher.kind {
-            Kind::Handler(handler) => guarded(dispatcher.timeout, handler.handle(message)).await,
-            Kind::Command(adapter) => {
+        let denial = dispatcher.policies.iter().find_map(|p| match p.check(message) {
+            Decision::Allow => None,
+            Decision::Deny { reason } => Some((p.name(), reason)),
+        });
+        let run = match denial {
+            Some((name, reason)) => {
                 let command_type = message.envelope.message_type.as_str();
-                let denial = dispatcher
-                    .policies
-                    .iter()
-                    .find_map(|p| match p.check(message) {
-                        Decision::Allow => None,
-                        Decision::Deny { reason } => Some((p.name(), reason)),
-                    });
-                match denial {
-                    Some((name, reason)) => {
-                        hooks.emit("on_policy_denied", |s| {
-                            s.on_policy_denied(info, name, command_type, &reason)
-                        });
-                        policy = Some(name.to_owned());
-                        Err((
-                            ExecutionResult::Rejected,
-                            format!("policy `{name}` denied: {reason}"),
-                        ))
-                    }
-                    None => {
-                        hooks.emit("on_adapter_invoke", |s| {
-                            s.on_adapter_invoke(
-                                info,
-                                adapter.name(),
-                                command_type,
-                                &message.envelope.payload,
-                            )
-                        });
-                        guarded(dispatcher.timeout, adapter.execute(message)).await
-                    }
-                }
+                hooks.emit("on_policy_denied", |s| {
+                    s.on_policy_denied(info, name, command_type, &reason)
+                });
+                policy = Some(name.to_owned());
+                Err(Failure::new(ExecutionResult::Rejected, format!("policy `{name}` denied: {reason}")))
             }
+            None => self.protected(dispatcher, message, info, &mut attempts).await,
         };
 
         let elapsed = started.elapsed();
         let (execution, outputs, error_message) = match run {
             Ok(outputs) => (ExecutionResult::Success, outputs, None),
-            Err((execution, reason)) => {
-                (execution, Vec::new(), Some(sanitize(&reason).into_owned()))
+            Err(failure) if failure.result == ExecutionResult::Skipped => {
+                (ExecutionResult::Skipped, Vec::new(), None)
             }
+            Err(failure) => (
+                failure.result,
+                Vec::new(),
+                Some(sanitize(&failure.message).into_owned()),
+            ),
         };
-        let dispatcher_ref = DispatcherRef {
-            index,
-            id: &dispatcher.id,
-        };
+        let dispatcher_ref = DispatcherRef { index, id: &dispatcher.id };
         hooks.emit("on_dispatcher_complete", |s| {
             s.on_dispatcher_complete(info, dispatcher_ref, execution, elapsed)
         });
@@ -309,6 +297,7 @@ impl Engine {
             tracing::debug!(
                 dispatcher_id = %dispatcher.id,
                 result = execution.as_str(),
+                attempts,
                 error = %reason,
                 "A dispatcher did not succeed."
             );
@@ -318,10 +307,85 @@ impl Engine {
             result: execution,
             duration_ms: millis(elapsed),
             output_count: outputs.len(),
+            attempts,
             error_message,
             policy,
         };
         (outcome, outputs)
+    }
+
+    /// Dedup → rate limit → breaker → concurrency → timeout and retries (see
+    /// `crate::resilience` for why in this order).
+    async fn protected(
+        &self,
+        dispatcher: &Dispatcher,
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+        attempts: &mut u32,
+    ) -> Result<Vec<OutputMessage>, Failure> {
+        let Some(protections) = &dispatcher.protections else {
+            return self.attempts(dispatcher, None, message, info, attempts).await;
+        };
+        let message_id = message.envelope.message_id.as_str();
+        if protections.is_duplicate(message_id) {
+            return Err(Failure::new(ExecutionResult::Skipped, String::new()));
+        }
+        let admitted = protections
+            .admit()
+            .await
+            .map_err(|refusal| Failure::new(ExecutionResult::Rejected, refusal.to_string()))?;
+        let run = self.attempts(dispatcher, Some(protections), message, info, attempts).await;
+        protections.finish(admitted, run.is_ok(), message_id);
+        run
+    }
+
+    /// The first try and the retries: transient errors and timeouts are retried while the
+    /// policy allows; permanent errors and panics never are.
+    async fn attempts(
+        &self,
+        dispatcher: &Dispatcher,
+        protections: Option<&Protections>,
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+        attempts: &mut u32,
+    ) -> Result<Vec<OutputMessage>, Failure> {
+        loop {
+            *attempts += 1;
+            let failure = match self.attempt(dispatcher, message, info).await {
+                Ok(outputs) => return Ok(outputs),
+                Err(failure) => failure,
+            };
+            let delay = failure
+                .transient
+                .then(|| protections.and_then(|p| p.retry_delay(*attempts)))
+                .flatten();
+            match delay {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(failure),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        dispatcher: &Dispatcher,
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+    ) -> Result<Vec<OutputMessage>, Failure> {
+        match &dispatcher.kind {
+            Kind::Handler(handler) => guarded(dispatcher.timeout, handler.handle(message)).await,
+            Kind::Command(adapter) => {
+                self.inner.hooks.emit("on_adapter_invoke", |s| {
+                    s.on_adapter_invoke(
+                        info,
+                        adapter.name(),
+                        &message.envelope.message_type,
+                        &message.envelope.payload,
+                    )
+                });
+                guarded(dispatcher.timeout, adapter.execute(message)).await
+            }
+        }
     }
 
     async fn publish(&self, result: &mut DispatchResult) {
@@ -352,23 +416,42 @@ impl Engine {
     }
 }
 
+/// Why one dispatcher's call did not succeed.
+struct Failure {
+    result: ExecutionResult,
+    message: String,
+    /// Worth retrying: a transient error or a timeout.
+    transient: bool,
+}
+
+impl Failure {
+    fn new(result: ExecutionResult, message: String) -> Failure {
+        Failure { result, message, transient: false }
+    }
+}
+
 /// Runs a handler future under its timeout (dropping it when time runs out) and turns a panic
 /// into an error of this dispatcher alone.
 async fn guarded(
     timeout: Duration,
     run: impl Future<Output = Result<Vec<OutputMessage>, HandlerError>>,
-) -> Result<Vec<OutputMessage>, (ExecutionResult, String)> {
+) -> Result<Vec<OutputMessage>, Failure> {
     match tokio::time::timeout(timeout, AssertUnwindSafe(run).catch_unwind()).await {
         Ok(Ok(Ok(outputs))) => Ok(outputs),
-        Ok(Ok(Err(error))) => Err((ExecutionResult::Error, error.message().to_owned())),
-        Ok(Err(panic)) => Err((
+        Ok(Ok(Err(error))) => Err(Failure {
+            result: ExecutionResult::Error,
+            transient: error.kind() == ErrorKind::Transient,
+            message: error.message().to_owned(),
+        }),
+        Ok(Err(panic)) => Err(Failure::new(
             ExecutionResult::Error,
             format!("panicked: {}", panic_text(&panic)),
         )),
-        Err(_) => Err((
-            ExecutionResult::Timeout,
-            format!("timed out after {timeout:?}"),
-        )),
+        Err(_) => Err(Failure {
+            result: ExecutionResult::Timeout,
+            message: format!("timed out after {timeout:?}"),
+            transient: true,
+        }),
     }
 }
 

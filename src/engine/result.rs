@@ -98,16 +98,21 @@ pub enum ExecutionResult {
     Success,
     Error,
     Timeout,
-    /// Refused before running (a policy, and later a breaker or a rate limit).
+    /// Refused before running: a policy, the circuit breaker, the rate limiter or the
+    /// concurrency limit.
     Rejected,
+    /// Not run because this dispatcher already handled the message (de-duplication). Not an
+    /// execution: the metrics do not count it in `dispatcher_executions_total`.
+    Skipped,
 }
 
 impl ExecutionResult {
-    pub const ALL: [ExecutionResult; 4] = [
+    pub const ALL: [ExecutionResult; 5] = [
         ExecutionResult::Success,
         ExecutionResult::Error,
         ExecutionResult::Timeout,
         ExecutionResult::Rejected,
+        ExecutionResult::Skipped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,6 +121,7 @@ impl ExecutionResult {
             ExecutionResult::Error => "error",
             ExecutionResult::Timeout => "timeout",
             ExecutionResult::Rejected => "rejected",
+            ExecutionResult::Skipped => "skipped",
         }
     }
 }
@@ -133,7 +139,9 @@ pub struct DispatcherOutcome {
     pub result: ExecutionResult,
     pub duration_ms: f64,
     pub output_count: usize,
-    /// Sanitized; present unless the result is `success`.
+    /// Tries made: 1, plus the retries; 0 when it was refused or skipped before running.
+    pub attempts: u32,
+    /// Sanitized; present when the result is `error`, `timeout` or `rejected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
     /// The policy that refused the command, when one did.

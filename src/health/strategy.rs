@@ -43,7 +43,7 @@ impl InstrumentationStrategy for HealthStrategy {
         match result {
             ExecutionResult::Success => record.succeeded(),
             ExecutionResult::Error | ExecutionResult::Timeout => record.failed(),
-            ExecutionResult::Rejected => {}
+            ExecutionResult::Rejected | ExecutionResult::Skipped => {}
         }
     }
 }

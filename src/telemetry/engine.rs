@@ -182,6 +182,10 @@ impl InstrumentationStrategy for MetricsStrategy {
         result: ExecutionResult,
         elapsed: Duration,
     ) {
+        if result == ExecutionResult::Skipped {
+            // Not an execution: the dedup cache's metrics count it.
+            return;
+        }
         let Some(slots) = self.dispatchers.get(dispatcher.index) else {
             // An engine other than the one this strategy was built for: record unbound, still
             // with a dispatcher id the engine validated.

@@ -112,7 +112,7 @@ pub fn compute<'a>(
                     counts[i] += metric.counter.value() as u64;
                 }
             }
-            let [success, error, timeout, rejected] = counts;
+            let [success, error, timeout, rejected, _skipped] = counts;
             let execution_count = success + error + timeout;
             let latency = Merged::of(
                 execution_durations
