@@ -26,6 +26,7 @@ use crate::health::{
 };
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
+use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
 use crate::telemetry::Telemetry;
 
 /// How long abandoned requests get to send their 503 before the server task is aborted.
@@ -34,34 +35,46 @@ const ABANDON_WAIT: Duration = Duration::from_secs(2);
 /// Builds an [`App`] from a [`Config`], plus any dispatchers registered in code.
 pub struct AppBuilder {
     config: Config,
-    dispatchers: Vec<(Dispatcher, Liveness)>,
+    dispatchers: Vec<(Dispatcher, DispatcherSettings)>,
     routes: Vec<Route>,
 }
 
-/// How one in-process dispatcher proves it is alive.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Liveness {
+/// How one in-process dispatcher proves it is alive, and how it is protected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatcherSettings {
     pub stale_threshold: Duration,
     pub heartbeat_interval: Duration,
     pub critical: bool,
+    pub resilience: ResilienceConfig,
 }
 
 impl AppBuilder {
     /// Registers a dispatcher written in Rust beside the configured ones, with the configured
-    /// default stale threshold, a heartbeat every quarter of it, and not critical.
+    /// default stale threshold, a heartbeat every quarter of it, not critical, unprotected.
     pub fn dispatcher(self, dispatcher: Dispatcher) -> AppBuilder {
+        let settings = self.default_settings();
+        self.dispatcher_with(dispatcher, settings)
+    }
+
+    /// The settings [`AppBuilder::dispatcher`] uses, to start from.
+    pub fn default_settings(&self) -> DispatcherSettings {
         let stale_threshold = self.config.health.stale_threshold;
-        let liveness = Liveness {
+        DispatcherSettings {
             stale_threshold,
             heartbeat_interval: stale_threshold / 4,
             critical: false,
-        };
-        self.dispatcher_with(dispatcher, liveness)
+            resilience: ResilienceConfig::default(),
+        }
     }
 
-    /// Registers a dispatcher written in Rust with its own liveness settings.
-    pub fn dispatcher_with(mut self, dispatcher: Dispatcher, liveness: Liveness) -> AppBuilder {
-        self.dispatchers.push((dispatcher, liveness));
+    /// Registers a dispatcher written in Rust with its own settings. Its protections are built
+    /// here, measured like the configured dispatchers'.
+    pub fn dispatcher_with(
+        mut self,
+        dispatcher: Dispatcher,
+        settings: DispatcherSettings,
+    ) -> AppBuilder {
+        self.dispatchers.push((dispatcher, settings));
         self
     }
 
@@ -102,12 +115,13 @@ impl AppBuilder {
             if let Some(types) = &spec.message_types {
                 dispatcher = dispatcher.with_message_types(types.iter().cloned());
             }
-            let liveness = Liveness {
+            let settings = DispatcherSettings {
                 stale_threshold: spec.stale_threshold,
                 heartbeat_interval: spec.heartbeat_interval,
                 critical: spec.critical,
+                resilience: spec.resilience.clone(),
             };
-            dispatchers.push((dispatcher, liveness));
+            dispatchers.push((dispatcher, settings));
         }
         dispatchers.extend(self.dispatchers);
 
@@ -116,6 +130,29 @@ impl AppBuilder {
             .map(|metrics| Arc::new(metrics) as Arc<dyn LifecycleObserver>);
         let health = HealthRegistry::new(config.health.clone(), observer);
         telemetry.observe_health(&health);
+
+        // The protections report to the metrics and, for the breakers, to the health registry.
+        let mut observers = Observers::default();
+        observers.0.push(Arc::new(health.clone()));
+        if let Some(metrics) = telemetry.resilience_metrics() {
+            observers.0.push(Arc::new(metrics));
+        }
+        let observers: Arc<dyn ResilienceObserver> = Arc::new(observers);
+        let dispatchers: Vec<(Dispatcher, DispatcherSettings)> = dispatchers
+            .into_iter()
+            .map(|(dispatcher, settings)| {
+                if settings.resilience.is_empty() {
+                    return (dispatcher, settings);
+                }
+                let protections = Protections::new(
+                    dispatcher.id(),
+                    &settings.resilience,
+                    Some(observers.clone()),
+                );
+                (dispatcher.with_protections(protections), settings)
+            })
+            .collect();
+
         for (dispatcher, liveness) in &dispatchers {
             let registration = Registration {
                 origin: Origin::InProcess,
@@ -172,7 +209,7 @@ pub struct App {
     local_addr: SocketAddr,
     engine: Engine,
     /// By engine index.
-    liveness: Vec<Liveness>,
+    liveness: Vec<DispatcherSettings>,
     health: HealthRegistry,
     telemetry: Telemetry,
     writers: TaskTracker,

@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::engine::{Category, Route};
 use crate::health::HealthConfig;
+use crate::resilience::ResilienceConfig;
 
 /// The embedded defaults: what `dispatchd` runs with no config file.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -76,6 +77,8 @@ pub struct DispatcherConfig {
     pub heartbeat_interval: Duration,
     /// Whether `/ready` requires it to be healthy.
     pub critical: bool,
+    /// Retry, circuit breaker, rate limit, concurrency limit and de-duplication.
+    pub resilience: ResilienceConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]

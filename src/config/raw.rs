@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,10 @@ use crate::engine::{
     Route,
 };
 use crate::health::HealthConfig;
+use crate::resilience::{
+    BreakerConfig, ConcurrencyConfig, DedupConfig, RateLimitConfig, RateLimitMode,
+    ResilienceConfig, RetryPolicy, Trip,
+};
 
 /// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
 const MAX_CARDINALITY_LIMIT: u64 = 100_000;
@@ -76,6 +81,53 @@ struct RawDispatcher {
     stale_threshold: Option<String>,
     heartbeat_interval: Option<String>,
     critical: Option<bool>,
+    retry: Option<RawRetry>,
+    circuit_breaker: Option<RawBreaker>,
+    rate_limit: Option<RawRateLimit>,
+    concurrency: Option<RawConcurrency>,
+    dedup: Option<RawDedup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: u32,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    consecutive_failures: Option<u32>,
+    failure_ratio: Option<f64>,
+    minimum_calls: Option<u32>,
+    window: Option<String>,
+    cool_down: Option<String>,
+    half_open_successes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_second: u32,
+    burst: Option<u32>,
+    mode: Option<String>,
+    max_wait: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConcurrency {
+    max_in_flight: usize,
+    max_waiting: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDedup {
+    ttl: Option<String>,
+    capacity: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +262,15 @@ pub(super) fn load(
             }])
         })?;
     let config = validate(raw, &origins, &mut problems);
+    // In the order a reader meets them in the file; the environment's and the defaults' last.
+    problems.sort_by_key(|p| match p.origin {
+        Origin::File {
+            line: Some(line), ..
+        } => (0, line),
+        Origin::File { line: None, .. } => (1, 0),
+        Origin::Env(_) => (2, 0),
+        Origin::Defaults => (3, 0),
+    });
     match config {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(ConfigError::Invalid(problems)),
@@ -371,6 +432,7 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             stale_threshold,
             heartbeat_interval,
             critical: d.critical.unwrap_or(false),
+            resilience: validate_resilience(d, &at, origins, problems),
         });
     }
 
@@ -520,6 +582,164 @@ fn duration(
             ));
             None
         }
+    }
+}
+
+fn validate_resilience(
+    d: &RawDispatcher,
+    at: &dyn Fn(&str) -> String,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> ResilienceConfig {
+    let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
+        None => default,
+        Some(text) => positive(text, &at(field), origins, problems).unwrap_or(default),
+    };
+    let retry = d.retry.as_ref().map(|r| {
+        let initial_backoff = positive_or(
+            &r.initial_backoff,
+            "retry.initial_backoff",
+            Duration::from_millis(100),
+        );
+        let max_backoff = positive_or(&r.max_backoff, "retry.max_backoff", Duration::from_secs(10));
+        RetryPolicy {
+            attempts: r.attempts,
+            initial_backoff,
+            max_backoff,
+        }
+    });
+    let breaker = d.circuit_breaker.as_ref().map(|b| {
+        let cool_down = positive_or(
+            &b.cool_down,
+            "circuit_breaker.cool_down",
+            Duration::from_secs(30),
+        );
+        let window = positive_or(&b.window, "circuit_breaker.window", Duration::from_secs(60));
+        let trip = match (b.consecutive_failures, b.failure_ratio) {
+            (Some(n), None) => Trip::ConsecutiveFailures(n),
+            (None, Some(ratio)) => Trip::FailureRatio {
+                ratio,
+                minimum_calls: b.minimum_calls.unwrap_or(10),
+                window,
+            },
+            _ => Trip::ConsecutiveFailures(0),
+        };
+        BreakerConfig {
+            trip,
+            cool_down,
+            half_open_successes: b.half_open_successes.unwrap_or(1),
+        }
+    });
+    let rate_limit = d.rate_limit.as_ref().map(|r| {
+        let max_wait = positive_or(&r.max_wait, "rate_limit.max_wait", Duration::from_secs(1));
+        let mode = match r.mode.as_deref() {
+            None | Some("wait") => RateLimitMode::Wait { max_wait },
+            Some("reject") => RateLimitMode::Reject,
+            Some(_) => RateLimitMode::Reject,
+        };
+        let one = NonZeroU32::MIN;
+        RateLimitConfig {
+            per_second: NonZeroU32::new(r.per_second).unwrap_or(one),
+            burst: NonZeroU32::new(r.burst.unwrap_or(r.per_second)).unwrap_or(one),
+            mode,
+        }
+    });
+    let concurrency = d.concurrency.as_ref().map(|c| ConcurrencyConfig {
+        max_in_flight: c.max_in_flight,
+        max_waiting: c.max_waiting.unwrap_or(1000),
+    });
+    let dedup = d.dedup.as_ref().map(|c| DedupConfig {
+        ttl: positive_or(&c.ttl, "dedup.ttl", Duration::from_secs(600)),
+        capacity: c.capacity.unwrap_or(100_000),
+    });
+
+    // The shapes above took defaults; here every value a user gave is checked.
+    let mut check = |ok: bool, field: &str, message: &str| {
+        if !ok {
+            problems.push(origins.problem(at(field), message));
+        }
+    };
+    if let (Some(raw), Some(retry)) = (&d.retry, &retry) {
+        check(raw.attempts <= 100, "retry.attempts", "must be at most 100");
+        check(
+            retry.initial_backoff <= retry.max_backoff,
+            "retry.initial_backoff",
+            "must not be longer than retry.max_backoff",
+        );
+    }
+    if let Some(b) = &d.circuit_breaker {
+        check(
+            b.consecutive_failures.is_some() != b.failure_ratio.is_some(),
+            "circuit_breaker",
+            "set either consecutive_failures or failure_ratio (with minimum_calls and window)",
+        );
+        check(
+            b.consecutive_failures != Some(0),
+            "circuit_breaker.consecutive_failures",
+            "must be at least 1",
+        );
+        if let Some(ratio) = b.failure_ratio {
+            check(
+                ratio > 0.0 && ratio <= 1.0,
+                "circuit_breaker.failure_ratio",
+                "must be above 0 and at most 1",
+            );
+        } else {
+            check(
+                b.minimum_calls.is_none() && b.window.is_none(),
+                "circuit_breaker",
+                "minimum_calls and window go with failure_ratio",
+            );
+        }
+        check(
+            b.minimum_calls != Some(0),
+            "circuit_breaker.minimum_calls",
+            "must be at least 1",
+        );
+        check(
+            b.half_open_successes != Some(0),
+            "circuit_breaker.half_open_successes",
+            "must be at least 1",
+        );
+    }
+    if let Some(r) = &d.rate_limit {
+        check(
+            r.per_second >= 1,
+            "rate_limit.per_second",
+            "must be at least 1",
+        );
+        check(r.burst != Some(0), "rate_limit.burst", "must be at least 1");
+        check(
+            matches!(r.mode.as_deref(), None | Some("wait") | Some("reject")),
+            "rate_limit.mode",
+            "must be \"wait\" or \"reject\"",
+        );
+        check(
+            r.max_wait.is_none() || r.mode.as_deref() != Some("reject"),
+            "rate_limit.max_wait",
+            "applies only to mode \"wait\"",
+        );
+    }
+    if let Some(c) = &d.concurrency {
+        check(
+            c.max_in_flight >= 1,
+            "concurrency.max_in_flight",
+            "must be at least 1",
+        );
+    }
+    if let Some(c) = &d.dedup {
+        check(
+            c.capacity != Some(0),
+            "dedup.capacity",
+            "must be at least 1",
+        );
+    }
+    ResilienceConfig {
+        retry,
+        breaker,
+        rate_limit,
+        concurrency,
+        dedup,
     }
 }
 

@@ -188,8 +188,8 @@ dispatcher_id = "ghost"
         "FILE:3: `server.shutdown_grace`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
         "FILE:6: `metrics.namespace`: `9lives` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*",
         "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl)",
-        "FILE:17: `dispatchers[1].path`: applies only to kind `jsonl`",
         "FILE:14: `dispatchers[1].dispatcher_id`: dispatcher `a` is registered twice",
+        "FILE:17: `dispatchers[1].path`: applies only to kind `jsonl`",
         "FILE:21: `routes[0].topic_pattern`: route `r1` has an invalid topic pattern `a.b*`: pattern segment 1 (`b*`) must be `*`, `**` or made of [A-Za-z0-9_-] (wildcards are whole segments)",
         "FILE:29: `routes[1].dispatcher_id`: route `r2` names dispatcher `ghost`, which is not registered",
     ];
@@ -281,6 +281,102 @@ heartbeat_interval = "10s"
             "FILE:2: `health.failure_limit`: must be at least 1",
             "FILE:3: `health.max_workers`: must be at most 100000: every worker is a set of series",
             "FILE:10: `dispatchers[0].heartbeat_interval`: (10s) must be shorter than the stale threshold (10s), or the dispatcher goes stale between heartbeats",
+        ]
+    );
+}
+
+#[test]
+fn protections_are_parsed_with_defaults_and_checked() {
+    use crate::resilience::{RateLimitMode, Trip};
+
+    let config = load(
+        r#"
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+
+[dispatchers.retry]
+attempts = 3
+
+[dispatchers.circuit_breaker]
+failure_ratio = 0.5
+minimum_calls = 20
+window = "30s"
+
+[dispatchers.rate_limit]
+per_second = 50
+mode = "reject"
+
+[dispatchers.concurrency]
+max_in_flight = 4
+
+[dispatchers.dedup]
+ttl = "5m"
+"#,
+    )
+    .unwrap();
+    let r = &config.dispatchers[0].resilience;
+    let retry = r.retry.unwrap();
+    assert_eq!(
+        (retry.attempts, retry.initial_backoff, retry.max_backoff),
+        (3, Duration::from_millis(100), Duration::from_secs(10))
+    );
+    let breaker = r.breaker.unwrap();
+    assert_eq!(
+        breaker.trip,
+        Trip::FailureRatio {
+            ratio: 0.5,
+            minimum_calls: 20,
+            window: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(
+        (breaker.cool_down, breaker.half_open_successes),
+        (Duration::from_secs(30), 1)
+    );
+    let limit = r.rate_limit.unwrap();
+    assert_eq!(
+        (limit.per_second.get(), limit.burst.get(), limit.mode),
+        (50, 50, RateLimitMode::Reject)
+    );
+    assert_eq!(r.concurrency.unwrap().max_in_flight, 4);
+    assert_eq!(r.dedup.unwrap().ttl, Duration::from_secs(300));
+    assert!(
+        Config::embedded()
+            .unwrap()
+            .dispatchers
+            .iter()
+            .all(|d| d.resilience.is_empty())
+    );
+
+    let found = problems(
+        r#"[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+
+[dispatchers.circuit_breaker]
+consecutive_failures = 3
+failure_ratio = 0.5
+
+[dispatchers.rate_limit]
+per_second = 0
+mode = "sometimes"
+
+[dispatchers.retry]
+attempts = 1000
+initial_backoff = "20s"
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "FILE:6: `dispatchers[0].circuit_breaker`: set either consecutive_failures or failure_ratio (with minimum_calls and window)",
+            "FILE:11: `dispatchers[0].rate_limit.per_second`: must be at least 1",
+            "FILE:12: `dispatchers[0].rate_limit.mode`: must be \"wait\" or \"reject\"",
+            "FILE:15: `dispatchers[0].retry.attempts`: must be at most 100",
+            "FILE:16: `dispatchers[0].retry.initial_backoff`: must not be longer than retry.max_backoff",
         ]
     );
 }

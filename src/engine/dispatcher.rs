@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::command::{CommandAdapter, Policy};
-use crate::resilience::Protections;
 use super::envelope::{Envelope, OutputMessage};
 use super::topic::Category;
+use crate::resilience::Protections;
 
 /// The timeout a dispatcher gets when none is configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -222,14 +222,21 @@ impl Engine {
         let mut failures = Vec::new();
         for (outcome, outputs) in runs {
             result.outputs.extend(outputs);
-            if !matches!(outcome.result, ExecutionResult::Success | ExecutionResult::Skipped) {
+            if !matches!(
+                outcome.result,
+                ExecutionResult::Success | ExecutionResult::Skipped
+            ) {
                 failures.push((outcome.result, format_failure(&outcome)));
             }
             result.dispatchers.push(outcome);
         }
         result.output_count = result.outputs.len();
         if failures.is_empty() {
-            if result.dispatchers.iter().all(|d| d.result == ExecutionResult::Skipped) {
+            if result
+                .dispatchers
+                .iter()
+                .all(|d| d.result == ExecutionResult::Skipped)
+            {
                 // Every dispatcher already handled this message: a duplicate.
                 result.status = DispatchStatus::Skipped;
             }
@@ -261,10 +268,13 @@ impl Engine {
         let mut policy = None;
         let mut attempts = 0;
 
-        let denial = dispatcher.policies.iter().find_map(|p| match p.check(message) {
-            Decision::Allow => None,
-            Decision::Deny { reason } => Some((p.name(), reason)),
-        });
+        let denial = dispatcher
+            .policies
+            .iter()
+            .find_map(|p| match p.check(message) {
+                Decision::Allow => None,
+                Decision::Deny { reason } => Some((p.name(), reason)),
+            });
         let run = match denial {
             Some((name, reason)) => {
                 let command_type = message.envelope.message_type.as_str();
@@ -272,9 +282,15 @@ impl Engine {
                     s.on_policy_denied(info, name, command_type, &reason)
                 });
                 policy = Some(name.to_owned());
-                Err(Failure::new(ExecutionResult::Rejected, format!("policy `{name}` denied: {reason}")))
+                Err(Failure::new(
+                    ExecutionResult::Rejected,
+                    format!("policy `{name}` denied: {reason}"),
+                ))
             }
-            None => self.protected(dispatcher, message, info, &mut attempts).await,
+            None => {
+                self.protected(dispatcher, message, info, &mut attempts)
+                    .await
+            }
         };
 
         let elapsed = started.elapsed();
@@ -289,7 +305,10 @@ impl Engine {
                 Some(sanitize(&failure.message).into_owned()),
             ),
         };
-        let dispatcher_ref = DispatcherRef { index, id: &dispatcher.id };
+        let dispatcher_ref = DispatcherRef {
+            index,
+            id: &dispatcher.id,
+        };
         hooks.emit("on_dispatcher_complete", |s| {
             s.on_dispatcher_complete(info, dispatcher_ref, execution, elapsed)
         });
@@ -324,7 +343,9 @@ impl Engine {
         attempts: &mut u32,
     ) -> Result<Vec<OutputMessage>, Failure> {
         let Some(protections) = &dispatcher.protections else {
-            return self.attempts(dispatcher, None, message, info, attempts).await;
+            return self
+                .attempts(dispatcher, None, message, info, attempts)
+                .await;
         };
         let message_id = message.envelope.message_id.as_str();
         if protections.is_duplicate(message_id) {
@@ -334,7 +355,9 @@ impl Engine {
             .admit()
             .await
             .map_err(|refusal| Failure::new(ExecutionResult::Rejected, refusal.to_string()))?;
-        let run = self.attempts(dispatcher, Some(protections), message, info, attempts).await;
+        let run = self
+            .attempts(dispatcher, Some(protections), message, info, attempts)
+            .await;
         protections.finish(admitted, run.is_ok(), message_id);
         run
     }
@@ -426,7 +449,11 @@ struct Failure {
 
 impl Failure {
     fn new(result: ExecutionResult, message: String) -> Failure {
-        Failure { result, message, transient: false }
+        Failure {
+            result,
+            message,
+            transient: false,
+        }
     }
 }
 

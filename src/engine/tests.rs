@@ -491,3 +491,375 @@ fn the_engine_is_send_sync_and_cheap_to_clone() {
     assert_send_sync::<Engine>();
     assert_eq!(std::mem::size_of::<Engine>(), std::mem::size_of::<usize>());
 }
+
+mod protections {
+    use std::num::NonZeroU32;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::resilience::{
+        BreakerConfig, ConcurrencyConfig, DedupConfig, Protections, RateLimitConfig, RateLimitMode,
+        ResilienceConfig, ResilienceObserver, RetryPolicy, Trip,
+    };
+
+    /// Fails with the given kind the first `failures` calls, then succeeds; counts calls.
+    struct Scripted {
+        failures: AtomicUsize,
+        kind: ErrorKind,
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Handler for Scripted {
+        async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(match self.kind {
+                    ErrorKind::Transient => HandlerError::transient("flaky"),
+                    ErrorKind::Permanent => HandlerError::permanent("bad message"),
+                });
+            }
+            Ok(Vec::new())
+        }
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl ResilienceObserver for Seen {
+        fn retried(&self, _: &str) {
+            self.0.lock().unwrap().push("retry".into());
+        }
+        fn breaker_tripped(&self, _: &str) {
+            self.0.lock().unwrap().push("trip".into());
+        }
+        fn rate_limit_delay(&self, _: &str, delay: Duration) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("delay {}ms", delay.as_millis()));
+        }
+    }
+
+    fn scripted(failures: usize, kind: ErrorKind) -> (Scripted, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        (
+            Scripted {
+                failures: AtomicUsize::new(failures),
+                kind,
+                calls: calls.clone(),
+            },
+            calls,
+        )
+    }
+
+    fn protected(handler: impl Handler, config: ResilienceConfig, seen: &Arc<Seen>) -> Engine {
+        let protections = Protections::new(
+            "p",
+            &config,
+            Some(seen.clone() as Arc<dyn ResilienceObserver>),
+        );
+        Engine::builder()
+            .dispatcher(
+                Dispatcher::new("p", Category::Event, handler).with_protections(protections),
+            )
+            .route(Route::new("r", "**", Category::Event, "p"))
+            .build()
+            .unwrap()
+    }
+
+    fn retry(attempts: u32) -> Option<RetryPolicy> {
+        Some(RetryPolicy {
+            attempts,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_within_the_backoff_bounds() {
+        let seen = Arc::new(Seen::default());
+        let (handler, calls) = scripted(2, ErrorKind::Transient);
+        let engine = protected(
+            handler,
+            ResilienceConfig {
+                retry: retry(3),
+                ..Default::default()
+            },
+            &seen,
+        );
+        let started = tokio::time::Instant::now();
+        let result = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(result.status, DispatchStatus::Success);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(result.dispatchers[0].attempts, 3);
+        assert!(
+            started.elapsed() <= Duration::from_millis(300),
+            "backoffs at most 100 + 200 ms"
+        );
+        assert_eq!(*seen.0.lock().unwrap(), ["retry", "retry"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_after_the_configured_attempts() {
+        let seen = Arc::new(Seen::default());
+        let (handler, calls) = scripted(10, ErrorKind::Transient);
+        let engine = protected(
+            handler,
+            ResilienceConfig {
+                retry: retry(2),
+                ..Default::default()
+            },
+            &seen,
+        );
+        let result = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(result.status, DispatchStatus::DispatcherError);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the first try and two retries"
+        );
+        assert_eq!(result.dispatchers[0].attempts, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_never_retried() {
+        let seen = Arc::new(Seen::default());
+        let (handler, calls) = scripted(1, ErrorKind::Permanent);
+        let engine = protected(
+            handler,
+            ResilienceConfig {
+                retry: retry(5),
+                ..Default::default()
+            },
+            &seen,
+        );
+        let result = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(result.status, DispatchStatus::DispatcherError);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(seen.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_are_retried_as_transient() {
+        let seen = Arc::new(Seen::default());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let protections = Protections::new(
+            "slow",
+            &ResilienceConfig {
+                retry: retry(2),
+                ..Default::default()
+            },
+            Some(seen.clone() as Arc<dyn ResilienceObserver>),
+        );
+        let engine = Engine::builder()
+            .dispatcher(
+                Dispatcher::new("slow", Category::Event, Hang(dropped.clone()))
+                    .with_timeout(Duration::from_millis(50))
+                    .with_protections(protections),
+            )
+            .route(Route::new("r", "**", Category::Event, "slow"))
+            .build()
+            .unwrap();
+        let result = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(result.status, DispatchStatus::Timeout);
+        assert_eq!(result.dispatchers[0].attempts, 3);
+        assert_eq!(dropped.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duplicate_is_skipped_only_after_a_success() {
+        let seen = Arc::new(Seen::default());
+        let (handler, calls) = scripted(1, ErrorKind::Permanent);
+        let dedup = Some(DedupConfig {
+            ttl: Duration::from_secs(60),
+            capacity: 100,
+        });
+        let engine = protected(
+            handler,
+            ResilienceConfig {
+                dedup,
+                ..Default::default()
+            },
+            &seen,
+        );
+        let message = event("t").with_message_id("order-7");
+
+        let first = engine.dispatch("a.events", &message).await;
+        assert_eq!(first.status, DispatchStatus::DispatcherError);
+        let retried = engine.dispatch("a.events", &message).await;
+        assert_eq!(
+            retried.status,
+            DispatchStatus::Success,
+            "a failed message is not remembered"
+        );
+        let duplicate = engine.dispatch("a.events", &message).await;
+        assert_eq!(duplicate.status, DispatchStatus::Skipped);
+        assert_eq!(duplicate.dispatchers[0].result, ExecutionResult::Skipped);
+        assert_eq!(duplicate.dispatchers[0].attempts, 0);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the duplicate ran nothing");
+
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let later = engine.dispatch("a.events", &message).await;
+        assert_eq!(
+            later.status,
+            DispatchStatus::Success,
+            "remembered for the TTL only"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    fn breaker() -> Option<BreakerConfig> {
+        Some(BreakerConfig {
+            trip: Trip::ConsecutiveFailures(2),
+            cool_down: Duration::from_secs(10),
+            half_open_successes: 1,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_refuses_without_running_and_probes_after_the_cool_down() {
+        let seen = Arc::new(Seen::default());
+        let (handler, calls) = scripted(2, ErrorKind::Permanent);
+        let engine = protected(
+            handler,
+            ResilienceConfig {
+                breaker: breaker(),
+                ..Default::default()
+            },
+            &seen,
+        );
+        engine.dispatch("a.events", &event("t")).await;
+        engine.dispatch("a.events", &event("t")).await;
+        let refused = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(refused.status, DispatchStatus::DispatcherError);
+        assert_eq!(refused.dispatchers[0].result, ExecutionResult::Rejected);
+        assert_eq!(
+            refused.dispatchers[0].error_message.as_deref(),
+            Some("refused: the circuit breaker is open")
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(*seen.0.lock().unwrap(), ["trip"]);
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let probe = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(probe.status, DispatchStatus::Success);
+        assert_eq!(
+            engine.dispatchers()[0]
+                .protections()
+                .unwrap()
+                .breaker()
+                .unwrap()
+                .state(),
+            crate::resilience::BreakerState::Closed
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_protections_compose_in_the_documented_order() {
+        // dedup before the breaker: a duplicate is skipped even while the breaker is open.
+        let seen = Arc::new(Seen::default());
+        let (handler, _) = scripted(0, ErrorKind::Permanent);
+        let config = ResilienceConfig {
+            breaker: breaker(),
+            dedup: Some(DedupConfig {
+                ttl: Duration::from_secs(600),
+                capacity: 10,
+            }),
+            rate_limit: Some(RateLimitConfig {
+                per_second: NonZeroU32::new(1).unwrap(),
+                burst: NonZeroU32::new(1).unwrap(),
+                mode: RateLimitMode::Reject,
+            }),
+            ..Default::default()
+        };
+        let engine = protected(handler, config, &seen);
+        let message = event("t").with_message_id("m");
+        assert_eq!(
+            engine.dispatch("a.events", &message).await.status,
+            DispatchStatus::Success
+        );
+        // The rate limiter's only token is spent: a duplicate still skips (dedup comes first) ...
+        assert_eq!(
+            engine.dispatch("a.events", &message).await.status,
+            DispatchStatus::Skipped
+        );
+        // ... and a new message is refused by the rate limiter, not run.
+        let limited = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(limited.dispatchers[0].result, ExecutionResult::Rejected);
+        assert_eq!(
+            limited.dispatchers[0].error_message.as_deref(),
+            Some("refused by the rate limiter")
+        );
+        // A refusal by the rate limiter is no breaker outcome: the breaker is still closed.
+        let breaker = engine.dispatchers()[0]
+            .protections()
+            .unwrap()
+            .breaker()
+            .unwrap();
+        assert_eq!(breaker.state(), crate::resilience::BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_mode_delays_the_call_and_reports_the_delay() {
+        let seen = Arc::new(Seen::default());
+        let (handler, _) = scripted(0, ErrorKind::Permanent);
+        let config = ResilienceConfig {
+            rate_limit: Some(RateLimitConfig {
+                per_second: NonZeroU32::new(5).unwrap(),
+                burst: NonZeroU32::new(1).unwrap(),
+                mode: RateLimitMode::Wait {
+                    max_wait: Duration::from_secs(1),
+                },
+            }),
+            ..Default::default()
+        };
+        let engine = protected(handler, config, &seen);
+        engine.dispatch("a.events", &event("t")).await;
+        let started = tokio::time::Instant::now();
+        let second = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(second.status, DispatchStatus::Success);
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert_eq!(*seen.0.lock().unwrap(), ["delay 0ms", "delay 200ms"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_concurrency_limit_refuses_past_its_queue() {
+        let seen = Arc::new(Seen::default());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let config = ResilienceConfig {
+            concurrency: Some(ConcurrencyConfig {
+                max_in_flight: 1,
+                max_waiting: 0,
+            }),
+            ..Default::default()
+        };
+        let protections = Protections::new(
+            "one",
+            &config,
+            Some(seen.clone() as Arc<dyn ResilienceObserver>),
+        );
+        let engine = Engine::builder()
+            .dispatcher(
+                Dispatcher::new("one", Category::Event, Hang(dropped))
+                    .with_timeout(Duration::from_secs(5))
+                    .with_protections(protections),
+            )
+            .route(Route::new("r", "**", Category::Event, "one"))
+            .build()
+            .unwrap();
+        let busy = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.dispatch("a.events", &event("t")).await })
+        };
+        tokio::task::yield_now().await;
+        let refused = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(refused.dispatchers[0].result, ExecutionResult::Rejected);
+        assert_eq!(
+            refused.dispatchers[0].error_message.as_deref(),
+            Some("refused: too many calls are waiting for the concurrency limit")
+        );
+        assert_eq!(busy.await.unwrap().status, DispatchStatus::Timeout);
+    }
+}

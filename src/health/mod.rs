@@ -76,6 +76,8 @@ pub enum State {
     /// Registered, not yet started.
     Starting,
     Running,
+    /// Running, but its circuit breaker is open (or half-open): calls are refused. Unhealthy.
+    Degraded,
     /// Stopped; unhealthy until it starts again.
     Stopped,
 }
@@ -85,6 +87,7 @@ impl State {
         match self {
             State::Starting => "starting",
             State::Running => "running",
+            State::Degraded => "degraded",
             State::Stopped => "stopped",
         }
     }
@@ -93,6 +96,7 @@ impl State {
         match value {
             0 => State::Starting,
             1 => State::Running,
+            3 => State::Degraded,
             _ => State::Stopped,
         }
     }
@@ -102,6 +106,7 @@ impl State {
             State::Starting => 0,
             State::Running => 1,
             State::Stopped => 2,
+            State::Degraded => 3,
         }
     }
 }
@@ -205,6 +210,8 @@ pub fn evaluate(observation: Observation) -> Verdict {
     let is_stale = observation.heartbeat_age > observation.stale_threshold;
     let reason = if observation.state == State::Stopped {
         Some("stopped".to_owned())
+    } else if observation.state == State::Degraded {
+        Some("degraded: its circuit breaker is open".to_owned())
     } else if is_stale {
         Some(format!(
             "stale: no heartbeat for {:.0} s (threshold {:.0} s)",
@@ -400,7 +407,8 @@ impl HealthRegistry {
         let now = self.now();
         record.started.store(now, Ordering::Relaxed);
         record.last_heartbeat.store(now, Ordering::Relaxed);
-        if record.state.swap(State::Running.as_u8(), Ordering::AcqRel) != State::Running.as_u8() {
+        let previous = State::from_u8(record.state.swap(State::Running.as_u8(), Ordering::AcqRel));
+        if !matches!(previous, State::Running | State::Degraded) {
             self.active(id, 1);
         }
         self.emit(id, LifecycleEvent::Start);
@@ -410,10 +418,28 @@ impl HealthRegistry {
     /// Marks a dispatcher stopped and emits `stop`.
     pub fn stop(&self, id: &str) -> Result<(), UnknownDispatcher> {
         let record = self.record(id)?;
-        if record.state.swap(State::Stopped.as_u8(), Ordering::AcqRel) == State::Running.as_u8() {
+        let previous = State::from_u8(record.state.swap(State::Stopped.as_u8(), Ordering::AcqRel));
+        if matches!(previous, State::Running | State::Degraded) {
             self.active(id, -1);
         }
         self.emit(id, LifecycleEvent::Stop);
+        Ok(())
+    }
+
+    /// Marks a running dispatcher degraded (its breaker opened) or running again (it closed).
+    pub fn set_degraded(&self, id: &str, degraded: bool) -> Result<(), UnknownDispatcher> {
+        let record = self.record(id)?;
+        let (from, to) = if degraded {
+            (State::Running, State::Degraded)
+        } else {
+            (State::Degraded, State::Running)
+        };
+        let _ = record.state.compare_exchange(
+            from.as_u8(),
+            to.as_u8(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         Ok(())
     }
 
@@ -540,6 +566,15 @@ impl Record {
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The health registry follows the circuit breakers: `degraded` while one is open or half-open.
+impl crate::resilience::ResilienceObserver for HealthRegistry {
+    fn breaker_state(&self, dispatcher_id: &str, state: crate::resilience::BreakerState) {
+        let degraded = state != crate::resilience::BreakerState::Closed;
+        // A dispatcher not registered (yet) has no state to change.
+        let _ = self.set_degraded(dispatcher_id, degraded);
     }
 }
 

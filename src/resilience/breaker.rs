@@ -12,7 +12,11 @@ pub enum Trip {
     ConsecutiveFailures(u32),
     /// When, within a window, at least `minimum_calls` calls were made and at least `ratio` of
     /// them failed. The window restarts when it has passed.
-    FailureRatio { ratio: f64, minimum_calls: u32, window: Duration },
+    FailureRatio {
+        ratio: f64,
+        minimum_calls: u32,
+        window: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,9 +63,19 @@ pub struct BreakerTicket {
 
 #[derive(Debug)]
 enum Inner {
-    Closed { consecutive: u32, window_start: Instant, calls: u32, failures: u32 },
-    Open { until: Instant },
-    HalfOpen { in_flight: u32, successes: u32 },
+    Closed {
+        consecutive: u32,
+        window_start: Instant,
+        calls: u32,
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        in_flight: u32,
+        successes: u32,
+    },
 }
 
 /// A circuit breaker: closed → open after the trip condition, open → half-open after the
@@ -93,7 +107,9 @@ impl CircuitBreaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn state(&self) -> BreakerState {
@@ -112,13 +128,19 @@ impl CircuitBreaker {
         match &mut *inner {
             Inner::Closed { .. } => Ok(BreakerTicket { probe: false }),
             Inner::Open { until } if now >= *until => {
-                *inner = Inner::HalfOpen { in_flight: 1, successes: 0 };
+                *inner = Inner::HalfOpen {
+                    in_flight: 1,
+                    successes: 0,
+                };
                 drop(inner);
                 self.changed(BreakerState::HalfOpen);
                 Ok(BreakerTicket { probe: true })
             }
             Inner::Open { .. } => Err(Refusal::CircuitOpen),
-            Inner::HalfOpen { in_flight, successes } => {
+            Inner::HalfOpen {
+                in_flight,
+                successes,
+            } => {
                 if *in_flight + *successes < self.config.half_open_successes {
                     *in_flight += 1;
                     Ok(BreakerTicket { probe: true })
@@ -143,7 +165,12 @@ impl CircuitBreaker {
         let now = Instant::now();
         let mut inner = self.lock();
         let next = match &mut *inner {
-            Inner::Closed { consecutive, window_start, calls, failures } => {
+            Inner::Closed {
+                consecutive,
+                window_start,
+                calls,
+                failures,
+            } => {
                 if let Trip::FailureRatio { window, .. } = self.config.trip {
                     if now.saturating_duration_since(*window_start) >= window {
                         *window_start = now;
@@ -160,13 +187,20 @@ impl CircuitBreaker {
                 }
                 let trips = match self.config.trip {
                     Trip::ConsecutiveFailures(limit) => *consecutive >= limit,
-                    Trip::FailureRatio { ratio, minimum_calls, .. } => {
+                    Trip::FailureRatio {
+                        ratio,
+                        minimum_calls,
+                        ..
+                    } => {
                         *calls >= minimum_calls && f64::from(*failures) >= ratio * f64::from(*calls)
                     }
                 };
                 trips.then_some(BreakerState::Open)
             }
-            Inner::HalfOpen { in_flight, successes } if ticket.probe => {
+            Inner::HalfOpen {
+                in_flight,
+                successes,
+            } if ticket.probe => {
                 *in_flight = in_flight.saturating_sub(1);
                 if !succeeded {
                     Some(BreakerState::Open)
@@ -180,7 +214,9 @@ impl CircuitBreaker {
         };
         match next {
             Some(BreakerState::Open) => {
-                *inner = Inner::Open { until: now + self.config.cool_down };
+                *inner = Inner::Open {
+                    until: now + self.config.cool_down,
+                };
                 drop(inner);
                 self.changed(BreakerState::Open);
                 if let Some(observer) = &self.observer {
@@ -205,7 +241,12 @@ impl CircuitBreaker {
 }
 
 fn closed(now: Instant) -> Inner {
-    Inner::Closed { consecutive: 0, window_start: now, calls: 0, failures: 0 }
+    Inner::Closed {
+        consecutive: 0,
+        window_start: now,
+        calls: 0,
+        failures: 0,
+    }
 }
 
 #[cfg(test)]
@@ -213,7 +254,11 @@ mod tests {
     use super::*;
 
     fn breaker(trip: Trip) -> CircuitBreaker {
-        let config = BreakerConfig { trip, cool_down: Duration::from_secs(30), half_open_successes: 2 };
+        let config = BreakerConfig {
+            trip,
+            cool_down: Duration::from_secs(30),
+            half_open_successes: 2,
+        };
         CircuitBreaker::new("d".into(), config, None)
     }
 
@@ -240,10 +285,18 @@ mod tests {
         let first = b.try_acquire().unwrap();
         assert_eq!(b.state(), BreakerState::HalfOpen);
         let second = b.try_acquire().unwrap();
-        assert_eq!(b.try_acquire(), Err(Refusal::CircuitOpen), "two probes at most");
+        assert_eq!(
+            b.try_acquire(),
+            Err(Refusal::CircuitOpen),
+            "two probes at most"
+        );
         b.record(first, true);
         b.record(second, false);
-        assert_eq!(b.state(), BreakerState::Open, "a failed probe opens it again");
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "a failed probe opens it again"
+        );
 
         tokio::time::advance(Duration::from_secs(30)).await;
         call(&b, true).unwrap();
@@ -254,11 +307,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_ratio_over_a_minimum_of_calls_in_a_window() {
-        let b = breaker(Trip::FailureRatio { ratio: 0.5, minimum_calls: 4, window: Duration::from_secs(10) });
+        let b = breaker(Trip::FailureRatio {
+            ratio: 0.5,
+            minimum_calls: 4,
+            window: Duration::from_secs(10),
+        });
         call(&b, false).unwrap();
         call(&b, false).unwrap();
         call(&b, false).unwrap();
-        assert_eq!(b.state(), BreakerState::Closed, "fewer calls than the minimum");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "fewer calls than the minimum"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         // A new window: the old failures are gone.
         call(&b, true).unwrap();

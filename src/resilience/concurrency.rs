@@ -65,15 +65,23 @@ mod tests {
 
     #[tokio::test]
     async fn holds_the_limit_and_bounds_the_queue() {
-        let limit = Arc::new(ConcurrencyLimit::new(ConcurrencyConfig { max_in_flight: 2, max_waiting: 1 }));
+        let limit = Arc::new(ConcurrencyLimit::new(ConcurrencyConfig {
+            max_in_flight: 2,
+            max_waiting: 1,
+        }));
         let a = limit.acquire().await.unwrap();
         let _b = limit.acquire().await.unwrap();
         let waiter = tokio::spawn({
             let limit = limit.clone();
             async move { limit.acquire().await.map(|_| ()) }
         });
-        crate::resilience::concurrency::tests::until(|| limit.waiting.load(Ordering::Acquire) == 1).await;
-        assert_eq!(limit.acquire().await.err(), Some(Refusal::ConcurrencyLimit), "the queue is full");
+        crate::resilience::concurrency::tests::until(|| limit.waiting.load(Ordering::Acquire) == 1)
+            .await;
+        assert_eq!(
+            limit.acquire().await.err(),
+            Some(Refusal::ConcurrencyLimit),
+            "the queue is full"
+        );
         drop(a);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert_eq!(limit.waiting.load(Ordering::Acquire), 0);

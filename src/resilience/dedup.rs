@@ -71,7 +71,11 @@ pub struct DedupCache {
 
 impl DedupCache {
     /// `name` is the `cache` label (`dedup.<dispatcher_id>`).
-    pub fn new(name: String, config: DedupConfig, observer: Option<Arc<dyn ResilienceObserver>>) -> DedupCache {
+    pub fn new(
+        name: String,
+        config: DedupConfig,
+        observer: Option<Arc<dyn ResilienceObserver>>,
+    ) -> DedupCache {
         let name: Arc<str> = name.into();
         let listener = {
             let name = name.clone();
@@ -116,8 +120,19 @@ impl DedupCache {
             None => false,
         };
         let gets = self.gets.fetch_add(1, Ordering::Relaxed) + 1;
-        let hits = if hit { self.hits.fetch_add(1, Ordering::Relaxed) + 1 } else { self.hits.load(Ordering::Relaxed) };
-        self.observe(CacheOperation::Get, if hit { CacheResult::Hit } else { CacheResult::Miss });
+        let hits = if hit {
+            self.hits.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.hits.load(Ordering::Relaxed)
+        };
+        self.observe(
+            CacheOperation::Get,
+            if hit {
+                CacheResult::Hit
+            } else {
+                CacheResult::Miss
+            },
+        );
         if let Some(observer) = &self.observer {
             observer.cache_hit_ratio(&self.name, hits as f64 / gets as f64);
         }
@@ -151,7 +166,10 @@ mod tests {
 
     impl ResilienceObserver for Counts {
         fn cache_operation(&self, _: &str, operation: CacheOperation, result: CacheResult) {
-            self.0.lock().unwrap().push((operation.as_str(), result.as_str()));
+            self.0
+                .lock()
+                .unwrap()
+                .push((operation.as_str(), result.as_str()));
         }
     }
 
@@ -160,7 +178,10 @@ mod tests {
         let counts = Arc::new(Counts::default());
         let cache = DedupCache::new(
             "dedup.d".into(),
-            DedupConfig { ttl: Duration::from_secs(60), capacity: 100 },
+            DedupConfig {
+                ttl: Duration::from_secs(60),
+                capacity: 100,
+            },
             Some(counts.clone()),
         );
         assert!(!cache.contains("m1"));
@@ -170,7 +191,13 @@ mod tests {
         assert!(!cache.contains("m1"), "expired");
         assert_eq!(
             *counts.0.lock().unwrap(),
-            [("get", "miss"), ("set", "none"), ("get", "hit"), ("expire", "none"), ("get", "miss")]
+            [
+                ("get", "miss"),
+                ("set", "none"),
+                ("get", "hit"),
+                ("expire", "none"),
+                ("get", "miss")
+            ]
         );
     }
 }

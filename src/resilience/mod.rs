@@ -73,7 +73,9 @@ impl ResilienceObserver for Observers {
         self.0.iter().for_each(|o| o.retried(id));
     }
     fn cache_operation(&self, cache: &str, operation: CacheOperation, result: CacheResult) {
-        self.0.iter().for_each(|o| o.cache_operation(cache, operation, result));
+        self.0
+            .iter()
+            .for_each(|o| o.cache_operation(cache, operation, result));
     }
     fn cache_hit_ratio(&self, cache: &str, ratio: f64) {
         self.0.iter().for_each(|o| o.cache_hit_ratio(cache, ratio));
@@ -93,7 +95,9 @@ impl fmt::Display for Refusal {
         f.write_str(match self {
             Refusal::RateLimited => "refused by the rate limiter",
             Refusal::CircuitOpen => "refused: the circuit breaker is open",
-            Refusal::ConcurrencyLimit => "refused: too many calls are waiting for the concurrency limit",
+            Refusal::ConcurrencyLimit => {
+                "refused: too many calls are waiting for the concurrency limit"
+            }
         })
     }
 }
@@ -161,7 +165,9 @@ impl Protections {
 
     /// Whether this dispatcher already succeeded with `message_id` within the TTL.
     pub fn is_duplicate(&self, message_id: &str) -> bool {
-        self.dedup.as_ref().is_some_and(|dedup| dedup.contains(message_id))
+        self.dedup
+            .as_ref()
+            .is_some_and(|dedup| dedup.contains(message_id))
     }
 
     /// Rate limit → breaker → concurrency. Refused calls consume nothing further down.
@@ -196,7 +202,10 @@ impl Protections {
             },
             None => None,
         };
-        Ok(Admitted { ticket, _permit: permit })
+        Ok(Admitted {
+            ticket,
+            _permit: permit,
+        })
     }
 
     /// The delay before retry number `retry` (1-based), or `None` when no retry is left or

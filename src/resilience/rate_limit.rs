@@ -1,10 +1,10 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use governor::Quota;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::Quota;
 
 use super::Refusal;
 
@@ -48,7 +48,9 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(config: RateLimitConfig) -> RateLimiter {
-        let clock = TokioClock { epoch: tokio::time::Instant::now() };
+        let clock = TokioClock {
+            epoch: tokio::time::Instant::now(),
+        };
         let quota = Quota::per_second(config.per_second).allow_burst(config.burst);
         RateLimiter {
             limiter: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
@@ -102,7 +104,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn wait_mode_delays_by_the_refill_time_and_bounds_the_wait() {
-        let limiter = limiter(RateLimitMode::Wait { max_wait: Duration::from_millis(150) });
+        let limiter = limiter(RateLimitMode::Wait {
+            max_wait: Duration::from_millis(150),
+        });
         limiter.acquire().await.unwrap();
         limiter.acquire().await.unwrap();
         let started = tokio::time::Instant::now();
@@ -113,7 +117,9 @@ mod tests {
         let impatient = super::RateLimiter::new(RateLimitConfig {
             per_second: NonZeroU32::new(10).unwrap(),
             burst: NonZeroU32::new(2).unwrap(),
-            mode: RateLimitMode::Wait { max_wait: Duration::from_millis(50) },
+            mode: RateLimitMode::Wait {
+                max_wait: Duration::from_millis(50),
+            },
         });
         impatient.acquire().await.unwrap();
         impatient.acquire().await.unwrap();

@@ -44,7 +44,8 @@ mod tests {
                 assert!(policy.delay(retry) <= policy.ceiling(retry));
             }
         }
-        let distinct: std::collections::BTreeSet<Duration> = (0..100).map(|_| policy.delay(4)).collect();
+        let distinct: std::collections::BTreeSet<Duration> =
+            (0..100).map(|_| policy.delay(4)).collect();
         assert!(distinct.len() > 50, "jittered");
     }
 }

@@ -16,6 +16,8 @@ pub enum Kind {
     Histogram,
     /// An observable gauge: computed by a callback at scrape time.
     ObservableGauge,
+    /// A gauge set when its value changes.
+    Gauge,
 }
 
 impl Kind {
@@ -23,7 +25,7 @@ impl Kind {
     pub fn prometheus_type(self) -> &'static str {
         match self {
             Kind::Counter => "counter",
-            Kind::UpDownCounter | Kind::ObservableGauge => "gauge",
+            Kind::UpDownCounter | Kind::ObservableGauge | Kind::Gauge => "gauge",
             Kind::Histogram => "histogram",
         }
     }
@@ -83,6 +85,8 @@ pub mod label {
     pub const METRIC: &str = "metric";
     pub const EVENT: &str = "event";
     pub const IS_STALE: &str = "is_stale";
+    pub const CACHE: &str = "cache";
+    pub const OPERATION: &str = "operation";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -233,6 +237,67 @@ pub const DISPATCHER_CONSECUTIVE_FAILURES: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+/// Waits are usually zero (a token was free) or a fraction of a second; `0` is its own bucket so
+/// "calls that waited at all" is a query.
+pub const DELAY_BUCKETS: &[f64] = &[
+    0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub const DISPATCHER_CIRCUIT_BREAKER_STATE: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_circuit_breaker_state",
+    kind: Kind::Gauge,
+    unit: "",
+    description: "Circuit breaker state: 0 closed, 0.5 half-open, 1 open.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_CIRCUIT_BREAKER_TRIPS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_circuit_breaker_trips",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Times the circuit breaker opened.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_RATE_LIMITER_DELAY: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_rate_limiter_delay",
+    kind: Kind::Histogram,
+    unit: "s",
+    description: "Wait the rate limiter applied before a call, in seconds (0 when a token was free).",
+    labels: &[label::DISPATCHER_ID],
+    buckets: DELAY_BUCKETS,
+};
+
+pub const DISPATCHER_RETRIES: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_retries",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Retries of a dispatcher's calls after transient errors or timeouts.",
+    labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+pub const DISPATCHER_CACHE_OPERATIONS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_cache_operations",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Cache activity by cache, operation (get, set, invalidate, expire) and result (hit, miss, none).",
+    labels: &[label::CACHE, label::OPERATION, label::RESULT],
+    buckets: &[],
+};
+
+pub const DISPATCHER_CACHE_HIT_RATIO: InstrumentSpec = InstrumentSpec {
+    // Unit left empty on purpose: unit "1" would make the exporter append `_ratio` again.
+    name: "dispatcher_cache_hit_ratio",
+    kind: Kind::Gauge,
+    unit: "",
+    description: "Cache hits divided by gets, since start.",
+    labels: &[label::CACHE],
+    buckets: &[],
+};
+
 /// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
 /// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
 pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
@@ -259,6 +324,12 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_EXECUTION_DURATION,
     DISPATCHER_ADAPTER_INVOCATIONS,
     DISPATCHER_POLICY_DENIALS,
+    DISPATCHER_CIRCUIT_BREAKER_STATE,
+    DISPATCHER_CIRCUIT_BREAKER_TRIPS,
+    DISPATCHER_RATE_LIMITER_DELAY,
+    DISPATCHER_RETRIES,
+    DISPATCHER_CACHE_OPERATIONS,
+    DISPATCHER_CACHE_HIT_RATIO,
     HTTP_SERVER_REQUEST_DURATION,
     DISPATCHER_WORKER_THREADS,
     METRIC_CARDINALITY_OVERFLOW,
@@ -287,6 +358,12 @@ mod tests {
                 "dispatcher_execution_duration_seconds",
                 "dispatcher_adapter_invocations_total",
                 "dispatcher_policy_denials_total",
+                "dispatcher_circuit_breaker_state",
+                "dispatcher_circuit_breaker_trips_total",
+                "dispatcher_rate_limiter_delay_seconds",
+                "dispatcher_retries_total",
+                "dispatcher_cache_operations_total",
+                "dispatcher_cache_hit_ratio",
                 "http_server_request_duration_seconds",
                 "dispatcher_worker_threads",
                 "metric_cardinality_overflow",

@@ -19,6 +19,7 @@ pub mod catalog;
 mod engine;
 mod health;
 mod http;
+mod resilience;
 pub mod stats;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::config::MetricsConfig;
 pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
 pub use health::LifecycleMetrics;
 pub use http::{HttpMetrics, record_http};
+pub use resilience::ResilienceMetrics;
 
 /// The content type of the Prometheus text exposition format served on `/metrics`.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -150,6 +152,12 @@ impl Telemetry {
         if let Some(enabled) = self.enabled() {
             health::observe(&enabled.meter, registry);
         }
+    }
+
+    /// The protections' metrics, or `None` when metrics are off.
+    pub fn resilience_metrics(&self) -> Option<ResilienceMetrics> {
+        self.enabled()
+            .map(|enabled| ResilienceMetrics::new(&enabled.meter))
     }
 
     /// The HTTP API's metrics, or `None` when metrics are off.
