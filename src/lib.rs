@@ -12,4 +12,5 @@ pub mod health;
 pub mod http;
 pub mod instrumentation;
 pub mod resilience;
+pub mod simulate;
 pub mod telemetry;

@@ -33,6 +33,26 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Send realistic traffic (successes, slow calls, failures, duplicates, denied commands) so
+    /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
+    /// in-process, with demonstration dispatchers, on the configured address.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// A running dispatchd to send to, such as http://127.0.0.1:9000.
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// Messages per second.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// How long to send for, such as 30s or 10m.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// A TOML config file for the in-process dispatchd.
+    #[arg(long, env = "DISPATCHD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +68,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Simulate(args)) => simulate(args),
         None => serve(cli.serve),
     }
 }
@@ -83,6 +104,61 @@ fn print_config_error(error: &ConfigError) {
             }
         }
         other => eprintln!("error: {other}"),
+    }
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    if !(args.rate > 0.0 && args.rate <= 100_000.0) {
+        eprintln!("error: --rate must be above 0 and at most 100000 messages a second");
+        return ExitCode::FAILURE;
+    }
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            print_config_error(&error);
+            return ExitCode::FAILURE;
+        }
+    };
+    // Every message would be an info line from the log dispatcher; warnings are what matter.
+    let filter = if std::env::var_os("DISPATCHD_LOG").is_some() {
+        config.log.filter.as_str()
+    } else {
+        "warn"
+    };
+    init_logging(filter);
+    let options = crate::simulate::Options {
+        target: args.target,
+        rate: args.rate,
+        duration: args.duration,
+        progress_every: std::time::Duration::from_secs(5),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(stop.clone()));
+        let (serving, address) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Ok(address) = address.await {
+                println!("dispatchd (simulation) serves http://{address} (/metrics, /ready, /api/v1/stats)");
+            }
+        });
+        crate::simulate::run(config, options, stop, Some(serving)).await
+    });
+    match outcome {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -184,6 +260,16 @@ mod tests {
             cli.command,
             Some(Command::Serve(ServeArgs { config: Some(_) }))
         ));
+        let cli = Cli::try_parse_from(["dispatchd", "simulate", "--rate", "5", "--duration", "2s"])
+            .unwrap();
+        let Some(Command::Simulate(args)) = cli.command else {
+            panic!("simulate")
+        };
+        assert_eq!(
+            (args.rate, args.duration),
+            (5.0, std::time::Duration::from_secs(2))
+        );
+        assert!(Cli::try_parse_from(["dispatchd", "simulate", "--duration", "soon"]).is_err());
         let cli = Cli::try_parse_from(["dispatchd", "check-config", "z.toml"]).unwrap();
         assert!(matches!(cli.command, Some(Command::CheckConfig { .. })));
         assert!(Cli::try_parse_from(["dispatchd", "check-config"]).is_err());

@@ -248,7 +248,19 @@ impl Engine {
             .iter()
             .all(|(r, _)| *r == ExecutionResult::Rejected)
         {
-            (DispatchStatus::DispatcherError, "policy_denied")
+            let by_policy = result
+                .dispatchers
+                .iter()
+                .filter(|d| d.result == ExecutionResult::Rejected)
+                .all(|d| d.policy.is_some());
+            // A policy's no is final; a protection's (breaker, rate limit, concurrency) is "not
+            // now".
+            let code = if by_policy {
+                "policy_denied"
+            } else {
+                "rejected"
+            };
+            (DispatchStatus::DispatcherError, code)
         } else {
             (DispatchStatus::DispatcherError, "dispatcher_failed")
         };

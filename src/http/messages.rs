@@ -68,21 +68,21 @@ pub(super) async fn ingest(
     Ok((status_code(&result), Json(result)).into_response())
 }
 
-/// The HTTP status for a dispatch. A policy denial is 403 rather than the 502 of other
-/// dispatcher errors: nothing upstream failed, and a client should not retry it.
+/// The HTTP status for a dispatch. Two dispatcher errors answer otherwise than 502, because
+/// nothing upstream failed: a policy denial is 403 (do not retry), and a refusal by a protection
+/// (an open circuit breaker, the rate limiter, the concurrency limit) is 503 (retry later).
 pub fn status_code(result: &DispatchResult) -> StatusCode {
-    match result.status {
-        DispatchStatus::Success | DispatchStatus::Skipped => StatusCode::OK,
-        DispatchStatus::Routed => StatusCode::ACCEPTED,
-        DispatchStatus::NoDispatcher => StatusCode::NOT_FOUND,
-        DispatchStatus::InvalidMessage => StatusCode::BAD_REQUEST,
-        DispatchStatus::DispatcherError
-            if result.error_code.as_deref() == Some("policy_denied") =>
-        {
-            StatusCode::FORBIDDEN
+    match (result.status, result.error_code.as_deref()) {
+        (DispatchStatus::Success | DispatchStatus::Skipped, _) => StatusCode::OK,
+        (DispatchStatus::Routed, _) => StatusCode::ACCEPTED,
+        (DispatchStatus::NoDispatcher, _) => StatusCode::NOT_FOUND,
+        (DispatchStatus::InvalidMessage, _) => StatusCode::BAD_REQUEST,
+        (DispatchStatus::DispatcherError, Some("policy_denied")) => StatusCode::FORBIDDEN,
+        (DispatchStatus::DispatcherError, Some("rejected")) => StatusCode::SERVICE_UNAVAILABLE,
+        (DispatchStatus::DispatcherError | DispatchStatus::PublishFailed, _) => {
+            StatusCode::BAD_GATEWAY
         }
-        DispatchStatus::DispatcherError | DispatchStatus::PublishFailed => StatusCode::BAD_GATEWAY,
-        DispatchStatus::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        (DispatchStatus::Timeout, _) => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 

@@ -134,8 +134,9 @@ impl InstrumentationStrategy for TracingStrategy {
         );
     }
 
-    /// Failures the client caused (`invalid_message`, `no_dispatcher`) log at debug so a
-    /// misbehaving client cannot flood the log; failures of dispatchers log at warn.
+    /// Failures the client caused (`invalid_message`, `no_dispatcher`) and refusals log at
+    /// debug, so neither a misbehaving client nor an open breaker floods the log; failures of
+    /// dispatchers log at warn.
     fn on_dispatch_error(
         &self,
         dispatch: &DispatchInfo<'_>,
@@ -158,10 +159,17 @@ impl InstrumentationStrategy for TracingStrategy {
                 )
             };
         }
+        // Refusals by a policy or a protection are the system working as configured; their
+        // rate is on the metrics, and a warning each would flood the log while a breaker is open.
+        let refused = matches!(
+            result.error_code.as_deref(),
+            Some("policy_denied" | "rejected")
+        );
         match result.status {
             DispatchStatus::InvalidMessage | DispatchStatus::NoDispatcher => {
                 log_failure!(tracing::Level::DEBUG)
             }
+            DispatchStatus::DispatcherError if refused => log_failure!(tracing::Level::DEBUG),
             _ => log_failure!(tracing::Level::WARN),
         }
     }

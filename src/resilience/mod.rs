@@ -149,7 +149,7 @@ impl Protections {
             breaker: config
                 .breaker
                 .map(|c| CircuitBreaker::new(id.clone(), c, observer.clone())),
-            rate_limit: config.rate_limit.map(|c| RateLimiter::new(c)),
+            rate_limit: config.rate_limit.map(RateLimiter::new),
             concurrency: config.concurrency.map(ConcurrencyLimit::new),
             dedup: config
                 .dedup

@@ -15,3 +15,5 @@ mod binary;
 mod metrics;
 // /ready, /api/v1/dispatchers and the worker lifecycle API, on paused time.
 mod health;
+// `dispatchd simulate`: every protection's metrics move under the demonstration traffic.
+mod simulate;

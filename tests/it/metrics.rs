@@ -124,7 +124,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 /// Each family's `# TYPE` and the label keys its samples use (`le` excluded).
-fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
+pub(crate) fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
     let mut families: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -291,7 +291,7 @@ async fn names_types_and_label_keys_match_the_golden_file() {
 }
 
 /// The rows of docs/metrics.md's table: name → (type, label keys).
-fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
+pub(crate) fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
     let docs =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
     docs.lines()
