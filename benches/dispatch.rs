@@ -121,5 +121,149 @@ fn routing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, dispatch, routing);
+/// The protections when nothing trips: retry, breaker, a generous rate limiter and dedup, against
+/// the same dispatcher bare. Each message has a fresh id (dedup would skip a repeat), in both.
+fn protections(c: &mut Criterion) {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use criterion::BatchSize;
+    use dispatchd::resilience::{
+        BreakerConfig, DedupConfig, Protections, RateLimitConfig, RateLimitMode, ResilienceConfig,
+        RetryPolicy, Trip,
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = ResilienceConfig {
+        retry: Some(RetryPolicy {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        }),
+        breaker: Some(BreakerConfig {
+            trip: Trip::ConsecutiveFailures(5),
+            cool_down: Duration::from_secs(30),
+            half_open_successes: 1,
+        }),
+        rate_limit: Some(RateLimitConfig {
+            per_second: NonZeroU32::new(1_000_000_000).unwrap(),
+            burst: NonZeroU32::new(1_000_000_000).unwrap(),
+            mode: RateLimitMode::Wait {
+                max_wait: Duration::from_secs(1),
+            },
+        }),
+        concurrency: None,
+        dedup: Some(DedupConfig {
+            ttl: Duration::from_secs(600),
+            capacity: 100_000,
+        }),
+    };
+    let bare = engine(1, Observer::None);
+    let protected = runtime.block_on(async {
+        EngineBuilder::new()
+            .dispatcher(
+                Dispatcher::new("d0", Category::Event, Noop)
+                    .with_protections(Protections::new("d0", &config, None)),
+            )
+            .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
+            .build()
+            .unwrap()
+    });
+    let without_dedup = ResilienceConfig {
+        dedup: None,
+        ..config.clone()
+    };
+    let only_dedup = ResilienceConfig {
+        dedup: config.dedup,
+        ..ResilienceConfig::default()
+    };
+    let build = |config: &ResilienceConfig| {
+        runtime.block_on(async {
+            EngineBuilder::new()
+                .dispatcher(
+                    Dispatcher::new("d0", Category::Event, Noop)
+                        .with_protections(Protections::new("d0", config, None)),
+                )
+                .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
+                .build()
+                .unwrap()
+        })
+    };
+    let without_dedup = build(&without_dedup);
+    let only_dedup = build(&only_dedup);
+    let mut group = c.benchmark_group("protections");
+    let mut n = 0u64;
+    for (label, engine) in [
+        ("bare", bare),
+        ("retry_breaker_rate_limit", without_dedup),
+        ("dedup", only_dedup),
+        ("retry_breaker_rate_limit_dedup", protected),
+    ] {
+        group.bench_function(label, |b| {
+            b.to_async(&runtime).iter_batched(
+                || {
+                    n += 1;
+                    Envelope::new("order.placed", serde_json::Value::Null)
+                        .with_message_id(format!("m{n}"))
+                },
+                |envelope| {
+                    let engine = engine.clone();
+                    async move { engine.dispatch("shop.orders.events", &envelope).await }
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+/// The strategies `dispatchd serve` installs (tracing, health, metrics), against none.
+fn service_strategies(c: &mut Criterion) {
+    use dispatchd::health::{HealthConfig, HealthRegistry, HealthStrategy, Origin, Registration};
+    use dispatchd::instrumentation::{Composite, TracingStrategy};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
+    let engine = runtime.block_on(async {
+        let telemetry = Telemetry::new(&MetricsConfig {
+            enabled: true,
+            namespace: String::new(),
+            cardinality_limit: 2000,
+        });
+        let health = HealthRegistry::new(HealthConfig::default(), None);
+        health
+            .register(
+                "d0",
+                Registration {
+                    origin: Origin::InProcess,
+                    stale_threshold: None,
+                    critical: false,
+                },
+            )
+            .unwrap();
+        let builder = EngineBuilder::new()
+            .dispatcher(Dispatcher::new("d0", Category::Event, Noop))
+            .route(Route::new("r0", "shop.*.events", Category::Event, "d0"));
+        let strategies = Composite::new()
+            .with(Arc::new(TracingStrategy))
+            .with(Arc::new(HealthStrategy::new(&health, ["d0"])))
+            .with(Arc::new(telemetry.engine_strategy(["d0"]).unwrap()));
+        builder
+            .instrumentation(Arc::new(strategies))
+            .build()
+            .unwrap()
+    });
+    c.bench_function("dispatch/service_strategies/1_dispatchers", |b| {
+        b.to_async(&runtime)
+            .iter(|| engine.dispatch("shop.orders.events", &envelope));
+    });
+}
+
+criterion_group!(benches, dispatch, routing, protections, service_strategies);
 criterion_main!(benches);

@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use moka::notification::RemovalCause;
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 use tokio::time::Instant;
 
 use super::ResilienceObserver;
@@ -11,7 +11,7 @@ use super::ResilienceObserver;
 pub struct DedupConfig {
     /// How long a handled message id is remembered.
     pub ttl: Duration,
-    /// Ids remembered at most; past it the least useful are evicted (TinyLFU).
+    /// Ids remembered at most; past it the least useful are evicted (S3-FIFO).
     pub capacity: u64,
 }
 
@@ -57,16 +57,43 @@ impl CacheResult {
 
 /// The message ids a dispatcher handled successfully, for a TTL, bounded in number.
 ///
-/// Storage, capacity and eviction are `moka`'s; the TTL is also checked against tokio's clock on
-/// every read, so an id is never reported as seen past its TTL whatever moka's own timer does,
-/// and paused-time tests drive expiry.
+/// Storage and eviction are `quick_cache`'s (sharded, S3-FIFO, bounded by `capacity`); the TTL is
+/// checked against tokio's clock on every read, so an id is never reported as seen past its TTL,
+/// and paused-time tests drive expiry. An id past its TTL is dropped when it is next read or
+/// when capacity evicts it, and either way counted as `expire`; an id evicted for capacity
+/// before its TTL is counted as `invalidate`.
 pub struct DedupCache {
     name: Arc<str>,
     ttl: Duration,
-    cache: moka::sync::Cache<String, Instant>,
+    cache: quick_cache::sync::Cache<String, Instant, UnitWeighter, DefaultHashBuilder, Evictions>,
     gets: AtomicU64,
     hits: AtomicU64,
     observer: Option<Arc<dyn ResilienceObserver>>,
+}
+
+/// Counts what capacity evicts, as `expire` or `invalidate`.
+#[derive(Clone)]
+struct Evictions {
+    name: Arc<str>,
+    ttl: Duration,
+    observer: Option<Arc<dyn ResilienceObserver>>,
+}
+
+impl Lifecycle<String, Instant> for Evictions {
+    type RequestState = ();
+
+    fn begin_request(&self) {}
+
+    fn on_evict(&self, _: &mut (), _: String, remembered: Instant) {
+        if let Some(observer) = &self.observer {
+            let operation = if remembered.elapsed() > self.ttl {
+                CacheOperation::Expire
+            } else {
+                CacheOperation::Invalidate
+            };
+            observer.cache_operation(&self.name, operation, CacheResult::None);
+        }
+    }
 }
 
 impl DedupCache {
@@ -77,26 +104,19 @@ impl DedupCache {
         observer: Option<Arc<dyn ResilienceObserver>>,
     ) -> DedupCache {
         let name: Arc<str> = name.into();
-        let listener = {
-            let name = name.clone();
-            let observer = observer.clone();
-            move |_: Arc<String>, _: Instant, cause: RemovalCause| {
-                let operation = match cause {
-                    RemovalCause::Expired => CacheOperation::Expire,
-                    RemovalCause::Size => CacheOperation::Invalidate,
-                    // Explicit removals are counted where they are made; replacements are sets.
-                    RemovalCause::Explicit | RemovalCause::Replaced => return,
-                };
-                if let Some(observer) = &observer {
-                    observer.cache_operation(&name, operation, CacheResult::None);
-                }
-            }
+        let capacity = usize::try_from(config.capacity).unwrap_or(usize::MAX);
+        let evictions = Evictions {
+            name: name.clone(),
+            ttl: config.ttl,
+            observer: observer.clone(),
         };
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(config.capacity)
-            .time_to_live(config.ttl)
-            .eviction_listener(listener)
-            .build();
+        let cache = quick_cache::sync::Cache::with(
+            capacity,
+            config.capacity,
+            UnitWeighter,
+            DefaultHashBuilder::default(),
+            evictions,
+        );
         DedupCache {
             name,
             ttl: config.ttl,
@@ -113,7 +133,7 @@ impl DedupCache {
         let hit = match self.cache.get(message_id) {
             Some(remembered) if remembered.elapsed() <= self.ttl => true,
             Some(_) => {
-                self.cache.invalidate(message_id);
+                self.cache.remove(message_id);
                 self.observe(CacheOperation::Expire, CacheResult::None);
                 false
             }
@@ -171,6 +191,49 @@ mod tests {
                 .unwrap()
                 .push((operation.as_str(), result.as_str()));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_evictions_count_as_invalidate_or_expire() {
+        let counts = Arc::new(Counts::default());
+        let cache = DedupCache::new(
+            "dedup.d".into(),
+            DedupConfig {
+                ttl: Duration::from_secs(60),
+                capacity: 10,
+            },
+            Some(counts.clone()),
+        );
+        for n in 0..100 {
+            cache.remember(&format!("m{n}"));
+        }
+        let invalidated = counts
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == ("invalidate", "none"))
+            .count();
+        assert!(
+            invalidated >= 80,
+            "bounded by capacity: {invalidated} evicted"
+        );
+        counts.0.lock().unwrap().clear();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for n in 100..200 {
+            cache.remember(&format!("m{n}"));
+        }
+        let expired = counts
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == ("expire", "none"))
+            .count();
+        assert!(
+            expired >= 1,
+            "old ids evicted after their TTL count as expired"
+        );
     }
 
     #[tokio::test(start_paused = true)]
