@@ -1,3 +1,5 @@
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -65,7 +67,10 @@ impl CacheResult {
 pub struct DedupCache {
     name: Arc<str>,
     ttl: Duration,
-    cache: quick_cache::sync::Cache<String, Instant, UnitWeighter, DefaultHashBuilder, Evictions>,
+    /// Keyed by a 128-bit keyed hash of the id, not the id: no allocation per message, and the
+    /// two SipHash keys are random per process, so no sender can craft a colliding id.
+    cache: quick_cache::sync::Cache<u128, Instant, UnitWeighter, DefaultHashBuilder, Evictions>,
+    keys: (RandomState, RandomState),
     gets: AtomicU64,
     hits: AtomicU64,
     observer: Option<Arc<dyn ResilienceObserver>>,
@@ -79,12 +84,12 @@ struct Evictions {
     observer: Option<Arc<dyn ResilienceObserver>>,
 }
 
-impl Lifecycle<String, Instant> for Evictions {
+impl Lifecycle<u128, Instant> for Evictions {
     type RequestState = ();
 
     fn begin_request(&self) {}
 
-    fn on_evict(&self, _: &mut (), _: String, remembered: Instant) {
+    fn on_evict(&self, _: &mut (), _: u128, remembered: Instant) {
         if let Some(observer) = &self.observer {
             let operation = if remembered.elapsed() > self.ttl {
                 CacheOperation::Expire
@@ -121,6 +126,7 @@ impl DedupCache {
             name,
             ttl: config.ttl,
             cache,
+            keys: (RandomState::new(), RandomState::new()),
             gets: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             observer,
@@ -130,10 +136,11 @@ impl DedupCache {
     /// Whether `message_id` was remembered within the TTL. Counts a get (hit or miss), and an
     /// expiry when the id was there but too old.
     pub fn contains(&self, message_id: &str) -> bool {
-        let hit = match self.cache.get(message_id) {
+        let key = self.key(message_id);
+        let hit = match self.cache.get(&key) {
             Some(remembered) if remembered.elapsed() <= self.ttl => true,
             Some(_) => {
-                self.cache.remove(message_id);
+                self.cache.remove(&key);
                 self.observe(CacheOperation::Expire, CacheResult::None);
                 false
             }
@@ -164,8 +171,14 @@ impl DedupCache {
 
     /// Remembers `message_id` from now.
     pub fn remember(&self, message_id: &str) {
-        self.cache.insert(message_id.to_owned(), Instant::now());
+        self.cache.insert(self.key(message_id), Instant::now());
         self.observe(CacheOperation::Set, CacheResult::None);
+    }
+
+    fn key(&self, message_id: &str) -> u128 {
+        let high = self.keys.0.hash_one(message_id);
+        let low = self.keys.1.hash_one(message_id);
+        (u128::from(high) << 64) | u128::from(low)
     }
 
     fn observe(&self, operation: CacheOperation, result: CacheResult) {
