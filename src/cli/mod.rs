@@ -132,15 +132,8 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         duration: args.duration,
         progress_every: std::time::Duration::from_secs(5),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the tokio runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let outcome = runtime.block_on(async {
         let stop = CancellationToken::new();
@@ -171,15 +164,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(&config.log.filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the tokio runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -223,6 +209,21 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         () = terminate => tracing::info!("Received SIGTERM."),
     }
     shutdown.cancel();
+}
+
+/// The multi-threaded runtime every long-running command uses; `None` (reported) if it cannot
+/// start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("error: cannot start the tokio runtime: {error}");
+            None
+        }
+    }
 }
 
 fn init_logging(filter: &str) {

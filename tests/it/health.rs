@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::support::TestApp;
+use crate::support::{TestApp, sample};
 
 /// The API over a registry of its own, driven with `oneshot` so tokio's paused clock rules.
 struct Api {
@@ -81,13 +81,6 @@ impl Api {
         assert_eq!(status, StatusCode::OK);
         text
     }
-}
-
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
 }
 
 #[tokio::test(start_paused = true)]

@@ -10,7 +10,7 @@ use dispatchd::engine::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, required_tool};
+use crate::support::{TestApp, required_tool, sample};
 
 struct Failing;
 
@@ -114,13 +114,6 @@ async fn scrape(app: &TestApp) -> String {
         "text/plain; version=0.0.4; charset=utf-8"
     );
     response.text().await.unwrap()
-}
-
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
 }
 
 /// Each family's `# TYPE` and the label keys its samples use (`le` excluded).

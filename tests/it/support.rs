@@ -159,3 +159,11 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// The value of one exact series line of a scrape (`name{labels}`), if present.
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
