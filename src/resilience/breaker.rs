@@ -268,6 +268,38 @@ mod tests {
         Ok(())
     }
 
+    #[derive(Default)]
+    struct Gauge(std::sync::Mutex<(Vec<f64>, u32)>);
+
+    impl ResilienceObserver for Gauge {
+        fn breaker_state(&self, _: &str, state: BreakerState) {
+            self.0.lock().unwrap().0.push(state.gauge_value());
+        }
+        fn breaker_tripped(&self, _: &str) {
+            self.0.lock().unwrap().1 += 1;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gauge_and_the_trips_follow_every_step() {
+        let gauge = Arc::new(Gauge::default());
+        let config = BreakerConfig {
+            trip: Trip::ConsecutiveFailures(1),
+            cool_down: Duration::from_secs(5),
+            half_open_successes: 1,
+        };
+        let b = CircuitBreaker::new("d".into(), config, Some(gauge.clone()));
+        call(&b, false).unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        call(&b, false).unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        call(&b, true).unwrap();
+        let (values, trips) = gauge.0.lock().unwrap().clone();
+        // closed, open, half-open, open again, half-open, closed.
+        assert_eq!(values, [0.0, 1.0, 0.5, 1.0, 0.5, 0.0]);
+        assert_eq!(trips, 2);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_whole_cycle() {
         let b = breaker(Trip::ConsecutiveFailures(3));

@@ -194,6 +194,7 @@ impl Protections {
             Some(limit) => match limit.acquire().await {
                 Ok(permit) => Some(permit),
                 Err(refusal) => {
+                    tracing::debug!(dispatcher_id = %self.dispatcher_id, "The concurrency limit refused a call.");
                     if let (Some(breaker), Some(ticket)) = (&self.breaker, ticket) {
                         breaker.release(ticket);
                     }
@@ -218,7 +219,9 @@ impl Protections {
         if let Some(observer) = &self.observer {
             observer.retried(&self.dispatcher_id);
         }
-        Some(policy.delay(retry))
+        let delay = policy.delay(retry);
+        tracing::debug!(dispatcher_id = %self.dispatcher_id, retry, delay_ms = delay.as_millis() as u64, "Retrying a call.");
+        Some(delay)
     }
 
     /// Records the call's outcome with the breaker, and remembers the message for dedup when it
