@@ -13,4 +13,5 @@ pub mod http;
 pub mod instrumentation;
 pub mod resilience;
 pub mod simulate;
+pub mod sinks;
 pub mod telemetry;

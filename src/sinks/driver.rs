@@ -1,0 +1,367 @@
+//! The one sink driver: batching, retries, dead letters, shutdown and accounting for every
+//! plugin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::dead_letter::DeadLetterFile;
+use super::{DispatchEvent, Retry, SendError, Sink, SinkError};
+use crate::resilience::RetryPolicy;
+
+/// The longest `Retry-After` honoured; a service asking for more gets its events dead-lettered
+/// after the retries rather than holding the pipeline for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// What happens to an event offered while the sink's buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Wait for room: backpressure to whoever offers (the default).
+    Block,
+    /// Drop the offered event and count it as `dropped`.
+    DropNewest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriverConfig {
+    /// Events per batch at most (default 100).
+    pub batch_size: usize,
+    /// A partial batch is sent once its oldest event waited this long (default 5 s).
+    pub flush_interval: Duration,
+    /// Events queued for the sink at most (default 1000).
+    pub buffer: usize,
+    pub full: FullPolicy,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// How long the final flush may take at shutdown; what is left then is dead-lettered.
+    pub shutdown_deadline: Duration,
+    /// One call to the backend at most; past it the call counts as a transient failure.
+    pub send_timeout: Duration,
+    pub dead_letter: std::path::PathBuf,
+}
+
+/// `outcome` of `sink_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Received,
+    Sent,
+    /// Events of a batch sent again after a transient failure (counted per retry).
+    Retried,
+    Dropped,
+    DeadLettered,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Received => "received",
+            Outcome::Sent => "sent",
+            Outcome::Retried => "retried",
+            Outcome::Dropped => "dropped",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Told what the driver does (the metrics implement it).
+pub trait SinkObserver: Send + Sync + 'static {
+    fn events(&self, sink: &str, outcome: Outcome, count: u64);
+    fn batch(&self, sink: &str, size: usize);
+    /// One call to the backend: `status_family` is `2xx`, `4xx`, `5xx` or `error` (no answer).
+    fn request(&self, sink: &str, status_family: &str, elapsed: Duration);
+    fn queue_depth(&self, sink: &str, depth: usize);
+}
+
+/// Where events are offered to a running driver. Cheap to clone.
+#[derive(Clone)]
+pub struct SinkHandle {
+    name: Arc<str>,
+    queue: mpsc::Sender<DispatchEvent>,
+    full: FullPolicy,
+    observer: Option<Arc<dyn SinkObserver>>,
+}
+
+impl SinkHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Offers one event: counted as received, then queued (waiting for room under `block`) or
+    /// dropped and counted (under `drop_newest`, or once the driver has stopped). Answers whether
+    /// it was queued.
+    pub async fn offer(&self, event: DispatchEvent) -> bool {
+        self.count(Outcome::Received, 1);
+        let queued = match self.full {
+            FullPolicy::Block => self.queue.send(event).await.is_ok(),
+            FullPolicy::DropNewest => self.queue.try_send(event).is_ok(),
+        };
+        if !queued {
+            self.count(Outcome::Dropped, 1);
+            tracing::debug!(sink = %self.name, "A sink's queue refused an event; it was dropped.");
+        }
+        queued
+    }
+
+    fn count(&self, outcome: Outcome, count: u64) {
+        if let Some(observer) = &self.observer {
+            observer.events(&self.name, outcome, count);
+        }
+    }
+
+    /// Events waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+/// Runs a [`Sink`] behind a bounded queue.
+pub struct SinkDriver {
+    sink: Box<dyn Sink>,
+    name: Arc<str>,
+    config: DriverConfig,
+    dead_letters: DeadLetterFile,
+    observer: Option<Arc<dyn SinkObserver>>,
+}
+
+impl SinkDriver {
+    /// Starts the driver on `tracker`; it runs until `shutdown`, then flushes within the
+    /// deadline, dead-letters what is left, and closes the sink.
+    pub fn spawn(
+        sink: Box<dyn Sink>,
+        config: DriverConfig,
+        observer: Option<Arc<dyn SinkObserver>>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> SinkHandle {
+        let name: Arc<str> = sink.name().into();
+        let (queue, events) = mpsc::channel(config.buffer.max(1));
+        let handle = SinkHandle {
+            name: name.clone(),
+            queue,
+            full: config.full,
+            observer: observer.clone(),
+        };
+        let driver = SinkDriver {
+            dead_letters: DeadLetterFile::new(config.dead_letter.clone()),
+            sink,
+            name,
+            config,
+            observer,
+        };
+        tracker.spawn(driver.run(events, shutdown));
+        handle
+    }
+
+    fn count(&self, outcome: Outcome, count: usize) {
+        if let (Some(observer), true) = (&self.observer, count > 0) {
+            observer.events(&self.name, outcome, count as u64);
+        }
+    }
+
+    async fn run(mut self, mut events: mpsc::Receiver<DispatchEvent>, shutdown: CancellationToken) {
+        if let Err(error) = self.sink.init().await {
+            tracing::error!(sink = %self.name, %error, "A sink failed to initialize; its batches will fail and be dead-lettered.");
+        }
+        let batch_size = self.config.batch_size.max(1);
+        let mut batch: Vec<DispatchEvent> = Vec::with_capacity(batch_size);
+        let mut oldest: Option<Instant> = None;
+        loop {
+            let flush_at = oldest.map(|at| at + self.config.flush_interval);
+            let room = batch_size - batch.len();
+            let due = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = sleep_until(flush_at) => true,
+                received = events.recv_many(&mut batch, room) => {
+                    if received == 0 {
+                        break;
+                    }
+                    oldest.get_or_insert_with(Instant::now);
+                    batch.len() >= batch_size
+                }
+            };
+            if due {
+                // A delivery (with its retries) yields to shutdown; its batch then joins the
+                // final flush, and what the service already took may be sent again, as
+                // at-least-once allows.
+                let done = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => false,
+                    () = self.deliver(batch.clone()) => true,
+                };
+                if !done {
+                    break;
+                }
+                batch.clear();
+                oldest = None;
+            }
+            self.depth(&events, batch.len());
+        }
+
+        // Stop taking events, then flush everything queued within the deadline.
+        events.close();
+        let deadline = Instant::now() + self.config.shutdown_deadline;
+        let mut left = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            left.push(event);
+        }
+        batch.extend(left);
+        let total = batch.len();
+        let mut pending = batch;
+        let flushed = tokio::time::timeout_at(deadline, async {
+            while !pending.is_empty() {
+                // The chunk leaves `pending` only once delivered, so a deadline that cuts a
+                // delivery short still finds it there.
+                let chunk = batch_size.min(pending.len());
+                self.deliver(pending[..chunk].to_vec()).await;
+                pending.drain(..chunk);
+            }
+        })
+        .await;
+        if flushed.is_err() {
+            // `pending` holds what was not handed to the sink in time; a batch cut off mid-send
+            // may reach the service too, which at-least-once allows.
+            let count = pending.len();
+            self.dead_letter(
+                &pending,
+                "shutdown",
+                0,
+                "the shutdown deadline passed before it was sent",
+            )
+            .await;
+            tracing::warn!(sink = %self.name, count, "Dead-lettered events still queued at the shutdown deadline.");
+        }
+        if let Err(error) = self.sink.close().await {
+            tracing::warn!(sink = %self.name, %error, "A sink did not close cleanly.");
+        }
+        self.depth(&events, 0);
+        tracing::info!(sink = %self.name, flushed = total, "A sink stopped.");
+    }
+
+    fn depth(&self, events: &mpsc::Receiver<DispatchEvent>, in_batch: usize) {
+        if let Some(observer) = &self.observer {
+            observer.queue_depth(&self.name, events.len() + in_batch);
+        }
+    }
+
+    /// Sends one batch until every event is sent or dead-lettered.
+    async fn deliver(&self, batch: Vec<DispatchEvent>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Some(observer) = &self.observer {
+            observer.batch(&self.name, batch.len());
+        }
+        let mut pending: &[DispatchEvent] = &batch;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let started = Instant::now();
+            let result = match tokio::time::timeout(
+                self.config.send_timeout,
+                self.sink.send_events(pending),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(SinkError::transient(format!(
+                    "no answer within {:?}",
+                    self.config.send_timeout
+                ))
+                .into()),
+            };
+            let family = match &result {
+                Ok(_) => "2xx".to_owned(),
+                Err(SendError { error, .. }) => error.status.map_or_else(
+                    || "error".to_owned(),
+                    |status| format!("{}xx", status / 100),
+                ),
+            };
+            if let Some(observer) = &self.observer {
+                observer.request(&self.name, &family, started.elapsed());
+            }
+            let (accepted, error) = match result {
+                Ok(delivery) => {
+                    let refused: Vec<DispatchEvent> = delivery
+                        .refused
+                        .iter()
+                        .filter_map(|(index, _)| pending.get(*index).cloned())
+                        .collect();
+                    let reason = delivery
+                        .refused
+                        .first()
+                        .map(|(_, r)| r.as_str())
+                        .unwrap_or_default();
+                    self.count(Outcome::Sent, pending.len() - refused.len());
+                    self.dead_letter(&refused, "refused_by_service", attempts, reason)
+                        .await;
+                    return;
+                }
+                Err(SendError { accepted, error }) => (accepted.min(pending.len()), error),
+            };
+            self.count(Outcome::Sent, accepted);
+            pending = &pending[accepted..];
+            if pending.is_empty() {
+                return;
+            }
+            if error.retry == Retry::Permanent {
+                self.dead_letter(pending, "permanent", attempts, &error.message)
+                    .await;
+                return;
+            }
+            if attempts > self.config.retry.attempts {
+                self.dead_letter(pending, "retries_exhausted", attempts, &error.message)
+                    .await;
+                return;
+            }
+            let backoff = self.config.retry.delay(attempts);
+            let delay = error
+                .retry_after
+                .map_or(backoff, |asked| asked.min(MAX_RETRY_AFTER).max(backoff));
+            tracing::debug!(sink = %self.name, attempts, delay_ms = delay.as_millis() as u64, error = %error, "Retrying a batch.");
+            self.count(Outcome::Retried, pending.len());
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        events: &[DispatchEvent],
+        reason: &str,
+        attempts: u32,
+        error: &str,
+    ) {
+        if events.is_empty() {
+            return;
+        }
+        match self
+            .dead_letters
+            .append(&self.name, reason, attempts, error, events)
+            .await
+        {
+            Ok(()) => self.count(Outcome::DeadLettered, events.len()),
+            Err(io) => {
+                // Nowhere left to put them: say so loudly and count them as dropped.
+                tracing::error!(
+                    sink = %self.name,
+                    path = %self.dead_letters.path().display(),
+                    error = %io,
+                    count = events.len(),
+                    "Could not write dead letters; the events are lost."
+                );
+                self.count(Outcome::Dropped, events.len());
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
