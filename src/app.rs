@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::MemoryBus;
 use crate::config::{Config, DispatcherKind};
 use crate::dispatchers::{JsonlFile, LogDispatcher};
 use crate::engine::{Dispatcher, Engine, Route};
@@ -27,6 +28,7 @@ use crate::health::{
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
 use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
+use crate::sinks::{SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
 
 /// How long abandoned requests get to send their 503 before the server task is aborted.
@@ -97,6 +99,25 @@ impl AppBuilder {
 
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
+
+        // The event pipeline: one driver per configured sink, fed by the in-memory bus.
+        let sinks = TaskTracker::new();
+        let stop_sinks = CancellationToken::new();
+        let sink_observer = telemetry
+            .sink_metrics()
+            .map(|metrics| Arc::new(metrics) as Arc<dyn SinkObserver>);
+        let mut handles = Vec::new();
+        for settings in &config.sinks {
+            let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;
+            handles.push(SinkDriver::spawn(
+                sink,
+                settings.driver.clone(),
+                sink_observer.clone(),
+                &sinks,
+                stop_sinks.clone(),
+            ));
+        }
+        let bus = MemoryBus::new(handles);
         let mut dispatchers = Vec::new();
         for spec in &config.dispatchers {
             let id = spec.dispatcher_id.as_str();
@@ -196,6 +217,9 @@ impl AppBuilder {
             liveness,
             health,
             telemetry,
+            bus,
+            sinks,
+            stop_sinks,
             writers,
             stop_writers,
         })
@@ -212,6 +236,9 @@ pub struct App {
     liveness: Vec<DispatcherSettings>,
     health: HealthRegistry,
     telemetry: Telemetry,
+    bus: MemoryBus,
+    sinks: TaskTracker,
+    stop_sinks: CancellationToken,
     writers: TaskTracker,
     stop_writers: CancellationToken,
 }
@@ -259,12 +286,13 @@ impl App {
             ));
         }
 
-        let state = ApiState::new(
+        let mut state = ApiState::new(
             self.engine.clone(),
             self.telemetry.clone(),
             self.health.clone(),
             shutdown.clone(),
         );
+        state.events = Some(Arc::new(self.bus.clone()));
         let abandon = state.abandon.clone();
         let router = http::router(state, self.config.server.max_body_bytes);
         tracing::info!(
@@ -312,6 +340,10 @@ impl App {
         stop_lifecycles.cancel();
         lifecycles.close();
         lifecycles.wait().await;
+        // Every dispatch has published its event by now: flush the sinks.
+        self.stop_sinks.cancel();
+        self.sinks.close();
+        self.sinks.wait().await;
         self.stop_writers.cancel();
         self.writers.close();
         self.writers.wait().await;

@@ -38,6 +38,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub health: HealthConfig,
+    /// Where dispatch events are forwarded.
+    pub sinks: Vec<SinkSettings>,
     pub dispatchers: Vec<DispatcherConfig>,
     pub routes: Vec<Route>,
 }
@@ -61,6 +63,13 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub filter: String,
+}
+
+/// One configured sink: the plugin's settings and its driver's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkSettings {
+    pub sink: crate::sinks::SinkConfig,
+    pub driver: crate::sinks::DriverConfig,
 }
 
 /// One configured dispatcher. The built-in kinds are handlers of events and intents.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::{
     Config, ConfigError, DEFAULT_TOML, DispatcherConfig, DispatcherKind, ENV_OVERRIDES, LogConfig,
-    MetricsConfig, Origin, Problem, ServerConfig,
+    MetricsConfig, Origin, Problem, ServerConfig, SinkSettings,
 };
 use crate::engine::{
     BuildProblem, Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage,
@@ -22,6 +22,7 @@ use crate::resilience::{
     BreakerConfig, ConcurrencyConfig, DedupConfig, RateLimitConfig, RateLimitMode,
     ResilienceConfig, RetryPolicy, Trip,
 };
+use crate::sinks::{DriverConfig, FullPolicy, SERVICES, SinkConfig};
 
 /// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
 const MAX_CARDINALITY_LIMIT: u64 = 100_000;
@@ -45,6 +46,28 @@ struct RawConfig {
     health: RawHealth,
     dispatchers: Option<Vec<RawDispatcher>>,
     routes: Option<Vec<RawRoute>>,
+    sinks: Option<Vec<RawSink>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    name: String,
+    service: String,
+    endpoint: Option<String>,
+    api_key: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    timeout: Option<String>,
+    #[serde(default)]
+    fsync: bool,
+    batch_size: Option<usize>,
+    flush_interval: Option<String>,
+    buffer: Option<usize>,
+    full_policy: Option<String>,
+    dead_letter: Option<String>,
+    shutdown_deadline: Option<String>,
+    retry: Option<RawRetry>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -342,6 +365,22 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
 
     let raw_dispatchers = raw.dispatchers.unwrap_or_default();
     let raw_routes = raw.routes.unwrap_or_default();
+    let sinks = raw
+        .sinks
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, sink)| validate_sink(i, sink, origins, problems))
+        .collect::<Vec<_>>();
+    let mut sink_names = HashMap::new();
+    for (i, sink) in sinks.iter().enumerate() {
+        if sink_names.insert(sink.sink.name.clone(), i).is_some() {
+            problems.push(origins.problem(
+                format!("sinks[{i}].name"),
+                format!("sink `{}` is configured twice", sink.sink.name),
+            ));
+        }
+    }
     let mut dispatchers = Vec::new();
     let mut jsonl_paths: HashMap<PathBuf, usize> = HashMap::new();
     let mut category_failed = false;
@@ -477,6 +516,7 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         },
         log: LogConfig { filter },
         health,
+        sinks,
         dispatchers,
         routes,
     })
@@ -740,6 +780,132 @@ fn validate_resilience(
         rate_limit,
         concurrency,
         dedup,
+    }
+}
+
+fn validate_sink(
+    i: usize,
+    raw: &RawSink,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> SinkSettings {
+    let at = |field: &str| format!("sinks[{i}].{field}");
+    let mut check = |ok: bool, field: &str, message: String| {
+        if !ok {
+            problems.push(origins.problem(at(field), message));
+        }
+    };
+    check(
+        crate::engine::is_valid_id(&raw.name),
+        "name",
+        "must be 1 to 128 characters of [A-Za-z0-9_.-]".into(),
+    );
+    check(
+        SERVICES.contains(&raw.service.as_str()),
+        "service",
+        format!(
+            "unknown service `{}` (expected one of {})",
+            raw.service,
+            SERVICES.join(", ")
+        ),
+    );
+    let needs_endpoint = matches!(raw.service.as_str(), "file" | "http");
+    check(
+        !needs_endpoint || raw.endpoint.is_some(),
+        "endpoint",
+        format!("the {} sink needs an endpoint", raw.service),
+    );
+    let api_key = raw
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("DISPATCHD_API_KEY").ok());
+    let needs_key = matches!(raw.service.as_str(), "lunary" | "helicone");
+    check(
+        !needs_key || api_key.is_some(),
+        "api_key",
+        format!(
+            "the {} sink needs an api key (or DISPATCHD_API_KEY)",
+            raw.service
+        ),
+    );
+    let batch_size = raw.batch_size.unwrap_or(100);
+    check(
+        (1..=10_000).contains(&batch_size),
+        "batch_size",
+        "must be between 1 and 10000".into(),
+    );
+    let buffer = raw.buffer.unwrap_or(1000);
+    check(buffer >= 1, "buffer", "must be at least 1".into());
+    let full = match raw.full_policy.as_deref() {
+        None | Some("block") => FullPolicy::Block,
+        Some("drop_newest") => FullPolicy::DropNewest,
+        Some(other) => {
+            check(
+                false,
+                "full_policy",
+                format!("unknown policy `{other}` (expected block or drop_newest)"),
+            );
+            FullPolicy::Block
+        }
+    };
+    let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
+        None => default,
+        Some(text) => positive(text, &at(field), origins, problems).unwrap_or(default),
+    };
+    let flush_interval = positive_or(
+        &raw.flush_interval,
+        "flush_interval",
+        Duration::from_secs(5),
+    );
+    let timeout = positive_or(&raw.timeout, "timeout", Duration::from_secs(10));
+    let shutdown_deadline = positive_or(
+        &raw.shutdown_deadline,
+        "shutdown_deadline",
+        Duration::from_secs(10),
+    );
+    let retry = match &raw.retry {
+        None => RetryPolicy {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        },
+        Some(r) => RetryPolicy {
+            attempts: r.attempts,
+            initial_backoff: positive_or(
+                &r.initial_backoff,
+                "retry.initial_backoff",
+                Duration::from_millis(200),
+            ),
+            max_backoff: positive_or(&r.max_backoff, "retry.max_backoff", Duration::from_secs(30)),
+        },
+    };
+    let dead_letter = raw
+        .dead_letter
+        .clone()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(format!("./dispatchd-data/{}.dead-letters.jsonl", raw.name))
+        });
+    SinkSettings {
+        sink: SinkConfig {
+            name: raw.name.clone(),
+            service: raw.service.clone(),
+            endpoint: raw.endpoint.clone(),
+            api_key,
+            headers: raw.headers.clone(),
+            timeout,
+            fsync: raw.fsync,
+        },
+        driver: DriverConfig {
+            batch_size,
+            flush_interval,
+            buffer,
+            full,
+            retry,
+            shutdown_deadline,
+            send_timeout: timeout + Duration::from_secs(1),
+            dead_letter,
+        },
     }
 }
 

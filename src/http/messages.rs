@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::{ApiError, ApiState};
 use crate::engine::{DispatchResult, DispatchStatus, Envelope};
+use crate::sinks::DispatchEvent;
 
 /// The longest `message_id` or `correlation_id` accepted, in bytes.
 const MAX_ID_LEN: usize = 256;
@@ -65,6 +66,12 @@ pub(super) async fn ingest(
             ));
         }
     };
+    if let Some(events) = &state.events {
+        // Under the sinks' `block` policy this waits for room: backpressure, not loss.
+        events
+            .publish(DispatchEvent::from_dispatch(&result, &envelope))
+            .await;
+    }
     Ok((status_code(&result), Json(result)).into_response())
 }
 

@@ -16,6 +16,7 @@ mod error;
 mod messages;
 mod observe;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
@@ -25,6 +26,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::EventBus;
 use crate::engine::Engine;
 use crate::health::HealthRegistry;
 use crate::telemetry::{Telemetry, record_http};
@@ -39,6 +41,8 @@ pub struct ApiState {
     pub health: HealthRegistry,
     /// Cancelled when shutdown begins: `/ready` answers 503 from then on.
     pub draining: CancellationToken,
+    /// Where each dispatch's event is published; `None` publishes nothing.
+    pub events: Option<Arc<dyn EventBus>>,
     pub started: Instant,
     /// Cancelled when the shutdown grace period ends: requests still dispatching then answer
     /// 503 instead of holding the process open.
@@ -57,6 +61,7 @@ impl ApiState {
             telemetry,
             health,
             draining,
+            events: None,
             started: Instant::now(),
             abandon: CancellationToken::new(),
         }

@@ -87,6 +87,9 @@ pub mod label {
     pub const IS_STALE: &str = "is_stale";
     pub const CACHE: &str = "cache";
     pub const OPERATION: &str = "operation";
+    pub const SINK: &str = "sink";
+    pub const OUTCOME: &str = "outcome";
+    pub const STATUS_FAMILY: &str = "status_family";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -298,6 +301,50 @@ pub const DISPATCHER_CACHE_HIT_RATIO: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+/// Backend calls take from milliseconds to the HTTP timeout.
+pub const SINK_REQUEST_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 4.0, 8.0, 16.0];
+
+/// Batches hold 1 to `batch_size` events (default 100, at most 10,000).
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0,
+];
+
+pub const SINK_EVENTS: InstrumentSpec = InstrumentSpec {
+    name: "sink_events",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Dispatch events in the pipeline, by sink and outcome (received, sent, retried, dropped, dead_lettered).",
+    labels: &[label::SINK, label::OUTCOME],
+    buckets: &[],
+};
+
+pub const SINK_BATCH_SIZE: InstrumentSpec = InstrumentSpec {
+    name: "sink_batch_size",
+    kind: Kind::Histogram,
+    unit: "",
+    description: "Events per batch handed to a sink.",
+    labels: &[label::SINK],
+    buckets: BATCH_SIZE_BUCKETS,
+};
+
+pub const SINK_REQUEST_DURATION: InstrumentSpec = InstrumentSpec {
+    name: "sink_request_duration",
+    kind: Kind::Histogram,
+    unit: "s",
+    description: "Latency of one call to a sink's backend, by status family (2xx, 4xx, 5xx, error).",
+    labels: &[label::SINK, label::STATUS_FAMILY],
+    buckets: SINK_REQUEST_BUCKETS,
+};
+
+pub const SINK_QUEUE_DEPTH: InstrumentSpec = InstrumentSpec {
+    name: "sink_queue_depth",
+    kind: Kind::Gauge,
+    unit: "",
+    description: "Events waiting for a sink: queued plus in the batch being built.",
+    labels: &[label::SINK],
+    buckets: &[],
+};
+
 /// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
 /// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
 pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
@@ -330,6 +377,10 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_RETRIES,
     DISPATCHER_CACHE_OPERATIONS,
     DISPATCHER_CACHE_HIT_RATIO,
+    SINK_EVENTS,
+    SINK_BATCH_SIZE,
+    SINK_REQUEST_DURATION,
+    SINK_QUEUE_DEPTH,
     HTTP_SERVER_REQUEST_DURATION,
     DISPATCHER_WORKER_THREADS,
     METRIC_CARDINALITY_OVERFLOW,
@@ -364,6 +415,10 @@ mod tests {
                 "dispatcher_retries_total",
                 "dispatcher_cache_operations_total",
                 "dispatcher_cache_hit_ratio",
+                "sink_events_total",
+                "sink_batch_size",
+                "sink_request_duration_seconds",
+                "sink_queue_depth",
                 "http_server_request_duration_seconds",
                 "dispatcher_worker_threads",
                 "metric_cardinality_overflow",

@@ -20,6 +20,7 @@ mod engine;
 mod health;
 mod http;
 mod resilience;
+mod sinks;
 pub mod stats;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
 pub use health::LifecycleMetrics;
 pub use http::{HttpMetrics, record_http};
 pub use resilience::ResilienceMetrics;
+pub use sinks::SinkMetrics;
 
 /// The content type of the Prometheus text exposition format served on `/metrics`.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -158,6 +160,12 @@ impl Telemetry {
     pub fn resilience_metrics(&self) -> Option<ResilienceMetrics> {
         self.enabled()
             .map(|enabled| ResilienceMetrics::new(&enabled.meter))
+    }
+
+    /// The event pipeline's metrics, or `None` when metrics are off.
+    pub fn sink_metrics(&self) -> Option<SinkMetrics> {
+        self.enabled()
+            .map(|enabled| SinkMetrics::new(&enabled.meter))
     }
 
     /// The HTTP API's metrics, or `None` when metrics are off.

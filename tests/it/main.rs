@@ -17,3 +17,6 @@ mod metrics;
 mod health;
 // `dispatchd simulate`: every protection's metrics move under the demonstration traffic.
 mod simulate;
+// The event pipeline: dispatch events through the driver to the sinks, and each plugin's exact
+// request shape against a loopback server that plays the service.
+mod pipeline;

@@ -25,6 +25,16 @@ pub(crate) fn test_config(dir: &std::path::Path) -> Config {
             *path = dir.join("messages.jsonl");
         }
     }
+    for sink in &mut config.sinks {
+        if sink.sink.service == "file" {
+            sink.sink.endpoint = Some(
+                dir.join(format!("{}.jsonl", sink.sink.name))
+                    .display()
+                    .to_string(),
+            );
+        }
+        sink.driver.dead_letter = dir.join(format!("{}.dead-letters.jsonl", sink.sink.name));
+    }
     config
 }
 
@@ -95,6 +105,12 @@ impl TestApp {
     /// Signals shutdown without waiting.
     pub(crate) fn begin_shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Stops the service and keeps its files: what `App::run` returned, and the directory.
+    pub(crate) async fn stop_keeping_files(mut self) -> (anyhow::Result<()>, tempfile::TempDir) {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (self.stop().await, dir)
     }
 
     /// Stops the service and returns what `App::run` returned, within a bound.

@@ -1,0 +1,64 @@
+//! The event pipeline's metrics, fed through `SinkObserver`.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+
+use super::catalog::{self, label};
+use super::engine::{counter, histogram};
+use crate::sinks::{Outcome, SinkObserver};
+
+/// `sink_events_total`, `sink_batch_size`, `sink_request_duration_seconds`, `sink_queue_depth`.
+pub struct SinkMetrics {
+    events: Counter<u64>,
+    batch_size: Histogram<f64>,
+    request_duration: Histogram<f64>,
+    queue_depth: Gauge<f64>,
+}
+
+impl SinkMetrics {
+    pub fn new(meter: &Meter) -> SinkMetrics {
+        let depth = catalog::SINK_QUEUE_DEPTH;
+        SinkMetrics {
+            events: counter(meter, catalog::SINK_EVENTS),
+            batch_size: histogram(meter, catalog::SINK_BATCH_SIZE),
+            request_duration: histogram(meter, catalog::SINK_REQUEST_DURATION),
+            queue_depth: meter
+                .f64_gauge(depth.name)
+                .with_description(depth.description)
+                .build(),
+        }
+    }
+}
+
+fn sink(name: &str) -> KeyValue {
+    KeyValue::new(label::SINK, name.to_owned())
+}
+
+impl SinkObserver for SinkMetrics {
+    fn events(&self, name: &str, outcome: Outcome, count: u64) {
+        self.events.add(
+            count,
+            &[sink(name), KeyValue::new(label::OUTCOME, outcome.as_str())],
+        );
+    }
+
+    fn batch(&self, name: &str, size: usize) {
+        self.batch_size.record(size as f64, &[sink(name)]);
+    }
+
+    fn request(&self, name: &str, status_family: &str, elapsed: Duration) {
+        self.request_duration.record(
+            elapsed.as_secs_f64(),
+            &[
+                sink(name),
+                KeyValue::new(label::STATUS_FAMILY, status_family.to_owned()),
+            ],
+        );
+    }
+
+    fn queue_depth(&self, name: &str, depth: usize) {
+        self.queue_depth.record(depth as f64, &[sink(name)]);
+    }
+}
