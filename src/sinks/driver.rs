@@ -76,11 +76,18 @@ pub trait SinkObserver: Send + Sync + 'static {
     fn queue_depth(&self, sink: &str, depth: usize);
 }
 
+/// An event in a driver's queue, with the bus entry to acknowledge once it is settled.
+#[derive(Debug, Clone)]
+struct Queued {
+    event: DispatchEvent,
+    ack: Option<String>,
+}
+
 /// Where events are offered to a running driver. Cheap to clone.
 #[derive(Clone)]
 pub struct SinkHandle {
     name: Arc<str>,
-    queue: mpsc::Sender<DispatchEvent>,
+    queue: mpsc::Sender<Queued>,
     full: FullPolicy,
     observer: Option<Arc<dyn SinkObserver>>,
 }
@@ -94,10 +101,24 @@ impl SinkHandle {
     /// dropped and counted (under `drop_newest`, or once the driver has stopped). Answers whether
     /// it was queued.
     pub async fn offer(&self, event: DispatchEvent) -> bool {
+        self.enqueue(Queued { event, ack: None }).await
+    }
+
+    /// Offers an event read from a bus: once it is settled (sent or dead-lettered) the driver
+    /// reports `ack` on its acknowledgement channel.
+    pub async fn offer_acked(&self, event: DispatchEvent, ack: String) -> bool {
+        self.enqueue(Queued {
+            event,
+            ack: Some(ack),
+        })
+        .await
+    }
+
+    async fn enqueue(&self, item: Queued) -> bool {
         self.count(Outcome::Received, 1);
         let queued = match self.full {
-            FullPolicy::Block => self.queue.send(event).await.is_ok(),
-            FullPolicy::DropNewest => self.queue.try_send(event).is_ok(),
+            FullPolicy::Block => self.queue.send(item).await.is_ok(),
+            FullPolicy::DropNewest => self.queue.try_send(item).is_ok(),
         };
         if !queued {
             self.count(Outcome::Dropped, 1);
@@ -125,6 +146,9 @@ pub struct SinkDriver {
     config: DriverConfig,
     dead_letters: DeadLetterFile,
     observer: Option<Arc<dyn SinkObserver>>,
+    /// Bus mode: settled entries are reported here, and events still queued at the shutdown
+    /// deadline stay unacknowledged (the bus delivers them again) instead of dead-lettered.
+    acks: Option<mpsc::UnboundedSender<Vec<String>>>,
 }
 
 impl SinkDriver {
@@ -134,6 +158,20 @@ impl SinkDriver {
         sink: Box<dyn Sink>,
         config: DriverConfig,
         observer: Option<Arc<dyn SinkObserver>>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> SinkHandle {
+        SinkDriver::spawn_with_acks(sink, config, observer, None, tracker, shutdown)
+    }
+
+    /// Like [`SinkDriver::spawn`], for events read from a bus that must be acknowledged only
+    /// once settled: their entry ids are sent on `acks` after their batch was sent or
+    /// dead-lettered, and what is still queued at the shutdown deadline is left to the bus.
+    pub fn spawn_with_acks(
+        sink: Box<dyn Sink>,
+        config: DriverConfig,
+        observer: Option<Arc<dyn SinkObserver>>,
+        acks: Option<mpsc::UnboundedSender<Vec<String>>>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> SinkHandle {
@@ -151,6 +189,7 @@ impl SinkDriver {
             name,
             config,
             observer,
+            acks,
         };
         tracker.spawn(driver.run(events, shutdown));
         handle
@@ -162,12 +201,12 @@ impl SinkDriver {
         }
     }
 
-    async fn run(mut self, mut events: mpsc::Receiver<DispatchEvent>, shutdown: CancellationToken) {
+    async fn run(mut self, mut events: mpsc::Receiver<Queued>, shutdown: CancellationToken) {
         if let Err(error) = self.sink.init().await {
             tracing::error!(sink = %self.name, %error, "A sink failed to initialize; its batches will fail and be dead-lettered.");
         }
         let batch_size = self.config.batch_size.max(1);
-        let mut batch: Vec<DispatchEvent> = Vec::with_capacity(batch_size);
+        let mut batch: Vec<Queued> = Vec::with_capacity(batch_size);
         let mut oldest: Option<Instant> = None;
         loop {
             let flush_at = oldest.map(|at| at + self.config.flush_interval);
@@ -205,11 +244,9 @@ impl SinkDriver {
         // Stop taking events, then flush everything queued within the deadline.
         events.close();
         let deadline = Instant::now() + self.config.shutdown_deadline;
-        let mut left = Vec::new();
-        while let Ok(event) = events.try_recv() {
-            left.push(event);
+        while let Ok(item) = events.try_recv() {
+            batch.push(item);
         }
-        batch.extend(left);
         let total = batch.len();
         let mut pending = batch;
         let flushed = tokio::time::timeout_at(deadline, async {
@@ -223,17 +260,22 @@ impl SinkDriver {
         })
         .await;
         if flushed.is_err() {
-            // `pending` holds what was not handed to the sink in time; a batch cut off mid-send
-            // may reach the service too, which at-least-once allows.
+            // What was not settled in time; a batch cut off mid-send may reach the service too,
+            // which at-least-once allows.
             let count = pending.len();
-            self.dead_letter(
-                &pending,
-                "shutdown",
-                0,
-                "the shutdown deadline passed before it was sent",
-            )
-            .await;
-            tracing::warn!(sink = %self.name, count, "Dead-lettered events still queued at the shutdown deadline.");
+            if self.acks.is_some() {
+                tracing::warn!(sink = %self.name, count, "Left events unacknowledged at the shutdown deadline; the bus will deliver them again.");
+            } else {
+                let events: Vec<DispatchEvent> = pending.into_iter().map(|q| q.event).collect();
+                self.dead_letter(
+                    &events,
+                    "shutdown",
+                    0,
+                    "the shutdown deadline passed before it was sent",
+                )
+                .await;
+                tracing::warn!(sink = %self.name, count, "Dead-lettered events still queued at the shutdown deadline.");
+            }
         }
         if let Err(error) = self.sink.close().await {
             tracing::warn!(sink = %self.name, %error, "A sink did not close cleanly.");
@@ -242,17 +284,31 @@ impl SinkDriver {
         tracing::info!(sink = %self.name, flushed = total, "A sink stopped.");
     }
 
-    fn depth(&self, events: &mpsc::Receiver<DispatchEvent>, in_batch: usize) {
+    fn depth(&self, events: &mpsc::Receiver<Queued>, in_batch: usize) {
         if let Some(observer) = &self.observer {
             observer.queue_depth(&self.name, events.len() + in_batch);
         }
     }
 
-    /// Sends one batch until every event is sent or dead-lettered.
-    async fn deliver(&self, batch: Vec<DispatchEvent>) {
-        if batch.is_empty() {
+    /// Sends one batch until every event is sent or dead-lettered, then acknowledges its bus
+    /// entries (unless a dead letter could not be written: those stay with the bus).
+    async fn deliver(&self, queued: Vec<Queued>) {
+        if queued.is_empty() {
             return;
         }
+        let (batch, ids): (Vec<DispatchEvent>, Vec<Option<String>>) =
+            queued.into_iter().map(|q| (q.event, q.ack)).unzip();
+        let settled = self.send(batch).await;
+        if let (true, Some(acks)) = (settled, &self.acks) {
+            let ids: Vec<String> = ids.into_iter().flatten().collect();
+            if !ids.is_empty() {
+                let _ = acks.send(ids);
+            }
+        }
+    }
+
+    /// Sends one batch with its retries; false when some event could not be settled.
+    async fn send(&self, batch: Vec<DispatchEvent>) -> bool {
         if let Some(observer) = &self.observer {
             observer.batch(&self.name, batch.len());
         }
@@ -261,12 +317,9 @@ impl SinkDriver {
         loop {
             attempts += 1;
             let started = Instant::now();
-            let result = match tokio::time::timeout(
-                self.config.send_timeout,
-                self.sink.send_events(pending),
-            )
-            .await
-            {
+            let sent =
+                tokio::time::timeout(self.config.send_timeout, self.sink.send_events(pending));
+            let result = match sent.await {
                 Ok(result) => result,
                 Err(_) => Err(SinkError::transient(format!(
                     "no answer within {:?}",
@@ -297,26 +350,26 @@ impl SinkDriver {
                         .map(|(_, r)| r.as_str())
                         .unwrap_or_default();
                     self.count(Outcome::Sent, pending.len() - refused.len());
-                    self.dead_letter(&refused, "refused_by_service", attempts, reason)
+                    return self
+                        .dead_letter(&refused, "refused_by_service", attempts, reason)
                         .await;
-                    return;
                 }
                 Err(SendError { accepted, error }) => (accepted.min(pending.len()), error),
             };
             self.count(Outcome::Sent, accepted);
             pending = &pending[accepted..];
             if pending.is_empty() {
-                return;
+                return true;
             }
             if error.retry == Retry::Permanent {
-                self.dead_letter(pending, "permanent", attempts, &error.message)
+                return self
+                    .dead_letter(pending, "permanent", attempts, &error.message)
                     .await;
-                return;
             }
             if attempts > self.config.retry.attempts {
-                self.dead_letter(pending, "retries_exhausted", attempts, &error.message)
+                return self
+                    .dead_letter(pending, "retries_exhausted", attempts, &error.message)
                     .await;
-                return;
             }
             let backoff = self.config.retry.delay(attempts);
             let delay = error
@@ -328,22 +381,26 @@ impl SinkDriver {
         }
     }
 
+    /// Writes dead letters; false (and counted as dropped) when even that failed.
     async fn dead_letter(
         &self,
         events: &[DispatchEvent],
         reason: &str,
         attempts: u32,
         error: &str,
-    ) {
+    ) -> bool {
         if events.is_empty() {
-            return;
+            return true;
         }
         match self
             .dead_letters
             .append(&self.name, reason, attempts, error, events)
             .await
         {
-            Ok(()) => self.count(Outcome::DeadLettered, events.len()),
+            Ok(()) => {
+                self.count(Outcome::DeadLettered, events.len());
+                true
+            }
             Err(io) => {
                 // Nowhere left to put them: say so loudly and count them as dropped.
                 tracing::error!(
@@ -354,6 +411,7 @@ impl SinkDriver {
                     "Could not write dead letters; the events are lost."
                 );
                 self.count(Outcome::Dropped, events.len());
+                false
             }
         }
     }
