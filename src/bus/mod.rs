@@ -8,6 +8,8 @@
 //! Not yet here (see the changelog): Redis Streams, which lets several dispatchd instances share
 //! one stream through a consumer group, inbound `[[sources]]`, and publishing handler outputs.
 
+pub mod redis;
+
 use async_trait::async_trait;
 
 use crate::sinks::{DispatchEvent, SinkHandle};

@@ -33,10 +33,63 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Run only the event-forwarding service: read dispatch events from a Redis stream as a member
+    /// of a consumer group and forward them to one sink (or replay a dead-letter file).
+    Sink(Box<SinkArgs>),
     /// Send realistic traffic (successes, slow calls, failures, duplicates, denied commands) so
     /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
     /// in-process, with demonstration dispatchers, on the configured address.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+struct SinkArgs {
+    /// The sink plugin.
+    #[arg(long, value_parser = ["file", "http", "lunary", "helicone"])]
+    service: String,
+    /// A path (file), a URL (http), or a base URL (lunary, helicone; default their cloud).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// The service's API key.
+    #[arg(long, env = "DISPATCHD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Events queued for the sink at most.
+    #[arg(long, default_value_t = 1000)]
+    buffer: usize,
+    /// Events per batch at most.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// A partial batch is sent once its oldest event waited this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    flush_interval: std::time::Duration,
+    /// The Redis to read from, such as redis://127.0.0.1:6379.
+    #[arg(long, env = "DISPATCHD_REDIS_URL", value_name = "URL")]
+    bus: Option<String>,
+    /// The stream of dispatch events.
+    #[arg(long, default_value = "dispatchd:events")]
+    stream: String,
+    /// The consumer group (default `dispatchd-sink-<name>`).
+    #[arg(long)]
+    group: Option<String>,
+    /// This consumer's stable name (default the host name); a restart under the same name first
+    /// re-reads its own pending entries.
+    #[arg(long)]
+    consumer: Option<String>,
+    /// Entries pending with another consumer for longer are claimed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    claim_idle: std::time::Duration,
+    /// The sink's name (the `sink` label; default the service).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where undeliverable events go (default ./dispatchd-data/<name>.dead-letters.jsonl).
+    #[arg(long, value_name = "FILE")]
+    dead_letter: Option<PathBuf>,
+    /// Send the events of this dead-letter file again, then exit.
+    #[arg(long, value_name = "FILE")]
+    replay_dead_letters: Option<PathBuf>,
+    /// Where /metrics and /health are served.
+    #[arg(long, env = "DISPATCHD_LISTEN", default_value = "127.0.0.1:9100")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +122,7 @@ pub fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Simulate(args)) => simulate(args),
+        Some(Command::Sink(args)) => sink(*args),
         None => serve(cli.serve),
     }
 }
@@ -153,6 +207,144 @@ fn simulate(args: SimulateArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn sink(args: SinkArgs) -> ExitCode {
+    init_logging(&std::env::var("DISPATCHD_LOG").unwrap_or_else(|_| "info".to_owned()));
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(run_sink(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The host name, for a stable consumer name; never a PID.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "dispatchd".to_owned())
+}
+
+async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::sinks::{DriverConfig, FullPolicy, SinkConfig, SinkDriver, SinkObserver};
+
+    anyhow::ensure!(
+        (1..=10_000).contains(&args.batch_size),
+        "--batch-size must be between 1 and 10000"
+    );
+    anyhow::ensure!(args.buffer >= 1, "--buffer must be at least 1");
+    let name = args.name.clone().unwrap_or_else(|| args.service.clone());
+    let sink = crate::sinks::build(&SinkConfig {
+        name: name.clone(),
+        service: args.service.clone(),
+        endpoint: args.endpoint.clone(),
+        api_key: args.api_key.clone(),
+        headers: Default::default(),
+        timeout: Duration::from_secs(10),
+        fsync: false,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let driver = DriverConfig {
+        batch_size: args.batch_size,
+        flush_interval: args.flush_interval,
+        buffer: args.buffer,
+        full: FullPolicy::Block,
+        retry: crate::resilience::RetryPolicy {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        },
+        shutdown_deadline: Duration::from_secs(10),
+        send_timeout: Duration::from_secs(11),
+        dead_letter: args.dead_letter.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("./dispatchd-data/{name}.dead-letters.jsonl"))
+        }),
+    };
+
+    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
+        enabled: true,
+        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
+        cardinality_limit: 2000,
+    });
+    let observer = telemetry
+        .sink_metrics()
+        .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, sink = %name, "dispatchd sink is serving /metrics and /health.");
+    let server = axum::serve(listener, crate::http::metrics_router(telemetry.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = tokio::spawn(server.into_future());
+
+    if let Some(file) = &args.replay_dead_letters {
+        let events = crate::sinks::dead_letter::read(file).map_err(anyhow::Error::msg)?;
+        // Moved aside first: events that fail again are appended to the dead-letter file, which
+        // may be this one.
+        let replayed = file.with_extension("replayed.jsonl");
+        std::fs::rename(file, &replayed)
+            .with_context(|| format!("cannot move {} aside", file.display()))?;
+        let tracker = tokio_util::task::TaskTracker::new();
+        let stop = CancellationToken::new();
+        let handle = SinkDriver::spawn(sink, driver, observer, &tracker, stop.clone());
+        let count = events.len();
+        for event in events {
+            handle.offer(event).await;
+        }
+        drop(handle);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        println!(
+            "replayed {count} events from {} (moved to {})",
+            file.display(),
+            replayed.display()
+        );
+    } else {
+        let url = args
+            .bus
+            .clone()
+            .context("--bus (or DISPATCHD_REDIS_URL) is required to read events")?;
+        let consumer = crate::bus::redis::ConsumerConfig {
+            stream: args.stream.clone(),
+            group: args
+                .group
+                .clone()
+                .unwrap_or_else(|| format!("dispatchd-sink-{name}")),
+            consumer: args.consumer.clone().unwrap_or_else(host_name),
+            count: args.batch_size,
+            block: Duration::from_secs(1),
+            claim_idle: args.claim_idle,
+        };
+        crate::sinks::service::run_from_redis(
+            url,
+            consumer,
+            sink,
+            driver,
+            observer,
+            None,
+            shutdown.clone(),
+        )
+        .await
+        .context("reading the stream")?;
+    }
+    shutdown.cancel();
+    let _ = server.await;
+    telemetry.shutdown();
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

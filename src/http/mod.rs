@@ -101,6 +101,25 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
+/// The API of a process that only forwards events (`dispatchd sink`): `/health` and `/metrics`.
+pub fn metrics_router(telemetry: Telemetry) -> Router {
+    let started = Instant::now();
+    Router::new()
+        .route(
+            "/health",
+            get(move || async move {
+                Json(json!({
+                    "status": "ok",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_seconds": started.elapsed().as_secs_f64(),
+                }))
+            }),
+        )
+        .route("/metrics", get(observe::metrics_of))
+        .fallback(error::not_found)
+        .with_state(telemetry)
+}
+
 /// Liveness: answers while the process serves, whatever the dispatchers' state (readiness is
 /// `/ready`).
 async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {

@@ -11,7 +11,12 @@ use crate::telemetry::{CONTENT_TYPE, RenderError, stats};
 /// The Prometheus text exposition. Rendering is CPU work proportional to the number of series,
 /// so it runs on the blocking pool rather than on a worker that serves requests.
 pub(super) async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let telemetry = state.telemetry.clone();
+    metrics_of(State(state.telemetry.clone())).await
+}
+
+pub(super) async fn metrics_of(
+    State(telemetry): State<crate::telemetry::Telemetry>,
+) -> Result<Response, ApiError> {
     let rendered = tokio::task::spawn_blocking(move || telemetry.render())
         .await
         .map_err(|_| unavailable("rendering the metrics failed"))?

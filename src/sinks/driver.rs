@@ -148,7 +148,7 @@ pub struct SinkDriver {
     observer: Option<Arc<dyn SinkObserver>>,
     /// Bus mode: settled entries are reported here, and events still queued at the shutdown
     /// deadline stay unacknowledged (the bus delivers them again) instead of dead-lettered.
-    acks: Option<mpsc::UnboundedSender<Vec<String>>>,
+    acks: Option<mpsc::Sender<Vec<String>>>,
 }
 
 impl SinkDriver {
@@ -171,7 +171,7 @@ impl SinkDriver {
         sink: Box<dyn Sink>,
         config: DriverConfig,
         observer: Option<Arc<dyn SinkObserver>>,
-        acks: Option<mpsc::UnboundedSender<Vec<String>>>,
+        acks: Option<mpsc::Sender<Vec<String>>>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> SinkHandle {
@@ -302,7 +302,10 @@ impl SinkDriver {
         if let (true, Some(acks)) = (settled, &self.acks) {
             let ids: Vec<String> = ids.into_iter().flatten().collect();
             if !ids.is_empty() {
-                let _ = acks.send(ids);
+                // A bounded channel: the driver waits for the acknowledger, so at most a
+                // batch or two are settled but unacknowledged at any moment, which bounds the
+                // duplicates a crash can cause.
+                let _ = acks.send(ids).await;
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod dead_letter;
 pub mod driver;
 mod event;
 mod plugins;
+pub mod service;
 
 use std::fmt;
 use std::time::Duration;

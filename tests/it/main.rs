@@ -20,3 +20,5 @@ mod simulate;
 // The event pipeline: dispatch events through the driver to the sinks, and each plugin's exact
 // request shape against a loopback server that plays the service.
 mod pipeline;
+// Redis Streams, against a real Redis: at-least-once across a crash, reclaim, Redis restarts.
+mod redis;

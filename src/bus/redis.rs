@@ -1,0 +1,257 @@
+//! Redis Streams: a durable, shared events stream.
+//!
+//! A stream is an append-only log of entries, each with an id (`<ms>-<seq>`) and fields; this bus
+//! writes one field, `data`, holding the event's JSON. A consumer group is a named cursor over a
+//! stream shared by several consumers: `XREADGROUP … >` hands each new entry to exactly one
+//! consumer of the group and records it in the group's pending entries list (PEL) under that
+//! consumer's name until the consumer `XACK`s it.
+//!
+//! The delivery guarantee is at-least-once, and it holds because of three rules:
+//! - An entry is acknowledged only after the sink driver settled it (the backend accepted it,
+//!   or it was written to the dead-letter file). A consumer that dies before that leaves the
+//!   entry pending.
+//! - Consumer names are stable (configured, by default the host name, never a PID), so a
+//!   restarted consumer first reads its own pending entries (`XREADGROUP … 0`) before new ones.
+//! - Entries pending with another consumer longer than the idle timeout are taken over with
+//!   `XAUTOCLAIM`, periodically and under steady traffic too, so a consumer that never comes back
+//!   does not strand them.
+//!
+//! Duplicates are possible (an entry sent, then its consumer killed before the `XACK`): at most
+//! the batches in flight. `XADD` can trim the stream with an approximate `MAXLEN`; trimming can
+//! drop entries no group has read yet, so it is off unless configured.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A connection that reconnects by itself, with exponential backoff, when Redis goes away.
+pub async fn connect(url: &str, response_timeout: Duration) -> Result<ConnectionManager, BusError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(6)
+        .set_max_delay(Duration::from_secs(2))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(response_timeout));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+/// Publishes events on a stream.
+#[derive(Clone)]
+pub struct RedisPublisher {
+    connection: ConnectionManager,
+    stream: String,
+    max_len: Option<usize>,
+}
+
+impl RedisPublisher {
+    pub async fn connect(
+        url: &str,
+        stream: &str,
+        max_len: Option<usize>,
+    ) -> Result<RedisPublisher, BusError> {
+        Ok(RedisPublisher {
+            connection: connect(url, Duration::from_secs(5)).await?,
+            stream: stream.to_owned(),
+            max_len,
+        })
+    }
+
+    /// `XADD`: appends one entry and answers its id.
+    pub async fn publish(&self, data: &str) -> Result<String, BusError> {
+        let mut command = redis::cmd("XADD");
+        command.arg(&self.stream);
+        if let Some(max_len) = self.max_len {
+            command.arg("MAXLEN").arg("~").arg(max_len);
+        }
+        command.arg("*").arg("data").arg(data);
+        let mut connection = self.connection.clone();
+        Ok(command.query_async(&mut connection).await?)
+    }
+}
+
+/// One entry read from the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    /// The `data` field; `None` when the entry has none (written by someone else).
+    pub data: Option<String>,
+}
+
+/// How a consumer reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    pub stream: String,
+    pub group: String,
+    /// Stable across restarts: it owns its pending entries by this name.
+    pub consumer: String,
+    /// Entries per read.
+    pub count: usize,
+    /// How long a read waits for new entries.
+    pub block: Duration,
+    /// Entries pending with a consumer for longer are claimed.
+    pub claim_idle: Duration,
+}
+
+/// A member of a consumer group.
+pub struct StreamConsumer {
+    config: ConsumerConfig,
+    /// Reads block, so they get a connection of their own; acknowledgements use the other.
+    reads: ConnectionManager,
+    acks: ConnectionManager,
+    /// Re-reading our own pending entries first, from this id.
+    pending_from: Option<String>,
+}
+
+fn entries(ids: Vec<StreamId>) -> Vec<Entry> {
+    ids.into_iter()
+        .map(|entry| Entry {
+            data: entry.get::<String>("data"),
+            id: entry.id,
+        })
+        .collect()
+}
+
+impl StreamConsumer {
+    /// Connects and creates the group if it does not exist (reading the stream from its start,
+    /// so events published before the group existed are delivered too).
+    pub async fn connect(url: &str, config: ConsumerConfig) -> Result<StreamConsumer, BusError> {
+        let reads = connect(url, config.block + Duration::from_secs(5)).await?;
+        let mut acks = connect(url, Duration::from_secs(5)).await?;
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&config.stream)
+            .arg(&config.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut acks)
+            .await;
+        if let Err(error) = created {
+            if error.code() != Some("BUSYGROUP") {
+                return Err(error.into());
+            }
+        }
+        Ok(StreamConsumer {
+            config,
+            reads,
+            acks,
+            pending_from: Some("0".to_owned()),
+        })
+    }
+
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// The next entries: first this consumer's own pending ones (after a restart), then new
+    /// ones, waiting up to `block` for them.
+    pub async fn read(&mut self) -> Result<Vec<Entry>, BusError> {
+        let config = &self.config;
+        let mut command = redis::cmd("XREADGROUP");
+        command
+            .arg("GROUP")
+            .arg(&config.group)
+            .arg(&config.consumer)
+            .arg("COUNT")
+            .arg(config.count);
+        match &self.pending_from {
+            Some(from) => {
+                command.arg("STREAMS").arg(&config.stream).arg(from);
+            }
+            None => {
+                command
+                    .arg("BLOCK")
+                    .arg(config.block.as_millis() as u64)
+                    .arg("STREAMS")
+                    .arg(&config.stream)
+                    .arg(">");
+            }
+        }
+        let reply: Option<StreamReadReply> = command.query_async(&mut self.reads).await?;
+        let read: Vec<Entry> = reply
+            .map(|reply| {
+                reply
+                    .keys
+                    .into_iter()
+                    .flat_map(|key| entries(key.ids))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if self.pending_from.is_some() {
+            match read.last() {
+                Some(last) => self.pending_from = Some(last.id.clone()),
+                None => self.pending_from = None,
+            }
+        }
+        Ok(read)
+    }
+
+    /// `XAUTOCLAIM`: takes over entries other consumers left pending longer than `claim_idle`.
+    pub async fn reclaim(&mut self) -> Result<Vec<Entry>, BusError> {
+        let config = &self.config;
+        let mut claimed = Vec::new();
+        let mut cursor = "0-0".to_owned();
+        // Bounded: at most ten pages of `count` per call.
+        for _ in 0..10 {
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&config.stream)
+                .arg(&config.group)
+                .arg(&config.consumer)
+                .arg(config.claim_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(config.count)
+                .query_async(&mut self.acks)
+                .await?;
+            claimed.extend(entries(reply.claimed));
+            cursor = reply.next_stream_id;
+            if cursor == "0-0" {
+                break;
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// `XACK`s the ids in one command.
+    pub async fn ack(&mut self, ids: &[String]) -> Result<u64, BusError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut command = redis::cmd("XACK");
+        command.arg(&self.config.stream).arg(&self.config.group);
+        for id in ids {
+            command.arg(id);
+        }
+        Ok(command.query_async(&mut self.acks).await?)
+    }
+
+    /// The group's pending entries and lag (entries not yet delivered to any consumer), from
+    /// `XINFO GROUPS`.
+    pub async fn backlog(&mut self) -> Result<(u64, Option<u64>), BusError> {
+        let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.config.stream)
+            .query_async(&mut self.acks)
+            .await?;
+        let group = groups.into_iter().find(|g| {
+            g.get("name")
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .as_deref()
+                == Some(self.config.group.as_str())
+        });
+        let field = |name: &str| {
+            group
+                .as_ref()
+                .and_then(|g| g.get(name))
+                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+        };
+        Ok((field("pending").unwrap_or(0), field("lag")))
+    }
+}

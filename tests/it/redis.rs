@@ -1,0 +1,405 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use dispatchd::bus::redis::{ConsumerConfig, RedisPublisher};
+use dispatchd::sinks::{DispatchEvent, DriverConfig, FileSink, FullPolicy};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::wait_for_async;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_dispatchd");
+
+/// The machine's Redis, or a visible skip; with `DISPATCHD_REQUIRE_TOOLS=1` (CI) its absence fails.
+async fn redis_url() -> Option<String> {
+    let url = std::env::var("DISPATCHD_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = match redis::Client::open(url.as_str()) {
+        Ok(client) => client.get_multiplexed_async_connection().await.is_ok(),
+        Err(_) => false,
+    };
+    if !reachable {
+        assert!(
+            std::env::var("DISPATCHD_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "Redis is required (DISPATCHD_REQUIRE_TOOLS=1) but {url} does not answer"
+        );
+        eprintln!("SKIPPED: no Redis at {url}");
+        return None;
+    }
+    Some(url)
+}
+
+/// A stream and group no other test (or run) uses.
+fn unique(name: &str) -> String {
+    format!("dispatchd-test:{name}:{}", uuid::Uuid::new_v4())
+}
+
+fn event(n: usize) -> DispatchEvent {
+    DispatchEvent {
+        kind: "chain".into(),
+        event: "end".into(),
+        run_id: format!("run-{n:05}"),
+        parent_run_id: None,
+        name: "shop.orders.events".into(),
+        timestamp: SystemTime::now(),
+        input: json!({"n": n}),
+        output: json!({}),
+        user_id: None,
+        tokens_usage: None,
+        metadata: json!({}),
+        tags: vec![],
+        log_id: format!("run-{n:05}"),
+    }
+}
+
+async fn publish(url: &str, stream: &str, range: std::ops::Range<usize>) {
+    let publisher = RedisPublisher::connect(url, stream, None).await.unwrap();
+    for n in range {
+        publisher
+            .publish(&serde_json::to_string(&event(n)).unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+/// Run ids in the file, with how often each appears.
+fn delivered(path: &Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        // A process killed mid-write may leave a torn last line; it is not a delivery.
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
+            *seen
+                .entry(event["runId"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    seen
+}
+
+struct Child_(Child);
+
+impl Drop for Child_ {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sink_process(url: &str, stream: &str, out: &Path, dead: &Path) -> Child_ {
+    Child_(
+        Command::new(BINARY)
+            .args([
+                "sink",
+                "--service",
+                "file",
+                "--batch-size",
+                "50",
+                "--flush-interval",
+                "50ms",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--endpoint")
+            .arg(out)
+            .arg("--dead-letter")
+            .arg(dead)
+            .args([
+                "--bus",
+                url,
+                "--stream",
+                stream,
+                "--group",
+                "g",
+                "--consumer",
+                "worker-1",
+            ])
+            .env("DISPATCHD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_arrives_across_a_crash_with_duplicates_bounded() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("crash");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let dead = dir.path().join("dead.jsonl");
+    const N: usize = 2000;
+    publish(&url, &stream, 0..N).await;
+
+    let first = sink_process(&url, &stream, &out, &dead);
+    wait_for_async("the first worker to deliver some events", || async {
+        delivered(&out).len() >= 200
+    })
+    .await;
+    // Abruptly: no flush, no acknowledgement of what is in flight.
+    let mut first = first;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+
+    let second = sink_process(&url, &stream, &out, &dead);
+    wait_for_async("every event to arrive", || async {
+        delivered(&out).len() == N
+    })
+    .await;
+    let pid = second.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let seen = delivered(&out);
+    assert_eq!(seen.len(), N, "no event lost");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    // In flight at the kill: the batch being written and at most two settled batches whose
+    // acknowledgement had not reached Redis (the acknowledgement channel holds one).
+    assert!(
+        duplicates <= 3 * 50,
+        "at most the batches in flight are sent twice, not {duplicates}"
+    );
+    assert!(!dead.exists(), "nothing was dead-lettered");
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_dead_consumer_left_pending_are_reclaimed_under_traffic() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("reclaim");
+    publish(&url, &stream, 0..100).await;
+    // A consumer takes 60 entries and dies without acknowledging them.
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("dead-worker")
+        .arg("COUNT")
+        .arg(60)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let shutdown = CancellationToken::new();
+    let consumer = ConsumerConfig {
+        stream: stream.clone(),
+        group: "g".into(),
+        consumer: "alive".into(),
+        count: 20,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_millis(300),
+    };
+    let driver = DriverConfig {
+        batch_size: 20,
+        flush_interval: Duration::from_millis(50),
+        buffer: 100,
+        full: FullPolicy::Block,
+        retry: dispatchd::resilience::RetryPolicy {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        },
+        shutdown_deadline: Duration::from_secs(5),
+        send_timeout: Duration::from_secs(5),
+        dead_letter: dir.path().join("dead.jsonl"),
+    };
+    let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
+        url.clone(),
+        consumer,
+        Box::new(FileSink::new("file", &out, false)),
+        driver,
+        None,
+        None,
+        shutdown.clone(),
+    ));
+    // New traffic keeps flowing meanwhile.
+    publish(&url, &stream, 100..300).await;
+    wait_for_async(
+        "the dead consumer's entries and the new ones to arrive",
+        || async { delivered(&out).len() == 300 },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let redis::Value::Array(summary) = pending else {
+        panic!("{pending:?}")
+    };
+    assert_eq!(
+        summary[0],
+        redis::Value::Int(0),
+        "everything was acknowledged"
+    );
+}
+
+/// A Redis of our own on a free port, with an append-only file so a restart keeps the stream.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start(port: u16, dir: tempfile::TempDir) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        OwnRedis {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    fn kill(mut self) -> (u16, tempfile::TempDir) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let port = self.port;
+        (
+            port,
+            std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()),
+        )
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_is_lost_when_redis_restarts_mid_stream() {
+    if redis_url().await.is_none() || crate::support::required_tool("redis-server").is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let own = OwnRedis::start(port, tempfile::tempdir().unwrap());
+    let url = format!("redis://127.0.0.1:{port}");
+    wait_for_async("our redis to answer", || async {
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+    })
+    .await;
+    let stream = unique("restart");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let dead = dir.path().join("dead.jsonl");
+    publish(&url, &stream, 0..100).await;
+    let worker = sink_process(&url, &stream, &out, &dead);
+    wait_for_async("the first events", || async {
+        delivered(&out).len() == 100
+    })
+    .await;
+
+    let (port, data) = own.kill();
+    let own = OwnRedis::start(port, data);
+    wait_for_async("redis to be back", || async {
+        redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_ok()
+    })
+    .await;
+    publish(&url, &stream, 100..200).await;
+    wait_for_async("the events published after the restart", || async {
+        delivered(&out).len() == 200
+    })
+    .await;
+    drop(worker);
+    drop(own);
+}
+
+#[tokio::test]
+async fn a_dead_letter_file_is_replayed_by_the_sink_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let out = dir.path().join("out.jsonl");
+    let file = dispatchd::sinks::dead_letter::DeadLetterFile::new(&dead);
+    let events: Vec<DispatchEvent> = (0..3).map(event).collect();
+    file.append("http", "retries_exhausted", 6, "HTTP 503: down", &events)
+        .await
+        .unwrap();
+
+    let output = Command::new(BINARY)
+        .args(["sink", "--service", "file", "--listen", "127.0.0.1:0"])
+        .arg("--endpoint")
+        .arg(&out)
+        .arg("--replay-dead-letters")
+        .arg(&dead)
+        .arg("--dead-letter")
+        .arg(dir.path().join("again.jsonl"))
+        .env("DISPATCHD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("replayed 3 events"));
+    assert_eq!(delivered(&out).len(), 3);
+    assert!(
+        !dead.exists(),
+        "moved aside, so a second replay cannot send them twice"
+    );
+}
