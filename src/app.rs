@@ -17,10 +17,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::MemoryBus;
+use crate::bus::redis::{
+    ConsumerConfig, RedisOutputs, RedisPublisher, StreamConsumer, default_consumer_name,
+};
+use crate::bus::{EventBus, MemoryBus};
 use crate::config::{Config, DispatcherKind};
 use crate::dispatchers::{JsonlFile, LogDispatcher};
 use crate::engine::{Dispatcher, Engine, Route};
+use crate::engine::{OutputMessage, OutputPublisher};
 use crate::health::{
     HealthRegistry, HealthStrategy, LifecycleObserver, Origin, Registration, RestartBackoff,
     supervise,
@@ -28,6 +32,8 @@ use crate::health::{
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
 use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
+use crate::sinks::DispatchEvent;
+use crate::sinks::service::{BusObserver, run_from_redis};
 use crate::sinks::{SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
 
@@ -100,24 +106,71 @@ impl AppBuilder {
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
 
-        // The event pipeline: one driver per configured sink, fed by the in-memory bus.
+        // The event pipeline: one driver per configured sink, fed by the in-memory bus, or each
+        // reading the Redis events stream through its own consumer group.
         let sinks = TaskTracker::new();
         let stop_sinks = CancellationToken::new();
         let sink_observer = telemetry
             .sink_metrics()
             .map(|metrics| Arc::new(metrics) as Arc<dyn SinkObserver>);
-        let mut handles = Vec::new();
-        for settings in &config.sinks {
-            let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;
-            handles.push(SinkDriver::spawn(
-                sink,
-                settings.driver.clone(),
-                sink_observer.clone(),
-                &sinks,
-                stop_sinks.clone(),
-            ));
-        }
-        let bus = MemoryBus::new(handles);
+        let (bus, outputs): (Arc<dyn EventBus>, Option<Arc<dyn OutputPublisher>>) = match &config
+            .bus
+            .redis
+        {
+            None => {
+                let mut handles = Vec::new();
+                for settings in &config.sinks {
+                    let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;
+                    handles.push(SinkDriver::spawn(
+                        sink,
+                        settings.driver.clone(),
+                        sink_observer.clone(),
+                        &sinks,
+                        stop_sinks.clone(),
+                    ));
+                }
+                (Arc::new(MemoryBus::new(handles)), None)
+            }
+            Some(redis) => {
+                let stream = config.bus.events_stream.as_str();
+                let publisher = RedisPublisher::connect(&redis.url, stream, redis.max_len)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {}", redis.url))?;
+                let bus_observer = telemetry
+                    .bus_metrics()
+                    .map(|m| Arc::new(m) as Arc<dyn BusObserver>);
+                let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
+                for settings in &config.sinks {
+                    let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;
+                    let group = ConsumerConfig {
+                        stream: stream.to_owned(),
+                        group: format!("dispatchd-sink-{}", settings.sink.name),
+                        consumer: consumer.clone(),
+                        count: settings.driver.batch_size,
+                        block: Duration::from_secs(1),
+                        claim_idle: redis.claim_idle,
+                    };
+                    let url = redis.url.clone();
+                    let (driver, observer, bus_observer) = (
+                        settings.driver.clone(),
+                        sink_observer.clone(),
+                        bus_observer.clone(),
+                    );
+                    let stop = stop_sinks.clone();
+                    sinks.spawn(async move {
+                        let run =
+                            run_from_redis(url, group, sink, driver, observer, bus_observer, stop);
+                        if let Err(error) = run.await {
+                            tracing::error!(%error, "A sink could not read the events stream.");
+                        }
+                    });
+                }
+                let outputs = RedisOutputs::connect(&redis.url, &config.bus.outputs_prefix)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {}", redis.url))?;
+                (Arc::new(publisher), Some(Arc::new(outputs)))
+            }
+        };
         let mut dispatchers = Vec::new();
         for spec in &config.dispatchers {
             let id = spec.dispatcher_id.as_str();
@@ -200,6 +253,9 @@ impl AppBuilder {
         if let Some(metrics) = telemetry.engine_strategy(ids()) {
             strategies = strategies.with(Arc::new(metrics));
         }
+        if let Some(outputs) = outputs {
+            engine = engine.publisher(outputs);
+        }
         let engine = engine
             .instrumentation(Arc::new(strategies))
             .build()
@@ -236,7 +292,7 @@ pub struct App {
     liveness: Vec<DispatcherSettings>,
     health: HealthRegistry,
     telemetry: Telemetry,
-    bus: MemoryBus,
+    bus: Arc<dyn EventBus>,
     sinks: TaskTracker,
     stop_sinks: CancellationToken,
     writers: TaskTracker,
@@ -292,7 +348,32 @@ impl App {
             self.health.clone(),
             shutdown.clone(),
         );
-        state.events = Some(Arc::new(self.bus.clone()));
+        state.events = Some(self.bus.clone());
+
+        // Inbound sources: consumers, stopped first at shutdown.
+        let sources = TaskTracker::new();
+        let stop_sources = CancellationToken::new();
+        if let Some(redis) = &self.config.bus.redis {
+            let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
+            for source in &self.config.sources {
+                let group = ConsumerConfig {
+                    stream: source.stream.clone(),
+                    group: source.group.clone(),
+                    consumer: consumer.clone(),
+                    count: 100,
+                    block: Duration::from_secs(1),
+                    claim_idle: redis.claim_idle,
+                };
+                sources.spawn(consume_source(
+                    redis.url.clone(),
+                    group,
+                    self.engine.clone(),
+                    self.bus.clone(),
+                    stop_sources.clone(),
+                ));
+            }
+        }
+        sources.close();
         let abandon = state.abandon.clone();
         let router = http::router(state, self.config.server.max_body_bytes);
         tracing::info!(
@@ -310,6 +391,9 @@ impl App {
             served = &mut server => Some(served),
             () = shutdown.cancelled() => None,
         };
+        // Stop the consumers first: nothing new comes in while the rest drains.
+        stop_sources.cancel();
+        sources.wait().await;
         let served = match served {
             Some(served) => served,
             None => {
@@ -352,5 +436,73 @@ impl App {
         served
             .context("the HTTP server task failed")?
             .context("the HTTP server failed")
+    }
+}
+
+/// Dispatches the messages of one source stream: each entry's `data` is an [`OutputMessage`]
+/// (`{"topic": …, "envelope": {…}}`); it is acknowledged once its dispatch reached a terminal
+/// status, and its dispatch event is published like any other. An entry that is not a message
+/// is acknowledged with an error log, so it cannot block the group.
+async fn consume_source(
+    url: String,
+    config: ConsumerConfig,
+    engine: Engine,
+    bus: Arc<dyn EventBus>,
+    stop: CancellationToken,
+) {
+    let stream = config.stream.clone();
+    let mut consumer = match StreamConsumer::connect(&url, config).await {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::error!(%error, stream = %stream, "A source could not connect to Redis.");
+            return;
+        }
+    };
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        let entries = tokio::select! {
+            () = stop.cancelled() => break,
+            read = consumer.read() => read,
+        };
+        let entries = match entries {
+            Ok(entries) => {
+                failures = 0;
+                entries
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, stream = %stream, "Reading a source failed; retrying.");
+                let delay =
+                    Duration::from_millis(100).saturating_mul(2u32.saturating_pow(failures.min(6)));
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        for entry in entries {
+            let message = entry
+                .data
+                .as_deref()
+                .and_then(|data| serde_json::from_str::<OutputMessage>(data).ok());
+            let terminal = match message {
+                Some(OutputMessage { topic, envelope }) => {
+                    let result = engine.dispatch(&topic, &envelope).await;
+                    bus.publish(DispatchEvent::from_dispatch(&result, &envelope))
+                        .await;
+                    result.status.is_terminal()
+                }
+                None => {
+                    tracing::error!(stream = %stream, id = %entry.id, "A source entry is not a message; acknowledging it without dispatching.");
+                    true
+                }
+            };
+            if terminal {
+                if let Err(error) = consumer.ack(std::slice::from_ref(&entry.id)).await {
+                    // It stays pending and is dispatched again later: a duplicate, not a loss.
+                    tracing::warn!(%error, stream = %stream, "Acknowledging a source entry failed.");
+                }
+            }
+        }
     }
 }

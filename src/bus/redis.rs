@@ -255,3 +255,75 @@ impl StreamConsumer {
         Ok((field("pending").unwrap_or(0), field("lag")))
     }
 }
+
+/// The default consumer name: the host name, stable across restarts (never a PID).
+pub fn default_consumer_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "dispatchd".to_owned())
+}
+
+/// Publishes handler outputs on the bus: an output of topic `t` goes to stream
+/// `<prefix>t` as `{"topic": t, "envelope": …}`; a failure makes the dispatch `publish_failed`.
+pub struct RedisOutputs {
+    connection: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisOutputs {
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisOutputs, BusError> {
+        Ok(RedisOutputs {
+            connection: connect(url, Duration::from_secs(5)).await?,
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::engine::OutputPublisher for RedisOutputs {
+    async fn publish(
+        &self,
+        outputs: &[crate::engine::OutputMessage],
+    ) -> Result<(), crate::engine::PublishError> {
+        let mut pipeline = redis::pipe();
+        for output in outputs {
+            let data = serde_json::to_string(output)
+                .map_err(|e| crate::engine::PublishError(e.to_string()))?;
+            pipeline
+                .cmd("XADD")
+                .arg(format!("{}{}", self.prefix, output.topic))
+                .arg("*")
+                .arg("data")
+                .arg(data)
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
+        pipeline
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| crate::engine::PublishError(format!("redis: {e}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::bus::EventBus for RedisPublisher {
+    async fn publish(&self, event: crate::sinks::DispatchEvent) -> usize {
+        let data = match serde_json::to_string(&event) {
+            Ok(data) => data,
+            Err(error) => {
+                tracing::error!(%error, "A dispatch event could not be serialized.");
+                return 0;
+            }
+        };
+        match RedisPublisher::publish(self, &data).await {
+            Ok(_) => 1,
+            Err(error) => {
+                tracing::error!(%error, run_id = %event.run_id, "A dispatch event could not be published to Redis.");
+                0
+            }
+        }
+    }
+}

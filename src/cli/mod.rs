@@ -223,16 +223,6 @@ fn sink(args: SinkArgs) -> ExitCode {
     }
 }
 
-/// The host name, for a stable consumer name; never a PID.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "dispatchd".to_owned())
-}
-
 async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::time::Duration;
@@ -324,18 +314,24 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
                 .group
                 .clone()
                 .unwrap_or_else(|| format!("dispatchd-sink-{name}")),
-            consumer: args.consumer.clone().unwrap_or_else(host_name),
+            consumer: args
+                .consumer
+                .clone()
+                .unwrap_or_else(crate::bus::redis::default_consumer_name),
             count: args.batch_size,
             block: Duration::from_secs(1),
             claim_idle: args.claim_idle,
         };
+        let bus_observer = telemetry
+            .bus_metrics()
+            .map(|m| Arc::new(m) as Arc<dyn crate::sinks::service::BusObserver>);
         crate::sinks::service::run_from_redis(
             url,
             consumer,
             sink,
             driver,
             observer,
-            None,
+            bus_observer,
             shutdown.clone(),
         )
         .await

@@ -26,6 +26,7 @@ pub const DEFAULT_TOML: &str = include_str!("default.toml");
 /// Environment variables that override a config field.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DISPATCHD_LISTEN", "server.listen"),
+    ("DISPATCHD_REDIS_URL", "bus.redis_url"),
     ("DISPATCHD_METRICS_NAMESPACE", "metrics.namespace"),
     ("DISPATCHD_METRICS_ENABLED", "metrics.enabled"),
     ("DISPATCHD_LOG", "log.filter"),
@@ -40,6 +41,10 @@ pub struct Config {
     pub health: HealthConfig,
     /// Where dispatch events are forwarded.
     pub sinks: Vec<SinkSettings>,
+    /// Where dispatch events travel to the sinks, and outputs are published.
+    pub bus: BusConfig,
+    /// Streams of messages to dispatch (Redis bus only).
+    pub sources: Vec<SourceConfig>,
     pub dispatchers: Vec<DispatcherConfig>,
     pub routes: Vec<Route>,
 }
@@ -63,6 +68,35 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub filter: String,
+}
+
+/// The bus: in-memory (the default) or Redis Streams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusConfig {
+    /// `None` for the in-memory bus.
+    pub redis: Option<RedisBusConfig>,
+    /// The stream every dispatch event is published on.
+    pub events_stream: String,
+    /// Outputs of topic `t` are published on stream `<outputs_prefix>t` (Redis only).
+    pub outputs_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisBusConfig {
+    pub url: String,
+    /// `XADD … MAXLEN ~ n`: trims the stream, possibly before every group read it. Off by default.
+    pub max_len: Option<usize>,
+    /// This instance's consumer name (default the host name): stable across restarts.
+    pub consumer: Option<String>,
+    /// Entries pending with a consumer for longer are claimed by another.
+    pub claim_idle: Duration,
+}
+
+/// A stream of messages to dispatch: each entry's `data` is `{"topic": …, "envelope": {…}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    pub stream: String,
+    pub group: String,
 }
 
 /// One configured sink: the plugin's settings and its driver's.

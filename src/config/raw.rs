@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{
-    Config, ConfigError, DEFAULT_TOML, DispatcherConfig, DispatcherKind, ENV_OVERRIDES, LogConfig,
-    MetricsConfig, Origin, Problem, ServerConfig, SinkSettings,
+    BusConfig, Config, ConfigError, DEFAULT_TOML, DispatcherConfig, DispatcherKind, ENV_OVERRIDES,
+    LogConfig, MetricsConfig, Origin, Problem, RedisBusConfig, ServerConfig, SinkSettings,
+    SourceConfig,
 };
 use crate::engine::{
     BuildProblem, Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage,
@@ -47,6 +48,28 @@ struct RawConfig {
     dispatchers: Option<Vec<RawDispatcher>>,
     routes: Option<Vec<RawRoute>>,
     sinks: Option<Vec<RawSink>>,
+    #[serde(default)]
+    bus: RawBus,
+    sources: Option<Vec<RawSource>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    kind: Option<String>,
+    redis_url: Option<String>,
+    events_stream: Option<String>,
+    max_len: Option<usize>,
+    consumer: Option<String>,
+    claim_idle: Option<String>,
+    outputs_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    stream: String,
+    group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +395,25 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         .enumerate()
         .map(|(i, sink)| validate_sink(i, sink, origins, problems))
         .collect::<Vec<_>>();
+    let bus = validate_bus(&raw.bus, origins, problems);
+    let sources: Vec<SourceConfig> = raw
+        .sources
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, source)| {
+            if bus.redis.is_none() {
+                problems.push(origins.problem(
+                    format!("sources[{i}].stream"),
+                    "sources read from Redis: set bus.kind = \"redis\"",
+                ));
+            }
+            SourceConfig {
+                group: source.group.unwrap_or_else(|| "dispatchd".to_owned()),
+                stream: source.stream,
+            }
+        })
+        .collect();
     let mut sink_names = HashMap::new();
     for (i, sink) in sinks.iter().enumerate() {
         if sink_names.insert(sink.sink.name.clone(), i).is_some() {
@@ -517,6 +559,8 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         log: LogConfig { filter },
         health,
         sinks,
+        bus,
+        sources,
         dispatchers,
         routes,
     })
@@ -906,6 +950,61 @@ fn validate_sink(
             send_timeout: timeout + Duration::from_secs(1),
             dead_letter,
         },
+    }
+}
+
+fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> BusConfig {
+    let events_stream = raw
+        .events_stream
+        .clone()
+        .unwrap_or_else(|| "dispatchd:events".to_owned());
+    let outputs_prefix = raw
+        .outputs_prefix
+        .clone()
+        .unwrap_or_else(|| "dispatchd:topic:".to_owned());
+    let claim_idle = match &raw.claim_idle {
+        None => Duration::from_secs(30),
+        Some(text) => {
+            positive(text, "bus.claim_idle", origins, problems).unwrap_or(Duration::from_secs(30))
+        }
+    };
+    let redis = match raw.kind.as_deref() {
+        None | Some("memory") => None,
+        Some("redis") => match raw.redis_url.clone() {
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                Some(RedisBusConfig {
+                    url,
+                    max_len: raw.max_len.filter(|n| *n > 0),
+                    consumer: raw.consumer.clone(),
+                    claim_idle,
+                })
+            }
+            Some(url) => {
+                problems.push(
+                    origins.problem("bus.redis_url", format!("`{url}` is not a redis:// URL")),
+                );
+                None
+            }
+            None => {
+                problems.push(origins.problem(
+                    "bus.redis_url",
+                    "is required when bus.kind is \"redis\" (or DISPATCHD_REDIS_URL)",
+                ));
+                None
+            }
+        },
+        Some(other) => {
+            problems.push(origins.problem(
+                "bus.kind",
+                format!("unknown kind `{other}` (expected memory or redis)"),
+            ));
+            None
+        }
+    };
+    BusConfig {
+        redis,
+        events_stream,
+        outputs_prefix,
     }
 }
 

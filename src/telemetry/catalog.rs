@@ -90,6 +90,8 @@ pub mod label {
     pub const SINK: &str = "sink";
     pub const OUTCOME: &str = "outcome";
     pub const STATUS_FAMILY: &str = "status_family";
+    pub const STREAM: &str = "stream";
+    pub const GROUP: &str = "group";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -345,6 +347,33 @@ pub const SINK_QUEUE_DEPTH: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const BUS_PENDING_ENTRIES: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_pending_entries",
+    kind: Kind::Gauge,
+    unit: "",
+    description: "Entries of a Redis stream delivered to a consumer group but not yet acknowledged.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
+pub const BUS_CONSUMER_LAG: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_consumer_lag",
+    kind: Kind::Gauge,
+    unit: "",
+    description: "Entries of a Redis stream not yet delivered to a consumer group.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
+pub const BUS_RECONNECTS: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_reconnects",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Times a Redis stream consumer got answers again after Redis was unreachable.",
+    labels: &[label::STREAM],
+    buckets: &[],
+};
+
 /// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
 /// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
 pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
@@ -381,6 +410,9 @@ pub const ALL: &[InstrumentSpec] = &[
     SINK_BATCH_SIZE,
     SINK_REQUEST_DURATION,
     SINK_QUEUE_DEPTH,
+    BUS_PENDING_ENTRIES,
+    BUS_CONSUMER_LAG,
+    BUS_RECONNECTS,
     HTTP_SERVER_REQUEST_DURATION,
     DISPATCHER_WORKER_THREADS,
     METRIC_CARDINALITY_OVERFLOW,
@@ -419,6 +451,9 @@ mod tests {
                 "sink_batch_size",
                 "sink_request_duration_seconds",
                 "sink_queue_depth",
+                "bus_redis_pending_entries",
+                "bus_redis_consumer_lag",
+                "bus_redis_reconnects_total",
                 "http_server_request_duration_seconds",
                 "dispatcher_worker_threads",
                 "metric_cardinality_overflow",

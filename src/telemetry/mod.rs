@@ -38,7 +38,7 @@ pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
 pub use health::LifecycleMetrics;
 pub use http::{HttpMetrics, record_http};
 pub use resilience::ResilienceMetrics;
-pub use sinks::SinkMetrics;
+pub use sinks::{BusMetrics, SinkMetrics};
 
 /// The content type of the Prometheus text exposition format served on `/metrics`.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -166,6 +166,12 @@ impl Telemetry {
     pub fn sink_metrics(&self) -> Option<SinkMetrics> {
         self.enabled()
             .map(|enabled| SinkMetrics::new(&enabled.meter))
+    }
+
+    /// The Redis bus consumers' metrics, or `None` when metrics are off.
+    pub fn bus_metrics(&self) -> Option<BusMetrics> {
+        self.enabled()
+            .map(|enabled| BusMetrics::new(&enabled.meter))
     }
 
     /// The HTTP API's metrics, or `None` when metrics are off.

@@ -7,6 +7,7 @@ use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
 use super::catalog::{self, label};
 use super::engine::{counter, histogram};
+use crate::sinks::service::BusObserver;
 use crate::sinks::{Outcome, SinkObserver};
 
 /// `sink_events_total`, `sink_batch_size`, `sink_request_duration_seconds`, `sink_queue_depth`.
@@ -60,5 +61,46 @@ impl SinkObserver for SinkMetrics {
 
     fn queue_depth(&self, name: &str, depth: usize) {
         self.queue_depth.record(depth as f64, &[sink(name)]);
+    }
+}
+
+/// `bus_redis_pending_entries`, `bus_redis_consumer_lag` and `bus_redis_reconnects_total`.
+pub struct BusMetrics {
+    pending: Gauge<f64>,
+    lag: Gauge<f64>,
+    reconnects: Counter<u64>,
+}
+
+impl BusMetrics {
+    pub fn new(meter: &Meter) -> BusMetrics {
+        let gauge = |spec: catalog::InstrumentSpec| {
+            meter
+                .f64_gauge(spec.name)
+                .with_description(spec.description)
+                .build()
+        };
+        BusMetrics {
+            pending: gauge(catalog::BUS_PENDING_ENTRIES),
+            lag: gauge(catalog::BUS_CONSUMER_LAG),
+            reconnects: counter(meter, catalog::BUS_RECONNECTS),
+        }
+    }
+}
+
+impl BusObserver for BusMetrics {
+    fn backlog(&self, stream: &str, group: &str, pending: u64, lag: Option<u64>) {
+        let attributes = [
+            KeyValue::new(label::STREAM, stream.to_owned()),
+            KeyValue::new(label::GROUP, group.to_owned()),
+        ];
+        self.pending.record(pending as f64, &attributes);
+        if let Some(lag) = lag {
+            self.lag.record(lag as f64, &attributes);
+        }
+    }
+
+    fn reconnected(&self, stream: &str) {
+        self.reconnects
+            .add(1, &[KeyValue::new(label::STREAM, stream.to_owned())]);
     }
 }

@@ -403,3 +403,116 @@ async fn a_dead_letter_file_is_replayed_by_the_sink_command() {
         "moved aside, so a second replay cannot send them twice"
     );
 }
+
+struct Echo;
+
+#[async_trait::async_trait]
+impl dispatchd::engine::Handler for Echo {
+    async fn handle(
+        &self,
+        message: &dispatchd::engine::Message<'_>,
+    ) -> Result<Vec<dispatchd::engine::OutputMessage>, dispatchd::engine::HandlerError> {
+        let reply = message.envelope.derive("order.confirmed", json!({}));
+        Ok(vec![dispatchd::engine::OutputMessage::new(
+            "shop.confirmations.events",
+            reply,
+        )])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
+    use dispatchd::engine::{Category, Dispatcher, Route};
+
+    let Some(url) = redis_url().await else { return };
+    let prefix = unique("serve");
+    let events_stream = format!("{prefix}:events");
+    let source_stream = format!("{prefix}:inbound");
+    let outputs_prefix = format!("{prefix}:topic:");
+    let app = crate::support::TestApp::start_with(
+        |config| {
+            config.bus.redis = Some(dispatchd::config::RedisBusConfig {
+                url: url.clone(),
+                max_len: None,
+                consumer: Some("test-instance".into()),
+                claim_idle: Duration::from_secs(30),
+            });
+            config.bus.events_stream = events_stream.clone();
+            config.bus.outputs_prefix = outputs_prefix.clone();
+            config.sources = vec![dispatchd::config::SourceConfig {
+                stream: source_stream.clone(),
+                group: "dispatchd".into(),
+            }];
+            for sink in &mut config.sinks {
+                sink.driver.flush_interval = Duration::from_millis(50);
+            }
+        },
+        |builder| {
+            builder
+                .dispatcher(Dispatcher::new("echo", Category::Intent, Echo))
+                .route(Route::new(
+                    "echo",
+                    "orders.intents",
+                    Category::Intent,
+                    "echo",
+                ))
+        },
+    )
+    .await;
+
+    let result: serde_json::Value = app
+        .post_message("orders.intents", json!({"message_type": "order.place"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result["status"], "success");
+    let run_id = result["dispatch_id"].as_str().unwrap().to_owned();
+
+    // The event went through the Redis stream to the file sink's consumer group.
+    let events = app.dir.path().join("events.jsonl");
+    wait_for_async("the event to reach the file sink through Redis", || async {
+        delivered(&events).contains_key(&run_id)
+    })
+    .await;
+
+    // The output was published under its topic.
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let outputs: usize = redis::cmd("XLEN")
+        .arg(format!("{outputs_prefix}shop.confirmations.events"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(outputs, 1);
+
+    // A message on the source stream is dispatched and acknowledged.
+    let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({"from": "redis"}))});
+    let _: String = redis::cmd("XADD")
+        .arg(&source_stream)
+        .arg("*")
+        .arg("data")
+        .arg(message.to_string())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    wait_for_async("the source message to be dispatched", || async {
+        app.jsonl_lines()
+            .iter()
+            .any(|line| line["payload"]["from"] == "redis")
+    })
+    .await;
+    wait_for_async("the source entry to be acknowledged", || {
+        let mut connection = connection.clone();
+        let stream = source_stream.clone();
+        async move {
+            let pending: redis::Value = redis::cmd("XPENDING").arg(&stream).arg("dispatchd").query_async(&mut connection).await.unwrap();
+            matches!(pending, redis::Value::Array(ref summary) if summary[0] == redis::Value::Int(0))
+        }
+    })
+    .await;
+    app.stop().await.unwrap();
+}
