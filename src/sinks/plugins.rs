@@ -9,9 +9,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::{
-    Delivery, DispatchEvent, Identity, SendError, Sink, SinkError, Transform, parse_retry_after,
-};
+use super::{Delivery, DispatchEvent, SendError, Sink, SinkError, Transform, parse_retry_after};
 
 /// The plugins [`build`] knows, by `service` name.
 pub const SERVICES: &[&str] = &["file", "http", "lunary", "helicone"];
@@ -153,7 +151,8 @@ impl Sink for FileSink {
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
         let mut lines = Vec::with_capacity(batch.len() * 512);
         for event in batch {
-            serde_json::to_writer(&mut lines, &Identity.transform(event))
+            // The identity transform, serialized straight from the struct: no intermediate Value.
+            serde_json::to_writer(&mut lines, event)
                 .map_err(|e| SinkError::permanent(e.to_string()))?;
             lines.push(b'\n');
         }
@@ -217,8 +216,8 @@ impl Sink for HttpSink {
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
-        let body: Vec<Value> = batch.iter().map(|e| Identity.transform(e)).collect();
-        let mut request = self.client.post(&self.url).json(&body);
+        // The identity transform, serialized straight from the structs.
+        let mut request = self.client.post(&self.url).json(batch);
         for (name, value) in &self.headers {
             request = request.header(name, value);
         }
