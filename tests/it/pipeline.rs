@@ -306,3 +306,27 @@ async fn plugins_refuse_configurations_they_cannot_work_with() {
             .contains("unknown sink service `kafka`")
     );
 }
+
+#[tokio::test]
+async fn a_service_that_hangs_is_a_transient_failure_after_the_timeout() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut config = config("http", url);
+    config.timeout = Duration::from_millis(200);
+    let sink = build(&config).unwrap();
+    let error = sink
+        .send_events(&[event(1, false)])
+        .await
+        .unwrap_err()
+        .error;
+    assert_eq!((error.retry, error.status), (Retry::Transient, None));
+    assert!(error.message.starts_with("no answer"), "{}", error.message);
+    holder.abort();
+}
