@@ -22,3 +22,5 @@ mod simulate;
 mod pipeline;
 // Redis Streams, against a real Redis: at-least-once across a crash, reclaim, Redis restarts.
 mod redis;
+// Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
+mod monitoring;

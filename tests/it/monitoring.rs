@@ -1,0 +1,419 @@
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dispatchd::simulate::{Options, run};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{required_tool, test_config, wait_for_async};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(repo("dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let dashboard =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            found.push((
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                dashboard,
+            ));
+        }
+    }
+    assert_eq!(
+        found.len(),
+        3,
+        "overview, dispatcher health, resilience and pipeline"
+    );
+    found
+}
+
+/// Every panel query of every dashboard, with Grafana's variables replaced for a direct query.
+fn panel_queries() -> Vec<(String, String, String)> {
+    let mut queries = Vec::new();
+    for (file, dashboard) in dashboards() {
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "1m")
+                    .replace("$instance", ".*")
+                    .replace("$dispatcher_id", ".*");
+                queries.push((
+                    file.clone(),
+                    panel["title"].as_str().unwrap().to_owned(),
+                    expr,
+                ));
+            }
+        }
+    }
+    queries
+}
+
+fn rule_exprs() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo("alerts/dispatchd.rules.yml")).unwrap();
+    let rules: Value = serde_yaml::from_str(&text).unwrap();
+    rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap().to_owned(),
+                r["expr"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn dashboards_are_valid_with_unique_panel_ids_and_the_variables() {
+    for (file, dashboard) in dashboards() {
+        let ids: Vec<u64> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_u64().unwrap())
+            .collect();
+        let unique: HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len(), "{file}: panel ids are unique");
+        let variables: Vec<&str> = dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            variables.contains(&"datasource") && variables.contains(&"instance"),
+            "{file}: {variables:?}"
+        );
+        for panel in dashboard["panels"].as_array().unwrap() {
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{file}: {}",
+                panel["title"]
+            );
+        }
+    }
+}
+
+/// Names of metrics in a PromQL expression: identifiers that start like dispatchd's metrics.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if c == '"' {
+            // Label values are not metric names.
+            quoted = !quoted;
+            word.clear();
+            continue;
+        }
+        if quoted {
+            continue;
+        }
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+            continue;
+        }
+        let labels: BTreeSet<&str> = dispatchd::telemetry::catalog::ALL
+            .iter()
+            .flat_map(|spec| spec.labels.iter().copied())
+            .collect();
+        let is_metric = [
+            "dispatch_",
+            "dispatcher_",
+            "sink_",
+            "bus_redis_",
+            "http_server_",
+            "metric_cardinality",
+            "target_info",
+        ]
+        .iter()
+        .any(|prefix| word.starts_with(prefix))
+            && !labels.contains(word.as_str());
+        if is_metric {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(&word);
+            names.insert(base.to_owned());
+        }
+        word.clear();
+    }
+    names
+}
+
+#[test]
+fn every_metric_a_dashboard_or_rule_names_is_one_dispatchd_exports() {
+    let exported: BTreeSet<String> = dispatchd::telemetry::catalog::ALL
+        .iter()
+        .map(|spec| spec.exported_name(""))
+        .chain(["target_info".to_owned()])
+        .collect();
+    let mut used: Vec<(String, String)> = panel_queries()
+        .into_iter()
+        .map(|(file, title, expr)| (format!("{file}: {title}"), expr))
+        .collect();
+    used.extend(rule_exprs());
+    let mut checked = 0;
+    for (place, expr) in used {
+        for name in metric_names(&expr) {
+            assert!(
+                exported.contains(&name),
+                "{place} uses `{name}`, which dispatchd does not export"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "the scan found the metric names ({checked})");
+}
+
+#[test]
+fn promtool_accepts_the_rules_their_unit_tests_and_the_prometheus_config() {
+    let Some(promtool) = required_tool("promtool") else {
+        return;
+    };
+    let check = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(repo("alerts/dispatchd.rules.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let test = Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(repo("alerts/tests/dispatchd.test.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        test.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
+
+    // The compose stack's config, with its rule path pointed at this checkout.
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(repo("deploy/prometheus.yml"))
+        .unwrap()
+        .replace(
+            "/etc/prometheus/alerts/dispatchd.rules.yml",
+            &repo("alerts/dispatchd.rules.yml").display().to_string(),
+        );
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
+    let check = Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    let compose: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo("docker-compose.yml")).unwrap())
+            .unwrap();
+    for service in ["dispatchd", "traffic", "prometheus", "grafana"] {
+        assert!(
+            compose["services"].get(service).is_some(),
+            "compose has {service}"
+        );
+    }
+}
+
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
+    client
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", expr)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometheus() {
+    let Some(prometheus) = required_tool("prometheus") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    // The pipeline through Redis, so its panels have data too; short sink intervals.
+    let redis_url = std::env::var("DISPATCHD_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("dispatchd-test:monitoring:{}", uuid::Uuid::new_v4());
+    config.bus.redis = Some(dispatchd::config::RedisBusConfig {
+        url: redis_url,
+        max_len: None,
+        consumer: Some("monitoring".into()),
+        claim_idle: Duration::from_secs(2),
+    });
+    config.bus.events_stream = format!("{prefix}:events");
+    config.bus.outputs_prefix = format!("{prefix}:topic:");
+    for sink in &mut config.sinks {
+        sink.driver.flush_interval = Duration::from_millis(200);
+    }
+    config.health.stale_threshold = Duration::from_secs(8);
+    for dispatcher in &mut config.dispatchers {
+        dispatcher.stale_threshold = Duration::from_secs(8);
+        dispatcher.heartbeat_interval = Duration::from_secs(1);
+    }
+
+    let stop = CancellationToken::new();
+    let (serving, address) = tokio::sync::oneshot::channel();
+    let options = Options {
+        target: None,
+        rate: 100.0,
+        duration: Duration::from_secs(300),
+        progress_every: Duration::from_secs(60),
+    };
+    let simulation = tokio::spawn(run(config, options, stop.clone(), Some(serving)));
+    let address = address.await.expect("dispatchd serves");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prometheus_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prometheus_config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: dispatchd\n    static_configs:\n      - targets: [\"{address}\"]\n",
+            repo("alerts/dispatchd.rules.yml").display()
+        ),
+    )
+    .unwrap();
+    let _prometheus = Prometheus(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", prometheus_config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_for_async("Prometheus to scrape dispatchd", || async {
+        let answer = client
+            .get(format!("{base}/api/v1/query"))
+            .query(&[("query", "up")])
+            .send()
+            .await;
+        match answer {
+            Ok(answer) => answer
+                .json::<Value>()
+                .await
+                .map(|v| v["data"]["result"][0]["value"][1] == "1")
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    // Every panel: the query parses and returns at least one series. Some need the traffic to
+    // have run a while (rates need two samples, the breaker a run of failures), so each waits,
+    // with a bound.
+    for (file, title, expr) in panel_queries() {
+        let mut last = Value::Null;
+        for _ in 0..60 {
+            last = query(&client, &base, &expr).await;
+            assert_eq!(
+                last["status"], "success",
+                "{file}: {title}: `{expr}` does not parse: {last}"
+            );
+            if last["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            last["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty()),
+            "{file}: panel `{title}` shows nothing: `{expr}`"
+        );
+    }
+
+    // A worker registers, never heartbeats, and the stale alert fires.
+    let dispatchd = reqwest::Client::new();
+    let registered = dispatchd
+        .post(format!(
+            "http://{address}/api/v1/dispatchers/doomed-worker/register"
+        ))
+        .json(&json!({"stale_threshold_seconds": 2, "critical": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 200);
+    let mut fired = false;
+    for _ in 0..60 {
+        let alerts: Value = client
+            .get(format!("{base}/api/v1/alerts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        fired = alerts["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| {
+                a["labels"]["alertname"] == "DispatchdDispatcherStale"
+                    && a["labels"]["dispatcher_id"] == "doomed-worker"
+                    && a["state"] == "firing"
+            });
+        if fired {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        fired,
+        "DispatchdDispatcherStale fires for the worker that stopped heartbeating"
+    );
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), simulation)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
