@@ -380,3 +380,20 @@ initial_backoff = "20s"
         ]
     );
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever a config file holds, loading it answers a config or problems, never a panic.
+        #[test]
+        fn arbitrary_files_never_panic(text in "(\\[[a-z_.]{1,12}\\]\n|[a-z_]{1,12} = (\"[^\"\\\\\n]{0,12}\"|[0-9]{1,6}|true)\n|\\[\\[(dispatchers|routes|sinks)\\]\\]\n){0,12}") {
+            let f = file(&text);
+            let _ = Config::load_with(Some(f.path()), |_| None);
+        }
+    }
+}

@@ -207,3 +207,39 @@ mod tests {
         assert!("bogus".parse::<Category>().is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary text never panics the parser, and what it accepts is well-formed.
+        #[test]
+        fn arbitrary_topics_parse_or_are_refused(topic in ".{0,300}") {
+            if let Ok(parsed) = Topic::parse(&topic) {
+                prop_assert!(topic.len() <= MAX_TOPIC_LEN);
+                prop_assert_eq!(parsed.segments().join("."), topic.clone());
+                prop_assert!(parsed.segments().iter().any(|s| Category::from_segment(s) == Some(parsed.category())));
+            }
+        }
+
+        /// Well-formed topics with one category segment always parse to that category.
+        #[test]
+        fn well_formed_topics_parse(
+            before in prop::collection::vec("[a-z0-9_-]{1,8}", 0..4),
+            category in prop::sample::select(vec!["events", "event", "commands", "command", "intents", "intent"]),
+            after in prop::collection::vec("[a-z0-9_-]{1,8}", 0..4),
+        ) {
+            // A generated segment could itself name a category; skip those cases.
+            prop_assume!(before.iter().chain(&after).all(|s| Category::from_segment(s).is_none()));
+            let topic: Vec<&str> = before.iter().map(String::as_str).chain([category]).chain(after.iter().map(String::as_str)).collect();
+            let topic = topic.join(".");
+            let parsed = Topic::parse(&topic).unwrap();
+            prop_assert_eq!(parsed.category(), Category::from_segment(category).unwrap());
+        }
+    }
+}
