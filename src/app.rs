@@ -256,6 +256,8 @@ impl AppBuilder {
         if let Some(outputs) = outputs {
             engine = engine.publisher(outputs);
         }
+        // Trace ids in results and traceparent in outputs, from the dispatch span.
+        engine = engine.trace_context(Arc::new(crate::propagation::SpanTraceContext));
         let engine = engine
             .instrumentation(Arc::new(strategies))
             .build()

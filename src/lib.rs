@@ -12,6 +12,7 @@ pub mod engine;
 pub mod health;
 pub mod http;
 pub mod instrumentation;
+pub mod propagation;
 pub mod resilience;
 pub mod simulate;
 pub mod sinks;

@@ -113,6 +113,9 @@ struct ServeArgs {
     /// A TOML config file laid over the embedded defaults.
     #[arg(long, env = "DISPATCHD_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Write the log as JSON lines (with trace and span ids inside a dispatch) instead of text.
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 /// Parses the command line and runs it. The binary's whole `main`.
@@ -351,11 +354,26 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&config.log.filter);
+    let mut config = config;
+    if args.log_format.as_deref() == Some("json") {
+        config.tracing.log_format = crate::telemetry::traces::LogFormat::Json;
+    }
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(run(config)) {
+    // The batch span processor starts its thread here; the subscriber feeds it from now on.
+    let traces = match runtime
+        .block_on(async { crate::telemetry::traces::Traces::install(&config.tracing) })
+    {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("error: cannot set up tracing: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(config));
+    traces.shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -447,7 +465,10 @@ mod tests {
         let cli = Cli::try_parse_from(["dispatchd", "serve", "--config", "y.toml"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Serve(ServeArgs { config: Some(_) }))
+            Some(Command::Serve(ServeArgs {
+                config: Some(_),
+                ..
+            }))
         ));
         let cli = Cli::try_parse_from(["dispatchd", "simulate", "--rate", "5", "--duration", "2s"])
             .unwrap();

@@ -30,6 +30,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DISPATCHD_METRICS_NAMESPACE", "metrics.namespace"),
     ("DISPATCHD_METRICS_ENABLED", "metrics.enabled"),
     ("DISPATCHD_LOG", "log.filter"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp.endpoint"),
 ];
 
 /// A validated configuration.
@@ -39,6 +40,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub health: HealthConfig,
+    /// Traces (sampling, OTLP export) and the log format.
+    pub tracing: crate::telemetry::traces::TracingConfig,
     /// Where dispatch events are forwarded.
     pub sinks: Vec<SinkSettings>,
     /// Where dispatch events travel to the sinks, and outputs are published.

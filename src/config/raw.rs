@@ -24,6 +24,7 @@ use crate::resilience::{
     ResilienceConfig, RetryPolicy, Trip,
 };
 use crate::sinks::{DriverConfig, FullPolicy, SERVICES, SinkConfig};
+use crate::telemetry::traces::{LogFormat, TracingConfig};
 
 /// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
 const MAX_CARDINALITY_LIMIT: u64 = 100_000;
@@ -50,7 +51,24 @@ struct RawConfig {
     sinks: Option<Vec<RawSink>>,
     #[serde(default)]
     bus: RawBus,
+    #[serde(default)]
+    tracing: RawTracing,
+    #[serde(default)]
+    otlp: RawOtlp,
     sources: Option<Vec<RawSource>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracing {
+    sampling_ratio: Option<f64>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOtlp {
+    endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -396,6 +414,30 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
         .map(|(i, sink)| validate_sink(i, sink, origins, problems))
         .collect::<Vec<_>>();
     let bus = validate_bus(&raw.bus, origins, problems);
+    let sampling_ratio = raw.tracing.sampling_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sampling_ratio) {
+        problems.push(origins.problem("tracing.sampling_ratio", "must be between 0 and 1"));
+    }
+    let log_format = match raw.tracing.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            problems.push(origins.problem(
+                "tracing.log_format",
+                format!("unknown format `{other}` (expected text or json)"),
+            ));
+            LogFormat::Text
+        }
+    };
+    let otlp_endpoint = raw.otlp.endpoint.clone().filter(|e| !e.is_empty());
+    if let Some(endpoint) = &otlp_endpoint {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            problems.push(origins.problem(
+                "otlp.endpoint",
+                format!("`{endpoint}` is not an http(s) URL"),
+            ));
+        }
+    }
     let sources: Vec<SourceConfig> = raw
         .sources
         .unwrap_or_default()
@@ -556,8 +598,16 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             namespace,
             cardinality_limit: usize::try_from(cardinality_limit).ok()?,
         },
-        log: LogConfig { filter },
+        log: LogConfig {
+            filter: filter.clone(),
+        },
         health,
+        tracing: TracingConfig {
+            sampling_ratio,
+            otlp_endpoint,
+            log_format,
+            log_filter: filter.clone(),
+        },
         sinks,
         bus,
         sources,

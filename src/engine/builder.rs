@@ -8,7 +8,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::dispatcher::{Dispatcher, Kind};
-use super::instrument::{Hooks, InstrumentationStrategy};
+use super::instrument::{Hooks, InstrumentationStrategy, TraceContext};
 use super::pattern::{PatternError, TopicPattern};
 use super::route::{CompiledRoute, Route};
 use super::topic::Category;
@@ -90,6 +90,7 @@ pub struct EngineBuilder {
     routes: Vec<Route>,
     strategy: Option<Arc<dyn InstrumentationStrategy>>,
     publisher: Option<Arc<dyn OutputPublisher>>,
+    trace_context: Option<Arc<dyn TraceContext>>,
 }
 
 impl EngineBuilder {
@@ -117,6 +118,12 @@ impl EngineBuilder {
     /// Where handler outputs go. Without one, outputs are only returned in the result.
     pub fn publisher(mut self, publisher: Arc<dyn OutputPublisher>) -> EngineBuilder {
         self.publisher = Some(publisher);
+        self
+    }
+
+    /// Names the trace in each result and carries it into output headers.
+    pub fn trace_context(mut self, trace_context: Arc<dyn TraceContext>) -> EngineBuilder {
+        self.trace_context = Some(trace_context);
         self
     }
 
@@ -216,6 +223,7 @@ impl EngineBuilder {
                 routes_by_category: routes_by_category.map(Vec::into_boxed_slice),
                 hooks: Hooks::new(self.strategy),
                 publisher: self.publisher,
+                trace_context: self.trace_context,
             }),
         })
     }

@@ -132,3 +132,13 @@ impl Hooks {
         self.panics.load(Ordering::Relaxed)
     }
 }
+
+/// Trace context for the engine, without the engine knowing OpenTelemetry: called inside the
+/// dispatch span to name the trace in the result and to carry it into output headers.
+pub trait TraceContext: Send + Sync + 'static {
+    /// The current trace id and span id (W3C lowercase hex), when the dispatch is traced.
+    fn current_ids(&self) -> Option<(String, String)>;
+
+    /// Writes the current context (`traceparent`, `tracestate`) into outgoing headers.
+    fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);
+}

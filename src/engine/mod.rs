@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::FutureExt;
+use tracing::Instrument;
 
 use crate::resilience::Protections;
 use thiserror::Error;
@@ -40,7 +41,7 @@ pub use builder::{BuildError, BuildProblem, EngineBuilder, MAX_ID_LEN, is_valid_
 pub use command::{CommandAdapter, Decision, Effect, Policy, RulePolicy};
 pub use dispatcher::{DEFAULT_TIMEOUT, Dispatcher, ErrorKind, Handler, HandlerError, Message};
 pub use envelope::{Envelope, OutputMessage};
-pub use instrument::{DispatchInfo, DispatcherRef, InstrumentationStrategy};
+pub use instrument::{DispatchInfo, DispatcherRef, InstrumentationStrategy, TraceContext};
 pub use pattern::{PatternError, TopicPattern};
 pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ExecutionResult};
 pub use route::Route;
@@ -78,6 +79,7 @@ struct Inner {
     routes_by_category: [Box<[CompiledRoute]>; 3],
     hooks: Hooks,
     publisher: Option<Arc<dyn OutputPublisher>>,
+    trace_context: Option<Arc<dyn TraceContext>>,
 }
 
 impl Engine {
@@ -123,6 +125,43 @@ impl Engine {
     /// Dispatches one message published on `topic`. Never fails: every outcome, including a
     /// malformed message, is a [`DispatchResult`] status.
     pub async fn dispatch(&self, topic: &str, envelope: &Envelope) -> DispatchResult {
+        if self.inner.trace_context.is_none() {
+            // Untraced engines (the library's default) pay nothing for spans.
+            return self.dispatch_traced(topic, envelope).await;
+        }
+        // Named after the messaging conventions: "<destination> process". Costs nothing
+        // without a subscriber; `serve` sends these spans to OpenTelemetry.
+        let span = tracing::info_span!(
+            target: "dispatchd::trace",
+            "dispatch",
+            otel.name = %format_args!("{topic} process"),
+            otel.kind = "consumer",
+            messaging.system = "dispatchd",
+            messaging.operation.type = "process",
+            messaging.destination.name = topic,
+            messaging.message.id = %envelope.message_id,
+            messaging.message.conversation_id = envelope.correlation_id.as_deref(),
+            dispatchd.message_type = %envelope.message_type,
+            dispatchd.dispatch_id = tracing::field::Empty,
+            dispatchd.category = tracing::field::Empty,
+            dispatchd.status = tracing::field::Empty,
+        );
+        let result = self
+            .dispatch_traced(topic, envelope)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "dispatchd.dispatch_id",
+            tracing::field::display(&result.dispatch_id),
+        );
+        span.record("dispatchd.status", result.status.as_str());
+        if let Some(category) = result.message_category {
+            span.record("dispatchd.category", category.as_str());
+        }
+        result
+    }
+
+    async fn dispatch_traced(&self, topic: &str, envelope: &Envelope) -> DispatchResult {
         let started = Instant::now();
         let dispatch_id = Uuid::new_v4();
         let hooks = &self.inner.hooks;
@@ -186,11 +225,26 @@ impl Engine {
                     };
                     self.run_selected(&selected, &message, &info, &mut result)
                         .await;
+                    if let Some(trace) = &self.inner.trace_context {
+                        // Outputs continue this trace wherever they are consumed.
+                        for output in &mut result.outputs {
+                            trace.inject(&mut output.envelope.headers);
+                        }
+                    }
                     self.publish(&mut result).await;
                 }
             }
         }
 
+        let ids = self
+            .inner
+            .trace_context
+            .as_ref()
+            .and_then(|t| t.current_ids());
+        if let Some((trace_id, span_id)) = ids {
+            result.trace_id = Some(trace_id);
+            result.span_id = Some(span_id);
+        }
         let elapsed = started.elapsed();
         result.duration_ms = millis(elapsed);
         if result.status.is_error() {
@@ -269,6 +323,33 @@ impl Engine {
     }
 
     async fn run_one(
+        &self,
+        index: usize,
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+    ) -> (DispatcherOutcome, Vec<OutputMessage>) {
+        if self.inner.trace_context.is_none() {
+            return self.run_one_traced(index, message, info).await;
+        }
+        let dispatcher = &self.inner.dispatchers[index];
+        let span = tracing::info_span!(
+            target: "dispatchd::trace",
+            "dispatcher",
+            otel.name = %format_args!("dispatcher {}", dispatcher.id),
+            dispatchd.dispatcher_id = %dispatcher.id,
+            dispatchd.outcome = tracing::field::Empty,
+            dispatchd.attempts = tracing::field::Empty,
+        );
+        let traced = self
+            .run_one_traced(index, message, info)
+            .instrument(span.clone());
+        let (outcome, outputs) = traced.await;
+        span.record("dispatchd.outcome", outcome.result.as_str());
+        span.record("dispatchd.attempts", outcome.attempts);
+        (outcome, outputs)
+    }
+
+    async fn run_one_traced(
         &self,
         index: usize,
         message: &Message<'_>,
@@ -410,6 +491,14 @@ impl Engine {
         match &dispatcher.kind {
             Kind::Handler(handler) => guarded(dispatcher.timeout, handler.handle(message)).await,
             Kind::Command(adapter) => {
+                let span = tracing::info_span!(
+                    target: "dispatchd::trace",
+                    "command adapter",
+                    otel.name = %format_args!("{} {}", adapter.name(), message.envelope.message_type),
+                    otel.kind = "client",
+                    dispatchd.adapter = adapter.name(),
+                    dispatchd.command_type = %message.envelope.message_type,
+                );
                 self.inner.hooks.emit("on_adapter_invoke", |s| {
                     s.on_adapter_invoke(
                         info,
@@ -418,7 +507,9 @@ impl Engine {
                         &message.envelope.payload,
                     )
                 });
-                guarded(dispatcher.timeout, adapter.execute(message)).await
+                guarded(dispatcher.timeout, adapter.execute(message))
+                    .instrument(span)
+                    .await
             }
         }
     }

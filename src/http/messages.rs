@@ -9,7 +9,10 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use opentelemetry::trace::TraceContextExt;
 use serde::Deserialize;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{ApiError, ApiState};
 use crate::engine::{DispatchResult, DispatchStatus, Envelope};
@@ -56,8 +59,28 @@ pub(super) async fn ingest(
         status => ApiError::new(status, "invalid_body", rejection.body_text()),
     })?;
     let envelope = parse_envelope(&body)?;
+    // The caller's traceparent (a malformed one is no parent: a new trace starts), else the
+    // envelope's own.
+    let mut parent = crate::propagation::extract_http(&headers);
+    if !parent.has_active_span() {
+        parent = crate::propagation::extract_map(&envelope.headers);
+    }
+    let span = tracing::info_span!(
+        target: "dispatchd::trace",
+        "ingest",
+        otel.name = "POST /api/v1/messages/{topic}",
+        otel.kind = "server",
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let _ = span.set_parent(parent);
+    if let Some((trace_id, span_id)) = crate::propagation::ids(&span.context()) {
+        // Every log line inside this dispatch carries them.
+        span.record("trace_id", trace_id.as_str());
+        span.record("span_id", span_id.as_str());
+    }
     let result = tokio::select! {
-        result = state.engine.dispatch(&topic, &envelope) => result,
+        result = state.engine.dispatch(&topic, &envelope).instrument(span) => result,
         () = state.abandon.cancelled() => {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -92,6 +92,10 @@ impl DispatchEvent {
             user_id: envelope.headers.get("user_id").cloned(),
             tokens_usage,
             metadata: json!({
+                "traceparent": match (&result.trace_id, &result.span_id) {
+                    (Some(trace), Some(span)) => Some(format!("00-{trace}-{span}-01")),
+                    _ => None,
+                },
                 "category": category,
                 "status": result.status,
                 "duration_ms": result.duration_ms,

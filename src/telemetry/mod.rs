@@ -22,6 +22,7 @@ mod http;
 mod resilience;
 mod sinks;
 pub mod stats;
+pub mod traces;
 
 use std::sync::Arc;
 

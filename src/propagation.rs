@@ -1,0 +1,93 @@
+//! W3C trace context at the edges: read `traceparent`/`tracestate` from what arrives, write them
+//! into what leaves, and name the current trace.
+//!
+//! Owns the one propagator (`TraceContextPropagator`, no global): the HTTP ingest and bus sources
+//! extract a parent from it, the engine's `TraceContext` stamps results and output headers with
+//! it, and the sinks put it on their requests. A malformed `traceparent` extracts as no parent: a
+//! new trace starts, never an error.
+
+use std::collections::BTreeMap;
+
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::engine::TraceContext;
+
+struct HeaderMapExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for HeaderMapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct MapCarrier<'a>(&'a mut BTreeMap<String, String>);
+
+impl Injector for MapCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct MapExtractor<'a>(&'a BTreeMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// The caller's context from HTTP headers (empty when absent or malformed).
+pub fn extract_http(headers: &axum::http::HeaderMap) -> Context {
+    TraceContextPropagator::new().extract(&HeaderMapExtractor(headers))
+}
+
+/// The sender's context from envelope headers (empty when absent or malformed).
+pub fn extract_map(headers: &BTreeMap<String, String>) -> Context {
+    TraceContextPropagator::new().extract(&MapExtractor(headers))
+}
+
+/// Writes the current span's context as `traceparent` (and `tracestate`) into `headers`.
+pub fn inject_current(headers: &mut BTreeMap<String, String>) {
+    let context = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&context, &mut MapCarrier(headers));
+}
+
+/// The current span's trace id and span id, lowercase hex, when it is part of a trace.
+pub fn current_ids() -> Option<(String, String)> {
+    ids(&tracing::Span::current().context())
+}
+
+pub fn ids(context: &Context) -> Option<(String, String)> {
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| {
+        (
+            span_context.trace_id().to_string(),
+            span_context.span_id().to_string(),
+        )
+    })
+}
+
+/// The engine's view of trace context, backed by the `tracing` span it runs in.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SpanTraceContext;
+
+impl TraceContext for SpanTraceContext {
+    fn current_ids(&self) -> Option<(String, String)> {
+        current_ids()
+    }
+
+    fn inject(&self, headers: &mut BTreeMap<String, String>) {
+        inject_current(headers);
+    }
+}

@@ -1,0 +1,222 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dispatchd::engine::{
+    Category, Dispatcher, Engine, Envelope, Handler, HandlerError, Message, OutputMessage, Route,
+};
+use dispatchd::telemetry::traces::{LogFormat, Traces, TracingConfig};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
+use serde_json::{Value, json};
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::support::TestApp;
+
+struct Echo;
+
+#[async_trait]
+impl Handler for Echo {
+    async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        let reply = message.envelope.derive("order.confirmed", json!({}));
+        Ok(vec![OutputMessage::new("shop.confirmations.events", reply)])
+    }
+}
+
+fn config(otlp_endpoint: Option<String>) -> TracingConfig {
+    TracingConfig {
+        sampling_ratio: 1.0,
+        otlp_endpoint,
+        log_format: LogFormat::Text,
+        log_filter: "warn".into(),
+    }
+}
+
+/// A subscriber for this thread only: dispatch spans to OpenTelemetry.
+fn subscriber(
+    provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+) -> impl tracing::Subscriber + Send + Sync {
+    tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+}
+
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+#[tokio::test]
+async fn a_callers_traceparent_reaches_the_result_the_outputs_and_the_event() {
+    let provider = Traces::provider(&config(None)).unwrap();
+    let _guard = tracing::subscriber::set_default(subscriber(&provider));
+    let app = TestApp::start_with(
+        |_| {},
+        |builder| {
+            builder
+                .dispatcher(Dispatcher::new("echo", Category::Intent, Echo))
+                .route(Route::new(
+                    "echo",
+                    "orders.intents",
+                    Category::Intent,
+                    "echo",
+                ))
+        },
+    )
+    .await;
+    let response = app
+        .client
+        .post(app.url("/api/v1/messages/orders.intents"))
+        .header("traceparent", format!("00-{TRACE}-b7ad6b7169203331-01"))
+        .json(&json!({"message_type": "order.place"}))
+        .send()
+        .await
+        .unwrap();
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["trace_id"], TRACE);
+    let span_id = result["span_id"].as_str().unwrap();
+    assert_eq!(span_id.len(), 16);
+    assert_ne!(
+        span_id, "b7ad6b7169203331",
+        "the dispatch is a child span of the caller's"
+    );
+    let traceparent = result["outputs"][0]["envelope"]["headers"]["traceparent"]
+        .as_str()
+        .unwrap();
+    assert!(
+        traceparent.starts_with(&format!("00-{TRACE}-")),
+        "{traceparent}"
+    );
+
+    // A malformed traceparent is no error: a new trace starts.
+    let response = app
+        .client
+        .post(app.url("/api/v1/messages/orders.intents"))
+        .header("traceparent", "00-not-a-trace-01")
+        .json(&json!({"message_type": "order.place"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let fresh: Value = response.json().await.unwrap();
+    assert_eq!(fresh["trace_id"].as_str().unwrap().len(), 32);
+    assert_ne!(fresh["trace_id"], TRACE);
+
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["metadata"]["traceparent"],
+        format!("00-{TRACE}-{span_id}-01")
+    );
+    drop(provider);
+}
+
+/// An OTLP/HTTP receiver on its own thread: it decodes each export and keeps the spans.
+fn receiver() -> (String, Arc<Mutex<Vec<ExportTraceServiceRequest>>>) {
+    let received: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
+    let (address, ready) = std::sync::mpsc::channel();
+    let keep = received.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            address.send(listener.local_addr().unwrap()).unwrap();
+            let router = axum::Router::new().route(
+                "/v1/traces",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let keep = keep.clone();
+                    async move {
+                        keep.lock()
+                            .unwrap()
+                            .push(ExportTraceServiceRequest::decode(body).unwrap());
+                        axum::http::StatusCode::OK
+                    }
+                }),
+            );
+            axum::serve(listener, router).await.unwrap();
+        });
+    });
+    let address = ready.recv().unwrap();
+    (format!("http://{address}"), received)
+}
+
+#[tokio::test]
+async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
+    let (endpoint, received) = receiver();
+    let provider = Traces::provider(&config(Some(endpoint))).unwrap();
+    let engine = {
+        let _guard = tracing::subscriber::set_default(subscriber(&provider));
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
+            .route(Route::new("r", "**", Category::Event, "echo"))
+            .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext))
+            .build()
+            .unwrap();
+        let result = engine
+            .dispatch(
+                "shop.orders.events",
+                &Envelope::new("order.placed", json!({})),
+            )
+            .await;
+        assert!(result.trace_id.is_some());
+        engine
+    };
+    // Export happens on the SDK's thread; flushing waits for it.
+    tokio::task::spawn_blocking({
+        let provider = provider.clone();
+        move || provider.force_flush().unwrap()
+    })
+    .await
+    .unwrap();
+    let spans: Vec<_> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.resource_spans.iter())
+        .flat_map(|r| r.scope_spans.iter())
+        .flat_map(|s| s.spans.iter().cloned())
+        .collect();
+    let dispatch = spans
+        .iter()
+        .find(|s| s.name == "shop.orders.events process")
+        .expect("the dispatch span");
+    let attribute = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+        span.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone())
+            .map(|v| format!("{:?}", v.value))
+    };
+    assert!(
+        attribute(dispatch, "messaging.destination.name")
+            .unwrap()
+            .contains("shop.orders.events")
+    );
+    assert!(
+        attribute(dispatch, "dispatchd.status")
+            .unwrap()
+            .contains("success")
+    );
+    let child = spans
+        .iter()
+        .find(|s| s.name == "dispatcher echo")
+        .expect("the dispatcher's span");
+    assert_eq!(
+        child.parent_span_id, dispatch.span_id,
+        "a child of the dispatch span"
+    );
+    assert_eq!(child.trace_id, dispatch.trace_id);
+    assert!(
+        attribute(child, "dispatchd.outcome")
+            .unwrap()
+            .contains("success")
+    );
+    drop(engine);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || provider.shutdown()),
+    )
+    .await;
+}
