@@ -265,5 +265,54 @@ fn service_strategies(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, dispatch, routing, protections, service_strategies);
+/// Tracing: off (no trace context, no subscriber), on and sampled, on and not sampled.
+fn tracing_cost(c: &mut Criterion) {
+    use dispatchd::telemetry::traces::{LogFormat, Traces, TracingConfig};
+    use opentelemetry::trace::TracerProvider;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
+    let traced = EngineBuilder::new()
+        .dispatcher(Dispatcher::new("d0", Category::Event, Noop))
+        .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
+        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext))
+        .build()
+        .unwrap();
+    let untraced = engine(1, Observer::None);
+    let mut group = c.benchmark_group("tracing");
+    group.bench_function("off", |b| {
+        b.to_async(&runtime)
+            .iter(|| untraced.dispatch("shop.orders.events", &envelope));
+    });
+    for (label, ratio) in [("sampled", 1.0), ("not_sampled", 0.0)] {
+        let config = TracingConfig {
+            sampling_ratio: ratio,
+            otlp_endpoint: None,
+            log_format: LogFormat::Text,
+            log_filter: "off".into(),
+        };
+        let provider = Traces::provider(&config).unwrap();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        group.bench_function(label, |b| {
+            b.to_async(&runtime)
+                .iter(|| traced.dispatch("shop.orders.events", &envelope));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    dispatch,
+    routing,
+    protections,
+    service_strategies,
+    tracing_cost
+);
 criterion_main!(benches);

@@ -16,6 +16,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::bus::redis::{
     ConsumerConfig, RedisOutputs, RedisPublisher, StreamConsumer, default_consumer_name,
@@ -489,7 +491,15 @@ async fn consume_source(
                 .and_then(|data| serde_json::from_str::<OutputMessage>(data).ok());
             let terminal = match message {
                 Some(OutputMessage { topic, envelope }) => {
-                    let result = engine.dispatch(&topic, &envelope).await;
+                    // The sender's trace, from the envelope's headers, is the dispatch's parent.
+                    let span = tracing::info_span!(
+                        target: "dispatchd::trace",
+                        "source",
+                        otel.name = %format_args!("{stream} receive"),
+                        otel.kind = "consumer",
+                    );
+                    let _ = span.set_parent(crate::propagation::extract_map(&envelope.headers));
+                    let result = engine.dispatch(&topic, &envelope).instrument(span).await;
                     bus.publish(DispatchEvent::from_dispatch(&result, &envelope))
                         .await;
                     result.status.is_terminal()

@@ -91,3 +91,13 @@ impl TraceContext for SpanTraceContext {
         inject_current(headers);
     }
 }
+
+/// The span context a `traceparent` value names, if it is well-formed.
+pub fn parse_traceparent(traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
+    let mut headers = BTreeMap::new();
+    headers.insert("traceparent".to_owned(), traceparent.to_owned());
+    let context = extract_map(&headers);
+    let span = context.span();
+    let span_context = span.span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}

@@ -8,6 +8,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::dead_letter::DeadLetterFile;
 use super::{DispatchEvent, Retry, SendError, Sink, SinkError};
@@ -310,8 +312,29 @@ impl SinkDriver {
         }
     }
 
-    /// Sends one batch with its retries; false when some event could not be settled.
+    /// Sends one batch with its retries, in a span linked to each event's dispatch trace.
     async fn send(&self, batch: Vec<DispatchEvent>) -> bool {
+        let span = tracing::info_span!(
+            target: "dispatchd::trace",
+            "sink send",
+            otel.name = %format_args!("{} send", self.name),
+            otel.kind = "producer",
+            dispatchd.sink = %self.name,
+            dispatchd.batch_size = batch.len(),
+        );
+        for event in &batch {
+            if let Some(context) = event.metadata["traceparent"]
+                .as_str()
+                .and_then(crate::propagation::parse_traceparent)
+            {
+                span.add_link(context);
+            }
+        }
+        self.send_batch(batch).instrument(span).await
+    }
+
+    /// Sends one batch with its retries; false when some event could not be settled.
+    async fn send_batch(&self, batch: Vec<DispatchEvent>) -> bool {
         if let Some(observer) = &self.observer {
             observer.batch(&self.name, batch.len());
         }

@@ -218,6 +218,13 @@ impl Sink for HttpSink {
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
         // The identity transform, serialized straight from the structs.
         let mut request = self.client.post(&self.url).json(batch);
+        // The batch's span, linked to each event's trace (each event carries its own
+        // `metadata.traceparent` in the body).
+        let mut trace = BTreeMap::new();
+        crate::propagation::inject_current(&mut trace);
+        for (name, value) in &trace {
+            request = request.header(name, value);
+        }
         for (name, value) in &self.headers {
             request = request.header(name, value);
         }

@@ -220,3 +220,91 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
+    use dispatchd::sinks::{DriverConfig, FullPolicy, SinkConfig, SinkDriver, build};
+
+    let provider = Traces::provider(&config(None)).unwrap();
+    let _guard = tracing::subscriber::set_default(subscriber(&provider));
+    let seen: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::default();
+    let keep = seen.clone();
+    let router = axum::Router::new().fallback(
+        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let traceparent = headers
+                    .get("traceparent")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                keep.lock()
+                    .unwrap()
+                    .push((traceparent, serde_json::from_slice(&body).unwrap()));
+                axum::http::StatusCode::OK
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let sink = build(&SinkConfig {
+        name: "hook".into(),
+        service: "http".into(),
+        endpoint: Some(url),
+        api_key: None,
+        headers: Default::default(),
+        timeout: Duration::from_secs(5),
+        fsync: false,
+    })
+    .unwrap();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let driver = DriverConfig {
+        batch_size: 10,
+        flush_interval: Duration::from_secs(60),
+        buffer: 10,
+        full: FullPolicy::Block,
+        retry: dispatchd::resilience::RetryPolicy {
+            attempts: 0,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        },
+        shutdown_deadline: Duration::from_secs(5),
+        send_timeout: Duration::from_secs(5),
+        dead_letter: dir.path().join("dead.jsonl"),
+    };
+    let handle = SinkDriver::spawn(sink, driver, None, &tracker, stop.clone());
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
+        .route(Route::new("r", "**", Category::Event, "echo"))
+        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext))
+        .build()
+        .unwrap();
+    let envelope = Envelope::new("order.placed", json!({}));
+    let result = engine.dispatch("shop.orders.events", &envelope).await;
+    handle
+        .offer(dispatchd::sinks::DispatchEvent::from_dispatch(
+            &result, &envelope,
+        ))
+        .await;
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+
+    let seen = seen.lock().unwrap().clone();
+    let (header, body) = &seen[0];
+    let trace_id = result.trace_id.unwrap();
+    assert!(
+        body[0]["metadata"]["traceparent"]
+            .as_str()
+            .unwrap()
+            .contains(&trace_id),
+        "{body}"
+    );
+    let header = header
+        .as_ref()
+        .expect("the request carries the batch span's traceparent");
+    assert!(header.starts_with("00-") && header.len() == 55, "{header}");
+    server.abort();
+}
