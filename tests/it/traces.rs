@@ -221,13 +221,16 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
     .await;
 }
 
+/// What the hook received: its `traceparent` header and its body.
+type Request = (Option<String>, Value);
+
 #[tokio::test]
 async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
     use dispatchd::sinks::{DriverConfig, FullPolicy, SinkConfig, SinkDriver, build};
 
     let provider = Traces::provider(&config(None)).unwrap();
     let _guard = tracing::subscriber::set_default(subscriber(&provider));
-    let seen: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Request>>> = Arc::default();
     let keep = seen.clone();
     let router = axum::Router::new().fallback(
         move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
