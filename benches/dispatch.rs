@@ -276,12 +276,16 @@ fn tracing_cost(c: &mut Criterion) {
         .build()
         .unwrap();
     let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
-    let traced = EngineBuilder::new()
-        .dispatcher(Dispatcher::new("d0", Category::Event, Noop))
-        .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
-        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext))
-        .build()
-        .unwrap();
+    let traced = |ratio: f64| {
+        EngineBuilder::new()
+            .dispatcher(Dispatcher::new("d0", Category::Event, Noop))
+            .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
+            .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::new(
+                ratio,
+            )))
+            .build()
+            .unwrap()
+    };
     let untraced = engine(1, Observer::None);
     let mut group = c.benchmark_group("tracing");
     group.bench_function("off", |b| {
@@ -299,9 +303,10 @@ fn tracing_cost(c: &mut Criterion) {
         let subscriber = tracing_subscriber::registry()
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")));
         let _guard = tracing::subscriber::set_default(subscriber);
+        let engine = traced(ratio);
         group.bench_function(label, |b| {
             b.to_async(&runtime)
-                .iter(|| traced.dispatch("shop.orders.events", &envelope));
+                .iter(|| engine.dispatch("shop.orders.events", &envelope));
         });
     }
     group.finish();

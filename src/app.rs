@@ -259,7 +259,9 @@ impl AppBuilder {
             engine = engine.publisher(outputs);
         }
         // Trace ids in results and traceparent in outputs, from the dispatch span.
-        engine = engine.trace_context(Arc::new(crate::propagation::SpanTraceContext));
+        engine = engine.trace_context(Arc::new(crate::propagation::SpanTraceContext::new(
+            config.tracing.sampling_ratio,
+        )));
         let engine = engine
             .instrumentation(Arc::new(strategies))
             .build()

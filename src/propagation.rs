@@ -78,11 +78,39 @@ pub fn ids(context: &Context) -> Option<(String, String)> {
     })
 }
 
-/// The engine's view of trace context, backed by the `tracing` span it runs in.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SpanTraceContext;
+/// The engine's view of trace context, backed by the `tracing` span it runs in, sampling new
+/// traces at `ratio` (parent-based: a parent's decision is followed).
+#[derive(Debug, Clone, Copy)]
+pub struct SpanTraceContext {
+    ratio: f64,
+}
+
+impl Default for SpanTraceContext {
+    fn default() -> SpanTraceContext {
+        SpanTraceContext { ratio: 1.0 }
+    }
+}
+
+impl SpanTraceContext {
+    pub fn new(ratio: f64) -> SpanTraceContext {
+        SpanTraceContext {
+            ratio: ratio.clamp(0.0, 1.0),
+        }
+    }
+}
 
 impl TraceContext for SpanTraceContext {
+    fn sampled(&self) -> bool {
+        let context = tracing::Span::current().context();
+        let span = context.span();
+        let parent = span.span_context();
+        if parent.is_valid() {
+            parent.is_sampled()
+        } else {
+            self.ratio >= 1.0 || fastrand::f64() < self.ratio
+        }
+    }
+
     fn current_ids(&self) -> Option<(String, String)> {
         current_ids()
     }

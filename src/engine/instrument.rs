@@ -24,6 +24,8 @@ pub struct DispatchInfo<'a> {
     pub message_type: &'a str,
     pub message_id: &'a str,
     pub correlation_id: Option<&'a str>,
+    /// Whether this dispatch is recorded as a trace (sampled); spans are opened only then.
+    pub traced: bool,
 }
 
 /// A dispatcher as hooks see it. `index` is its position in registration order, dense and fixed
@@ -138,6 +140,13 @@ impl Hooks {
 pub trait TraceContext: Send + Sync + 'static {
     /// The current trace id and span id (W3C lowercase hex), when the dispatch is traced.
     fn current_ids(&self) -> Option<(String, String)>;
+
+    /// Whether a dispatch starting now is sampled: the parent's decision when there is one,
+    /// else the configured ratio. Asked before any span is opened, so an unsampled dispatch
+    /// costs no span at all.
+    fn sampled(&self) -> bool {
+        true
+    }
 
     /// Writes the current context (`traceparent`, `tracestate`) into outgoing headers.
     fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);

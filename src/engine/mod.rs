@@ -125,9 +125,14 @@ impl Engine {
     /// Dispatches one message published on `topic`. Never fails: every outcome, including a
     /// malformed message, is a [`DispatchResult`] status.
     pub async fn dispatch(&self, topic: &str, envelope: &Envelope) -> DispatchResult {
-        if self.inner.trace_context.is_none() {
-            // Untraced engines (the library's default) pay nothing for spans.
-            return self.dispatch_traced(topic, envelope).await;
+        let traced = self
+            .inner
+            .trace_context
+            .as_ref()
+            .is_some_and(|t| t.sampled());
+        if !traced {
+            // Untraced engines (the library's default) and unsampled dispatches open no span.
+            return self.dispatch_traced(topic, envelope, false).await;
         }
         // Named after the messaging conventions: "<destination> process". Costs nothing
         // without a subscriber; `serve` sends these spans to OpenTelemetry.
@@ -147,7 +152,7 @@ impl Engine {
             dispatchd.status = tracing::field::Empty,
         );
         let result = self
-            .dispatch_traced(topic, envelope)
+            .dispatch_traced(topic, envelope, true)
             .instrument(span.clone())
             .await;
         span.record(
@@ -161,7 +166,12 @@ impl Engine {
         result
     }
 
-    async fn dispatch_traced(&self, topic: &str, envelope: &Envelope) -> DispatchResult {
+    async fn dispatch_traced(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        traced: bool,
+    ) -> DispatchResult {
         let started = Instant::now();
         let dispatch_id = Uuid::new_v4();
         let hooks = &self.inner.hooks;
@@ -173,6 +183,7 @@ impl Engine {
             message_type: &envelope.message_type,
             message_id: &envelope.message_id,
             correlation_id: envelope.correlation_id.as_deref(),
+            traced,
         };
         hooks.emit("on_dispatch_start", |s| s.on_dispatch_start(&info));
 
@@ -328,7 +339,7 @@ impl Engine {
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
     ) -> (DispatcherOutcome, Vec<OutputMessage>) {
-        if self.inner.trace_context.is_none() {
+        if !info.traced {
             return self.run_one_traced(index, message, info).await;
         }
         let dispatcher = &self.inner.dispatchers[index];

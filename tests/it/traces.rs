@@ -151,7 +151,7 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
         let engine = Engine::builder()
             .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
             .route(Route::new("r", "**", Category::Event, "echo"))
-            .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext))
+            .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::default()))
             .build()
             .unwrap();
         let result = engine
@@ -281,7 +281,7 @@ async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
     let engine = Engine::builder()
         .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
         .route(Route::new("r", "**", Category::Event, "echo"))
-        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext))
+        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::default()))
         .build()
         .unwrap();
     let envelope = Envelope::new("order.placed", json!({}));
