@@ -18,13 +18,15 @@ pub enum Kind {
     ObservableGauge,
     /// A gauge set when its value changes.
     Gauge,
+    /// A counter read by a callback at scrape time.
+    ObservableCounter,
 }
 
 impl Kind {
     /// The `# TYPE` the exporter writes.
     pub fn prometheus_type(self) -> &'static str {
         match self {
-            Kind::Counter => "counter",
+            Kind::Counter | Kind::ObservableCounter => "counter",
             Kind::UpDownCounter | Kind::ObservableGauge | Kind::Gauge => "gauge",
             Kind::Histogram => "histogram",
         }
@@ -63,7 +65,7 @@ impl InstrumentSpec {
             "1" => name.push_str("_ratio"),
             _ => {}
         }
-        if self.kind == Kind::Counter {
+        if matches!(self.kind, Kind::Counter | Kind::ObservableCounter) {
             name.push_str("_total");
         }
         name
@@ -374,6 +376,15 @@ pub const BUS_RECONNECTS: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const TRACE_SPANS_DROPPED: InstrumentSpec = InstrumentSpec {
+    name: "trace_spans_dropped",
+    kind: Kind::ObservableCounter,
+    unit: "",
+    description: "Trace spans dropped because the OTLP export queue was full (a slow or absent collector).",
+    labels: &[],
+    buckets: &[],
+};
+
 /// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
 /// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
 pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
@@ -415,6 +426,7 @@ pub const ALL: &[InstrumentSpec] = &[
     BUS_RECONNECTS,
     HTTP_SERVER_REQUEST_DURATION,
     DISPATCHER_WORKER_THREADS,
+    TRACE_SPANS_DROPPED,
     METRIC_CARDINALITY_OVERFLOW,
 ];
 
@@ -456,6 +468,7 @@ mod tests {
                 "bus_redis_reconnects_total",
                 "http_server_request_duration_seconds",
                 "dispatcher_worker_threads",
+                "trace_spans_dropped_total",
                 "metric_cardinality_overflow",
             ]
         );

@@ -261,6 +261,16 @@ impl Enabled {
             .with_callback(move |observer| observer.observe(workers, &[]))
             .build();
 
+        let spec = catalog::TRACE_SPANS_DROPPED;
+        let _ = meter
+            .u64_observable_counter(spec.name)
+            .with_description(spec.description)
+            .with_callback(|observer| {
+                let dropped = traces::DROPPED_SPANS.load(std::sync::atomic::Ordering::Relaxed);
+                observer.observe(dropped, &[]);
+            })
+            .build();
+
         Ok(Enabled {
             registry,
             provider,

@@ -3,15 +3,23 @@
 //!
 //! Dispatch spans (target `dispatchd::trace`) go to OpenTelemetry through `tracing-opentelemetry`;
 //! log lines go to stdout, human-readable or JSON, with the fields of the spans they happen in,
-//! including `trace_id` and `span_id` inside an HTTP dispatch. Export runs on the SDK's batch
-//! processor thread with a bounded queue: a slow or absent collector costs at most that queue,
-//! never dispatch time; spans that do not fit are dropped by the SDK (and reported by it).
+//! including `trace_id` and `span_id` inside an HTTP dispatch. Export runs on a thread of its own
+//! behind a bounded queue ([`BoundedProcessor`]): a slow or absent collector costs at most that
+//! queue, never dispatch time, and spans that do not fit are dropped and counted
+//! ([`DROPPED_SPANS`], exported as `trace_spans_dropped_total`).
 
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+    Sampler, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
@@ -61,14 +69,7 @@ impl Traces {
                 .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
                 .build()
                 .map_err(|e| format!("the OTLP exporter for {endpoint}: {e}"))?;
-            let batch = BatchConfigBuilder::default()
-                .with_max_queue_size(4096)
-                .build();
-            builder = builder.with_span_processor(
-                BatchSpanProcessor::builder(exporter)
-                    .with_batch_config(batch)
-                    .build(),
-            );
+            builder = builder.with_span_processor(BoundedProcessor::new(exporter, SPAN_QUEUE));
         }
         Ok(builder.build())
     }
@@ -108,5 +109,137 @@ impl Traces {
         if let Err(error) = self.provider.shutdown() {
             tracing::debug!(%error, "The tracer provider did not shut down cleanly.");
         }
+    }
+}
+
+/// Spans waiting for export at most.
+pub const SPAN_QUEUE: usize = 4096;
+/// Spans per export request at most.
+const EXPORT_BATCH: usize = 512;
+
+/// Spans dropped because the export queue was full (a slow or absent collector). Process-wide,
+/// like the subscriber that produces them.
+pub static DROPPED_SPANS: AtomicU64 = AtomicU64::new(0);
+
+enum Job {
+    Span(Box<SpanData>),
+    Flush(SyncSender<()>),
+    Shutdown,
+}
+
+/// A span processor with a bounded queue and its own export thread. Written here rather than the
+/// SDK's `BatchSpanProcessor` because that one drops silently (it only logs a count at
+/// shutdown); this one counts every drop where a user can alert on it.
+#[derive(Debug)]
+pub struct BoundedProcessor {
+    queue: SyncSender<Job>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    exporter: Arc<dyn ResourceSetter>,
+}
+
+/// The one exporter call the processor makes from outside its thread.
+trait ResourceSetter: Send + Sync + std::fmt::Debug {
+    fn set_resource(&self, resource: &Resource);
+}
+
+#[derive(Debug)]
+struct Shared<E>(Mutex<E>);
+
+impl<E: SpanExporter> ResourceSetter for Shared<E> {
+    fn set_resource(&self, resource: &Resource) {
+        if let Ok(mut exporter) = self.0.lock() {
+            exporter.set_resource(resource);
+        }
+    }
+}
+
+impl BoundedProcessor {
+    pub fn new<E: SpanExporter + 'static>(exporter: E, capacity: usize) -> BoundedProcessor {
+        let (queue, jobs) = sync_channel(capacity);
+        let exporter = Arc::new(Shared(Mutex::new(exporter)));
+        let worker = {
+            let exporter = exporter.clone();
+            std::thread::Builder::new()
+                .name("dispatchd-span-export".into())
+                .spawn(move || export_loop(&exporter, &jobs))
+                .ok()
+        };
+        BoundedProcessor {
+            queue,
+            worker: Mutex::new(worker),
+            exporter,
+        }
+    }
+}
+
+fn export_loop<E: SpanExporter>(exporter: &Shared<E>, jobs: &Receiver<Job>) {
+    let mut batch: Vec<SpanData> = Vec::with_capacity(EXPORT_BATCH);
+    let send = |batch: &mut Vec<SpanData>| {
+        if batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::take(batch);
+        if let Ok(exporter) = exporter.0.lock() {
+            // The export's own timeout bounds this; the queue bounds what waits meanwhile.
+            let _ = futures::executor::block_on(exporter.export(spans));
+        }
+    };
+    loop {
+        match jobs.recv_timeout(Duration::from_secs(1)) {
+            Ok(Job::Span(span)) => {
+                batch.push(*span);
+                if batch.len() >= EXPORT_BATCH {
+                    send(&mut batch);
+                }
+            }
+            Ok(Job::Flush(done)) => {
+                send(&mut batch);
+                let _ = done.send(());
+            }
+            Ok(Job::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                send(&mut batch);
+                if let Ok(exporter) = exporter.0.lock() {
+                    let _ = exporter.shutdown();
+                }
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => send(&mut batch),
+        }
+    }
+}
+
+impl SpanProcessor for BoundedProcessor {
+    fn on_start(&self, _: &mut Span, _: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.queue.try_send(Job::Span(Box::new(span))).is_err() {
+            // Full (the collector is slow or gone) or shut down: dropped, and counted.
+            DROPPED_SPANS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let (done, finished) = sync_channel(1);
+        self.queue
+            .send(Job::Flush(done))
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| OTelSdkError::Timeout(Duration::from_secs(30)))
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        let _ = self.queue.send(Job::Shutdown);
+        if let Some(worker) = self.worker.lock().ok().and_then(|mut w| w.take()) {
+            let _ = worker.join();
+        }
+        Ok(())
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.exporter.set_resource(resource);
     }
 }

@@ -24,5 +24,3 @@ mod pipeline;
 mod redis;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
 mod monitoring;
-// W3C trace context end to end, and spans exported over OTLP/HTTP to a loopback receiver.
-mod traces;

@@ -1,3 +1,13 @@
+//! Traces, in a test binary of their own: they install thread-local `tracing` subscribers, and
+//! `tracing` caches each callsite's interest process-wide, so other tests dispatching without a
+//! subscriber in the same process could leave these spans disabled.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+#[path = "it/support.rs"]
+#[allow(dead_code)]
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +23,15 @@ use serde_json::{Value, json};
 use tracing_subscriber::layer::SubscriberExt;
 
 use crate::support::TestApp;
+
+/// Installs `subscriber` for this thread and makes every callsite see it.
+fn traced(
+    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+) -> tracing::subscriber::DefaultGuard {
+    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    guard
+}
 
 struct Echo;
 
@@ -46,7 +65,7 @@ const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 #[tokio::test]
 async fn a_callers_traceparent_reaches_the_result_the_outputs_and_the_event() {
     let provider = Traces::provider(&config(None)).unwrap();
-    let _guard = tracing::subscriber::set_default(subscriber(&provider));
+    let _guard = traced(subscriber(&provider));
     let app = TestApp::start_with(
         |_| {},
         |builder| {
@@ -147,7 +166,7 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
     let (endpoint, received) = receiver();
     let provider = Traces::provider(&config(Some(endpoint))).unwrap();
     let engine = {
-        let _guard = tracing::subscriber::set_default(subscriber(&provider));
+        let _guard = traced(subscriber(&provider));
         let engine = Engine::builder()
             .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
             .route(Route::new("r", "**", Category::Event, "echo"))
@@ -229,7 +248,7 @@ async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
     use dispatchd::sinks::{DriverConfig, FullPolicy, SinkConfig, SinkDriver, build};
 
     let provider = Traces::provider(&config(None)).unwrap();
-    let _guard = tracing::subscriber::set_default(subscriber(&provider));
+    let _guard = traced(subscriber(&provider));
     let seen: Arc<Mutex<Vec<Request>>> = Arc::default();
     let keep = seen.clone();
     let router = axum::Router::new().fallback(
@@ -310,4 +329,56 @@ async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
         .expect("the request carries the batch span's traceparent");
     assert!(header.starts_with("00-") && header.len() == 55, "{header}");
     server.abort();
+}
+
+#[tokio::test]
+async fn a_collector_that_hangs_costs_a_bounded_queue_and_counted_drops() {
+    use dispatchd::telemetry::traces::{BoundedProcessor, DROPPED_SPANS};
+    use opentelemetry_otlp::WithExportConfig;
+    use std::sync::atomic::Ordering;
+
+    // A collector that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for socket in listener.incoming().flatten() {
+            held.push(socket);
+        }
+    });
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("http://{address}/v1/traces"))
+        .with_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(BoundedProcessor::new(exporter, 64))
+        .build();
+    let _guard = traced(subscriber(&provider));
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
+        .route(Route::new("r", "**", Category::Event, "echo"))
+        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::default()))
+        .build()
+        .unwrap();
+    let before = DROPPED_SPANS.load(Ordering::Relaxed);
+    for _ in 0..3000 {
+        let result = engine
+            .dispatch(
+                "shop.orders.events",
+                &Envelope::new("order.placed", json!({})),
+            )
+            .await;
+        assert_eq!(result.status, dispatchd::engine::DispatchStatus::Success);
+    }
+    // 6,000 spans in a few milliseconds against a queue of 64 and an export thread that holds at
+    // most a batch of 512 per 300 ms attempt: at most a few attempts' worth get through, the rest
+    // are dropped and counted (other tests may add to the process-wide count, never subtract).
+    let dropped = DROPPED_SPANS.load(Ordering::Relaxed) - before;
+    assert!(dropped >= 6000 - 64 - 3 * 512, "dropped {dropped}");
+    tokio::task::spawn_blocking(move || provider.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
 }
