@@ -298,6 +298,7 @@ fn tracing_cost(c: &mut Criterion) {
             otlp_endpoint: None,
             log_format: LogFormat::Text,
             log_filter: "off".into(),
+            ..TracingConfig::default()
         };
         let provider = Traces::provider(&config).unwrap();
         let subscriber = tracing_subscriber::registry()
@@ -309,7 +310,50 @@ fn tracing_cost(c: &mut Criterion) {
                 .iter(|| engine.dispatch("shop.orders.events", &envelope));
         });
     }
+    // A collector that accepts connections and never answers: the export thread waits out its
+    // timeout while the bounded queue fills and further spans are dropped (and counted).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = TracingConfig {
+        sampling_ratio: 1.0,
+        otlp_endpoint: Some(format!("http://{}", dead.local_addr().unwrap())),
+        log_filter: "off".into(),
+        ..TracingConfig::default()
+    };
+    let provider = runtime
+        .block_on(async { Traces::provider(&config) })
+        .unwrap();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")));
+    let guard = tracing::subscriber::set_default(subscriber);
+    let engine = traced(1.0);
+    let before = resident_kib();
+    group.bench_function("sampled_dead_collector", |b| {
+        b.to_async(&runtime)
+            .iter(|| engine.dispatch("shop.orders.events", &envelope));
+    });
+    eprintln!(
+        "tracing/sampled_dead_collector: {} spans dropped and counted; resident memory {} KiB before, {} KiB after",
+        dispatchd::telemetry::traces::DROPPED_SPANS.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        resident_kib(),
+    );
+    drop(guard);
     group.finish();
+    // Shutting down waits for the export thread, which waits for its request to time out.
+    std::thread::spawn(move || provider.shutdown());
+}
+
+/// This process's resident set (VmRSS), in KiB; 0 where /proc is not there.
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 criterion_group!(

@@ -97,7 +97,14 @@ impl AppBuilder {
     /// the engine.
     pub async fn build(self) -> anyhow::Result<App> {
         let config = self.config;
-        let telemetry = Telemetry::new(&config.metrics);
+        let telemetry = match (&config.tracing.otlp_endpoint, config.tracing.otlp_metrics) {
+            (Some(endpoint), true) => Telemetry::with_otlp(
+                &config.metrics,
+                endpoint,
+                config.tracing.otlp_metrics_interval,
+            ),
+            _ => Telemetry::new(&config.metrics),
+        };
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;

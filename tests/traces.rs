@@ -49,6 +49,7 @@ fn config(otlp_endpoint: Option<String>) -> TracingConfig {
         otlp_endpoint,
         log_format: LogFormat::Text,
         log_filter: "warn".into(),
+        ..TracingConfig::default()
     }
 }
 

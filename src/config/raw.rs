@@ -69,6 +69,8 @@ struct RawTracing {
 #[serde(deny_unknown_fields)]
 struct RawOtlp {
     endpoint: Option<String>,
+    metrics: Option<bool>,
+    metrics_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -438,6 +440,24 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             ));
         }
     }
+    let otlp_metrics_interval = match &raw.otlp.metrics_interval {
+        None => Duration::from_secs(60),
+        Some(text) => match duration(text, "otlp.metrics_interval", origins, problems) {
+            Some(interval) if !interval.is_zero() => interval,
+            Some(_) => {
+                problems.push(origins.problem("otlp.metrics_interval", "must be positive"));
+                Duration::from_secs(60)
+            }
+            None => Duration::from_secs(60),
+        },
+    };
+    let otlp_metrics = raw.otlp.metrics.unwrap_or(false);
+    if otlp_metrics && otlp_endpoint.is_none() {
+        problems.push(origins.problem(
+            "otlp.metrics",
+            "needs otlp.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)",
+        ));
+    }
     let sources: Vec<SourceConfig> = raw
         .sources
         .unwrap_or_default()
@@ -606,6 +626,8 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             sampling_ratio,
             otlp_endpoint,
             log_format,
+            otlp_metrics,
+            otlp_metrics_interval,
             log_filter: filter.clone(),
         },
         sinks,

@@ -1,6 +1,7 @@
 use std::io::Write;
 
 use super::*;
+use crate::telemetry::traces::LogFormat;
 
 fn file(text: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
@@ -396,4 +397,56 @@ mod properties {
             let _ = Config::load_with(Some(f.path()), |_| None);
         }
     }
+}
+
+#[test]
+fn tracing_and_otlp_settings_are_read_and_checked() {
+    let config = load(
+        r#"
+[tracing]
+sampling_ratio = 0.25
+log_format = "json"
+
+[otlp]
+endpoint = "http://127.0.0.1:4318"
+metrics = true
+metrics_interval = "15s"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.tracing.sampling_ratio, 0.25);
+    assert_eq!(config.tracing.log_format, LogFormat::Json);
+    assert_eq!(
+        config.tracing.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318")
+    );
+    assert!(config.tracing.otlp_metrics);
+    assert_eq!(
+        config.tracing.otlp_metrics_interval,
+        Duration::from_secs(15)
+    );
+
+    assert_eq!(
+        problems(
+            r#"
+[tracing]
+sampling_ratio = 1.5
+log_format = "xml"
+
+[otlp]
+endpoint = "collector:4318"
+metrics_interval = "0s"
+"#
+        ),
+        [
+            "FILE:3: `tracing.sampling_ratio`: must be between 0 and 1",
+            "FILE:4: `tracing.log_format`: unknown format `xml` (expected text or json)",
+            "FILE:7: `otlp.endpoint`: `collector:4318` is not an http(s) URL",
+            "FILE:8: `otlp.metrics_interval`: must be positive",
+        ]
+    );
+    assert_eq!(
+        problems("[otlp]\nmetrics = true\n"),
+        ["FILE:2: `otlp.metrics`: needs otlp.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)"]
+    );
 }

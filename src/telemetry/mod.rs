@@ -25,10 +25,9 @@ pub mod stats;
 pub mod traces;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider};
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
@@ -80,12 +79,23 @@ impl Telemetry {
     /// Builds the meter provider and exporter per `config`. Never fails: an exporter that cannot
     /// be built is logged, and `/metrics` then answers 503 while everything else runs.
     pub fn new(config: &MetricsConfig) -> Telemetry {
+        Telemetry::build(config, None)
+    }
+
+    /// Like [`Telemetry::new`], and also pushes every metric to an OTLP/HTTP collector
+    /// (`{endpoint}/v1/metrics`, cumulative) every `interval`, from a thread of the SDK's own: a
+    /// slow or absent collector delays only that thread, never a dispatch or a scrape.
+    pub fn with_otlp(config: &MetricsConfig, endpoint: &str, interval: Duration) -> Telemetry {
+        Telemetry::build(config, Some((endpoint, interval)))
+    }
+
+    fn build(config: &MetricsConfig, otlp: Option<(&str, Duration)>) -> Telemetry {
         if !config.enabled {
             return Telemetry {
                 state: Arc::new(State::Disabled),
             };
         }
-        let state = match Enabled::new(config) {
+        let state = match Enabled::new(config, otlp) {
             Ok(enabled) => State::Enabled(enabled),
             Err(error) => {
                 tracing::error!(%error, "The metrics exporter could not be built; /metrics will answer 503.");
@@ -213,6 +223,15 @@ impl Telemetry {
         String::from_utf8(buffer).map_err(|error| RenderError::Encode(error.to_string()))
     }
 
+    /// Pushes the current values to the OTLP collector now, when there is one.
+    pub fn flush(&self) {
+        if let Some(enabled) = self.enabled() {
+            if let Err(error) = enabled.provider.force_flush() {
+                tracing::debug!(%error, "Flushing the metrics did not finish.");
+            }
+        }
+    }
+
     /// Flushes and stops the meter provider. Call once, last, at shutdown.
     pub fn shutdown(&self) {
         if let Some(enabled) = self.enabled() {
@@ -224,7 +243,7 @@ impl Telemetry {
 }
 
 impl Enabled {
-    fn new(config: &MetricsConfig) -> Result<Enabled, String> {
+    fn new(config: &MetricsConfig, otlp: Option<(&str, Duration)>) -> Result<Enabled, String> {
         let registry = prometheus::Registry::new();
         let mut exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -234,14 +253,23 @@ impl Enabled {
         }
         let exporter = exporter.build().map_err(|error| error.to_string())?;
         let limit = config.cardinality_limit;
-        let provider = SdkMeterProvider::builder()
-            .with_resource(
-                Resource::builder()
-                    .with_service_name("dispatchd")
-                    .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(traces::resource())
+            .with_reader(exporter);
+        if let Some((endpoint, interval)) = otlp {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{}/v1/metrics", endpoint.trim_end_matches('/')))
+                .build()
+                .map_err(|e| format!("the OTLP metrics exporter for {endpoint}: {e}"))?;
+            builder = builder.with_reader(
+                opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                    .with_interval(interval)
                     .build(),
-            )
-            .with_reader(exporter)
+            );
+        }
+        let provider = builder
             // Deliberate, and the same for every instrument: past it, new label sets fold into
             // one overflow series, which `metric_cardinality_overflow` reports.
             .with_view(move |_: &Instrument| {

@@ -41,8 +41,41 @@ pub struct TracingConfig {
     /// An OTLP/HTTP collector base URL (`…/v1/traces` is appended); none exports nothing.
     pub otlp_endpoint: Option<String>,
     pub log_format: LogFormat,
+    /// Export the metrics to the same collector too (`…/v1/metrics`), beside `/metrics`.
+    pub otlp_metrics: bool,
+    /// How often metrics are pushed to the collector.
+    pub otlp_metrics_interval: Duration,
     /// A tracing-subscriber filter for the log.
     pub log_filter: String,
+}
+
+impl Default for TracingConfig {
+    /// Everything sampled, nothing exported, text logs at `info`: the embedded default.
+    fn default() -> TracingConfig {
+        TracingConfig {
+            sampling_ratio: 1.0,
+            otlp_endpoint: None,
+            log_format: LogFormat::Text,
+            otlp_metrics: false,
+            otlp_metrics_interval: Duration::from_secs(60),
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// The resource traces and metrics describe: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
+/// (read by the SDK) win; the service name defaults to `dispatchd`, and the version is ours.
+pub fn resource() -> Resource {
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").map_or(true, |name| name.is_empty()) {
+        resource = resource.with_service_name("dispatchd");
+    }
+    resource
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build()
 }
 
 /// Keeps the tracer provider; [`Traces::shutdown`] flushes what is queued.
@@ -53,13 +86,8 @@ pub struct Traces {
 impl Traces {
     /// Builds the tracer provider for `config`.
     pub fn provider(config: &TracingConfig) -> Result<SdkTracerProvider, String> {
-        let mut resource = Resource::builder();
-        // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the name defaults to ours.
-        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-            resource = resource.with_service_name("dispatchd");
-        }
         let mut builder = SdkTracerProvider::builder()
-            .with_resource(resource.build())
+            .with_resource(resource())
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 config.sampling_ratio,
             ))));
@@ -89,8 +117,10 @@ impl Traces {
                 .boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()
                 .json()
+                // Every span in scope, so the ingest span's trace_id and span_id are on each
+                // line logged anywhere inside the dispatch.
                 .with_current_span(true)
-                .with_span_list(false)
+                .with_span_list(true)
                 .boxed(),
         };
         let spans = tracing_opentelemetry::layer()

@@ -134,3 +134,183 @@ fn check_config_accepts_a_valid_file() {
         "{stdout}"
     );
 }
+
+/// `serve --log-format json`: one JSON object per line, and the line a dispatcher logs inside a
+/// dispatch carries the caller's trace id and the dispatch's span id.
+#[tokio::test]
+async fn json_logs_carry_the_trace_of_the_dispatch_they_happen_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--log-format", "json"])
+        .current_dir(dir.path())
+        .env("DISPATCHD_LISTEN", "127.0.0.1:0")
+        .env_remove("DISPATCHD_CONFIG")
+        .env_remove("DISPATCHD_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let _running = Running(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no log line while waiting for {what}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let addr = loop {
+        let line = next("the listen address");
+        if let Some(listen) = line["fields"]["listen"].as_str() {
+            break listen.to_owned();
+        }
+    };
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/messages/shop.orders.events"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"message_type": "order.placed", "payload": {"order_id": 7}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["trace_id"], trace_id);
+
+    let line = loop {
+        let line = next("the log dispatcher's line");
+        if line["fields"]["message"] == "Received a message." {
+            break line;
+        }
+    };
+    let spans = line["spans"].as_array().expect("the spans in scope");
+    let ingest = spans
+        .iter()
+        .find(|span| span["trace_id"].is_string())
+        .unwrap_or_else(|| panic!("no span with a trace id on {line}"));
+    assert_eq!(ingest["trace_id"], trace_id, "on {line}");
+    let span_id = ingest["span_id"].as_str().unwrap();
+    assert_eq!(span_id.len(), 16, "a W3C span id: {span_id}");
+    assert!(span_id.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_ne!(
+        span_id, "00f067aa0ba902b7",
+        "our own span, not the caller's"
+    );
+    assert_eq!(line["level"], "INFO");
+}
+
+/// The binary as an operator runs it against a collector: `OTEL_EXPORTER_OTLP_ENDPOINT`,
+/// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` from the environment, `[otlp] metrics` from
+/// the file; the dispatch's spans and the metrics both arrive, under that service name.
+#[tokio::test]
+async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environment() {
+    let (endpoint, received) = crate::support::otlp_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dispatchd.toml");
+    std::fs::write(
+        &config,
+        "[otlp]\nmetrics = true\nmetrics_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let child = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("DISPATCHD_LISTEN", "127.0.0.1:0")
+        .env("DISPATCHD_LOG", "warn,dispatchd=info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_SERVICE_NAME", "checkout-dispatch")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env_remove("DISPATCHD_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the binary starts");
+    let (running, addr) = started(child);
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/messages/shop.orders.events"))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&json!({"message_type": "order.placed", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    crate::support::wait_for("the dispatch span and a metrics push", || {
+        let spans = crate::support::otlp_spans(&received);
+        let dispatched = spans.iter().any(|(_, span)| {
+            span.name == "shop.orders.events process" && hex(&span.trace_id) == trace_id
+        });
+        let pushed = crate::support::otlp_metrics(&received)
+            .iter()
+            .any(|request| {
+                request
+                    .resource_metrics
+                    .iter()
+                    .flat_map(|r| &r.scope_metrics)
+                    .flat_map(|s| &s.metrics)
+                    .any(|m| m.name == "dispatch_messages")
+            });
+        dispatched && pushed
+    })
+    .await;
+    let spans = crate::support::otlp_spans(&received);
+    let (service, dispatch) = spans
+        .iter()
+        .find(|(_, span)| span.name == "shop.orders.events process")
+        .unwrap();
+    assert!(
+        service.contains("checkout-dispatch"),
+        "service.name {service}"
+    );
+    let children: Vec<&str> = spans
+        .iter()
+        .filter(|(_, span)| span.parent_span_id == dispatch.span_id)
+        .map(|(_, span)| span.name.as_str())
+        .collect();
+    assert!(
+        children.contains(&"dispatcher log"),
+        "children {children:?}"
+    );
+    let request = &crate::support::otlp_metrics(&received)[0];
+    let attributes = format!("{:?}", request.resource_metrics[0].resource);
+    assert!(attributes.contains("checkout-dispatch"), "{attributes}");
+    assert!(
+        attributes.contains("deployment.environment"),
+        "{attributes}"
+    );
+    drop(running);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Waits for a spawned `serve` to log its address (text logs) and keeps draining its stdout.
+fn started(mut child: Child) -> (Running, String) {
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("dispatchd logs before exiting")
+            .unwrap();
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (running, addr)
+}

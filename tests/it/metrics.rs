@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dispatchd::engine::{
@@ -499,4 +500,90 @@ async fn an_exporter_that_failed_answers_503() {
         !body.to_string().contains("registry clash"),
         "internals are not sent to the client"
     );
+}
+
+/// `[otlp] metrics = true`: the same instruments are pushed to an OTLP/HTTP collector, with the
+/// same values as `/metrics`, under the resource's service name.
+#[tokio::test]
+async fn metrics_are_pushed_to_an_otlp_collector_too() {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+    let (endpoint, received) = crate::support::otlp_receiver();
+    let app = canonical_app(|config| {
+        config.tracing.otlp_endpoint = Some(endpoint);
+        config.tracing.otlp_metrics = true;
+        config.tracing.otlp_metrics_interval = Duration::from_millis(100);
+    })
+    .await;
+    for n in 0..3 {
+        let response = app
+            .post_message(
+                "shop.orders.events",
+                json!({"message_type": "order.placed", "payload": {"n": n}}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // The last export of the `success` series of the `log` dispatcher; the reader pushes every
+    // 100 ms, so wait (bounded) until a push has seen all three.
+    let successes = || -> Option<(f64, String)> {
+        let mut last = None;
+        for request in crate::support::otlp_metrics(&received) {
+            for resource in &request.resource_metrics {
+                let service = resource
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|a| a.key == "service.name")
+                    .map(|a| format!("{:?}", a.value))
+                    .unwrap_or_default();
+                for metric in resource.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                    if metric.name != "dispatcher_executions" {
+                        continue;
+                    }
+                    let Some(Data::Sum(sum)) = &metric.data else {
+                        panic!("dispatcher_executions is not a sum: {metric:?}")
+                    };
+                    for point in &sum.data_points {
+                        let label = |key: &str| {
+                            point
+                                .attributes
+                                .iter()
+                                .find(|a| a.key == key)
+                                .map(|a| format!("{:?}", a.value))
+                                .unwrap_or_default()
+                        };
+                        if label("dispatcher_id").contains("\"log\"")
+                            && label("result").contains("\"success\"")
+                        {
+                            let value = match point.value {
+                                Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(v)) => v as f64,
+                                Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(v)) => v,
+                                None => 0.0,
+                            };
+                            last = Some((value, service.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        last
+    };
+    crate::support::wait_for("an OTLP push with three successes", || {
+        successes().is_some_and(|(value, _)| value == 3.0)
+    })
+    .await;
+    let (_, service) = successes().unwrap();
+    assert!(service.contains("dispatchd"), "service.name was {service}");
+
+    let scrape = scrape(&app).await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "dispatcher_executions_total{dispatcher_id=\"log\",result=\"success\"}"
+        ),
+        Some(3.0),
+        "the same count on /metrics"
+    );
+    app.stop().await.unwrap();
 }

@@ -183,3 +183,84 @@ pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
             .and_then(|rest| rest.trim().parse().ok())
     })
 }
+
+/// What an OTLP receiver got: the path posted to (`/v1/traces`, `/v1/metrics`) and the body.
+pub(crate) type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, axum::body::Bytes)>>>;
+
+/// A loopback OTLP/HTTP receiver on a thread of its own: it answers 200 to every `POST` and
+/// keeps the path and the body (protobuf, to decode with `opentelemetry-proto`). Returns the
+/// base URL to configure as the OTLP endpoint.
+pub(crate) fn otlp_receiver() -> (String, Received) {
+    let received: Received = Default::default();
+    let (address, ready) = std::sync::mpsc::channel();
+    let keep = received.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            address.send(listener.local_addr().unwrap()).unwrap();
+            let router = axum::Router::new().fallback(
+                move |uri: axum::http::Uri, body: axum::body::Bytes| {
+                    keep.lock().unwrap().push((uri.path().to_owned(), body));
+                    async { axum::http::StatusCode::OK }
+                },
+            );
+            axum::serve(listener, router).await.unwrap();
+        });
+    });
+    let address: SocketAddr = ready.recv().unwrap();
+    (format!("http://{address}"), received)
+}
+
+/// The metrics export requests an OTLP receiver got, decoded.
+pub(crate) fn otlp_metrics(
+    received: &Received,
+) -> Vec<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest> {
+    use prost::Message as _;
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(path, _)| path == "/v1/metrics")
+        .map(|(_, body)| {
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest::decode(
+                body.clone(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// The spans an OTLP receiver got, with their resource's `service.name`.
+pub(crate) fn otlp_spans(
+    received: &Received,
+) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+    use prost::Message as _;
+    let mut spans = Vec::new();
+    for (path, body) in received.lock().unwrap().iter() {
+        if path != "/v1/traces" {
+            continue;
+        }
+        let request =
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                body.clone(),
+            )
+            .unwrap();
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .map(|a| format!("{:?}", a.value))
+                .unwrap_or_default();
+            for span in resource.scope_spans.into_iter().flat_map(|s| s.spans) {
+                spans.push((service.clone(), span));
+            }
+        }
+    }
+    spans
+}
