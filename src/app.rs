@@ -184,7 +184,11 @@ impl AppBuilder {
         for spec in &config.dispatchers {
             let id = spec.dispatcher_id.as_str();
             let mut dispatcher = match &spec.kind {
-                DispatcherKind::Log => Dispatcher::new(id, spec.category, LogDispatcher),
+                DispatcherKind::Log => Dispatcher::new(
+                    id,
+                    spec.category,
+                    LogDispatcher::new(config.redaction.clone()),
+                ),
                 DispatcherKind::Jsonl { path } => {
                     let file = JsonlFile::open(path, &writers, stop_writers.clone())
                         .await
@@ -270,6 +274,7 @@ impl AppBuilder {
             config.tracing.sampling_ratio,
         )));
         let engine = engine
+            .redactor(config.redaction.clone())
             .instrumentation(Arc::new(strategies))
             .build()
             .context("invalid dispatchers or routes")?;
@@ -388,7 +393,25 @@ impl App {
         }
         sources.close();
         let abandon = state.abandon.clone();
-        let router = http::router(state, self.config.server.max_body_bytes);
+        let server_config = &self.config.server;
+        let guard = http::Guard::new(
+            self.config.auth.clone(),
+            server_config.max_in_flight,
+            server_config.request_timeout,
+            self.telemetry.http_metrics(),
+        );
+        let router = http::guarded_router(state, server_config.max_body_bytes, guard);
+        let limits = http::ConnectionLimits {
+            max_connections: server_config.max_connections,
+            max_header_bytes: server_config.max_header_bytes,
+            header_read_timeout: server_config.header_read_timeout,
+        };
+        if self.config.auth.is_empty() && !self.local_addr.ip().is_loopback() {
+            tracing::warn!(
+                listen = %self.local_addr,
+                "dispatchd listens beyond loopback WITHOUT ACCESS CONTROL: anyone who can reach this address can ingest messages and register workers. Set DISPATCHD_API_TOKEN or [[auth.tokens]] (see docs/security.md)."
+            );
+        }
         tracing::info!(
             listen = %self.local_addr,
             dispatchers = self.engine.dispatchers().len(),
@@ -396,9 +419,7 @@ impl App {
             "dispatchd is serving."
         );
 
-        let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future();
+        let server = http::serve(self.listener, router, limits, shutdown.clone());
         let mut server = tokio::spawn(server);
         let served = tokio::select! {
             served = &mut server => Some(served),
@@ -509,8 +530,12 @@ async fn consume_source(
                     );
                     let _ = span.set_parent(crate::propagation::extract_map(&envelope.headers));
                     let result = engine.dispatch(&topic, &envelope).instrument(span).await;
-                    bus.publish(DispatchEvent::from_dispatch(&result, &envelope))
-                        .await;
+                    bus.publish(DispatchEvent::from_dispatch(
+                        &result,
+                        &envelope,
+                        engine.redactor(),
+                    ))
+                    .await;
                     result.status.is_terminal()
                 }
                 None => {

@@ -308,7 +308,9 @@ async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
     let result = engine.dispatch("shop.orders.events", &envelope).await;
     handle
         .offer(dispatchd::sinks::DispatchEvent::from_dispatch(
-            &result, &envelope,
+            &result,
+            &envelope,
+            &Default::default(),
         ))
         .await;
     stop.cancel();

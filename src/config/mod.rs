@@ -31,6 +31,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DISPATCHD_METRICS_ENABLED", "metrics.enabled"),
     ("DISPATCHD_LOG", "log.filter"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp.endpoint"),
+    ("DISPATCHD_API_TOKEN", "auth.api_token"),
 ];
 
 /// A validated configuration.
@@ -50,6 +51,10 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub dispatchers: Vec<DispatcherConfig>,
     pub routes: Vec<Route>,
+    /// API tokens; empty leaves the API open (fine on loopback, warned about elsewhere).
+    pub auth: crate::auth::Tokens,
+    /// What is masked in data leaving through logs, instrumentation and sinks.
+    pub redaction: crate::engine::Redactor,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +62,18 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// The request line and headers together, at most (larger: 431).
+    pub max_header_bytes: usize,
+    /// A client must send its whole request head within this, or the connection is closed.
+    pub header_read_timeout: Duration,
+    /// A request (body read and dispatch included) must be answered within this, or it is
+    /// answered 503 `request_timeout`.
+    pub request_timeout: Duration,
+    /// Requests being handled at once, at most; more are shed with 503 and `Retry-After`.
+    /// `/health`, `/ready` and `/metrics` are never shed.
+    pub max_in_flight: usize,
+    /// Open connections at most; past it new connections wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

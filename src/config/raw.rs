@@ -55,6 +55,10 @@ struct RawConfig {
     tracing: RawTracing,
     #[serde(default)]
     otlp: RawOtlp,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    redaction: RawRedaction,
     sources: Option<Vec<RawSource>>,
 }
 
@@ -119,6 +123,37 @@ struct RawServer {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
     shutdown_grace: Option<String>,
+    max_header_bytes: Option<u64>,
+    header_read_timeout: Option<String>,
+    request_timeout: Option<String>,
+    max_in_flight: Option<u64>,
+    max_connections: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    /// `DISPATCHD_API_TOKEN`: one token with the ingest and admin scopes.
+    api_token: Option<String>,
+    tokens: Option<Vec<RawToken>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: Option<String>,
+    /// The token itself (prefer `token_env`: a file is easier to leak than the environment).
+    token: Option<String>,
+    /// The environment variable holding the token.
+    token_env: Option<String>,
+    scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedaction {
+    deny: Option<Vec<String>>,
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -327,7 +362,7 @@ pub(super) fn load(
                 message: e.message().to_owned(),
             }])
         })?;
-    let config = validate(raw, &origins, &mut problems);
+    let config = validate(raw, &origins, env, &mut problems);
     // In the order a reader meets them in the file; the environment's and the defaults' last.
     problems.sort_by_key(|p| match p.origin {
         Origin::File {
@@ -355,7 +390,21 @@ fn invalid_toml(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError
     }])
 }
 
-fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Option<Config> {
+fn validate(
+    raw: RawConfig,
+    origins: &Origins<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> Option<Config> {
+    let limits = validate_limits(&raw.server, origins, problems);
+    let auth = validate_auth(&raw.auth, origins, env, problems);
+    let redaction = crate::engine::Redactor::new(
+        raw.redaction.deny.clone().unwrap_or_default(),
+        raw.redaction
+            .allow
+            .clone()
+            .filter(|allow| !allow.is_empty()),
+    );
     let mut missing = |field: &str| problems.push(origins.problem(field, "is required"));
     let listen = raw.server.listen.or_else(|| {
         missing("server.listen");
@@ -612,7 +661,14 @@ fn validate(raw: RawConfig, origins: &Origins<'_>, problems: &mut Vec<Problem>) 
             listen: listen?,
             max_body_bytes: usize::try_from(max_body_bytes).ok()?,
             shutdown_grace: shutdown_grace?,
+            max_header_bytes: limits.max_header_bytes,
+            header_read_timeout: limits.header_read_timeout,
+            request_timeout: limits.request_timeout,
+            max_in_flight: limits.max_in_flight,
+            max_connections: limits.max_connections,
         },
+        auth,
+        redaction,
         metrics: MetricsConfig {
             enabled,
             namespace,
@@ -721,6 +777,160 @@ fn check_with_engine(
         };
         problems.push(origins.problem(field, message));
     }
+}
+
+/// The server's limits, validated (defaults where a field is absent).
+struct Limits {
+    max_header_bytes: usize,
+    header_read_timeout: Duration,
+    request_timeout: Duration,
+    max_in_flight: usize,
+    max_connections: usize,
+}
+
+fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Limits {
+    let mut count =
+        |value: Option<u64>, field: &str, range: std::ops::RangeInclusive<u64>, default: u64| {
+            let value = value.unwrap_or(default);
+            if range.contains(&value) {
+                usize::try_from(value).unwrap_or(usize::MAX)
+            } else {
+                problems.push(origins.problem(
+                    field,
+                    format!("must be between {} and {}", range.start(), range.end()),
+                ));
+                usize::try_from(default).unwrap_or(usize::MAX)
+            }
+        };
+    // hyper needs at least 8 KiB of read buffer; past 1 MiB a header is an attack.
+    let max_header_bytes = count(
+        raw.max_header_bytes,
+        "server.max_header_bytes",
+        8192..=1024 * 1024,
+        16 * 1024,
+    );
+    let max_in_flight = count(
+        raw.max_in_flight,
+        "server.max_in_flight",
+        1..=1_000_000,
+        1024,
+    );
+    let max_connections = count(
+        raw.max_connections,
+        "server.max_connections",
+        1..=1_000_000,
+        4096,
+    );
+    let mut positive = |text: &Option<String>, field: &str, default: Duration| match text {
+        None => default,
+        Some(text) => match duration(text, field, origins, problems) {
+            Some(value) if !value.is_zero() => value,
+            Some(_) => {
+                problems.push(origins.problem(field, "must be positive"));
+                default
+            }
+            None => default,
+        },
+    };
+    Limits {
+        max_header_bytes,
+        header_read_timeout: positive(
+            &raw.header_read_timeout,
+            "server.header_read_timeout",
+            Duration::from_secs(10),
+        ),
+        request_timeout: positive(
+            &raw.request_timeout,
+            "server.request_timeout",
+            Duration::from_secs(30),
+        ),
+        max_in_flight,
+        max_connections,
+    }
+}
+
+/// The API tokens. A problem names the field and never shows a token.
+fn validate_auth(
+    raw: &RawAuth,
+    origins: &Origins<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> crate::auth::Tokens {
+    use crate::auth::{ApiToken, MIN_TOKEN_CHARS, Scope, Secret};
+    let mut tokens = Vec::new();
+    let accept = |token: &str, field: &str, problems: &mut Vec<Problem>| {
+        if token.chars().count() < MIN_TOKEN_CHARS || token.chars().any(char::is_whitespace) {
+            problems.push(origins.problem(
+                field,
+                format!("a token must be at least {MIN_TOKEN_CHARS} characters, without spaces"),
+            ));
+            None
+        } else {
+            Some(Secret::new(token))
+        }
+    };
+    if let Some(token) = raw.api_token.as_deref().filter(|t| !t.is_empty()) {
+        if let Some(secret) = accept(token, "auth.api_token", problems) {
+            tokens.push(ApiToken {
+                name: "DISPATCHD_API_TOKEN".to_owned(),
+                secret,
+                scopes: vec![Scope::Ingest, Scope::Admin],
+            });
+        }
+    }
+    for (i, token) in raw.tokens.iter().flatten().enumerate() {
+        let at = |field: &str| format!("auth.tokens[{i}].{field}");
+        let name = token.name.clone().unwrap_or_else(|| format!("token {i}"));
+        let value = match (&token.token, &token.token_env) {
+            (Some(value), None) => Some(value.clone()),
+            (None, Some(var)) => {
+                let value = env(var);
+                if value.is_none() {
+                    problems.push(origins.problem(
+                        at("token_env"),
+                        format!("the environment variable `{var}` is not set"),
+                    ));
+                }
+                value
+            }
+            _ => {
+                problems
+                    .push(origins.problem(at("token"), "set exactly one of token and token_env"));
+                None
+            }
+        };
+        let mut scopes = Vec::new();
+        match &token.scopes {
+            None => problems.push(origins.problem(at("scopes"), "is required")),
+            Some(list) if list.is_empty() => {
+                problems.push(origins.problem(at("scopes"), "must name at least one scope"));
+            }
+            Some(list) => {
+                for scope in list {
+                    match Scope::parse(scope) {
+                        Some(scope) => scopes.push(scope),
+                        None => problems.push(origins.problem(
+                            at("scopes"),
+                            format!("unknown scope `{scope}` (expected ingest, admin or metrics)"),
+                        )),
+                    }
+                }
+            }
+        }
+        let field = if token.token.is_some() {
+            at("token")
+        } else {
+            at("token_env")
+        };
+        if let Some(secret) = value.and_then(|v| accept(&v, &field, problems)) {
+            tokens.push(ApiToken {
+                name,
+                secret,
+                scopes,
+            });
+        }
+    }
+    crate::auth::Tokens::new(tokens)
 }
 
 fn duration(

@@ -127,7 +127,7 @@ fn unknown_fields_are_errors_with_their_line() {
     assert_eq!(
         problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n"),
         [
-            "FILE:3: unknown field `lisen`, expected one of `listen`, `max_body_bytes`, `shutdown_grace`"
+            "FILE:3: unknown field `lisen`, expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `max_header_bytes`, `header_read_timeout`, `request_timeout`, `max_in_flight`, `max_connections`"
         ]
     );
 }

@@ -1,17 +1,25 @@
 use async_trait::async_trait;
 
-use crate::engine::{Handler, HandlerError, Message, OutputMessage, sanitize};
+use crate::engine::{Handler, HandlerError, Message, OutputMessage, Redactor, sanitize};
 
-/// Logs each message at info, with the payload sanitized and capped so a log line can neither
-/// leak a `password=` nor grow without bound.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LogDispatcher;
+/// Logs each message at info, with the payload redacted (values of keys naming a secret),
+/// sanitized and capped so a log line can neither leak a `password` nor grow without bound.
+#[derive(Debug, Default, Clone)]
+pub struct LogDispatcher {
+    redactor: Redactor,
+}
+
+impl LogDispatcher {
+    pub fn new(redactor: Redactor) -> LogDispatcher {
+        LogDispatcher { redactor }
+    }
+}
 
 #[async_trait]
 impl Handler for LogDispatcher {
     async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
         let envelope = message.envelope;
-        let payload = envelope.payload.to_string();
+        let payload = self.redactor.redact(&envelope.payload).to_string();
         tracing::info!(
             topic = message.topic,
             category = message.category.as_str(),

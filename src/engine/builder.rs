@@ -10,6 +10,7 @@ use thiserror::Error;
 use super::dispatcher::{Dispatcher, Kind};
 use super::instrument::{Hooks, InstrumentationStrategy, TraceContext};
 use super::pattern::{PatternError, TopicPattern};
+use super::redact::Redactor;
 use super::route::{CompiledRoute, Route};
 use super::topic::Category;
 use super::{Engine, Inner, OutputPublisher};
@@ -91,6 +92,7 @@ pub struct EngineBuilder {
     strategy: Option<Arc<dyn InstrumentationStrategy>>,
     publisher: Option<Arc<dyn OutputPublisher>>,
     trace_context: Option<Arc<dyn TraceContext>>,
+    redactor: Redactor,
 }
 
 impl EngineBuilder {
@@ -118,6 +120,13 @@ impl EngineBuilder {
     /// Where handler outputs go. Without one, outputs are only returned in the result.
     pub fn publisher(mut self, publisher: Arc<dyn OutputPublisher>) -> EngineBuilder {
         self.publisher = Some(publisher);
+        self
+    }
+
+    /// What instrumentation strategies see of command params: values of keys naming a secret
+    /// are masked. The default masks [`super::DEFAULT_DENY`].
+    pub fn redactor(mut self, redactor: Redactor) -> EngineBuilder {
+        self.redactor = redactor;
         self
     }
 
@@ -224,6 +233,7 @@ impl EngineBuilder {
                 hooks: Hooks::new(self.strategy),
                 publisher: self.publisher,
                 trace_context: self.trace_context,
+                redactor: self.redactor,
             }),
         })
     }

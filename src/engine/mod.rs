@@ -20,6 +20,7 @@ mod dispatcher;
 mod envelope;
 mod instrument;
 mod pattern;
+mod redact;
 mod result;
 mod route;
 mod sanitize;
@@ -43,6 +44,7 @@ pub use dispatcher::{DEFAULT_TIMEOUT, Dispatcher, ErrorKind, Handler, HandlerErr
 pub use envelope::{Envelope, OutputMessage};
 pub use instrument::{DispatchInfo, DispatcherRef, InstrumentationStrategy, TraceContext};
 pub use pattern::{PatternError, TopicPattern};
+pub use redact::{DEFAULT_DENY, REDACTED, Redactor};
 pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ExecutionResult};
 pub use route::Route;
 pub use sanitize::{MAX_ERROR_CHARS, sanitize};
@@ -80,11 +82,17 @@ struct Inner {
     hooks: Hooks,
     publisher: Option<Arc<dyn OutputPublisher>>,
     trace_context: Option<Arc<dyn TraceContext>>,
+    redactor: Redactor,
 }
 
 impl Engine {
     pub fn builder() -> EngineBuilder {
         EngineBuilder::new()
+    }
+
+    /// How data leaving through instrumentation is redacted.
+    pub fn redactor(&self) -> &Redactor {
+        &self.inner.redactor
     }
 
     /// The registered dispatchers, in registration order (the order of [`DispatcherRef::index`]).
@@ -510,14 +518,18 @@ impl Engine {
                     dispatchd.adapter = adapter.name(),
                     dispatchd.command_type = %message.envelope.message_type,
                 );
-                self.inner.hooks.emit("on_adapter_invoke", |s| {
-                    s.on_adapter_invoke(
-                        info,
-                        adapter.name(),
-                        &message.envelope.message_type,
-                        &message.envelope.payload,
-                    )
-                });
+                if self.inner.hooks.is_enabled() {
+                    // Strategies log and export what they see: never a secret param.
+                    let params = self.inner.redactor.redact(&message.envelope.payload);
+                    self.inner.hooks.emit("on_adapter_invoke", |s| {
+                        s.on_adapter_invoke(
+                            info,
+                            adapter.name(),
+                            &message.envelope.message_type,
+                            &params,
+                        )
+                    });
+                }
                 guarded(dispatcher.timeout, adapter.execute(message))
                     .instrument(span)
                     .await

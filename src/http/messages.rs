@@ -92,7 +92,11 @@ pub(super) async fn ingest(
     if let Some(events) = &state.events {
         // Under the sinks' `block` policy this waits for room: backpressure, not loss.
         events
-            .publish(DispatchEvent::from_dispatch(&result, &envelope))
+            .publish(DispatchEvent::from_dispatch(
+                &result,
+                &envelope,
+                state.engine.redactor(),
+            ))
             .await;
     }
     Ok((status_code(&result), Json(result)).into_response())

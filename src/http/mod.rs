@@ -13,8 +13,10 @@
 
 mod dispatchers;
 mod error;
+mod guard;
 mod messages;
 mod observe;
+mod serve;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +33,9 @@ use crate::engine::Engine;
 use crate::health::HealthRegistry;
 use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
+pub use guard::Guard;
 pub use messages::{IngestBody, status_code};
+pub use serve::{ConnectionLimits, serve};
 
 /// What the handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -68,8 +72,14 @@ impl ApiState {
     }
 }
 
-/// Builds the whole API. `max_body_bytes` bounds every request body.
+/// Builds the whole API, open to anyone and unbounded but for `max_body_bytes`: for tests and
+/// embedders who guard it themselves. `serve` uses [`guarded_router`].
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    guarded_router(state, max_body_bytes, Guard::open())
+}
+
+/// The API behind `guard`: tokens, the in-flight bound and the request deadline.
+pub fn guarded_router(state: ApiState, max_body_bytes: usize, guard: Guard) -> Router {
     let mut router = Router::new()
         .route("/health", get(health))
         .route("/ready", get(dispatchers::ready))
@@ -98,6 +108,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(guard, guard::guard))
         .with_state(state)
 }
 

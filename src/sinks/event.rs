@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::engine::{DispatchResult, Envelope};
+use crate::engine::{DispatchResult, Envelope, Redactor};
 
 /// One dispatch, in the payload schema the original service defined (`type`, `event`, `runId`,
 /// `parentRunId`, `name`, `timestamp`, `input`, `output`, `userId`, `tokensUsage`, `metadata`,
@@ -55,7 +55,13 @@ pub struct DispatchEvent {
 
 impl DispatchEvent {
     /// The event of one finished dispatch of `envelope`.
-    pub fn from_dispatch(result: &DispatchResult, envelope: &Envelope) -> DispatchEvent {
+    /// The event of one dispatch. The payload goes through `redactor`: sinks forward events to
+    /// third parties, and a secret in a message must not travel with it.
+    pub fn from_dispatch(
+        result: &DispatchResult,
+        envelope: &Envelope,
+        redactor: &Redactor,
+    ) -> DispatchEvent {
         let category = result.message_category.map_or("unknown", |c| c.as_str());
         let kind = if category == "command" {
             "tool"
@@ -82,7 +88,7 @@ impl DispatchEvent {
             input: json!({
                 "message_type": result.message_type,
                 "message_id": result.message_id,
-                "payload": envelope.payload,
+                "payload": redactor.redact(&envelope.payload),
             }),
             output: json!({
                 "status": result.status,

@@ -94,6 +94,7 @@ pub mod label {
     pub const STATUS_FAMILY: &str = "status_family";
     pub const STREAM: &str = "stream";
     pub const GROUP: &str = "group";
+    pub const REASON: &str = "reason";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -168,6 +169,24 @@ pub const HTTP_SERVER_REQUEST_DURATION: InstrumentSpec = InstrumentSpec {
         label::HTTP_RESPONSE_STATUS_CODE,
     ],
     buckets: LATENCY_BUCKETS,
+};
+
+pub const HTTP_AUTH_FAILURES: InstrumentSpec = InstrumentSpec {
+    name: "http_auth_failures",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Requests refused by access control, by reason (missing, invalid, forbidden).",
+    labels: &[label::REASON],
+    buckets: &[],
+};
+
+pub const HTTP_REQUESTS_SHED: InstrumentSpec = InstrumentSpec {
+    name: "http_requests_shed",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Requests answered 503 instead of being served, by reason (in_flight: over server.max_in_flight; timeout: over server.request_timeout).",
+    labels: &[label::REASON],
+    buckets: &[],
 };
 
 pub const DISPATCHER_WORKER_THREADS: InstrumentSpec = InstrumentSpec {
@@ -425,6 +444,8 @@ pub const ALL: &[InstrumentSpec] = &[
     BUS_CONSUMER_LAG,
     BUS_RECONNECTS,
     HTTP_SERVER_REQUEST_DURATION,
+    HTTP_AUTH_FAILURES,
+    HTTP_REQUESTS_SHED,
     DISPATCHER_WORKER_THREADS,
     TRACE_SPANS_DROPPED,
     METRIC_CARDINALITY_OVERFLOW,
@@ -467,6 +488,8 @@ mod tests {
                 "bus_redis_consumer_lag",
                 "bus_redis_reconnects_total",
                 "http_server_request_duration_seconds",
+                "http_auth_failures_total",
+                "http_requests_shed_total",
                 "dispatcher_worker_threads",
                 "trace_spans_dropped_total",
                 "metric_cardinality_overflow",

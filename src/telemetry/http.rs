@@ -1,4 +1,5 @@
-//! The HTTP API's own metrics: `http_server_request_duration_seconds`.
+//! The HTTP API's own metrics: `http_server_request_duration_seconds`, `http_auth_failures_total`
+//! and `http_requests_shed_total`.
 
 use std::time::Instant;
 
@@ -7,22 +8,37 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Histogram, Meter};
+use opentelemetry::metrics::{Counter, Histogram, Meter};
 
 use super::catalog::{self, label};
-use super::engine::histogram;
+use super::engine::{counter, histogram};
 
 /// Instruments for the HTTP server, created once.
 #[derive(Clone)]
 pub struct HttpMetrics {
     duration: Histogram<f64>,
+    auth_failures: Counter<u64>,
+    shed: Counter<u64>,
 }
 
 impl HttpMetrics {
     pub fn new(meter: &Meter) -> HttpMetrics {
         HttpMetrics {
             duration: histogram(meter, catalog::HTTP_SERVER_REQUEST_DURATION),
+            auth_failures: counter(meter, catalog::HTTP_AUTH_FAILURES),
+            shed: counter(meter, catalog::HTTP_REQUESTS_SHED),
         }
+    }
+
+    /// A request refused by access control; `reason` is `missing`, `invalid` or `forbidden`.
+    pub fn auth_failed(&self, reason: &'static str) {
+        self.auth_failures
+            .add(1, &[KeyValue::new(label::REASON, reason)]);
+    }
+
+    /// A request answered 503 instead of served; `reason` is `in_flight` or `timeout`.
+    pub fn shed(&self, reason: &'static str) {
+        self.shed.add(1, &[KeyValue::new(label::REASON, reason)]);
     }
 
     /// Records one request. `route` is the matched template (`/api/v1/messages/{topic}`),

@@ -1,0 +1,304 @@
+//! Redaction of structured data (payloads, command params) before it leaves dispatchd through
+//! instrumentation, logs, dispatch events or sinks.
+//!
+//! [`sanitize`](super::sanitize) masks secrets in free text by pattern; this masks the *values*
+//! of object keys that name a secret. A key is split into words (`_`, `-`, `.`, spaces and
+//! camelCase boundaries), and it is sensitive when one word, or two adjacent words written
+//! together, is on the deny-list: `password`, `db_password`, `apiKey`, `X-Api-Key` and
+//! `access_token` are masked; `tokensUsage`, `max_tokens` and `author` are not. With an
+//! allow-list, every key that is not on it is masked too (the deny-list still wins), for
+//! operators who prefer to name what may leave rather than what may not.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+/// What a masked value becomes.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// The words that make a key sensitive, always.
+pub const DEFAULT_DENY: &[&str] = &[
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "apikey",
+    "accesskey",
+    "authorization",
+    "auth",
+    "bearer",
+    "cookie",
+    "credential",
+    "credentials",
+    "privatekey",
+    "connectionstring",
+    "session",
+    "signature",
+    "ssn",
+    "pin",
+    "cvv",
+];
+
+/// A deny-list (the defaults plus configured words) and an optional allow-list of keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redactor {
+    deny: BTreeSet<String>,
+    /// Normalized keys (lowercase, separators removed); `None` allows every key not denied.
+    allow: Option<BTreeSet<String>>,
+}
+
+impl Default for Redactor {
+    fn default() -> Redactor {
+        Redactor::new(std::iter::empty::<&str>(), None::<Vec<&str>>)
+    }
+}
+
+impl Redactor {
+    /// The default deny-list plus `deny`; with `allow`, only those keys pass unmasked.
+    pub fn new<D, A>(deny: D, allow: Option<A>) -> Redactor
+    where
+        D: IntoIterator,
+        D::Item: AsRef<str>,
+        A: IntoIterator,
+        A::Item: AsRef<str>,
+    {
+        let deny = DEFAULT_DENY
+            .iter()
+            .map(|word| (*word).to_owned())
+            .chain(deny.into_iter().map(|word| normalize(word.as_ref())))
+            .collect();
+        let allow = allow.map(|keys| keys.into_iter().map(|k| normalize(k.as_ref())).collect());
+        Redactor { deny, allow }
+    }
+
+    /// Whether the value under `key` must be masked.
+    pub fn is_sensitive(&self, key: &str) -> bool {
+        let words = words(key);
+        let denied = words.iter().any(|w| self.deny.contains(w))
+            || words
+                .windows(2)
+                .any(|pair| self.deny.contains(&format!("{}{}", pair[0], pair[1])))
+            || self.deny.contains(&words.concat());
+        denied
+            || self
+                .allow
+                .as_ref()
+                .is_some_and(|allow| !allow.contains(&normalize(key)))
+    }
+
+    /// `value` with the values of sensitive keys replaced by [`REDACTED`], at any depth, and
+    /// string values passed through [`sanitize`](super::sanitize) (so `"postgres://u:p@h"` loses
+    /// its password wherever it is). Borrows when nothing changes.
+    pub fn redact<'v>(&self, value: &'v Value) -> Cow<'v, Value> {
+        match value {
+            Value::Object(map) => {
+                let mut changed: Option<Map<String, Value>> = None;
+                for (index, (key, inner)) in map.iter().enumerate() {
+                    let replaced = if self.is_sensitive(key) {
+                        (inner != &Value::String(REDACTED.to_owned()))
+                            .then(|| Value::String(REDACTED.to_owned()))
+                    } else {
+                        match self.redact(inner) {
+                            Cow::Borrowed(_) => None,
+                            Cow::Owned(owned) => Some(owned),
+                        }
+                    };
+                    match (&mut changed, replaced) {
+                        (Some(out), Some(new)) => {
+                            out.insert(key.clone(), new);
+                        }
+                        (Some(out), None) => {
+                            out.insert(key.clone(), inner.clone());
+                        }
+                        (None, Some(new)) => {
+                            let mut out: Map<String, Value> = map
+                                .iter()
+                                .take(index)
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect();
+                            out.insert(key.clone(), new);
+                            changed = Some(out);
+                        }
+                        (None, None) => {}
+                    }
+                }
+                changed.map_or(Cow::Borrowed(value), |map| Cow::Owned(Value::Object(map)))
+            }
+            Value::Array(items) => {
+                let mut changed: Option<Vec<Value>> = None;
+                for (index, item) in items.iter().enumerate() {
+                    match (self.redact(item), &mut changed) {
+                        (Cow::Owned(new), Some(out)) => out.push(new),
+                        (Cow::Borrowed(same), Some(out)) => out.push(same.clone()),
+                        (Cow::Owned(new), None) => {
+                            let mut out: Vec<Value> = items[..index].to_vec();
+                            out.push(new);
+                            changed = Some(out);
+                        }
+                        (Cow::Borrowed(_), None) => {}
+                    }
+                }
+                changed.map_or(Cow::Borrowed(value), |items| {
+                    Cow::Owned(Value::Array(items))
+                })
+            }
+            Value::String(text) => match super::sanitize(text) {
+                Cow::Borrowed(_) => Cow::Borrowed(value),
+                Cow::Owned(masked) => Cow::Owned(Value::String(masked)),
+            },
+            _ => Cow::Borrowed(value),
+        }
+    }
+
+    /// Header maps (envelope headers, outbound request headers) with sensitive values masked.
+    pub fn redact_headers<'h>(
+        &self,
+        headers: &'h std::collections::BTreeMap<String, String>,
+    ) -> Cow<'h, std::collections::BTreeMap<String, String>> {
+        if !headers.keys().any(|k| self.is_sensitive(k)) {
+            return Cow::Borrowed(headers);
+        }
+        Cow::Owned(
+            headers
+                .iter()
+                .map(|(k, v)| {
+                    let v = if self.is_sensitive(k) {
+                        REDACTED.to_owned()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Lowercase, without separators: `X-Api_Key` → `xapikey`.
+fn normalize(key: &str) -> String {
+    key.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Lowercase words of a key: `_`, `-`, `.`, spaces and lower→upper case changes separate them.
+fn words(key: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut previous_lower = false;
+    for c in key.chars() {
+        if !c.is_alphanumeric() {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+            previous_lower = false;
+            continue;
+        }
+        if c.is_uppercase() && previous_lower && !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        previous_lower = c.is_lowercase() || c.is_ascii_digit();
+        word.extend(c.to_lowercase());
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_naming_secrets_are_masked_and_look_alikes_are_not() {
+        let redactor = Redactor::default();
+        for key in [
+            "password",
+            "db_password",
+            "apiKey",
+            "api_key",
+            "X-Api-Key",
+            "access_token",
+            "refreshToken",
+            "Authorization",
+            "client.secret",
+            "PRIVATE_KEY",
+            "sessionId",
+            "Cookie",
+        ] {
+            assert!(redactor.is_sensitive(key), "{key} should be masked");
+        }
+        for key in [
+            "tokensUsage",
+            "max_tokens",
+            "author",
+            "authority",
+            "order_id",
+            "message_type",
+            "spinner",
+            "keyboard",
+        ] {
+            assert!(!redactor.is_sensitive(key), "{key} should pass");
+        }
+    }
+
+    #[test]
+    fn redaction_reaches_every_depth_and_borrows_when_clean() {
+        let redactor = Redactor::default();
+        let clean = json!({"order_id": 1, "items": [{"sku": "a"}], "tokensUsage": {"total": 3}});
+        assert!(matches!(redactor.redact(&clean), Cow::Borrowed(_)));
+
+        let dirty = json!({
+            "order_id": 1,
+            "customer": {"name": "Ada", "password": "hunter2"},
+            "calls": [{"headers": {"Authorization": "Bearer abc.def"}}, {"ok": true}],
+            "dsn": "postgres://app:s3cret@db/orders",
+        });
+        let redacted = redactor.redact(&dirty).into_owned();
+        assert_eq!(redacted["order_id"], 1);
+        assert_eq!(redacted["customer"]["name"], "Ada");
+        assert_eq!(redacted["customer"]["password"], REDACTED);
+        assert_eq!(redacted["calls"][0]["headers"]["Authorization"], REDACTED);
+        assert_eq!(redacted["calls"][1]["ok"], true);
+        let text = redacted.to_string();
+        for secret in ["hunter2", "abc.def", "s3cret"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
+
+    #[test]
+    fn configured_words_extend_the_list_and_an_allow_list_masks_the_rest() {
+        let redactor = Redactor::new(["iban"], None::<Vec<&str>>);
+        assert!(redactor.is_sensitive("customer_iban"));
+        assert!(redactor.is_sensitive("password"), "defaults stay");
+
+        let strict = Redactor::new(std::iter::empty::<&str>(), Some(["order_id", "items"]));
+        let value = json!({"order_id": 7, "email": "a@b.c", "password_hint": "x"});
+        let redacted = strict.redact(&value).into_owned();
+        assert_eq!(redacted["order_id"], 7);
+        assert_eq!(redacted["email"], REDACTED);
+        assert_eq!(redacted["password_hint"], REDACTED);
+        let denied_even_if_allowed = Redactor::new(std::iter::empty::<&str>(), Some(["password"]));
+        assert!(denied_even_if_allowed.is_sensitive("password"));
+    }
+
+    #[test]
+    fn headers_are_masked_by_key() {
+        let redactor = Redactor::default();
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
+        assert!(matches!(
+            redactor.redact_headers(&headers),
+            Cow::Borrowed(_)
+        ));
+        headers.insert("x-api-key".to_owned(), "k-123".to_owned());
+        let masked = redactor.redact_headers(&headers);
+        assert_eq!(masked["x-api-key"], REDACTED);
+        assert_eq!(masked["traceparent"], "00-abc-def-01");
+    }
+}

@@ -1,0 +1,340 @@
+//! Access control, limits and load shedding, over real HTTP on loopback.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dispatchd::auth::{ApiToken, Scope, Secret, Tokens};
+use dispatchd::engine::{
+    Category, Dispatcher, Handler, HandlerError, Message, OutputMessage, Route,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{TestApp, sample};
+
+const INGEST: &str = "ingest-token-3b1f0c9e77d2";
+const ADMIN: &str = "admin-token-9c4e21aa0f5b";
+const METRICS: &str = "metrics-token-51d0e8c3b7aa";
+
+fn token(name: &str, value: &str, scopes: &[Scope]) -> ApiToken {
+    ApiToken {
+        name: name.into(),
+        secret: Secret::new(value),
+        scopes: scopes.to_vec(),
+    }
+}
+
+async fn scrape(app: &TestApp, bearer: Option<&str>) -> String {
+    let mut request = app.client.get(app.url("/metrics"));
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn tokens_guard_ingest_and_the_dispatcher_api_by_scope() {
+    let app = TestApp::start_with(
+        |config| {
+            config.auth = Tokens::new(vec![
+                token("checkout", INGEST, &[Scope::Ingest]),
+                token("operator", ADMIN, &[Scope::Admin]),
+            ]);
+        },
+        |builder| builder,
+    )
+    .await;
+    let ingest = |bearer: Option<&'static str>| {
+        let mut request = app
+            .client
+            .post(app.url("/api/v1/messages/shop.orders.events"))
+            .json(&json!({"message_type": "order.placed", "payload": {}}));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    let missing = ingest(None).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert!(missing.headers().contains_key("www-authenticate"));
+    let missing: Value = missing.json().await.unwrap();
+    let wrong = ingest(Some("ingest-token-3b1f0c9e77d3")).await.unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let wrong: Value = wrong.json().await.unwrap();
+    assert_eq!(missing, wrong, "no hint about which tokens exist");
+    assert_eq!(wrong["error"]["code"], "unauthorized");
+
+    let other_scope = ingest(Some(ADMIN)).await.unwrap();
+    assert_eq!(other_scope.status(), StatusCode::FORBIDDEN);
+    let allowed = ingest(Some(INGEST)).await.unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+
+    // The worker API needs admin.
+    let register = |bearer: &'static str| {
+        app.client
+            .post(app.url("/api/v1/dispatchers/billing-worker/register"))
+            .bearer_auth(bearer)
+            .json(&json!({}))
+            .send()
+    };
+    assert_eq!(
+        register(INGEST).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert!(register(ADMIN).await.unwrap().status().is_success());
+    let list = app
+        .client
+        .get(app.url("/api/v1/dispatchers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), StatusCode::UNAUTHORIZED);
+
+    // Health, readiness and (with no metrics token) /metrics stay open.
+    for path in ["/health", "/ready"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let metrics = scrape(&app, None).await;
+    assert_eq!(
+        sample(&metrics, r#"http_auth_failures_total{reason="missing"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&metrics, r#"http_auth_failures_total{reason="invalid"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&metrics, r#"http_auth_failures_total{reason="forbidden"}"#),
+        Some(2.0)
+    );
+    for secret in [INGEST, ADMIN] {
+        assert!(!metrics.contains(secret));
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_metrics_token_closes_metrics_and_stats() {
+    let app = TestApp::start_with(
+        |config| {
+            config.auth = Tokens::new(vec![token("prometheus", METRICS, &[Scope::Metrics])]);
+        },
+        |builder| builder,
+    )
+    .await;
+    for path in ["/metrics", "/api/v1/stats"] {
+        let open = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(open.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let with = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(METRICS)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(with.status(), StatusCode::OK, "{path}");
+    }
+    // A metrics token is not an ingest token.
+    let ingest = app
+        .client
+        .post(app.url("/api/v1/messages/shop.orders.events"))
+        .bearer_auth(METRICS)
+        .json(&json!({"message_type": "order.placed", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ingest.status(), StatusCode::FORBIDDEN);
+    app.stop().await.unwrap();
+}
+
+/// Holds every message until released, counting arrivals.
+struct Gate(Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>);
+
+#[async_trait]
+impl Handler for Gate {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let _pass = self
+            .0
+            .acquire()
+            .await
+            .map_err(|_| HandlerError::permanent("closed"))?;
+        Ok(Vec::new())
+    }
+}
+
+async fn gated_app(
+    edit: impl FnOnce(&mut dispatchd::config::Config),
+) -> (TestApp, Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let handler = Gate(gate.clone(), arrived.clone());
+    let app = TestApp::start_with(edit, |builder| {
+        builder
+            .dispatcher(Dispatcher::new("gate", Category::Intent, handler))
+            .route(Route::new("to-gate", "**", Category::Intent, "gate"))
+    })
+    .await;
+    (app, gate, arrived)
+}
+
+#[tokio::test]
+async fn past_max_in_flight_requests_are_shed_with_retry_after_and_observability_stays_up() {
+    let (app, gate, arrived) = gated_app(|config| config.server.max_in_flight = 1).await;
+    let held = tokio::spawn({
+        let client = app.client.clone();
+        let url = app.url("/api/v1/messages/shop.orders.intents");
+        async move {
+            client
+                .post(url)
+                .json(&json!({"message_type": "order.hold", "payload": {}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    crate::support::wait_for("the held request to reach its dispatcher", || {
+        arrived.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let shed = app
+        .post_message(
+            "shop.orders.events",
+            json!({"message_type": "order.placed", "payload": {}}),
+        )
+        .await;
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: Value = shed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded");
+
+    for path in ["/health", "/ready", "/metrics"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path} is never shed");
+    }
+    gate.add_permits(1);
+    assert_eq!(
+        held.await.unwrap(),
+        StatusCode::OK,
+        "the held request completes"
+    );
+    let after = app
+        .post_message(
+            "shop.orders.events",
+            json!({"message_type": "order.placed", "payload": {}}),
+        )
+        .await;
+    assert_eq!(after.status(), StatusCode::OK, "capacity is back");
+    let metrics = scrape(&app, None).await;
+    assert!(sample(&metrics, r#"http_requests_shed_total{reason="in_flight"}"#).unwrap() >= 1.0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_past_the_deadline_is_answered_503_and_counted() {
+    let (app, gate, _) = gated_app(|config| {
+        config.server.request_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let response = app
+        .post_message(
+            "shop.orders.intents",
+            json!({"message_type": "order.hold", "payload": {}}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout");
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let metrics = scrape(&app, None).await;
+    assert_eq!(
+        sample(&metrics, r#"http_requests_shed_total{reason="timeout"}"#),
+        Some(1.0)
+    );
+    gate.close();
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused_with_431() {
+    let app = TestApp::start_with(|config| config.server.max_header_bytes = 8192, |b| b).await;
+    let response = app
+        .client
+        .get(app.url("/health"))
+        .header("x-padding", "a".repeat(20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let app = TestApp::start_with(
+        |config| config.server.header_read_timeout = Duration::from_millis(300),
+        |b| b,
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(b"POST /api/v1/messages/a.b.events HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buffer)).await;
+    assert!(closed.is_ok(), "the server closed the connection");
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn past_max_connections_new_connections_wait_until_one_closes() {
+    let app = TestApp::start_with(|config| config.server.max_connections = 2, |b| b).await;
+    let first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let second = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // Both slots are taken (by idle connections); a third request is not served meanwhile.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = app.url("/health");
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move { client.get(url).send().await.map(|r| r.status()) }
+    });
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        while !waiting.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "served although both connection slots were taken"
+    );
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a slot freed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(second);
+    app.stop().await.unwrap();
+}
