@@ -406,7 +406,7 @@ impl App {
             max_header_bytes: server_config.max_header_bytes,
             header_read_timeout: server_config.header_read_timeout,
         };
-        if self.config.auth.is_empty() && !self.local_addr.ip().is_loopback() {
+        if open_beyond_loopback(self.local_addr, &self.config.auth) {
             tracing::warn!(
                 listen = %self.local_addr,
                 "dispatchd listens beyond loopback WITHOUT ACCESS CONTROL: anyone who can reach this address can ingest messages and register workers. Set DISPATCHD_API_TOKEN or [[auth.tokens]] (see docs/security.md)."
@@ -471,6 +471,12 @@ impl App {
             .context("the HTTP server task failed")?
             .context("the HTTP server failed")
     }
+}
+
+/// Whether the API is reachable from other machines with no token required: worth a loud
+/// warning at startup.
+fn open_beyond_loopback(listen: SocketAddr, tokens: &crate::auth::Tokens) -> bool {
+    tokens.is_empty() && !listen.ip().is_loopback()
 }
 
 /// Dispatches the messages of one source stream: each entry's `data` is an [`OutputMessage`]
@@ -550,5 +556,36 @@ async fn consume_source(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{ApiToken, Scope, Secret, Tokens};
+
+    #[test]
+    fn only_an_open_api_beyond_loopback_is_warned_about() {
+        let token = Tokens::new(vec![ApiToken {
+            name: "t".into(),
+            secret: Secret::new("0123456789abcdef"),
+            scopes: vec![Scope::Ingest],
+        }]);
+        let open = Tokens::default();
+        assert!(open_beyond_loopback("0.0.0.0:9000".parse().unwrap(), &open));
+        assert!(open_beyond_loopback("[::]:9000".parse().unwrap(), &open));
+        assert!(open_beyond_loopback(
+            "10.1.2.3:9000".parse().unwrap(),
+            &open
+        ));
+        assert!(!open_beyond_loopback(
+            "127.0.0.1:9000".parse().unwrap(),
+            &open
+        ));
+        assert!(!open_beyond_loopback("[::1]:9000".parse().unwrap(), &open));
+        assert!(!open_beyond_loopback(
+            "0.0.0.0:9000".parse().unwrap(),
+            &token
+        ));
     }
 }

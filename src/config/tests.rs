@@ -450,3 +450,111 @@ metrics_interval = "0s"
         ["FILE:2: `otlp.metrics`: needs otlp.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)"]
     );
 }
+
+#[test]
+fn tokens_come_from_the_environment_and_the_file_and_problems_never_show_them() {
+    let f = file(
+        r#"
+[[auth.tokens]]
+name = "checkout"
+token_env = "CHECKOUT_TOKEN"
+scopes = ["ingest"]
+
+[[auth.tokens]]
+name = "prometheus"
+token = "metrics-token-0123456789"
+scopes = ["metrics"]
+"#,
+    );
+    let env = |name: &str| match name {
+        "DISPATCHD_API_TOKEN" => Some("env-api-token-0123456789".to_owned()),
+        "CHECKOUT_TOKEN" => Some("checkout-token-0123456789".to_owned()),
+        _ => None,
+    };
+    let config = Config::load_with(Some(f.path()), env).unwrap();
+    let tokens = &config.auth;
+    use crate::auth::Scope;
+    let check = |token: &str, scope| {
+        tokens
+            .check(Some(format!("Bearer {token}").as_bytes()), scope)
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        check("env-api-token-0123456789", Scope::Admin).as_deref(),
+        Ok("DISPATCHD_API_TOKEN")
+    );
+    assert_eq!(
+        check("checkout-token-0123456789", Scope::Ingest).as_deref(),
+        Ok("checkout")
+    );
+    assert_eq!(
+        check("metrics-token-0123456789", Scope::Metrics).as_deref(),
+        Ok("prometheus")
+    );
+    assert!(tokens.any_with(Scope::Metrics));
+    assert!(!format!("{config:?}").contains("0123456789"));
+
+    let problems = problems(
+        r#"
+[[auth.tokens]]
+token = "short"
+scopes = ["ingest", "everything"]
+
+[[auth.tokens]]
+token_env = "NOT_SET_ANYWHERE"
+scopes = []
+
+[[auth.tokens]]
+token = "long-enough-token-0123"
+token_env = "ALSO"
+scopes = ["admin"]
+"#,
+    );
+    assert_eq!(
+        problems,
+        [
+            "FILE:3: `auth.tokens[0].token`: a token must be at least 16 characters, without spaces",
+            "FILE:4: `auth.tokens[0].scopes`: unknown scope `everything` (expected ingest, admin or metrics)",
+            "FILE:7: `auth.tokens[1].token_env`: the environment variable `NOT_SET_ANYWHERE` is not set",
+            "FILE:8: `auth.tokens[1].scopes`: must name at least one scope",
+            "FILE:11: `auth.tokens[2].token`: set exactly one of token and token_env",
+        ]
+    );
+    assert!(
+        problems
+            .iter()
+            .all(|p| !p.contains("short\"") && !p.contains("0123\""))
+    );
+}
+
+#[test]
+fn server_limits_have_defaults_and_bounds() {
+    let config = Config::embedded().unwrap();
+    assert_eq!(config.server.max_header_bytes, 16 * 1024);
+    assert_eq!(config.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.server.request_timeout, Duration::from_secs(30));
+    assert_eq!(config.server.max_in_flight, 1024);
+    assert_eq!(config.server.max_connections, 4096);
+    assert!(config.auth.is_empty());
+    assert_eq!(
+        problems(
+            "[server]\nmax_header_bytes = 100\nheader_read_timeout = \"0s\"\nmax_in_flight = 0\n"
+        ),
+        [
+            "FILE:2: `server.max_header_bytes`: must be between 8192 and 1048576",
+            "FILE:3: `server.header_read_timeout`: must be positive",
+            "FILE:4: `server.max_in_flight`: must be between 1 and 1000000",
+        ]
+    );
+}
+
+#[test]
+fn redaction_words_extend_the_defaults() {
+    let config = load("[redaction]\ndeny = [\"iban\"]\nallow = []\n").unwrap();
+    assert!(config.redaction.is_sensitive("customer_iban"));
+    assert!(config.redaction.is_sensitive("password"));
+    assert!(!config.redaction.is_sensitive("order_id"));
+    let strict = load("[redaction]\nallow = [\"order_id\"]\n").unwrap();
+    assert!(strict.redaction.is_sensitive("email"));
+    assert!(!strict.redaction.is_sensitive("order_id"));
+}

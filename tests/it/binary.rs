@@ -314,3 +314,125 @@ fn started(mut child: Child) -> (Running, String) {
     std::thread::spawn(move || for _ in lines {});
     (running, addr)
 }
+
+/// Credentials in a payload, in headers and in tokens (right and wrong) reach neither the log
+/// (at debug, JSON), nor the dispatch events a sink forwards, nor any error answer.
+#[tokio::test]
+async fn secrets_never_reach_logs_events_or_error_answers() {
+    const TOKEN: &str = "api-token-5e2d1f0b9a8c7d6e";
+    const WRONG: &str = "api-token-0000ffff1111eeee";
+    const PASSWORD: &str = "hunter2-correct-horse";
+    const API_KEY: &str = "sk-live-7f3a9b2c4d";
+    const DSN: &str = "s3cr3t-dsn-pass";
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--log-format", "json"])
+        .current_dir(dir.path())
+        .env("DISPATCHD_LISTEN", "127.0.0.1:0")
+        .env("DISPATCHD_LOG", "debug")
+        .env("DISPATCHD_API_TOKEN", TOKEN)
+        .env_remove("DISPATCHD_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut running = Running(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    for stream in [
+        Box::new(stdout) as Box<dyn std::io::Read + Send>,
+        Box::new(stderr),
+    ] {
+        let lines_tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                let _ = lines_tx.send(line);
+            }
+        });
+    }
+    drop(lines_tx);
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("dispatchd logs its address");
+        log.push(line.clone());
+        if let Ok(json) = serde_json::from_str::<Value>(&line) {
+            if let Some(listen) = json["fields"]["listen"].as_str() {
+                break listen.to_owned();
+            }
+        }
+    };
+
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v1/messages/shop.orders.events");
+    let body = json!({
+        "message_type": "order.placed",
+        "headers": {"x-api-key": API_KEY},
+        "payload": {
+            "order_id": 9,
+            "customer": {"password": PASSWORD, "apiKey": API_KEY},
+            "dsn": format!("postgres://app:{DSN}@db/orders"),
+        },
+    });
+    let mut answers = String::new();
+    for bearer in [None, Some(WRONG), Some(TOKEN)] {
+        let mut request = client.post(&url).header("x-api-key", API_KEY).json(&body);
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let response = request.send().await.unwrap();
+        let expected = if bearer == Some(TOKEN) { 200 } else { 401 };
+        assert_eq!(response.status(), expected);
+        answers.push_str(&response.text().await.unwrap());
+    }
+    let bad = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(format!("{{\"password\": \"{PASSWORD}\", \"api_key\": "))
+        .send()
+        .await
+        .unwrap();
+    assert!(bad.status().is_client_error(), "{}", bad.status());
+    answers.push_str(&bad.text().await.unwrap());
+
+    // Stop it: the sink flushes its events file on the way out.
+    let pid = running.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "dispatchd did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log.extend(lines.try_iter());
+    let log = log.join("\n");
+    let events = std::fs::read_to_string(dir.path().join("dispatchd-data/events.jsonl")).unwrap();
+    assert!(
+        events.contains("\"order_id\":9"),
+        "the event was forwarded: {events}"
+    );
+    assert!(
+        log.contains("Received a message."),
+        "the message was logged"
+    );
+    for secret in [TOKEN, WRONG, PASSWORD, API_KEY, DSN] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        assert!(
+            !events.contains(secret),
+            "{secret} in the events:\n{events}"
+        );
+        assert!(
+            !answers.contains(secret),
+            "{secret} in an answer:\n{answers}"
+        );
+    }
+}

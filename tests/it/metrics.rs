@@ -343,6 +343,12 @@ async fn docs_metrics_md_describes_exactly_what_is_exported() {
             assert_eq!(&spec_labels, labels, "labels of {name}");
         }
     }
+    for name in &catalog {
+        assert!(
+            documented.contains_key(name),
+            "{name} is in the catalog but not in docs/metrics.md"
+        );
+    }
     app.stop().await.unwrap();
 }
 
