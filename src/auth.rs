@@ -220,4 +220,15 @@ mod tests {
         assert!(!only_ingest.any_with(Scope::Metrics));
         assert!(Tokens::default().is_empty());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::proptest_cases(500)))]
+
+        /// Any header value: a decision, never a panic, and never a grant without the token.
+        #[test]
+        fn arbitrary_authorization_headers_are_refused(header in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            let tokens = tokens();
+            proptest::prop_assert!(tokens.check(Some(&header), Scope::Ingest).is_err());
+        }
+    }
 }

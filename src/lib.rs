@@ -18,3 +18,13 @@ pub mod resilience;
 pub mod simulate;
 pub mod sinks;
 pub mod telemetry;
+
+/// Cases per property test: `default`, or `PROPTEST_CASES` when set (CI runs a long pass with
+/// it; see `.ci/run`).
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(default)
+}

@@ -388,7 +388,7 @@ mod properties {
     use super::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(300)))]
 
         /// Whatever a config file holds, loading it answers a config or problems, never a panic.
         #[test]

@@ -190,7 +190,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(2000)))]
 
         #[test]
         fn agrees_with_the_reference_definition(

@@ -301,4 +301,71 @@ mod tests {
         assert_eq!(masked["x-api-key"], REDACTED);
         assert_eq!(masked["traceparent"], "00-abc-def-01");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let key = prop_oneof![
+                Just("password".to_owned()),
+                Just("apiKey".to_owned()),
+                Just("access_token".to_owned()),
+                "[a-zA-Z_-]{0,12}",
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<i64>().prop_map(|n| json!(n)),
+                ".{0,20}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 32, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::btree_map(key.clone(), inner, 0..5)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Every value under a sensitive key, at any depth.
+        fn sensitive_values(redactor: &Redactor, value: &Value, out: &mut Vec<Value>) {
+            match value {
+                Value::Object(map) => {
+                    for (key, inner) in map {
+                        if redactor.is_sensitive(key) {
+                            out.push(inner.clone());
+                        } else {
+                            sensitive_values(redactor, inner, out);
+                        }
+                    }
+                }
+                Value::Array(items) => {
+                    for item in items {
+                        sensitive_values(redactor, item, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(500)))]
+
+            #[test]
+            fn nothing_under_a_sensitive_key_survives_and_redaction_is_idempotent(value in json_value()) {
+                let redactor = Redactor::default();
+                let once = redactor.redact(&value).into_owned();
+                let mut left = Vec::new();
+                sensitive_values(&redactor, &once, &mut left);
+                prop_assert!(left.iter().all(|v| v == &Value::String(REDACTED.to_owned())));
+                let twice = redactor.redact(&once).into_owned();
+                prop_assert_eq!(twice, once);
+            }
+
+            #[test]
+            fn keys_of_any_shape_never_panic(key in ".{0,40}") {
+                let _ = Redactor::default().is_sensitive(&key);
+            }
+        }
+    }
 }

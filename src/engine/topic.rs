@@ -215,7 +215,7 @@ mod properties {
     use super::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(2000)))]
 
         /// Arbitrary text never panics the parser, and what it accepts is well-formed.
         #[test]

@@ -155,7 +155,9 @@ fn parse_envelope(body: &[u8]) -> Result<Envelope, ApiError> {
         ApiError::new(
             status,
             code,
-            format!("the body is not a valid envelope: {error}"),
+            // serde quotes the offending value: mask it like any error text.
+            crate::engine::sanitize(&format!("the body is not a valid envelope: {error}"))
+                .into_owned(),
         )
     })?;
     for (field, value) in [
@@ -182,4 +184,84 @@ fn parse_envelope(body: &[u8]) -> Result<Envelope, ApiError> {
         envelope.timestamp = timestamp;
     }
     Ok(envelope)
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::parse_envelope;
+
+    /// Arbitrary JSON values, a few levels deep.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,10}", inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(500)))]
+
+        /// Whatever a client sends, the answer is an envelope or a 4xx error: never a panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Err(error) = parse_envelope(&body) {
+                prop_assert!(error.status.is_client_error());
+            }
+        }
+
+        /// Any JSON value: an envelope or a 4xx.
+        #[test]
+        fn arbitrary_json_never_panics(value in json_value()) {
+            let body = serde_json::to_vec(&value).unwrap();
+            if let Err(error) = parse_envelope(&body) {
+                prop_assert!(error.status.is_client_error());
+            }
+        }
+
+        /// A well-formed envelope comes back field for field.
+        #[test]
+        fn well_formed_envelopes_round_trip(
+            message_type in "[a-z][a-z._]{0,30}",
+            message_id in prop::option::of("[ -~]{1,64}"),
+            correlation_id in prop::option::of("[ -~]{1,64}"),
+            headers in prop::collection::btree_map("[a-z-]{1,20}", ".{0,30}", 0..4),
+            payload in json_value(),
+        ) {
+            let body = json!({
+                "message_type": message_type,
+                "message_id": message_id,
+                "correlation_id": correlation_id,
+                "headers": headers,
+                "payload": payload,
+            });
+            let envelope = parse_envelope(&serde_json::to_vec(&body).unwrap()).unwrap();
+            prop_assert_eq!(&envelope.message_type, &message_type);
+            if let Some(id) = &message_id {
+                prop_assert_eq!(&envelope.message_id, id);
+            }
+            prop_assert_eq!(&envelope.correlation_id, &correlation_id);
+            prop_assert_eq!(&envelope.headers, &headers);
+            prop_assert_eq!(&envelope.payload, &payload);
+            // And the envelope itself survives serialization.
+            let again: crate::engine::Envelope =
+                serde_json::from_str(&serde_json::to_string(&envelope).unwrap()).unwrap();
+            prop_assert_eq!(again.payload, envelope.payload);
+            prop_assert_eq!(again.message_id, envelope.message_id);
+        }
+    }
 }
