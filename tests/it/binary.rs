@@ -436,3 +436,106 @@ async fn secrets_never_reach_logs_events_or_error_answers() {
         );
     }
 }
+
+/// SIGTERM while clients are sending: every message answered 200 is in the JSONL file and has
+/// its dispatch event, and the process exits cleanly. Requests after the listener closed fail
+/// to connect or answer 503; none is half-accepted.
+#[tokio::test]
+async fn sigterm_under_load_loses_no_accepted_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut running, addr) = start(dir.path());
+    let accepted: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for worker in 0..4 {
+        let accepted = accepted.clone();
+        let count = count.clone();
+        let url = format!("http://{addr}/api/v1/messages/shop.orders.events");
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for n in 0..5_000 {
+                let sent = client
+                    .post(&url)
+                    .json(&json!({"message_type": "order.placed", "payload": {"worker": worker, "n": n}}))
+                    .send()
+                    .await;
+                let Ok(response) = sent else { return };
+                let status = response.status().as_u16();
+                let Ok(result) = response.json::<Value>().await else { return };
+                match status {
+                    200 => {
+                        accepted.lock().unwrap().push((
+                            result["message_id"].as_str().unwrap().to_owned(),
+                            result["dispatch_id"].as_str().unwrap().to_owned(),
+                        ));
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    503 => assert_eq!(result["error"]["code"], "shutting_down"),
+                    other => panic!("unexpected status {other}: {result}"),
+                }
+            }
+        }));
+    }
+    crate::support::wait_for("300 accepted messages", || {
+        count.load(std::sync::atomic::Ordering::SeqCst) >= 300
+    })
+    .await;
+    let pid = running.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dispatchd did not exit within 30 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    let accepted = accepted.lock().unwrap().clone();
+    let written: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(dir.path().join("dispatchd-data/messages.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<Value>(line).unwrap()["message_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+    let events: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(dir.path().join("dispatchd-data/events.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<Value>(line).unwrap()["runId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+    assert!(accepted.len() >= 300);
+    for (message_id, dispatch_id) in &accepted {
+        assert!(
+            written.contains(message_id),
+            "accepted {message_id} is not in messages.jsonl"
+        );
+        assert!(
+            events.contains(dispatch_id),
+            "accepted dispatch {dispatch_id} has no event"
+        );
+    }
+}

@@ -14,6 +14,7 @@ mod binary;
 // /metrics, the stats API, the golden names, docs/metrics.md, promtool and an independent parser.
 mod metrics;
 // /ready, /api/v1/dispatchers and the worker lifecycle API, on paused time.
+mod faults;
 mod hardening;
 mod health;
 // `dispatchd simulate`: every protection's metrics move under the demonstration traffic.
