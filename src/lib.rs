@@ -13,6 +13,7 @@ pub mod engine;
 pub mod health;
 pub mod http;
 pub mod instrumentation;
+pub mod loadtest;
 pub mod propagation;
 pub mod resilience;
 pub mod simulate;

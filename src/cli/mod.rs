@@ -1,4 +1,4 @@
-//! The command line: `serve` (the default) and `check-config`.
+//! The command line: `serve` (the default), `check-config`, `sink`, `simulate` and `loadtest`.
 //!
 //! The edge of the program: the only place that prints to the terminal, reads signals and
 //! decides the exit code. Everything it runs is in the library.
@@ -40,6 +40,34 @@ enum Command {
     /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
     /// in-process, with demonstration dispatchers, on the configured address.
     Simulate(SimulateArgs),
+    /// Post messages to a running dispatchd at fixed rates (open loop), and print throughput,
+    /// latency percentiles, errors and, with --pid, its resident memory, per step.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoadtestArgs {
+    /// The dispatchd to load, such as http://127.0.0.1:9000.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9000")]
+    target: String,
+    /// Messages per second, one step each: 5000,10000,20000.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,20000")]
+    rates: Vec<u32>,
+    /// How long each step lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    step: std::time::Duration,
+    /// Connections (requests in flight) at most.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// The topic messages are posted to.
+    #[arg(long, default_value = "load.test.events")]
+    topic: String,
+    /// A bearer token with the ingest scope.
+    #[arg(long, env = "DISPATCHD_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// dispatchd's process id, to report its resident memory.
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -125,6 +153,7 @@ pub fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Simulate(args)) => simulate(args),
+        Some(Command::Loadtest(args)) => loadtest(args),
         Some(Command::Sink(args)) => sink(*args),
         None => serve(cli.serve),
     }
@@ -161,6 +190,43 @@ fn print_config_error(error: &ConfigError) {
             }
         }
         other => eprintln!("error: {other}"),
+    }
+}
+
+fn loadtest(args: LoadtestArgs) -> ExitCode {
+    let options = crate::loadtest::Options {
+        target: args.target,
+        rates: args.rates,
+        step: args.step,
+        connections: args.connections,
+        topic: args.topic,
+        token: args.token,
+        pid: args.pid,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "loading {} for {} per step with {} connections",
+        options.target,
+        humantime::format_duration(options.step),
+        options.connections
+    );
+    let outcome = runtime.block_on(crate::loadtest::run(&options, |step| println!("{step}")));
+    match outcome {
+        Ok(steps) if steps.iter().all(|s| s.ok > 0) => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("error: a step had no successful request; is dispatchd running there?");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
