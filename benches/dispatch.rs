@@ -301,8 +301,9 @@ fn tracing_cost(c: &mut Criterion) {
             ..TracingConfig::default()
         };
         let provider = Traces::provider(&config).unwrap();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")));
+        let subscriber = tracing_subscriber::registry().with(
+            dispatchd::telemetry::traces::otel_layer(provider.tracer("bench")),
+        );
         let _guard = tracing::subscriber::set_default(subscriber);
         let engine = traced(ratio);
         group.bench_function(label, |b| {
@@ -322,8 +323,9 @@ fn tracing_cost(c: &mut Criterion) {
     let provider = runtime
         .block_on(async { Traces::provider(&config) })
         .unwrap();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")));
+    let subscriber = tracing_subscriber::registry().with(dispatchd::telemetry::traces::otel_layer(
+        provider.tracer("bench"),
+    ));
     let guard = tracing::subscriber::set_default(subscriber);
     let engine = traced(1.0);
     let before = resident_kib();

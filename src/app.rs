@@ -270,9 +270,11 @@ impl AppBuilder {
             engine = engine.publisher(outputs);
         }
         // Trace ids in results and traceparent in outputs, from the dispatch span.
-        engine = engine.trace_context(Arc::new(crate::propagation::SpanTraceContext::new(
-            config.tracing.sampling_ratio,
-        )));
+        // Without an exporter the engine's spans would go nowhere: ids only.
+        engine = engine.trace_context(Arc::new(
+            crate::propagation::SpanTraceContext::new(config.tracing.sampling_ratio)
+                .with_spans(config.tracing.otlp_endpoint.is_some()),
+        ));
         let engine = engine
             .redactor(config.redaction.clone())
             .instrumentation(Arc::new(strategies))

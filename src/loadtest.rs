@@ -171,8 +171,8 @@ async fn one_step(
             (latencies, ok, errors)
         }));
     }
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .expect("static histogram bounds");
+    let mut latencies =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
     let (mut ok, mut errors) = (0, 0);
     for worker in workers {
         let (histogram, worker_ok, worker_errors) = worker.await.context("a load worker failed")?;

@@ -72,10 +72,21 @@ pub fn ids(context: &Context) -> Option<(String, String)> {
     let span_context = span.span_context();
     span_context.is_valid().then(|| {
         (
-            span_context.trace_id().to_string(),
-            span_context.span_id().to_string(),
+            hex(&span_context.trace_id().to_bytes()),
+            hex(&span_context.span_id().to_bytes()),
         )
     })
+}
+
+/// Lowercase hex, without the formatting machinery (this runs on every traced dispatch).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
 }
 
 /// The engine's view of trace context, backed by the `tracing` span it runs in, sampling new
@@ -83,11 +94,15 @@ pub fn ids(context: &Context) -> Option<(String, String)> {
 #[derive(Debug, Clone, Copy)]
 pub struct SpanTraceContext {
     ratio: f64,
+    spans: bool,
 }
 
 impl Default for SpanTraceContext {
     fn default() -> SpanTraceContext {
-        SpanTraceContext { ratio: 1.0 }
+        SpanTraceContext {
+            ratio: 1.0,
+            spans: true,
+        }
     }
 }
 
@@ -95,12 +110,24 @@ impl SpanTraceContext {
     pub fn new(ratio: f64) -> SpanTraceContext {
         SpanTraceContext {
             ratio: ratio.clamp(0.0, 1.0),
+            spans: true,
         }
+    }
+
+    /// Whether the engine opens its own spans (dispatch, dispatcher, adapter). Without an
+    /// exporter nobody would ever receive them, so `serve` turns them off then: results, outputs
+    /// and events still carry the trace (the ingest span's ids), at no span cost.
+    pub fn with_spans(mut self, spans: bool) -> SpanTraceContext {
+        self.spans = spans;
+        self
     }
 }
 
 impl TraceContext for SpanTraceContext {
     fn sampled(&self) -> bool {
+        if !self.spans {
+            return false;
+        }
         let context = tracing::Span::current().context();
         let span = context.span();
         let parent = span.span_context();

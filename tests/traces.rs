@@ -57,8 +57,9 @@ fn config(otlp_endpoint: Option<String>) -> TracingConfig {
 fn subscriber(
     provider: &opentelemetry_sdk::trace::SdkTracerProvider,
 ) -> impl tracing::Subscriber + Send + Sync {
-    tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+    tracing_subscriber::registry().with(dispatchd::telemetry::traces::otel_layer(
+        provider.tracer("test"),
+    ))
 }
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";

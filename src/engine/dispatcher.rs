@@ -121,6 +121,8 @@ pub(crate) enum Kind {
 #[derive(Clone)]
 pub struct Dispatcher {
     pub(crate) id: Arc<str>,
+    /// `dispatcher <id>`, the name of its trace spans, made once.
+    pub(crate) span_name: Arc<str>,
     pub(crate) category: Category,
     pub(crate) message_types: Option<BTreeSet<String>>,
     pub(crate) timeout: Duration,
@@ -142,8 +144,10 @@ impl Dispatcher {
         category: Category,
         handler: Arc<dyn Handler>,
     ) -> Dispatcher {
+        let id = id.into();
         Dispatcher {
-            id: id.into(),
+            span_name: format!("dispatcher {id}").into(),
+            id,
             category,
             message_types: None,
             timeout: DEFAULT_TIMEOUT,
@@ -156,8 +160,10 @@ impl Dispatcher {
     /// A command dispatcher: every command passes the policies, in order, before the adapter
     /// runs.
     pub fn command(id: impl Into<Arc<str>>, adapter: impl CommandAdapter) -> Dispatcher {
+        let id = id.into();
         Dispatcher {
-            id: id.into(),
+            span_name: format!("dispatcher {id}").into(),
+            id,
             category: Category::Command,
             message_types: None,
             timeout: DEFAULT_TIMEOUT,

@@ -141,9 +141,9 @@ pub trait TraceContext: Send + Sync + 'static {
     /// The current trace id and span id (W3C lowercase hex), when the dispatch is traced.
     fn current_ids(&self) -> Option<(String, String)>;
 
-    /// Whether a dispatch starting now is sampled: the parent's decision when there is one,
-    /// else the configured ratio. Asked before any span is opened, so an unsampled dispatch
-    /// costs no span at all.
+    /// Whether a dispatch starting now opens spans: it is sampled (the parent's decision when
+    /// there is one, else the configured ratio) and spans are wanted at all. Asked before any
+    /// span is opened, so an unsampled dispatch costs no span at all.
     fn sampled(&self) -> bool {
         true
     }

@@ -152,9 +152,9 @@ impl Engine {
             messaging.system = "dispatchd",
             messaging.operation.type = "process",
             messaging.destination.name = topic,
-            messaging.message.id = %envelope.message_id,
+            messaging.message.id = envelope.message_id.as_str(),
             messaging.message.conversation_id = envelope.correlation_id.as_deref(),
-            dispatchd.message_type = %envelope.message_type,
+            dispatchd.message_type = envelope.message_type.as_str(),
             dispatchd.dispatch_id = tracing::field::Empty,
             dispatchd.category = tracing::field::Empty,
             dispatchd.status = tracing::field::Empty,
@@ -163,9 +163,10 @@ impl Engine {
             .dispatch_traced(topic, envelope, true)
             .instrument(span.clone())
             .await;
+        let mut id = uuid::Uuid::encode_buffer();
         span.record(
             "dispatchd.dispatch_id",
-            tracing::field::display(&result.dispatch_id),
+            &*result.dispatch_id.as_hyphenated().encode_lower(&mut id),
         );
         span.record("dispatchd.status", result.status.as_str());
         if let Some(category) = result.message_category {
@@ -354,8 +355,8 @@ impl Engine {
         let span = tracing::info_span!(
             target: "dispatchd::trace",
             "dispatcher",
-            otel.name = %format_args!("dispatcher {}", dispatcher.id),
-            dispatchd.dispatcher_id = %dispatcher.id,
+            otel.name = &*dispatcher.span_name,
+            dispatchd.dispatcher_id = &*dispatcher.id,
             dispatchd.outcome = tracing::field::Empty,
             dispatchd.attempts = tracing::field::Empty,
         );

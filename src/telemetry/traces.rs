@@ -78,6 +78,25 @@ pub fn resource() -> Resource {
         .build()
 }
 
+/// The `tracing` → OpenTelemetry layer, configured for dispatch spans: none of the attributes
+/// `tracing-opentelemetry` adds by default that a dispatch span does not need (source location,
+/// thread, busy/idle time, target), and no OpenTelemetry context attached on every enter (our
+/// propagation reads the span's own context). Together that halves a sampled dispatch's cost.
+pub fn otel_layer<S>(
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_target(false)
+        .with_context_activation(false)
+}
+
 /// Keeps the tracer provider; [`Traces::shutdown`] flushes what is queued.
 pub struct Traces {
     provider: SdkTracerProvider,
@@ -123,8 +142,7 @@ impl Traces {
                 .with_span_list(true)
                 .boxed(),
         };
-        let spans = tracing_opentelemetry::layer()
-            .with_tracer(tracer)
+        let spans = otel_layer(tracer)
             .with_filter(Targets::new().with_target("dispatchd::trace", tracing::Level::INFO));
         tracing_subscriber::registry()
             .with(log.with_filter(filter))
