@@ -156,3 +156,30 @@ pub fn parse_traceparent(traceparent: &str) -> Option<opentelemetry::trace::Span
     let span_context = span.span_context().clone();
     span_context.is_valid().then_some(span_context)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_spans_nothing_is_sampled_whatever_the_ratio() {
+        assert!(SpanTraceContext::new(1.0).sampled());
+        assert!(!SpanTraceContext::new(0.0).sampled());
+        assert!(!SpanTraceContext::new(1.0).with_spans(false).sampled());
+    }
+
+    #[test]
+    fn ids_are_lowercase_w3c_hex() {
+        assert_eq!(hex(&[0x4b, 0xf9, 0x00, 0x0a]), "4bf9000a");
+        let parent =
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let context = Context::new().with_remote_span_context(parent);
+        assert_eq!(
+            ids(&context),
+            Some((
+                "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
+                "00f067aa0ba902b7".to_owned()
+            ))
+        );
+    }
+}
