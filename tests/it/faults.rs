@@ -41,7 +41,10 @@ struct Fails;
 #[async_trait]
 impl Handler for Fails {
     async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        Err(HandlerError::permanent("the backend said no"))
+        // A careless error message, as real ones are: it must not come out as it is.
+        Err(HandlerError::permanent(
+            "the backend said no: POST https://svc:hunter2-db-pass@billing/charge password=hunter2-db-pass",
+        ))
     }
 }
 
@@ -101,6 +104,7 @@ async fn dispatchers_that_panic_hang_or_fail_leave_the_process_serving_and_healt
                 .await;
             assert_eq!(response.status(), status, "{topic}");
             let result: Value = response.json().await.unwrap();
+            assert!(!result.to_string().contains("hunter2"), "{result}");
             let expected = if status == StatusCode::GATEWAY_TIMEOUT {
                 "timeout"
             } else {
@@ -176,6 +180,12 @@ async fn dispatchers_that_panic_hang_or_fail_leave_the_process_serving_and_healt
         .collect();
     assert_eq!(events.len(), ids.len(), "one event per dispatch");
     assert_eq!(seen, ids);
+    let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert!(text.contains("the backend said no"), "the error is kept");
+    assert!(
+        !text.contains("hunter2"),
+        "the secret in the error is not: {text}"
+    );
 }
 
 /// How the fake backend misbehaves.

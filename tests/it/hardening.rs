@@ -338,3 +338,32 @@ async fn past_max_connections_new_connections_wait_until_one_closes() {
     drop(second);
     app.stop().await.unwrap();
 }
+
+/// The load generator itself: a short open-loop step against a real server answers every
+/// request, and its numbers are coherent.
+#[tokio::test]
+async fn the_load_generator_reports_every_request_it_sent() {
+    let app = TestApp::start().await;
+    let options = dispatchd::loadtest::Options {
+        target: format!("http://{}", app.addr),
+        rates: vec![200],
+        step: Duration::from_millis(500),
+        connections: 4,
+        topic: "load.test.events".into(),
+        token: None,
+        pid: Some(std::process::id()),
+    };
+    let mut reported = 0;
+    let steps = dispatchd::loadtest::run(&options, |_| reported += 1)
+        .await
+        .unwrap();
+    assert_eq!(reported, 1);
+    let step = &steps[0];
+    assert_eq!(step.sent, 100);
+    assert_eq!((step.ok, step.errors), (100, 0));
+    assert!(step.p50_us <= step.p99_us && step.p99_us <= step.max_us);
+    let (start, end, max) = step.rss_kib.expect("this process's RSS");
+    assert!(start > 0 && max >= start.max(end));
+    assert_eq!(app.jsonl_lines().len(), 100, "every request was dispatched");
+    app.stop().await.unwrap();
+}
