@@ -276,13 +276,14 @@ fn tracing_cost(c: &mut Criterion) {
         .build()
         .unwrap();
     let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
-    let traced = |ratio: f64| {
+    let traced = |ratio: f64, provider: &opentelemetry_sdk::trace::SdkTracerProvider| {
         EngineBuilder::new()
             .dispatcher(Dispatcher::new("d0", Category::Event, Noop))
             .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
-            .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::new(
-                ratio,
-            )))
+            .trace_context(Arc::new(
+                dispatchd::propagation::SpanTraceContext::new(ratio)
+                    .with_tracer(provider.tracer("bench")),
+            ))
             .build()
             .unwrap()
     };
@@ -305,7 +306,7 @@ fn tracing_cost(c: &mut Criterion) {
             dispatchd::telemetry::traces::otel_layer(provider.tracer("bench")),
         );
         let _guard = tracing::subscriber::set_default(subscriber);
-        let engine = traced(ratio);
+        let engine = traced(ratio, &provider);
         group.bench_function(label, |b| {
             b.to_async(&runtime)
                 .iter(|| engine.dispatch("shop.orders.events", &envelope));
@@ -327,7 +328,7 @@ fn tracing_cost(c: &mut Criterion) {
         provider.tracer("bench"),
     ));
     let guard = tracing::subscriber::set_default(subscriber);
-    let engine = traced(1.0);
+    let engine = traced(1.0, &provider);
     let before = resident_kib();
     group.bench_function("sampled_dead_collector", |b| {
         b.to_async(&runtime)

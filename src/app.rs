@@ -47,6 +47,7 @@ pub struct AppBuilder {
     config: Config,
     dispatchers: Vec<(Dispatcher, DispatcherSettings)>,
     routes: Vec<Route>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 /// How one in-process dispatcher proves it is alive, and how it is protected.
@@ -59,6 +60,14 @@ pub struct DispatcherSettings {
 }
 
 impl AppBuilder {
+    /// The tracer the engine opens its spans with (from [`crate::telemetry::traces::Traces`]);
+    /// used when an OTLP endpoint is configured. Without one the engine opens no span of its own
+    /// (results, outputs and events still carry the caller's trace).
+    pub fn tracer(mut self, tracer: opentelemetry_sdk::trace::SdkTracer) -> AppBuilder {
+        self.tracer = Some(tracer);
+        self
+    }
+
     /// Registers a dispatcher written in Rust beside the configured ones, with the configured
     /// default stale threshold, a heartbeat every quarter of it, not critical, unprotected.
     pub fn dispatcher(self, dispatcher: Dispatcher) -> AppBuilder {
@@ -271,10 +280,11 @@ impl AppBuilder {
         }
         // Trace ids in results and traceparent in outputs, from the dispatch span.
         // Without an exporter the engine's spans would go nowhere: ids only.
-        engine = engine.trace_context(Arc::new(
-            crate::propagation::SpanTraceContext::new(config.tracing.sampling_ratio)
-                .with_spans(config.tracing.otlp_endpoint.is_some()),
-        ));
+        let mut trace = crate::propagation::SpanTraceContext::new(config.tracing.sampling_ratio);
+        if let (Some(tracer), Some(_)) = (self.tracer, &config.tracing.otlp_endpoint) {
+            trace = trace.with_tracer(tracer);
+        }
+        engine = engine.trace_context(Arc::new(trace));
         let engine = engine
             .redactor(config.redaction.clone())
             .instrumentation(Arc::new(strategies))
@@ -325,6 +335,7 @@ impl App {
             config,
             dispatchers: Vec::new(),
             routes: Vec::new(),
+            tracer: None,
         }
     }
 

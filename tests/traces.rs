@@ -172,7 +172,10 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
         let engine = Engine::builder()
             .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
             .route(Route::new("r", "**", Category::Event, "echo"))
-            .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::default()))
+            .trace_context(Arc::new(
+                dispatchd::propagation::SpanTraceContext::default()
+                    .with_tracer(provider.tracer("test")),
+            ))
             .build()
             .unwrap();
         let result = engine
@@ -302,7 +305,10 @@ async fn the_http_sink_sends_the_batch_span_and_each_events_traceparent() {
     let engine = Engine::builder()
         .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
         .route(Route::new("r", "**", Category::Event, "echo"))
-        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::default()))
+        .trace_context(Arc::new(
+            dispatchd::propagation::SpanTraceContext::default()
+                .with_tracer(provider.tracer("test")),
+        ))
         .build()
         .unwrap();
     let envelope = Envelope::new("order.placed", json!({}));
@@ -363,7 +369,10 @@ async fn a_collector_that_hangs_costs_a_bounded_queue_and_counted_drops() {
     let engine = Engine::builder()
         .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
         .route(Route::new("r", "**", Category::Event, "echo"))
-        .trace_context(Arc::new(dispatchd::propagation::SpanTraceContext::default()))
+        .trace_context(Arc::new(
+            dispatchd::propagation::SpanTraceContext::default()
+                .with_tracer(provider.tracer("test")),
+        ))
         .build()
         .unwrap();
     let before = DROPPED_SPANS.load(Ordering::Relaxed);

@@ -437,7 +437,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(run(config));
+    let outcome = runtime.block_on(run(config, traces.tracer()));
     traces.shutdown();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -449,8 +449,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, tracer: opentelemetry_sdk::trace::SdkTracer) -> anyhow::Result<()> {
     let app = App::builder(config)
+        .tracer(tracer)
         .build()
         .await
         .context("cannot start dispatchd")?;

@@ -26,6 +26,8 @@ pub struct DispatchInfo<'a> {
     pub correlation_id: Option<&'a str>,
     /// Whether this dispatch is recorded as a trace (sampled); spans are opened only then.
     pub traced: bool,
+    /// The dispatch's span, when it is traced: children hang off it.
+    pub span: Option<&'a dyn TraceSpan>,
 }
 
 /// A dispatcher as hooks see it. `index` is its position in registration order, dense and fixed
@@ -141,13 +143,51 @@ pub trait TraceContext: Send + Sync + 'static {
     /// The current trace id and span id (W3C lowercase hex), when the dispatch is traced.
     fn current_ids(&self) -> Option<(String, String)>;
 
-    /// Whether a dispatch starting now opens spans: it is sampled (the parent's decision when
-    /// there is one, else the configured ratio) and spans are wanted at all. Asked before any
-    /// span is opened, so an unsampled dispatch costs no span at all.
-    fn sampled(&self) -> bool {
-        true
-    }
-
     /// Writes the current context (`traceparent`, `tracestate`) into outgoing headers.
     fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);
+
+    /// Opens the span of a dispatch, as a child of the current context, when the dispatch is
+    /// sampled (the parent's decision when there is one, else a ratio). `None` (the default, and
+    /// an unsampled dispatch) opens none, at the cost of that decision only; the result still
+    /// gets [`TraceContext::current_ids`].
+    fn start_dispatch(&self, _span: &DispatchSpan<'_>) -> Option<Box<dyn TraceSpan>> {
+        None
+    }
+}
+
+/// What the dispatch span is made of (OpenTelemetry messaging conventions: its name is
+/// `<topic> process`, its kind consumer).
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchSpan<'a> {
+    pub topic: &'a str,
+    pub message_id: &'a str,
+    pub correlation_id: Option<&'a str>,
+    pub message_type: &'a str,
+}
+
+/// An attribute value the engine sets on its spans.
+#[derive(Debug, Clone, Copy)]
+pub enum SpanValue<'a> {
+    Str(&'a str),
+    Static(&'static str),
+    Int(i64),
+}
+
+/// A span the engine opened through its [`TraceContext`]; it ends when dropped.
+pub trait TraceSpan: Send + Sync + std::fmt::Debug {
+    /// Its W3C trace id and span id, lowercase hex.
+    fn ids(&self) -> (String, String);
+
+    /// Writes this span's context (`traceparent`, `tracestate`) into outgoing headers.
+    fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);
+
+    fn set_attributes(&mut self, attributes: &[(&'static str, SpanValue<'_>)]);
+
+    /// A child span (internal kind).
+    fn child(&self, name: &str, attributes: &[(&'static str, SpanValue<'_>)])
+    -> Box<dyn TraceSpan>;
+
+    /// A `tracing` span that continues this one, for code that runs inside it and propagates
+    /// from the current `tracing` span (command adapters calling out).
+    fn scope(&self, name: &str, attributes: &[(&'static str, SpanValue<'_>)]) -> tracing::Span;
 }

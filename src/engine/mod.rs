@@ -42,7 +42,10 @@ pub use builder::{BuildError, BuildProblem, EngineBuilder, MAX_ID_LEN, is_valid_
 pub use command::{CommandAdapter, Decision, Effect, Policy, RulePolicy};
 pub use dispatcher::{DEFAULT_TIMEOUT, Dispatcher, ErrorKind, Handler, HandlerError, Message};
 pub use envelope::{Envelope, OutputMessage};
-pub use instrument::{DispatchInfo, DispatcherRef, InstrumentationStrategy, TraceContext};
+pub use instrument::{
+    DispatchInfo, DispatchSpan, DispatcherRef, InstrumentationStrategy, SpanValue, TraceContext,
+    TraceSpan,
+};
 pub use pattern::{PatternError, TopicPattern};
 pub use redact::{DEFAULT_DENY, REDACTED, Redactor};
 pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ExecutionResult};
@@ -133,44 +136,32 @@ impl Engine {
     /// Dispatches one message published on `topic`. Never fails: every outcome, including a
     /// malformed message, is a [`DispatchResult`] status.
     pub async fn dispatch(&self, topic: &str, envelope: &Envelope) -> DispatchResult {
-        let traced = self
-            .inner
-            .trace_context
-            .as_ref()
-            .is_some_and(|t| t.sampled());
-        if !traced {
-            // Untraced engines (the library's default) and unsampled dispatches open no span.
-            return self.dispatch_traced(topic, envelope, false).await;
-        }
-        // Named after the messaging conventions: "<destination> process". Costs nothing
-        // without a subscriber; `serve` sends these spans to OpenTelemetry.
-        let span = tracing::info_span!(
-            target: "dispatchd::trace",
-            "dispatch",
-            otel.name = %format_args!("{topic} process"),
-            otel.kind = "consumer",
-            messaging.system = "dispatchd",
-            messaging.operation.type = "process",
-            messaging.destination.name = topic,
-            messaging.message.id = envelope.message_id.as_str(),
-            messaging.message.conversation_id = envelope.correlation_id.as_deref(),
-            dispatchd.message_type = envelope.message_type.as_str(),
-            dispatchd.dispatch_id = tracing::field::Empty,
-            dispatchd.category = tracing::field::Empty,
-            dispatchd.status = tracing::field::Empty,
-        );
-        let result = self
-            .dispatch_traced(topic, envelope, true)
-            .instrument(span.clone())
-            .await;
-        let mut id = uuid::Uuid::encode_buffer();
-        span.record(
-            "dispatchd.dispatch_id",
-            &*result.dispatch_id.as_hyphenated().encode_lower(&mut id),
-        );
-        span.record("dispatchd.status", result.status.as_str());
-        if let Some(category) = result.message_category {
-            span.record("dispatchd.category", category.as_str());
+        // Untraced engines (the library's default) and unsampled dispatches open no span.
+        let mut span = self.inner.trace_context.as_ref().and_then(|t| {
+            t.start_dispatch(&DispatchSpan {
+                topic,
+                message_id: &envelope.message_id,
+                correlation_id: envelope.correlation_id.as_deref(),
+                message_type: &envelope.message_type,
+            })
+        });
+        let result = self.dispatch_traced(topic, envelope, span.as_deref()).await;
+        if let Some(span) = &mut span {
+            let mut id = uuid::Uuid::encode_buffer();
+            let id = result.dispatch_id.as_hyphenated().encode_lower(&mut id);
+            let status = (
+                "dispatchd.status",
+                SpanValue::Static(result.status.as_str()),
+            );
+            let id = ("dispatchd.dispatch_id", SpanValue::Str(id));
+            match result.message_category {
+                Some(category) => span.set_attributes(&[
+                    id,
+                    status,
+                    ("dispatchd.category", SpanValue::Static(category.as_str())),
+                ]),
+                None => span.set_attributes(&[id, status]),
+            }
         }
         result
     }
@@ -179,7 +170,7 @@ impl Engine {
         &self,
         topic: &str,
         envelope: &Envelope,
-        traced: bool,
+        span: Option<&dyn TraceSpan>,
     ) -> DispatchResult {
         let started = Instant::now();
         let dispatch_id = Uuid::new_v4();
@@ -192,7 +183,8 @@ impl Engine {
             message_type: &envelope.message_type,
             message_id: &envelope.message_id,
             correlation_id: envelope.correlation_id.as_deref(),
-            traced,
+            traced: span.is_some(),
+            span,
         };
         hooks.emit("on_dispatch_start", |s| s.on_dispatch_start(&info));
 
@@ -245,8 +237,12 @@ impl Engine {
                     };
                     self.run_selected(&selected, &message, &info, &mut result)
                         .await;
-                    if let Some(trace) = &self.inner.trace_context {
-                        // Outputs continue this trace wherever they are consumed.
+                    // Outputs continue this trace wherever they are consumed.
+                    if let Some(span) = span {
+                        for output in &mut result.outputs {
+                            span.inject(&mut output.envelope.headers);
+                        }
+                    } else if let Some(trace) = &self.inner.trace_context {
                         for output in &mut result.outputs {
                             trace.inject(&mut output.envelope.headers);
                         }
@@ -256,11 +252,14 @@ impl Engine {
             }
         }
 
-        let ids = self
-            .inner
-            .trace_context
-            .as_ref()
-            .and_then(|t| t.current_ids());
+        let ids = match span {
+            Some(span) => Some(span.ids()),
+            None => self
+                .inner
+                .trace_context
+                .as_ref()
+                .and_then(|t| t.current_ids()),
+        };
         if let Some((trace_id, span_id)) = ids {
             result.trace_id = Some(trace_id);
             result.span_id = Some(span_id);
@@ -348,24 +347,29 @@ impl Engine {
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
     ) -> (DispatcherOutcome, Vec<OutputMessage>) {
-        if !info.traced {
+        let Some(parent) = info.span else {
             return self.run_one_traced(index, message, info).await;
-        }
+        };
         let dispatcher = &self.inner.dispatchers[index];
-        let span = tracing::info_span!(
-            target: "dispatchd::trace",
-            "dispatcher",
-            otel.name = &*dispatcher.span_name,
-            dispatchd.dispatcher_id = &*dispatcher.id,
-            dispatchd.outcome = tracing::field::Empty,
-            dispatchd.attempts = tracing::field::Empty,
+        let mut span = parent.child(
+            &dispatcher.span_name,
+            &[("dispatchd.dispatcher_id", SpanValue::Str(&dispatcher.id))],
         );
-        let traced = self
-            .run_one_traced(index, message, info)
-            .instrument(span.clone());
-        let (outcome, outputs) = traced.await;
-        span.record("dispatchd.outcome", outcome.result.as_str());
-        span.record("dispatchd.attempts", outcome.attempts);
+        let inside = DispatchInfo {
+            span: Some(&*span),
+            ..*info
+        };
+        let (outcome, outputs) = self.run_one_traced(index, message, &inside).await;
+        span.set_attributes(&[
+            (
+                "dispatchd.outcome",
+                SpanValue::Static(outcome.result.as_str()),
+            ),
+            (
+                "dispatchd.attempts",
+                SpanValue::Int(i64::from(outcome.attempts)),
+            ),
+        ]);
         (outcome, outputs)
     }
 
@@ -511,14 +515,19 @@ impl Engine {
         match &dispatcher.kind {
             Kind::Handler(handler) => guarded(dispatcher.timeout, handler.handle(message)).await,
             Kind::Command(adapter) => {
-                let span = tracing::info_span!(
-                    target: "dispatchd::trace",
-                    "command adapter",
-                    otel.name = %format_args!("{} {}", adapter.name(), message.envelope.message_type),
-                    otel.kind = "client",
-                    dispatchd.adapter = adapter.name(),
-                    dispatchd.command_type = %message.envelope.message_type,
-                );
+                // A `tracing` span, so an adapter that calls out propagates from it.
+                let span = info.span.map_or_else(tracing::Span::none, |parent| {
+                    parent.scope(
+                        &format!("{} {}", adapter.name(), message.envelope.message_type),
+                        &[
+                            ("dispatchd.adapter", SpanValue::Str(adapter.name())),
+                            (
+                                "dispatchd.command_type",
+                                SpanValue::Str(&message.envelope.message_type),
+                            ),
+                        ],
+                    )
+                });
                 if self.inner.hooks.is_enabled() {
                     // Strategies log and export what they see: never a secret param.
                     let params = self.inner.redactor.redact(&message.envelope.payload);

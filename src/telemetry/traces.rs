@@ -152,6 +152,11 @@ impl Traces {
         Ok(Traces { provider })
     }
 
+    /// The tracer the engine opens its spans with (`AppBuilder::tracer`).
+    pub fn tracer(&self) -> opentelemetry_sdk::trace::SdkTracer {
+        self.provider.tracer("dispatchd")
+    }
+
     /// Exports what is queued and stops the provider.
     pub fn shutdown(&self) {
         if let Err(error) = self.provider.shutdown() {

@@ -132,7 +132,8 @@ impl Drop for TestApp {
 
 /// Waits for `condition` with a bound, polling on tokio's clock.
 pub(crate) async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    for _ in 0..500 {
+    // 20 s at most: generous for a loaded 2-core CI machine, instant under paused time.
+    for _ in 0..2000 {
         if condition() {
             return;
         }
@@ -167,7 +168,8 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..500 {
+    // 20 s at most: generous for a loaded 2-core CI machine, instant under paused time.
+    for _ in 0..2000 {
         if condition().await {
             return;
         }
