@@ -395,3 +395,89 @@ async fn a_collector_that_hangs_costs_a_bounded_queue_and_counted_drops() {
         .unwrap()
         .unwrap();
 }
+
+/// Calls out "over HTTP": records the `traceparent` it would send.
+struct Deploy(Arc<Mutex<Option<String>>>);
+
+#[async_trait]
+impl dispatchd::engine::CommandAdapter for Deploy {
+    fn name(&self) -> &'static str {
+        "deployer"
+    }
+
+    async fn execute(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        let mut headers = std::collections::BTreeMap::new();
+        dispatchd::propagation::inject_current(&mut headers);
+        *self.0.lock().unwrap() = headers.get("traceparent").cloned();
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn a_command_adapter_runs_in_a_client_span_under_its_dispatcher_and_propagates_it() {
+    let (endpoint, received) = receiver();
+    let provider = Traces::provider(&config(Some(endpoint))).unwrap();
+    let sent = Arc::new(Mutex::new(None));
+    {
+        let _guard = traced(subscriber(&provider));
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::command("ops", Deploy(sent.clone())))
+            .route(Route::new("r", "ops.commands", Category::Command, "ops"))
+            .trace_context(Arc::new(
+                dispatchd::propagation::SpanTraceContext::default()
+                    .with_tracer(provider.tracer("test")),
+            ))
+            .build()
+            .unwrap();
+        let result = engine
+            .dispatch("ops.commands", &Envelope::new("deploy", json!({})))
+            .await;
+        assert_eq!(result.status.as_str(), "success", "{result:?}");
+    }
+    tokio::task::spawn_blocking({
+        let provider = provider.clone();
+        move || provider.force_flush().unwrap()
+    })
+    .await
+    .unwrap();
+    let spans: Vec<_> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.resource_spans.iter())
+        .flat_map(|r| r.scope_spans.iter())
+        .flat_map(|s| s.spans.iter().cloned())
+        .collect();
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no span {name}: {spans:?}"))
+    };
+    let dispatch = find("ops.commands process");
+    let dispatcher = find("dispatcher ops");
+    let adapter = find("deployer deploy");
+    assert_eq!(dispatcher.parent_span_id, dispatch.span_id);
+    assert_eq!(adapter.parent_span_id, dispatcher.span_id);
+    assert_eq!(adapter.trace_id, dispatch.trace_id);
+    assert_eq!(
+        adapter.kind,
+        opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client as i32
+    );
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let traceparent = sent
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the adapter propagated");
+    assert_eq!(
+        traceparent,
+        format!("00-{}-{}-01", hex(&adapter.trace_id), hex(&adapter.span_id)),
+        "the adapter's outbound request continues the adapter span"
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || provider.shutdown()),
+    )
+    .await;
+}
