@@ -367,3 +367,33 @@ async fn the_load_generator_reports_every_request_it_sent() {
     assert_eq!(app.jsonl_lines().len(), 100, "every request was dispatched");
     app.stop().await.unwrap();
 }
+
+/// After a request, a keep-alive connection that stays silent is closed too: an idle client
+/// cannot hold one of `max_connections` forever.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_head_timeout() {
+    let app = TestApp::start_with(
+        |config| config.server.header_read_timeout = Duration::from_millis(300),
+        |b| b,
+    )
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let n = idle.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
+    // Silent from here on: the server must close the connection.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
+    app.stop().await.unwrap();
+}
