@@ -50,6 +50,8 @@ pub struct Step {
     pub max_us: u64,
     /// The target's resident memory (KiB) at the start and end of the step, and its highest.
     pub rss_kib: Option<(u64, u64, u64)>,
+    /// The target's resident memory (KiB) at each tenth of the step: flat, or growing?
+    pub rss_trend_kib: Vec<u64>,
 }
 
 impl std::fmt::Display for Step {
@@ -74,6 +76,18 @@ impl std::fmt::Display for Step {
                 start as f64 / 1024.0,
                 end as f64 / 1024.0,
                 max as f64 / 1024.0
+            )?;
+        }
+        if !self.rss_trend_kib.is_empty() {
+            let trend: Vec<String> = self
+                .rss_trend_kib
+                .iter()
+                .map(|kib| format!("{:.1}", *kib as f64 / 1024.0))
+                .collect();
+            write!(
+                f,
+                "\n         rss by tenth of the step (MiB): {}",
+                trend.join(" ")
             )?;
         }
         Ok(())
@@ -114,17 +128,23 @@ async fn one_step(
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let rss_start = options.pid.and_then(resident_kib);
     let rss_max = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let rss_trend = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sampler = options.pid.map(|pid| {
         let rss_max = rss_max.clone();
+        let rss_trend = rss_trend.clone();
+        let tenth = options.step / 10;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(Duration::from_millis(500));
+            let mut next_tenth = tokio::time::Instant::now() + tenth;
             loop {
                 ticks.tick().await;
-                match resident_kib(pid) {
-                    Some(rss) => {
-                        rss_max.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                let Some(rss) = resident_kib(pid) else { return };
+                rss_max.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                if tokio::time::Instant::now() >= next_tenth {
+                    next_tenth += tenth;
+                    if let Ok(mut trend) = rss_trend.lock() {
+                        trend.push(rss);
                     }
-                    None => return,
                 }
             }
         })
@@ -200,6 +220,7 @@ async fn one_step(
             (Some(a), Some(b)) => Some((a, b, rss_max.max(a).max(b))),
             _ => None,
         },
+        rss_trend_kib: rss_trend.lock().map(|t| t.clone()).unwrap_or_default(),
     })
 }
 

@@ -17,8 +17,6 @@ use dispatchd::engine::{
 };
 use dispatchd::telemetry::traces::{LogFormat, Traces, TracingConfig};
 use opentelemetry::trace::TracerProvider;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message as _;
 use serde_json::{Value, json};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -131,36 +129,17 @@ async fn a_callers_traceparent_reaches_the_result_the_outputs_and_the_event() {
     drop(provider);
 }
 
-/// An OTLP/HTTP receiver on its own thread: it decodes each export and keeps the spans.
-fn receiver() -> (String, Arc<Mutex<Vec<ExportTraceServiceRequest>>>) {
-    let received: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
-    let (address, ready) = std::sync::mpsc::channel();
-    let keep = received.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            address.send(listener.local_addr().unwrap()).unwrap();
-            let router = axum::Router::new().route(
-                "/v1/traces",
-                axum::routing::post(move |body: axum::body::Bytes| {
-                    let keep = keep.clone();
-                    async move {
-                        keep.lock()
-                            .unwrap()
-                            .push(ExportTraceServiceRequest::decode(body).unwrap());
-                        axum::http::StatusCode::OK
-                    }
-                }),
-            );
-            axum::serve(listener, router).await.unwrap();
-        });
-    });
-    let address = ready.recv().unwrap();
-    (format!("http://{address}"), received)
+/// A loopback OTLP/HTTP receiver (see `support::otlp_receiver`).
+fn receiver() -> (String, support::Received) {
+    support::otlp_receiver()
+}
+
+/// Every span the receiver got.
+fn spans(received: &support::Received) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+    support::otlp_spans(received)
+        .into_iter()
+        .map(|(_, span)| span)
+        .collect()
 }
 
 #[tokio::test]
@@ -194,14 +173,7 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
     })
     .await
     .unwrap();
-    let spans: Vec<_> = received
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.resource_spans.iter())
-        .flat_map(|r| r.scope_spans.iter())
-        .flat_map(|s| s.spans.iter().cloned())
-        .collect();
+    let spans = spans(&received);
     let dispatch = spans
         .iter()
         .find(|s| s.name == "shop.orders.events process")
@@ -440,14 +412,7 @@ async fn a_command_adapter_runs_in_a_client_span_under_its_dispatcher_and_propag
     })
     .await
     .unwrap();
-    let spans: Vec<_> = received
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.resource_spans.iter())
-        .flat_map(|r| r.scope_spans.iter())
-        .flat_map(|s| s.spans.iter().cloned())
-        .collect();
+    let spans = spans(&received);
     let find = |name: &str| {
         spans
             .iter()

@@ -400,19 +400,7 @@ async fn secrets_never_reach_logs_events_or_error_answers() {
     answers.push_str(&bad.text().await.unwrap());
 
     // Stop it: the sink flushes its events file on the way out.
-    let pid = running.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while running.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "dispatchd did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::terminate(&mut running.0).await;
     log.extend(lines.try_iter());
     let log = log.join("\n");
     let events = std::fs::read_to_string(dir.path().join("dispatchd-data/events.jsonl")).unwrap();
@@ -480,25 +468,7 @@ async fn sigterm_under_load_loses_no_accepted_message() {
         count.load(std::sync::atomic::Ordering::SeqCst) >= 300
     })
     .await;
-    let pid = running.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = running.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dispatchd did not exit within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = crate::support::terminate(&mut running.0).await;
     assert!(status.success(), "exit status {status}");
     for client in clients {
         client.await.unwrap();

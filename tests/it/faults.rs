@@ -129,27 +129,11 @@ async fn dispatchers_that_panic_hang_or_fail_leave_the_process_serving_and_healt
         );
     }
     for id in ["panics", "hangs", "fails"] {
-        let health: Value = app
-            .client
-            .get(app.url(&format!("/api/v1/dispatchers/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health = app.get_json(&format!("/api/v1/dispatchers/{id}")).await;
         assert_eq!(health["healthy"], false, "{id}: {health}");
         assert_eq!(health["consecutive_failures"], 3, "{id}: {health}");
     }
-    let log: Value = app
-        .client
-        .get(app.url("/api/v1/dispatchers/log"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = app.get_json("/api/v1/dispatchers/log").await;
     assert_eq!(log["healthy"], true, "{log}");
     let health = app.client.get(app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
@@ -422,15 +406,7 @@ async fn a_full_disk_fails_the_jsonl_dispatcher_loudly_and_nothing_else() {
             .clone();
         assert_ne!(jsonl["result"], "success", "{jsonl}");
     }
-    let health: Value = app
-        .client
-        .get(app.url("/api/v1/dispatchers/jsonl"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = app.get_json("/api/v1/dispatchers/jsonl").await;
     assert_eq!(health["healthy"], false, "{health}");
     assert_eq!(health["consecutive_failures"], 2, "{health}");
     let alive = app.client.get(app.url("/health")).send().await.unwrap();

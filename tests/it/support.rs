@@ -93,6 +93,18 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// `GET path`, answered as JSON (whatever the status).
+    pub(crate) async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     pub(crate) fn jsonl_lines(&self) -> Vec<serde_json::Value> {
         let path = self.dir.path().join("messages.jsonl");
         std::fs::read_to_string(path)
@@ -265,4 +277,21 @@ pub(crate) fn otlp_spans(
         }
     }
     spans
+}
+
+/// Sends SIGTERM to `child` and waits (bounded) for it to exit.
+pub(crate) async fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "SIGTERM to {pid}");
+    for _ in 0..3000 {
+        if let Some(status) = child.try_wait().expect("the child's status") {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the process did not exit within 30 s of SIGTERM");
 }
