@@ -20,7 +20,7 @@ impl Drop for Running {
 
 /// Starts the binary in `dir` on a free port and returns it with the address it logged.
 fn start(dir: &std::path::Path) -> (Running, String) {
-    let mut child = Command::new(BINARY)
+    let child = Command::new(BINARY)
         .current_dir(dir)
         .env("DISPATCHD_LISTEN", "127.0.0.1:0")
         .env_remove("DISPATCHD_CONFIG")
@@ -28,21 +28,7 @@ fn start(dir: &std::path::Path) -> (Running, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let running = Running(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("dispatchd logs before exiting")
-            .unwrap();
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (running, addr)
+    started(child)
 }
 
 #[tokio::test]
@@ -311,6 +297,7 @@ fn started(mut child: Child) -> (Running, String) {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
+    // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (running, addr)
 }
