@@ -345,9 +345,17 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, sink = %name, "dispatchd sink is serving /metrics and /health.");
-    let server = axum::serve(listener, crate::http::metrics_router(telemetry.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = tokio::spawn(server.into_future());
+    // The same connection limits as serve's defaults: a slow client cannot hold this port.
+    let server = tokio::spawn(crate::http::serve(
+        listener,
+        crate::http::metrics_router(telemetry.clone()),
+        crate::http::ConnectionLimits {
+            max_connections: 256,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: std::time::Duration::from_secs(10),
+        },
+        shutdown.clone(),
+    ));
 
     if let Some(file) = &args.replay_dead_letters {
         let events = crate::sinks::dead_letter::read(file).map_err(anyhow::Error::msg)?;
