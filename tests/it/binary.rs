@@ -216,6 +216,7 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env("OTEL_SERVICE_NAME", "checkout-dispatch")
         .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("DISPATCHD_API_TOKEN", "otlp-test-token-7c1e9a44d2")
         .env_remove("DISPATCHD_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -227,7 +228,11 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/api/v1/messages/shop.orders.events"))
         .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
-        .json(&json!({"message_type": "order.placed", "payload": {}}))
+        .bearer_auth("otlp-test-token-7c1e9a44d2")
+        .header("x-api-key", "otlp-test-api-key-55")
+        .json(
+            &json!({"message_type": "order.placed", "payload": {"password": "otlp-test-password"}}),
+        )
         .send()
         .await
         .unwrap();
@@ -276,6 +281,17 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
         attributes.contains("deployment.environment"),
         "{attributes}"
     );
+    // Neither the token, nor a secret header, nor a secret in the payload is in any export.
+    for (_, body) in received.lock().unwrap().iter() {
+        let bytes = String::from_utf8_lossy(body);
+        for secret in [
+            "otlp-test-token-7c1e9a44d2",
+            "otlp-test-api-key-55",
+            "otlp-test-password",
+        ] {
+            assert!(!bytes.contains(secret), "{secret} was exported");
+        }
+    }
     drop(running);
 }
 
