@@ -251,6 +251,16 @@ impl Config {
         };
         raw::load(file.as_ref().map(|(p, t)| (*p, t.as_str())), &env)
     }
+
+    /// Defaults, then `text` as if read from the file at `path` (which only names it in
+    /// problems), then `env`: for configs that do not live in a file, and for the fuzz targets.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        raw::load(Some((path, text)), &env)
+    }
 }
 
 #[cfg(test)]

@@ -382,6 +382,19 @@ initial_backoff = "20s"
     );
 }
 
+#[test]
+fn config_from_text_reads_like_a_file_and_names_it_in_problems() {
+    let text = "[server]\nlisten = \"127.0.0.1:9999\"\n";
+    let from_text = Config::from_text(Path::new("inline.toml"), text, |_| None).unwrap();
+    assert_eq!(from_text.server.listen, load(text).unwrap().server.listen);
+    assert_eq!(from_text.server.listen.port(), 9999);
+
+    let error = Config::from_text(Path::new("inline.toml"), "[server]\nlisten = 7\n", |_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("inline.toml:2"), "{error}");
+}
+
 mod properties {
     use proptest::prelude::*;
 
@@ -393,8 +406,7 @@ mod properties {
         /// Whatever a config file holds, loading it answers a config or problems, never a panic.
         #[test]
         fn arbitrary_files_never_panic(text in "(\\[[a-z_.]{1,12}\\]\n|[a-z_]{1,12} = (\"[^\"\\\\\n]{0,12}\"|[0-9]{1,6}|true)\n|\\[\\[(dispatchers|routes|sinks)\\]\\]\n){0,12}") {
-            let f = file(&text);
-            let _ = Config::load_with(Some(f.path()), |_| None);
+            let _ = Config::from_text(Path::new("fuzz.toml"), &text, |_| None);
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::health::HealthRegistry;
 use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
 pub use guard::Guard;
-pub use messages::{IngestBody, status_code};
+pub use messages::{IngestBody, parse_envelope, status_code};
 pub use serve::{ConnectionLimits, serve};
 
 /// What the handlers share. Cheap to clone.

@@ -73,6 +73,9 @@ impl DeadLetterFile {
             .open(&self.path)
             .await?;
         file.write_all(&lines).await?;
+        // Wait for the write itself: tokio's `File` answers before it is done, and `sync_data`
+        // would swallow its error (a full disk) and sync nothing.
+        file.flush().await?;
         file.sync_data().await
     }
 }

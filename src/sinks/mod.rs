@@ -201,3 +201,56 @@ mod tests {
 
 #[cfg(test)]
 mod driver_tests;
+
+/// Writes that fail must say so. tokio's `File` hands a write to a blocking thread and answers
+/// `Ok` at once; the error only shows on a later call, so a batch written to a full disk would be
+/// counted as delivered unless the write is flushed and its result awaited.
+#[cfg(test)]
+mod full_disk_tests {
+    use std::time::SystemTime;
+
+    use serde_json::json;
+
+    use super::dead_letter::DeadLetterFile;
+    use super::plugins::FileSink;
+    use super::{DispatchEvent, Sink};
+
+    fn event() -> DispatchEvent {
+        DispatchEvent {
+            kind: "chain".into(),
+            event: "end".into(),
+            run_id: "run-1".into(),
+            parent_run_id: None,
+            name: "shop.orders.events".into(),
+            timestamp: SystemTime::now(),
+            input: json!({}),
+            output: json!({}),
+            user_id: None,
+            tokens_usage: None,
+            metadata: json!({}),
+            tags: vec![],
+            log_id: "run-1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_file_sink_reports_a_full_disk_on_the_batch_that_hit_it() {
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        let mut sink = FileSink::new("file", "/dev/full", false);
+        sink.init().await.unwrap();
+        let error = sink.send_events(&[event()]).await.unwrap_err();
+        assert!(error.error.message.contains("space"), "{error:?}");
+        // And the next one too: no error is swallowed between batches.
+        assert!(sink.send_events(&[event()]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_on_a_full_disk_is_an_error_not_a_record() {
+        let file = DeadLetterFile::new("/dev/full");
+        let error = file
+            .append("file", "retries_exhausted", 3, "boom", &[event()])
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::StorageFull, "{error}");
+    }
+}

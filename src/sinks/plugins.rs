@@ -160,8 +160,14 @@ impl Sink for FileSink {
         let file = file
             .as_mut()
             .ok_or_else(|| SinkError::transient("the file is not open"))?;
-        // One write of whole lines: a crash leaves whole lines, or a torn last one.
+        // One write of whole lines: a crash leaves whole lines, or a torn last one. tokio's
+        // `File` answers a write before the blocking thread has done it; `flush` waits for it
+        // and returns its error (a full disk), which would otherwise surface only on a later
+        // batch while this one counted as delivered.
         file.write_all(&lines)
+            .await
+            .map_err(|e| SinkError::transient(e.to_string()))?;
+        file.flush()
             .await
             .map_err(|e| SinkError::transient(e.to_string()))?;
         if self.fsync {

@@ -413,3 +413,82 @@ async fn a_full_disk_fails_the_jsonl_dispatcher_loudly_and_nothing_else() {
     assert_eq!(alive.status(), StatusCode::OK);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_full_disk_under_the_file_sink_dead_letters_every_event() {
+    let app = TestApp::start_with(
+        |config| {
+            let sink = &mut config.sinks[0];
+            assert_eq!(sink.sink.service, "file");
+            // Every write to /dev/full fails with ENOSPC; the dead-letter file is on a good disk.
+            sink.sink.endpoint = Some("/dev/full".into());
+            sink.driver.batch_size = 5;
+            sink.driver.flush_interval = Duration::from_millis(20);
+            sink.driver.retry = RetryPolicy {
+                attempts: 2,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(10),
+            };
+        },
+        |builder| builder,
+    )
+    .await;
+    let mut ids = BTreeSet::new();
+    for n in 0..12 {
+        let response = app
+            .post_message(
+                "shop.orders.events",
+                json!({"message_type": "order.placed", "payload": {"n": n}}),
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "the dispatch is not the sink's"
+        );
+        let result: Value = response.json().await.unwrap();
+        ids.insert(result["dispatch_id"].as_str().unwrap().to_owned());
+    }
+    // Each batch fails on the write itself, not one batch later: all 12 are dead letters and
+    // none was counted as sent.
+    let scrape = || async {
+        let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    };
+    let dead_lettered = r#"sink_events_total{outcome="dead_lettered",sink="events"}"#;
+    crate::support::wait_for_async("12 dead-lettered events", || async {
+        sample(&scrape().await, dead_lettered) == Some(12.0)
+    })
+    .await;
+    let metrics = scrape().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"sink_events_total{outcome="sent",sink="events"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{metrics}"
+    );
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    let letters = lines(&dir.path().join("events.dead-letters.jsonl"));
+    let dead: BTreeSet<String> = letters
+        .iter()
+        .map(|line| line["event"]["runId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(letters.len(), 12);
+    assert_eq!(
+        dead, ids,
+        "every accepted dispatch's event is a dead letter"
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["last_error"].as_str().unwrap().contains("space")),
+        "{letters:?}"
+    );
+}

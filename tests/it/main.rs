@@ -13,9 +13,11 @@ mod shutdown;
 mod binary;
 // /metrics, the stats API, the golden names, docs/metrics.md, promtool and an independent parser.
 mod metrics;
-// /ready, /api/v1/dispatchers and the worker lifecycle API, on paused time.
+// Dispatchers that panic, hang or fail, sink backends that misbehave, a full disk.
 mod faults;
+// Tokens, limits, load shedding and secrets that must never come out.
 mod hardening;
+// /ready, /api/v1/dispatchers and the worker lifecycle API, on paused time.
 mod health;
 // `dispatchd simulate`: every protection's metrics move under the demonstration traffic.
 mod simulate;
