@@ -69,7 +69,7 @@ impl Counts {
     }
 }
 
-fn event(n: usize) -> DispatchEvent {
+pub(super) fn event(n: usize) -> DispatchEvent {
     DispatchEvent {
         kind: "chain".into(),
         event: "end".into(),

@@ -207,48 +207,27 @@ mod driver_tests;
 /// counted as delivered unless the write is flushed and its result awaited.
 #[cfg(test)]
 mod full_disk_tests {
-    use std::time::SystemTime;
-
-    use serde_json::json;
-
+    use super::Sink;
     use super::dead_letter::DeadLetterFile;
+    use super::driver_tests::event;
     use super::plugins::FileSink;
-    use super::{DispatchEvent, Sink};
-
-    fn event() -> DispatchEvent {
-        DispatchEvent {
-            kind: "chain".into(),
-            event: "end".into(),
-            run_id: "run-1".into(),
-            parent_run_id: None,
-            name: "shop.orders.events".into(),
-            timestamp: SystemTime::now(),
-            input: json!({}),
-            output: json!({}),
-            user_id: None,
-            tokens_usage: None,
-            metadata: json!({}),
-            tags: vec![],
-            log_id: "run-1".into(),
-        }
-    }
 
     #[tokio::test]
     async fn the_file_sink_reports_a_full_disk_on_the_batch_that_hit_it() {
         // Every write to /dev/full fails with ENOSPC, as on a full disk.
         let mut sink = FileSink::new("file", "/dev/full", false);
         sink.init().await.unwrap();
-        let error = sink.send_events(&[event()]).await.unwrap_err();
+        let error = sink.send_events(&[event(1)]).await.unwrap_err();
         assert!(error.error.message.contains("space"), "{error:?}");
         // And the next one too: no error is swallowed between batches.
-        assert!(sink.send_events(&[event()]).await.is_err());
+        assert!(sink.send_events(&[event(1)]).await.is_err());
     }
 
     #[tokio::test]
     async fn a_dead_letter_on_a_full_disk_is_an_error_not_a_record() {
         let file = DeadLetterFile::new("/dev/full");
         let error = file
-            .append("file", "retries_exhausted", 3, "boom", &[event()])
+            .append("file", "retries_exhausted", 3, "boom", &[event(1)])
             .await
             .unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::StorageFull, "{error}");
