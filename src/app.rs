@@ -35,6 +35,7 @@ use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
 use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
 use crate::sinks::DispatchEvent;
+use crate::sinks::dead_letter::DeadLetterFile;
 use crate::sinks::service::{BusObserver, run_from_redis};
 use crate::sinks::{SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
@@ -151,12 +152,14 @@ impl AppBuilder {
             }
             Some(redis) => {
                 let stream = config.bus.events_stream.as_str();
-                let publisher = RedisPublisher::connect(&redis.url, stream, redis.max_len)
-                    .await
-                    .with_context(|| format!("cannot connect to Redis at {}", redis.url))?;
                 let bus_observer = telemetry
                     .bus_metrics()
                     .map(|m| Arc::new(m) as Arc<dyn BusObserver>);
+                let publisher = RedisPublisher::connect(&redis.url, stream, redis.max_len)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {}", redis.url))?
+                    .with_dead_letter(DeadLetterFile::new(&redis.dead_letter))
+                    .with_observer(bus_observer.clone());
                 let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
                 for settings in &config.sinks {
                     let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;

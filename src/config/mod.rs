@@ -110,6 +110,9 @@ pub struct RedisBusConfig {
     pub consumer: Option<String>,
     /// Entries pending with a consumer for longer are claimed by another.
     pub claim_idle: Duration,
+    /// Where a dispatch event goes when Redis cannot take it (after a few quick retries), in the
+    /// sinks' dead-letter format; `dispatchd sink --replay-dead-letters` sends it on.
+    pub dead_letter: PathBuf,
 }
 
 /// A stream of messages to dispatch: each entry's `data` is `{"topic": …, "envelope": {…}}`.

@@ -87,6 +87,7 @@ struct RawBus {
     consumer: Option<String>,
     claim_idle: Option<String>,
     outputs_prefix: Option<String>,
+    dead_letter: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1259,6 +1260,10 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
                     max_len: raw.max_len.filter(|n| *n > 0),
                     consumer: raw.consumer.clone(),
                     claim_idle,
+                    dead_letter: raw.dead_letter.clone().map_or_else(
+                        || PathBuf::from("./dispatchd-data/bus.dead-letters.jsonl"),
+                        PathBuf::from,
+                    ),
                 })
             }
             Some(url) => {

@@ -570,3 +570,34 @@ fn redaction_words_extend_the_defaults() {
     assert!(strict.redaction.is_sensitive("email"));
     assert!(!strict.redaction.is_sensitive("order_id"));
 }
+
+#[test]
+fn the_redis_bus_is_read_with_its_dead_letter_file_and_checked() {
+    let config = load(
+        r#"
+[bus]
+kind = "redis"
+redis_url = "redis://127.0.0.1:6379"
+claim_idle = "5s"
+dead_letter = "/var/lib/dispatchd/bus.dead-letters.jsonl"
+"#,
+    )
+    .unwrap();
+    let redis = config.bus.redis.unwrap();
+    assert_eq!(redis.claim_idle, Duration::from_secs(5));
+    assert_eq!(
+        redis.dead_letter,
+        Path::new("/var/lib/dispatchd/bus.dead-letters.jsonl")
+    );
+
+    let default = load("[bus]\nkind = \"redis\"\nredis_url = \"redis://h:6379\"\n").unwrap();
+    assert_eq!(
+        default.bus.redis.unwrap().dead_letter,
+        Path::new("./dispatchd-data/bus.dead-letters.jsonl")
+    );
+
+    assert_eq!(
+        problems("[bus]\nkind = \"redis\"\nredis_url = \"http://h\"\n"),
+        ["FILE:3: `bus.redis_url`: `http://h` is not a redis:// URL"]
+    );
+}

@@ -16,6 +16,8 @@ use crate::resilience::RetryPolicy;
 pub trait BusObserver: Send + Sync + 'static {
     fn backlog(&self, stream: &str, group: &str, pending: u64, lag: Option<u64>);
     fn reconnected(&self, stream: &str);
+    /// One dispatch event offered to the stream: `published`, `dead_lettered` or `dropped`.
+    fn published(&self, stream: &str, outcome: &'static str);
 }
 
 /// Backoff between attempts while Redis is unreachable.

@@ -395,6 +395,15 @@ pub const BUS_RECONNECTS: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const BUS_EVENTS: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_events",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Dispatch events this process published on a Redis stream, by outcome (published; dead_lettered when Redis could not take them; dropped when the dead-letter file could not either).",
+    labels: &[label::STREAM, label::OUTCOME],
+    buckets: &[],
+};
+
 pub const TRACE_SPANS_DROPPED: InstrumentSpec = InstrumentSpec {
     name: "trace_spans_dropped",
     kind: Kind::ObservableCounter,
@@ -443,6 +452,7 @@ pub const ALL: &[InstrumentSpec] = &[
     BUS_PENDING_ENTRIES,
     BUS_CONSUMER_LAG,
     BUS_RECONNECTS,
+    BUS_EVENTS,
     HTTP_SERVER_REQUEST_DURATION,
     HTTP_AUTH_FAILURES,
     HTTP_REQUESTS_SHED,
@@ -487,6 +497,7 @@ mod tests {
                 "bus_redis_pending_entries",
                 "bus_redis_consumer_lag",
                 "bus_redis_reconnects_total",
+                "bus_redis_events_total",
                 "http_server_request_duration_seconds",
                 "http_auth_failures_total",
                 "http_requests_shed_total",

@@ -64,11 +64,13 @@ impl SinkObserver for SinkMetrics {
     }
 }
 
-/// `bus_redis_pending_entries`, `bus_redis_consumer_lag` and `bus_redis_reconnects_total`.
+/// `bus_redis_pending_entries`, `bus_redis_consumer_lag`, `bus_redis_reconnects_total` and
+/// `bus_redis_events_total`.
 pub struct BusMetrics {
     pending: Gauge<f64>,
     lag: Gauge<f64>,
     reconnects: Counter<u64>,
+    events: Counter<u64>,
 }
 
 impl BusMetrics {
@@ -83,6 +85,7 @@ impl BusMetrics {
             pending: gauge(catalog::BUS_PENDING_ENTRIES),
             lag: gauge(catalog::BUS_CONSUMER_LAG),
             reconnects: counter(meter, catalog::BUS_RECONNECTS),
+            events: counter(meter, catalog::BUS_EVENTS),
         }
     }
 }
@@ -102,5 +105,15 @@ impl BusObserver for BusMetrics {
     fn reconnected(&self, stream: &str) {
         self.reconnects
             .add(1, &[KeyValue::new(label::STREAM, stream.to_owned())]);
+    }
+
+    fn published(&self, stream: &str, outcome: &'static str) {
+        self.events.add(
+            1,
+            &[
+                KeyValue::new(label::STREAM, stream.to_owned()),
+                KeyValue::new(label::OUTCOME, outcome),
+            ],
+        );
     }
 }

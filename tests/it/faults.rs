@@ -265,24 +265,6 @@ async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     Some(buffer[head_end..head_end + length].to_vec())
 }
 
-/// Posts `count` order events, each answered 200 (the process keeps serving whatever a sink
-/// does), and returns their dispatch ids.
-async fn post_orders(app: &TestApp, count: usize) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
-    for n in 0..count {
-        let response = app
-            .post_message(
-                "shop.orders.events",
-                json!({"message_type": "order.placed", "payload": {"n": n}}),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::OK, "message {n}");
-        let result: Value = response.json().await.unwrap();
-        ids.insert(result["dispatch_id"].as_str().unwrap().to_owned());
-    }
-    ids
-}
-
 async fn run_against(fault: Fault) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     let (url, accepted) = backend(fault).await;
     let app = TestApp::start_with(
@@ -320,7 +302,7 @@ async fn run_against(fault: Fault) -> (BTreeSet<String>, BTreeSet<String>, BTree
         |builder| builder,
     )
     .await;
-    let sent = post_orders(&app, 12).await;
+    let sent = app.post_orders(12).await;
     let health = app.client.get(app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     let (stopped, dir) = app.stop_keeping_files().await;
@@ -437,19 +419,15 @@ async fn a_full_disk_under_the_file_sink_dead_letters_every_event() {
     )
     .await;
     // The sink's failures are not the dispatch's: every message is accepted.
-    let ids = post_orders(&app, 12).await;
+    let ids = app.post_orders(12).await;
     // Each batch fails on the write itself, not one batch later: all 12 are dead letters and
     // none was counted as sent.
-    let scrape = || async {
-        let response = app.client.get(app.url("/metrics")).send().await.unwrap();
-        response.text().await.unwrap()
-    };
     let dead_lettered = r#"sink_events_total{outcome="dead_lettered",sink="events"}"#;
     crate::support::wait_for_async("12 dead-lettered events", || async {
-        sample(&scrape().await, dead_lettered) == Some(12.0)
+        sample(&app.scrape().await, dead_lettered) == Some(12.0)
     })
     .await;
-    let metrics = scrape().await;
+    let metrics = app.scrape().await;
     assert_eq!(
         sample(
             &metrics,

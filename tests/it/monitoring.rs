@@ -274,6 +274,7 @@ async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometh
         max_len: None,
         consumer: Some("monitoring".into()),
         claim_idle: Duration::from_secs(2),
+        dead_letter: dir.path().join("bus.dead-letters.jsonl"),
     });
     config.bus.events_stream = format!("{prefix}:events");
     config.bus.outputs_prefix = format!("{prefix}:topic:");

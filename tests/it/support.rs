@@ -93,6 +93,34 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// Posts `count` order events, each answered 200 (the process keeps serving whatever a
+    /// sink or the bus does), and returns their dispatch ids.
+    pub(crate) async fn post_orders(&self, count: usize) -> std::collections::BTreeSet<String> {
+        let mut ids = std::collections::BTreeSet::new();
+        for n in 0..count {
+            let response = self
+                .post_message(
+                    "shop.orders.events",
+                    serde_json::json!({"message_type": "order.placed", "payload": {"n": n}}),
+                )
+                .await;
+            assert_eq!(response.status(), reqwest::StatusCode::OK, "message {n}");
+            let result: serde_json::Value = response.json().await.unwrap();
+            ids.insert(result["dispatch_id"].as_str().unwrap().to_owned());
+        }
+        ids
+    }
+
+    /// The text of `GET /metrics`.
+    pub(crate) async fn scrape(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await;
+        response
+            .expect("request sent")
+            .text()
+            .await
+            .expect("a text answer")
+    }
+
     /// `GET path`, answered as JSON (whatever the status).
     pub(crate) async fn get_json(&self, path: &str) -> serde_json::Value {
         self.client
