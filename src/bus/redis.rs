@@ -378,12 +378,21 @@ impl crate::engine::OutputPublisher for RedisOutputs {
                 .ignore();
         }
         let mut connection = self.connection.clone();
-        pipeline
-            .query_async::<()>(&mut connection)
+        // Bounded: while Redis is away the connection's reconnection would hold the dispatch
+        // (and its HTTP request) for many seconds; `publish_failed` tells the caller to retry.
+        match tokio::time::timeout(OUTPUTS_TIMEOUT, pipeline.query_async::<()>(&mut connection))
             .await
-            .map_err(|e| crate::engine::PublishError(format!("redis: {e}")))
+        {
+            Ok(answer) => answer.map_err(|e| crate::engine::PublishError(format!("redis: {e}"))),
+            Err(_) => Err(crate::engine::PublishError(format!(
+                "redis: no answer within {OUTPUTS_TIMEOUT:?}"
+            ))),
+        }
     }
 }
+
+/// How long publishing a dispatch's outputs may take before the dispatch is `publish_failed`.
+const OUTPUTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[async_trait::async_trait]
 impl crate::bus::EventBus for RedisPublisher {

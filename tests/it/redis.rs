@@ -551,7 +551,20 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
             config.bus.events_stream = stream.clone();
             config.bus.outputs_prefix = format!("{stream}:topic:");
         },
-        |builder| builder,
+        |builder| {
+            builder
+                .dispatcher(dispatchd::engine::Dispatcher::new(
+                    "echo",
+                    dispatchd::engine::Category::Intent,
+                    Echo,
+                ))
+                .route(dispatchd::engine::Route::new(
+                    "echo",
+                    "orders.intents",
+                    dispatchd::engine::Category::Intent,
+                    "echo",
+                ))
+        },
     )
     .await;
     let series = |outcome: &str| {
@@ -571,6 +584,25 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
     assert_eq!(count(&metrics, "dropped"), 0.0, "{metrics}");
     let health = app.client.get(app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), reqwest::StatusCode::OK);
+    // Dispatches whose handler has outputs cannot publish them: each is answered (not held
+    // while the connection re-establishes itself) as publish_failed, for the caller to retry.
+    // Their events are counted like the others.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let answer = impatient
+            .post(app.url("/api/v1/messages/orders.intents"))
+            .json(&json!({"message_type": "order.place"}))
+            .send()
+            .await
+            .expect("answered while Redis is down");
+        assert_eq!(answer.status(), reqwest::StatusCode::BAD_GATEWAY);
+        let result: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(result["status"], "publish_failed", "{result}");
+        accepted.insert(result["dispatch_id"].as_str().unwrap().to_owned());
+    }
 
     let own = OwnRedis::start(port, data);
     answers(&url).await;
