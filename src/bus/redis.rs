@@ -333,6 +333,52 @@ impl StreamConsumer {
     }
 }
 
+/// What [`republish`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Republished {
+    /// Events appended to the stream.
+    pub published: usize,
+    /// Events Redis refused again, appended back to the dead-letter file.
+    pub returned: usize,
+    /// Where the file was moved before republishing.
+    pub moved_to: std::path::PathBuf,
+}
+
+/// Puts the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
+/// `stream`, so that every consumer group reading it receives them. The file is moved aside
+/// first (to `<name>.republished.jsonl`), so a crash midway leaves every event in one of the two
+/// files; an event Redis refuses again goes back to the original path. Delivery is at-least-once:
+/// an interrupted run repeated from the moved file can publish some events twice.
+pub async fn republish(
+    url: &str,
+    stream: &str,
+    file: &std::path::Path,
+) -> Result<Republished, String> {
+    let publisher = RedisPublisher::connect(url, stream, None)
+        .await
+        .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?
+        .with_dead_letter(DeadLetterFile::new(file));
+    let events = crate::sinks::dead_letter::read(file)?;
+    let moved_to = file.with_extension("republished.jsonl");
+    std::fs::rename(file, &moved_to).map_err(|e| {
+        format!(
+            "cannot move {} to {}: {e}",
+            file.display(),
+            moved_to.display()
+        )
+    })?;
+    let total = events.len();
+    let mut published = 0;
+    for event in events {
+        published += crate::bus::EventBus::publish(&publisher, event).await;
+    }
+    Ok(Republished {
+        published,
+        returned: total - published,
+        moved_to,
+    })
+}
+
 /// The default consumer name: the host name, stable across restarts (never a PID).
 pub fn default_consumer_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

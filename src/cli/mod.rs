@@ -1,4 +1,5 @@
-//! The command line: `serve` (the default), `check-config`, `sink`, `simulate` and `loadtest`.
+//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate` and
+//! `loadtest`.
 //!
 //! The edge of the program: the only place that prints to the terminal, reads signals and
 //! decides the exit code. Everything it runs is in the library.
@@ -36,6 +37,10 @@ enum Command {
     /// Run only the event-forwarding service: read dispatch events from a Redis stream as a member
     /// of a consumer group and forward them to one sink (or replay a dead-letter file).
     Sink(Box<SinkArgs>),
+    /// Put the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
+    /// the Redis events stream, so every sink's consumer group receives them. The file is moved
+    /// aside first (to <FILE>.republished.jsonl); events Redis refuses again go back to FILE.
+    Republish(RepublishArgs),
     /// Send realistic traffic (successes, slow calls, failures, duplicates, denied commands) so
     /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
     /// in-process, with demonstration dispatchers, on the configured address.
@@ -121,6 +126,18 @@ struct SinkArgs {
 }
 
 #[derive(Debug, Args)]
+struct RepublishArgs {
+    /// The dead-letter file, such as ./dispatchd-data/bus.dead-letters.jsonl.
+    file: PathBuf,
+    /// The Redis, such as redis://127.0.0.1:6379.
+    #[arg(long, env = "DISPATCHD_REDIS_URL", value_name = "URL")]
+    bus: String,
+    /// The stream of dispatch events.
+    #[arg(long, default_value = "dispatchd:events")]
+    stream: String,
+}
+
+#[derive(Debug, Args)]
 struct SimulateArgs {
     /// A running dispatchd to send to, such as http://127.0.0.1:9000.
     #[arg(long, value_name = "URL")]
@@ -155,6 +172,7 @@ pub fn main() -> ExitCode {
         Some(Command::Simulate(args)) => simulate(args),
         Some(Command::Loadtest(args)) => loadtest(args),
         Some(Command::Sink(args)) => sink(*args),
+        Some(Command::Republish(args)) => republish(args),
         None => serve(cli.serve),
     }
 }
@@ -273,6 +291,43 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn republish(args: RepublishArgs) -> ExitCode {
+    init_logging(&std::env::var("DISPATCHD_LOG").unwrap_or_else(|_| "warn".to_owned()));
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let outcome = runtime.block_on(crate::bus::redis::republish(
+        &args.bus,
+        &args.stream,
+        &args.file,
+    ));
+    match outcome {
+        Ok(done) => {
+            println!(
+                "republished {} events from {} on {} (the file is now {})",
+                done.published,
+                args.file.display(),
+                args.stream,
+                done.moved_to.display()
+            );
+            if done.returned == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "error: Redis refused {} events; they are back in {}",
+                    done.returned,
+                    args.file.display()
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }

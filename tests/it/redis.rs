@@ -673,5 +673,100 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
         all, accepted,
         "every accepted dispatch's event is accounted for"
     );
+
+    // And `republish` puts the dead letters on the stream: now it holds every event.
+    let republished =
+        dispatchd::bus::redis::republish(&url, &stream, &dir.path().join("bus.dead-letters.jsonl"))
+            .await
+            .unwrap();
+    assert_eq!(
+        (republished.published, republished.returned),
+        (dead.len(), 0)
+    );
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(entries.ids.len(), accepted.len());
     drop(own);
+}
+
+/// `dispatchd republish` puts a dead-letter file's events back on the stream for every group,
+/// moving the file aside; a file that is not dead letters is refused naming its line, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_puts_dead_letters_back_on_the_stream() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("republish");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bus.dead-letters.jsonl");
+    dispatchd::sinks::dead_letter::DeadLetterFile::new(&file)
+        .append(
+            "bus",
+            "publish_failed",
+            3,
+            "redis: connection refused",
+            &[event(1), event(2), event(3)],
+        )
+        .await
+        .unwrap();
+
+    let output = Command::new(BINARY)
+        .args(["republish", "--bus", &url, "--stream", &stream])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("republished 3 events"), "{stdout}");
+    assert!(!file.exists(), "moved aside");
+    assert!(
+        dir.path()
+            .join("bus.dead-letters.republished.jsonl")
+            .exists()
+    );
+
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let run_ids: Vec<String> = entries
+        .ids
+        .iter()
+        .map(|entry| {
+            let data: String = entry.get("data").unwrap();
+            let event: DispatchEvent = serde_json::from_str(&data).unwrap();
+            event.run_id
+        })
+        .collect();
+    assert_eq!(run_ids, ["run-00001", "run-00002", "run-00003"]);
+
+    let bad = dir.path().join("not-letters.jsonl");
+    std::fs::write(&bad, "{\"sink\":\"bus\"}\n").unwrap();
+    let output = Command::new(BINARY)
+        .args(["republish", "--bus", &url, "--stream", &stream])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("not-letters.jsonl:1: not a dead letter"),
+        "{stderr}"
+    );
+    assert!(bad.exists(), "left where it was");
 }
