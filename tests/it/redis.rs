@@ -310,6 +310,19 @@ impl OwnRedis {
     }
 }
 
+/// A Redis of our own on a free port, answering, and its URL; `None` (a visible skip, or a
+/// failure under `DISPATCHD_REQUIRE_TOOLS=1`) without Redis or `redis-server`.
+async fn own_redis() -> Option<(OwnRedis, String)> {
+    if redis_url().await.is_none() || crate::support::required_tool("redis-server").is_none() {
+        return None;
+    }
+    let port = free_port();
+    let own = OwnRedis::start(port, tempfile::tempdir().unwrap());
+    let url = format!("redis://127.0.0.1:{port}");
+    answers(&url).await;
+    Some((own, url))
+}
+
 /// Waits, bounded, until the Redis at `url` answers.
 async fn answers(url: &str) {
     wait_for_async("redis to answer", || async {
@@ -341,13 +354,9 @@ impl Drop for OwnRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_event_is_lost_when_redis_restarts_mid_stream() {
-    if redis_url().await.is_none() || crate::support::required_tool("redis-server").is_none() {
+    let Some((own, url)) = own_redis().await else {
         return;
-    }
-    let port = free_port();
-    let own = OwnRedis::start(port, tempfile::tempdir().unwrap());
-    let url = format!("redis://127.0.0.1:{port}");
-    answers(&url).await;
+    };
     let stream = unique("restart");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
@@ -422,29 +431,69 @@ impl dispatchd::engine::Handler for Echo {
     }
 }
 
+/// The run ids of the dispatch events on `stream`, in stream order.
+async fn stream_run_ids(url: &str, stream: &str) -> Vec<String> {
+    let mut connection = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    entries
+        .ids
+        .iter()
+        .map(|entry| {
+            let data: String = entry.get("data").unwrap();
+            serde_json::from_str::<DispatchEvent>(&data).unwrap().run_id
+        })
+        .collect()
+}
+
+/// serve on the Redis at `url`: events on `<prefix>:events`, outputs under `<prefix>:topic:`, the
+/// bus dead-letter file beside the sinks'.
+fn use_redis(config: &mut dispatchd::config::Config, url: &str, prefix: &str, consumer: &str) {
+    config.bus.redis = Some(dispatchd::config::RedisBusConfig {
+        url: url.to_owned(),
+        max_len: None,
+        consumer: Some(consumer.to_owned()),
+        claim_idle: Duration::from_secs(30),
+        dead_letter: config.sinks[0]
+            .driver
+            .dead_letter
+            .with_file_name("bus.dead-letters.jsonl"),
+    });
+    config.bus.events_stream = format!("{prefix}:events");
+    config.bus.outputs_prefix = format!("{prefix}:topic:");
+}
+
+/// The `echo` dispatcher (one output per message) on `orders.intents`.
+fn with_echo(builder: dispatchd::app::AppBuilder) -> dispatchd::app::AppBuilder {
+    use dispatchd::engine::{Category, Dispatcher, Route};
+    builder
+        .dispatcher(Dispatcher::new("echo", Category::Intent, Echo))
+        .route(Route::new(
+            "echo",
+            "orders.intents",
+            Category::Intent,
+            "echo",
+        ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
-    use dispatchd::engine::{Category, Dispatcher, Route};
-
     let Some(url) = redis_url().await else { return };
     let prefix = unique("serve");
-    let events_stream = format!("{prefix}:events");
     let source_stream = format!("{prefix}:inbound");
     let outputs_prefix = format!("{prefix}:topic:");
     let app = crate::support::TestApp::start_with(
         |config| {
-            config.bus.redis = Some(dispatchd::config::RedisBusConfig {
-                url: url.clone(),
-                max_len: None,
-                consumer: Some("test-instance".into()),
-                claim_idle: Duration::from_secs(30),
-                dead_letter: config.sinks[0]
-                    .driver
-                    .dead_letter
-                    .with_file_name("bus.dead-letters.jsonl"),
-            });
-            config.bus.events_stream = events_stream.clone();
-            config.bus.outputs_prefix = outputs_prefix.clone();
+            use_redis(config, &url, &prefix, "test-instance");
             config.sources = vec![dispatchd::config::SourceConfig {
                 stream: source_stream.clone(),
                 group: "dispatchd".into(),
@@ -453,16 +502,7 @@ async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
                 sink.driver.flush_interval = Duration::from_millis(50);
             }
         },
-        |builder| {
-            builder
-                .dispatcher(Dispatcher::new("echo", Category::Intent, Echo))
-                .route(Route::new(
-                    "echo",
-                    "orders.intents",
-                    Category::Intent,
-                    "echo",
-                ))
-        },
+        with_echo,
     )
     .await;
 
@@ -528,43 +568,14 @@ async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
 /// Every accepted dispatch's event is in the stream or in the dead-letter file, never both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after() {
-    if redis_url().await.is_none() || crate::support::required_tool("redis-server").is_none() {
+    let Some((own, url)) = own_redis().await else {
         return;
-    }
-    let port = free_port();
-    let own = OwnRedis::start(port, tempfile::tempdir().unwrap());
-    let url = format!("redis://127.0.0.1:{port}");
-    answers(&url).await;
-    let stream = unique("outage");
+    };
+    let prefix = unique("outage");
+    let stream = format!("{prefix}:events");
     let app = crate::support::TestApp::start_with(
-        |config| {
-            config.bus.redis = Some(dispatchd::config::RedisBusConfig {
-                url: url.clone(),
-                max_len: None,
-                consumer: Some("outage".into()),
-                claim_idle: Duration::from_secs(30),
-                dead_letter: config.sinks[0]
-                    .driver
-                    .dead_letter
-                    .with_file_name("bus.dead-letters.jsonl"),
-            });
-            config.bus.events_stream = stream.clone();
-            config.bus.outputs_prefix = format!("{stream}:topic:");
-        },
-        |builder| {
-            builder
-                .dispatcher(dispatchd::engine::Dispatcher::new(
-                    "echo",
-                    dispatchd::engine::Category::Intent,
-                    Echo,
-                ))
-                .route(dispatchd::engine::Route::new(
-                    "echo",
-                    "orders.intents",
-                    dispatchd::engine::Category::Intent,
-                    "echo",
-                ))
-        },
+        |config| use_redis(config, &url, &prefix, "outage"),
+        with_echo,
     )
     .await;
     let series = |outcome: &str| {
@@ -634,27 +645,8 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
 
     let (stopped, dir) = app.stop_keeping_files().await;
     stopped.unwrap();
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let in_stream: std::collections::BTreeSet<String> = entries
-        .ids
-        .iter()
-        .map(|entry| {
-            let data: String = entry.get("data").unwrap();
-            let event: serde_json::Value = serde_json::from_str(&data).unwrap();
-            event["runId"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let in_stream: std::collections::BTreeSet<String> =
+        stream_run_ids(&url, &stream).await.into_iter().collect();
     let dead_letters = std::fs::read_to_string(dir.path().join("bus.dead-letters.jsonl")).unwrap();
     let dead: std::collections::BTreeSet<String> = dead_letters
         .lines()
@@ -683,14 +675,9 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
         (republished.published, republished.returned),
         (dead.len(), 0)
     );
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert_eq!(entries.ids.len(), accepted.len());
+    let in_stream: std::collections::BTreeSet<String> =
+        stream_run_ids(&url, &stream).await.into_iter().collect();
+    assert_eq!(in_stream, accepted);
     drop(own);
 }
 
@@ -732,27 +719,7 @@ async fn republish_puts_dead_letters_back_on_the_stream() {
             .exists()
     );
 
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let run_ids: Vec<String> = entries
-        .ids
-        .iter()
-        .map(|entry| {
-            let data: String = entry.get("data").unwrap();
-            let event: DispatchEvent = serde_json::from_str(&data).unwrap();
-            event.run_id
-        })
-        .collect();
+    let run_ids = stream_run_ids(&url, &stream).await;
     assert_eq!(run_ids, ["run-00001", "run-00002", "run-00003"]);
 
     let bad = dir.path().join("not-letters.jsonl");
