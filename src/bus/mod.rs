@@ -5,8 +5,9 @@
 //! sink's named policy (`block`, the default, or `drop_newest`, counted), so the bus itself holds
 //! nothing and loses nothing silently.
 //!
-//! Not yet here (see the changelog): Redis Streams, which lets several dispatchd instances share
-//! one stream through a consumer group, inbound `[[sources]]`, and publishing handler outputs.
+//! [`redis`] has the Redis Streams side: the publisher (events, with its dead-letter file when
+//! Redis cannot take them), handler outputs, and the consumer groups that sinks and `[[sources]]`
+//! read through.
 
 pub mod redis;
 
@@ -19,6 +20,30 @@ use crate::sinks::{DispatchEvent, SinkHandle};
 pub trait EventBus: Send + Sync + 'static {
     /// Publishes one event; answers how many subscribers took it.
     async fn publish(&self, event: DispatchEvent) -> usize;
+
+    /// What `/ready` reports of the bus.
+    fn status(&self) -> BusStatus {
+        BusStatus {
+            kind: "memory",
+            publishing: Publishing::Ok,
+        }
+    }
+}
+
+/// The bus as `/ready` shows it: `{"kind": "redis", "publishing": "failing"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BusStatus {
+    pub kind: &'static str,
+    pub publishing: Publishing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Publishing {
+    Ok,
+    /// The last event offered could not be published (it went to the dead-letter file); the
+    /// next one tries again.
+    Failing,
 }
 
 /// The in-memory bus: a fan-out to the sinks of this process.

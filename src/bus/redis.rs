@@ -27,7 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use thiserror::Error;
 
-use crate::resilience::{BreakerConfig, CircuitBreaker, RetryPolicy, Trip};
+use crate::resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Trip};
 use crate::sinks::dead_letter::DeadLetterFile;
 use crate::sinks::service::BusObserver;
 
@@ -497,5 +497,15 @@ impl crate::bus::EventBus for RedisPublisher {
             }
         }
         0
+    }
+
+    fn status(&self) -> crate::bus::BusStatus {
+        crate::bus::BusStatus {
+            kind: "redis",
+            publishing: match self.breaker.state() {
+                BreakerState::Closed => crate::bus::Publishing::Ok,
+                BreakerState::Open | BreakerState::HalfOpen => crate::bus::Publishing::Failing,
+            },
+        }
     }
 }

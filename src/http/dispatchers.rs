@@ -15,7 +15,7 @@ use crate::engine::is_valid_id;
 use crate::health::{DispatcherHealth, Origin, RegisterError, Registration};
 
 /// `GET /ready`: 200 when the engine runs and every critical dispatcher is healthy; 503 with
-/// the reasons otherwise, and while shutting down.
+/// the reasons otherwise, and while shutting down. The body also shows the bus's state.
 pub(super) async fn ready(State(state): State<ApiState>) -> Response {
     let all = state.health.all();
     let unhealthy: Vec<serde_json::Value> = all
@@ -41,7 +41,12 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
     } else {
         (StatusCode::OK, "ready")
     };
-    let body = json!({ "status": verdict, "dispatchers": counts, "unhealthy": unhealthy });
+    let mut body = json!({ "status": verdict, "dispatchers": counts, "unhealthy": unhealthy });
+    // Reported, never a reason to be unready: every instance shares the bus, so failing
+    // readiness on it would take all of them out of rotation while dispatch still works.
+    if let Some(bus) = &state.events {
+        body["bus"] = json!(bus.status());
+    }
     (status, Json(body)).into_response()
 }
 

@@ -437,3 +437,12 @@ async fn in_process_dispatchers_are_registered_running_and_count_their_failures(
     assert_eq!(response.status(), StatusCode::CONFLICT);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn ready_shows_the_bus() {
+    let app = crate::support::TestApp::start().await;
+    let ready = app.get_json("/ready").await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["bus"], json!({"kind": "memory", "publishing": "ok"}));
+    app.stop().await.unwrap();
+}

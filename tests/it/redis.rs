@@ -587,6 +587,8 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
 
     let mut accepted = app.post_orders(5).await;
     assert_eq!(count(&app.scrape().await, "published"), 5.0);
+    let ready = app.get_json("/ready").await;
+    assert_eq!(ready["bus"], json!({"kind": "redis", "publishing": "ok"}));
 
     let (port, data) = own.kill();
     accepted.extend(app.post_orders(5).await);
@@ -595,6 +597,14 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
     assert_eq!(count(&metrics, "dropped"), 0.0, "{metrics}");
     let health = app.client.get(app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), reqwest::StatusCode::OK);
+    // /ready tells, and stays 200: dispatch works without the bus.
+    let ready = app.client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(
+        ready["bus"],
+        json!({"kind": "redis", "publishing": "failing"})
+    );
     // Dispatches whose handler has outputs cannot publish them: each is answered (not held
     // while the connection re-establishes itself) as publish_failed, for the caller to retry.
     // Their events are counted like the others.
@@ -631,6 +641,7 @@ async fn serve_dead_letters_events_while_redis_is_down_and_publishes_again_after
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(resumed, "publishing resumed after Redis came back");
+    assert_eq!(app.get_json("/ready").await["bus"]["publishing"], "ok");
 
     let metrics = app.scrape().await;
     let (published, dead_lettered) = (
