@@ -297,6 +297,17 @@ impl OwnRedis {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the server: a stopped Redis keeps its connections open
+    /// and answers nothing, as a hung one does.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
     fn kill(mut self) -> (u16, tempfile::TempDir) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -747,4 +758,80 @@ async fn republish_puts_dead_letters_back_on_the_stream() {
         "{stderr}"
     );
     assert!(bad.exists(), "left where it was");
+}
+
+/// serve on a Redis that hangs (stopped, its connections open and silent): each wait is bounded
+/// by dispatchd, not by the connection's own 5 s response timeout. A dispatch with outputs is
+/// answered `publish_failed` after 2 s; an event goes to the dead-letter file after its 500 ms
+/// attempts; both say which bound fired. Once Redis answers again, publishing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_bounded_waits_and_no_event() {
+    let Some((own, url)) = own_redis().await else {
+        return;
+    };
+    let prefix = unique("hung");
+    let app = crate::support::TestApp::start_with(
+        |config| use_redis(config, &url, &prefix, "hung"),
+        with_echo,
+    )
+    .await;
+    let mut accepted = app.post_orders(2).await;
+
+    own.signal("STOP");
+    let answer = app
+        .post_message("orders.intents", json!({"message_type": "order.place"}))
+        .await;
+    assert_eq!(answer.status(), reqwest::StatusCode::BAD_GATEWAY);
+    let result: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(result["status"], "publish_failed", "{result}");
+    assert!(
+        result["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 2s"),
+        "{result}"
+    );
+    accepted.insert(result["dispatch_id"].as_str().unwrap().to_owned());
+    accepted.extend(app.post_orders(1).await);
+
+    own.signal("CONT");
+    let mut resumed = false;
+    for _ in 0..400 {
+        accepted.extend(app.post_orders(1).await);
+        if app.get_json("/ready").await["bus"]["publishing"] == "ok" {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resumed, "publishing resumed once Redis answered again");
+
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    let dead_letters = std::fs::read_to_string(dir.path().join("bus.dead-letters.jsonl")).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(dead_letters.lines().next().unwrap()).unwrap();
+    assert!(
+        first["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 500ms"),
+        "{first}"
+    );
+    // Nothing lost: every accepted dispatch's event is in the stream or the file. (A hung XADD
+    // may still be applied when Redis resumes, so here an event may be in both.)
+    let mut seen: std::collections::BTreeSet<String> =
+        stream_run_ids(&url, &format!("{prefix}:events"))
+            .await
+            .into_iter()
+            .collect();
+    for line in dead_letters.lines() {
+        let letter: serde_json::Value = serde_json::from_str(line).unwrap();
+        seen.insert(letter["event"]["runId"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        accepted.is_subset(&seen),
+        "every accepted dispatch's event is accounted for"
+    );
+    drop(own);
 }
