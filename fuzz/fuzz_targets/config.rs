@@ -1,5 +1,5 @@
-//! Config loader: arbitrary text as a config file gives a config or a list of problems naming
-//! the file, never a panic.
+//! Config loader: arbitrary text as a config file gives a config or problems (an error with a
+//! message), never a panic.
 #![no_main]
 
 use std::path::Path;

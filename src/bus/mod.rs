@@ -21,10 +21,11 @@ pub trait EventBus: Send + Sync + 'static {
     /// Publishes one event; answers how many subscribers took it.
     async fn publish(&self, event: DispatchEvent) -> usize;
 
-    /// What `/ready` reports of the bus.
+    /// What `/ready` reports of the bus. Implement it for a bus that can fail to publish; the
+    /// default reports a bus of kind `custom` that always publishes.
     fn status(&self) -> BusStatus {
         BusStatus {
-            kind: "memory",
+            kind: "custom",
             publishing: Publishing::Ok,
         }
     }
@@ -73,5 +74,13 @@ impl EventBus for MemoryBus {
             taken += usize::from(last.offer(event).await);
         }
         taken
+    }
+
+    /// Publishing into the sinks' queues cannot fail (a full queue follows the sink's policy).
+    fn status(&self) -> BusStatus {
+        BusStatus {
+            kind: "memory",
+            publishing: Publishing::Ok,
+        }
     }
 }

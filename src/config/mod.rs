@@ -111,7 +111,7 @@ pub struct RedisBusConfig {
     /// Entries pending with a consumer for longer are claimed by another.
     pub claim_idle: Duration,
     /// Where a dispatch event goes when Redis cannot take it (after a few quick retries), in the
-    /// sinks' dead-letter format; `dispatchd sink --replay-dead-letters` sends it on.
+    /// sinks' dead-letter format; `dispatchd republish` puts it back on the stream.
     pub dead_letter: PathBuf,
 }
 
