@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::appender::Appender;
 use crate::bus::redis::{
     ConsumerConfig, RedisOutputs, RedisPublisher, StreamConsumer, default_consumer_name,
 };
@@ -35,7 +36,6 @@ use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
 use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
 use crate::sinks::DispatchEvent;
-use crate::sinks::dead_letter::DeadLetterFile;
 use crate::sinks::service::{BusObserver, run_from_redis};
 use crate::sinks::{SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
@@ -158,7 +158,13 @@ impl AppBuilder {
                 let publisher = RedisPublisher::connect(&redis.url, stream, redis.max_len)
                     .await
                     .with_context(|| format!("cannot connect to Redis at {}", redis.url))?
-                    .with_dead_letter(DeadLetterFile::new(&redis.dead_letter))
+                    .with_dead_letter(
+                        Appender::open(&redis.dead_letter, true, &writers, stop_writers.clone())
+                            .await
+                            .with_context(|| {
+                                format!("cannot open {}", redis.dead_letter.display())
+                            })?,
+                    )
                     .with_observer(bus_observer.clone());
                 let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
                 for settings in &config.sinks {

@@ -4,6 +4,7 @@
 //! [`app::App`]. `ARCHITECTURE.md` maps the modules and their invariants.
 
 pub mod app;
+pub mod appender;
 pub mod auth;
 pub mod bus;
 pub mod cli;

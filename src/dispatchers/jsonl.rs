@@ -1,21 +1,13 @@
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::appender::{AppendError, Appender};
 use crate::engine::{Category, Envelope, Handler, HandlerError, Message, OutputMessage};
-
-/// Lines waiting for the writer. When full, handlers wait (policy `block`), bounded by their
-/// dispatcher's timeout.
-const QUEUE_CAPACITY: usize = 1024;
-/// The most lines one write-and-flush commits.
-const MAX_BATCH: usize = 256;
 
 /// One line of the file: the topic and category, then the envelope's fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,19 +18,12 @@ pub struct JsonlLine {
     pub envelope: Envelope,
 }
 
-struct Job {
-    line: Vec<u8>,
-    done: oneshot::Sender<Result<(), String>>,
-}
-
-/// Appends each message as one JSON line. A single writer task owns the file and commits in
-/// groups: it writes every line waiting, flushes once, then answers each handler, so a dispatch
-/// succeeds only after its line reached the operating system, and a write error fails the
-/// dispatches it concerns instead of vanishing.
+/// Appends each message as one JSON line, through an [`Appender`]: a single writer task commits
+/// in groups, so a dispatch succeeds only after its line reached the operating system, and a
+/// write error fails the dispatches it concerns instead of vanishing.
 #[derive(Clone)]
 pub struct JsonlFile {
-    path: Arc<Path>,
-    queue: mpsc::Sender<Job>,
+    file: Appender,
 }
 
 impl JsonlFile {
@@ -50,29 +35,13 @@ impl JsonlFile {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> io::Result<JsonlFile> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
-        let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
-        tracker.spawn(write_loop(
-            jobs,
-            BufWriter::new(file),
-            shutdown,
-            path.to_owned(),
-        ));
         Ok(JsonlFile {
-            path: path.into(),
-            queue,
+            file: Appender::open(path, false, tracker, shutdown).await?,
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 }
 
@@ -86,75 +55,25 @@ impl Handler for JsonlFile {
         };
         let mut bytes = serde_json::to_vec(&line)?;
         bytes.push(b'\n');
-        let (done, committed) = oneshot::channel();
-        self.queue
-            .send(Job { line: bytes, done })
-            .await
-            .map_err(|_| HandlerError::transient("the JSONL writer has shut down"))?;
-        committed
-            .await
-            .map_err(|_| HandlerError::transient("the JSONL writer stopped before committing"))?
-            .map_err(|error| {
-                HandlerError::transient(format!("writing {}: {error}", self.path.display()))
-            })?;
+        self.file.append(bytes).await.map_err(|error| match error {
+            AppendError::Closed => HandlerError::transient("the JSONL writer has shut down"),
+            AppendError::Lost => {
+                HandlerError::transient("the JSONL writer stopped before committing")
+            }
+            AppendError::Io(error) => {
+                HandlerError::transient(format!("writing {}: {error}", self.path().display()))
+            }
+        })?;
         Ok(Vec::new())
     }
 
     /// Alive while the writer task still takes lines.
     async fn heartbeat(&self) -> Result<(), HandlerError> {
-        if self.queue.is_closed() {
+        if self.file.is_closed() {
             Err(HandlerError::transient("the JSONL writer has stopped"))
         } else {
             Ok(())
         }
-    }
-}
-
-async fn write_loop(
-    mut jobs: mpsc::Receiver<Job>,
-    mut file: BufWriter<tokio::fs::File>,
-    shutdown: CancellationToken,
-    path: PathBuf,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        tokio::select! {
-            received = jobs.recv_many(&mut batch, MAX_BATCH) => {
-                if received == 0 {
-                    break;
-                }
-                commit(&mut file, &mut batch).await;
-            }
-            () = shutdown.cancelled() => {
-                jobs.close();
-                while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    commit(&mut file, &mut batch).await;
-                }
-                break;
-            }
-        }
-    }
-    if let Err(error) = file.flush().await {
-        tracing::error!(path = %path.display(), %error, "The final flush of a JSONL file failed.");
-    }
-    tracing::debug!(path = %path.display(), "The JSONL writer stopped.");
-}
-
-async fn commit(file: &mut BufWriter<tokio::fs::File>, batch: &mut Vec<Job>) {
-    let mut written = Ok(());
-    for job in batch.iter() {
-        written = file.write_all(&job.line).await;
-        if written.is_err() {
-            break;
-        }
-    }
-    if written.is_ok() {
-        written = file.flush().await;
-    }
-    let answer = written.map_err(|error| error.to_string());
-    for job in batch.drain(..) {
-        // The handler may have timed out and gone; its line is written all the same.
-        let _ = job.done.send(answer.clone());
     }
 }
 

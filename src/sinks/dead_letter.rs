@@ -53,16 +53,7 @@ impl DeadLetterFile {
         }
         let mut lines = Vec::new();
         for event in events {
-            let letter = DeadLetter {
-                sink: sink.to_owned(),
-                reason: reason.to_owned(),
-                attempts,
-                last_error: sanitize(last_error).into_owned(),
-                failed_at: SystemTime::now(),
-                event: event.clone(),
-            };
-            serde_json::to_writer(&mut lines, &letter)?;
-            lines.push(b'\n');
+            write_line(&mut lines, sink, reason, attempts, last_error, event)?;
         }
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir).await?;
@@ -78,6 +69,41 @@ impl DeadLetterFile {
         file.flush().await?;
         file.sync_data().await
     }
+}
+
+/// Appends one dead letter, as a JSON line, to `out`: the format every dead-letter file shares
+/// (the sinks' and the Redis bus's).
+pub fn write_line(
+    out: &mut Vec<u8>,
+    sink: &str,
+    reason: &str,
+    attempts: u32,
+    last_error: &str,
+    event: &DispatchEvent,
+) -> serde_json::Result<()> {
+    #[derive(Serialize)]
+    struct Letter<'a> {
+        sink: &'a str,
+        reason: &'a str,
+        attempts: u32,
+        last_error: &'a str,
+        #[serde(with = "humantime_serde")]
+        failed_at: SystemTime,
+        event: &'a DispatchEvent,
+    }
+    serde_json::to_writer(
+        &mut *out,
+        &Letter {
+            sink,
+            reason,
+            attempts,
+            last_error: &sanitize(last_error),
+            failed_at: SystemTime::now(),
+            event,
+        },
+    )?;
+    out.push(b'\n');
+    Ok(())
 }
 
 /// Reads the events of a dead-letter file (to replay them). Names the line of any that is not a
