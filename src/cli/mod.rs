@@ -16,24 +16,32 @@ use crate::config::{Config, ConfigError};
 
 /// dispatchd: an observability-first message dispatch runtime.
 #[derive(Debug, Parser)]
-#[command(name = "dispatchd", version, args_conflicts_with_subcommands = true)]
+#[command(name = "dispatchd", version)]
 pub struct Cli {
+    /// A TOML config file laid over the embedded defaults (before or after the subcommand).
+    #[arg(long, global = true, env = "DISPATCHD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Write the log as JSON lines (with trace and span ids inside a dispatch) instead of text.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
-    #[command(flatten)]
-    serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the service (the default). With no config file it runs the embedded defaults: HTTP
     /// on 127.0.0.1:9000, every event logged and appended to ./dispatchd-data/messages.jsonl.
-    Serve(ServeArgs),
+    Serve,
     /// Validate a config file and print every problem with its location; exit 1 when invalid.
     CheckConfig {
-        /// The TOML file to check.
-        file: PathBuf,
+        /// The TOML file to check (default: --config, or DISPATCHD_CONFIG; with neither, the
+        /// embedded defaults and the environment are checked).
+        file: Option<PathBuf>,
     },
+    /// Print the configuration `serve` would run with (the embedded defaults, the file and the
+    /// environment merged) as TOML, every secret masked; exit 1 when it is invalid.
+    Config,
     /// Run only the event-forwarding service: read dispatch events from a Redis stream as a member
     /// of a consumer group and forward them to one sink (or replay a dead-letter file).
     Sink(Box<SinkArgs>),
@@ -148,41 +156,33 @@ struct SimulateArgs {
     /// How long to send for, such as 30s or 10m.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: std::time::Duration,
-    /// A TOML config file for the in-process dispatchd.
-    #[arg(long, env = "DISPATCHD_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-}
-
-#[derive(Debug, Args)]
-struct ServeArgs {
-    /// A TOML config file laid over the embedded defaults.
-    #[arg(long, env = "DISPATCHD_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Write the log as JSON lines (with trace and span ids inside a dispatch) instead of text.
-    #[arg(long, value_parser = ["text", "json"])]
-    log_format: Option<String>,
 }
 
 /// Parses the command line and runs it. The binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = cli.config;
     match cli.command {
-        Some(Command::CheckConfig { file }) => check_config(&file),
-        Some(Command::Serve(args)) => serve(args),
-        Some(Command::Simulate(args)) => simulate(args),
+        Some(Command::CheckConfig { file }) => check_config(file.or(config).as_deref()),
+        Some(Command::Config) => print_config(config.as_deref()),
+        Some(Command::Serve) | None => serve(config.as_deref(), cli.log_format.as_deref()),
+        Some(Command::Simulate(args)) => simulate(config.as_deref(), args),
         Some(Command::Loadtest(args)) => loadtest(args),
         Some(Command::Sink(args)) => sink(*args),
         Some(Command::Republish(args)) => republish(args),
-        None => serve(cli.serve),
     }
 }
 
-fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(Some(file)) {
+fn check_config(file: Option<&std::path::Path>) -> ExitCode {
+    let name = file.map_or_else(
+        || "the embedded defaults".to_owned(),
+        |file| file.display().to_string(),
+    );
+    match Config::load(file) {
         Ok(config) => {
+            print_warnings(&config);
             println!(
-                "{} is valid: {} dispatchers, {} routes, listening on {}",
-                file.display(),
+                "{name} is valid: {} dispatchers, {} routes, listening on {}",
                 config.dispatchers.len(),
                 config.routes.len(),
                 config.server.listen
@@ -196,13 +196,37 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     }
 }
 
+fn print_config(file: Option<&std::path::Path>) -> ExitCode {
+    let (text, config) = Config::effective(file, |name| std::env::var(name).ok());
+    if let Some(text) = text {
+        print!("{text}");
+    }
+    match config {
+        Ok(config) => {
+            print_warnings(&config);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            print_config_error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_warnings(config: &Config) {
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+}
+
 fn print_config_error(error: &ConfigError) {
     match error {
         ConfigError::Invalid(problems) => {
-            eprintln!(
-                "error: invalid configuration ({} problems):",
-                problems.len()
-            );
+            let count = match problems.len() {
+                1 => "1 problem".to_owned(),
+                n => format!("{n} problems"),
+            };
+            eprintln!("error: invalid configuration ({count}):");
             for problem in problems {
                 eprintln!("  {problem}");
             }
@@ -248,12 +272,12 @@ fn loadtest(args: LoadtestArgs) -> ExitCode {
     }
 }
 
-fn simulate(args: SimulateArgs) -> ExitCode {
+fn simulate(config_file: Option<&std::path::Path>, args: SimulateArgs) -> ExitCode {
     if !(args.rate > 0.0 && args.rate <= 100_000.0) {
         eprintln!("error: --rate must be above 0 and at most 100000 messages a second");
         return ExitCode::FAILURE;
     }
-    let config = match Config::load(args.config.as_deref()) {
+    let config = match Config::load(config_file) {
         Ok(config) => config,
         Err(error) => {
             print_config_error(&error);
@@ -475,8 +499,8 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::load(args.config.as_deref()) {
+fn serve(config_file: Option<&std::path::Path>, log_format: Option<&str>) -> ExitCode {
+    let config = match Config::load(config_file) {
         Ok(config) => config,
         Err(error) => {
             print_config_error(&error);
@@ -484,7 +508,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let mut config = config;
-    if args.log_format.as_deref() == Some("json") {
+    if log_format == Some("json") {
         config.tracing.log_format = crate::telemetry::traces::LogFormat::Json;
     }
     let Some(runtime) = runtime() else {
@@ -513,6 +537,9 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn run(config: Config, tracer: opentelemetry_sdk::trace::SdkTracer) -> anyhow::Result<()> {
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "The configuration has a likely mistake.");
+    }
     let app = App::builder(config)
         .tracer(tracer)
         .build()
@@ -586,20 +613,16 @@ mod tests {
 
     #[test]
     fn serve_is_the_default_and_takes_a_config() {
+        let path = |cli: &Cli| cli.config.as_ref().map(|p| p.display().to_string());
         let cli = Cli::try_parse_from(["dispatchd", "--config", "x.toml"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(
-            cli.serve.config.as_deref(),
-            Some(std::path::Path::new("x.toml"))
-        );
+        assert_eq!(path(&cli).as_deref(), Some("x.toml"));
         let cli = Cli::try_parse_from(["dispatchd", "serve", "--config", "y.toml"]).unwrap();
-        assert!(matches!(
-            cli.command,
-            Some(Command::Serve(ServeArgs {
-                config: Some(_),
-                ..
-            }))
-        ));
+        assert!(matches!(cli.command, Some(Command::Serve)));
+        assert_eq!(path(&cli).as_deref(), Some("y.toml"));
+        let cli = Cli::try_parse_from(["dispatchd", "--config", "w.toml", "serve"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve)));
+        assert_eq!(path(&cli).as_deref(), Some("w.toml"));
         let cli = Cli::try_parse_from(["dispatchd", "simulate", "--rate", "5", "--duration", "2s"])
             .unwrap();
         let Some(Command::Simulate(args)) = cli.command else {
@@ -610,8 +633,33 @@ mod tests {
             (5.0, std::time::Duration::from_secs(2))
         );
         assert!(Cli::try_parse_from(["dispatchd", "simulate", "--duration", "soon"]).is_err());
+    }
+
+    #[test]
+    fn check_config_and_config_take_the_file_before_or_after_the_subcommand() {
         let cli = Cli::try_parse_from(["dispatchd", "check-config", "z.toml"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::CheckConfig { .. })));
-        assert!(Cli::try_parse_from(["dispatchd", "check-config"]).is_err());
+        assert!(matches!(
+            cli.command,
+            Some(Command::CheckConfig { file: Some(_) })
+        ));
+        for args in [
+            ["dispatchd", "--config", "z.toml", "check-config"],
+            ["dispatchd", "check-config", "--config", "z.toml"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(matches!(
+                cli.command,
+                Some(Command::CheckConfig { file: None })
+            ));
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("z.toml")));
+        }
+        for args in [
+            ["dispatchd", "--config", "z.toml", "config"],
+            ["dispatchd", "config", "--config", "z.toml"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(matches!(cli.command, Some(Command::Config)));
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("z.toml")));
+        }
     }
 }

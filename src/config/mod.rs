@@ -55,6 +55,9 @@ pub struct Config {
     pub auth: crate::auth::Tokens,
     /// What is masked in data leaving through logs, instrumentation and sinks.
     pub redaction: crate::engine::Redactor,
+    /// Things that are allowed but most likely mistakes (a dispatcher no route reaches):
+    /// `check-config` prints them, `serve` logs them.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,6 +224,31 @@ impl ConfigError {
     }
 }
 
+/// Masks every value a secret could be in: values of keys that name one (`api_key`, `token`,
+/// `authorization` header values…, by the redactor's default words) and credentials inside
+/// URLs. Names of environment variables (`token_env`) are not secrets and stay.
+fn mask(table: &mut toml::Table) {
+    let redactor = crate::engine::Redactor::default();
+    for (key, value) in table.iter_mut() {
+        let sensitive = redactor.is_sensitive(key) && !key.ends_with("_env");
+        mask_value(value, sensitive);
+    }
+}
+
+fn mask_value(value: &mut toml::Value, sensitive: bool) {
+    match value {
+        toml::Value::String(text) if sensitive => *text = crate::engine::REDACTED.to_owned(),
+        toml::Value::String(text) => {
+            if let std::borrow::Cow::Owned(clean) = crate::engine::sanitize(text) {
+                *text = clean;
+            }
+        }
+        toml::Value::Table(table) => mask(table),
+        toml::Value::Array(values) => values.iter_mut().for_each(|v| mask_value(v, sensitive)),
+        _ => {}
+    }
+}
+
 fn list(problems: &[Problem]) -> String {
     let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
     format!("invalid configuration:\n  {}", lines.join("\n  "))
@@ -253,6 +281,39 @@ impl Config {
             }
         };
         raw::load(file.as_ref().map(|(p, t)| (*p, t.as_str())), &env)
+    }
+
+    /// The configuration `serve` would run with, as TOML (the embedded defaults, the file and
+    /// the environment merged, every secret masked), beside the result of validating it. The
+    /// text is `None` when the file cannot be read or is not TOML at all.
+    pub fn effective(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> (Option<String>, Result<Config, ConfigError>) {
+        let text = match file {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => Some((path, text)),
+                Err(source) => {
+                    let error = ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    };
+                    return (None, Err(error));
+                }
+            },
+        };
+        let mut merged = None;
+        let config = raw::layered(
+            text.as_ref().map(|(p, t)| (*p, t.as_str())),
+            &env,
+            &mut merged,
+        );
+        let printed = merged.map(|mut table| {
+            mask(&mut table);
+            toml::to_string_pretty(&table).unwrap_or_default()
+        });
+        (printed, config)
     }
 
     /// Defaults, then `text` as if read from the file at `path` (which only names it in

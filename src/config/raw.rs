@@ -261,18 +261,49 @@ fn enabled_by_default() -> bool {
 struct Origins<'a> {
     file: Option<(&'a Path, &'a str, Option<toml_edit::Document<&'a str>>)>,
     env: HashMap<&'static str, &'static str>,
+    /// For each list of tables the file had elements removed from (they could not be read),
+    /// the file index of each element that remains: validation sees the remaining ones, and
+    /// its problems name the elements as the file numbers them.
+    kept: HashMap<&'static str, Vec<usize>>,
 }
 
 impl Origins<'_> {
+    /// `routes[1].x` in the list validation sees → `routes[2].x` in the file, when the file's
+    /// `routes[1]` could not be read.
+    fn in_file(&self, field: &str) -> String {
+        for (list, kept) in &self.kept {
+            let Some(rest) = field.strip_prefix(list).and_then(|r| r.strip_prefix('[')) else {
+                continue;
+            };
+            let Some((index, rest)) = rest.split_once(']') else {
+                continue;
+            };
+            if let Some(original) = index.parse::<usize>().ok().and_then(|i| kept.get(i)) {
+                return format!("{list}[{original}]{rest}");
+            }
+        }
+        field.to_owned()
+    }
+
     fn of(&self, field: &str) -> Origin {
         if let Some(var) = self.env.get(field) {
             return Origin::Env(var);
         }
         if let Some((path, text, document)) = &self.file {
-            if let Some(offset) = document
-                .as_ref()
-                .and_then(|d| offset_of(d.as_table(), field))
-            {
+            // The field itself, else the closest table around it that the file has (a
+            // missing field is reported at its table's header).
+            let mut at = Some(field);
+            let offset = std::iter::from_fn(|| {
+                let current = at?;
+                at = current.rfind(['.', '[']).map(|end| &current[..end]);
+                Some(current)
+            })
+            .find_map(|path| {
+                document
+                    .as_ref()
+                    .and_then(|d| offset_of(d.as_table(), path))
+            });
+            if let Some(offset) = offset {
                 return Origin::File {
                     path: path.to_path_buf(),
                     line: Some(line_of(text, offset)),
@@ -295,7 +326,7 @@ impl Origins<'_> {
     }
 
     fn problem(&self, field: impl Into<String>, message: impl Into<String>) -> Problem {
-        let field = field.into();
+        let field = self.in_file(&field.into());
         Problem {
             origin: self.of(&field),
             field,
@@ -308,6 +339,16 @@ pub(super) fn load(
     file: Option<(&Path, &str)>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    layered(file, env, &mut None)
+}
+
+/// Like [`load`], and leaves the merged table (defaults ⊕ file ⊕ environment, less what could
+/// not be read) in `effective` when the file could be parsed at all.
+pub(super) fn layered(
+    file: Option<(&Path, &str)>,
+    env: &dyn Fn(&str) -> Option<String>,
+    effective: &mut Option<toml::Table>,
+) -> Result<Config, ConfigError> {
     let mut merged: toml::Table = toml::from_str(DEFAULT_TOML).map_err(|e| {
         ConfigError::Invalid(vec![Problem {
             origin: Origin::Defaults,
@@ -319,11 +360,18 @@ pub(super) fn load(
     let mut origins = Origins {
         file: None,
         env: HashMap::new(),
+        kept: HashMap::new(),
     };
+    let mut problems = Vec::new();
+    let mut unreadable = Unreadable::default();
     if let Some((path, text)) = file {
-        // The file alone first, so syntax and shape errors point at its lines.
-        let table: toml::Table = toml::from_str(text).map_err(|e| invalid_toml(path, text, &e))?;
-        toml::from_str::<RawConfig>(text).map_err(|e| invalid_toml(path, text, &e))?;
+        // The file alone first, so syntax and shape errors point at its lines. A syntax error
+        // ends the reading; shape errors (unknown fields, wrong types, missing fields) are each
+        // reported and the rest of the file read on.
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| invalid_toml(path, text, &e))?;
+        origins.file = Some((path, text, toml_edit::Document::parse(text).ok()));
+        unreadable = check_shape(&mut table, &mut origins, &mut problems);
         // The default dispatchers and routes are one unit: a file that defines either list
         // replaces both, so no default route is left pointing at a dispatcher that is gone.
         if table.contains_key("dispatchers") || table.contains_key("routes") {
@@ -331,10 +379,8 @@ pub(super) fn load(
             merged.remove("routes");
         }
         merge(&mut merged, table);
-        origins.file = Some((path, text, toml_edit::Document::parse(text).ok()));
     }
 
-    let mut problems = Vec::new();
     for &(var, field) in ENV_OVERRIDES {
         let Some(value) = env(var) else { continue };
         origins.env.insert(field, var);
@@ -354,16 +400,21 @@ pub(super) fn load(
         set(&mut merged, field, value);
     }
 
-    let raw: RawConfig = toml::Value::Table(merged)
-        .try_into()
-        .map_err(|e: toml::de::Error| {
-            ConfigError::Invalid(vec![Problem {
+    *effective = Some(merged.clone());
+    let raw: RawConfig = match toml::Value::Table(merged).try_into() {
+        Ok(raw) => raw,
+        Err(error) => {
+            // The file's shape was checked above: only the defaults can be at fault here.
+            let error: toml::de::Error = error;
+            problems.push(Problem {
                 origin: Origin::Defaults,
                 field: String::new(),
-                message: e.message().to_owned(),
-            }])
-        })?;
-    let config = validate(raw, &origins, env, &mut problems);
+                message: error.message().to_owned(),
+            });
+            return Err(ConfigError::Invalid(problems));
+        }
+    };
+    let config = validate(raw, &origins, env, &unreadable, &mut problems);
     // In the order a reader meets them in the file; the environment's and the defaults' last.
     problems.sort_by_key(|p| match p.origin {
         Origin::File {
@@ -395,6 +446,7 @@ fn validate(
     raw: RawConfig,
     origins: &Origins<'_>,
     env: &dyn Fn(&str) -> Option<String>,
+    unreadable: &Unreadable,
     problems: &mut Vec<Problem>,
 ) -> Option<Config> {
     let limits = validate_limits(&raw.server, origins, problems);
@@ -537,14 +589,16 @@ fn validate(
     }
     let mut dispatchers = Vec::new();
     let mut jsonl_paths: HashMap<PathBuf, usize> = HashMap::new();
-    let mut category_failed = false;
+    // Dispatchers and routes whose category could not be read: the engine's category checks
+    // would only repeat that problem.
+    let mut no_category: Vec<&str> = Vec::new();
     for (i, d) in raw_dispatchers.iter().enumerate() {
         let at = |field: &str| format!("dispatchers[{i}].{field}");
         let category = match d.category.parse::<Category>() {
             Ok(category) => category,
             Err(error) => {
                 problems.push(origins.problem(at("category"), error.to_string()));
-                category_failed = true;
+                no_category.push(&d.dispatcher_id);
                 Category::Event
             }
         };
@@ -637,7 +691,7 @@ fn validate(
                 problems.push(
                     origins.problem(format!("routes[{i}].message_category"), error.to_string()),
                 );
-                category_failed = true;
+                no_category.push(&r.route_id);
                 Category::Event
             }
         };
@@ -653,9 +707,15 @@ fn validate(
 
     // The engine's own checks are the single source of truth for ids, references and patterns;
     // a trial build with stand-in handlers finds them, and here they get their field paths.
-    if !category_failed {
-        check_with_engine(&dispatchers, &routes, origins, problems);
-    }
+    check_with_engine(
+        &dispatchers,
+        &routes,
+        &no_category,
+        unreadable,
+        origins,
+        problems,
+    );
+    let warnings = unrouted(&dispatchers, &routes, unreadable, origins);
 
     Some(Config {
         server: ServerConfig {
@@ -692,7 +752,42 @@ fn validate(
         sources,
         dispatchers,
         routes,
+        warnings,
     })
+}
+
+/// A dispatcher no enabled route sends anything to: allowed (an embedder may add routes in
+/// code), but in a config for `serve` almost always a mistake, so it is worth a warning.
+fn unrouted(
+    dispatchers: &[DispatcherConfig],
+    routes: &[Route],
+    unreadable: &Unreadable,
+    origins: &Origins<'_>,
+) -> Vec<Problem> {
+    dispatchers
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| {
+            !unreadable.route_targets.contains(&d.dispatcher_id)
+                && !routes
+                    .iter()
+                    .any(|r| r.enabled && r.dispatcher_id == d.dispatcher_id)
+        })
+        .map(|(i, d)| {
+            let message = if routes.is_empty() {
+                format!(
+                    "dispatcher `{}` receives nothing: there are no routes, so every message would answer 404 no_dispatcher",
+                    d.dispatcher_id
+                )
+            } else {
+                format!(
+                    "dispatcher `{}` receives nothing: no enabled route names it",
+                    d.dispatcher_id
+                )
+            };
+            origins.problem(format!("dispatchers[{i}].dispatcher_id"), message)
+        })
+        .collect()
 }
 
 struct StandIn;
@@ -707,6 +802,8 @@ impl Handler for StandIn {
 fn check_with_engine(
     dispatchers: &[DispatcherConfig],
     routes: &[Route],
+    no_category: &[&str],
+    unreadable: &Unreadable,
     origins: &Origins<'_>,
     problems: &mut Vec<Problem>,
 ) {
@@ -723,51 +820,78 @@ fn check_with_engine(
         builder = builder.route(route.clone());
     }
     let Err(error) = builder.build() else { return };
-    let dispatcher_at = |id: &str, nth: usize| {
-        dispatchers
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.dispatcher_id == id)
-            .nth(nth)
-            .map(|(i, _)| i)
-            .unwrap_or(0)
-    };
-    let route_at = |id: &str, nth: usize| {
-        routes
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.route_id == id)
-            .nth(nth)
-            .map(|(i, _)| i)
-            .unwrap_or(0)
+    // The nth problem about the same id is about its nth element (a third duplicate is the
+    // third element, not the second again).
+    let mut seen: HashMap<(&'static str, String), usize> = HashMap::new();
+    let mut nth = |list: &'static str, id: &str, skip: usize| {
+        // Only duplicates count on: every other problem is about the first element of an id.
+        let mut first = skip;
+        let n = if skip == 0 {
+            &mut first
+        } else {
+            seen.entry((list, id.to_owned())).or_insert(skip)
+        };
+        let index = match list {
+            "dispatchers" => dispatchers
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.dispatcher_id == id)
+                .nth(*n)
+                .map(|(i, _)| i),
+            _ => routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.route_id == id)
+                .nth(*n)
+                .map(|(i, _)| i),
+        };
+        *n += 1;
+        format!("{list}[{}]", index.unwrap_or(0))
     };
     for problem in error.problems {
         let field = match &problem {
             BuildProblem::InvalidDispatcherId(id) => {
-                format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 0))
+                format!("{}.dispatcher_id", nth("dispatchers", id, 0))
             }
             BuildProblem::DuplicateDispatcher(id) => {
-                format!("dispatchers[{}].dispatcher_id", dispatcher_at(id, 1))
+                format!("{}.dispatcher_id", nth("dispatchers", id, 1))
             }
-            BuildProblem::ZeroTimeout(id) => {
-                format!("dispatchers[{}].timeout", dispatcher_at(id, 0))
-            }
+            BuildProblem::ZeroTimeout(id) => format!("{}.timeout", nth("dispatchers", id, 0)),
             BuildProblem::CommandWithoutAdapter(id) | BuildProblem::PolicyOutsideCommand(id) => {
-                format!("dispatchers[{}].category", dispatcher_at(id, 0))
+                format!("{}.category", nth("dispatchers", id, 0))
             }
-            BuildProblem::InvalidRouteId(id) => format!("routes[{}].route_id", route_at(id, 0)),
-            BuildProblem::DuplicateRoute(id) => format!("routes[{}].route_id", route_at(id, 1)),
+            BuildProblem::InvalidRouteId(id) => format!("{}.route_id", nth("routes", id, 0)),
+            BuildProblem::DuplicateRoute(id) => format!("{}.route_id", nth("routes", id, 1)),
+            BuildProblem::UnknownDispatcher { dispatcher, .. }
+                if unreadable.dispatchers.contains(dispatcher) =>
+            {
+                // That dispatcher's own problem says why it is missing.
+                continue;
+            }
             BuildProblem::UnknownDispatcher { route, .. } => {
-                format!("routes[{}].dispatcher_id", route_at(route, 0))
+                format!("{}.dispatcher_id", nth("routes", route, 0))
+            }
+            BuildProblem::CategoryMismatch {
+                route, dispatcher, ..
+            } if no_category.contains(&route.as_str())
+                || no_category.contains(&dispatcher.as_str()) =>
+            {
+                continue;
+            }
+            BuildProblem::UnreachablePattern { route, .. }
+                if no_category.contains(&route.as_str()) =>
+            {
+                continue;
             }
             BuildProblem::CategoryMismatch { route, .. } => {
-                format!("routes[{}].message_category", route_at(route, 0))
+                format!("{}.message_category", nth("routes", route, 0))
             }
-            BuildProblem::InvalidPattern { route, .. } => {
-                format!("routes[{}].topic_pattern", route_at(route, 0))
+            BuildProblem::InvalidPattern { route, .. }
+            | BuildProblem::UnreachablePattern { route, .. } => {
+                format!("{}.topic_pattern", nth("routes", route, 0))
             }
             BuildProblem::UnreachableMessageType { route, .. } => {
-                format!("routes[{}].message_type", route_at(route, 0))
+                format!("{}.message_type", nth("routes", route, 0))
             }
         };
         let message = match &problem {
@@ -1273,10 +1397,13 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
                 None
             }
             None => {
-                problems.push(origins.problem(
-                    "bus.redis_url",
-                    "is required when bus.kind is \"redis\" (or DISPATCHD_REDIS_URL)",
-                ));
+                // Nothing sets the URL: the line to blame is the one that chose Redis.
+                problems.push(Problem {
+                    origin: origins.of("bus.kind"),
+                    field: "bus.redis_url".to_owned(),
+                    message: "is required when bus.kind is \"redis\" (or DISPATCHD_REDIS_URL)"
+                        .to_owned(),
+                });
                 None
             }
         },
@@ -1396,6 +1523,262 @@ fn set(table: &mut toml::Table, dotted: &str, value: toml::Value) {
 }
 
 /// The byte offset where `field` (such as `routes[1].dispatcher_id`) is written in the document.
+/// What the shape check had to leave out of the file, so validation does not report its
+/// consequences as problems of their own.
+#[derive(Debug, Default)]
+struct Unreadable {
+    /// Ids of `[[dispatchers]]` elements left out: a route naming one is not "unknown".
+    dispatchers: Vec<String>,
+    /// Dispatcher ids named by `[[routes]]` elements left out: such a dispatcher is not
+    /// "unrouted".
+    route_targets: Vec<String>,
+}
+
+/// Lists of tables whose elements are read one by one: an element that cannot be read is left
+/// out (and the others keep their file index in problems).
+const TABLE_LISTS: [&str; 5] = ["dispatchers", "routes", "sinks", "sources", "auth.tokens"];
+
+/// Leaf names of the fields that take a duration, for a message that says so.
+const DURATION_FIELDS: &[&str] = &[
+    "shutdown_grace",
+    "header_read_timeout",
+    "request_timeout",
+    "idle_timeout",
+    "drain_delay",
+    "timeout",
+    "stale_threshold",
+    "heartbeat_interval",
+    "max_stale_threshold",
+    "initial_backoff",
+    "max_backoff",
+    "window",
+    "cool_down",
+    "max_wait",
+    "ttl",
+    "claim_idle",
+    "flush_interval",
+    "shutdown_deadline",
+    "metrics_interval",
+];
+
+/// The most shape problems reported for one file; past it the file is hardly a config.
+const MAX_SHAPE_PROBLEMS: usize = 100;
+
+/// Reads the file's table into the raw shapes and reports every unknown field, wrongly typed
+/// value and missing required field with its full path. serde stops at the first problem, so
+/// each one's key is taken out of `table` and the rest read again; an element of a list of
+/// tables that cannot be read is taken out whole, and `origins` remembers which file elements
+/// remain.
+fn check_shape(
+    table: &mut toml::Table,
+    origins: &mut Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> Unreadable {
+    let mut unreadable = Unreadable::default();
+    for _ in 0..MAX_SHAPE_PROBLEMS {
+        let value = toml::Value::Table(table.clone());
+        let Err(error) = serde_path_to_error::deserialize::<_, RawConfig>(value) else {
+            return unreadable;
+        };
+        let path = match error.path().to_string() {
+            root if root == "." => String::new(),
+            path => path,
+        };
+        let message = error.inner().message().trim_end().to_owned();
+        // An unknown key is already the last segment of the path; a missing one is not.
+        let join = |leaf: &str| {
+            if path == leaf || path.ends_with(&format!(".{leaf}")) {
+                path.clone()
+            } else if path.is_empty() {
+                leaf.to_owned()
+            } else {
+                format!("{path}.{leaf}")
+            }
+        };
+        let (field, text, remove) = if let Some(rest) = message.strip_prefix("unknown field `") {
+            let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+            let expected = expected.trim_start_matches(',').trim();
+            let text = match closest(name, expected) {
+                Some(known) => format!("unknown field (did you mean `{known}`?)"),
+                None if expected.is_empty() => "unknown field".to_owned(),
+                None => format!("unknown field, {expected}"),
+            };
+            (join(name), text, join(name))
+        } else if let Some(rest) = message.strip_prefix("missing field `") {
+            let name = rest.split('`').next().unwrap_or(rest);
+            // The table that lacks it cannot be read: leave it out.
+            (join(name), "is required".to_owned(), path.clone())
+        } else {
+            let leaf = path.rsplit('.').next().unwrap_or(&path);
+            let leaf = leaf.split('[').next().unwrap_or(leaf);
+            (path.clone(), friendly(&message, leaf), path.clone())
+        };
+        problems.push(origins.problem(field, text));
+        if !remove_at(table, &remove, origins, &mut unreadable) {
+            // Nothing could be taken out (it should not happen): stop rather than loop.
+            return unreadable;
+        }
+    }
+    unreadable
+}
+
+/// Takes the item at `path` (as validation numbers it) out of `table`. An element of one of
+/// [`TABLE_LISTS`] is taken out whole and remembered; an element of any other array takes its
+/// whole array with it (its siblings would otherwise be renumbered).
+fn remove_at(
+    table: &mut toml::Table,
+    path: &str,
+    origins: &mut Origins<'_>,
+    unreadable: &mut Unreadable,
+) -> bool {
+    for list in TABLE_LISTS {
+        let Some(rest) = path.strip_prefix(list).and_then(|r| r.strip_prefix('[')) else {
+            continue;
+        };
+        let Some((index, rest)) = rest.split_once(']') else {
+            continue;
+        };
+        let Ok(index) = index.parse::<usize>() else {
+            continue;
+        };
+        if !rest.is_empty() {
+            break;
+        }
+        let Some(toml::Value::Array(elements)) = lookup(table, list) else {
+            return false;
+        };
+        if index >= elements.len() {
+            return false;
+        }
+        let element = elements.remove(index);
+        let id = |key: &str| {
+            element
+                .get(key)
+                .and_then(toml::Value::as_str)
+                .map(str::to_owned)
+        };
+        match list {
+            "dispatchers" => unreadable.dispatchers.extend(id("dispatcher_id")),
+            "routes" => unreadable.route_targets.extend(id("dispatcher_id")),
+            _ => {}
+        }
+        let count = elements.len() + 1;
+        let kept = origins
+            .kept
+            .entry(list)
+            .or_insert_with(|| (0..count).collect());
+        if index < kept.len() {
+            kept.remove(index);
+        }
+        return true;
+    }
+    // `a.b[3]` (not a list of tables) or `a.b[3].c`: the array, or the key, goes.
+    let path = match path.rfind('[') {
+        Some(open) if path.ends_with(']') => &path[..open],
+        _ => path,
+    };
+    let (parent, key) = match path.rsplit_once('.') {
+        Some((parent, key)) => (Some(parent), key),
+        None => (None, path),
+    };
+    let container = match parent {
+        None => Some(table),
+        Some(parent) => match lookup(table, parent) {
+            Some(toml::Value::Table(inner)) => Some(inner),
+            _ => None,
+        },
+    };
+    container.is_some_and(|c| c.remove(key).is_some())
+}
+
+/// The value at a path such as `dispatchers[1].retry` (indices as validation numbers them).
+fn lookup<'t>(table: &'t mut toml::Table, path: &str) -> Option<&'t mut toml::Value> {
+    let mut parts = path.split('.');
+    let first = parts.next()?;
+    let mut value = step(table, first)?;
+    for part in parts {
+        let toml::Value::Table(inner) = value else {
+            return None;
+        };
+        value = step(inner, part)?;
+    }
+    Some(value)
+}
+
+fn step<'t>(table: &'t mut toml::Table, part: &str) -> Option<&'t mut toml::Value> {
+    match part.split_once('[') {
+        None => table.get_mut(part),
+        Some((name, index)) => {
+            let index = index.trim_end_matches(']').parse::<usize>().ok()?;
+            match table.get_mut(name)? {
+                toml::Value::Array(elements) => elements.get_mut(index),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// The known field (from serde's `expected one of `a`, `b``) a misspelt `name` most likely
+/// meant: at most two edits away.
+fn closest<'e>(name: &str, expected: &'e str) -> Option<&'e str> {
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|known| (edit_distance(name, known), known))
+        .filter(|(distance, _)| *distance <= 2)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance, on chars; field names are short.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// serde's `invalid type: string "1MB", expected u64` in the words of a config file:
+/// `must be a whole number (found string "1MB")`.
+fn friendly(message: &str, leaf: &str) -> String {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    let Some((found, expected)) = rest.and_then(|r| r.rsplit_once(", expected ")) else {
+        return message.to_owned();
+    };
+    let wanted = match expected {
+        "u8" => "a whole number from 0 to 255".to_owned(),
+        "u16" => "a whole number from 0 to 65535".to_owned(),
+        "u32" => "a whole number from 0 to 4294967295".to_owned(),
+        "u64" | "usize" => "a whole number, 0 or more".to_owned(),
+        "i64" | "i32" => "a whole number".to_owned(),
+        "f64" | "f32" => "a number".to_owned(),
+        "a boolean" => "true or false".to_owned(),
+        "a string" if DURATION_FIELDS.contains(&leaf) => {
+            "a duration in quotes, such as \"30s\" or \"500ms\"".to_owned()
+        }
+        "a string" => "text in quotes".to_owned(),
+        "a sequence" => "a list, such as [\"a\", \"b\"]".to_owned(),
+        other if other.starts_with("struct ") || other == "a map" => "a table".to_owned(),
+        other => other.to_owned(),
+    };
+    format!("must be {wanted} (found {found})")
+}
+
 fn offset_of(root: &toml_edit::Table, field: &str) -> Option<usize> {
     let mut table: &dyn toml_edit::TableLike = root;
     let mut span = None;

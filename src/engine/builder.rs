@@ -62,6 +62,15 @@ pub enum BuildProblem {
         message_type: String,
         dispatcher: String,
     },
+    #[error(
+        "route `{route}` can never match: no topic matching `{pattern}` has category {category} (a topic's category is one whole segment such as `{segment}`)"
+    )]
+    UnreachablePattern {
+        route: String,
+        pattern: String,
+        category: Category,
+        segment: &'static str,
+    },
 }
 
 /// Everything wrong with a registration, found in one pass so a user fixes it all at once.
@@ -177,6 +186,15 @@ impl EngineBuilder {
                 problems.push(BuildProblem::DuplicateRoute(name.to_owned()));
             }
             let pattern = match route.topic_pattern.parse::<TopicPattern>() {
+                Ok(pattern) if !pattern.can_match(route.message_category) => {
+                    problems.push(BuildProblem::UnreachablePattern {
+                        route: name.to_owned(),
+                        pattern: route.topic_pattern.clone(),
+                        category: route.message_category,
+                        segment: route.message_category.segment(),
+                    });
+                    None
+                }
                 Ok(pattern) => Some(pattern),
                 Err(source) => {
                     problems.push(BuildProblem::InvalidPattern {

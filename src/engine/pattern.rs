@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-use super::topic::is_segment_text;
+use super::topic::{Category, is_segment_text};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -84,6 +84,26 @@ impl TopicPattern {
             }
         }
         pattern[p..].iter().all(|segment| *segment == Segment::Any)
+    }
+
+    /// Whether some topic this pattern matches can have `category`. A topic's category is the
+    /// one whole segment naming it, so a pattern whose literals name another category, or that
+    /// has neither such a literal nor a wildcard to stand for one, can never match a topic of
+    /// that category: a route with it is dead configuration.
+    pub fn can_match(&self, category: Category) -> bool {
+        let mut named = false;
+        let mut wildcard = false;
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(text) => match Category::from_segment(text) {
+                    Some(other) if other != category => return false,
+                    Some(_) => named = true,
+                    None => {}
+                },
+                Segment::One | Segment::Any => wildcard = true,
+            }
+        }
+        named || wildcard
     }
 }
 
@@ -176,6 +196,25 @@ mod tests {
         assert_eq!(
             "a.***".parse::<TopicPattern>(),
             Err(PatternError::InvalidSegment(1, "***".into()))
+        );
+    }
+
+    #[test]
+    fn a_pattern_can_match_a_category_only_through_a_segment_that_may_name_it() {
+        let can =
+            |pattern: &str, category| pattern.parse::<TopicPattern>().unwrap().can_match(category);
+        assert!(can("**", Category::Event));
+        assert!(can("shop.*.orders", Category::Command));
+        assert!(can("shop.events.orders", Category::Event));
+        assert!(can("shop.event.**", Category::Event));
+        assert!(
+            !can("shop.orders", Category::Event),
+            "no segment can name it"
+        );
+        assert!(!can("shop.events.orders", Category::Command));
+        assert!(
+            !can("shop.events.*", Category::Intent),
+            "a literal names another"
         );
     }
 

@@ -31,6 +31,15 @@ impl Category {
         }
     }
 
+    /// The plural segment that names it in a topic (`events`).
+    pub fn segment(self) -> &'static str {
+        match self {
+            Category::Event => "events",
+            Category::Command => "commands",
+            Category::Intent => "intents",
+        }
+    }
+
     /// The category a whole topic segment names, singular or plural (`events`, `event`).
     pub fn from_segment(segment: &str) -> Option<Category> {
         match segment {

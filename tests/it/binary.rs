@@ -121,6 +121,76 @@ fn check_config_accepts_a_valid_file() {
     );
 }
 
+/// The exact output of check-config for a file with several problems of every kind, found
+/// through `--config` after the subcommand, before it, and DISPATCHD_CONFIG.
+#[test]
+fn check_config_finds_its_file_wherever_it_is_named_and_prints_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlistn = \"x\"\nmax_body_bytes = \"1MB\"\n[metrics]\nenabld = true\n",
+    )
+    .unwrap();
+    let path = file.display();
+    let expected = format!(
+        "error: invalid configuration (3 problems):\n  {path}:2: `server.listn`: unknown field (did you mean `listen`?)\n  {path}:3: `server.max_body_bytes`: must be a whole number, 0 or more (found string \"1MB\")\n  {path}:5: `metrics.enabld`: unknown field (did you mean `enabled`?)\n"
+    );
+    let runs = [
+        Command::new(BINARY)
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .output(),
+        Command::new(BINARY)
+            .arg("--config")
+            .arg(&file)
+            .arg("check-config")
+            .output(),
+        Command::new(BINARY)
+            .arg("check-config")
+            .env("DISPATCHD_CONFIG", &file)
+            .output(),
+    ];
+    for output in runs {
+        let output = output.unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        assert_eq!(String::from_utf8(output.stderr).unwrap(), expected);
+    }
+}
+
+/// `dispatchd config`: the merged configuration as TOML that reads back, secrets masked, the
+/// environment's overrides in it.
+#[test]
+fn config_prints_the_effective_configuration_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("with-secrets.toml");
+    std::fs::write(
+        &file,
+        "[auth]\napi_token = \"supersecret-token-1234\"\n[metrics]\nnamespace = \"shop\"\n",
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .arg("config")
+        .arg("--config")
+        .arg(&file)
+        .env("DISPATCHD_LISTEN", "127.0.0.1:9555")
+        .env_remove("DISPATCHD_API_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(!text.contains("supersecret"), "{text}");
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(table["server"]["listen"].as_str(), Some("127.0.0.1:9555"));
+    assert_eq!(table["metrics"]["namespace"].as_str(), Some("shop"));
+    assert_eq!(table["auth"]["api_token"].as_str(), Some("[REDACTED]"));
+    assert!(
+        table["dispatchers"]
+            .as_array()
+            .is_some_and(|d| d.len() == 2)
+    );
+}
+
 /// `serve --log-format json`: one JSON object per line, and the line a dispatcher logs inside a
 /// dispatch carries the caller's trace id and the dispatch's span id.
 #[tokio::test]
