@@ -515,7 +515,7 @@ fn validate(
         .unwrap_or_default()
         .iter()
         .enumerate()
-        .map(|(i, sink)| validate_sink(i, sink, origins, problems))
+        .map(|(i, sink)| validate_sink(i, sink, origins, env, problems))
         .collect::<Vec<_>>();
     let bus = validate_bus(&raw.bus, origins, problems);
     let sampling_ratio = raw.tracing.sampling_ratio.unwrap_or(1.0);
@@ -1238,6 +1238,7 @@ fn validate_sink(
     i: usize,
     raw: &RawSink,
     origins: &Origins<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Vec<Problem>,
 ) -> SinkSettings {
     let at = |field: &str| format!("sinks[{i}].{field}");
@@ -1266,10 +1267,7 @@ fn validate_sink(
         "endpoint",
         format!("the {} sink needs an endpoint", raw.service),
     );
-    let api_key = raw
-        .api_key
-        .clone()
-        .or_else(|| std::env::var("DISPATCHD_API_KEY").ok());
+    let api_key = raw.api_key.clone().or_else(|| env("DISPATCHD_API_KEY"));
     let needs_key = matches!(raw.service.as_str(), "lunary" | "helicone");
     check(
         !needs_key || api_key.is_some(),

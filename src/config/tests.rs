@@ -752,3 +752,16 @@ headers = { Authorization = "Bearer abcdefabcdef", X-Team = "blue" }
     let reread: toml::Table = toml::from_str(&text).unwrap();
     assert_eq!(reread["bus"]["kind"].as_str(), Some("redis"));
 }
+
+#[test]
+fn a_sink_api_key_comes_from_the_injected_environment() {
+    let f = file("[[sinks]]\nname = \"l\"\nservice = \"lunary\"\n");
+    let env = |name: &str| (name == "DISPATCHD_API_KEY").then(|| "key-from-env".to_owned());
+    let config = Config::load_with(Some(f.path()), env).unwrap();
+    assert_eq!(
+        config.sinks[0].sink.api_key.clone(),
+        Some("key-from-env".to_owned())
+    );
+    let error = Config::load_with(Some(f.path()), |_| None).unwrap_err();
+    assert!(error.to_string().contains("needs an api key"), "{error}");
+}
