@@ -22,13 +22,15 @@ impl Handler for Fast {
     }
 }
 
-/// Takes 20 to 400 ms; with a 250 ms timeout, a share of its calls time out.
+/// Takes 20 to 260 ms; with a 250 ms timeout, about one call in 25 times out: a dispatcher that
+/// is sometimes too slow, not one that is failing (the demonstration's real failures stay under
+/// the 5% that `DispatchdHighErrorRatio` pages on).
 pub(super) struct Slow;
 
 #[async_trait]
 impl Handler for Slow {
     async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(20..400))).await;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(20..260))).await;
         Ok(Vec::new())
     }
 }
