@@ -35,8 +35,9 @@ impl Handler for Slow {
     }
 }
 
-/// Fails in runs: 15 calls fail, then 25 succeed, and again, so its circuit breaker trips,
-/// refuses, probes and closes, over and over.
+/// Fails in runs: 25 calls succeed, then 15 fail, and again, so its circuit breaker trips,
+/// refuses, probes and closes, over and over. Its failures are few (the breaker stops the calls
+/// after three) and its refusals many: what a breaker is for.
 #[derive(Default)]
 pub(super) struct Flaky {
     calls: AtomicU64,
@@ -46,7 +47,7 @@ pub(super) struct Flaky {
 impl Handler for Flaky {
     async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        if call % 40 < 15 {
+        if call % 40 >= 25 {
             Err(HandlerError::transient("payment provider answered 503"))
         } else {
             Ok(Vec::new())
