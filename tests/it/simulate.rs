@@ -112,7 +112,12 @@ async fn the_simulation_moves_the_breaker_rate_limiter_and_cache_metrics() {
         DispatchStatus::Denied,
     ] {
         assert!(
-            summary.by_dispatch_status.get(&status).copied().unwrap_or(0) > 0,
+            summary
+                .by_dispatch_status
+                .get(&status)
+                .copied()
+                .unwrap_or(0)
+                > 0,
             "{status} in {:?}",
             summary.by_dispatch_status
         );
