@@ -58,8 +58,9 @@ pub struct Summary {
 
 impl Summary {
     /// Dispatches that failed for real (`dispatcher_error`, `timeout`, `publish_failed`) out of
-    /// those that ran (neither refused nor skipped): what alert `DispatchdHighErrorRatio` pages
-    /// on above 5%. `None` when nothing ran.
+    /// those that ran dispatchers (those and `success`; refusals, skips and client mistakes are
+    /// on neither side): what alert `DispatchdHighErrorRatio` pages on above 5%. `None` when
+    /// nothing ran.
     pub fn failure_ratio(&self) -> Option<f64> {
         failure_ratio(&self.by_dispatch_status)
     }
@@ -82,7 +83,7 @@ fn failure_ratio(statuses: &BTreeMap<DispatchStatus, u64>) -> Option<f64> {
                 | DispatchStatus::PublishFailed
         )
     });
-    let ran = count(|s| !s.is_refusal() && *s != DispatchStatus::Skipped);
+    let ran = failed + count(|s| *s == DispatchStatus::Success);
     (ran > 0).then(|| failed as f64 / ran as f64)
 }
 
@@ -369,4 +370,36 @@ fn line(sent: u64, answers: &Answers, elapsed: Duration) -> String {
             parts.join("  ")
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_failure_ratio_counts_what_the_error_alert_counts() {
+        let statuses: BTreeMap<DispatchStatus, u64> = [
+            (DispatchStatus::Success, 90),
+            (DispatchStatus::Timeout, 6),
+            (DispatchStatus::DispatcherError, 3),
+            (DispatchStatus::PublishFailed, 1),
+            (DispatchStatus::Rejected, 500),
+            (DispatchStatus::Denied, 50),
+            (DispatchStatus::Skipped, 40),
+            (DispatchStatus::InvalidMessage, 10),
+            (DispatchStatus::NoDispatcher, 10),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(failure_ratio(&statuses), Some(0.1));
+        assert_eq!(failure_ratio(&BTreeMap::new()), None);
+        let answers = Answers {
+            by_status: [(200, 130), (503, 500), (0, 2)].into_iter().collect(),
+            by_dispatch_status: statuses,
+        };
+        let line = line(712, &answers, Duration::from_secs(3));
+        assert!(line.contains("rejected 500"), "{line}");
+        assert!(line.contains("failed to send 2"), "{line}");
+        assert!(line.contains("(failures 10.0% of runs)"), "{line}");
+    }
 }
