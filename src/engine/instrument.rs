@@ -48,7 +48,9 @@ pub trait InstrumentationStrategy: Send + Sync + 'static {
     /// Before any dispatcher runs; the dispatch's start time was taken before this hook.
     fn on_dispatch_start(&self, _dispatch: &DispatchInfo<'_>) {}
 
-    /// The dispatch ended with a status that is not an error (`success`, `skipped`, `routed`).
+    /// The dispatch ended with a status that is not an error: `success`, `skipped`, `routed`, or a
+    /// refusal (`rejected`, `denied`, with the reason in `error_code` and `error_message`), which
+    /// is dispatchd's protections and policies working as configured.
     fn on_dispatch_success(
         &self,
         _dispatch: &DispatchInfo<'_>,
@@ -57,7 +59,8 @@ pub trait InstrumentationStrategy: Send + Sync + 'static {
     ) {
     }
 
-    /// The dispatch ended with an error status; the result carries the sanitized error.
+    /// The dispatch ended with an error status ([`is_error`](super::DispatchStatus::is_error)); the result carries
+    /// the sanitized error.
     fn on_dispatch_error(
         &self,
         _dispatch: &DispatchInfo<'_>,

@@ -266,6 +266,7 @@ impl Engine {
         }
         let elapsed = started.elapsed();
         result.duration_ms = millis(elapsed);
+        // Refusals (`rejected`, `denied`) are not errors: strategies see them as outcomes.
         if result.status.is_error() {
             hooks.emit("on_dispatch_error", |s| {
                 s.on_dispatch_error(&info, &result, elapsed)
@@ -292,53 +293,27 @@ impl Engine {
                 .await
         };
 
-        let mut failures = Vec::new();
+        let mut reasons = Vec::new();
         for (outcome, outputs) in runs {
             result.outputs.extend(outputs);
             if !matches!(
                 outcome.result,
                 ExecutionResult::Success | ExecutionResult::Skipped
             ) {
-                failures.push((outcome.result, format_failure(&outcome)));
+                reasons.push(format_failure(&outcome));
             }
             result.dispatchers.push(outcome);
         }
         result.output_count = result.outputs.len();
-        if failures.is_empty() {
-            if result
-                .dispatchers
-                .iter()
-                .all(|d| d.result == ExecutionResult::Skipped)
-            {
-                // Every dispatcher already handled this message: a duplicate.
-                result.status = DispatchStatus::Skipped;
-            }
+        // The worst outcome decides: see `DispatchStatus`'s precedence table.
+        let settled = DispatchStatus::of_outcomes(result.dispatchers.iter().map(|d| d.result));
+        let Some((status, code)) = settled else {
             return;
-        }
-        let (status, code) = if failures.iter().all(|(r, _)| *r == ExecutionResult::Timeout) {
-            (DispatchStatus::Timeout, "timeout")
-        } else if failures
-            .iter()
-            .all(|(r, _)| *r == ExecutionResult::Rejected)
-        {
-            let by_policy = result
-                .dispatchers
-                .iter()
-                .filter(|d| d.result == ExecutionResult::Rejected)
-                .all(|d| d.policy.is_some());
-            // A policy's no is final; a protection's (breaker, rate limit, concurrency) is "not
-            // now".
-            let code = if by_policy {
-                "policy_denied"
-            } else {
-                "rejected"
-            };
-            (DispatchStatus::DispatcherError, code)
-        } else {
-            (DispatchStatus::DispatcherError, "dispatcher_failed")
         };
-        let reasons: Vec<String> = failures.into_iter().map(|(_, reason)| reason).collect();
-        fail(result, status, code, &reasons.join("; "));
+        match code {
+            Some(code) => fail(result, status, code, &reasons.join("; ")),
+            None => result.status = status,
+        }
     }
 
     async fn run_one(
@@ -400,7 +375,7 @@ impl Engine {
                 });
                 policy = Some(name.to_owned());
                 Err(Failure::new(
-                    ExecutionResult::Rejected,
+                    ExecutionResult::Denied,
                     format!("policy `{name}` denied: {reason}"),
                 ))
             }
@@ -559,10 +534,14 @@ impl Engine {
                 "publishing {} outputs failed: {error}",
                 result.outputs.len()
             );
+            // Lost outputs are a real failure: they outrank a refusal or a success, while an
+            // error status stays and only gains the reason.
+            let reason = match result.error_message.take() {
+                Some(previous) => format!("{previous}; {reason}"),
+                None => reason,
+            };
             if result.status.is_error() {
-                let previous = result.error_message.take().unwrap_or_default();
-                result.error_message =
-                    Some(sanitize(&format!("{previous}; {reason}")).into_owned());
+                result.error_message = Some(sanitize(&reason).into_owned());
             } else {
                 fail(
                     result,

@@ -10,16 +10,39 @@ use super::envelope::OutputMessage;
 use super::topic::Category;
 
 /// The status of one dispatch. A closed set: it is a metric label and decides the HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Three kinds of ending: a success (`success`, and `skipped` when nothing needed to run), an
+/// error (something failed, or the message was wrong), and a refusal (`rejected`, `denied`): a
+/// protection or a policy said no, which is dispatchd working as configured and never counts
+/// toward an error ratio.
+///
+/// When the dispatchers of one message end differently, the worst outcome decides, in this order
+/// (see [`DispatchStatus::of_outcomes`]):
+///
+/// | any dispatcher ended … | status | `error_code` | HTTP |
+/// | --- | --- | --- | --- |
+/// | `error` (also beside timeouts) | `dispatcher_error` | `dispatcher_failed` | 502 |
+/// | `timeout` (and none `error`) | `timeout` | `timeout` | 504 |
+/// | `rejected` (and none failed) | `rejected` | `rejected` | 503 |
+/// | `denied` (and none failed or rejected) | `denied` | `policy_denied` | 403 |
+/// | `success` (the others `success` or `skipped`) | `success` | none | 200 |
+/// | every one `skipped` | `skipped` | none | 200 |
+///
+/// A real failure beats a refusal because the message then needs someone's attention; a
+/// rejection beats a denial because "retry later" is the answer that can still succeed (the
+/// denied part is denied again, at no cost). Outputs of the dispatchers that succeeded are
+/// returned whatever the status, and publishing them afterwards can still fail: `publish_failed`
+/// then replaces a refusal or a success (outputs were lost: a real failure), never an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DispatchStatus {
-    /// Every dispatcher that ran succeeded.
+    /// Every dispatcher that ran succeeded (some may have skipped a duplicate).
     Success,
     /// Accepted for asynchronous processing; the only non-terminal status.
     Routed,
     /// No enabled route matched the topic, category and message type.
     NoDispatcher,
-    /// At least one dispatcher failed or was refused; see each dispatcher's outcome.
+    /// At least one dispatcher failed (an error or a panic); see each dispatcher's outcome.
     DispatcherError,
     /// Every failing dispatcher failed by running out of time.
     Timeout,
@@ -27,12 +50,19 @@ pub enum DispatchStatus {
     InvalidMessage,
     /// The dispatchers succeeded but their outputs could not be published.
     PublishFailed,
-    /// Nothing ran on purpose, for example a duplicate message.
+    /// Nothing ran on purpose: every dispatcher already handled this message (de-duplication).
     Skipped,
+    /// A protection refused at least one dispatcher (its circuit breaker, rate limiter or
+    /// concurrency limit) and none failed: not now, retry later (HTTP 503). A refusal, not an
+    /// error. A retry runs the successful dispatchers again unless they de-duplicate.
+    Rejected,
+    /// A policy refused a command and nothing failed or was rejected: do not retry it as is
+    /// (HTTP 403). A refusal, not an error.
+    Denied,
 }
 
 impl DispatchStatus {
-    pub const ALL: [DispatchStatus; 8] = [
+    pub const ALL: [DispatchStatus; 10] = [
         DispatchStatus::Success,
         DispatchStatus::Routed,
         DispatchStatus::NoDispatcher,
@@ -41,6 +71,8 @@ impl DispatchStatus {
         DispatchStatus::InvalidMessage,
         DispatchStatus::PublishFailed,
         DispatchStatus::Skipped,
+        DispatchStatus::Rejected,
+        DispatchStatus::Denied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +85,8 @@ impl DispatchStatus {
             DispatchStatus::InvalidMessage => "invalid_message",
             DispatchStatus::PublishFailed => "publish_failed",
             DispatchStatus::Skipped => "skipped",
+            DispatchStatus::Rejected => "rejected",
+            DispatchStatus::Denied => "denied",
         }
     }
 
@@ -65,6 +99,8 @@ impl DispatchStatus {
         self == DispatchStatus::Success
     }
 
+    /// Something failed, or the message was wrong. Refusals (`rejected`, `denied`) and `skipped`
+    /// are not errors.
     pub fn is_error(self) -> bool {
         matches!(
             self,
@@ -76,12 +112,35 @@ impl DispatchStatus {
         )
     }
 
-    /// Worth sending again as is: the failure was about time or transport, not the message.
+    /// A protection or a policy refused: `rejected` or `denied`.
+    pub fn is_refusal(self) -> bool {
+        matches!(self, DispatchStatus::Rejected | DispatchStatus::Denied)
+    }
+
+    /// Worth sending again as is, later: the failure or refusal was about time, transport or
+    /// load, not the message.
     pub fn requires_retry(self) -> bool {
         matches!(
             self,
-            DispatchStatus::Timeout | DispatchStatus::PublishFailed
+            DispatchStatus::Timeout | DispatchStatus::PublishFailed | DispatchStatus::Rejected
         )
+    }
+
+    /// The status of a dispatch whose selected dispatchers ended with `results`, and its
+    /// `error_code`, by the precedence in the type's documentation. `None` for no results (the
+    /// engine answers `no_dispatcher` before it gets here).
+    pub fn of_outcomes(
+        results: impl IntoIterator<Item = ExecutionResult>,
+    ) -> Option<(DispatchStatus, Option<&'static str>)> {
+        let worst = results.into_iter().max_by_key(|r| r.precedence())?;
+        Some(match worst {
+            ExecutionResult::Error => (DispatchStatus::DispatcherError, Some("dispatcher_failed")),
+            ExecutionResult::Timeout => (DispatchStatus::Timeout, Some("timeout")),
+            ExecutionResult::Rejected => (DispatchStatus::Rejected, Some("rejected")),
+            ExecutionResult::Denied => (DispatchStatus::Denied, Some("policy_denied")),
+            ExecutionResult::Success => (DispatchStatus::Success, None),
+            ExecutionResult::Skipped => (DispatchStatus::Skipped, None),
+        })
     }
 }
 
@@ -91,27 +150,31 @@ impl fmt::Display for DispatchStatus {
     }
 }
 
-/// How one dispatcher's run ended. A metric label (`result`), so a closed set.
+/// How one dispatcher's part in a dispatch ended. A metric label (`result`), so a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutionResult {
     Success,
+    /// It ran and failed (after any retries), or panicked.
     Error,
+    /// It ran out of its timeout (after any retries).
     Timeout,
-    /// Refused before running: a policy, the circuit breaker, the rate limiter or the
-    /// concurrency limit.
+    /// Refused before running by a protection: the circuit breaker, the rate limiter or the
+    /// concurrency limit. Not a failure of the dispatcher.
     Rejected,
-    /// Not run because this dispatcher already handled the message (de-duplication). Not an
-    /// execution: the metrics do not count it in `dispatcher_executions_total`.
+    /// Refused before running by a command policy. Not a failure of the dispatcher.
+    Denied,
+    /// Not run because this dispatcher already handled the message (de-duplication).
     Skipped,
 }
 
 impl ExecutionResult {
-    pub const ALL: [ExecutionResult; 5] = [
+    pub const ALL: [ExecutionResult; 6] = [
         ExecutionResult::Success,
         ExecutionResult::Error,
         ExecutionResult::Timeout,
         ExecutionResult::Rejected,
+        ExecutionResult::Denied,
         ExecutionResult::Skipped,
     ];
 
@@ -121,7 +184,29 @@ impl ExecutionResult {
             ExecutionResult::Error => "error",
             ExecutionResult::Timeout => "timeout",
             ExecutionResult::Rejected => "rejected",
+            ExecutionResult::Denied => "denied",
             ExecutionResult::Skipped => "skipped",
+        }
+    }
+
+    /// Whether the dispatcher's code ran: `success`, `error`, `timeout`. Refusals and skips did
+    /// not run, so they have no latency and say nothing about the dispatcher's health.
+    pub fn ran(self) -> bool {
+        matches!(
+            self,
+            ExecutionResult::Success | ExecutionResult::Error | ExecutionResult::Timeout
+        )
+    }
+
+    /// Higher decides the dispatch status (see [`DispatchStatus`]).
+    fn precedence(self) -> u8 {
+        match self {
+            ExecutionResult::Skipped => 0,
+            ExecutionResult::Success => 1,
+            ExecutionResult::Denied => 2,
+            ExecutionResult::Rejected => 3,
+            ExecutionResult::Timeout => 4,
+            ExecutionResult::Error => 5,
         }
     }
 }
@@ -141,7 +226,7 @@ pub struct DispatcherOutcome {
     pub output_count: usize,
     /// Tries made: 1, plus the retries; 0 when it was refused or skipped before running.
     pub attempts: u32,
-    /// Sanitized; present when the result is `error`, `timeout` or `rejected`.
+    /// Sanitized; present when the result is `error`, `timeout`, `rejected` or `denied`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
     /// The policy that refused the command, when one did.
@@ -181,23 +266,17 @@ mod tests {
     #[test]
     fn status_predicates_follow_the_contract() {
         use DispatchStatus::*;
-        let terminal: Vec<_> = DispatchStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_terminal())
-            .collect();
-        assert_eq!(terminal.len(), 7);
+        let having = |predicate: fn(DispatchStatus) -> bool| -> Vec<DispatchStatus> {
+            DispatchStatus::ALL
+                .into_iter()
+                .filter(|s| predicate(*s))
+                .collect()
+        };
+        assert_eq!(having(DispatchStatus::is_terminal).len(), 9);
         assert!(!Routed.is_terminal());
-        let successful: Vec<_> = DispatchStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_successful())
-            .collect();
-        assert_eq!(successful, [Success]);
-        let errors: Vec<_> = DispatchStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_error())
-            .collect();
+        assert_eq!(having(DispatchStatus::is_successful), [Success]);
         assert_eq!(
-            errors,
+            having(DispatchStatus::is_error),
             [
                 NoDispatcher,
                 DispatcherError,
@@ -206,11 +285,14 @@ mod tests {
                 PublishFailed
             ]
         );
-        let retry: Vec<_> = DispatchStatus::ALL
-            .into_iter()
-            .filter(|s| s.requires_retry())
-            .collect();
-        assert_eq!(retry, [Timeout, PublishFailed]);
+        assert_eq!(having(DispatchStatus::is_refusal), [Rejected, Denied]);
+        assert_eq!(
+            having(DispatchStatus::requires_retry),
+            [Timeout, PublishFailed, Rejected]
+        );
+        for refusal in [Rejected, Denied] {
+            assert!(!refusal.is_error(), "{refusal} is a refusal, not an error");
+        }
     }
 
     #[test]
@@ -220,6 +302,111 @@ mod tests {
         }
         for result in ExecutionResult::ALL {
             assert_eq!(serde_json::to_value(result).unwrap(), result.as_str());
+        }
+        assert_eq!(
+            serde_json::from_str::<DispatchStatus>("\"denied\"").unwrap(),
+            DispatchStatus::Denied
+        );
+    }
+
+    /// The documented precedence, as a table.
+    #[test]
+    fn mixed_outcomes_settle_by_the_documented_precedence() {
+        use ExecutionResult as R;
+        let table: &[(&[ExecutionResult], DispatchStatus, Option<&str>)] = &[
+            (&[R::Success], DispatchStatus::Success, None),
+            (&[R::Skipped], DispatchStatus::Skipped, None),
+            (&[R::Skipped, R::Skipped], DispatchStatus::Skipped, None),
+            (&[R::Success, R::Skipped], DispatchStatus::Success, None),
+            (&[R::Denied], DispatchStatus::Denied, Some("policy_denied")),
+            (
+                &[R::Success, R::Denied],
+                DispatchStatus::Denied,
+                Some("policy_denied"),
+            ),
+            (&[R::Rejected], DispatchStatus::Rejected, Some("rejected")),
+            (
+                &[R::Success, R::Rejected],
+                DispatchStatus::Rejected,
+                Some("rejected"),
+            ),
+            (
+                &[R::Denied, R::Rejected],
+                DispatchStatus::Rejected,
+                Some("rejected"),
+            ),
+            (
+                &[R::Skipped, R::Rejected],
+                DispatchStatus::Rejected,
+                Some("rejected"),
+            ),
+            (&[R::Timeout], DispatchStatus::Timeout, Some("timeout")),
+            (
+                &[R::Rejected, R::Timeout],
+                DispatchStatus::Timeout,
+                Some("timeout"),
+            ),
+            (
+                &[R::Success, R::Timeout],
+                DispatchStatus::Timeout,
+                Some("timeout"),
+            ),
+            (
+                &[R::Error],
+                DispatchStatus::DispatcherError,
+                Some("dispatcher_failed"),
+            ),
+            (
+                &[R::Timeout, R::Error],
+                DispatchStatus::DispatcherError,
+                Some("dispatcher_failed"),
+            ),
+            (
+                &[R::Rejected, R::Denied, R::Error],
+                DispatchStatus::DispatcherError,
+                Some("dispatcher_failed"),
+            ),
+        ];
+        for (results, status, code) in table {
+            assert_eq!(
+                DispatchStatus::of_outcomes(results.iter().copied()),
+                Some((*status, *code)),
+                "{results:?}"
+            );
+        }
+        assert_eq!(DispatchStatus::of_outcomes([]), None);
+    }
+
+    /// Every combination of up to three outcomes, against the rules as the docs word them.
+    #[test]
+    fn every_combination_follows_the_worded_rules() {
+        fn worded(results: &[ExecutionResult]) -> DispatchStatus {
+            let any = |r: ExecutionResult| results.contains(&r);
+            if any(ExecutionResult::Error) {
+                DispatchStatus::DispatcherError
+            } else if any(ExecutionResult::Timeout) {
+                DispatchStatus::Timeout
+            } else if any(ExecutionResult::Rejected) {
+                DispatchStatus::Rejected
+            } else if any(ExecutionResult::Denied) {
+                DispatchStatus::Denied
+            } else if any(ExecutionResult::Success) {
+                DispatchStatus::Success
+            } else {
+                DispatchStatus::Skipped
+            }
+        }
+        let all = ExecutionResult::ALL;
+        for a in all {
+            for b in all {
+                for c in all {
+                    for results in [&[a][..], &[a, b], &[a, b, c]] {
+                        let (status, _) =
+                            DispatchStatus::of_outcomes(results.iter().copied()).unwrap();
+                        assert_eq!(status, worded(results), "{results:?}");
+                    }
+                }
+            }
         }
     }
 }

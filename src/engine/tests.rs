@@ -371,9 +371,10 @@ async fn a_denied_command_does_not_run_and_names_the_policy() {
     let result = engine
         .dispatch("billing.commands", &Envelope::new("delete", json!({})))
         .await;
-    assert_eq!(result.status, DispatchStatus::DispatcherError);
+    assert_eq!(result.status, DispatchStatus::Denied);
+    assert!(!result.status.is_error() && !result.status.requires_retry());
     assert_eq!(result.error_code.as_deref(), Some("policy_denied"));
-    assert_eq!(result.dispatchers[0].result, ExecutionResult::Rejected);
+    assert_eq!(result.dispatchers[0].result, ExecutionResult::Denied);
     assert_eq!(
         result.dispatchers[0].policy.as_deref(),
         Some("billing-rules")
@@ -389,6 +390,15 @@ async fn a_denied_command_does_not_run_and_names_the_policy() {
             .iter()
             .any(|c| matches!(c, Recorded::AdapterInvoke { .. }))
     );
+    // A refusal is an outcome, not an error: strategies see it through `on_dispatch_success`.
+    assert!(matches!(
+        calls.last(),
+        Some(Recorded::Success {
+            status: DispatchStatus::Denied,
+            ..
+        })
+    ));
+    assert!(!calls.iter().any(|c| matches!(c, Recorded::Error { .. })));
 }
 
 struct FailingPublisher;
@@ -733,7 +743,9 @@ mod protections {
         engine.dispatch("a.events", &event("t")).await;
         engine.dispatch("a.events", &event("t")).await;
         let refused = engine.dispatch("a.events", &event("t")).await;
-        assert_eq!(refused.status, DispatchStatus::DispatcherError);
+        assert_eq!(refused.status, DispatchStatus::Rejected);
+        assert_eq!(refused.error_code.as_deref(), Some("rejected"));
+        assert!(!refused.status.is_error() && refused.status.requires_retry());
         assert_eq!(refused.dispatchers[0].result, ExecutionResult::Rejected);
         assert_eq!(
             refused.dispatchers[0].error_message.as_deref(),
@@ -787,6 +799,7 @@ mod protections {
         );
         // ... and a new message is refused by the rate limiter, not run.
         let limited = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(limited.status, DispatchStatus::Rejected);
         assert_eq!(limited.dispatchers[0].result, ExecutionResult::Rejected);
         assert_eq!(
             limited.dispatchers[0].error_message.as_deref(),
@@ -855,11 +868,114 @@ mod protections {
         };
         tokio::task::yield_now().await;
         let refused = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(refused.status, DispatchStatus::Rejected);
         assert_eq!(refused.dispatchers[0].result, ExecutionResult::Rejected);
         assert_eq!(
             refused.dispatchers[0].error_message.as_deref(),
             Some("refused: too many calls are waiting for the concurrency limit")
         );
         assert_eq!(busy.await.unwrap().status, DispatchStatus::Timeout);
+    }
+
+    /// A dispatcher whose rate limiter has one token (on paused time, never refilled): its first
+    /// call runs, every later one is rejected.
+    fn one_call(id: &str, seen: &Arc<Seen>) -> Dispatcher {
+        let config = ResilienceConfig {
+            rate_limit: Some(RateLimitConfig {
+                per_second: NonZeroU32::new(1).unwrap(),
+                burst: NonZeroU32::new(1).unwrap(),
+                mode: RateLimitMode::Reject,
+            }),
+            ..Default::default()
+        };
+        let protections = Protections::new(
+            id,
+            &config,
+            Some(seen.clone() as Arc<dyn ResilienceObserver>),
+        );
+        Dispatcher::new(id, Category::Event, Echo).with_protections(protections)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_fan_out_a_refusal_outranks_successes_and_a_failure_outranks_a_refusal() {
+        let seen = Arc::new(Seen::default());
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::new("ok", Category::Event, Echo))
+            .dispatcher(one_call("limited", &seen))
+            .dispatcher(Dispatcher::new("broken", Category::Event, Fail("down")))
+            .route(Route::new("r-ok", "ok.*.events", Category::Event, "ok"))
+            .route(Route::new("r-ok-all", "all.events", Category::Event, "ok"))
+            .route(Route::new(
+                "r-limited",
+                "ok.*.events",
+                Category::Event,
+                "limited",
+            ))
+            .route(Route::new(
+                "r-limited-all",
+                "all.events",
+                Category::Event,
+                "limited",
+            ))
+            .route(Route::new(
+                "r-broken",
+                "all.events",
+                Category::Event,
+                "broken",
+            ))
+            .build()
+            .unwrap();
+        let first = engine.dispatch("ok.a.events", &event("t")).await;
+        assert_eq!(first.status, DispatchStatus::Success, "the only token");
+
+        let refused = engine.dispatch("ok.a.events", &event("t")).await;
+        assert_eq!(refused.status, DispatchStatus::Rejected);
+        assert_eq!(refused.error_code.as_deref(), Some("rejected"));
+        assert_eq!(
+            refused.output_count, 1,
+            "the dispatcher that ran keeps its output"
+        );
+        assert_eq!(
+            refused.error_message.as_deref(),
+            Some("dispatcher `limited` rejected: refused by the rate limiter")
+        );
+
+        let failed = engine.dispatch("all.events", &event("t")).await;
+        assert_eq!(failed.status, DispatchStatus::DispatcherError);
+        assert_eq!(failed.error_code.as_deref(), Some("dispatcher_failed"));
+        let message = failed.error_message.unwrap();
+        assert!(
+            message.contains("`limited` rejected") && message.contains("`broken` error: down"),
+            "every reason is listed: {message}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outputs_lost_beside_a_refusal_make_publish_failed() {
+        let seen = Arc::new(Seen::default());
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::new("ok", Category::Event, Echo))
+            .dispatcher(one_call("limited", &seen))
+            .route(Route::new("r-ok", "**", Category::Event, "ok"))
+            .route(Route::new("r-limited", "**", Category::Event, "limited"))
+            .publisher(Arc::new(FailingPublisher))
+            .build()
+            .unwrap();
+        let first = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(
+            first.status,
+            DispatchStatus::PublishFailed,
+            "the only token"
+        );
+        let result = engine.dispatch("a.events", &event("t")).await;
+        assert_eq!(result.status, DispatchStatus::PublishFailed);
+        assert_eq!(result.error_code.as_deref(), Some("publish_failed"));
+        assert_eq!(
+            result.error_message.as_deref(),
+            Some(
+                "dispatcher `limited` rejected: refused by the rate limiter; \
+                 publishing 1 outputs failed: bus unreachable"
+            )
+        );
     }
 }

@@ -5,8 +5,10 @@ use super::{HealthRegistry, Record};
 use crate::engine::{DispatchInfo, DispatcherRef, ExecutionResult, InstrumentationStrategy};
 
 /// Feeds dispatch outcomes into the registry: a success resets a dispatcher's consecutive
-/// failures, an error or a timeout adds one. A refusal (a policy, later a breaker or a rate
-/// limit) says nothing about the dispatcher's own health and is not counted.
+/// failures, an error or a timeout adds one. A refusal (`rejected` by its breaker, rate limiter
+/// or concurrency limit, `denied` by a policy) or a de-duplication skip did not run the
+/// dispatcher, says nothing about its own health, and is not counted either way. (An open
+/// breaker shows in the health state as `degraded`, from the breaker itself.)
 ///
 /// Holds each dispatcher's record by engine index, so recording is an atomic update with no
 /// lookup and no lock.
@@ -43,7 +45,7 @@ impl InstrumentationStrategy for HealthStrategy {
         match result {
             ExecutionResult::Success => record.succeeded(),
             ExecutionResult::Error | ExecutionResult::Timeout => record.failed(),
-            ExecutionResult::Rejected | ExecutionResult::Skipped => {}
+            ExecutionResult::Rejected | ExecutionResult::Denied | ExecutionResult::Skipped => {}
         }
     }
 }

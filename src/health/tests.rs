@@ -390,3 +390,40 @@ async fn a_panicking_task_is_restarted_counts_a_failure_and_the_others_keep_goin
     }
     assert_eq!(journal.active_of("flaky"), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn refusals_and_skips_are_not_failures_and_do_not_reset_them() {
+    use crate::engine::{DispatchInfo, DispatcherRef, ExecutionResult, InstrumentationStrategy};
+    let (registry, _) = registry();
+    registry.register("w1", worker(60)).unwrap();
+    let strategy = HealthStrategy::new(&registry, ["w1"]);
+    let info = DispatchInfo {
+        dispatch_id: uuid::Uuid::nil(),
+        topic: "a.events",
+        category: Some(Category::Event),
+        message_type: "t",
+        message_id: "m",
+        correlation_id: None,
+        traced: false,
+        span: None,
+    };
+    let complete = |result| {
+        strategy.on_dispatcher_complete(
+            &info,
+            DispatcherRef { index: 0, id: "w1" },
+            result,
+            Duration::ZERO,
+        );
+        registry.health("w1").unwrap().consecutive_failures
+    };
+    assert_eq!(complete(ExecutionResult::Error), 1);
+    assert_eq!(complete(ExecutionResult::Timeout), 2);
+    for refusal in [
+        ExecutionResult::Rejected,
+        ExecutionResult::Denied,
+        ExecutionResult::Skipped,
+    ] {
+        assert_eq!(complete(refusal), 2, "{refusal} changes nothing");
+    }
+    assert_eq!(complete(ExecutionResult::Success), 0);
+}

@@ -102,21 +102,20 @@ pub(super) async fn ingest(
     Ok((status_code(&result), Json(result)).into_response())
 }
 
-/// The HTTP status for a dispatch. Two dispatcher errors answer otherwise than 502, because
-/// nothing upstream failed: a policy denial is 403 (do not retry), and a refusal by a protection
-/// (an open circuit breaker, the rate limiter, the concurrency limit) is 503 (retry later).
+/// The HTTP status for a dispatch, by its status alone. Refusals answer otherwise than an
+/// error, because nothing upstream failed: `denied` (a policy) is 403, do not retry as is;
+/// `rejected` (an open circuit breaker, the rate limiter, the concurrency limit) is 503, retry
+/// later.
 pub fn status_code(result: &DispatchResult) -> StatusCode {
-    match (result.status, result.error_code.as_deref()) {
-        (DispatchStatus::Success | DispatchStatus::Skipped, _) => StatusCode::OK,
-        (DispatchStatus::Routed, _) => StatusCode::ACCEPTED,
-        (DispatchStatus::NoDispatcher, _) => StatusCode::NOT_FOUND,
-        (DispatchStatus::InvalidMessage, _) => StatusCode::BAD_REQUEST,
-        (DispatchStatus::DispatcherError, Some("policy_denied")) => StatusCode::FORBIDDEN,
-        (DispatchStatus::DispatcherError, Some("rejected")) => StatusCode::SERVICE_UNAVAILABLE,
-        (DispatchStatus::DispatcherError | DispatchStatus::PublishFailed, _) => {
-            StatusCode::BAD_GATEWAY
-        }
-        (DispatchStatus::Timeout, _) => StatusCode::GATEWAY_TIMEOUT,
+    match result.status {
+        DispatchStatus::Success | DispatchStatus::Skipped => StatusCode::OK,
+        DispatchStatus::Routed => StatusCode::ACCEPTED,
+        DispatchStatus::NoDispatcher => StatusCode::NOT_FOUND,
+        DispatchStatus::InvalidMessage => StatusCode::BAD_REQUEST,
+        DispatchStatus::Denied => StatusCode::FORBIDDEN,
+        DispatchStatus::Rejected => StatusCode::SERVICE_UNAVAILABLE,
+        DispatchStatus::DispatcherError | DispatchStatus::PublishFailed => StatusCode::BAD_GATEWAY,
+        DispatchStatus::Timeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
@@ -187,6 +186,51 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, ApiError> {
         envelope.timestamp = timestamp;
     }
     Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::status_code;
+    use crate::engine::{DispatchStatus, Envelope};
+
+    #[test]
+    fn every_status_has_its_http_status_refusals_included() {
+        let envelope = Envelope::new("t", serde_json::Value::Null);
+        for (status, expected) in [
+            (DispatchStatus::Success, StatusCode::OK),
+            (DispatchStatus::Skipped, StatusCode::OK),
+            (DispatchStatus::Routed, StatusCode::ACCEPTED),
+            (DispatchStatus::NoDispatcher, StatusCode::NOT_FOUND),
+            (DispatchStatus::InvalidMessage, StatusCode::BAD_REQUEST),
+            (DispatchStatus::Denied, StatusCode::FORBIDDEN),
+            (DispatchStatus::Rejected, StatusCode::SERVICE_UNAVAILABLE),
+            (DispatchStatus::DispatcherError, StatusCode::BAD_GATEWAY),
+            (DispatchStatus::PublishFailed, StatusCode::BAD_GATEWAY),
+            (DispatchStatus::Timeout, StatusCode::GATEWAY_TIMEOUT),
+        ] {
+            let result = crate::engine::DispatchResult {
+                dispatch_id: uuid::Uuid::nil(),
+                status,
+                topic: "a.events".into(),
+                message_category: None,
+                message_type: envelope.message_type.clone(),
+                message_id: envelope.message_id.clone(),
+                duration_ms: 0.0,
+                outputs: Vec::new(),
+                output_count: 0,
+                error_message: None,
+                // The status alone decides, whatever the code says.
+                error_code: Some("dispatcher_failed".into()),
+                correlation_id: None,
+                trace_id: None,
+                span_id: None,
+                dispatchers: Vec::new(),
+            };
+            assert_eq!(status_code(&result), expected, "{status}");
+        }
+    }
 }
 
 #[cfg(test)]

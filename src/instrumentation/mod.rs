@@ -116,6 +116,9 @@ impl InstrumentationStrategy for Composite {
 pub struct TracingStrategy;
 
 impl InstrumentationStrategy for TracingStrategy {
+    /// Outcomes log at debug, refusals (`rejected`, `denied`) included: they are the system
+    /// working as configured, their rate is on the metrics, and a line each would flood the log
+    /// while a breaker is open.
     fn on_dispatch_success(
         &self,
         dispatch: &DispatchInfo<'_>,
@@ -128,15 +131,17 @@ impl InstrumentationStrategy for TracingStrategy {
             category = dispatch.category.map(|c| c.as_str()),
             message_type = dispatch.message_type,
             status = result.status.as_str(),
+            error_code = result.error_code.as_deref(),
+            error = result.error_message.as_deref(),
             outputs = result.output_count,
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "Dispatched a message."
         );
     }
 
-    /// Failures the client caused (`invalid_message`, `no_dispatcher`) and refusals log at
-    /// debug, so neither a misbehaving client nor an open breaker floods the log; failures of
-    /// dispatchers log at warn.
+    /// Failures the client caused (`invalid_message`, `no_dispatcher`) log at debug, so a
+    /// misbehaving client cannot flood the log; failures of dispatchers and of publishing log at
+    /// warn.
     fn on_dispatch_error(
         &self,
         dispatch: &DispatchInfo<'_>,
@@ -159,17 +164,10 @@ impl InstrumentationStrategy for TracingStrategy {
                 )
             };
         }
-        // Refusals by a policy or a protection are the system working as configured; their
-        // rate is on the metrics, and a warning each would flood the log while a breaker is open.
-        let refused = matches!(
-            result.error_code.as_deref(),
-            Some("policy_denied" | "rejected")
-        );
         match result.status {
             DispatchStatus::InvalidMessage | DispatchStatus::NoDispatcher => {
                 log_failure!(tracing::Level::DEBUG)
             }
-            DispatchStatus::DispatcherError if refused => log_failure!(tracing::Level::DEBUG),
             _ => log_failure!(tracing::Level::WARN),
         }
     }

@@ -215,3 +215,65 @@ async fn a_composite_calls_every_strategy() {
     assert_eq!(a.calls(), b.calls());
     assert_eq!(a.calls().len(), 3);
 }
+
+/// A `MakeWriter` that keeps what a test subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// What `TracingStrategy` logs at warn and above for one dispatch.
+async fn warnings_of(engine: &Engine, topic: &str, envelope: &Envelope) -> String {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    engine.dispatch(topic, envelope).await;
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test]
+async fn refusals_do_not_warn_and_failures_do() {
+    use crate::engine::{Effect, RulePolicy};
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("d", Category::Event, Broken))
+        .dispatcher(
+            Dispatcher::command("c", Journaling(Arc::default()))
+                .with_policy(RulePolicy::new("freeze", Effect::Allow).deny("deploy")),
+        )
+        .route(Route::new("r", "**", Category::Event, "d"))
+        .route(Route::new("rc", "**", Category::Command, "c"))
+        .instrumentation(Arc::new(TracingStrategy))
+        .build()
+        .unwrap();
+    let denied = warnings_of(&engine, "ops.commands", &Envelope::new("deploy", json!({}))).await;
+    assert!(
+        denied.is_empty(),
+        "a policy's refusal is no warning: {denied}"
+    );
+    let failed = warnings_of(&engine, "a.events", &envelope()).await;
+    assert!(
+        failed.contains("WARN") && failed.contains("dispatcher_error"),
+        "{failed}"
+    );
+}

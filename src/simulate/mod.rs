@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, AppBuilder};
 use crate::config::Config;
-use crate::engine::{Category, Dispatcher, Effect, Route, RulePolicy};
+use crate::engine::{Category, DispatchStatus, Dispatcher, Effect, Route, RulePolicy};
 use crate::resilience::{
     BreakerConfig, DedupConfig, RateLimitConfig, RateLimitMode, ResilienceConfig, RetryPolicy, Trip,
 };
@@ -50,7 +50,41 @@ pub struct Summary {
     pub sent: u64,
     /// By HTTP status code; 0 for a transport error.
     pub by_status: BTreeMap<u16, u64>,
+    /// By the `status` of the dispatch results answered (`success`, `rejected`, ...); answers
+    /// that are not a dispatch result (a request error, load shedding) are not counted here.
+    pub by_dispatch_status: BTreeMap<DispatchStatus, u64>,
     pub elapsed: Duration,
+}
+
+impl Summary {
+    /// Dispatches that failed for real (`dispatcher_error`, `timeout`, `publish_failed`) out of
+    /// those that ran dispatchers (those and `success`; refusals, skips and client mistakes are
+    /// on neither side): what alert `DispatchdHighErrorRatio` pages on above 5%. `None` when
+    /// nothing ran.
+    pub fn failure_ratio(&self) -> Option<f64> {
+        failure_ratio(&self.by_dispatch_status)
+    }
+}
+
+/// See [`Summary::failure_ratio`].
+fn failure_ratio(statuses: &BTreeMap<DispatchStatus, u64>) -> Option<f64> {
+    let count = |wanted: fn(&DispatchStatus) -> bool| -> u64 {
+        statuses
+            .iter()
+            .filter(|(status, _)| wanted(status))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let failed = count(|s| {
+        matches!(
+            s,
+            DispatchStatus::DispatcherError
+                | DispatchStatus::Timeout
+                | DispatchStatus::PublishFailed
+        )
+    });
+    let ran = failed + count(|s| *s == DispatchStatus::Success);
+    (ran > 0).then(|| failed as f64 / ran as f64)
 }
 
 /// Adds the demonstration dispatchers and their routes.
@@ -225,12 +259,25 @@ fn next_message(recent: &mut Vec<String>, n: u64) -> (&'static str, Value) {
     }
 }
 
+/// How the traffic was answered so far.
+#[derive(Default)]
+struct Answers {
+    by_status: BTreeMap<u16, u64>,
+    by_dispatch_status: BTreeMap<DispatchStatus, u64>,
+}
+
+/// The `status` field of a dispatch result; nothing else of the body is needed.
+#[derive(serde::Deserialize)]
+struct Answered {
+    status: DispatchStatus,
+}
+
 async fn drive(base: &str, options: &Options, stop: &CancellationToken) -> Summary {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_default();
-    let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
+    let answers: Arc<Mutex<Answers>> = Arc::default();
     let sent = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let started = Instant::now();
@@ -248,22 +295,30 @@ async fn drive(base: &str, options: &Options, stop: &CancellationToken) -> Summa
             () = &mut deadline => break,
             () = stop.cancelled() => break,
             _ = progress.tick() => {
-                let statuses = statuses.lock().await.clone();
-                println!("{}", line(sent.load(Ordering::Relaxed), &statuses, started.elapsed()));
+                let answers = answers.lock().await;
+                println!("{}", line(sent.load(Ordering::Relaxed), &answers, started.elapsed()));
             }
             _ = ticks.tick() => {
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
                 n += 1;
                 let (topic, body) = next_message(&mut recent, n);
                 let request = client.post(format!("{base}/api/v1/messages/{topic}")).json(&body);
-                let statuses = statuses.clone();
+                let answers = answers.clone();
                 sent.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let status = match request.send().await {
-                        Ok(response) => response.status().as_u16(),
-                        Err(_) => 0,
+                    let (status, dispatch_status) = match request.send().await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let answered = response.json::<Answered>().await.ok();
+                            (status, answered.map(|a| a.status))
+                        }
+                        Err(_) => (0, None),
                     };
-                    *statuses.lock().await.entry(status).or_default() += 1;
+                    let mut answers = answers.lock().await;
+                    *answers.by_status.entry(status).or_default() += 1;
+                    if let Some(dispatch_status) = dispatch_status {
+                        *answers.by_dispatch_status.entry(dispatch_status).or_default() += 1;
+                    }
                     drop(permit);
                 });
             }
@@ -271,33 +326,80 @@ async fn drive(base: &str, options: &Options, stop: &CancellationToken) -> Summa
     }
     // Let what is in flight finish, within the bound of the client's timeout.
     let _ = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let answers = answers.lock().await;
     let summary = Summary {
         sent: sent.load(Ordering::Relaxed),
-        by_status: statuses.lock().await.clone(),
+        by_status: answers.by_status.clone(),
+        by_dispatch_status: answers.by_dispatch_status.clone(),
         elapsed: started.elapsed(),
     };
-    println!(
-        "done: {}",
-        line(summary.sent, &summary.by_status, summary.elapsed)
-    );
+    println!("done: {}", line(summary.sent, &answers, summary.elapsed));
     summary
 }
 
-fn line(sent: u64, statuses: &BTreeMap<u16, u64>, elapsed: Duration) -> String {
-    let answers: Vec<String> = statuses
+fn line(sent: u64, answers: &Answers, elapsed: Duration) -> String {
+    let mut parts: Vec<String> = answers
+        .by_dispatch_status
         .iter()
-        .map(|(status, count)| match status {
-            0 => format!("failed to send {count}"),
-            status => format!("{status}: {count}"),
-        })
+        .map(|(status, count)| format!("{status} {count}"))
         .collect();
+    // Answers that were not a dispatch result (a request error, load shedding), and requests
+    // that got no answer at all.
+    let unanswered = answers.by_status.get(&0).copied().unwrap_or(0);
+    let other = answers
+        .by_status
+        .values()
+        .sum::<u64>()
+        .saturating_sub(unanswered)
+        .saturating_sub(answers.by_dispatch_status.values().sum());
+    if other > 0 {
+        parts.push(format!("other answers {other}"));
+    }
+    if unanswered > 0 {
+        parts.push(format!("failed to send {unanswered}"));
+    }
+    if let Some(ratio) = failure_ratio(&answers.by_dispatch_status) {
+        parts.push(format!("(failures {:.1}% of runs)", ratio * 100.0));
+    }
     format!(
         "{:>6.1}s  sent {sent:>7}  {}",
         elapsed.as_secs_f64(),
-        if answers.is_empty() {
+        if parts.is_empty() {
             "no answers yet".to_owned()
         } else {
-            answers.join("  ")
+            parts.join("  ")
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_failure_ratio_counts_what_the_error_alert_counts() {
+        let statuses: BTreeMap<DispatchStatus, u64> = [
+            (DispatchStatus::Success, 90),
+            (DispatchStatus::Timeout, 6),
+            (DispatchStatus::DispatcherError, 3),
+            (DispatchStatus::PublishFailed, 1),
+            (DispatchStatus::Rejected, 500),
+            (DispatchStatus::Denied, 50),
+            (DispatchStatus::Skipped, 40),
+            (DispatchStatus::InvalidMessage, 10),
+            (DispatchStatus::NoDispatcher, 10),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(failure_ratio(&statuses), Some(0.1));
+        assert_eq!(failure_ratio(&BTreeMap::new()), None);
+        let answers = Answers {
+            by_status: [(200, 130), (503, 500), (0, 2)].into_iter().collect(),
+            by_dispatch_status: statuses,
+        };
+        let line = line(712, &answers, Duration::from_secs(3));
+        assert!(line.contains("rejected 500"), "{line}");
+        assert!(line.contains("failed to send 2"), "{line}");
+        assert!(line.contains("(failures 10.0% of runs)"), "{line}");
+    }
 }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::engine::{DispatchResult, Envelope, Redactor};
+use crate::engine::{DispatchResult, Envelope, REDACTED, Redactor, sanitize};
 
 /// One dispatch, in the payload schema the original service defined (`type`, `event`, `runId`,
 /// `parentRunId`, `name`, `timestamp`, `input`, `output`, `userId`, `tokensUsage`, `metadata`,
@@ -15,7 +15,8 @@ pub struct DispatchEvent {
     /// `tool` for commands, `chain` for events and intents.
     #[serde(rename = "type")]
     pub kind: String,
-    /// `end` when the dispatch succeeded (or was skipped), `error` otherwise.
+    /// `error` when the dispatch status is an error; `end` otherwise: a success, a skip, or a
+    /// refusal (`rejected`, `denied`), whose status `output` and `metadata` carry.
     pub event: String,
     /// The dispatch id.
     #[serde(rename = "runId")]
@@ -36,10 +37,11 @@ pub struct DispatchEvent {
     pub input: Value,
     /// The status, the outputs' count and each dispatcher's outcome.
     pub output: Value,
-    /// From the envelope's `user_id` header, when it has one.
+    /// From the envelope's `user_id` header, when it has one (sanitized; masked when the
+    /// redactor counts `user_id` as sensitive).
     #[serde(rename = "userId", default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    /// From the payload's `usage` or `tokensUsage`, when it has one.
+    /// From the payload's `tokensUsage` or `usage`, when it has one, redacted like the payload.
     #[serde(
         rename = "tokensUsage",
         default,
@@ -55,8 +57,14 @@ pub struct DispatchEvent {
 
 impl DispatchEvent {
     /// The event of one finished dispatch of `envelope`.
-    /// The event of one dispatch. The payload goes through `redactor`: sinks forward events to
-    /// third parties, and a secret in a message must not travel with it.
+    ///
+    /// Sinks forward events to third parties, and dead letters keep them on disk, so nothing a
+    /// sender wrote leaves here unredacted: the payload goes through `redactor` (the value of
+    /// every sensitive key, at any depth, and secrets in string values), `tokensUsage` is taken
+    /// from the redacted payload, the `user_id` header is masked when the redactor counts it as
+    /// sensitive, and every other string copied from the envelope or the request (topic, message
+    /// type and id, correlation id, header value) goes through the error sanitizer. What the
+    /// engine wrote itself (statuses, dispatcher ids, policy names, sanitized error text) is kept.
     pub fn from_dispatch(
         result: &DispatchResult,
         envelope: &Envelope,
@@ -68,13 +76,26 @@ impl DispatchEvent {
         } else {
             "chain"
         };
-        let tokens_usage = envelope
-            .payload
+        let text = |value: &str| sanitize(value).into_owned();
+        let payload = redactor.redact(&envelope.payload);
+        let tokens_usage = payload
             .get("tokensUsage")
-            .or_else(|| envelope.payload.get("usage"))
+            .or_else(|| payload.get("usage"))
+            // Masked whole (an allow-list that does not name it): a string where services expect
+            // an object would make them refuse the event, so there is no usage to report.
+            .filter(|usage| usage.as_str() != Some(REDACTED))
             .cloned();
+        let user_id = envelope.headers.get("user_id").map(|user| {
+            if redactor.is_sensitive("user_id") {
+                REDACTED.to_owned()
+            } else {
+                text(user)
+            }
+        });
         DispatchEvent {
             kind: kind.to_owned(),
+            // A refusal is an outcome, not an error: `end`, with its status in `output` and
+            // `metadata`.
             event: if result.status.is_error() {
                 "error"
             } else {
@@ -82,20 +103,20 @@ impl DispatchEvent {
             }
             .to_owned(),
             run_id: result.dispatch_id.to_string(),
-            parent_run_id: result.correlation_id.clone(),
-            name: result.topic.clone(),
+            parent_run_id: result.correlation_id.as_deref().map(text),
+            name: text(&result.topic),
             timestamp: SystemTime::now(),
             input: json!({
-                "message_type": result.message_type,
-                "message_id": result.message_id,
-                "payload": redactor.redact(&envelope.payload),
+                "message_type": text(&result.message_type),
+                "message_id": text(&result.message_id),
+                "payload": payload,
             }),
             output: json!({
                 "status": result.status,
                 "output_count": result.output_count,
                 "dispatchers": result.dispatchers,
             }),
-            user_id: envelope.headers.get("user_id").cloned(),
+            user_id,
             tokens_usage,
             metadata: json!({
                 "traceparent": match (&result.trace_id, &result.span_id) {
@@ -110,6 +131,303 @@ impl DispatchEvent {
             }),
             tags: vec![category.to_owned(), result.status.as_str().to_owned()],
             log_id: result.dispatch_id.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::engine::{
+        Category, DispatchStatus, DispatcherOutcome, ExecutionResult, REDACTED, Redactor, sanitize,
+    };
+    use crate::sinks::{FileSink, HeliconeSink, HttpSink, LunarySink};
+
+    /// The result the engine gives for `envelope` on `topic`: what it copies from the envelope,
+    /// and error text it sanitized itself.
+    fn result_of(topic: &str, envelope: &Envelope, status: DispatchStatus) -> DispatchResult {
+        let failed = status.is_error() || status.is_refusal();
+        DispatchResult {
+            dispatch_id: uuid::Uuid::new_v4(),
+            status,
+            topic: topic.to_owned(),
+            message_category: Some(Category::Event),
+            message_type: envelope.message_type.clone(),
+            message_id: envelope.message_id.clone(),
+            duration_ms: 1.5,
+            outputs: Vec::new(),
+            output_count: 0,
+            error_message: failed.then(|| "dispatcher `d` error: down".to_owned()),
+            error_code: failed.then(|| "dispatcher_failed".to_owned()),
+            correlation_id: envelope.correlation_id.clone(),
+            trace_id: None,
+            span_id: None,
+            dispatchers: vec![DispatcherOutcome {
+                dispatcher_id: "d".into(),
+                result: ExecutionResult::Error,
+                duration_ms: 1.0,
+                output_count: 0,
+                attempts: 1,
+                error_message: Some(sanitize("down").into_owned()),
+                policy: None,
+            }],
+        }
+    }
+
+    /// Every body a sink sends (or writes) for this event, as text.
+    fn bodies(event: &DispatchEvent) -> Vec<(&'static str, String)> {
+        let batch = std::slice::from_ref(event);
+        vec![
+            ("event", serde_json::to_string(event).unwrap()),
+            (
+                "file",
+                String::from_utf8(FileSink::lines(batch).unwrap()).unwrap(),
+            ),
+            (
+                "http",
+                String::from_utf8(HttpSink::body(batch).unwrap()).unwrap(),
+            ),
+            ("lunary", LunarySink::body(batch).to_string()),
+            ("helicone", HeliconeSink::body(event).to_string()),
+        ]
+    }
+
+    #[test]
+    fn the_issues_example_loses_its_secret_and_keeps_its_usage() {
+        let envelope = Envelope::new(
+            "t",
+            json!({"usage": {"api_key": "S3CRET", "prompt_tokens": 3}}),
+        );
+        let result = result_of("a.events", &envelope, DispatchStatus::Success);
+        let event = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
+        for (sink, body) in bodies(&event) {
+            assert!(!body.contains("S3CRET"), "{sink}: {body}");
+        }
+        assert_eq!(
+            event.tokens_usage,
+            Some(json!({"api_key": REDACTED, "prompt_tokens": 3}))
+        );
+    }
+
+    #[test]
+    fn an_allow_list_masks_usage_and_user_id_it_does_not_name() {
+        let envelope = Envelope::new("t", json!({"order_id": 7, "tokensUsage": {"prompt": 3}}))
+            .with_header("user_id", "u-42");
+        let result = result_of("a.events", &envelope, DispatchStatus::Success);
+        let strict = Redactor::new(std::iter::empty::<&str>(), Some(["order_id"]));
+        let event = DispatchEvent::from_dispatch(&result, &envelope, &strict);
+        assert_eq!(event.input["payload"]["order_id"], 7);
+        assert_eq!(event.input["payload"]["tokensUsage"], REDACTED);
+        assert_eq!(
+            event.tokens_usage, None,
+            "no usage rather than a masked string"
+        );
+        assert_eq!(event.user_id.as_deref(), Some(REDACTED));
+
+        let open = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
+        assert_eq!(open.user_id.as_deref(), Some("u-42"));
+        assert_eq!(open.tokens_usage, Some(json!({"prompt": 3})));
+    }
+
+    #[test]
+    fn refusals_end_and_errors_are_errors() {
+        let envelope = Envelope::new("t", json!({}));
+        for (status, event) in [
+            (DispatchStatus::Success, "end"),
+            (DispatchStatus::Skipped, "end"),
+            (DispatchStatus::Rejected, "end"),
+            (DispatchStatus::Denied, "end"),
+            (DispatchStatus::DispatcherError, "error"),
+            (DispatchStatus::Timeout, "error"),
+            (DispatchStatus::PublishFailed, "error"),
+            (DispatchStatus::InvalidMessage, "error"),
+            (DispatchStatus::NoDispatcher, "error"),
+        ] {
+            let result = result_of("a.events", &envelope, status);
+            let built = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
+            assert_eq!(built.event, event, "{status}");
+            assert_eq!(built.metadata["status"], status.as_str());
+        }
+    }
+
+    /// Keys that name a secret, in the shapes senders write them.
+    fn sensitive_key() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "password",
+            "db_password",
+            "apiKey",
+            "api_key",
+            "X-Api-Key",
+            "access_token",
+            "refreshToken",
+            "Authorization",
+            "client.secret",
+            "PRIVATE_KEY",
+            "sessionId",
+            "Cookie",
+            "credentials",
+            "customer_iban",
+        ])
+        .prop_map(str::to_owned)
+    }
+
+    /// Keys that name nothing secret, the usage fields events copy among them.
+    fn plain_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "usage",
+                "tokensUsage",
+                "order",
+                "items",
+                "customer",
+                "metadata",
+                "headers",
+                "input",
+                "output",
+            ])
+            .prop_map(str::to_owned),
+            "[a-z]{1,8}",
+        ]
+    }
+
+    fn filler() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[ -~]{0,16}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map(plain_key(), inner, 0..3)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// One step from the payload's root toward the secret.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Key(String),
+        Index(usize),
+    }
+
+    /// A payload with `secret` under a sensitive key, at the end of a random path, among
+    /// random siblings; the secret itself sometimes nested further in its value.
+    fn payload_with(secret: String) -> impl Strategy<Value = Value> {
+        let step = prop_oneof![
+            plain_key().prop_map(Step::Key),
+            (0usize..3).prop_map(Step::Index)
+        ];
+        let secret_value = prop_oneof![
+            Just(json!(secret.clone())),
+            Just(json!({"value": secret.clone()})),
+            Just(json!([secret.clone(), {"again": secret.clone()}])),
+            Just(json!({"deep": {"er": [secret]}})),
+        ];
+        (
+            prop::collection::vec(step, 0..5),
+            sensitive_key(),
+            secret_value,
+            prop::collection::vec(filler(), 3),
+        )
+            .prop_map(|(path, key, value, siblings)| {
+                let mut inner = json!({ key: value });
+                for (depth, step) in path.iter().rev().enumerate() {
+                    let sibling = siblings[depth % siblings.len()].clone();
+                    inner = match step {
+                        Step::Key(key) => json!({ key.clone(): inner, "_sibling": sibling }),
+                        Step::Index(at) => {
+                            let mut items = vec![sibling; *at];
+                            items.push(inner);
+                            Value::Array(items)
+                        }
+                    };
+                }
+                match inner {
+                    Value::Object(mut map) => {
+                        map.entry("order_id").or_insert(json!(7));
+                        Value::Object(map)
+                    }
+                    other => json!({"order_id": 7, "items": other}),
+                }
+            })
+    }
+
+    /// Free text that carries `secret` in a shape the sanitizer knows.
+    fn text_with(secret: String) -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            format!("password={secret}"),
+            format!("Bearer {secret}"),
+            format!("https://app:{secret}@db.internal/orders"),
+            format!("retry with api_key: {secret} later"),
+        ])
+    }
+
+    fn case() -> impl Strategy<
+        Value = (
+            String,
+            Value,
+            BTreeMap<String, String>,
+            Option<String>,
+            Option<String>,
+            DispatchStatus,
+        ),
+    > {
+        "[a-zA-Z0-9]{10}".prop_flat_map(|tail| {
+            let secret = format!("S3CRET{tail}");
+            let headers = prop::collection::btree_map(
+                sensitive_key().prop_map(|k| k.to_lowercase()),
+                Just(secret.clone()),
+                0..3,
+            );
+            (
+                Just(secret.clone()),
+                payload_with(secret.clone()),
+                headers,
+                prop::option::of(text_with(secret.clone())),
+                prop::option::of(text_with(secret)),
+                prop::sample::select(DispatchStatus::ALL.to_vec()),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(256)))]
+
+        /// Whatever a sender puts under a sensitive key, at any depth of the payload, or in the
+        /// headers and ids the event copies, it appears neither in the event nor in any body a
+        /// sink sends or writes.
+        #[test]
+        fn no_secret_reaches_an_event_or_a_sink_body(
+            (secret, payload, mut headers, user_id, correlation_id, status) in case(),
+            strict in any::<bool>(),
+        ) {
+            if let Some(user_id) = user_id {
+                headers.insert("user_id".into(), user_id);
+            }
+            let mut envelope = Envelope::new("order.placed", payload);
+            envelope.headers = headers;
+            envelope.correlation_id = correlation_id;
+            let result = result_of("shop.orders.events", &envelope, status);
+            // The deny-list a deployment adds to (`iban`), or an allow-list on top.
+            let redactor = if strict {
+                Redactor::new(["iban"], Some(["order_id", "items", "usage", "tokensUsage"]))
+            } else {
+                Redactor::new(["iban"], None::<Vec<&str>>)
+            };
+            let event = DispatchEvent::from_dispatch(&result, &envelope, &redactor);
+            for (sink, body) in bodies(&event) {
+                prop_assert!(!body.contains(&secret), "{} carries the secret: {}", sink, body);
+            }
+            // Still the event of this message.
+            prop_assert_eq!(&event.input["payload"]["order_id"], &json!(7));
+            prop_assert_eq!(&event.metadata["status"], &json!(status.as_str()));
         }
     }
 }

@@ -126,6 +126,20 @@ impl FileSink {
     }
 }
 
+impl FileSink {
+    /// What one batch appends: a JSON line per event.
+    pub(crate) fn lines(batch: &[DispatchEvent]) -> Result<Vec<u8>, SinkError> {
+        let mut lines = Vec::with_capacity(batch.len() * 512);
+        for event in batch {
+            // The identity transform, serialized straight from the struct: no intermediate Value.
+            serde_json::to_writer(&mut lines, event)
+                .map_err(|e| SinkError::permanent(e.to_string()))?;
+            lines.push(b'\n');
+        }
+        Ok(lines)
+    }
+}
+
 #[async_trait]
 impl Sink for FileSink {
     fn name(&self) -> &str {
@@ -149,13 +163,7 @@ impl Sink for FileSink {
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
-        let mut lines = Vec::with_capacity(batch.len() * 512);
-        for event in batch {
-            // The identity transform, serialized straight from the struct: no intermediate Value.
-            serde_json::to_writer(&mut lines, event)
-                .map_err(|e| SinkError::permanent(e.to_string()))?;
-            lines.push(b'\n');
-        }
+        let lines = FileSink::lines(batch)?;
         let mut file = self.file.lock().await;
         let file = file
             .as_mut()
@@ -215,6 +223,14 @@ async fn post(request: reqwest::RequestBuilder) -> Result<reqwest::Response, Sin
     Err(SinkError::from_status(status.as_u16(), retry_after, &body))
 }
 
+impl HttpSink {
+    /// The request body of one batch: the events as a JSON array.
+    pub(crate) fn body(batch: &[DispatchEvent]) -> Result<Vec<u8>, SinkError> {
+        // The identity transform, serialized straight from the structs.
+        serde_json::to_vec(batch).map_err(|e| SinkError::permanent(e.to_string()))
+    }
+}
+
 #[async_trait]
 impl Sink for HttpSink {
     fn name(&self) -> &str {
@@ -222,8 +238,11 @@ impl Sink for HttpSink {
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
-        // The identity transform, serialized straight from the structs.
-        let mut request = self.client.post(&self.url).json(batch);
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(HttpSink::body(batch)?);
         // The batch's span, linked to each event's trace (each event carries its own
         // `metadata.traceparent` in the body).
         let mut trace = BTreeMap::new();
@@ -299,6 +318,17 @@ impl Transform for LunaryTransform {
     }
 }
 
+impl LunarySink {
+    /// The request body of one batch: `{"events": [...]}`, two run events per dispatch.
+    pub(crate) fn body(batch: &[DispatchEvent]) -> Value {
+        let events: Vec<Value> = batch
+            .iter()
+            .flat_map(|e| LunaryTransform.events(e))
+            .collect();
+        json!({ "events": events })
+    }
+}
+
 #[async_trait]
 impl Sink for LunarySink {
     fn name(&self) -> &str {
@@ -306,15 +336,11 @@ impl Sink for LunarySink {
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
-        let events: Vec<Value> = batch
-            .iter()
-            .flat_map(|e| LunaryTransform.events(e))
-            .collect();
         let request = self
             .client
             .post(&self.url)
             .bearer_auth(&self.api_key)
-            .json(&json!({ "events": events }));
+            .json(&LunarySink::body(batch));
         let response = post(request).await?;
         let answer: Value = response.json().await.unwrap_or(Value::Null);
         // `{"results": [{"id": runId, "success": bool, "error": "..."}]}`; a run that already
@@ -403,6 +429,13 @@ impl Transform for HeliconeTransform {
     }
 }
 
+impl HeliconeSink {
+    /// The request body for one event (Helicone takes one per request).
+    pub(crate) fn body(event: &DispatchEvent) -> Value {
+        HeliconeTransform.transform(event)
+    }
+}
+
 #[async_trait]
 impl Sink for HeliconeSink {
     fn name(&self) -> &str {
@@ -415,7 +448,7 @@ impl Sink for HeliconeSink {
                 .client
                 .post(&self.url)
                 .bearer_auth(&self.api_key)
-                .json(&HeliconeTransform.transform(event));
+                .json(&HeliconeSink::body(event));
             post(request).await.map_err(|error| SendError {
                 accepted: sent,
                 error,

@@ -126,7 +126,7 @@ pub const DISPATCHER_EXECUTIONS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_executions",
     kind: Kind::Counter,
     unit: "",
-    description: "Dispatcher runs, by dispatcher and result (success, error, timeout, rejected).",
+    description: "Dispatcher runs, refusals and de-duplication skips, by dispatcher and result (success, error, timeout, rejected, denied, skipped).",
     labels: &[label::DISPATCHER_ID, label::RESULT],
     buckets: &[],
 };
@@ -135,7 +135,7 @@ pub const DISPATCHER_EXECUTION_DURATION: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_execution_duration",
     kind: Kind::Histogram,
     unit: "s",
-    description: "Latency of one dispatcher run, in seconds.",
+    description: "Latency of one dispatcher run (refusals and skips did not run), in seconds.",
     labels: &[label::DISPATCHER_ID],
     buckets: LATENCY_BUCKETS,
 };

@@ -182,10 +182,8 @@ impl InstrumentationStrategy for MetricsStrategy {
         result: ExecutionResult,
         elapsed: Duration,
     ) {
-        if result == ExecutionResult::Skipped {
-            // Not an execution: the dedup cache's metrics count it.
-            return;
-        }
+        // Every outcome counts, skips and refusals included (`result="skipped"`, `"rejected"`,
+        // `"denied"`); only calls that ran have a latency.
         let Some(slots) = self.dispatchers.get(dispatcher.index) else {
             // An engine other than the one this strategy was built for: record unbound, still
             // with a dispatcher id the engine validated.
@@ -194,9 +192,11 @@ impl InstrumentationStrategy for MetricsStrategy {
                 1,
                 &[id.clone(), KeyValue::new(label::RESULT, result.as_str())],
             );
-            self.metrics
-                .execution_duration
-                .record(elapsed.as_secs_f64(), &[id]);
+            if result.ran() {
+                self.metrics
+                    .execution_duration
+                    .record(elapsed.as_secs_f64(), &[id]);
+            }
             return;
         };
         slots.results[result_index(result)]
@@ -207,8 +207,7 @@ impl InstrumentationStrategy for MetricsStrategy {
                 ])
             })
             .add(1);
-        if result != ExecutionResult::Rejected {
-            // A refused call never ran, so it has no latency to report.
+        if result.ran() {
             slots
                 .duration
                 .get_or_init(|| {

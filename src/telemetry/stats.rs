@@ -16,10 +16,15 @@ use crate::engine::{DispatchStatus, ExecutionResult};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
     pub total_messages: u64,
-    /// Messages by final status, every status present.
+    /// Messages by final status, every status present (`rejected` and `denied` included).
     pub by_status: BTreeMap<&'static str, u64>,
     /// `success` / total; `null` before the first message.
     pub success_rate: Option<f64>,
+    /// Messages with an error status ([`DispatchStatus::is_error`]) / total. Refusals are not
+    /// errors: they have their own rate.
+    pub error_rate: Option<f64>,
+    /// `rejected` and `denied` / total: messages a protection or a policy refused.
+    pub refusal_rate: Option<f64>,
     pub latency_ms: Latency,
     /// Every registered dispatcher, in registration order, also those that never ran.
     pub dispatchers: Vec<DispatcherStats>,
@@ -37,14 +42,19 @@ pub struct Latency {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DispatcherStats {
     pub dispatcher_id: String,
-    /// Runs that happened: success, error and timeout (refusals did not run).
+    /// Runs that happened: success, error and timeout (refusals and skips did not run).
     pub execution_count: u64,
     /// Runs that failed: error and timeout.
     pub error_count: u64,
     pub timeout_count: u64,
-    /// Calls refused before running (a policy, a breaker, a rate limit).
+    /// Calls a protection refused before running (the circuit breaker, the rate limiter, the
+    /// concurrency limit).
     pub rejected_count: u64,
-    /// `error_count / execution_count`; `null` before the first run.
+    /// Commands a policy refused before running.
+    pub denied_count: u64,
+    /// Messages this dispatcher had already handled (de-duplication).
+    pub skipped_count: u64,
+    /// `error_count / execution_count`, so refusals never raise it; `null` before the first run.
     pub error_rate: Option<f64>,
     pub avg_latency_ms: Option<f64>,
 }
@@ -79,7 +89,18 @@ pub fn compute<'a>(
         }
     }
     let total_messages: u64 = by_status.values().sum();
-    let success = by_status.get("success").copied().unwrap_or(0);
+    let count = |status: DispatchStatus| by_status.get(status.as_str()).copied().unwrap_or(0);
+    let success = count(DispatchStatus::Success);
+    let errors: u64 = DispatchStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_error())
+        .map(count)
+        .sum();
+    let refusals: u64 = DispatchStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_refusal())
+        .map(count)
+        .sum();
 
     let durations = find(catalog::DISPATCH_DURATION)
         .map(|f| f.get_metric())
@@ -112,7 +133,7 @@ pub fn compute<'a>(
                     counts[i] += metric.counter.value() as u64;
                 }
             }
-            let [success, error, timeout, rejected, _skipped] = counts;
+            let [success, error, timeout, rejected, denied, skipped] = counts;
             let execution_count = success + error + timeout;
             let latency = Merged::of(
                 execution_durations
@@ -125,6 +146,8 @@ pub fn compute<'a>(
                 error_count: error + timeout,
                 timeout_count: timeout,
                 rejected_count: rejected,
+                denied_count: denied,
+                skipped_count: skipped,
                 error_rate: ratio(error + timeout, execution_count),
                 avg_latency_ms: latency.average().map(to_ms),
             }
@@ -135,6 +158,8 @@ pub fn compute<'a>(
         total_messages,
         by_status,
         success_rate: ratio(success, total_messages),
+        error_rate: ratio(errors, total_messages),
+        refusal_rate: ratio(refusals, total_messages),
         latency_ms,
         dispatchers,
     }

@@ -124,8 +124,13 @@ async fn dispatches_are_counted_by_category_status_dispatcher_and_result() {
         Some(1.0)
     );
     assert_eq!(
-        at(r#"dispatcher_executions_total{dispatcher_id="ops",result="rejected"}"#),
+        at(r#"dispatcher_executions_total{dispatcher_id="ops",result="denied"}"#),
         Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatch_messages_total{category="command",status="denied"}"#),
+        Some(1.0),
+        "a policy's refusal is not a dispatcher_error"
     );
     assert_eq!(
         at(r#"dispatcher_execution_duration_seconds_count{dispatcher_id="ok"}"#),
@@ -134,7 +139,7 @@ async fn dispatches_are_counted_by_category_status_dispatcher_and_result() {
     assert_eq!(
         at(r#"dispatcher_execution_duration_seconds_count{dispatcher_id="ops"}"#),
         Some(1.0),
-        "the rejected call has no latency; the allowed one has"
+        "the denied call has no latency; the allowed one has"
     );
     assert_eq!(
         at(r#"dispatcher_adapter_invocations_total{adapter="ops",command_type="restart"}"#),
@@ -146,6 +151,72 @@ async fn dispatches_are_counted_by_category_status_dispatcher_and_result() {
     );
     assert!(!text.contains("otel_scope"), "scope labels are off");
     assert!(text.contains(r#"target_info{service_name="dispatchd",service_version=""#));
+}
+
+/// A dispatcher with de-duplication and a rate limiter of one token (never refilled on paused
+/// time): a new message runs, its duplicate skips, another new message is rejected.
+#[tokio::test(start_paused = true)]
+async fn skips_and_rejections_are_counted_as_results_without_a_latency() {
+    use crate::resilience::{
+        DedupConfig, Protections, RateLimitConfig, RateLimitMode, ResilienceConfig,
+    };
+    use std::num::NonZeroU32;
+
+    let telemetry = Telemetry::new(&config("", 2000));
+    let protections = Protections::new(
+        "guarded",
+        &ResilienceConfig {
+            dedup: Some(DedupConfig {
+                ttl: std::time::Duration::from_secs(60),
+                capacity: 10,
+            }),
+            rate_limit: Some(RateLimitConfig {
+                per_second: NonZeroU32::MIN,
+                burst: NonZeroU32::MIN,
+                mode: RateLimitMode::Reject,
+            }),
+            ..ResilienceConfig::default()
+        },
+        None,
+    );
+    let builder = Engine::builder()
+        .dispatcher(Dispatcher::new("guarded", Category::Event, Ok1).with_protections(protections))
+        .route(Route::new("r", "**", Category::Event, "guarded"));
+    let strategy = telemetry.engine_strategy(["guarded"]).unwrap();
+    let engine = builder.instrumentation(Arc::new(strategy)).build().unwrap();
+    let message = Envelope::new("t", json!({})).with_message_id("m-1");
+    for (envelope, status) in [
+        (message.clone(), "success"),
+        (message, "skipped"),
+        (Envelope::new("t", json!({})), "rejected"),
+    ] {
+        let result = engine.dispatch("a.events", &envelope).await;
+        assert_eq!(result.status.as_str(), status);
+    }
+
+    let text = telemetry.render().unwrap();
+    let at = |series: &str| sample(&text, series);
+    for result in ["success", "skipped", "rejected"] {
+        assert_eq!(
+            at(&format!(
+                r#"dispatcher_executions_total{{dispatcher_id="guarded",result="{result}"}}"#
+            )),
+            Some(1.0),
+            "{result}"
+        );
+        assert_eq!(
+            at(&format!(
+                r#"dispatch_messages_total{{category="event",status="{result}"}}"#
+            )),
+            Some(1.0),
+            "{result}"
+        );
+    }
+    assert_eq!(
+        at(r#"dispatcher_execution_duration_seconds_count{dispatcher_id="guarded"}"#),
+        Some(1.0),
+        "only the call that ran has a latency"
+    );
 }
 
 #[tokio::test]

@@ -397,3 +397,31 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_head_timeout() {
     assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
     app.stop().await.unwrap();
 }
+
+/// The example of issue 13: a secret under the payload's `usage`, which dispatch events copy to
+/// `tokensUsage`, never reaches the events file.
+#[tokio::test]
+async fn a_secret_in_the_payloads_usage_never_reaches_the_events_file() {
+    const SECRET: &str = "S3CRET-usage-7d1c";
+    let app = TestApp::start().await;
+    let response = app
+        .post_message(
+            "shop.orders.events",
+            json!({
+                "message_type": "completion.done",
+                "payload": {"usage": {"api_key": SECRET, "prompt_tokens": 12}},
+            }),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert!(!events.contains(SECRET), "{events}");
+    let event: Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        event["tokensUsage"],
+        json!({"api_key": "[REDACTED]", "prompt_tokens": 12})
+    );
+    assert_eq!(event["input"]["payload"]["usage"]["api_key"], "[REDACTED]");
+}

@@ -323,13 +323,197 @@ async fn a_command_a_policy_denies_is_403_and_names_the_policy() {
         .await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status"], "denied");
     assert_eq!(result["error_code"], "policy_denied");
     assert_eq!(result["dispatchers"][0]["policy"], "change-freeze");
-    assert_eq!(result["dispatchers"][0]["result"], "rejected");
+    assert_eq!(result["dispatchers"][0]["result"], "denied");
 
     let response = app
         .post_message("ops.commands", json!({"message_type": "rollback"}))
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     app.stop().await.unwrap();
+}
+
+/// A circuit breaker's and a policy's refusals through everything that reads a status: the HTTP
+/// answer, `/metrics`, `/api/v1/stats`, the dispatcher's health, and the dispatch events.
+#[tokio::test]
+async fn refusals_are_statuses_of_their_own_and_never_count_as_errors() {
+    use dispatchd::resilience::{BreakerConfig, ResilienceConfig, Trip};
+    let app =
+        TestApp::start_with(
+            |_| {},
+            |builder| {
+                // One failure opens the breaker, for longer than the test.
+                let mut guarded = builder.default_settings();
+                guarded.resilience = ResilienceConfig {
+                    breaker: Some(BreakerConfig {
+                        trip: Trip::ConsecutiveFailures(1),
+                        cool_down: Duration::from_secs(3600),
+                        half_open_successes: 1,
+                    }),
+                    ..ResilienceConfig::default()
+                };
+                builder
+                    .dispatcher_with(
+                        Dispatcher::new("payments", Category::Intent, Failing),
+                        guarded,
+                    )
+                    .dispatcher(Dispatcher::command("deployer", Deploys).with_policy(
+                        RulePolicy::new("change-freeze", Effect::Allow).deny("deploy"),
+                    ))
+                    .route(Route::new(
+                        "pay",
+                        "pay.intents",
+                        Category::Intent,
+                        "payments",
+                    ))
+                    .route(Route::new(
+                        "ops",
+                        "ops.commands",
+                        Category::Command,
+                        "deployer",
+                    ))
+            },
+        )
+        .await;
+    let post = |topic: &'static str, message_type: &'static str| {
+        let app = &app;
+        async move {
+            let response = app
+                .post_message(topic, json!({"message_type": message_type}))
+                .await;
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (status, failed) = post("pay.intents", "capture").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{failed}");
+    let (status, rejected) = post("pay.intents", "capture").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{rejected}");
+    assert_eq!(rejected["status"], "rejected");
+    assert_eq!(rejected["error_code"], "rejected");
+    assert_eq!(rejected["dispatchers"][0]["result"], "rejected");
+    let (status, denied) = post("ops.commands", "deploy").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{denied}");
+    assert_eq!(denied["status"], "denied");
+
+    let metrics = app.scrape().await;
+    for (series, value) in [
+        (
+            r#"dispatch_messages_total{category="intent",status="dispatcher_error"}"#,
+            1.0,
+        ),
+        (
+            r#"dispatch_messages_total{category="intent",status="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"dispatch_messages_total{category="command",status="denied"}"#,
+            1.0,
+        ),
+        (
+            r#"dispatcher_executions_total{dispatcher_id="payments",result="error"}"#,
+            1.0,
+        ),
+        (
+            r#"dispatcher_executions_total{dispatcher_id="payments",result="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"dispatcher_executions_total{dispatcher_id="deployer",result="denied"}"#,
+            1.0,
+        ),
+        (
+            r#"dispatcher_execution_duration_seconds_count{dispatcher_id="payments"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(
+            crate::support::sample(&metrics, series),
+            Some(value),
+            "{series}"
+        );
+    }
+    assert!(
+        crate::support::sample(
+            &metrics,
+            r#"dispatcher_execution_duration_seconds_count{dispatcher_id="deployer"}"#
+        )
+        .is_none(),
+        "a denied command never ran, so it has no latency"
+    );
+
+    let stats = app.get_json("/api/v1/stats").await;
+    assert_eq!(stats["total_messages"], 3);
+    assert_eq!(stats["by_status"]["dispatcher_error"], 1);
+    assert_eq!(stats["by_status"]["rejected"], 1);
+    assert_eq!(stats["by_status"]["denied"], 1);
+    assert!(
+        (stats["error_rate"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9,
+        "{stats}"
+    );
+    assert!(
+        (stats["refusal_rate"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9,
+        "{stats}"
+    );
+    let of = |id: &str| {
+        stats["dispatchers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["dispatcher_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let payments = of("payments");
+    assert_eq!(
+        (
+            &payments["execution_count"],
+            &payments["error_count"],
+            &payments["rejected_count"],
+            &payments["error_rate"]
+        ),
+        (&json!(1), &json!(1), &json!(1), &json!(1.0)),
+        "{payments}"
+    );
+    let deployer = of("deployer");
+    assert_eq!(
+        (
+            &deployer["execution_count"],
+            &deployer["denied_count"],
+            &deployer["rejected_count"],
+            &deployer["error_rate"]
+        ),
+        (&json!(0), &json!(1), &json!(0), &Value::Null),
+        "{deployer}"
+    );
+
+    // The refusal did not add a failure to the dispatcher's health.
+    let health = app.get_json("/api/v1/dispatchers/payments").await;
+    assert_eq!(health["consecutive_failures"], 1, "{health}");
+
+    // Dispatch events: a refusal ends (`end`) with its status; only the failure is an `error`.
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    let events: Vec<Value> = std::fs::read_to_string(dir.path().join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let event_of = |result: &Value| {
+        events
+            .iter()
+            .find(|e| e["runId"] == result["dispatch_id"])
+            .unwrap_or_else(|| panic!("an event for {result}"))
+            .clone()
+    };
+    assert_eq!(event_of(&failed)["event"], "error");
+    for (result, status) in [(&rejected, "rejected"), (&denied, "denied")] {
+        let event = event_of(result);
+        assert_eq!(event["event"], "end", "{event}");
+        assert_eq!(event["metadata"]["status"], status, "{event}");
+        assert_eq!(event["output"]["status"], status, "{event}");
+    }
 }

@@ -188,6 +188,14 @@ async fn n_messages_show_as_exactly_n_on_their_series() {
         Some(1.0)
     );
     assert_eq!(
+        at(r#"dispatch_messages_total{category="command",status="denied"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_executions_total{dispatcher_id="ops",result="denied"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
         at(r#"dispatcher_adapter_invocations_total{adapter="ops",command_type="restart"}"#),
         Some(1.0)
     );
@@ -222,9 +230,13 @@ async fn the_stats_api_agrees_with_the_metrics() {
         .unwrap();
     assert_eq!(stats["total_messages"], 10);
     assert_eq!(stats["by_status"]["success"], 7);
-    assert_eq!(stats["by_status"]["dispatcher_error"], 2);
+    assert_eq!(stats["by_status"]["dispatcher_error"], 1);
+    assert_eq!(stats["by_status"]["denied"], 1);
     assert_eq!(stats["by_status"]["invalid_message"], 1);
     assert!((stats["success_rate"].as_f64().unwrap() - 0.7).abs() < 1e-9);
+    // The failing dispatcher and the invalid topic are errors; the policy's refusal is not.
+    assert!((stats["error_rate"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    assert!((stats["refusal_rate"].as_f64().unwrap() - 0.1).abs() < 1e-9);
     for percentile in ["avg", "p50", "p95", "p99"] {
         assert!(
             stats["latency_ms"][percentile].as_f64().unwrap() > 0.0,
@@ -250,9 +262,11 @@ async fn the_stats_api_agrees_with_the_metrics() {
     assert_eq!(
         (
             ops["execution_count"].as_u64(),
-            ops["rejected_count"].as_u64()
+            ops["denied_count"].as_u64(),
+            ops["rejected_count"].as_u64(),
+            ops["error_rate"].as_f64()
         ),
-        (Some(1), Some(1))
+        (Some(1), Some(1), Some(0), Some(0.0))
     );
     assert_eq!(dispatchers[0]["execution_count"], 6);
     assert_eq!(dispatchers[0]["error_rate"], 0.0);

@@ -411,6 +411,35 @@ async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometh
         "DispatchdDispatcherStale fires for the worker that stopped heartbeating"
     );
 
+    // simulate's mix is protections at work (rejections, denials, skips) and a few real
+    // failures: the error-ratio page's expression stays below its threshold, while rejections
+    // show under their own status.
+    let rule = |alert: &str| {
+        let (_, expr) = rule_exprs()
+            .into_iter()
+            .find(|(name, _)| name == alert)
+            .unwrap();
+        let (ratio, threshold) = expr.trim().rsplit_once('>').unwrap();
+        (ratio.to_owned(), threshold.trim().parse::<f64>().unwrap())
+    };
+    let value = |answer: &Value| -> f64 {
+        answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .unwrap_or_else(|| panic!("a value: {answer}"))
+            .parse()
+            .unwrap()
+    };
+    let (errors, threshold) = rule("DispatchdHighErrorRatio");
+    let error_ratio = value(&query(&client, &base, &errors).await);
+    assert!(
+        error_ratio < threshold,
+        "the error ratio under simulate is {error_ratio}, over {threshold}: it would page"
+    );
+    let (rejections, _) = rule("DispatchdHighRejectionRatio");
+    let rejection_ratio = value(&query(&client, &base, &rejections).await);
+    assert!(rejection_ratio > 0.0, "rejections are counted as such");
+    println!("under simulate: error ratio {error_ratio:.4}, rejection ratio {rejection_ratio:.4}");
+
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(30), simulation)
         .await

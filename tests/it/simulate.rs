@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use dispatchd::engine::DispatchStatus;
 use dispatchd::simulate::{Options, run};
 use tokio_util::sync::CancellationToken;
 
@@ -82,6 +83,13 @@ async fn the_simulation_moves_the_breaker_rate_limiter_and_cache_metrics() {
             r#"dispatcher_cache_hit_ratio{cache="dedup.demo-fast"}"#
         ) > 0.0
     );
+    // A duplicate the cache caught is a skip of the dispatcher, and counted as one.
+    assert!(
+        sample(
+            &text,
+            r#"dispatcher_executions_total{dispatcher_id="demo-fast",result="skipped"}"#
+        ) >= 1.0
+    );
 
     stop.cancel();
     let summary = tokio::time::timeout(Duration::from_secs(30), simulation)
@@ -97,4 +105,26 @@ async fn the_simulation_moves_the_breaker_rate_limiter_and_cache_metrics() {
             summary.by_status
         );
     }
+    // The protections refuse a good share of the mix: statuses of their own, not errors.
+    for status in [
+        DispatchStatus::Success,
+        DispatchStatus::Rejected,
+        DispatchStatus::Denied,
+    ] {
+        assert!(
+            summary
+                .by_dispatch_status
+                .get(&status)
+                .copied()
+                .unwrap_or(0)
+                > 0,
+            "{status} in {:?}",
+            summary.by_dispatch_status
+        );
+    }
+    println!(
+        "simulate: {:?}, failures {:?} of the dispatches that ran",
+        summary.by_dispatch_status,
+        summary.failure_ratio()
+    );
 }
