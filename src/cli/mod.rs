@@ -359,15 +359,20 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.buffer >= 1, "--buffer must be at least 1");
     let name = args.name.clone().unwrap_or_else(|| args.service.clone());
-    let sink = crate::sinks::build(&SinkConfig {
-        name: name.clone(),
-        service: args.service.clone(),
-        endpoint: args.endpoint.clone(),
-        api_key: args.api_key.clone(),
-        headers: Default::default(),
-        timeout: Duration::from_secs(10),
-        fsync: false,
-    })
+    // The files this command appends to (the file sink's, the dead letters) follow SIGHUP.
+    let files = crate::appender::Files::default();
+    let sink = crate::sinks::build_with(
+        &SinkConfig {
+            name: name.clone(),
+            service: args.service.clone(),
+            endpoint: args.endpoint.clone(),
+            api_key: args.api_key.clone(),
+            headers: Default::default(),
+            timeout: Duration::from_secs(10),
+            fsync: false,
+        },
+        &files,
+    )
     .map_err(anyhow::Error::msg)?;
     let driver = DriverConfig {
         batch_size: args.batch_size,
@@ -396,6 +401,7 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    reopen_on_hangup(files);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -413,12 +419,13 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     ));
 
     if let Some(file) = &args.replay_dead_letters {
-        let events = crate::sinks::dead_letter::read(file).map_err(anyhow::Error::msg)?;
         // Moved aside first: events that fail again are appended to the dead-letter file, which
-        // may be this one.
-        let replayed = file.with_extension("replayed.jsonl");
-        std::fs::rename(file, &replayed)
-            .with_context(|| format!("cannot move {} aside", file.display()))?;
+        // may be this one (and which a running `dispatchd sink` may be appending to).
+        let path = file.clone();
+        let (events, replayed) =
+            tokio::task::spawn_blocking(move || crate::sinks::dead_letter::take(&path, "replayed"))
+                .await?
+                .map_err(anyhow::Error::msg)?;
         let tracker = tokio_util::task::TaskTracker::new();
         let stop = CancellationToken::new();
         let handle = SinkDriver::spawn(sink, driver, observer, &tracker, stop.clone());
@@ -520,7 +527,31 @@ async fn run(config: Config, tracer: opentelemetry_sdk::trace::SdkTracer) -> any
         .context("cannot start dispatchd")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    reopen_on_hangup(app.files().clone());
     app.run(shutdown).await
+}
+
+/// Reopens every appended file on SIGHUP (the logrotate convention: after `mv f f.1` and
+/// SIGHUP, new lines go to a new `f`), instead of dying of it. Each writer reopens at its next
+/// commit. The handler is installed before this returns, so a SIGHUP sent once the service
+/// answers is never fatal.
+fn reopen_on_hangup(files: crate::appender::Files) {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("Received SIGHUP: reopening the appended files.");
+                    files.reopen();
+                }
+            });
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Cannot listen for SIGHUP; appended files are reopened only when moved.");
+        }
+    }
+    #[cfg(not(unix))]
+    drop(files);
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.
