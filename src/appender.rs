@@ -861,33 +861,53 @@ mod tests {
         );
     }
 
+    /// Whether another open of `path` could take the lock now.
+    #[cfg(unix)]
+    fn lockable(path: &Path) -> bool {
+        let other = File::open(path).unwrap();
+        let free = rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+        free.is_ok()
+    }
+
+    /// Tries the lock from inside a repair, that is in the middle of a commit.
+    #[cfg(unix)]
+    struct LockProbe(PathBuf, Mutex<Vec<bool>>);
+
+    #[cfg(unix)]
+    impl FileObserver for LockProbe {
+        fn torn_tail(&self, _: FileKind, _: u64) {
+            self.1.lock().unwrap().push(lockable(&self.0));
+        }
+    }
+
+    #[cfg(unix)]
     #[test]
-    fn move_aside_waits_for_a_commit_and_the_next_one_writes_a_new_file() {
+    fn a_commit_and_move_aside_hold_the_lock_so_a_moved_file_gets_no_more_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bus.dead-letters.jsonl");
-        let mut writer = AppendFile::new(&path, FileKind::BusDeadLetters, None, None);
-        writer.commit(b"1\n", true).unwrap();
-        // A commit in progress holds the lock: move_aside waits for it, then reads its line.
-        let (locked, _) = open_locked(&path, false).unwrap();
-        let taking = {
-            let path = path.clone();
-            std::thread::spawn(move || {
-                move_aside(&path, "republished", |text| Ok(text.to_owned())).unwrap()
-            })
-        };
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(b"2\n")
-            .unwrap();
-        drop(locked);
-        let (text, moved_to) = taking.join().unwrap();
+        std::fs::write(&path, "1\n{\"sink\"").unwrap();
+        let probe = Arc::new(LockProbe(path.clone(), Mutex::new(Vec::new())));
+        let mut writer =
+            AppendFile::new(&path, FileKind::BusDeadLetters, Some(probe.clone()), None);
+        writer.commit(b"2\n", true).unwrap();
+        assert_eq!(
+            *probe.1.lock().unwrap(),
+            [false],
+            "locked during the commit"
+        );
+        assert!(lockable(&path), "and free after it");
+
+        let (text, moved_to) = move_aside(&path, "republished", |text| {
+            assert!(!lockable(&path), "locked while it is read and moved");
+            Ok(text.to_owned())
+        })
+        .unwrap();
         assert_eq!(text, "1\n2\n");
         assert_eq!(
             moved_to,
             dir.path().join("bus.dead-letters.republished.jsonl")
         );
+        // The writer's next commit finds the path moved and starts a new file there.
         writer.commit(b"3\n", true).unwrap();
         assert_eq!(parsed_lines(&moved_to), [1, 2]);
         assert_eq!(parsed_lines(&path), [3]);
