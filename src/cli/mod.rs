@@ -39,7 +39,8 @@ enum Command {
     Sink(Box<SinkArgs>),
     /// Put the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
     /// the Redis events stream, so every sink's consumer group receives them. The file is moved
-    /// aside first (to <FILE>.republished.jsonl); events Redis refuses again go back to FILE.
+    /// aside first (to <name>.republished.jsonl, or -2, -3 … when taken); events Redis refuses
+    /// again go back to FILE. Safe while serve runs: its next dead letters go to a new FILE.
     Republish(RepublishArgs),
     /// Send realistic traffic (successes, slow calls, failures, duplicates, denied commands) so
     /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
@@ -359,8 +360,18 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.buffer >= 1, "--buffer must be at least 1");
     let name = args.name.clone().unwrap_or_else(|| args.service.clone());
-    // The files this command appends to (the file sink's, the dead letters) follow SIGHUP.
-    let files = crate::appender::Files::default();
+    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
+        enabled: true,
+        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
+        cardinality_limit: 2000,
+    });
+    // The files this command appends to (the file sink's, the dead letters) follow SIGHUP, and
+    // their repairs are counted.
+    let files = crate::appender::Files::new(
+        telemetry
+            .file_metrics()
+            .map(|m| Arc::new(m) as Arc<dyn crate::appender::FileObserver>),
+    );
     let sink = crate::sinks::build_with(
         &SinkConfig {
             name: name.clone(),
@@ -391,11 +402,6 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         }),
     };
 
-    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
-        enabled: true,
-        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
-        cardinality_limit: 2000,
-    });
     let observer = telemetry
         .sink_metrics()
         .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
