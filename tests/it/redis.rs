@@ -838,7 +838,8 @@ async fn a_hung_redis_costs_bounded_waits_and_no_event() {
 
 /// The runbook's recovery while serve runs: `republish` moves the bus dead-letter file aside, and
 /// the next outage's dead letters go to a new file at the path, not to the moved one, so the next
-/// `republish` finds them. In the end every accepted dispatch's event is in the stream.
+/// `republish` finds them. In the end every accepted dispatch's event is in the stream. (It starts
+/// on a dead-letter file a crash left torn: the first outage's letters must still all parse.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn republish_while_serve_runs_and_the_next_outage_writes_a_new_dead_letter_file() {
     let Some((own, url)) = own_redis().await else {
@@ -846,12 +847,22 @@ async fn republish_while_serve_runs_and_the_next_outage_writes_a_new_dead_letter
     };
     let prefix = unique("republish-live");
     let stream = format!("{prefix}:events");
+    // A crash mid-write left a torn dead letter: moved aside at start, and counted.
     let app = crate::support::TestApp::start_with(
-        |config| use_redis(config, &url, &prefix, "live"),
+        |config| {
+            use_redis(config, &url, &prefix, "live");
+            let dead = &config.bus.redis.as_ref().unwrap().dead_letter;
+            std::fs::write(dead, r#"{"sink":"bus","reason":"publ"#).unwrap();
+        },
         |b| b,
     )
     .await;
     let dead = app.dir.path().join("bus.dead-letters.jsonl");
+    let torn = crate::support::sample(
+        &app.scrape().await,
+        r#"file_torn_tails_total{file_kind="bus_dead_letters"}"#,
+    );
+    assert_eq!(torn, Some(1.0));
     let letters = |path: &Path| -> std::collections::BTreeSet<String> {
         std::fs::read_to_string(path)
             .unwrap_or_default()
