@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::appender::Appender;
+use crate::appender::{Appender, FileKind, FileObserver, Files};
 use crate::bus::redis::{
     ConsumerConfig, RedisOutputs, RedisPublisher, StreamConsumer, default_consumer_name,
 };
@@ -124,6 +124,12 @@ impl AppBuilder {
 
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
+        // Every file the service appends to shares the reopen signal (SIGHUP) and the repair count.
+        let files = Files::new(
+            telemetry
+                .file_metrics()
+                .map(|metrics| Arc::new(metrics) as Arc<dyn FileObserver>),
+        );
 
         // The event pipeline: one driver per configured sink, fed by the in-memory bus, or each
         // reading the Redis events stream through its own consumer group.
@@ -139,7 +145,8 @@ impl AppBuilder {
             None => {
                 let mut handles = Vec::new();
                 for settings in &config.sinks {
-                    let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;
+                    let sink = crate::sinks::build_with(&settings.sink, &files)
+                        .map_err(anyhow::Error::msg)?;
                     handles.push(SinkDriver::spawn(
                         sink,
                         settings.driver.clone(),
@@ -159,16 +166,22 @@ impl AppBuilder {
                     .await
                     .with_context(|| format!("cannot connect to Redis at {}", redis.url))?
                     .with_dead_letter(
-                        Appender::open(&redis.dead_letter, true, &writers, stop_writers.clone())
-                            .await
-                            .with_context(|| {
-                                format!("cannot open {}", redis.dead_letter.display())
-                            })?,
+                        Appender::open(
+                            &redis.dead_letter,
+                            FileKind::BusDeadLetters,
+                            true,
+                            &files,
+                            &writers,
+                            stop_writers.clone(),
+                        )
+                        .await
+                        .with_context(|| format!("cannot open {}", redis.dead_letter.display()))?,
                     )
                     .with_observer(bus_observer.clone());
                 let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
                 for settings in &config.sinks {
-                    let sink = crate::sinks::build(&settings.sink).map_err(anyhow::Error::msg)?;
+                    let sink = crate::sinks::build_with(&settings.sink, &files)
+                        .map_err(anyhow::Error::msg)?;
                     let group = ConsumerConfig {
                         stream: stream.to_owned(),
                         group: format!("dispatchd-sink-{}", settings.sink.name),
@@ -208,7 +221,7 @@ impl AppBuilder {
                     LogDispatcher::new(config.redaction.clone()),
                 ),
                 DispatcherKind::Jsonl { path } => {
-                    let file = JsonlFile::open(path, &writers, stop_writers.clone())
+                    let file = JsonlFile::open(path, &files, &writers, stop_writers.clone())
                         .await
                         .with_context(|| {
                             format!("dispatcher `{id}` cannot open {}", path.display())
@@ -317,6 +330,7 @@ impl AppBuilder {
             stop_sinks,
             writers,
             stop_writers,
+            files,
         })
     }
 }
@@ -336,6 +350,7 @@ pub struct App {
     stop_sinks: CancellationToken,
     writers: TaskTracker,
     stop_writers: CancellationToken,
+    files: Files,
 }
 
 impl App {
@@ -363,6 +378,12 @@ impl App {
 
     pub fn health(&self) -> &HealthRegistry {
         &self.health
+    }
+
+    /// The files the service appends to: [`Files::reopen`] makes each writer reopen its file at
+    /// its next commit (what SIGHUP does).
+    pub fn files(&self) -> &Files {
+        &self.files
     }
 
     /// Starts every dispatcher's lifecycle task and serves until `shutdown` is cancelled, then

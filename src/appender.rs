@@ -1,20 +1,39 @@
-//! An append-only file written in groups: one writer task owns the file, takes every line
-//! waiting, writes them, flushes once (and syncs once, when asked), then answers each caller. A
-//! caller's `append` returns only after its line reached the operating system (or the disk), and
-//! a write error fails the lines it concerns instead of vanishing.
+//! The files dispatchd appends to, and the writer that commits lines to them in groups.
 //!
-//! Written here rather than taken from a crate: what it must do is specific (bounded queue as
-//! backpressure, one answer per line, commit at shutdown on a task tracker) and small. The JSONL
-//! dispatcher appends messages through it; serve's Redis publisher appends the dead letters of
-//! events Redis could not take, synced, so an outage costs one `fsync` per group of events rather
-//! than one per event.
+//! Every appended file (the JSONL dispatcher's messages, the file sink's events, the sinks' and
+//! the Redis bus's dead letters) is written through an [`AppendFile`], which keeps three promises:
+//!
+//! - **Whole lines after a crash.** A process killed mid-write can leave a partial last line. On
+//!   every open the bytes after the last newline are moved to `<file>.torn` (appended to, one
+//!   fragment per line, synced) and the file is cut back to its last whole line, so the next line
+//!   starts whole. Each repair is logged (WARN, with the path and the byte count) and counted
+//!   (`file_torn_tails_total{file_kind}`). A write that failed part way (a full disk) is repaired
+//!   the same way before the next one.
+//! - **Reopen, the logrotate way.** [`Files::reopen`] (SIGHUP) makes every writer reopen its path
+//!   at its next commit; and before each commit the writer compares the path's device and inode
+//!   with its open file's (one `stat`), so a file moved aside (`mv`, `dispatchd republish`) is
+//!   replaced by a new one at the path by the next commit, signal or not.
+//! - **Nothing lands in a file after it was taken.** Each commit holds an exclusive `flock` on its
+//!   file from that check to the end of its write (and sync). [`move_aside`] takes the same lock
+//!   before it reads and renames a file, so a commit either finished before (and is read) or
+//!   starts after (and finds the path moved, and writes to a new file).
+//!
+//! [`Appender`] is the group-commit writer on top: one writer task owns the file, takes every
+//! line waiting, writes them in one blocking call (check, write, flush to the OS, and `fsync`
+//! when asked), then answers each caller. A caller's `append` returns only after its line reached
+//! the operating system (or the disk), and a write error fails the lines it concerns instead of
+//! vanishing. Written here rather than taken from a crate: what it must do is specific (bounded
+//! queue as backpressure, one answer per line, commit at shutdown on a task tracker) and small.
+//! The JSONL dispatcher appends messages through it; serve's Redis publisher appends the dead
+//! letters of events Redis could not take, synced, so an outage costs one `fsync` per group of
+//! events rather than one per event.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,6 +41,460 @@ use tokio_util::task::TaskTracker;
 const QUEUE_CAPACITY: usize = 1024;
 /// The most lines one commit takes.
 const MAX_BATCH: usize = 256;
+/// A commit buffer larger than this (a huge line went through) is not kept for the next one.
+const KEEP_BUFFER: usize = 1 << 20;
+/// Times an open retries when the path is replaced between opening and locking it.
+const OPEN_ATTEMPTS: usize = 8;
+
+/// Which file it is: the `file_kind` label of `file_torn_tails_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// The JSONL dispatcher's file.
+    Messages,
+    /// The file sink's events.
+    SinkEvents,
+    /// A sink's dead letters.
+    SinkDeadLetters,
+    /// The Redis bus's dead letters (events Redis could not take).
+    BusDeadLetters,
+}
+
+impl FileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Messages => "messages",
+            FileKind::SinkEvents => "sink_events",
+            FileKind::SinkDeadLetters => "sink_dead_letters",
+            FileKind::BusDeadLetters => "bus_dead_letters",
+        }
+    }
+}
+
+/// Told about repairs (the metrics implement it).
+pub trait FileObserver: Send + Sync + 'static {
+    /// A torn last line of `bytes` bytes was moved aside.
+    fn torn_tail(&self, kind: FileKind, bytes: u64);
+}
+
+/// What every appended file of a process shares: the reopen signal and the observer of repairs.
+/// Cheap to clone; the app holds one and hands it to each writer it builds.
+#[derive(Clone)]
+pub struct Files {
+    generation: Arc<watch::Sender<u64>>,
+    observer: Option<Arc<dyn FileObserver>>,
+}
+
+impl Default for Files {
+    /// A reopen signal of its own and no observer.
+    fn default() -> Files {
+        Files::new(None)
+    }
+}
+
+impl Files {
+    pub fn new(observer: Option<Arc<dyn FileObserver>>) -> Files {
+        Files {
+            generation: Arc::new(watch::channel(0).0),
+            observer,
+        }
+    }
+
+    /// Asks every writer built from these `Files` to reopen its path at its next commit (what
+    /// SIGHUP does). A writer with nothing to write keeps its file until it has.
+    pub fn reopen(&self) {
+        self.generation.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn observer(&self) -> Option<Arc<dyn FileObserver>> {
+        self.observer.clone()
+    }
+
+    /// A file at `path` that follows the reopen signal; not open yet.
+    pub(crate) fn file(&self, path: &Path, kind: FileKind) -> AppendFile {
+        AppendFile::new(
+            path,
+            kind,
+            self.observer.clone(),
+            Some(self.generation.subscribe()),
+        )
+    }
+}
+
+/// The device and inode a path or an open file names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    device: u64,
+    inode: u64,
+}
+
+impl Identity {
+    #[cfg(unix)]
+    fn of(metadata: &std::fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        }
+    }
+
+    /// Elsewhere a moved file is not noticed; SIGHUP does not exist there either.
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> Identity {
+        Identity {
+            device: 0,
+            inode: 0,
+        }
+    }
+
+    fn of_path(path: &Path) -> io::Result<Identity> {
+        std::fs::metadata(path).map(|m| Identity::of(&m))
+    }
+}
+
+/// One file opened for appending, with blocking I/O: call it from a blocking thread. Opened at
+/// the first commit (or by [`AppendFile::open`]), reopened when asked or when its path names
+/// another file. See the module docs for what it promises.
+pub(crate) struct AppendFile {
+    path: PathBuf,
+    kind: FileKind,
+    observer: Option<Arc<dyn FileObserver>>,
+    reopen: Option<watch::Receiver<u64>>,
+    open: Option<OpenFile>,
+    /// A write failed part way: the tail may be torn, and is repaired before the next write.
+    suspect: bool,
+}
+
+struct OpenFile {
+    file: File,
+    identity: Identity,
+}
+
+impl AppendFile {
+    /// A file at `path`, not open yet. Without `reopen` it still follows a move of its path.
+    pub(crate) fn new(
+        path: &Path,
+        kind: FileKind,
+        observer: Option<Arc<dyn FileObserver>>,
+        reopen: Option<watch::Receiver<u64>>,
+    ) -> AppendFile {
+        AppendFile {
+            path: path.to_owned(),
+            kind,
+            observer,
+            reopen,
+            open: None,
+            suspect: false,
+        }
+    }
+
+    /// Opens it now (creating its directory and the file, repairing a torn tail), so that a bad
+    /// path fails at startup rather than at the first line.
+    pub(crate) fn open(&mut self) -> io::Result<()> {
+        self.prepare(true)?;
+        if let Some(open) = &self.open {
+            unlock(&open.file);
+        }
+        Ok(())
+    }
+
+    /// Appends `bytes` (whole lines) and returns once they reached the operating system, or the
+    /// disk with `sync`.
+    pub(crate) fn commit(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
+        let asked = match &mut self.reopen {
+            Some(reopen) if reopen.has_changed().unwrap_or(false) => {
+                reopen.borrow_and_update();
+                true
+            }
+            _ => false,
+        };
+        self.prepare(asked)?;
+        let Some(open) = &mut self.open else {
+            return Err(io::Error::other("the file is not open"));
+        };
+        let mut written = open.file.write_all(bytes);
+        if written.is_ok() && sync {
+            written = open.file.sync_data();
+        }
+        unlock(&open.file);
+        if written.is_err() {
+            self.suspect = true;
+        }
+        written
+    }
+
+    /// Syncs what was written (at close).
+    pub(crate) fn sync_all(&mut self) -> io::Result<()> {
+        match &self.open {
+            Some(open) => open.file.sync_all(),
+            None => Ok(()),
+        }
+    }
+
+    /// Leaves the file open, locked, named by its path, and with whole lines: reopened when
+    /// `reopen` asks, when none is open, or when the path names another file now.
+    fn prepare(&mut self, reopen: bool) -> io::Result<()> {
+        if let (Some(open), false) = (&self.open, reopen) {
+            // Best effort: a file system without locks still gets the path check.
+            lock(&open.file);
+            match Identity::of_path(&self.path) {
+                Ok(identity) if identity == open.identity => {
+                    if self.suspect {
+                        match repair_tail(&open.file, &self.path) {
+                            Ok(torn) => self.note_repair(torn),
+                            Err(error) => {
+                                unlock(&open.file);
+                                return Err(self.repair_failed(error));
+                            }
+                        }
+                        self.suspect = false;
+                    }
+                    return Ok(());
+                }
+                _ => {
+                    unlock(&open.file);
+                }
+            }
+        }
+        let reopened = self.open.is_some();
+        // Closed first: its lock must not be held while the new file (maybe the same) is locked.
+        self.open = None;
+        let (file, identity) = open_locked(&self.path, true)?;
+        let torn = match repair_tail(&file, &self.path) {
+            Ok(torn) => torn,
+            Err(error) => return Err(self.repair_failed(error)),
+        };
+        self.note_repair(torn);
+        if reopened {
+            tracing::info!(path = %self.path.display(), "Reopened a file.");
+        }
+        self.open = Some(OpenFile { file, identity });
+        self.suspect = false;
+        Ok(())
+    }
+
+    fn note_repair(&self, bytes: u64) {
+        if bytes > 0 {
+            if let Some(observer) = &self.observer {
+                observer.torn_tail(self.kind, bytes);
+            }
+        }
+    }
+
+    fn repair_failed(&self, error: io::Error) -> io::Error {
+        io::Error::new(
+            error.kind(),
+            format!(
+                "cannot repair the torn last line of {}: {error}",
+                self.path.display()
+            ),
+        )
+    }
+}
+
+/// Takes the exclusive lock (`flock`) that every writer of a file, and [`move_aside`], hold while
+/// they use it. It belongs to the open file, so two opens in one process exclude each other too.
+/// Best effort: on a file system without locks the path checks still apply.
+#[cfg(unix)]
+fn lock(file: &File) {
+    flock(file, rustix::fs::FlockOperation::LockExclusive);
+}
+
+#[cfg(unix)]
+fn unlock(file: &File) {
+    flock(file, rustix::fs::FlockOperation::Unlock);
+}
+
+#[cfg(unix)]
+fn flock(file: &File, operation: rustix::fs::FlockOperation) {
+    // A signal (SIGHUP) can interrupt the wait; wait again.
+    while rustix::fs::flock(file, operation) == Err(rustix::io::Errno::INTR) {}
+}
+
+#[cfg(not(unix))]
+fn lock(_: &File) {}
+
+#[cfg(not(unix))]
+fn unlock(_: &File) {}
+
+/// Opens `path` for reading and appending (creating it and its directory with `create`), locks
+/// it, and checks that the path still names the file locked: a file moved aside meanwhile (by
+/// [`move_aside`]) is let go and the path opened again.
+fn open_locked(path: &Path, create: bool) -> io::Result<(File, Identity)> {
+    for _ in 0..OPEN_ATTEMPTS {
+        if create {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(create)
+            .open(path)?;
+        lock(&file);
+        let identity = Identity::of(&file.metadata()?);
+        match Identity::of_path(path) {
+            Ok(now) if now == identity => return Ok((file, identity)),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound && create => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} kept being replaced while it was opened",
+        path.display()
+    )))
+}
+
+/// Where the torn tails of `path` go: `<path>.torn`.
+pub fn torn_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".torn");
+    PathBuf::from(name)
+}
+
+/// Moves the bytes after the last newline of `file` (at `path`) to `<path>.torn`, followed by a
+/// newline, syncs it, then cuts `file` back to its last whole line. Answers how many bytes were
+/// moved (0 when the file ends with a newline, is empty, or is not a regular file). The fragment
+/// is synced before the cut: a crash in between leaves it in both places, never in neither.
+fn repair_tail(file: &File, path: &Path) -> io::Result<u64> {
+    let metadata = file.metadata()?;
+    let len = metadata.len();
+    if !metadata.is_file() || len == 0 {
+        return Ok(0);
+    }
+    let mut reader = file;
+    let keep = whole_lines_end(&mut reader, len)?;
+    if keep == len {
+        return Ok(0);
+    }
+    let torn = torn_path(path);
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&torn)?;
+    reader.seek(SeekFrom::Start(keep))?;
+    let mut fragment = Vec::with_capacity(((len - keep).min(KEEP_BUFFER as u64) as usize) + 1);
+    let mut left = len - keep;
+    while left > 0 {
+        fragment.clear();
+        let read = (&mut reader)
+            .take(left.min(KEEP_BUFFER as u64))
+            .read_to_end(&mut fragment)?;
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        out.write_all(&fragment)?;
+        left -= read as u64;
+    }
+    out.write_all(b"\n")?;
+    out.sync_data()?;
+    file.set_len(keep)?;
+    file.sync_data()?;
+    tracing::warn!(
+        path = %path.display(),
+        bytes = len - keep,
+        torn = %torn.display(),
+        "A file ended in a torn line (a crash or a failed write mid-line); the partial line was moved aside so the next line starts whole."
+    );
+    Ok(len - keep)
+}
+
+/// The offset just past the last newline of the first `len` bytes (0 when there is none).
+fn whole_lines_end(reader: &mut &File, len: u64) -> io::Result<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut chunk = vec![0u8; CHUNK.min(len) as usize];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let part = &mut chunk[..(end - start) as usize];
+        reader.seek(SeekFrom::Start(start))?;
+        reader.read_exact(part)?;
+        if let Some(at) = part.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Takes a file out of its writers' way: under the writers' lock, repairs its torn tail, reads
+/// it, hands its text to `check` (which may refuse it: the file then stays where it is), and
+/// renames it to `<stem>.<suffix>.jsonl` (or `<stem>.<suffix>-2.jsonl` and so on when that name
+/// is taken). A writer's commit in progress finishes first and is read; every later one finds
+/// the path moved and writes a new file. Answers what `check` returned and where the file went.
+pub fn move_aside<T>(
+    path: &Path,
+    suffix: &str,
+    check: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<(T, PathBuf), String> {
+    let cannot_read = |e: io::Error| format!("cannot read {}: {e}", path.display());
+    let (file, _) = open_locked(path, false).map_err(cannot_read)?;
+    repair_tail(&file, path).map_err(cannot_read)?;
+    let mut text = String::new();
+    let mut reader = &file;
+    reader.seek(SeekFrom::Start(0)).map_err(cannot_read)?;
+    reader.read_to_string(&mut text).map_err(cannot_read)?;
+    let checked = check(&text)?;
+    let moved_to = (1..1000)
+        .map(|n| match n {
+            1 => path.with_extension(format!("{suffix}.jsonl")),
+            n => path.with_extension(format!("{suffix}-{n}.jsonl")),
+        })
+        .find(|candidate| !candidate.exists())
+        .ok_or_else(|| format!("no free name to move {} to", path.display()))?;
+    std::fs::rename(path, &moved_to).map_err(|e| {
+        format!(
+            "cannot move {} to {}: {e}",
+            path.display(),
+            moved_to.display()
+        )
+    })?;
+    // Dropping the file releases the lock: waiting writers find the path moved.
+    drop(file);
+    Ok((checked, moved_to))
+}
+
+/// Removes `path` if it is empty, under the writers' lock (a writer that just created it and is
+/// about to write keeps it). Answers whether it was removed.
+pub fn remove_if_empty(path: &Path) -> io::Result<bool> {
+    let file = match open_locked(path, false) {
+        Ok((file, _)) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error),
+    };
+    if file.metadata()?.len() > 0 {
+        return Ok(false);
+    }
+    std::fs::remove_file(path)?;
+    Ok(true)
+}
+
+/// Runs `commit` of a shared [`AppendFile`] on a blocking thread. Answers its result and gives
+/// `bytes` back (to reuse the buffer).
+pub(crate) async fn commit_shared(
+    file: &Arc<Mutex<AppendFile>>,
+    bytes: Vec<u8>,
+    sync: bool,
+) -> (io::Result<()>, Vec<u8>) {
+    let file = file.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let written = file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .commit(&bytes, sync);
+        (written, bytes)
+    })
+    .await;
+    done.unwrap_or_else(|error| {
+        (
+            Err(io::Error::other(format!(
+                "the write did not finish: {error}"
+            ))),
+            Vec::new(),
+        )
+    })
+}
 
 /// Why a line was not committed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,27 +520,26 @@ pub struct Appender {
 }
 
 impl Appender {
-    /// Opens `path` for appending (creating its directory) and starts the writer on `tracker`.
-    /// With `sync`, each commit ends with `sync_data`. When `shutdown` is cancelled the writer
-    /// stops taking lines, commits what is queued and ends.
+    /// Opens `path` for appending (creating its directory, repairing a torn last line) and starts
+    /// the writer on `tracker`; the writer follows `files`' reopen signal and reports repairs to
+    /// its observer as `kind`. With `sync`, each commit ends with `sync_data`. When `shutdown` is
+    /// cancelled the writer stops taking lines, commits what is queued and ends.
     pub async fn open(
         path: &Path,
+        kind: FileKind,
         sync: bool,
+        files: &Files,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> io::Result<Appender> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
+        let mut file = files.file(path, kind);
+        let file = tokio::task::spawn_blocking(move || file.open().map(|()| file))
+            .await
+            .map_err(io::Error::other)??;
         let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
         tracker.spawn(write_loop(
             jobs,
-            BufWriter::new(file),
+            Arc::new(Mutex::new(file)),
             sync,
             shutdown,
             path.to_owned(),
@@ -103,49 +575,48 @@ impl Appender {
 
 async fn write_loop(
     mut jobs: mpsc::Receiver<Job>,
-    mut file: BufWriter<tokio::fs::File>,
+    file: Arc<Mutex<AppendFile>>,
     sync: bool,
     shutdown: CancellationToken,
     path: PathBuf,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut buffer = Vec::new();
     loop {
         tokio::select! {
             received = jobs.recv_many(&mut batch, MAX_BATCH) => {
                 if received == 0 {
                     break;
                 }
-                commit(&mut file, sync, &mut batch).await;
+                commit(&file, sync, &mut batch, &mut buffer).await;
             }
             () = shutdown.cancelled() => {
                 jobs.close();
                 while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                    commit(&mut file, sync, &mut batch).await;
+                    commit(&file, sync, &mut batch, &mut buffer).await;
                 }
                 break;
             }
         }
     }
-    if let Err(error) = file.flush().await {
-        tracing::error!(path = %path.display(), %error, "The final flush of an appended file failed.");
-    }
     tracing::debug!(path = %path.display(), "A file writer stopped.");
 }
 
-async fn commit(file: &mut BufWriter<tokio::fs::File>, sync: bool, batch: &mut Vec<Job>) {
-    let mut written = Ok(());
+/// Writes the batch's lines in one blocking call, then answers each caller.
+async fn commit(
+    file: &Arc<Mutex<AppendFile>>,
+    sync: bool,
+    batch: &mut Vec<Job>,
+    buffer: &mut Vec<u8>,
+) {
+    let mut lines = std::mem::take(buffer);
+    lines.clear();
     for job in batch.iter() {
-        written = file.write_all(&job.line).await;
-        if written.is_err() {
-            break;
-        }
+        lines.extend_from_slice(&job.line);
     }
-    if written.is_ok() {
-        // Flushing the buffer also waits for tokio's blocking write and returns its error.
-        written = file.flush().await;
-    }
-    if written.is_ok() && sync {
-        written = file.get_ref().sync_data().await;
+    let (written, lines) = commit_shared(file, lines, sync).await;
+    if lines.capacity() <= KEEP_BUFFER {
+        *buffer = lines;
     }
     let answer = written.map_err(|error| error.to_string());
     for job in batch.drain(..) {
@@ -158,14 +629,48 @@ async fn commit(file: &mut BufWriter<tokio::fs::File>, sync: bool, batch: &mut V
 mod tests {
     use super::*;
 
+    async fn open(path: &Path, files: &Files, tracker: &TaskTracker) -> Appender {
+        Appender::open(
+            path,
+            FileKind::Messages,
+            true,
+            files,
+            tracker,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Counts repairs by kind.
+    #[derive(Default)]
+    struct Repairs(Mutex<Vec<(FileKind, u64)>>);
+
+    impl FileObserver for Repairs {
+        fn torn_tail(&self, kind: FileKind, bytes: u64) {
+            self.0.lock().unwrap().push((kind, bytes));
+        }
+    }
+
+    fn observed() -> (Files, Arc<Repairs>) {
+        let repairs = Arc::new(Repairs::default());
+        (Files::new(Some(repairs.clone())), repairs)
+    }
+
+    fn parsed_lines(path: &Path) -> Vec<u32> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap_or_else(|_| panic!("a whole line: {l:?}")))
+            .collect()
+    }
+
     #[tokio::test]
     async fn concurrent_lines_are_all_committed_before_their_callers_return() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/letters.jsonl");
         let tracker = TaskTracker::new();
-        let appender = Appender::open(&path, true, &tracker, CancellationToken::new())
-            .await
-            .unwrap();
+        let appender = open(&path, &Files::default(), &tracker).await;
         let writes = (0..100).map(|n| {
             let appender = appender.clone();
             async move { appender.append(format!("{n}\n").into_bytes()).await }
@@ -173,8 +678,7 @@ mod tests {
         for outcome in futures::future::join_all(writes).await {
             outcome.unwrap();
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut numbers: Vec<u32> = text.lines().map(|l| l.parse().unwrap()).collect();
+        let mut numbers = parsed_lines(&path);
         numbers.sort_unstable();
         assert_eq!(numbers, (0..100).collect::<Vec<_>>());
     }
@@ -185,7 +689,9 @@ mod tests {
         // Every write to /dev/full fails with ENOSPC, as on a full disk.
         let appender = Appender::open(
             Path::new("/dev/full"),
+            FileKind::Messages,
             false,
+            &Files::default(),
             &tracker,
             CancellationToken::new(),
         )
@@ -206,9 +712,16 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let appender = Appender::open(&path, false, &tracker, shutdown.clone())
-            .await
-            .unwrap();
+        let appender = Appender::open(
+            &path,
+            FileKind::Messages,
+            false,
+            &Files::default(),
+            &tracker,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
         appender.append(b"first\n".to_vec()).await.unwrap();
         shutdown.cancel();
         tracker.close();
@@ -219,5 +732,217 @@ mod tests {
             Err(AppendError::Closed)
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "first\n");
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_moved_aside_at_open_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.dead-letters.jsonl");
+        std::fs::write(&path, "1\n2\n{\"sink\":\"bu").unwrap();
+        let (files, repairs) = observed();
+        let tracker = TaskTracker::new();
+        let appender = Appender::open(
+            &path,
+            FileKind::BusDeadLetters,
+            true,
+            &files,
+            &tracker,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        appender.append(b"3\n".to_vec()).await.unwrap();
+        assert_eq!(parsed_lines(&path), [1, 2, 3]);
+        let torn = dir.path().join("bus.dead-letters.jsonl.torn");
+        assert_eq!(std::fs::read_to_string(&torn).unwrap(), "{\"sink\":\"bu\n");
+        assert_eq!(*repairs.0.lock().unwrap(), [(FileKind::BusDeadLetters, 11)]);
+
+        // The next repair appends to the same .torn file, one fragment per line; a file that is
+        // only a fragment is cut to nothing.
+        drop(appender);
+        std::fs::write(&path, "4").unwrap();
+        let appender = open(&path, &files, &tracker).await;
+        appender.append(b"5\n".to_vec()).await.unwrap();
+        assert_eq!(parsed_lines(&path), [5]);
+        assert_eq!(
+            std::fs::read_to_string(&torn).unwrap(),
+            "{\"sink\":\"bu\n4\n"
+        );
+        assert_eq!(repairs.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_tail_longer_than_the_scan_chunk_is_moved_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let long = "x".repeat(200_000);
+        std::fs::write(&path, format!("1\n{long}")).unwrap();
+        let mut file = AppendFile::new(&path, FileKind::SinkEvents, None, None);
+        file.commit(b"2\n", false).unwrap();
+        assert_eq!(parsed_lines(&path), [1, 2]);
+        assert_eq!(
+            std::fs::read_to_string(torn_path(&path)).unwrap(),
+            format!("{long}\n")
+        );
+    }
+
+    #[test]
+    fn whole_files_and_empty_files_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("whole.jsonl", "1\n2\n"), ("empty.jsonl", "")] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            AppendFile::new(&path, FileKind::Messages, None, None)
+                .open()
+                .unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+            assert!(!torn_path(&path).exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_moved_aside_is_replaced_at_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.jsonl");
+        let moved = dir.path().join("messages.jsonl.1");
+        let tracker = TaskTracker::new();
+        let appender = open(&path, &Files::default(), &tracker).await;
+        appender.append(b"1\n".to_vec()).await.unwrap();
+        std::fs::rename(&path, &moved).unwrap();
+        appender.append(b"2\n".to_vec()).await.unwrap();
+        assert_eq!(parsed_lines(&moved), [1]);
+        assert_eq!(parsed_lines(&path), [2]);
+    }
+
+    #[tokio::test]
+    async fn the_reopen_signal_reopens_at_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.jsonl");
+        let (files, repairs) = observed();
+        let tracker = TaskTracker::new();
+        let appender = open(&path, &files, &tracker).await;
+        appender.append(b"1\n".to_vec()).await.unwrap();
+        // Someone else left a fragment in the same file (same inode, so only a reopen notices):
+        // reopening repairs it before the next line.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"par")
+            .unwrap();
+        files.reopen();
+        appender.append(b"2\n".to_vec()).await.unwrap();
+        assert_eq!(parsed_lines(&path), [1, 2]);
+        assert_eq!(*repairs.0.lock().unwrap(), [(FileKind::Messages, 5)]);
+        // Seen once: the next commit does not reopen again.
+        appender.append(b"3\n".to_vec()).await.unwrap();
+        assert_eq!(repairs.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_write_that_failed_part_way_is_repaired_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut file = AppendFile::new(&path, FileKind::SinkEvents, None, None);
+        file.commit(b"1\n", false).unwrap();
+        // What a failed write leaves: part of a line, and the writer told it failed.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"ha")
+            .unwrap();
+        file.suspect = true;
+        file.commit(b"2\n", false).unwrap();
+        assert_eq!(parsed_lines(&path), [1, 2]);
+        assert_eq!(
+            std::fs::read_to_string(torn_path(&path)).unwrap(),
+            "{\"ha\n"
+        );
+    }
+
+    /// Whether another open of `path` could take the lock now.
+    #[cfg(unix)]
+    fn lockable(path: &Path) -> bool {
+        let other = File::open(path).unwrap();
+        let free = rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+        free.is_ok()
+    }
+
+    /// Tries the lock from inside a repair, that is in the middle of a commit.
+    #[cfg(unix)]
+    struct LockProbe(PathBuf, Mutex<Vec<bool>>);
+
+    #[cfg(unix)]
+    impl FileObserver for LockProbe {
+        fn torn_tail(&self, _: FileKind, _: u64) {
+            self.1.lock().unwrap().push(lockable(&self.0));
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_commit_and_move_aside_hold_the_lock_so_a_moved_file_gets_no_more_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.dead-letters.jsonl");
+        std::fs::write(&path, "1\n{\"sink\"").unwrap();
+        let probe = Arc::new(LockProbe(path.clone(), Mutex::new(Vec::new())));
+        let mut writer =
+            AppendFile::new(&path, FileKind::BusDeadLetters, Some(probe.clone()), None);
+        writer.commit(b"2\n", true).unwrap();
+        assert_eq!(
+            *probe.1.lock().unwrap(),
+            [false],
+            "locked during the commit"
+        );
+        assert!(lockable(&path), "and free after it");
+
+        let (text, moved_to) = move_aside(&path, "republished", |text| {
+            assert!(!lockable(&path), "locked while it is read and moved");
+            Ok(text.to_owned())
+        })
+        .unwrap();
+        assert_eq!(text, "1\n2\n");
+        assert_eq!(
+            moved_to,
+            dir.path().join("bus.dead-letters.republished.jsonl")
+        );
+        // The writer's next commit finds the path moved and starts a new file there.
+        writer.commit(b"3\n", true).unwrap();
+        assert_eq!(parsed_lines(&moved_to), [1, 2]);
+        assert_eq!(parsed_lines(&path), [3]);
+
+        // Taken again: the first moved file is kept, the second gets the next name.
+        let (_, second) = move_aside(&path, "republished", |_| Ok(())).unwrap();
+        assert_eq!(
+            second,
+            dir.path().join("bus.dead-letters.republished-2.jsonl")
+        );
+        assert_eq!(parsed_lines(&moved_to), [1, 2]);
+        assert_eq!(parsed_lines(&second), [3]);
+    }
+
+    #[test]
+    fn move_aside_leaves_a_refused_file_where_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.jsonl");
+        std::fs::write(&path, "nope\n").unwrap();
+        let refused = move_aside(&path, "republished", |_| Err::<(), _>("bad".to_owned()));
+        assert_eq!(refused, Err("bad".to_owned()));
+        assert!(path.exists());
+        let missing = move_aside(&dir.path().join("none.jsonl"), "x", |_| Ok(()));
+        assert!(missing.unwrap_err().starts_with("cannot read"));
+    }
+
+    #[test]
+    fn remove_if_empty_keeps_a_file_with_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.jsonl");
+        std::fs::write(&path, "1\n").unwrap();
+        assert!(!remove_if_empty(&path).unwrap());
+        std::fs::write(&path, "").unwrap();
+        assert!(remove_if_empty(&path).unwrap());
+        assert!(!path.exists());
+        assert!(!remove_if_empty(&path).unwrap());
     }
 }

@@ -27,7 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use thiserror::Error;
 
-use crate::appender::Appender;
+use crate::appender::{Appender, FileKind, Files};
 use crate::resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Trip};
 use crate::sinks::service::BusObserver;
 
@@ -349,9 +349,12 @@ pub struct Republished {
 
 /// Puts the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
 /// `stream`, so that every consumer group reading it receives them. The file is moved aside
-/// first (to `<name>.republished.jsonl`), so a crash midway leaves every event in one of the two
-/// files; an event Redis refuses again goes back to the original path. Delivery is at-least-once:
-/// an interrupted run repeated from the moved file can publish some events twice.
+/// first (to `<name>.republished.jsonl`, or `<name>.republished-2.jsonl` and so on when that is
+/// taken), so a crash midway leaves every event in one of the two files; an event Redis refuses
+/// again goes back to the original path. Safe while serve runs: the file is taken under the lock
+/// serve's writer holds for each commit, so serve's next dead letters go to a new file at the
+/// path (see [`crate::sinks::dead_letter::take`]). Delivery is at-least-once: an interrupted run
+/// repeated from the moved file can publish some events twice.
 pub async fn republish(
     url: &str,
     stream: &str,
@@ -360,20 +363,23 @@ pub async fn republish(
     let publisher = RedisPublisher::connect(url, stream, None)
         .await
         .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-    let events = crate::sinks::dead_letter::read(file)?;
-    let moved_to = file.with_extension("republished.jsonl");
-    std::fs::rename(file, &moved_to).map_err(|e| {
-        format!(
-            "cannot move {} to {}: {e}",
-            file.display(),
-            moved_to.display()
-        )
-    })?;
+    let path = file.to_owned();
+    let (events, moved_to) =
+        tokio::task::spawn_blocking(move || crate::sinks::dead_letter::take(&path, "republished"))
+            .await
+            .map_err(|e| e.to_string())??;
     let writers = tokio_util::task::TaskTracker::new();
     let stop = tokio_util::sync::CancellationToken::new();
-    let returned_to = Appender::open(file, true, &writers, stop.clone())
-        .await
-        .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let returned_to = Appender::open(
+        file,
+        FileKind::BusDeadLetters,
+        true,
+        &Files::default(),
+        &writers,
+        stop.clone(),
+    )
+    .await
+    .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
     let publisher = publisher.with_dead_letter(returned_to);
     let total = events.len();
     let mut published = 0;
@@ -385,9 +391,11 @@ pub async fn republish(
     writers.close();
     writers.wait().await;
     // Opening it for refused events created the file again; leave none behind if it stayed
-    // empty (a serve that appended meanwhile made it non-empty).
-    if published == total && std::fs::metadata(file).is_ok_and(|m| m.len() == 0) {
-        let _ = std::fs::remove_file(file);
+    // empty (a serve that appended meanwhile made it non-empty; one about to append holds the
+    // lock, and keeps it).
+    if published == total {
+        let path = file.to_owned();
+        let _ = tokio::task::spawn_blocking(move || crate::appender::remove_if_empty(&path)).await;
     }
     Ok(Republished {
         published,

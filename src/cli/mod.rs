@@ -47,7 +47,8 @@ enum Command {
     Sink(Box<SinkArgs>),
     /// Put the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
     /// the Redis events stream, so every sink's consumer group receives them. The file is moved
-    /// aside first (to <FILE>.republished.jsonl); events Redis refuses again go back to FILE.
+    /// aside first (to <name>.republished.jsonl, or -2, -3 … when taken); events Redis refuses
+    /// again go back to FILE. Safe while serve runs: its next dead letters go to a new FILE.
     Republish(RepublishArgs),
     /// Send realistic traffic (successes, slow calls, failures, duplicates, denied commands) so
     /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
@@ -383,15 +384,30 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.buffer >= 1, "--buffer must be at least 1");
     let name = args.name.clone().unwrap_or_else(|| args.service.clone());
-    let sink = crate::sinks::build(&SinkConfig {
-        name: name.clone(),
-        service: args.service.clone(),
-        endpoint: args.endpoint.clone(),
-        api_key: args.api_key.clone(),
-        headers: Default::default(),
-        timeout: Duration::from_secs(10),
-        fsync: false,
-    })
+    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
+        enabled: true,
+        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
+        cardinality_limit: 2000,
+    });
+    // The files this command appends to (the file sink's, the dead letters) follow SIGHUP, and
+    // their repairs are counted.
+    let files = crate::appender::Files::new(
+        telemetry
+            .file_metrics()
+            .map(|m| Arc::new(m) as Arc<dyn crate::appender::FileObserver>),
+    );
+    let sink = crate::sinks::build_with(
+        &SinkConfig {
+            name: name.clone(),
+            service: args.service.clone(),
+            endpoint: args.endpoint.clone(),
+            api_key: args.api_key.clone(),
+            headers: Default::default(),
+            timeout: Duration::from_secs(10),
+            fsync: false,
+        },
+        &files,
+    )
     .map_err(anyhow::Error::msg)?;
     let driver = DriverConfig {
         batch_size: args.batch_size,
@@ -410,16 +426,12 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         }),
     };
 
-    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
-        enabled: true,
-        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
-        cardinality_limit: 2000,
-    });
     let observer = telemetry
         .sink_metrics()
         .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    reopen_on_hangup(files);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -437,12 +449,13 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     ));
 
     if let Some(file) = &args.replay_dead_letters {
-        let events = crate::sinks::dead_letter::read(file).map_err(anyhow::Error::msg)?;
         // Moved aside first: events that fail again are appended to the dead-letter file, which
-        // may be this one.
-        let replayed = file.with_extension("replayed.jsonl");
-        std::fs::rename(file, &replayed)
-            .with_context(|| format!("cannot move {} aside", file.display()))?;
+        // may be this one (and which a running `dispatchd sink` may be appending to).
+        let path = file.clone();
+        let (events, replayed) =
+            tokio::task::spawn_blocking(move || crate::sinks::dead_letter::take(&path, "replayed"))
+                .await?
+                .map_err(anyhow::Error::msg)?;
         let tracker = tokio_util::task::TaskTracker::new();
         let stop = CancellationToken::new();
         let handle = SinkDriver::spawn(sink, driver, observer, &tracker, stop.clone());
@@ -547,7 +560,31 @@ async fn run(config: Config, tracer: opentelemetry_sdk::trace::SdkTracer) -> any
         .context("cannot start dispatchd")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    reopen_on_hangup(app.files().clone());
     app.run(shutdown).await
+}
+
+/// Reopens every appended file on SIGHUP (the logrotate convention: after `mv f f.1` and
+/// SIGHUP, new lines go to a new `f`), instead of dying of it. Each writer reopens at its next
+/// commit. The handler is installed before this returns, so a SIGHUP sent once the service
+/// answers is never fatal.
+fn reopen_on_hangup(files: crate::appender::Files) {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("Received SIGHUP: reopening the appended files.");
+                    files.reopen();
+                }
+            });
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Cannot listen for SIGHUP; appended files are reopened only when moved.");
+        }
+    }
+    #[cfg(not(unix))]
+    drop(files);
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

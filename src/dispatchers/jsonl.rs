@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::appender::{AppendError, Appender};
+use crate::appender::{AppendError, Appender, FileKind, Files};
 use crate::engine::{Category, Envelope, Handler, HandlerError, Message, OutputMessage};
 
 /// One line of the file: the topic and category, then the envelope's fields.
@@ -27,16 +27,18 @@ pub struct JsonlFile {
 }
 
 impl JsonlFile {
-    /// Opens `path` for appending (creating its directory) and starts the writer on `tracker`.
-    /// When `shutdown` is cancelled the writer stops taking lines, commits what is queued,
-    /// flushes and ends.
+    /// Opens `path` for appending (creating its directory, moving a torn last line aside) and
+    /// starts the writer on `tracker`; it reopens the file on `files`' signal or when the path
+    /// is moved. When `shutdown` is cancelled the writer stops taking lines, commits what is
+    /// queued and ends.
     pub async fn open(
         path: &Path,
+        files: &Files,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> io::Result<JsonlFile> {
         Ok(JsonlFile {
-            file: Appender::open(path, false, tracker, shutdown).await?,
+            file: Appender::open(path, FileKind::Messages, false, files, tracker, shutdown).await?,
         })
     }
 
@@ -95,7 +97,7 @@ mod tests {
         let path = dir.path().join("nested/out.jsonl");
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let file = JsonlFile::open(&path, &tracker, shutdown.clone())
+        let file = JsonlFile::open(&path, &Files::default(), &tracker, shutdown.clone())
             .await
             .unwrap();
 
@@ -137,6 +139,7 @@ mod tests {
         let tracker = TaskTracker::new();
         let error = JsonlFile::open(
             Path::new("/proc/dispatchd/x.jsonl"),
+            &Files::default(),
             &tracker,
             CancellationToken::new(),
         )
@@ -144,5 +147,33 @@ mod tests {
         .err()
         .expect("cannot create a directory in /proc");
         assert!(!error.to_string().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_message_after_a_crash_mid_line_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.jsonl");
+        let envelope = Envelope::new("order.placed", serde_json::json!({ "n": 1 }));
+        let whole = serde_json::to_string(&JsonlLine {
+            topic: "shop.orders.events".into(),
+            category: Category::Event,
+            envelope: envelope.clone(),
+        })
+        .unwrap();
+        // What a SIGKILL mid-write leaves: whole lines, then part of one.
+        std::fs::write(&path, format!("{whole}\n{}", &whole[..20])).unwrap();
+        let tracker = TaskTracker::new();
+        let file = JsonlFile::open(&path, &Files::default(), &tracker, CancellationToken::new())
+            .await
+            .unwrap();
+        file.handle(&message(&envelope)).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<JsonlLine> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line parses"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let torn = std::fs::read_to_string(dir.path().join("messages.jsonl.torn")).unwrap();
+        assert_eq!(torn, format!("{}\n", &whole[..20]));
     }
 }

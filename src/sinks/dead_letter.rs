@@ -1,12 +1,13 @@
 //! Dead-letter files: what a sink finally could not deliver, one JSON line per event, with why.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use super::DispatchEvent;
+use crate::appender::{AppendFile, FileKind, FileObserver};
 use crate::engine::sanitize;
 
 /// One dead letter.
@@ -25,15 +26,28 @@ pub struct DeadLetter {
 }
 
 /// Appends dead letters to a JSONL file, synced before it returns: a dead letter is the last
-/// place an event can be, so it must survive a crash.
-#[derive(Debug, Clone)]
+/// place an event can be, so it must survive a crash. The file is opened for each append (dead
+/// letters are rare), so a file moved aside or rotated is followed without a signal; each open
+/// moves a torn last line aside first (see [`crate::appender`]), and the write holds the lock
+/// [`take`] waits for.
+#[derive(Clone)]
 pub struct DeadLetterFile {
     path: PathBuf,
+    observer: Option<Arc<dyn FileObserver>>,
 }
 
 impl DeadLetterFile {
     pub fn new(path: impl Into<PathBuf>) -> DeadLetterFile {
-        DeadLetterFile { path: path.into() }
+        DeadLetterFile {
+            path: path.into(),
+            observer: None,
+        }
+    }
+
+    /// Told when a torn last line is repaired (as `sink_dead_letters`).
+    pub fn with_observer(mut self, observer: Option<Arc<dyn FileObserver>>) -> DeadLetterFile {
+        self.observer = observer;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -55,19 +69,15 @@ impl DeadLetterFile {
         for event in events {
             write_line(&mut lines, sink, reason, attempts, last_error, event)?;
         }
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .await?;
-        file.write_all(&lines).await?;
-        // Wait for the write itself: tokio's `File` answers before it is done, and `sync_data`
-        // would swallow its error (a full disk) and sync nothing.
-        file.flush().await?;
-        file.sync_data().await
+        let mut file = AppendFile::new(
+            &self.path,
+            FileKind::SinkDeadLetters,
+            self.observer.clone(),
+            None,
+        );
+        tokio::task::spawn_blocking(move || file.commit(&lines, true))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -111,6 +121,19 @@ pub fn write_line(
 pub fn read(path: &Path) -> Result<Vec<DispatchEvent>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse(path, &text)
+}
+
+/// Takes the events of a dead-letter file to send them again: reads it and moves it aside to
+/// `<stem>.<suffix>.jsonl` (`-2`, `-3` … when taken), under the lock its writers take, so a
+/// running dispatchd writes its next dead letters to a new file at `path`, never to the moved
+/// one. A torn last line is moved to `<path>.torn` first; a file with a line that is not a dead
+/// letter is refused, naming the line, and left where it is.
+pub fn take(path: &Path, suffix: &str) -> Result<(Vec<DispatchEvent>, PathBuf), String> {
+    crate::appender::move_aside(path, suffix, |text| parse(path, text))
+}
+
+fn parse(path: &Path, text: &str) -> Result<Vec<DispatchEvent>, String> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
@@ -120,4 +143,85 @@ pub fn read(path: &Path) -> Result<Vec<DispatchEvent>, String> {
                 .map_err(|e| format!("{}:{}: not a dead letter: {e}", path.display(), n + 1))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::sinks::driver_tests::event;
+
+    fn run_ids(events: &[DispatchEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.run_id.as_str()).collect()
+    }
+
+    /// Records repairs.
+    #[derive(Default)]
+    struct Repairs(std::sync::Mutex<Vec<(FileKind, u64)>>);
+
+    impl FileObserver for Repairs {
+        fn torn_tail(&self, kind: FileKind, bytes: u64) {
+            self.0.lock().unwrap().push((kind, bytes));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_torn_dead_letter_is_moved_aside_before_the_next_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.dead-letters.jsonl");
+        let repairs = Arc::new(Repairs::default());
+        let file = DeadLetterFile::new(&path).with_observer(Some(repairs.clone()));
+        file.append("events", "permanent", 1, "HTTP 400", &[event(1)])
+            .await
+            .unwrap();
+        let fragment = "{\"sink\":\"events\",\"reason\":\"perm";
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(fragment.as_bytes())
+            .unwrap();
+        file.append("events", "permanent", 1, "HTTP 400", &[event(2)])
+            .await
+            .unwrap();
+
+        let events = read(&path).expect("every line is a dead letter");
+        assert_eq!(run_ids(&events), ["run-1", "run-2"]);
+        let torn = std::fs::read_to_string(dir.path().join("events.dead-letters.jsonl.torn"));
+        assert_eq!(torn.unwrap(), format!("{fragment}\n"));
+        assert_eq!(
+            *repairs.0.lock().unwrap(),
+            [(FileKind::SinkDeadLetters, fragment.len() as u64)]
+        );
+    }
+
+    #[tokio::test]
+    async fn take_repairs_reads_and_moves_the_file_so_the_next_letter_starts_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.dead-letters.jsonl");
+        let file = DeadLetterFile::new(&path);
+        file.append("bus", "publish_failed", 3, "redis: down", &[event(1)])
+            .await
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"sink\":")
+            .unwrap();
+
+        let (events, moved_to) = take(&path, "republished").unwrap();
+        assert_eq!(run_ids(&events), ["run-1"]);
+        assert_eq!(
+            moved_to,
+            dir.path().join("bus.dead-letters.republished.jsonl")
+        );
+        assert!(!path.exists());
+        file.append("bus", "publish_failed", 3, "redis: down", &[event(2)])
+            .await
+            .unwrap();
+        assert_eq!(run_ids(&read(&path).unwrap()), ["run-2"]);
+        assert_eq!(run_ids(&read(&moved_to).unwrap()), ["run-1"]);
+    }
 }

@@ -76,6 +76,10 @@ pub trait SinkObserver: Send + Sync + 'static {
     /// One call to the backend: `status_family` is `2xx`, `4xx`, `5xx` or `error` (no answer).
     fn request(&self, sink: &str, status_family: &str, elapsed: Duration);
     fn queue_depth(&self, sink: &str, depth: usize);
+    /// Who is told about repairs of the files the driver writes (a torn dead-letter file).
+    fn file_observer(&self) -> Option<Arc<dyn crate::appender::FileObserver>> {
+        None
+    }
 }
 
 /// An event in a driver's queue, with the bus entry to acknowledge once it is settled.
@@ -186,7 +190,8 @@ impl SinkDriver {
             observer: observer.clone(),
         };
         let driver = SinkDriver {
-            dead_letters: DeadLetterFile::new(config.dead_letter.clone()),
+            dead_letters: DeadLetterFile::new(config.dead_letter.clone())
+                .with_observer(observer.as_ref().and_then(|o| o.file_observer())),
             sink,
             name,
             config,

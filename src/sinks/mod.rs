@@ -30,7 +30,7 @@ pub use driver::{DriverConfig, FullPolicy, Outcome, SinkDriver, SinkHandle, Sink
 pub use event::DispatchEvent;
 pub use plugins::{
     FileSink, HeliconeSink, HeliconeTransform, HttpSink, LunarySink, LunaryTransform, SERVICES,
-    SinkConfig, build,
+    SinkConfig, build, build_with,
 };
 
 /// Whether trying again could help.

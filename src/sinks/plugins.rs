@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
 
 use super::{Delivery, DispatchEvent, SendError, Sink, SinkError, Transform, parse_retry_after};
+use crate::appender::{AppendFile, FileKind, Files, commit_shared};
 
 /// The plugins [`build`] knows, by `service` name.
 pub const SERVICES: &[&str] = &["file", "http", "lunary", "helicone"];
@@ -38,7 +38,14 @@ pub struct SinkConfig {
 }
 
 /// Builds the plugin a config names. Extend by matching your own `service` before calling this.
+/// A file sink built here has a reopen signal of its own (see [`build_with`]).
 pub fn build(config: &SinkConfig) -> Result<Box<dyn Sink>, String> {
+    build_with(config, &Files::default())
+}
+
+/// [`build`], with a file sink that follows `files`' reopen signal (SIGHUP) and reports repairs
+/// to its observer: what serve and `dispatchd sink` use.
+pub fn build_with(config: &SinkConfig, files: &Files) -> Result<Box<dyn Sink>, String> {
     let client = || {
         reqwest::Client::builder()
             .timeout(config.timeout)
@@ -47,16 +54,19 @@ pub fn build(config: &SinkConfig) -> Result<Box<dyn Sink>, String> {
     };
     let endpoint = config.endpoint.clone();
     Ok(match config.service.as_str() {
-        "file" => Box::new(FileSink::new(
-            &config.name,
-            endpoint.ok_or_else(|| {
-                format!(
-                    "sink `{}`: the file sink needs an endpoint (a path)",
-                    config.name
-                )
-            })?,
-            config.fsync,
-        )),
+        "file" => Box::new(
+            FileSink::new(
+                &config.name,
+                endpoint.ok_or_else(|| {
+                    format!(
+                        "sink `{}`: the file sink needs an endpoint (a path)",
+                        config.name
+                    )
+                })?,
+                config.fsync,
+            )
+            .with_files(files),
+        ),
         "http" => Box::new(HttpSink {
             name: config.name.clone(),
             url: endpoint.ok_or_else(|| {
@@ -107,12 +117,15 @@ pub fn build(config: &SinkConfig) -> Result<Box<dyn Sink>, String> {
     })
 }
 
-/// Appends each event as a JSON line; optionally syncs after every batch.
+/// Appends each event as a JSON line; optionally syncs after every batch. The file is an
+/// [`AppendFile`]: a torn last line is moved aside when it is opened, and it is reopened on the
+/// reopen signal or when its path is moved (see [`crate::appender`]).
 pub struct FileSink {
     name: String,
     path: PathBuf,
     fsync: bool,
-    file: Mutex<Option<tokio::fs::File>>,
+    files: Files,
+    file: Option<Arc<Mutex<AppendFile>>>,
 }
 
 impl FileSink {
@@ -121,8 +134,16 @@ impl FileSink {
             name: name.to_owned(),
             path: path.into(),
             fsync,
-            file: Mutex::new(None),
+            files: Files::default(),
+            file: None,
         }
+    }
+
+    /// Follows `files`' reopen signal and reports repairs to its observer (default: a signal of
+    /// its own, no observer).
+    pub fn with_files(mut self, files: &Files) -> FileSink {
+        self.files = files.clone();
+        self
     }
 }
 
@@ -147,50 +168,39 @@ impl Sink for FileSink {
     }
 
     async fn init(&mut self) -> Result<(), SinkError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| SinkError::transient(e.to_string()))?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
+        let mut file = self.files.file(&self.path, FileKind::SinkEvents);
+        let file = tokio::task::spawn_blocking(move || file.open().map(|()| file))
             .await
+            .map_err(|e| SinkError::transient(e.to_string()))?
             .map_err(|e| SinkError::transient(format!("opening {}: {e}", self.path.display())))?;
-        *self.file.lock().await = Some(file);
+        self.file = Some(Arc::new(Mutex::new(file)));
         Ok(())
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
         let lines = FileSink::lines(batch)?;
-        let mut file = self.file.lock().await;
-        let file = file
-            .as_mut()
+        let file = self
+            .file
+            .as_ref()
             .ok_or_else(|| SinkError::transient("the file is not open"))?;
-        // One write of whole lines: a crash leaves whole lines, or a torn last one. tokio's
-        // `File` answers a write before the blocking thread has done it; `flush` waits for it
-        // and returns its error (a full disk), which would otherwise surface only on a later
-        // batch while this one counted as delivered.
-        file.write_all(&lines)
-            .await
-            .map_err(|e| SinkError::transient(e.to_string()))?;
-        file.flush()
-            .await
-            .map_err(|e| SinkError::transient(e.to_string()))?;
-        if self.fsync {
-            file.sync_data()
-                .await
-                .map_err(|e| SinkError::transient(e.to_string()))?;
-        }
+        // One write of whole lines, which returns only once the OS has them (its error, a full
+        // disk, fails this batch): a crash leaves whole lines, or a torn last one that the next
+        // open moves aside.
+        let (written, _) = commit_shared(file, lines, self.fsync).await;
+        written.map_err(|e| SinkError::transient(e.to_string()))?;
         Ok(Delivery::default())
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        if let Some(file) = self.file.lock().await.as_mut() {
-            file.sync_all()
-                .await
-                .map_err(|e| SinkError::transient(e.to_string()))?;
+        if let Some(file) = self.file.clone() {
+            tokio::task::spawn_blocking(move || {
+                file.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .sync_all()
+            })
+            .await
+            .map_err(|e| SinkError::transient(e.to_string()))?
+            .map_err(|e| SinkError::transient(e.to_string()))?;
         }
         Ok(())
     }
@@ -455,5 +465,74 @@ impl Sink for HeliconeSink {
             })?;
         }
         Ok(Delivery::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::appender::FileObserver;
+    use crate::sinks::driver_tests::event;
+
+    #[derive(Default)]
+    struct Repairs(Mutex<Vec<(FileKind, u64)>>);
+
+    impl FileObserver for Repairs {
+        fn torn_tail(&self, kind: FileKind, bytes: u64) {
+            self.0.lock().unwrap().push((kind, bytes));
+        }
+    }
+
+    fn run_ids(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let event: DispatchEvent = serde_json::from_str(line).expect("a whole event");
+                event.run_id
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_file_sink_moves_a_torn_tail_aside_and_follows_its_file_being_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let whole = serde_json::to_string(&event(0)).unwrap();
+        std::fs::write(&path, format!("{whole}\n{}", &whole[..30])).unwrap();
+        let repairs = Arc::new(Repairs::default());
+        let files = Files::new(Some(repairs.clone()));
+        let mut sink = FileSink::new("events", &path, false).with_files(&files);
+        sink.init().await.unwrap();
+        sink.send_events(&[event(1)]).await.unwrap();
+        assert_eq!(run_ids(&path), ["run-0", "run-1"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("events.jsonl.torn")).unwrap(),
+            format!("{}\n", &whole[..30])
+        );
+        assert_eq!(*repairs.0.lock().unwrap(), [(FileKind::SinkEvents, 30)]);
+
+        // logrotate: move, signal; the next batch goes to a new file at the path.
+        let rotated = dir.path().join("events.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        files.reopen();
+        sink.send_events(&[event(2)]).await.unwrap();
+        sink.close().await.unwrap();
+        assert_eq!(run_ids(&rotated), ["run-0", "run-1"]);
+        assert_eq!(run_ids(&path), ["run-2"]);
+
+        // A fragment written behind its back is repaired on the signal's reopen too.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"type\"")
+            .unwrap();
+        files.reopen();
+        sink.send_events(&[event(3)]).await.unwrap();
+        assert_eq!(run_ids(&path), ["run-2", "run-3"]);
+        assert_eq!(repairs.0.lock().unwrap().len(), 2);
     }
 }

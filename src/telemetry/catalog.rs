@@ -95,6 +95,7 @@ pub mod label {
     pub const STREAM: &str = "stream";
     pub const GROUP: &str = "group";
     pub const REASON: &str = "reason";
+    pub const FILE_KIND: &str = "file_kind";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -424,6 +425,15 @@ pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const FILE_TORN_TAILS: InstrumentSpec = InstrumentSpec {
+    name: "file_torn_tails",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Torn last lines (a crash or a failed write mid-line) moved aside to <file>.torn when an appended file was opened, by file kind (messages, sink_events, sink_dead_letters, bus_dead_letters).",
+    labels: &[label::FILE_KIND],
+    buckets: &[],
+};
+
 /// Every instrument, in the order of PRODUCT.md's table.
 pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_ACTIVE,
@@ -459,6 +469,7 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_WORKER_THREADS,
     TRACE_SPANS_DROPPED,
     METRIC_CARDINALITY_OVERFLOW,
+    FILE_TORN_TAILS,
 ];
 
 #[cfg(test)]
@@ -504,6 +515,7 @@ mod tests {
                 "dispatcher_worker_threads",
                 "trace_spans_dropped_total",
                 "metric_cardinality_overflow",
+                "file_torn_tails_total",
             ]
         );
         assert_eq!(

@@ -38,7 +38,7 @@ pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
 pub use health::LifecycleMetrics;
 pub use http::{HttpMetrics, record_http};
 pub use resilience::ResilienceMetrics;
-pub use sinks::{BusMetrics, SinkMetrics};
+pub use sinks::{BusMetrics, FileMetrics, SinkMetrics};
 
 /// The content type of the Prometheus text exposition format served on `/metrics`.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -183,6 +183,12 @@ impl Telemetry {
     pub fn bus_metrics(&self) -> Option<BusMetrics> {
         self.enabled()
             .map(|enabled| BusMetrics::new(&enabled.meter))
+    }
+
+    /// The appended files' metrics (torn tails repaired), or `None` when metrics are off.
+    pub fn file_metrics(&self) -> Option<FileMetrics> {
+        self.enabled()
+            .map(|enabled| FileMetrics::new(&enabled.meter))
     }
 
     /// The HTTP API's metrics, or `None` when metrics are off.

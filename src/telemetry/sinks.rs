@@ -1,5 +1,6 @@
-//! The event pipeline's metrics, fed through `SinkObserver`.
+//! The event pipeline's metrics, fed through `SinkObserver`, and those of the appended files.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -7,6 +8,7 @@ use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
 use super::catalog::{self, label};
 use super::engine::{counter, histogram};
+use crate::appender::{FileKind, FileObserver};
 use crate::sinks::service::BusObserver;
 use crate::sinks::{Outcome, SinkObserver};
 
@@ -16,6 +18,7 @@ pub struct SinkMetrics {
     batch_size: Histogram<f64>,
     request_duration: Histogram<f64>,
     queue_depth: Gauge<f64>,
+    files: Arc<FileMetrics>,
 }
 
 impl SinkMetrics {
@@ -29,6 +32,7 @@ impl SinkMetrics {
                 .f64_gauge(depth.name)
                 .with_description(depth.description)
                 .build(),
+            files: Arc::new(FileMetrics::new(meter)),
         }
     }
 }
@@ -61,6 +65,30 @@ impl SinkObserver for SinkMetrics {
 
     fn queue_depth(&self, name: &str, depth: usize) {
         self.queue_depth.record(depth as f64, &[sink(name)]);
+    }
+
+    fn file_observer(&self) -> Option<Arc<dyn FileObserver>> {
+        Some(self.files.clone())
+    }
+}
+
+/// `file_torn_tails_total`.
+pub struct FileMetrics {
+    torn_tails: Counter<u64>,
+}
+
+impl FileMetrics {
+    pub fn new(meter: &Meter) -> FileMetrics {
+        FileMetrics {
+            torn_tails: counter(meter, catalog::FILE_TORN_TAILS),
+        }
+    }
+}
+
+impl FileObserver for FileMetrics {
+    fn torn_tail(&self, kind: FileKind, _bytes: u64) {
+        self.torn_tails
+            .add(1, &[KeyValue::new(label::FILE_KIND, kind.as_str())]);
     }
 }
 

@@ -28,3 +28,5 @@ mod pipeline;
 mod redis;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
 mod monitoring;
+// Appended files: a torn last line moved aside at start, and SIGHUP reopening them (logrotate).
+mod files;

@@ -835,3 +835,123 @@ async fn a_hung_redis_costs_bounded_waits_and_no_event() {
     );
     drop(own);
 }
+
+/// The runbook's recovery while serve runs: `republish` moves the bus dead-letter file aside, and
+/// the next outage's dead letters go to a new file at the path, not to the moved one, so the next
+/// `republish` finds them. In the end every accepted dispatch's event is in the stream. (It starts
+/// on a dead-letter file a crash left torn: the first outage's letters must still all parse.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_while_serve_runs_and_the_next_outage_writes_a_new_dead_letter_file() {
+    let Some((own, url)) = own_redis().await else {
+        return;
+    };
+    let prefix = unique("republish-live");
+    let stream = format!("{prefix}:events");
+    // A crash mid-write left a torn dead letter: moved aside at start, and counted.
+    let app = crate::support::TestApp::start_with(
+        |config| {
+            use_redis(config, &url, &prefix, "live");
+            let dead = &config.bus.redis.as_ref().unwrap().dead_letter;
+            std::fs::write(dead, r#"{"sink":"bus","reason":"publ"#).unwrap();
+        },
+        |b| b,
+    )
+    .await;
+    let dead = app.dir.path().join("bus.dead-letters.jsonl");
+    let torn = crate::support::sample(
+        &app.scrape().await,
+        r#"file_torn_tails_total{file_kind="bus_dead_letters"}"#,
+    );
+    assert_eq!(torn, Some(1.0));
+    let letters = |path: &Path| -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let letter: serde_json::Value = serde_json::from_str(line).unwrap();
+                letter["event"]["runId"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let mut accepted = app.post_orders(2).await;
+
+    let mut own = own;
+    for outage in 1..=2 {
+        let (port, data) = own.kill();
+        let lost_to_redis = app.post_orders(2).await;
+        assert_eq!(
+            letters(&dead),
+            lost_to_redis,
+            "outage {outage}: its dead letters are in {}",
+            dead.display()
+        );
+        accepted.extend(lost_to_redis);
+        own = OwnRedis::start(port, data);
+        answers(&url).await;
+        // serve keeps running meanwhile, as the runbook has it.
+        let republished = dispatchd::bus::redis::republish(&url, &stream, &dead)
+            .await
+            .unwrap_or_else(|e| panic!("outage {outage}: {e}"));
+        assert_eq!((republished.published, republished.returned), (2, 0));
+        let expected = match outage {
+            1 => "bus.dead-letters.republished.jsonl",
+            _ => "bus.dead-letters.republished-2.jsonl",
+        };
+        assert_eq!(republished.moved_to, app.dir.path().join(expected));
+        assert!(!dead.exists(), "outage {outage}: nothing left behind");
+    }
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    assert_eq!(
+        letters(&dir.path().join("bus.dead-letters.republished.jsonl")).len(),
+        2,
+        "the first moved file holds the first outage's letters only"
+    );
+    let in_stream: std::collections::BTreeSet<String> =
+        stream_run_ids(&url, &stream).await.into_iter().collect();
+    assert_eq!(in_stream, accepted, "every accepted dispatch's event");
+    drop(own);
+}
+
+/// `dispatchd sink` follows logrotate too: after `mv` and SIGHUP it stays up and writes to a new
+/// file, the old one keeping what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_command_reopens_its_file_on_sighup() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("hangup");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let rotated = dir.path().join("out.jsonl.1");
+    let mut worker = sink_process(&url, &stream, &out, &dir.path().join("dead.jsonl"));
+    publish(&url, &stream, 0..20).await;
+    wait_for_async("the first events", || async { delivered(&out).len() == 20 }).await;
+
+    std::fs::rename(&out, &rotated).unwrap();
+    let pid = worker.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    publish(&url, &stream, 20..40).await;
+    wait_for_async("the later events, in a new file", || async {
+        delivered(&out).len() == 20
+    })
+    .await;
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "SIGHUP did not stop it"
+    );
+    let old: Vec<String> = delivered(&rotated).into_keys().collect();
+    let new: Vec<String> = delivered(&out).into_keys().collect();
+    assert_eq!(
+        old,
+        (0..20).map(|n| format!("run-{n:05}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        new,
+        (20..40).map(|n| format!("run-{n:05}")).collect::<Vec<_>>()
+    );
+}
