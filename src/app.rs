@@ -152,9 +152,7 @@ impl AppBuilder {
             }
             Some(redis) => {
                 let stream = config.bus.events_stream.as_str();
-                let bus_observer = telemetry
-                    .bus_metrics()
-                    .map(|m| Arc::new(m) as Arc<dyn BusObserver>);
+                let bus_observer = telemetry.bus_metrics().map(|m| m as Arc<dyn BusObserver>);
                 let publisher = RedisPublisher::connect(&redis.url, stream, redis.max_len)
                     .await
                     .with_context(|| format!("cannot connect to Redis at {}", redis.url))?
@@ -409,6 +407,9 @@ impl App {
                     group,
                     self.engine.clone(),
                     self.bus.clone(),
+                    self.telemetry
+                        .bus_metrics()
+                        .map(|m| m as Arc<dyn BusObserver>),
                     stop_sources.clone(),
                 ));
             }
@@ -504,22 +505,26 @@ fn open_beyond_loopback(listen: SocketAddr, tokens: &crate::auth::Tokens) -> boo
 /// Dispatches the messages of one source stream: each entry's `data` is an [`OutputMessage`]
 /// (`{"topic": …, "envelope": {…}}`); it is acknowledged once its dispatch reached a terminal
 /// status, and its dispatch event is published like any other. An entry that is not a message
-/// is acknowledged with an error log, so it cannot block the group.
+/// is acknowledged with an error log, so it cannot block the group. Like a sink's consumer, it
+/// creates its group again when Redis lost it, counts failed reads, and reports its backlog.
 async fn consume_source(
     url: String,
     config: ConsumerConfig,
     engine: Engine,
     bus: Arc<dyn EventBus>,
+    observer: Option<Arc<dyn BusObserver>>,
     stop: CancellationToken,
 ) {
     let stream = config.stream.clone();
     let mut consumer = match StreamConsumer::connect(&url, config).await {
-        Ok(consumer) => consumer,
+        Ok(consumer) => consumer.with_observer(observer.clone()),
         Err(error) => {
             tracing::error!(%error, stream = %stream, "A source could not connect to Redis.");
             return;
         }
     };
+    let stop_watching = CancellationToken::new();
+    let watching = observer.map(|observer| consumer.watch_backlog(observer, stop_watching.clone()));
     let mut failures = 0u32;
     while !stop.is_cancelled() {
         let entries = tokio::select! {
@@ -578,6 +583,10 @@ async fn consume_source(
                 }
             }
         }
+    }
+    stop_watching.cancel();
+    if let Some(watching) = watching {
+        let _ = watching.await;
     }
 }
 

@@ -456,7 +456,7 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         };
         let bus_observer = telemetry
             .bus_metrics()
-            .map(|m| Arc::new(m) as Arc<dyn crate::sinks::service::BusObserver>);
+            .map(|m| m as Arc<dyn crate::sinks::service::BusObserver>);
         crate::sinks::service::run_from_redis(
             url,
             consumer,
