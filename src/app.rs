@@ -516,16 +516,35 @@ async fn consume_source(
     stop: CancellationToken,
 ) {
     let stream = config.stream.clone();
-    let mut consumer = match StreamConsumer::connect(&url, config).await {
-        Ok(consumer) => consumer.with_observer(observer.clone()),
-        Err(error) => {
-            tracing::error!(%error, stream = %stream, "A source could not connect to Redis.");
-            return;
+    let backoff = |failures: u32| {
+        Duration::from_millis(100).saturating_mul(2u32.saturating_pow(failures.min(6)))
+    };
+    // Retried, and counted as failed reads, until it works: a source that cannot start (the key
+    // holds something else than a stream, an ACL refuses `XGROUP`, Redis went away) must not
+    // stop for good with one log line.
+    if let Some(observer) = &observer {
+        observer.consumer_started(&config.stream, &config.group);
+    }
+    let mut failures = 0u32;
+    let mut consumer = loop {
+        match StreamConsumer::connect(&url, config.clone()).await {
+            Ok(consumer) => break consumer.with_observer(observer.clone()),
+            Err(error) => {
+                failures += 1;
+                if let Some(observer) = &observer {
+                    observer.read_failed(&config.stream, &config.group);
+                }
+                tracing::error!(%error, stream = %stream, "A source cannot read its stream; retrying.");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
         }
     };
     let stop_watching = CancellationToken::new();
     let watching = observer.map(|observer| consumer.watch_backlog(observer, stop_watching.clone()));
-    let mut failures = 0u32;
+    failures = 0;
     while !stop.is_cancelled() {
         let entries = tokio::select! {
             () = stop.cancelled() => break,
@@ -539,11 +558,9 @@ async fn consume_source(
             Err(error) => {
                 failures += 1;
                 tracing::warn!(%error, stream = %stream, "Reading a source failed; retrying.");
-                let delay =
-                    Duration::from_millis(100).saturating_mul(2u32.saturating_pow(failures.min(6)));
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(delay) => continue,
+                    () = tokio::time::sleep(backoff(failures)) => continue,
                 }
             }
         };

@@ -1241,3 +1241,54 @@ async fn consumers_create_their_groups_again_when_redis_restarts_empty() {
     drop(worker);
     drop(own);
 }
+
+/// A `[[sources]]` stream whose key holds something else (`WRONGTYPE`) cannot be read: serve
+/// keeps trying and counts each failure (`bus_redis_read_errors_total`, which alerts), instead of
+/// giving the source up after one log line; once the key is a stream, its messages are dispatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_cannot_start_is_counted_and_retried() {
+    let Some(url) = redis_url().await else { return };
+    let prefix = unique("wrongtype");
+    let source = format!("{prefix}:inbound");
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&source)
+        .arg("not a stream")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let app = crate::support::TestApp::start_with(
+        |config| {
+            use_redis(config, &url, &prefix, "wrongtype");
+            config.sources = vec![dispatchd::config::SourceConfig {
+                stream: source.clone(),
+                group: "dispatchd".into(),
+            }];
+        },
+        |builder| builder,
+    )
+    .await;
+    let series = format!(r#"bus_redis_read_errors_total{{group="dispatchd",stream="{source}"}}"#);
+    wait_for_async("failed attempts to be counted", || async {
+        value(&app.scrape().await, &series) >= 2.0
+    })
+    .await;
+
+    let _: () = redis::cmd("DEL")
+        .arg(&source)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    post_to_source(&url, &source, "fixed").await;
+    crate::support::wait_for("the source message", || {
+        app.jsonl_lines()
+            .iter()
+            .any(|line| line["payload"]["from"] == "fixed")
+    })
+    .await;
+    app.stop().await.unwrap();
+}
