@@ -346,6 +346,20 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start(port: u16, dir: tempfile::TempDir) -> OwnRedis {
+        OwnRedis::spawn(
+            port,
+            dir,
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        )
+    }
+
+    /// Without persistence: what it held is gone when it stops, as after a restart of a Redis
+    /// that keeps nothing on disk.
+    fn start_without_persistence(port: u16) -> OwnRedis {
+        OwnRedis::spawn(port, tempfile::tempdir().unwrap(), &["--appendonly", "no"])
+    }
+
+    fn spawn(port: u16, dir: tempfile::TempDir, persistence: &[&str]) -> OwnRedis {
         let child = Command::new("redis-server")
             .args([
                 "--bind",
@@ -354,11 +368,8 @@ impl OwnRedis {
                 &port.to_string(),
                 "--save",
                 "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
             ])
+            .args(persistence)
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -1175,10 +1186,10 @@ async fn consumers_create_their_groups_again_when_redis_restarts_empty() {
     })
     .await;
 
-    // Killed, and started again on the same port with an empty data directory: Redis without
-    // its streams and groups, as after a restart without persistence.
+    // Killed, and started again on the same port with nothing: Redis without its streams and
+    // groups, as after a restart without persistence.
     let (port, _data) = own.kill();
-    let own = OwnRedis::start(port, tempfile::tempdir().unwrap());
+    let own = OwnRedis::start_without_persistence(port);
     answers(&url).await;
 
     // The first events after the restart may go to the bus dead-letter file while the publisher
