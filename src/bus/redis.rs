@@ -710,3 +710,20 @@ impl crate::bus::EventBus for RedisPublisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_order_as_redis_orders_them() {
+        let id = |text: &str| EntryId::parse(text).unwrap();
+        // Numerically, not as text: where a recreated group starts depends on it.
+        assert!(id("1700000000000-9") < id("1700000000000-10"));
+        assert!(id("999-5") < id("1000-0"));
+        assert_eq!(id("1700000000000-10").to_string(), "1700000000000-10");
+        for bad in ["", "12", "a-1", "1-b", "1-2-3", "-1"] {
+            assert_eq!(EntryId::parse(bad), None, "{bad}");
+        }
+    }
+}
