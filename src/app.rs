@@ -159,9 +159,7 @@ impl AppBuilder {
             }
             Some(redis) => {
                 let stream = config.bus.events_stream.as_str();
-                let bus_observer = telemetry
-                    .bus_metrics()
-                    .map(|m| Arc::new(m) as Arc<dyn BusObserver>);
+                let bus_observer = telemetry.bus_metrics().map(|m| m as Arc<dyn BusObserver>);
                 let publisher = RedisPublisher::connect(&redis.url, stream, redis.max_len)
                     .await
                     .with_context(|| format!("cannot connect to Redis at {}", redis.url))?
@@ -430,6 +428,9 @@ impl App {
                     group,
                     self.engine.clone(),
                     self.bus.clone(),
+                    self.telemetry
+                        .bus_metrics()
+                        .map(|m| m as Arc<dyn BusObserver>),
                     stop_sources.clone(),
                 ));
             }
@@ -525,23 +526,46 @@ fn open_beyond_loopback(listen: SocketAddr, tokens: &crate::auth::Tokens) -> boo
 /// Dispatches the messages of one source stream: each entry's `data` is an [`OutputMessage`]
 /// (`{"topic": …, "envelope": {…}}`); it is acknowledged once its dispatch reached a terminal
 /// status, and its dispatch event is published like any other. An entry that is not a message
-/// is acknowledged with an error log, so it cannot block the group.
+/// is acknowledged with an error log, so it cannot block the group. Like a sink's consumer, it
+/// creates its group again when Redis lost it, counts failed reads, and reports its backlog.
 async fn consume_source(
     url: String,
     config: ConsumerConfig,
     engine: Engine,
     bus: Arc<dyn EventBus>,
+    observer: Option<Arc<dyn BusObserver>>,
     stop: CancellationToken,
 ) {
     let stream = config.stream.clone();
-    let mut consumer = match StreamConsumer::connect(&url, config).await {
-        Ok(consumer) => consumer,
-        Err(error) => {
-            tracing::error!(%error, stream = %stream, "A source could not connect to Redis.");
-            return;
+    let backoff = |failures: u32| {
+        Duration::from_millis(100).saturating_mul(2u32.saturating_pow(failures.min(6)))
+    };
+    // Retried, and counted as failed reads, until it works: a source that cannot start (the key
+    // holds something else than a stream, an ACL refuses `XGROUP`, Redis went away) must not
+    // stop for good with one log line.
+    if let Some(observer) = &observer {
+        observer.consumer_started(&config.stream, &config.group);
+    }
+    let mut failures = 0u32;
+    let mut consumer = loop {
+        match StreamConsumer::connect(&url, config.clone()).await {
+            Ok(consumer) => break consumer.with_observer(observer.clone()),
+            Err(error) => {
+                failures += 1;
+                if let Some(observer) = &observer {
+                    observer.read_failed(&config.stream, &config.group);
+                }
+                tracing::error!(%error, stream = %stream, "A source cannot read its stream; retrying.");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
         }
     };
-    let mut failures = 0u32;
+    let stop_watching = CancellationToken::new();
+    let watching = observer.map(|observer| consumer.watch_backlog(observer, stop_watching.clone()));
+    failures = 0;
     while !stop.is_cancelled() {
         let entries = tokio::select! {
             () = stop.cancelled() => break,
@@ -555,11 +579,9 @@ async fn consume_source(
             Err(error) => {
                 failures += 1;
                 tracing::warn!(%error, stream = %stream, "Reading a source failed; retrying.");
-                let delay =
-                    Duration::from_millis(100).saturating_mul(2u32.saturating_pow(failures.min(6)));
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(delay) => continue,
+                    () = tokio::time::sleep(backoff(failures)) => continue,
                 }
             }
         };
@@ -599,6 +621,10 @@ async fn consume_source(
                 }
             }
         }
+    }
+    stop_watching.cancel();
+    if let Some(watching) = watching {
+        let _ = watching.await;
     }
 }
 

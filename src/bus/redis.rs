@@ -180,7 +180,39 @@ pub struct ConsumerConfig {
     pub claim_idle: Duration,
 }
 
+/// A stream entry id, `<ms>-<seq>`, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EntryId(u64, u64);
+
+impl EntryId {
+    fn parse(id: &str) -> Option<EntryId> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(EntryId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
 /// A member of a consumer group.
+///
+/// When Redis answers `NOGROUP` (it restarted without its data, or someone deleted the group or
+/// the stream), the consumer creates the group again (`XGROUP CREATE … MKSTREAM`) and goes on
+/// reading, instead of failing every read from then on. The new group starts after the newest
+/// entry this consumer has read (from `0` if it has read none):
+/// - after an empty restart, the stream holds only entries written since, and their ids are later
+///   (ids are Redis's clock in milliseconds), so every one of them is delivered, including those
+///   published before the consumer noticed;
+/// - after the group was deleted on a live stream, what this consumer already read is not
+///   delivered a second time, which re-reading from `0` would do for the whole stream (a flood
+///   of duplicates to every backend when the stream is not trimmed).
+///
+/// What Redis lost with the group (entries still pending with other consumers, unread entries of
+/// a stream that was lost too) cannot be delivered: each recreation is counted
+/// ([`BusObserver::group_recreated`], `bus_redis_group_recreated_total`) and logged once.
 pub struct StreamConsumer {
     config: ConsumerConfig,
     /// Reads block, so they get a connection of their own; acknowledgements use the other.
@@ -188,6 +220,9 @@ pub struct StreamConsumer {
     acks: ConnectionManager,
     /// Re-reading our own pending entries first, from this id.
     pending_from: Option<String>,
+    /// The newest entry read so far: where a recreated group starts.
+    newest_read: Option<EntryId>,
+    observer: Option<Arc<dyn BusObserver>>,
 }
 
 fn entries(ids: Vec<StreamId>) -> Vec<Entry> {
@@ -199,31 +234,63 @@ fn entries(ids: Vec<StreamId>) -> Vec<Entry> {
         .collect()
 }
 
+/// `NOGROUP`: the group, or the stream itself, does not exist.
+fn is_no_group(error: &BusError) -> bool {
+    match error {
+        BusError::Redis(error) => error.code() == Some("NOGROUP"),
+    }
+}
+
+/// How often a consumer's backlog (pending entries and lag) is read for the metrics, and how
+/// long one reading may take: the gauges are at most about this old when scraped.
+pub const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
+/// `XGROUP CREATE <stream> <group> <from> MKSTREAM`; `Ok(false)` when it exists already.
+async fn create_group(
+    connection: &mut ConnectionManager,
+    config: &ConsumerConfig,
+    from: &str,
+) -> Result<bool, BusError> {
+    let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .arg(from)
+        .arg("MKSTREAM")
+        .query_async(connection)
+        .await;
+    match created {
+        Ok(()) => Ok(true),
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
 impl StreamConsumer {
     /// Connects and creates the group if it does not exist (reading the stream from its start,
     /// so events published before the group existed are delivered too).
     pub async fn connect(url: &str, config: ConsumerConfig) -> Result<StreamConsumer, BusError> {
         let reads = connect(url, config.block + Duration::from_secs(5)).await?;
         let mut acks = connect(url, Duration::from_secs(5)).await?;
-        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&config.stream)
-            .arg(&config.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut acks)
-            .await;
-        if let Err(error) = created {
-            if error.code() != Some("BUSYGROUP") {
-                return Err(error.into());
-            }
-        }
+        create_group(&mut acks, &config, "0").await?;
         Ok(StreamConsumer {
             config,
             reads,
             acks,
             pending_from: Some("0".to_owned()),
+            newest_read: None,
+            observer: None,
         })
+    }
+
+    /// Reports failed reads and recreated groups to `observer` (their counters start at 0 now,
+    /// so the first increase is seen).
+    pub fn with_observer(mut self, observer: Option<Arc<dyn BusObserver>>) -> StreamConsumer {
+        if let Some(observer) = &observer {
+            observer.consumer_started(&self.config.stream, &self.config.group);
+        }
+        self.observer = observer;
+        self
     }
 
     pub fn config(&self) -> &ConsumerConfig {
@@ -231,8 +298,64 @@ impl StreamConsumer {
     }
 
     /// The next entries: first this consumer's own pending ones (after a restart), then new
-    /// ones, waiting up to `block` for them.
+    /// ones, waiting up to `block` for them. A missing group is created again (see
+    /// [`StreamConsumer`]) and the read answers no entries; any other failure is counted.
     pub async fn read(&mut self) -> Result<Vec<Entry>, BusError> {
+        let read = self.read_once().await;
+        let read = self.settle(read).await?;
+        if let Some(newest) = read.iter().filter_map(|e| EntryId::parse(&e.id)).max() {
+            self.newest_read = self.newest_read.max(Some(newest));
+        }
+        Ok(read)
+    }
+
+    /// A failed read or claim: `NOGROUP` recreates the group (and answers no entries); anything
+    /// else is counted and returned.
+    async fn settle(
+        &mut self,
+        result: Result<Vec<Entry>, BusError>,
+    ) -> Result<Vec<Entry>, BusError> {
+        let error = match result {
+            Ok(entries) => return Ok(entries),
+            Err(error) => error,
+        };
+        let recreated = if is_no_group(&error) {
+            self.recreate_group().await
+        } else {
+            Err(error)
+        };
+        match recreated {
+            Ok(()) => Ok(Vec::new()),
+            Err(error) => {
+                if let Some(observer) = &self.observer {
+                    observer.read_failed(&self.config.stream, &self.config.group);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Creates the group again after `NOGROUP`, after the newest entry read.
+    async fn recreate_group(&mut self) -> Result<(), BusError> {
+        let from = self
+            .newest_read
+            .map_or_else(|| "0".to_owned(), |id| id.to_string());
+        let created = create_group(&mut self.acks, &self.config, &from).await?;
+        // Whatever was pending went with the old group.
+        self.pending_from = None;
+        let (stream, group) = (&self.config.stream, &self.config.group);
+        if created {
+            if let Some(observer) = &self.observer {
+                observer.group_recreated(stream, group);
+            }
+            tracing::error!(%stream, %group, %from, "The consumer group was gone (Redis lost its data, or the group or stream was deleted); created it again after the newest entry this consumer had read. Entries Redis lost with it are not delivered.");
+        } else {
+            tracing::info!(%stream, %group, "The consumer group was gone and another consumer created it again.");
+        }
+        Ok(())
+    }
+
+    async fn read_once(&mut self) -> Result<Vec<Entry>, BusError> {
         let config = &self.config;
         let mut command = redis::cmd("XREADGROUP");
         command
@@ -274,7 +397,13 @@ impl StreamConsumer {
     }
 
     /// `XAUTOCLAIM`: takes over entries other consumers left pending longer than `claim_idle`.
+    /// A missing group is created again, as by [`StreamConsumer::read`].
     pub async fn reclaim(&mut self) -> Result<Vec<Entry>, BusError> {
+        let claimed = self.reclaim_once().await;
+        self.settle(claimed).await
+    }
+
+    async fn reclaim_once(&mut self) -> Result<Vec<Entry>, BusError> {
         let config = &self.config;
         let mut claimed = Vec::new();
         let mut cursor = "0-0".to_owned();
@@ -313,27 +442,78 @@ impl StreamConsumer {
     }
 
     /// The group's pending entries and lag (entries not yet delivered to any consumer), from
-    /// `XINFO GROUPS`.
-    pub async fn backlog(&mut self) -> Result<(u64, Option<u64>), BusError> {
-        let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&self.config.stream)
-            .query_async(&mut self.acks)
-            .await?;
-        let group = groups.into_iter().find(|g| {
-            g.get("name")
-                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-                .as_deref()
-                == Some(self.config.group.as_str())
-        });
-        let field = |name: &str| {
-            group
-                .as_ref()
-                .and_then(|g| g.get(name))
-                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-        };
-        Ok((field("pending").unwrap_or(0), field("lag")))
+    /// `XINFO GROUPS`; `None` when the group does not exist.
+    pub async fn backlog(&mut self) -> Result<Option<Backlog>, BusError> {
+        read_backlog(&mut self.acks, &self.config).await
     }
+
+    /// Reads the backlog every [`BACKLOG_EVERY`] on a connection of its own task, and reports it
+    /// to `observer` until `stop`, so the gauges are fresh whatever the reading loop is doing
+    /// (waiting for a full sink, backing off while Redis is away). A backlog that cannot be read
+    /// (Redis does not answer in time, the group is gone) is reported unknown rather than kept
+    /// at its last value; so is every backlog once the task stops.
+    pub fn watch_backlog(
+        &self,
+        observer: Arc<dyn BusObserver>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut connection = self.acks.clone();
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            let (stream, group) = (config.stream.as_str(), config.group.as_str());
+            let mut every = tokio::time::interval(BACKLOG_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = every.tick() => {}
+                }
+                let read =
+                    tokio::time::timeout(BACKLOG_EVERY, read_backlog(&mut connection, &config))
+                        .await;
+                observer.backlog(stream, group, read.ok().and_then(Result::ok).flatten());
+            }
+            observer.backlog(stream, group, None);
+        })
+    }
+}
+
+/// A consumer group's backlog, as `XINFO GROUPS` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Entries delivered to a consumer of the group and not yet acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered to the group; `None` when Redis cannot tell (a group created
+    /// at an id in the middle of the stream, until it caught up).
+    pub lag: Option<u64>,
+}
+
+async fn read_backlog(
+    connection: &mut ConnectionManager,
+    config: &ConsumerConfig,
+) -> Result<Option<Backlog>, BusError> {
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&config.stream)
+        .query_async(connection)
+        .await?;
+    let Some(group) = groups.into_iter().find(|g| {
+        g.get("name")
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+            .as_deref()
+            == Some(config.group.as_str())
+    }) else {
+        return Ok(None);
+    };
+    let field = |name: &str| {
+        group
+            .get(name)
+            .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+    };
+    Ok(Some(Backlog {
+        pending: field("pending").unwrap_or(0),
+        lag: field("lag"),
+    }))
 }
 
 /// What [`republish`] did.
@@ -535,6 +715,23 @@ impl crate::bus::EventBus for RedisPublisher {
                 BreakerState::Closed => crate::bus::Publishing::Ok,
                 BreakerState::Open | BreakerState::HalfOpen => crate::bus::Publishing::Failing,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_order_as_redis_orders_them() {
+        let id = |text: &str| EntryId::parse(text).unwrap();
+        // Numerically, not as text: where a recreated group starts depends on it.
+        assert!(id("1700000000000-9") < id("1700000000000-10"));
+        assert!(id("999-5") < id("1000-0"));
+        assert_eq!(id("1700000000000-10").to_string(), "1700000000000-10");
+        for bad in ["", "12", "a-1", "1-b", "1-2-3", "-1"] {
+            assert_eq!(EntryId::parse(bad), None, "{bad}");
         }
     }
 }

@@ -493,7 +493,7 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         };
         let bus_observer = telemetry
             .bus_metrics()
-            .map(|m| Arc::new(m) as Arc<dyn crate::sinks::service::BusObserver>);
+            .map(|m| m as Arc<dyn crate::sinks::service::BusObserver>);
         crate::sinks::service::run_from_redis(
             url,
             consumer,
@@ -627,13 +627,25 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 fn init_logging(filter: &str) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // The SDK logs each failed OTLP export; `telemetry::otlp` counts them and logs a summary.
+        .and(tracing_subscriber::filter::filter_fn(|metadata| {
+            !crate::telemetry::otlp::is_sdk_export_failure(metadata)
+        }));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(ansi)
+                .with_filter(filter),
+        )
         .init();
 }
 

@@ -1,5 +1,8 @@
 //! A sink fed from a Redis Streams consumer group: read, hand to the driver, acknowledge once
-//! settled, reclaim what dead consumers left, and ride out Redis going away.
+//! settled, reclaim what dead consumers left, and ride out Redis going away or losing the group
+//! (it is created again, counted; see [`StreamConsumer`]). Failed reads are counted, and the
+//! group's backlog is read every second by a task of its own, so a stalled consumer shows on
+//! `/metrics` whatever its reading loop is doing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,15 +12,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{DispatchEvent, DriverConfig, Sink, SinkDriver, SinkObserver};
-use crate::bus::redis::{ConsumerConfig, StreamConsumer};
+use crate::bus::redis::{Backlog, ConsumerConfig, StreamConsumer};
 use crate::resilience::RetryPolicy;
 
-/// Told about the consumer's backlog and reconnections (the metrics implement it).
+/// Told about the Redis bus: consumers' backlogs, failures and recoveries, and the publisher's
+/// outcomes (the metrics implement it).
 pub trait BusObserver: Send + Sync + 'static {
-    fn backlog(&self, stream: &str, group: &str, pending: u64, lag: Option<u64>);
+    /// A group's backlog as last read (about every second); `None` when it could not be read
+    /// (Redis away, the group gone) or its consumer stopped: unknown, not the last value.
+    fn backlog(&self, stream: &str, group: &str, backlog: Option<Backlog>);
     fn reconnected(&self, stream: &str);
     /// One dispatch event offered to the stream: `published`, `dead_lettered` or `dropped`.
     fn published(&self, stream: &str, outcome: &'static str);
+    /// A consumer of `group` started: its counters exist from now on, at 0.
+    fn consumer_started(&self, stream: &str, group: &str);
+    /// One read (or claim) of the stream failed; the consumer backs off and tries again.
+    fn read_failed(&self, stream: &str, group: &str);
+    /// Redis answered `NOGROUP` and the consumer created the group again: Redis lost state, and
+    /// possibly events.
+    fn group_recreated(&self, stream: &str, group: &str);
 }
 
 /// Backoff between attempts while Redis is unreachable.
@@ -39,8 +52,14 @@ pub async fn run_from_redis(
     bus_observer: Option<Arc<dyn BusObserver>>,
     shutdown: CancellationToken,
 ) -> Result<(), crate::bus::redis::BusError> {
-    let mut reader = StreamConsumer::connect(&url, consumer.clone()).await?;
+    let mut reader = StreamConsumer::connect(&url, consumer.clone())
+        .await?
+        .with_observer(bus_observer.clone());
     let mut acker = StreamConsumer::connect(&url, consumer.clone()).await?;
+    let stop_watching = CancellationToken::new();
+    let watching = bus_observer
+        .clone()
+        .map(|observer| reader.watch_backlog(observer, stop_watching.clone()));
     let (acks, mut settled) = mpsc::channel::<Vec<String>>(1);
     let drivers = TaskTracker::new();
     let stop_driver = CancellationToken::new();
@@ -84,9 +103,6 @@ pub async fn run_from_redis(
         let now = tokio::time::Instant::now();
         let read = if now >= next_claim {
             next_claim = now + claim_every;
-            if let (Some(observer), Ok((pending, lag))) = (&bus_observer, reader.backlog().await) {
-                observer.backlog(&consumer.stream, &consumer.group, pending, lag);
-            }
             reader.reclaim().await
         } else {
             tokio::select! {
@@ -138,5 +154,9 @@ pub async fn run_from_redis(
     stop_driver.cancel();
     drivers.wait().await;
     let _ = acking.await;
+    stop_watching.cancel();
+    if let Some(watching) = watching {
+        let _ = watching.await;
+    }
     Ok(())
 }

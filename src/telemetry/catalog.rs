@@ -96,6 +96,7 @@ pub mod label {
     pub const GROUP: &str = "group";
     pub const REASON: &str = "reason";
     pub const FILE_KIND: &str = "file_kind";
+    pub const SIGNAL: &str = "signal";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -371,18 +372,18 @@ pub const SINK_QUEUE_DEPTH: InstrumentSpec = InstrumentSpec {
 
 pub const BUS_PENDING_ENTRIES: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_pending_entries",
-    kind: Kind::Gauge,
+    kind: Kind::ObservableGauge,
     unit: "",
-    description: "Entries of a Redis stream delivered to a consumer group but not yet acknowledged.",
+    description: "Entries of a Redis stream delivered to a consumer group but not yet acknowledged (read every second; absent while unknown).",
     labels: &[label::STREAM, label::GROUP],
     buckets: &[],
 };
 
 pub const BUS_CONSUMER_LAG: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_consumer_lag",
-    kind: Kind::Gauge,
+    kind: Kind::ObservableGauge,
     unit: "",
-    description: "Entries of a Redis stream not yet delivered to a consumer group.",
+    description: "Entries of a Redis stream not yet delivered to a consumer group (read every second; absent while unknown).",
     labels: &[label::STREAM, label::GROUP],
     buckets: &[],
 };
@@ -402,6 +403,33 @@ pub const BUS_EVENTS: InstrumentSpec = InstrumentSpec {
     unit: "",
     description: "Dispatch events this process published on a Redis stream, by outcome (published; dead_lettered when Redis could not take them; dropped when the dead-letter file could not either).",
     labels: &[label::STREAM, label::OUTCOME],
+    buckets: &[],
+};
+
+pub const BUS_READ_ERRORS: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_read_errors",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Reads of a Redis stream by a consumer group that failed (Redis unreachable, or refusing); the consumer backs off and retries.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
+pub const BUS_GROUP_RECREATED: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_group_recreated",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Times a consumer found its Redis consumer group gone (NOGROUP: Redis lost its data, or the group or stream was deleted) and created it again; events may have been lost.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
+pub const OTLP_EXPORTS_FAILED: InstrumentSpec = InstrumentSpec {
+    name: "otlp_exports_failed",
+    kind: Kind::ObservableCounter,
+    unit: "",
+    description: "OTLP export requests that failed after the exporter's retries (collector unreachable, refusing or too slow), by signal (traces, metrics); their data is lost.",
+    labels: &[label::SIGNAL],
     buckets: &[],
 };
 
@@ -463,11 +491,14 @@ pub const ALL: &[InstrumentSpec] = &[
     BUS_CONSUMER_LAG,
     BUS_RECONNECTS,
     BUS_EVENTS,
+    BUS_READ_ERRORS,
+    BUS_GROUP_RECREATED,
     HTTP_SERVER_REQUEST_DURATION,
     HTTP_AUTH_FAILURES,
     HTTP_REQUESTS_SHED,
     DISPATCHER_WORKER_THREADS,
     TRACE_SPANS_DROPPED,
+    OTLP_EXPORTS_FAILED,
     METRIC_CARDINALITY_OVERFLOW,
     FILE_TORN_TAILS,
 ];
@@ -509,11 +540,14 @@ mod tests {
                 "bus_redis_consumer_lag",
                 "bus_redis_reconnects_total",
                 "bus_redis_events_total",
+                "bus_redis_read_errors_total",
+                "bus_redis_group_recreated_total",
                 "http_server_request_duration_seconds",
                 "http_auth_failures_total",
                 "http_requests_shed_total",
                 "dispatcher_worker_threads",
                 "trace_spans_dropped_total",
+                "otlp_exports_failed_total",
                 "metric_cardinality_overflow",
                 "file_torn_tails_total",
             ]

@@ -19,6 +19,7 @@ pub mod catalog;
 mod engine;
 mod health;
 mod http;
+pub mod otlp;
 mod resilience;
 mod sinks;
 pub mod stats;
@@ -73,6 +74,7 @@ struct Enabled {
     provider: SdkMeterProvider,
     meter: Meter,
     namespace: String,
+    bus: std::sync::OnceLock<Arc<BusMetrics>>,
 }
 
 impl Telemetry {
@@ -179,10 +181,15 @@ impl Telemetry {
             .map(|enabled| SinkMetrics::new(&enabled.meter))
     }
 
-    /// The Redis bus consumers' metrics, or `None` when metrics are off.
-    pub fn bus_metrics(&self) -> Option<BusMetrics> {
-        self.enabled()
-            .map(|enabled| BusMetrics::new(&enabled.meter))
+    /// The Redis bus's metrics, or `None` when metrics are off. Built on the first call and
+    /// shared after it: the publisher and every consumer report to the same instruments.
+    pub fn bus_metrics(&self) -> Option<Arc<BusMetrics>> {
+        self.enabled().map(|enabled| {
+            enabled
+                .bus
+                .get_or_init(|| Arc::new(BusMetrics::new(&enabled.meter)))
+                .clone()
+        })
     }
 
     /// The appended files' metrics (torn tails repaired), or `None` when metrics are off.
@@ -270,9 +277,11 @@ impl Enabled {
                 .build()
                 .map_err(|e| format!("the OTLP metrics exporter for {endpoint}: {e}"))?;
             builder = builder.with_reader(
-                opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
-                    .with_interval(interval)
-                    .build(),
+                opentelemetry_sdk::metrics::PeriodicReader::builder(otlp::CountingExporter(
+                    exporter,
+                ))
+                .with_interval(interval)
+                .build(),
             );
         }
         let provider = builder
@@ -305,11 +314,29 @@ impl Enabled {
             })
             .build();
 
+        let spec = catalog::OTLP_EXPORTS_FAILED;
+        let _ = meter
+            .u64_observable_counter(spec.name)
+            .with_description(spec.description)
+            .with_callback(|observer| {
+                for signal in otlp::Signal::ALL {
+                    observer.observe(
+                        otlp::failures(signal).count(),
+                        &[opentelemetry::KeyValue::new(
+                            catalog::label::SIGNAL,
+                            signal.as_str(),
+                        )],
+                    );
+                }
+            })
+            .build();
+
         Ok(Enabled {
             registry,
             provider,
             meter,
             namespace: config.namespace.clone(),
+            bus: std::sync::OnceLock::new(),
         })
     }
 }

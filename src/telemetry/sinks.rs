@@ -1,6 +1,7 @@
 //! The event pipeline's metrics, fed through `SinkObserver`, and those of the appended files.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -9,6 +10,7 @@ use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 use super::catalog::{self, label};
 use super::engine::{counter, histogram};
 use crate::appender::{FileKind, FileObserver};
+use crate::bus::redis::Backlog;
 use crate::sinks::service::BusObserver;
 use crate::sinks::{Outcome, SinkObserver};
 
@@ -92,41 +94,79 @@ impl FileObserver for FileMetrics {
     }
 }
 
-/// `bus_redis_pending_entries`, `bus_redis_consumer_lag`, `bus_redis_reconnects_total` and
-/// `bus_redis_events_total`.
+/// The consumers' backlogs as last read, by (stream, group): what the backlog gauges report at
+/// scrape time.
+type Backlogs = Arc<Mutex<BTreeMap<(String, String), Backlog>>>;
+
+/// `bus_redis_pending_entries`, `bus_redis_consumer_lag`, `bus_redis_reconnects_total`,
+/// `bus_redis_events_total`, `bus_redis_read_errors_total` and
+/// `bus_redis_group_recreated_total`.
+///
+/// The backlog gauges are observable: each scrape reads the values the consumers' backlog tasks
+/// last stored (at most about a second old), never Redis itself, so a scrape never waits for
+/// Redis. Build it once per meter ([`super::Telemetry::bus_metrics`] does): each build registers
+/// the gauges' callbacks.
 pub struct BusMetrics {
-    pending: Gauge<f64>,
-    lag: Gauge<f64>,
+    backlogs: Backlogs,
     reconnects: Counter<u64>,
     events: Counter<u64>,
+    read_errors: Counter<u64>,
+    recreated: Counter<u64>,
 }
 
 impl BusMetrics {
     pub fn new(meter: &Meter) -> BusMetrics {
-        let gauge = |spec: catalog::InstrumentSpec| {
-            meter
-                .f64_gauge(spec.name)
+        let backlogs: Backlogs = Arc::default();
+        let gauge = |spec: catalog::InstrumentSpec, value: fn(&Backlog) -> Option<u64>| {
+            let backlogs = backlogs.clone();
+            // The instrument lives as long as the provider, which keeps its callback.
+            let _ = meter
+                .u64_observable_gauge(spec.name)
                 .with_description(spec.description)
-                .build()
+                .with_callback(move |observer| {
+                    let Ok(backlogs) = backlogs.lock() else {
+                        return;
+                    };
+                    for ((stream, group), backlog) in backlogs.iter() {
+                        if let Some(value) = value(backlog) {
+                            observer.observe(value, &stream_group(stream, group));
+                        }
+                    }
+                })
+                .build();
         };
+        gauge(catalog::BUS_PENDING_ENTRIES, |b| Some(b.pending));
+        gauge(catalog::BUS_CONSUMER_LAG, |b| b.lag);
         BusMetrics {
-            pending: gauge(catalog::BUS_PENDING_ENTRIES),
-            lag: gauge(catalog::BUS_CONSUMER_LAG),
+            backlogs,
             reconnects: counter(meter, catalog::BUS_RECONNECTS),
             events: counter(meter, catalog::BUS_EVENTS),
+            read_errors: counter(meter, catalog::BUS_READ_ERRORS),
+            recreated: counter(meter, catalog::BUS_GROUP_RECREATED),
         }
     }
 }
 
+fn stream_group(stream: &str, group: &str) -> [KeyValue; 2] {
+    [
+        KeyValue::new(label::STREAM, stream.to_owned()),
+        KeyValue::new(label::GROUP, group.to_owned()),
+    ]
+}
+
 impl BusObserver for BusMetrics {
-    fn backlog(&self, stream: &str, group: &str, pending: u64, lag: Option<u64>) {
-        let attributes = [
-            KeyValue::new(label::STREAM, stream.to_owned()),
-            KeyValue::new(label::GROUP, group.to_owned()),
-        ];
-        self.pending.record(pending as f64, &attributes);
-        if let Some(lag) = lag {
-            self.lag.record(lag as f64, &attributes);
+    fn backlog(&self, stream: &str, group: &str, backlog: Option<Backlog>) {
+        let Ok(mut backlogs) = self.backlogs.lock() else {
+            return;
+        };
+        let key = (stream.to_owned(), group.to_owned());
+        match backlog {
+            Some(backlog) => {
+                backlogs.insert(key, backlog);
+            }
+            None => {
+                backlogs.remove(&key);
+            }
         }
     }
 
@@ -143,5 +183,19 @@ impl BusObserver for BusMetrics {
                 KeyValue::new(label::OUTCOME, outcome),
             ],
         );
+    }
+
+    fn consumer_started(&self, stream: &str, group: &str) {
+        let labels = stream_group(stream, group);
+        self.read_errors.add(0, &labels);
+        self.recreated.add(0, &labels);
+    }
+
+    fn read_failed(&self, stream: &str, group: &str) {
+        self.read_errors.add(1, &stream_group(stream, group));
+    }
+
+    fn group_recreated(&self, stream: &str, group: &str) {
+        self.recreated.add(1, &stream_group(stream, group));
     }
 }

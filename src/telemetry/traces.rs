@@ -6,7 +6,8 @@
 //! including `trace_id` and `span_id` inside an HTTP dispatch. Export runs on a thread of its own
 //! behind a bounded queue ([`BoundedProcessor`]): a slow or absent collector costs at most that
 //! queue, never dispatch time, and spans that do not fit are dropped and counted
-//! ([`DROPPED_SPANS`], exported as `trace_spans_dropped_total`).
+//! ([`DROPPED_SPANS`], exported as `trace_spans_dropped_total`). Exports that fail are counted
+//! and logged at most once a minute ([`super::otlp`], `otlp_exports_failed_total`).
 
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_otlp::WithExportConfig;
@@ -22,7 +23,7 @@ use opentelemetry_sdk::trace::{
     Sampler, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -144,6 +145,10 @@ impl Traces {
         };
         let spans = otel_layer(tracer)
             .with_filter(Targets::new().with_target("dispatchd::trace", tracing::Level::INFO));
+        // The SDK logs each failed export request; `otlp` counts them and logs a summary instead.
+        let filter = filter.and(tracing_subscriber::filter::filter_fn(|metadata| {
+            !super::otlp::is_sdk_export_failure(metadata)
+        }));
         tracing_subscriber::registry()
             .with(log.with_filter(filter))
             .with(spans)
@@ -234,7 +239,8 @@ fn export_loop<E: SpanExporter>(exporter: &Shared<E>, jobs: &Receiver<Job>) {
         let spans = std::mem::take(batch);
         if let Ok(exporter) = exporter.0.lock() {
             // The export's own timeout bounds this; the queue bounds what waits meanwhile.
-            let _ = futures::executor::block_on(exporter.export(spans));
+            let exported = futures::executor::block_on(exporter.export(spans));
+            super::otlp::failures(super::otlp::Signal::Traces).record(&exported);
         }
     };
     loop {

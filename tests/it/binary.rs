@@ -365,12 +365,117 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
     drop(running);
 }
 
+/// A collector nobody listens at: each export that fails (after the exporter's retries) is
+/// counted per signal on `/metrics`, and logged at most once a minute per signal instead of the
+/// SDK's own line per failed request. Dispatch answers as usual.
+#[tokio::test]
+async fn exports_to_an_unreachable_collector_are_counted_per_signal_and_logged_once_a_minute() {
+    // A loopback port nobody listens on: bound, then let go.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dispatchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[otlp]\nendpoint = \"http://{closed}\"\nmetrics = true\nmetrics_interval = \"100ms\"\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("DISPATCHD_LISTEN", "127.0.0.1:0")
+        .env("DISPATCHD_LOG", "info")
+        .env_remove("DISPATCHD_CONFIG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the binary starts");
+    let (running, addr, log) = started_keeping_log(child);
+    let client = reqwest::Client::new();
+    let failed = || {
+        let client = client.clone();
+        let addr = addr.clone();
+        async move {
+            let text = client
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let at = |signal: &str| {
+                crate::support::sample(
+                    &text,
+                    &format!("otlp_exports_failed_total{{signal=\"{signal}\"}}"),
+                )
+                .unwrap_or(0.0)
+            };
+            (at("traces"), at("metrics"))
+        }
+    };
+    // Two span exports (a dispatch's spans are exported within a second), each failing.
+    for round in 1..=2 {
+        let response = client
+            .post(format!("http://{addr}/api/v1/messages/shop.orders.events"))
+            .json(&json!({"message_type": "order.placed", "payload": {"round": round}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "dispatch is unaffected");
+        crate::support::wait_for_async("a failed span export", || async {
+            failed().await.0 >= f64::from(round)
+        })
+        .await;
+    }
+    crate::support::wait_for_async("two failed metrics pushes", || async {
+        failed().await.1 >= 2.0
+    })
+    .await;
+
+    let lines = log.lock().unwrap().clone();
+    let reported = |signal: &str| {
+        lines
+            .iter()
+            .filter(|line| {
+                line.contains("Exporting to the OTLP collector failed")
+                    && line.contains(&format!("signal=\"{signal}\""))
+            })
+            .count()
+    };
+    assert_eq!(reported("traces"), 1, "{lines:#?}");
+    assert_eq!(reported("metrics"), 1, "{lines:#?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.contains("Export.Failed")
+                || line.contains("PeriodicReader.ExportError")),
+        "the SDK's line per failed request is left out: {lines:#?}"
+    );
+    drop(running);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Waits for a spawned `serve` to log its address (text logs) and keeps draining its stdout.
-fn started(mut child: Child) -> (Running, String) {
+fn started(child: Child) -> (Running, String) {
+    let (running, addr, _) = started_keeping_log(child);
+    (running, addr)
+}
+
+/// The log lines a child wrote to stdout so far.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Like [`started`], and keeps the log lines written after the one with the address.
+fn started_keeping_log(mut child: Child) -> (Running, String, Log) {
     let stdout = child.stdout.take().unwrap();
     let running = Running(child);
     let mut lines = BufReader::new(stdout).lines();
@@ -383,9 +488,15 @@ fn started(mut child: Child) -> (Running, String) {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
+    let log = Log::default();
+    let keep = log.clone();
     // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (running, addr)
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            keep.lock().unwrap().push(line);
+        }
+    });
+    (running, addr, log)
 }
 
 /// Credentials in a payload, in headers and in tokens (right and wrong) reach neither the log

@@ -134,6 +134,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             "dispatcher_",
             "sink_",
             "bus_redis_",
+            "otlp_",
+            "trace_spans_",
             "http_server_",
             "metric_cardinality",
             "target_info",
@@ -176,6 +178,38 @@ fn every_metric_a_dashboard_or_rule_names_is_one_dispatchd_exports() {
         }
     }
     assert!(checked > 40, "the scan found the metric names ({checked})");
+}
+
+/// Every alert links `docs/runbook.md#<its name in lower case>`, and that section exists.
+#[test]
+fn every_alert_links_its_section_of_the_runbook() {
+    let text = std::fs::read_to_string(repo("alerts/dispatchd.rules.yml")).unwrap();
+    let rules: Value = serde_yaml::from_str(&text).unwrap();
+    let runbook = std::fs::read_to_string(repo("docs/runbook.md")).unwrap();
+    let sections: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|line| line.strip_prefix("## "))
+        .map(str::to_lowercase)
+        .collect();
+    let alerts: Vec<&Value> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    assert!(alerts.len() > 20, "{}", alerts.len());
+    for alert in alerts {
+        let name = alert["alert"].as_str().unwrap().to_lowercase();
+        assert_eq!(
+            alert["annotations"]["runbook_url"],
+            format!("docs/runbook.md#{name}"),
+            "{name}"
+        );
+        assert!(
+            sections.contains(&name),
+            "docs/runbook.md has no `## {name}`"
+        );
+    }
 }
 
 #[test]

@@ -1,6 +1,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use dispatchd::bus::redis::{ConsumerConfig, RedisPublisher};
@@ -8,7 +10,7 @@ use dispatchd::sinks::{DispatchEvent, DriverConfig, FileSink, FullPolicy};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::wait_for_async;
+use crate::support::{sample, wait_for_async};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_dispatchd");
 
@@ -87,40 +89,108 @@ impl Drop for Child_ {
     }
 }
 
+/// `dispatchd sink` (file) reading `stream` as group `group`, consumer `worker-1`.
+fn sink_command(url: &str, stream: &str, group: &str, out: &Path, dead: &Path) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .args([
+            "sink",
+            "--service",
+            "file",
+            "--batch-size",
+            "50",
+            "--flush-interval",
+            "50ms",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--endpoint")
+        .arg(out)
+        .arg("--dead-letter")
+        .arg(dead)
+        .args([
+            "--bus",
+            url,
+            "--stream",
+            stream,
+            "--group",
+            group,
+            "--consumer",
+            "worker-1",
+        ]);
+    command
+}
+
 fn sink_process(url: &str, stream: &str, out: &Path, dead: &Path) -> Child_ {
     Child_(
-        Command::new(BINARY)
-            .args([
-                "sink",
-                "--service",
-                "file",
-                "--batch-size",
-                "50",
-                "--flush-interval",
-                "50ms",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--endpoint")
-            .arg(out)
-            .arg("--dead-letter")
-            .arg(dead)
-            .args([
-                "--bus",
-                url,
-                "--stream",
-                stream,
-                "--group",
-                "g",
-                "--consumer",
-                "worker-1",
-            ])
+        sink_command(url, stream, "g", out, dead)
             .env("DISPATCHD_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     )
+}
+
+/// A `dispatchd sink` whose log is kept, and the address of its `/metrics`.
+struct LoggedSink {
+    _child: Child_,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl LoggedSink {
+    fn start(url: &str, stream: &str, group: &str, out: &Path, dead: &Path) -> LoggedSink {
+        let mut child = sink_command(url, stream, group, out, dead)
+            .env("DISPATCHD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let child = Child_(child);
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("dispatchd sink logs before exiting")
+                .unwrap();
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = log.clone();
+        // Draining stdout also keeps the child from blocking on a full pipe.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        LoggedSink {
+            _child: child,
+            addr,
+            log,
+        }
+    }
+
+    async fn scrape(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    fn lines_with(&self, text: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(text))
+            .count()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,6 +240,24 @@ async fn every_event_arrives_across_a_crash_with_duplicates_bounded() {
     drop(second);
 }
 
+/// Batches of `batch_size`, `buffer` queued, short waits; dead letters under `dir`.
+fn test_driver(dir: &Path, batch_size: usize, buffer: usize) -> DriverConfig {
+    DriverConfig {
+        batch_size,
+        flush_interval: Duration::from_millis(50),
+        buffer,
+        full: FullPolicy::Block,
+        retry: dispatchd::resilience::RetryPolicy {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        },
+        shutdown_deadline: Duration::from_secs(5),
+        send_timeout: Duration::from_secs(5),
+        dead_letter: dir.join("dead.jsonl"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_a_dead_consumer_left_pending_are_reclaimed_under_traffic() {
     let Some(url) = redis_url().await else { return };
@@ -213,20 +301,7 @@ async fn entries_a_dead_consumer_left_pending_are_reclaimed_under_traffic() {
         block: Duration::from_millis(100),
         claim_idle: Duration::from_millis(300),
     };
-    let driver = DriverConfig {
-        batch_size: 20,
-        flush_interval: Duration::from_millis(50),
-        buffer: 100,
-        full: FullPolicy::Block,
-        retry: dispatchd::resilience::RetryPolicy {
-            attempts: 3,
-            initial_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(100),
-        },
-        shutdown_deadline: Duration::from_secs(5),
-        send_timeout: Duration::from_secs(5),
-        dead_letter: dir.path().join("dead.jsonl"),
-    };
+    let driver = test_driver(dir.path(), 20, 100);
     let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
         url.clone(),
         consumer,
@@ -271,6 +346,20 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start(port: u16, dir: tempfile::TempDir) -> OwnRedis {
+        OwnRedis::spawn(
+            port,
+            dir,
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        )
+    }
+
+    /// Without persistence: what it held is gone when it stops, as after a restart of a Redis
+    /// that keeps nothing on disk.
+    fn start_without_persistence(port: u16) -> OwnRedis {
+        OwnRedis::spawn(port, tempfile::tempdir().unwrap(), &["--appendonly", "no"])
+    }
+
+    fn spawn(port: u16, dir: tempfile::TempDir, persistence: &[&str]) -> OwnRedis {
         let child = Command::new("redis-server")
             .args([
                 "--bind",
@@ -279,11 +368,8 @@ impl OwnRedis {
                 &port.to_string(),
                 "--save",
                 "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
             ])
+            .args(persistence)
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -954,4 +1040,386 @@ async fn the_sink_command_reopens_its_file_on_sighup() {
         new,
         (20..40).map(|n| format!("run-{n:05}")).collect::<Vec<_>>()
     );
+}
+
+/// Metrics on, and the Redis bus's observer of them.
+fn bus_telemetry() -> (
+    dispatchd::telemetry::Telemetry,
+    Option<Arc<dyn dispatchd::sinks::service::BusObserver>>,
+) {
+    let telemetry = dispatchd::telemetry::Telemetry::new(&dispatchd::config::MetricsConfig {
+        enabled: true,
+        namespace: String::new(),
+        cardinality_limit: 2000,
+    });
+    let observer = telemetry
+        .bus_metrics()
+        .map(|m| m as Arc<dyn dispatchd::sinks::service::BusObserver>);
+    (telemetry, observer)
+}
+
+/// A series' value in a scrape; 0 when absent.
+fn value(metrics: &str, series: &str) -> f64 {
+    sample(metrics, series).unwrap_or(0.0)
+}
+
+/// Someone deletes a sink's consumer group while it reads: the consumer creates it again after
+/// the newest entry it had read, so events published afterwards arrive, and those it had
+/// already delivered are not sent again (from `0` the whole stream would be). Counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_group_is_created_again_and_later_events_arrive_once() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("nogroup");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let (telemetry, observer) = bus_telemetry();
+    let shutdown = CancellationToken::new();
+    let consumer = ConsumerConfig {
+        stream: stream.clone(),
+        group: "g".into(),
+        consumer: "c".into(),
+        count: 20,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(30),
+    };
+    let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
+        url.clone(),
+        consumer,
+        Box::new(FileSink::new("file", &out, false)),
+        test_driver(dir.path(), 20, 100),
+        None,
+        observer,
+        shutdown.clone(),
+    ));
+    publish(&url, &stream, 0..10).await;
+    wait_for_async("the first events", || async { delivered(&out).len() == 10 }).await;
+
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let destroyed: u64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(destroyed, 1);
+    publish(&url, &stream, 10..20).await;
+    wait_for_async(
+        "the events published after the group was deleted",
+        || async { delivered(&out).len() == 20 },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let seen = delivered(&out);
+    assert!(seen.values().all(|n| *n == 1), "none sent twice: {seen:?}");
+    let metrics = telemetry.render().unwrap();
+    let labels = format!(r#"{{group="g",stream="{stream}"}}"#);
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("bus_redis_group_recreated_total{labels}")
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(&metrics, &format!("bus_redis_read_errors_total{labels}")),
+        0.0,
+        "NOGROUP is handled, not a failed read: {metrics}"
+    );
+}
+
+/// A sink that sends nothing until the test opens it.
+struct Gated {
+    open: Arc<tokio::sync::Semaphore>,
+    sent: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl dispatchd::sinks::Sink for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+
+    async fn send_events(
+        &self,
+        batch: &[DispatchEvent],
+    ) -> Result<dispatchd::sinks::Delivery, dispatchd::sinks::SendError> {
+        let _open = self.open.acquire().await.unwrap();
+        self.sent.fetch_add(batch.len(), Ordering::SeqCst);
+        Ok(dispatchd::sinks::Delivery::default())
+    }
+}
+
+/// `bus_redis_pending_entries` and `bus_redis_consumer_lag` follow the backlog within a couple of
+/// seconds (they are read every second), also while the consumer waits for a sink that takes
+/// nothing, and not only every half `claim_idle` (15 s by default) as they used to be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("backlog");
+    let dir = tempfile::tempdir().unwrap();
+    let (telemetry, observer) = bus_telemetry();
+    let open = Arc::new(tokio::sync::Semaphore::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let shutdown = CancellationToken::new();
+    let consumer = ConsumerConfig {
+        stream: stream.clone(),
+        group: "g".into(),
+        consumer: "c".into(),
+        count: 5,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(30),
+    };
+    let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
+        url.clone(),
+        consumer,
+        Box::new(Gated {
+            open: open.clone(),
+            sent: sent.clone(),
+        }),
+        test_driver(dir.path(), 5, 5),
+        None,
+        observer,
+        shutdown.clone(),
+    ));
+    let labels = format!(r#"{{group="g",stream="{stream}"}}"#);
+    let backlog = || {
+        let metrics = telemetry.render().unwrap();
+        let pending = sample(&metrics, &format!("bus_redis_pending_entries{labels}"));
+        let lag = sample(&metrics, &format!("bus_redis_consumer_lag{labels}"));
+        pending.zip(lag).map(|(pending, lag)| pending + lag)
+    };
+    // Within this of a change, the gauges show it: a reading every second, with room for a
+    // loaded machine. The old reading every half `claim_idle` would take 15 s.
+    const FRESH: Duration = Duration::from_secs(5);
+    crate::support::wait_for("the first reading", || backlog() == Some(0.0)).await;
+
+    // 30 entries: some read and held by the sink (pending), the rest not yet read (lag).
+    publish(&url, &stream, 0..30).await;
+    let changed = std::time::Instant::now();
+    crate::support::wait_for("the gauges to show 30 entries", || backlog() == Some(30.0)).await;
+    assert!(changed.elapsed() < FRESH, "{:?}", changed.elapsed());
+    let metrics = telemetry.render().unwrap();
+    assert!(
+        value(&metrics, &format!("bus_redis_pending_entries{labels}")) > 0.0,
+        "the entries the sink holds are pending: {metrics}"
+    );
+    assert_eq!(sent.load(Ordering::SeqCst), 0);
+
+    // The sink takes them all: the backlog empties, and the gauges follow.
+    open.add_permits(1000);
+    wait_for_async("the sink to take every entry", || async {
+        sent.load(Ordering::SeqCst) == 30
+    })
+    .await;
+    let drained = std::time::Instant::now();
+    crate::support::wait_for("the gauges to show an empty backlog", || {
+        backlog() == Some(0.0)
+    })
+    .await;
+    assert!(drained.elapsed() < FRESH, "{:?}", drained.elapsed());
+
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    let metrics = telemetry.render().unwrap();
+    assert_eq!(
+        sample(&metrics, &format!("bus_redis_consumer_lag{labels}")),
+        None,
+        "a stopped consumer's backlog is unknown, not its last value: {metrics}"
+    );
+}
+
+/// Appends a `[[sources]]` message (an order event whose payload says `from`) to `stream`.
+async fn post_to_source(url: &str, stream: &str, from: &str) {
+    let mut connection = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({"from": from}))});
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("data")
+        .arg(message.to_string())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+/// Redis restarts without its data (no persistence): serve's sink, its `[[sources]]` source and
+/// a `dispatchd sink` process each find their group gone (`NOGROUP`), create it again, count it,
+/// log it once, and deliver what is published afterwards. Before, each logged `NOGROUP` every
+/// 5 s and delivered nothing, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_create_their_groups_again_when_redis_restarts_empty() {
+    let Some((own, url)) = own_redis().await else {
+        return;
+    };
+    let prefix = unique("empty-restart");
+    let stream = format!("{prefix}:events");
+    let source = format!("{prefix}:inbound");
+    let app = crate::support::TestApp::start_with(
+        |config| {
+            use_redis(config, &url, &prefix, "empty-restart");
+            config.sources = vec![dispatchd::config::SourceConfig {
+                stream: source.clone(),
+                group: "dispatchd".into(),
+            }];
+            for sink in &mut config.sinks {
+                sink.driver.flush_interval = Duration::from_millis(50);
+            }
+        },
+        |builder| builder,
+    )
+    .await;
+    let served = app.dir.path().join("events.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let worker = LoggedSink::start(&url, &stream, "g", &out, &dir.path().join("dead.jsonl"));
+    let arrived = |ids: &std::collections::BTreeSet<String>| {
+        let (served, out) = (delivered(&served), delivered(&out));
+        ids.iter()
+            .all(|id| served.contains_key(id) && out.contains_key(id))
+    };
+
+    let before = app.post_orders(3).await;
+    wait_for_async("the events before the restart, in both sinks", || async {
+        arrived(&before)
+    })
+    .await;
+    post_to_source(&url, &source, "before").await;
+    let dispatched = |from: &str| {
+        app.jsonl_lines()
+            .iter()
+            .any(|line| line["payload"]["from"] == from)
+    };
+    crate::support::wait_for("the source message before the restart", || {
+        dispatched("before")
+    })
+    .await;
+
+    // Killed, and started again on the same port with nothing: Redis without its streams and
+    // groups, as after a restart without persistence.
+    let (port, _data) = own.kill();
+    let own = OwnRedis::start_without_persistence(port);
+    answers(&url).await;
+
+    // The first events after the restart may go to the bus dead-letter file while the publisher
+    // reconnects; one arriving in both sinks shows publishing and both groups work again.
+    let mut first = std::collections::BTreeSet::new();
+    for _ in 0..400 {
+        first.extend(app.post_orders(1).await);
+        if first.iter().any(|id| arrived(&[id.clone()].into())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = app.post_orders(5).await;
+    wait_for_async(
+        "every event posted after the restart, in both sinks",
+        || async { arrived(&after) },
+    )
+    .await;
+    post_to_source(&url, &source, "after").await;
+    crate::support::wait_for("the source message after the restart", || {
+        dispatched("after")
+    })
+    .await;
+
+    let metrics = app.scrape().await;
+    let recreated = |metrics: &str, stream: &str, group: &str| {
+        value(
+            metrics,
+            &format!(r#"bus_redis_group_recreated_total{{group="{group}",stream="{stream}"}}"#),
+        )
+    };
+    assert_eq!(
+        recreated(&metrics, &stream, "dispatchd-sink-events"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(recreated(&metrics, &source, "dispatchd"), 1.0, "{metrics}");
+    assert!(
+        value(
+            &metrics,
+            &format!(
+                r#"bus_redis_read_errors_total{{group="dispatchd-sink-events",stream="{stream}"}}"#
+            )
+        ) >= 1.0,
+        "reads failed while Redis was down: {metrics}"
+    );
+    let worker_metrics = worker.scrape().await;
+    assert_eq!(
+        recreated(&worker_metrics, &stream, "g"),
+        1.0,
+        "{worker_metrics}"
+    );
+    assert_eq!(
+        worker.lines_with("consumer group was gone"),
+        1,
+        "logged once"
+    );
+    assert_eq!(worker.lines_with("NOGROUP"), 0, "not a failing read");
+    app.stop().await.unwrap();
+    drop(worker);
+    drop(own);
+}
+
+/// A `[[sources]]` stream whose key holds something else (`WRONGTYPE`) cannot be read: serve
+/// keeps trying and counts each failure (`bus_redis_read_errors_total`, which alerts), instead of
+/// giving the source up after one log line; once the key is a stream, its messages are dispatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_cannot_start_is_counted_and_retried() {
+    let Some(url) = redis_url().await else { return };
+    let prefix = unique("wrongtype");
+    let source = format!("{prefix}:inbound");
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&source)
+        .arg("not a stream")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let app = crate::support::TestApp::start_with(
+        |config| {
+            use_redis(config, &url, &prefix, "wrongtype");
+            config.sources = vec![dispatchd::config::SourceConfig {
+                stream: source.clone(),
+                group: "dispatchd".into(),
+            }];
+        },
+        |builder| builder,
+    )
+    .await;
+    let series = format!(r#"bus_redis_read_errors_total{{group="dispatchd",stream="{source}"}}"#);
+    wait_for_async("failed attempts to be counted", || async {
+        value(&app.scrape().await, &series) >= 2.0
+    })
+    .await;
+
+    let _: () = redis::cmd("DEL")
+        .arg(&source)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    post_to_source(&url, &source, "fixed").await;
+    crate::support::wait_for("the source message", || {
+        app.jsonl_lines()
+            .iter()
+            .any(|line| line["payload"]["from"] == "fixed")
+    })
+    .await;
+    app.stop().await.unwrap();
 }
