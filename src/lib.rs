@@ -4,19 +4,22 @@
 //! [`app::App`]. `ARCHITECTURE.md` maps the modules and their invariants.
 
 pub mod app;
+/// The engine crate, re-exported under the names the service has always used.
+pub use dispatchd_engine as engine;
+pub use dispatchd_engine::{instrumentation, resilience};
 pub mod appender;
 pub mod auth;
 pub mod bus;
+#[doc(hidden)] // The binary's, not part of the library's API.
 pub mod cli;
 pub mod config;
 pub mod dispatchers;
-pub mod engine;
 pub mod health;
 pub mod http;
-pub mod instrumentation;
+#[doc(hidden)] // The binary's, not part of the library's API.
 pub mod loadtest;
 pub mod propagation;
-pub mod resilience;
+#[doc(hidden)] // The binary's, not part of the library's API.
 pub mod simulate;
 pub mod sinks;
 pub mod telemetry;

@@ -24,6 +24,8 @@ mod simulate;
 // The event pipeline: dispatch events through the driver to the sinks, and each plugin's exact
 // request shape against a loopback server that plays the service.
 mod pipeline;
+// The engine crate depends on no I/O crate (from Cargo.lock).
+mod architecture;
 // Redis Streams, against a real Redis: at-least-once across a crash, reclaim, Redis restarts.
 mod redis;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.

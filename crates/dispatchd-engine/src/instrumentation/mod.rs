@@ -1,6 +1,6 @@
 //! Built-in instrumentation strategies: composition, a tracing log, and a recorder for tests.
 //!
-//! The trait itself is [`crate::engine::InstrumentationStrategy`] (the engine owns the extension
+//! The trait itself is [`crate::InstrumentationStrategy`] (the engine owns the extension
 //! point it calls); this module owns implementations. The OpenTelemetry metrics strategy lives
 //! beside the instruments it feeds, in `crate::telemetry`.
 //!
@@ -12,8 +12,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::engine::{DispatchInfo, DispatcherRef, InstrumentationStrategy};
-use crate::engine::{DispatchResult, DispatchStatus, ExecutionResult};
+pub use crate::{DispatchInfo, DispatcherRef, InstrumentationStrategy};
+use crate::{DispatchResult, DispatchStatus, ExecutionResult};
 pub use recording::{Recorded, RecordingStrategy};
 
 /// Runs several strategies, in order, for every hook. Each strategy is called even when an

@@ -103,7 +103,7 @@ impl Policy for RulePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Category, Envelope};
+    use crate::{Category, Envelope};
 
     fn check(policy: &RulePolicy, command_type: &str) -> Decision {
         let envelope = Envelope::new(command_type, serde_json::Value::Null);

@@ -14,6 +14,9 @@
 //! nothing else of the outside world. It runs on tokio's timer, so dispatch inside a tokio
 //! runtime with time enabled.
 
+pub mod instrumentation;
+pub mod resilience;
+
 mod builder;
 mod command;
 mod dispatcher;
@@ -641,3 +644,13 @@ fn millis(elapsed: Duration) -> f64 {
 
 #[cfg(test)]
 mod tests;
+
+/// Cases per property test: `default`, or `PROPTEST_CASES` when set (CI runs a long pass with
+/// it; see `.ci/run`).
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(default)
+}

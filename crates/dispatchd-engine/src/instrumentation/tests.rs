@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::*;
-use crate::engine::{
+use crate::{
     Category, CommandAdapter, DispatchStatus, Dispatcher, Engine, EngineBuilder, Envelope, Handler,
     HandlerError, Message, OutputMessage, Route,
 };
@@ -254,7 +254,7 @@ async fn warnings_of(engine: &Engine, topic: &str, envelope: &Envelope) -> Strin
 
 #[tokio::test]
 async fn refusals_do_not_warn_and_failures_do() {
-    use crate::engine::{Effect, RulePolicy};
+    use crate::{Effect, RulePolicy};
     let engine = Engine::builder()
         .dispatcher(Dispatcher::new("d", Category::Event, Broken))
         .dispatcher(

@@ -82,7 +82,7 @@ impl<E: std::error::Error> From<E> for HandlerError {
 ///
 /// ```
 /// use async_trait::async_trait;
-/// use dispatchd::engine::{Handler, HandlerError, Message, OutputMessage};
+/// use dispatchd_engine::{Handler, HandlerError, Message, OutputMessage};
 ///
 /// struct Audit;
 ///

@@ -43,7 +43,7 @@ pub struct DispatcherRef<'a> {
 /// what it needs. Hooks run inline on the dispatch path: keep them cheap and never block.
 ///
 /// A hook that panics is caught, logged at debug and counted
-/// ([`crate::engine::Engine::instrumentation_panics`]); the dispatch result is never affected.
+/// ([`crate::Engine::instrumentation_panics`]); the dispatch result is never affected.
 pub trait InstrumentationStrategy: Send + Sync + 'static {
     /// Before any dispatcher runs; the dispatch's start time was taken before this hook.
     fn on_dispatch_start(&self, _dispatch: &DispatchInfo<'_>) {}

@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::engine::{
+use crate::{
     DispatchInfo, DispatchResult, DispatchStatus, DispatcherRef, ExecutionResult,
     InstrumentationStrategy,
 };
