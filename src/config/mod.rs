@@ -151,6 +151,7 @@ pub struct DispatcherConfig {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum DispatcherKind {
     /// Logs each message at info.
     Log,

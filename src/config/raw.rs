@@ -893,6 +893,8 @@ fn check_with_engine(
             BuildProblem::UnreachableMessageType { route, .. } => {
                 format!("{}.message_type", nth("routes", route, 0))
             }
+            // A problem a newer engine finds: reported for the whole file until placed here.
+            _ => String::new(),
         };
         let message = match &problem {
             BuildProblem::CommandWithoutAdapter(_) => {

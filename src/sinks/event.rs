@@ -152,31 +152,18 @@ mod tests {
     /// and error text it sanitized itself.
     fn result_of(topic: &str, envelope: &Envelope, status: DispatchStatus) -> DispatchResult {
         let failed = status.is_error() || status.is_refusal();
-        DispatchResult {
-            dispatch_id: uuid::Uuid::new_v4(),
-            status,
-            topic: topic.to_owned(),
-            message_category: Some(Category::Event),
-            message_type: envelope.message_type.clone(),
-            message_id: envelope.message_id.clone(),
-            duration_ms: 1.5,
-            outputs: Vec::new(),
-            output_count: 0,
-            error_message: failed.then(|| "dispatcher `d` error: down".to_owned()),
-            error_code: failed.then(|| "dispatcher_failed".to_owned()),
-            correlation_id: envelope.correlation_id.clone(),
-            trace_id: None,
-            span_id: None,
-            dispatchers: vec![DispatcherOutcome {
-                dispatcher_id: "d".into(),
-                result: ExecutionResult::Error,
-                duration_ms: 1.0,
-                output_count: 0,
-                attempts: 1,
-                error_message: Some(sanitize("down").into_owned()),
-                policy: None,
-            }],
-        }
+        let mut result = DispatchResult::new(uuid::Uuid::new_v4(), topic, envelope);
+        result.status = status;
+        result.message_category = Some(Category::Event);
+        result.duration_ms = 1.5;
+        result.error_message = failed.then(|| "dispatcher `d` error: down".to_owned());
+        result.error_code = failed.then_some(crate::engine::ErrorCode::DispatcherFailed);
+        let mut outcome = DispatcherOutcome::new("d", ExecutionResult::Error);
+        outcome.duration_ms = 1.0;
+        outcome.attempts = 1;
+        outcome.error_message = Some(sanitize("down").into_owned());
+        result.dispatchers.push(outcome);
+        result
     }
 
     /// Every body a sink sends (or writes) for this event, as text.

@@ -20,6 +20,7 @@ pub const MAX_ID_LEN: usize = 128;
 
 /// One thing wrong with what was registered.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BuildProblem {
     #[error("dispatcher id `{0}` must be 1 to {MAX_ID_LEN} characters of [A-Za-z0-9_.-]")]
     InvalidDispatcherId(String),

@@ -51,7 +51,7 @@ pub use instrument::{
 };
 pub use pattern::{PatternError, TopicPattern};
 pub use redact::{DEFAULT_DENY, REDACTED, Redactor};
-pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ExecutionResult};
+pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ErrorCode, ExecutionResult};
 pub use route::Route;
 pub use sanitize::{MAX_ERROR_CHARS, sanitize};
 pub use topic::{Category, MAX_TOPIC_LEN, Topic, TopicError, UnknownCategory};
@@ -191,23 +191,8 @@ impl Engine {
         };
         hooks.emit("on_dispatch_start", |s| s.on_dispatch_start(&info));
 
-        let mut result = DispatchResult {
-            dispatch_id,
-            status: DispatchStatus::Success,
-            topic: topic.to_owned(),
-            message_category: info.category,
-            message_type: envelope.message_type.clone(),
-            message_id: envelope.message_id.clone(),
-            duration_ms: 0.0,
-            outputs: Vec::new(),
-            output_count: 0,
-            error_message: None,
-            error_code: None,
-            correlation_id: envelope.correlation_id.clone(),
-            trace_id: None,
-            span_id: None,
-            dispatchers: Vec::new(),
-        };
+        let mut result = DispatchResult::new(dispatch_id, topic, envelope);
+        result.message_category = info.category;
 
         match parsed
             .map_err(|e| e.to_string())
@@ -216,7 +201,7 @@ impl Engine {
             Err(reason) => fail(
                 &mut result,
                 DispatchStatus::InvalidMessage,
-                "invalid_message",
+                ErrorCode::InvalidMessage,
                 &reason,
             ),
             Ok(parsed) => {
@@ -229,7 +214,7 @@ impl Engine {
                     fail(
                         &mut result,
                         DispatchStatus::NoDispatcher,
-                        "no_dispatcher",
+                        ErrorCode::NoDispatcher,
                         &reason,
                     );
                 } else {
@@ -549,7 +534,7 @@ impl Engine {
                 fail(
                     result,
                     DispatchStatus::PublishFailed,
-                    "publish_failed",
+                    ErrorCode::PublishFailed,
                     &reason,
                 );
             }
@@ -632,9 +617,9 @@ fn format_failure(outcome: &DispatcherOutcome) -> String {
     )
 }
 
-fn fail(result: &mut DispatchResult, status: DispatchStatus, code: &str, reason: &str) {
+fn fail(result: &mut DispatchResult, status: DispatchStatus, code: ErrorCode, reason: &str) {
     result.status = status;
-    result.error_code = Some(code.to_owned());
+    result.error_code = Some(code);
     result.error_message = Some(sanitize(reason).into_owned());
 }
 

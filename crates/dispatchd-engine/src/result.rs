@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::envelope::OutputMessage;
+use super::envelope::{Envelope, OutputMessage};
 use super::topic::Category;
 
 /// The status of one dispatch. A closed set: it is a metric label and decides the HTTP status.
@@ -35,6 +35,7 @@ use super::topic::Category;
 /// then replaces a refusal or a success (outputs were lost: a real failure), never an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DispatchStatus {
     /// Every dispatcher that ran succeeded (some may have skipped a duplicate).
     Success,
@@ -131,16 +132,61 @@ impl DispatchStatus {
     /// engine answers `no_dispatcher` before it gets here).
     pub fn of_outcomes(
         results: impl IntoIterator<Item = ExecutionResult>,
-    ) -> Option<(DispatchStatus, Option<&'static str>)> {
+    ) -> Option<(DispatchStatus, Option<ErrorCode>)> {
         let worst = results.into_iter().max_by_key(|r| r.precedence())?;
         Some(match worst {
-            ExecutionResult::Error => (DispatchStatus::DispatcherError, Some("dispatcher_failed")),
-            ExecutionResult::Timeout => (DispatchStatus::Timeout, Some("timeout")),
-            ExecutionResult::Rejected => (DispatchStatus::Rejected, Some("rejected")),
-            ExecutionResult::Denied => (DispatchStatus::Denied, Some("policy_denied")),
+            ExecutionResult::Error => (
+                DispatchStatus::DispatcherError,
+                Some(ErrorCode::DispatcherFailed),
+            ),
+            ExecutionResult::Timeout => (DispatchStatus::Timeout, Some(ErrorCode::Timeout)),
+            ExecutionResult::Rejected => (DispatchStatus::Rejected, Some(ErrorCode::Rejected)),
+            ExecutionResult::Denied => (DispatchStatus::Denied, Some(ErrorCode::PolicyDenied)),
             ExecutionResult::Success => (DispatchStatus::Success, None),
             ExecutionResult::Skipped => (DispatchStatus::Skipped, None),
         })
+    }
+}
+
+/// Why a dispatch did not succeed, for machines: stable, and more specific than the status
+/// where the status has several causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The topic or the envelope was malformed.
+    InvalidMessage,
+    /// No enabled route matched.
+    NoDispatcher,
+    /// A dispatcher ran and failed, or panicked.
+    DispatcherFailed,
+    /// Every failing dispatcher ran out of time.
+    Timeout,
+    /// A protection refused: the circuit breaker, the rate limiter or the concurrency limit.
+    Rejected,
+    /// A command policy refused.
+    PolicyDenied,
+    /// The dispatchers succeeded but their outputs could not be published.
+    PublishFailed,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::NoDispatcher => "no_dispatcher",
+            ErrorCode::DispatcherFailed => "dispatcher_failed",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::PolicyDenied => "policy_denied",
+            ErrorCode::PublishFailed => "publish_failed",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -153,6 +199,7 @@ impl fmt::Display for DispatchStatus {
 /// How one dispatcher's part in a dispatch ended. A metric label (`result`), so a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ExecutionResult {
     Success,
     /// It ran and failed (after any retries), or panicked.
@@ -219,6 +266,7 @@ impl fmt::Display for ExecutionResult {
 
 /// One dispatcher's part in a dispatch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DispatcherOutcome {
     pub dispatcher_id: Arc<str>,
     pub result: ExecutionResult,
@@ -236,6 +284,7 @@ pub struct DispatcherOutcome {
 
 /// The answer to one dispatch, as the HTTP API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DispatchResult {
     pub dispatch_id: Uuid,
     pub status: DispatchStatus,
@@ -251,12 +300,52 @@ pub struct DispatchResult {
     /// Sanitized and capped; `None` on success.
     pub error_message: Option<String>,
     /// A stable machine-readable reason (`invalid_topic`, `dispatcher_failed`, ...).
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     pub correlation_id: Option<String>,
     pub trace_id: Option<String>,
     pub span_id: Option<String>,
     /// Each dispatcher that was selected, in registration order.
     pub dispatchers: Vec<DispatcherOutcome>,
+}
+
+impl DispatchResult {
+    /// The result of a dispatch of `envelope` on `topic` before anything ran: `success`, no
+    /// category, outputs or outcomes yet. The engine fills it in; embedders and tests build
+    /// results with it because the type grows (it is `#[non_exhaustive]`).
+    pub fn new(dispatch_id: Uuid, topic: &str, envelope: &Envelope) -> DispatchResult {
+        DispatchResult {
+            dispatch_id,
+            status: DispatchStatus::Success,
+            topic: topic.to_owned(),
+            message_category: None,
+            message_type: envelope.message_type.clone(),
+            message_id: envelope.message_id.clone(),
+            duration_ms: 0.0,
+            outputs: Vec::new(),
+            output_count: 0,
+            error_message: None,
+            error_code: None,
+            correlation_id: envelope.correlation_id.clone(),
+            trace_id: None,
+            span_id: None,
+            dispatchers: Vec::new(),
+        }
+    }
+}
+
+impl DispatcherOutcome {
+    /// `dispatcher_id`'s outcome `result`, with no time, attempts, outputs or error yet.
+    pub fn new(dispatcher_id: impl Into<Arc<str>>, result: ExecutionResult) -> DispatcherOutcome {
+        DispatcherOutcome {
+            dispatcher_id: dispatcher_id.into(),
+            result,
+            duration_ms: 0.0,
+            output_count: 0,
+            attempts: 0,
+            error_message: None,
+            policy: None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +381,23 @@ mod tests {
         );
         for refusal in [Rejected, Denied] {
             assert!(!refusal.is_error(), "{refusal} is a refusal, not an error");
+        }
+    }
+
+    #[test]
+    fn error_codes_serialize_as_the_strings_the_json_has_always_had() {
+        for (code, text) in [
+            (ErrorCode::InvalidMessage, "invalid_message"),
+            (ErrorCode::NoDispatcher, "no_dispatcher"),
+            (ErrorCode::DispatcherFailed, "dispatcher_failed"),
+            (ErrorCode::Timeout, "timeout"),
+            (ErrorCode::Rejected, "rejected"),
+            (ErrorCode::PolicyDenied, "policy_denied"),
+            (ErrorCode::PublishFailed, "publish_failed"),
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), text);
+            assert_eq!(code.as_str(), text);
+            assert_eq!(serde_json::from_value::<ErrorCode>(text.into()).unwrap(), code);
         }
     }
 
@@ -370,7 +476,10 @@ mod tests {
         for (results, status, code) in table {
             assert_eq!(
                 DispatchStatus::of_outcomes(results.iter().copied()),
-                Some((*status, *code)),
+                Some((
+                    *status,
+                    code.map(|c: &str| serde_json::from_value(c.into()).unwrap())
+                )),
                 "{results:?}"
             );
         }

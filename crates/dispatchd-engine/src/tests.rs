@@ -105,7 +105,7 @@ async fn a_topic_that_no_route_matches_is_no_dispatcher() {
     );
     let result = engine.dispatch("shipping.events", &event("t")).await;
     assert_eq!(result.status, DispatchStatus::NoDispatcher);
-    assert_eq!(result.error_code.as_deref(), Some("no_dispatcher"));
+    assert_eq!(result.error_code, Some(ErrorCode::NoDispatcher));
     assert!(result.dispatchers.is_empty());
 }
 
@@ -226,7 +226,7 @@ async fn one_failure_never_hides_another_success() {
     );
     let result = engine.dispatch("a.events", &event("t")).await;
     assert_eq!(result.status, DispatchStatus::DispatcherError);
-    assert_eq!(result.error_code.as_deref(), Some("dispatcher_failed"));
+    assert_eq!(result.error_code, Some(ErrorCode::DispatcherFailed));
     assert_eq!(
         result.output_count, 1,
         "the successful dispatcher's output is kept"
@@ -260,7 +260,7 @@ async fn a_slow_dispatcher_times_out_and_is_cancelled_while_others_finish() {
     let started = tokio::time::Instant::now();
     let result = engine.dispatch("a.events", &event("t")).await;
     assert_eq!(result.status, DispatchStatus::Timeout);
-    assert_eq!(result.error_code.as_deref(), Some("timeout"));
+    assert_eq!(result.error_code, Some(ErrorCode::Timeout));
     assert!(result.status.requires_retry());
     assert_eq!(result.dispatchers[0].result, ExecutionResult::Timeout);
     assert_eq!(result.dispatchers[1].result, ExecutionResult::Success);
@@ -373,7 +373,7 @@ async fn a_denied_command_does_not_run_and_names_the_policy() {
         .await;
     assert_eq!(result.status, DispatchStatus::Denied);
     assert!(!result.status.is_error() && !result.status.requires_retry());
-    assert_eq!(result.error_code.as_deref(), Some("policy_denied"));
+    assert_eq!(result.error_code, Some(ErrorCode::PolicyDenied));
     assert_eq!(result.dispatchers[0].result, ExecutionResult::Denied);
     assert_eq!(
         result.dispatchers[0].policy.as_deref(),
@@ -744,7 +744,7 @@ mod protections {
         engine.dispatch("a.events", &event("t")).await;
         let refused = engine.dispatch("a.events", &event("t")).await;
         assert_eq!(refused.status, DispatchStatus::Rejected);
-        assert_eq!(refused.error_code.as_deref(), Some("rejected"));
+        assert_eq!(refused.error_code, Some(ErrorCode::Rejected));
         assert!(!refused.status.is_error() && refused.status.requires_retry());
         assert_eq!(refused.dispatchers[0].result, ExecutionResult::Rejected);
         assert_eq!(
@@ -930,7 +930,7 @@ mod protections {
 
         let refused = engine.dispatch("ok.a.events", &event("t")).await;
         assert_eq!(refused.status, DispatchStatus::Rejected);
-        assert_eq!(refused.error_code.as_deref(), Some("rejected"));
+        assert_eq!(refused.error_code, Some(ErrorCode::Rejected));
         assert_eq!(
             refused.output_count, 1,
             "the dispatcher that ran keeps its output"
@@ -942,7 +942,7 @@ mod protections {
 
         let failed = engine.dispatch("all.events", &event("t")).await;
         assert_eq!(failed.status, DispatchStatus::DispatcherError);
-        assert_eq!(failed.error_code.as_deref(), Some("dispatcher_failed"));
+        assert_eq!(failed.error_code, Some(ErrorCode::DispatcherFailed));
         let message = failed.error_message.unwrap();
         assert!(
             message.contains("`limited` rejected") && message.contains("`broken` error: down"),
@@ -969,7 +969,7 @@ mod protections {
         );
         let result = engine.dispatch("a.events", &event("t")).await;
         assert_eq!(result.status, DispatchStatus::PublishFailed);
-        assert_eq!(result.error_code.as_deref(), Some("publish_failed"));
+        assert_eq!(result.error_code, Some(ErrorCode::PublishFailed));
         assert_eq!(
             result.error_message.as_deref(),
             Some(

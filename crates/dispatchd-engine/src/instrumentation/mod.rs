@@ -131,7 +131,7 @@ impl InstrumentationStrategy for TracingStrategy {
             category = dispatch.category.map(|c| c.as_str()),
             message_type = dispatch.message_type,
             status = result.status.as_str(),
-            error_code = result.error_code.as_deref(),
+            error_code = result.error_code.map(crate::ErrorCode::as_str),
             error = result.error_message.as_deref(),
             outputs = result.output_count,
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
@@ -157,7 +157,7 @@ impl InstrumentationStrategy for TracingStrategy {
                     category = dispatch.category.map(|c| c.as_str()),
                     message_type = dispatch.message_type,
                     status = result.status.as_str(),
-                    error_code = result.error_code.as_deref(),
+                    error_code = result.error_code.map(crate::ErrorCode::as_str),
                     error = result.error_message.as_deref(),
                     elapsed_ms = elapsed.as_secs_f64() * 1e3,
                     "A dispatch failed."

@@ -20,7 +20,7 @@ pub enum Recorded {
     },
     Error {
         status: DispatchStatus,
-        error_code: Option<String>,
+        error_code: Option<crate::ErrorCode>,
         elapsed: Duration,
     },
     DispatcherComplete {
@@ -85,7 +85,7 @@ impl InstrumentationStrategy for RecordingStrategy {
     fn on_dispatch_error(&self, _: &DispatchInfo<'_>, result: &DispatchResult, elapsed: Duration) {
         self.push(Recorded::Error {
             status: result.status,
-            error_code: result.error_code.clone(),
+            error_code: result.error_code,
             elapsed,
         });
     }

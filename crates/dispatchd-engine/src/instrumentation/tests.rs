@@ -111,7 +111,7 @@ async fn an_error_is_recorded_and_still_reaches_the_result() {
     assert!(matches!(
         calls.last(),
         Some(Recorded::Error { status: DispatchStatus::DispatcherError, error_code: Some(code), .. })
-            if code == "dispatcher_failed"
+            if *code == crate::ErrorCode::DispatcherFailed
     ));
     assert!(!calls.iter().any(|c| matches!(c, Recorded::Success { .. })));
 }
