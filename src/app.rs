@@ -122,8 +122,12 @@ impl AppBuilder {
             .local_addr()
             .context("the listener has no address")?;
 
+        // Build, then run: what build spawns (file writers, sink drivers) is cancelled when the
+        // App is dropped, so a build that fails after them leaves nothing behind; the Redis
+        // consumers are only started by `run`.
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
+        let mut background = vec![stop_writers.clone().drop_guard()];
         // Every file the service appends to shares the reopen signal (SIGHUP) and the repair count.
         let files = Files::new(
             telemetry
@@ -135,6 +139,8 @@ impl AppBuilder {
         // reading the Redis events stream through its own consumer group.
         let sinks = TaskTracker::new();
         let stop_sinks = CancellationToken::new();
+        background.push(stop_sinks.clone().drop_guard());
+        let mut consumers: Vec<futures::future::BoxFuture<'static, ()>> = Vec::new();
         let sink_observer = telemetry
             .sink_metrics()
             .map(|metrics| Arc::new(metrics) as Arc<dyn SinkObserver>);
@@ -195,13 +201,13 @@ impl AppBuilder {
                         bus_observer.clone(),
                     );
                     let stop = stop_sinks.clone();
-                    sinks.spawn(async move {
+                    consumers.push(Box::pin(async move {
                         let run =
                             run_from_redis(url, group, sink, driver, observer, bus_observer, stop);
                         if let Err(error) = run.await {
                             tracing::error!(%error, "A sink could not read the events stream.");
                         }
-                    });
+                    }));
                 }
                 let outputs = RedisOutputs::connect(&redis.url, &config.bus.outputs_prefix)
                     .await
@@ -329,6 +335,8 @@ impl AppBuilder {
             writers,
             stop_writers,
             files,
+            consumers,
+            _background: background,
         })
     }
 }
@@ -349,6 +357,10 @@ pub struct App {
     writers: TaskTracker,
     stop_writers: CancellationToken,
     files: Files,
+    /// The sinks' Redis consumers, started by `run`.
+    consumers: Vec<futures::future::BoxFuture<'static, ()>>,
+    /// Cancels the writers and sink drivers when the App is dropped, run or not.
+    _background: Vec<tokio_util::sync::DropGuard>,
 }
 
 impl App {
@@ -388,7 +400,10 @@ impl App {
     /// stops accepting, lets in-flight requests finish within `server.shutdown_grace`, stops the
     /// lifecycle tasks, stops the writers after they committed everything queued, and shuts the
     /// meter provider down.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        for consumer in self.consumers.drain(..) {
+            self.sinks.spawn(consumer);
+        }
         let lifecycles = TaskTracker::new();
         let stop_lifecycles = CancellationToken::new();
         for (dispatcher, liveness) in self.engine.dispatchers().iter().zip(&self.liveness) {

@@ -1423,3 +1423,51 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
     .await;
     app.stop().await.unwrap();
 }
+
+/// Build, then run: a start that fails at its last step (the engine refuses a route) leaves no
+/// task and no Redis connection behind, though the Redis bus, its dead-letter file, a sink and a
+/// JSONL dispatcher were all set up before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_at_its_last_step_leaves_no_task_and_no_connection() {
+    let Some((own, url)) = own_redis().await else {
+        return;
+    };
+    let clients = || async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        // This connection is one of them.
+        list.lines().count() - 1
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let mut config = crate::support::test_config(dir.path());
+    use_redis(&mut config, &url, &unique("failed-start"), "failed-start");
+    let built = dispatchd::app::App::builder(config)
+        .route(dispatchd::engine::Route::new(
+            "broken",
+            "**",
+            dispatchd::engine::Category::Event,
+            "nobody",
+        ))
+        .build()
+        .await;
+    let Err(error) = built else {
+        panic!("the engine refuses a route to an unknown dispatcher")
+    };
+    assert!(format!("{error:#}").contains("nobody"), "{error:#}");
+    wait_for_async("no connection of the failed start left", || async {
+        clients().await == 0
+    })
+    .await;
+    wait_for_async("no task of the failed start left", || async {
+        metrics.num_alive_tasks() <= baseline
+    })
+    .await;
+    drop(own);
+}

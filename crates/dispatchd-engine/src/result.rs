@@ -397,7 +397,10 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), text);
             assert_eq!(code.as_str(), text);
-            assert_eq!(serde_json::from_value::<ErrorCode>(text.into()).unwrap(), code);
+            assert_eq!(
+                serde_json::from_value::<ErrorCode>(text.into()).unwrap(),
+                code
+            );
         }
     }
 
