@@ -28,12 +28,14 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Scope;
 use crate::bus::EventBus;
 use crate::engine::Engine;
 use crate::health::HealthRegistry;
 use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
 pub use guard::Guard;
+use guard::Routes;
 pub use messages::{IngestBody, parse_envelope, status_code};
 pub use serve::{ConnectionLimits, serve};
 
@@ -78,37 +80,84 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     guarded_router(state, max_body_bytes, Guard::open())
 }
 
-/// The API behind `guard`: tokens, the in-flight bound and the request deadline.
+/// The API behind `guard`: tokens by each route's declared scope, the body limits, the in-flight
+/// bound and the request deadline.
 pub fn guarded_router(state: ApiState, max_body_bytes: usize, guard: Guard) -> Router {
-    let mut router = Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(dispatchers::ready))
-        .route("/api/v1/dispatchers", get(dispatchers::list))
-        .route("/api/v1/dispatchers/{id}", get(dispatchers::one))
+    assemble(api_routes(), state, max_body_bytes, guard)
+}
+
+/// Every route of the API, each with who may call it and whether the load bounds apply. A route
+/// added anywhere else needs the `admin` scope (see [`guard`]).
+fn api_routes() -> Routes<ApiState> {
+    use guard::Access::{Metrics, Open, Scope as Needs};
+    use guard::Load::{Bounded, Exempt};
+    Routes::new()
+        .route("/health", Open, Exempt, get(health))
+        .route("/ready", Open, Exempt, get(dispatchers::ready))
+        .route("/metrics", Metrics, Exempt, get(observe::metrics))
+        .route("/api/v1/stats", Metrics, Bounded, get(observe::stats))
+        .route(
+            "/api/v1/messages/{topic}",
+            Needs(Scope::Ingest),
+            Bounded,
+            post(messages::ingest),
+        )
+        .route(
+            "/api/v1/dispatchers",
+            Needs(Scope::Admin),
+            Bounded,
+            get(dispatchers::list),
+        )
+        .route(
+            "/api/v1/dispatchers/{id}",
+            Needs(Scope::Admin),
+            Bounded,
+            get(dispatchers::one),
+        )
         .route(
             "/api/v1/dispatchers/{id}/register",
+            Needs(Scope::Admin),
+            Bounded,
             post(dispatchers::register),
         )
         .route(
             "/api/v1/dispatchers/{id}/heartbeat",
+            Needs(Scope::Admin),
+            Bounded,
             post(dispatchers::heartbeat),
         )
         .route(
             "/api/v1/dispatchers/{id}/unregister",
+            Needs(Scope::Admin),
+            Bounded,
             post(dispatchers::unregister),
         )
-        .route("/metrics", get(observe::metrics))
-        .route("/api/v1/stats", get(observe::stats))
-        .route("/api/v1/messages/{topic}", post(messages::ingest));
+}
+
+/// The router of `routes` behind `guard`, which reads their declared policies.
+fn assemble(
+    routes: Routes<ApiState>,
+    state: ApiState,
+    max_body_bytes: usize,
+    guard: Guard,
+) -> Router {
+    let Routes {
+        mut router,
+        policies,
+    } = routes;
     if let Some(metrics) = state.telemetry.http_metrics() {
         // A route layer sees the matched route template, never the raw path.
         router = router.route_layer(middleware::from_fn_with_state(metrics, record_http));
     }
+    // `layer` runs after routing, so the guard sees the matched route's template.
     router
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn_with_state(guard, guard::guard))
+        .layer(middleware::from_fn_with_state(
+            guard.bind(policies, max_body_bytes),
+            guard::guard,
+        ))
         .with_state(state)
 }
 
