@@ -227,6 +227,7 @@ async fn past_max_connections_the_longest_idle_connection_makes_room() {
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         slowest = slowest.max(started.elapsed());
     }
+    eprintln!("slowest of 5 probes with {MAX} slots held by silent connections: {slowest:?}");
     assert!(
         slowest < Duration::from_millis(100),
         "a probe took {slowest:?} at the connection limit"
