@@ -73,9 +73,9 @@ pub struct ServerConfig {
     /// Requests being handled at once, at most; more are shed with 503 and `Retry-After`.
     /// `/health`, `/ready` and `/metrics` are never shed.
     pub max_in_flight: usize,
-    /// Open connections at most; past it the connection idle the longest is closed to make
-    /// room, and only when every connection has a request in progress do new ones wait in the
-    /// listen backlog.
+    /// Open connections at most; past it the connection idle the longest (else one only
+    /// receiving a body) is closed to make room, and only when every connection has a request
+    /// being dispatched or answered do new ones wait in the listen backlog.
     pub max_connections: usize,
     /// After SIGTERM, how long `/ready` answers 503 while the listener stays open and requests
     /// are served, so a load balancer stops sending before connections are refused.

@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::error::ApiError;
+use super::serve::ConnectionActivity;
 use crate::auth::{Denied, Scope, Tokens};
 use crate::telemetry::HttpMetrics;
 
@@ -205,7 +206,17 @@ impl Guard {
     /// The body (within its limits), then a permit, then the handler.
     async fn bounded(&self, request: Request, next: Next) -> Response {
         let (parts, body) = request.into_parts();
-        let body = match receive(body, self.max_body_bytes, self.min_body_rate).await {
+        // While the body arrives the connection may be evicted to make room (`serve`).
+        let mut upload = parts
+            .extensions
+            .get::<ConnectionActivity>()
+            .map(ConnectionActivity::upload);
+        let received = receive(body, self.max_body_bytes, self.min_body_rate, |bytes| {
+            if let Some(upload) = upload.as_mut() {
+                upload.received(bytes);
+            }
+        });
+        let body = match received.await {
             Ok(body) => body,
             Err(refusal) => {
                 if refusal == Refusal::TooSlow {
@@ -214,18 +225,16 @@ impl Guard {
                 return refusal.into_response();
             }
         };
+        if upload.is_some_and(|upload| !upload.finish()) {
+            // Its connection was chosen to make room while the body arrived: the answer is
+            // most likely lost with it, but the request goes no further.
+            return overloaded("dispatchd is at server.max_connections; retry shortly");
+        }
         let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
             self.shed("in_flight");
-            let mut response = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
+            return overloaded(
                 "dispatchd is handling as many requests as it allows; retry shortly",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
+            );
         };
         next.run(Request::from_parts(parts, Body::from(body))).await
     }
@@ -266,6 +275,16 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     }
 }
 
+/// 503 `overloaded` with `Retry-After`.
+fn overloaded(message: &'static str) -> Response {
+    let mut response =
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// Why a body was refused while it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
@@ -301,7 +320,12 @@ impl IntoResponse for Refusal {
 /// Reads the whole body, refusing it past `limit` bytes or, with a `rate`, as soon as it has
 /// fallen behind: once the grace period has passed, the bytes received must keep up with
 /// `bytes_per_second` times the time since the grace period ended.
-async fn receive(body: Body, limit: usize, rate: Option<BodyRate>) -> Result<Bytes, Refusal> {
+async fn receive(
+    body: Body,
+    limit: usize,
+    rate: Option<BodyRate>,
+    mut received_chunk: impl FnMut(usize),
+) -> Result<Bytes, Refusal> {
     let started = Instant::now();
     let mut stream = body.into_data_stream();
     let mut chunks: Vec<Bytes> = Vec::new();
@@ -322,6 +346,7 @@ async fn receive(body: Body, limit: usize, rate: Option<BodyRate>) -> Result<Byt
             None => break,
             Some(Ok(chunk)) => {
                 received += chunk.len();
+                received_chunk(chunk.len());
                 if received > limit {
                     return Err(Refusal::TooLarge);
                 }
@@ -389,7 +414,7 @@ mod tests {
     async fn a_body_that_keeps_the_rate_is_received_whole() {
         // 100 bytes a second from the start: always ahead of the requirement.
         let body = trickle((0..10).map(|_| (Duration::from_secs(1), 100)).collect());
-        let received = receive(body, 10_000, RATE).await.unwrap();
+        let received = receive(body, 10_000, RATE, |_| {}).await.unwrap();
         assert_eq!(received.len(), 1000);
     }
 
@@ -401,7 +426,10 @@ mod tests {
             (Duration::from_millis(4900), 200),
             (Duration::from_secs(60), 1),
         ]);
-        assert_eq!(receive(body, 10_000, RATE).await, Err(Refusal::TooSlow));
+        assert_eq!(
+            receive(body, 10_000, RATE, |_| {}).await,
+            Err(Refusal::TooSlow)
+        );
         assert_eq!(started.elapsed(), Duration::from_secs(7));
     }
 
@@ -409,7 +437,10 @@ mod tests {
     async fn one_byte_every_two_seconds_is_refused_after_the_grace_period() {
         let started = Instant::now();
         let body = trickle((0..100).map(|_| (Duration::from_secs(2), 1)).collect());
-        assert_eq!(receive(body, 10_000, RATE).await, Err(Refusal::TooSlow));
+        assert_eq!(
+            receive(body, 10_000, RATE, |_| {}).await,
+            Err(Refusal::TooSlow)
+        );
         assert!(
             started.elapsed() < Duration::from_secs(6),
             "{:?}",
@@ -420,8 +451,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_a_rate_only_the_size_is_bounded() {
         let slow = trickle(vec![(Duration::from_secs(600), 10)]);
-        assert_eq!(receive(slow, 10, None).await.unwrap().len(), 10);
+        assert_eq!(receive(slow, 10, None, |_| {}).await.unwrap().len(), 10);
         let large = trickle(vec![(Duration::ZERO, 6), (Duration::ZERO, 5)]);
-        assert_eq!(receive(large, 10, None).await, Err(Refusal::TooLarge));
+        assert_eq!(
+            receive(large, 10, None, |_| {}).await,
+            Err(Refusal::TooLarge)
+        );
     }
 }

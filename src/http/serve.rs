@@ -11,9 +11,13 @@
 //!   timer runs, and HTTP/2 has no idle timer at all.
 //! - Open connections (`max_connections`). When a connection arrives at the limit, the connection
 //!   idle the longest is closed to make room (`evicted`): an idle connection holds no work, so a
-//!   flood of silent sockets can never lock out `/health` probes or real clients. Only when
-//!   every connection is busy does a newcomer wait (one accepted, the rest in the kernel's
-//!   backlog) until a connection turns idle or closes.
+//!   flood of silent sockets can never lock out `/health` probes or real clients. With none idle,
+//!   a connection whose every request is still receiving its body goes instead (the one that has
+//!   received the fewest bytes): nothing of it has been dispatched yet, since the guard receives
+//!   a body before the handler runs, so a flood of trickling bodies cannot lock anyone out
+//!   either. A connection with a request past its body is never evicted; only when every
+//!   connection has one does a newcomer wait (one accepted, the rest in the kernel's backlog)
+//!   until a connection turns idle or closes.
 //! - The request head's size (`max_header_bytes`, larger heads get 431). Bodies are bounded by
 //!   the guard (size, minimum rate, deadline).
 //!
@@ -26,7 +30,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -141,10 +145,18 @@ fn is_connection_error(error: &std::io::Error) -> bool {
 }
 
 /// Whether a connection is busy, and since when it is idle. Shared by the connection's service
-/// (which marks requests) and its watch (which closes it).
+/// (which marks requests), the guard (which marks bodies being received) and its watch (which
+/// closes it).
 struct Activity {
     opened: Instant,
     requests: AtomicUsize,
+    /// Requests still receiving their body (see [`Upload`]).
+    uploads: AtomicUsize,
+    /// Bytes those requests have received so far.
+    uploaded: AtomicU64,
+    /// Set when the connection is chosen to make room; an upload that finishes after it must
+    /// not go on to its handler.
+    evicting: AtomicBool,
     /// Nanoseconds from `opened` to the end of the last request.
     idle_since: AtomicU64,
     /// Told when this connection turns idle.
@@ -167,8 +179,35 @@ impl Activity {
         }
     }
 
+    fn new(any_turned_idle: Arc<Notify>) -> Activity {
+        Activity {
+            opened: Instant::now(),
+            requests: AtomicUsize::new(0),
+            uploads: AtomicUsize::new(0),
+            uploaded: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            turned_idle: Notify::new(),
+            any_turned_idle,
+        }
+    }
+
     fn is_idle(&self) -> bool {
         self.requests.load(Ordering::SeqCst) == 0
+    }
+
+    /// Busy, but only with requests still receiving their bodies: nothing dispatched yet.
+    fn is_only_uploading(&self) -> bool {
+        let requests = self.requests.load(Ordering::SeqCst);
+        requests > 0 && self.uploads.load(Ordering::SeqCst) == requests
+    }
+
+    /// Marks the connection as chosen to make room, and tells whether it can be dropped at once:
+    /// idle, or only receiving bodies. Any upload that finishes from now on is refused (see
+    /// [`Upload::finish`]), so no request gets to a handler on a connection being dropped.
+    fn evict(&self) -> bool {
+        self.evicting.store(true, Ordering::SeqCst);
+        self.is_idle() || self.is_only_uploading()
     }
 
     fn idle_since(&self) -> Instant {
@@ -194,6 +233,61 @@ impl Activity {
                 turned_idle.await;
             }
         }
+    }
+}
+
+/// The connection a request arrived on, in the request's extensions: the guard marks the time
+/// the request spends receiving its body with it.
+#[derive(Clone)]
+pub(super) struct ConnectionActivity(Arc<Activity>);
+
+impl ConnectionActivity {
+    /// Marks a body being received, until [`Upload::finish`] (or drop).
+    pub(super) fn upload(&self) -> Upload {
+        self.0.uploads.fetch_add(1, Ordering::SeqCst);
+        Upload {
+            activity: self.0.clone(),
+            bytes: 0,
+            open: true,
+        }
+    }
+}
+
+/// A request body being received: while every request of a connection is in this state, the
+/// connection may be evicted to make room.
+pub(super) struct Upload {
+    activity: Arc<Activity>,
+    bytes: u64,
+    open: bool,
+}
+
+impl Upload {
+    pub(super) fn received(&mut self, bytes: usize) {
+        let bytes = bytes as u64;
+        self.bytes += bytes;
+        self.activity.uploaded.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// The body is in: `false` when the connection is being evicted, and the request must not
+    /// go on to its handler.
+    pub(super) fn finish(mut self) -> bool {
+        self.close();
+        !self.activity.evicting.load(Ordering::SeqCst)
+    }
+
+    fn close(&mut self) {
+        if std::mem::take(&mut self.open) {
+            self.activity
+                .uploaded
+                .fetch_sub(self.bytes, Ordering::SeqCst);
+            self.activity.uploads.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -225,9 +319,12 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         // Synchronous with hyper's poll: no request can start unseen by the watch.
         let busy = Busy::begin(self.activity.clone());
+        request
+            .extensions_mut()
+            .insert(ConnectionActivity(self.activity.clone()));
         let response = self.router.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -305,8 +402,8 @@ impl Watch {
                 }
                 () = self.evict.cancelled() => {
                     // Counted by the accept loop. Busy again since it was chosen (a request
-                    // arrived meanwhile): that request is answered first.
-                    if self.activity.is_idle() {
+                    // arrived, or a body finished, meanwhile): that request is answered first.
+                    if self.activity.evict() {
                         return;
                     }
                     connection.as_mut().graceful_shutdown();
@@ -360,13 +457,7 @@ struct OpenConnections {
 impl OpenConnections {
     fn insert(&self) -> (u64, Arc<Activity>, CancellationToken) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let activity = Arc::new(Activity {
-            opened: Instant::now(),
-            requests: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            turned_idle: Notify::new(),
-            any_turned_idle: self.any_turned_idle.clone(),
-        });
+        let activity = Arc::new(Activity::new(self.any_turned_idle.clone()));
         let evict = CancellationToken::new();
         self.by_id
             .lock()
@@ -382,14 +473,22 @@ impl OpenConnections {
             .remove(&id);
     }
 
-    /// Tells the connection idle the longest (not already told) to close; `false` when every
-    /// connection is busy.
-    fn evict_longest_idle(&self) -> bool {
+    /// Tells a connection (not already told) to close to make room: the one idle the longest,
+    /// else the one only receiving bodies that has received the fewest bytes. `false` when every
+    /// connection has a request past its body.
+    fn evict_one(&self) -> bool {
         let by_id = self.by_id.lock().unwrap_or_else(PoisonError::into_inner);
-        let victim = by_id
-            .values()
-            .filter(|(activity, evict)| activity.is_idle() && !evict.is_cancelled())
-            .min_by_key(|(activity, _)| activity.idle_since());
+        let candidates = || by_id.values().filter(|(_, evict)| !evict.is_cancelled());
+        let victim = candidates()
+            .filter(|(activity, _)| activity.is_idle())
+            .min_by_key(|(activity, _)| activity.idle_since())
+            .or_else(|| {
+                candidates()
+                    .filter(|(activity, _)| activity.is_only_uploading())
+                    .min_by_key(|(activity, _)| {
+                        (activity.uploaded.load(Ordering::SeqCst), activity.opened)
+                    })
+            });
         match victim {
             Some((_, evict)) => {
                 evict.cancel();
@@ -412,7 +511,7 @@ impl OpenConnections {
                 return Some(slot);
             }
             let turned_idle = self.any_turned_idle.notified();
-            let evicted = self.evict_longest_idle();
+            let evicted = self.evict_one();
             if evicted {
                 if let Some(metrics) = metrics {
                     metrics.connection_closed("evicted");
@@ -420,7 +519,7 @@ impl OpenConnections {
             }
             tokio::select! {
                 slot = slots.clone().acquire_owned() => return slot.ok(),
-                // Every connection was busy: wait for one to turn idle, then evict it.
+                // Every connection has a request past its body: wait for one to turn idle.
                 () = turned_idle, if !evicted => {}
                 () = stop.cancelled() => return None,
             }
@@ -433,13 +532,7 @@ mod tests {
     use super::*;
 
     fn activity() -> Arc<Activity> {
-        Arc::new(Activity {
-            opened: Instant::now(),
-            requests: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            turned_idle: Notify::new(),
-            any_turned_idle: Arc::new(Notify::new()),
-        })
+        Arc::new(Activity::new(Arc::new(Notify::new())))
     }
 
     #[tokio::test(start_paused = true)]
@@ -491,15 +584,46 @@ mod tests {
         // The first is busy; the third has been idle since it opened, the second only since its
         // request ended, later.
         drop(second_busy);
-        assert!(open.evict_longest_idle());
+        assert!(open.evict_one());
         assert!(third_evict.is_cancelled());
         assert!(!first_evict.is_cancelled() && !second_evict.is_cancelled());
-        assert!(open.evict_longest_idle());
+        assert!(open.evict_one());
         assert!(second_evict.is_cancelled());
-        assert!(
-            !open.evict_longest_idle(),
-            "a busy connection is never evicted"
-        );
+        assert!(!open.evict_one(), "a busy connection is never evicted");
         assert!(!first_evict.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_none_idle_the_connection_receiving_the_least_makes_room() {
+        let open = OpenConnections::default();
+        let (_, working, working_evict) = open.insert();
+        let (_, big, big_evict) = open.insert();
+        let (_, trickle, trickle_evict) = open.insert();
+        let _busy = [
+            Busy::begin(working.clone()),
+            Busy::begin(big.clone()),
+            Busy::begin(trickle.clone()),
+        ];
+        // The first has its body and is being handled; the others are still receiving theirs.
+        assert!(ConnectionActivity(working.clone()).upload().finish());
+        let mut big_upload = ConnectionActivity(big.clone()).upload();
+        big_upload.received(50_000);
+        let mut trickle_upload = ConnectionActivity(trickle.clone()).upload();
+        trickle_upload.received(3);
+        assert!(open.evict_one());
+        assert!(trickle_evict.is_cancelled());
+        assert!(trickle.evict(), "only receiving a body: dropped at once");
+        assert!(
+            !trickle_upload.finish(),
+            "a body finishing on an evicted connection stops"
+        );
+        assert!(open.evict_one());
+        assert!(big_evict.is_cancelled());
+        assert!(
+            !open.evict_one(),
+            "a request past its body is never evicted"
+        );
+        assert!(!working_evict.is_cancelled());
+        drop(big_upload);
     }
 }

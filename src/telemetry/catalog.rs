@@ -193,7 +193,7 @@ pub const HTTP_CONNECTIONS_CLOSED: InstrumentSpec = InstrumentSpec {
     name: "http_connections_closed",
     kind: Kind::Counter,
     unit: "",
-    description: "Connections the server closed on its own, by reason (idle: no request head within server.header_read_timeout; evicted: idle the longest when a new connection came at server.max_connections).",
+    description: "Connections the server closed on its own, by reason (idle: no request head within server.header_read_timeout; evicted: closed to make room for a new connection at server.max_connections, the longest idle or else one only receiving a body).",
     labels: &[label::REASON],
     buckets: &[],
 };

@@ -257,6 +257,69 @@ async fn past_max_connections_the_longest_idle_connection_makes_room() {
     app.stop().await.unwrap();
 }
 
+/// Every slot taken by a client trickling its body (and in no hurry to be refused): nothing of
+/// those requests has been dispatched, so the one that has sent the least makes room for a probe.
+#[tokio::test]
+async fn past_max_connections_a_connection_still_receiving_its_body_makes_room() {
+    const MAX: usize = 16;
+    let app = TestApp::start_with(
+        |config| {
+            config.server.max_connections = MAX;
+            config.server.body_rate_grace = Duration::from_secs(60);
+        },
+        |b| b,
+    )
+    .await;
+    let mut trickling = Vec::new();
+    for _ in 0..=MAX {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /api/v1/messages/shop.orders.events HTTP/1.1\r\nHost: x\r\n\
+                  Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        trickling.push(stream);
+    }
+    // One more than the slots: the server has made room once one of them is closed.
+    let closed = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures::future::select_all(trickling.iter_mut().map(|stream| {
+            Box::pin(async move {
+                let mut buffer = [0u8; 64];
+                while let Ok(1..) = stream.read(&mut buffer).await {}
+            })
+        })),
+    )
+    .await;
+    assert!(closed.is_ok(), "no connection made room for the last one");
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let health = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get(app.url("/health")).send(),
+    )
+    .await
+    .expect("/health answers while every slot receives a body")
+    .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(100), "/health took {took:?}");
+    let metrics = app.scrape().await;
+    let evicted = sample(
+        &metrics,
+        r#"http_connections_closed_total{reason="evicted"}"#,
+    );
+    assert!(evicted.is_some_and(|n| n >= 2.0), "{evicted:?}");
+    drop(trickling);
+    app.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_declared_body_over_the_limit_is_refused_before_it_is_read() {
     let app = TestApp::start_with(|config| config.server.max_body_bytes = 1024, |b| b).await;
