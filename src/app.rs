@@ -3,8 +3,10 @@
 //! Startup reads in order: build (telemetry first, so everything built after it is measured;
 //! bind the listener; open files; register every dispatcher with the health registry; build the
 //! engine; all of which can fail and is reported before anything runs) → [`App::run`] (start
-//! each dispatcher's lifecycle task, serve until the shutdown token fires) → drain in-flight
-//! requests within `server.shutdown_grace` → stop the lifecycle tasks (`stop`, `unregister`) →
+//! each dispatcher's lifecycle task, serve until the shutdown token fires) → `/ready` answers 503
+//! while the listener stays open for `server.drain_delay`, so load balancers stop sending → close
+//! the listener and drain in-flight requests within `server.shutdown_grace` → stop the lifecycle
+//! tasks (`stop`, `unregister`) →
 //! stop and flush the writers → shut the meter provider down. Tests build on port 0 and cancel
 //! the token to stop.
 
@@ -397,7 +399,8 @@ impl App {
     }
 
     /// Starts every dispatcher's lifecycle task and serves until `shutdown` is cancelled, then
-    /// stops accepting, lets in-flight requests finish within `server.shutdown_grace`, stops the
+    /// answers `/ready` with 503 while still serving for `server.drain_delay`, stops accepting,
+    /// lets in-flight requests finish within `server.shutdown_grace`, stops the
     /// lifecycle tasks, stops the writers after they committed everything queued, and shuts the
     /// meter provider down.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -458,7 +461,8 @@ impl App {
             server_config.max_in_flight,
             server_config.request_timeout,
             self.telemetry.http_metrics(),
-        );
+        )
+        .min_body_rate(server_config.min_body_rate, server_config.body_rate_grace);
         let router = http::guarded_router(state, server_config.max_body_bytes, guard);
         let limits = http::ConnectionLimits {
             max_connections: server_config.max_connections,
@@ -478,15 +482,42 @@ impl App {
             "dispatchd is serving."
         );
 
-        let server = http::serve(self.listener, router, limits, shutdown.clone());
+        // `shutdown` turns /ready to 503 at once; `stop_accepting` closes the listener after the
+        // drain delay.
+        let stop_accepting = CancellationToken::new();
+        let server = http::serve(
+            self.listener,
+            router,
+            limits,
+            self.telemetry.http_metrics(),
+            stop_accepting.clone(),
+        );
         let mut server = tokio::spawn(server);
-        let served = tokio::select! {
+        let mut served = tokio::select! {
             served = &mut server => Some(served),
             () = shutdown.cancelled() => None,
         };
-        // Stop the consumers first: nothing new comes in while the rest drains.
+        // Stop the consumers first: nothing new comes in from them while the rest drains.
         stop_sources.cancel();
-        sources.wait().await;
+        if served.is_none() {
+            let drain_delay = self.config.server.drain_delay;
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    ?drain_delay,
+                    "Shutting down: /ready answers 503 while requests are still served, so load balancers stop sending."
+                );
+            }
+            let drain = async {
+                tokio::select! {
+                    () = tokio::time::sleep(drain_delay) => None,
+                    ended = &mut server => Some(ended),
+                }
+            };
+            (_, served) = tokio::join!(sources.wait(), drain);
+        } else {
+            sources.wait().await;
+        }
+        stop_accepting.cancel();
         let served = match served {
             Some(served) => served,
             None => {

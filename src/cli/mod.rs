@@ -445,6 +445,7 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
             max_header_bytes: 16 * 1024,
             header_read_timeout: std::time::Duration::from_secs(10),
         },
+        telemetry.http_metrics(),
         shutdown.clone(),
     ));
 

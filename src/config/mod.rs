@@ -67,7 +67,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The request line and headers together, at most (larger: 431).
     pub max_header_bytes: usize,
-    /// A client must send its whole request head within this, or the connection is closed.
+    /// A connection with no request in progress (just opened, or after a response) must send
+    /// a whole request head within this, or it is closed: HTTP/1 and HTTP/2 alike.
     pub header_read_timeout: Duration,
     /// A request (body read and dispatch included) must be answered within this, or it is
     /// answered 503 `request_timeout`.
@@ -75,8 +76,18 @@ pub struct ServerConfig {
     /// Requests being handled at once, at most; more are shed with 503 and `Retry-After`.
     /// `/health`, `/ready` and `/metrics` are never shed.
     pub max_in_flight: usize,
-    /// Open connections at most; past it new connections wait in the listen backlog.
+    /// Open connections at most; past it the connection idle the longest (else one only
+    /// receiving a body) is closed to make room, and only when every connection has a request
+    /// being dispatched or answered do new ones wait in the listen backlog.
     pub max_connections: usize,
+    /// After SIGTERM, how long `/ready` answers 503 while the listener stays open and requests
+    /// are served, so a load balancer stops sending before connections are refused.
+    pub drain_delay: Duration,
+    /// A request body must arrive at this many bytes per second at least, after
+    /// `body_rate_grace`, or it is answered 408 `body_too_slow`; 0 turns the check off.
+    pub min_body_rate: u64,
+    /// The time a body has before `min_body_rate` applies to it.
+    pub body_rate_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -129,6 +129,9 @@ struct RawServer {
     request_timeout: Option<String>,
     max_in_flight: Option<u64>,
     max_connections: Option<u64>,
+    drain_delay: Option<String>,
+    min_body_rate: Option<u64>,
+    body_rate_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -727,6 +730,9 @@ fn validate(
             request_timeout: limits.request_timeout,
             max_in_flight: limits.max_in_flight,
             max_connections: limits.max_connections,
+            drain_delay: limits.drain_delay,
+            min_body_rate: limits.min_body_rate,
+            body_rate_grace: limits.body_rate_grace,
         },
         auth,
         redaction,
@@ -913,6 +919,9 @@ struct Limits {
     request_timeout: Duration,
     max_in_flight: usize,
     max_connections: usize,
+    drain_delay: Duration,
+    min_body_rate: u64,
+    body_rate_grace: Duration,
 }
 
 fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Limits {
@@ -948,6 +957,13 @@ fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Pr
         1..=1_000_000,
         4096,
     );
+    // 0 turns the check off; past 1 GB/s it would refuse healthy clients on a fast network.
+    let min_body_rate = count(
+        raw.min_body_rate,
+        "server.min_body_rate",
+        0..=1_000_000_000,
+        1024,
+    ) as u64;
     let mut positive = |text: &Option<String>, field: &str, default: Duration| match text {
         None => default,
         Some(text) => match duration(text, field, origins, problems) {
@@ -973,6 +989,17 @@ fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Pr
         ),
         max_in_flight,
         max_connections,
+        drain_delay: raw
+            .drain_delay
+            .as_ref()
+            .and_then(|text| duration(text, "server.drain_delay", origins, problems))
+            .unwrap_or(Duration::from_secs(5)),
+        min_body_rate,
+        body_rate_grace: raw
+            .body_rate_grace
+            .as_ref()
+            .and_then(|text| duration(text, "server.body_rate_grace", origins, problems))
+            .unwrap_or(Duration::from_secs(5)),
     }
 }
 
@@ -1545,6 +1572,7 @@ const DURATION_FIELDS: &[&str] = &[
     "request_timeout",
     "idle_timeout",
     "drain_delay",
+    "body_rate_grace",
     "timeout",
     "stale_threshold",
     "heartbeat_interval",

@@ -546,6 +546,9 @@ fn server_limits_have_defaults_and_bounds() {
     assert_eq!(config.server.request_timeout, Duration::from_secs(30));
     assert_eq!(config.server.max_in_flight, 1024);
     assert_eq!(config.server.max_connections, 4096);
+    assert_eq!(config.server.drain_delay, Duration::from_secs(5));
+    assert_eq!(config.server.min_body_rate, 1024);
+    assert_eq!(config.server.body_rate_grace, Duration::from_secs(5));
     assert!(config.auth.is_empty());
     assert_eq!(
         problems(
@@ -555,6 +558,27 @@ fn server_limits_have_defaults_and_bounds() {
             "FILE:2: `server.max_header_bytes`: must be between 8192 and 1048576",
             "FILE:3: `server.header_read_timeout`: must be positive",
             "FILE:4: `server.max_in_flight`: must be between 1 and 1000000",
+        ]
+    );
+}
+
+#[test]
+fn the_drain_delay_and_the_body_rate_may_be_turned_off_and_are_checked() {
+    let off = load(
+        "[server]
+drain_delay = \"0s\"\nmin_body_rate = 0\n",
+    )
+    .unwrap();
+    assert_eq!(off.server.drain_delay, Duration::ZERO);
+    assert_eq!(off.server.min_body_rate, 0);
+    assert_eq!(
+        problems(
+            "[server]\ndrain_delay = \"soon\"\nmin_body_rate = 2000000000\nbody_rate_grace = \"5\"\n"
+        ),
+        [
+            "FILE:2: `server.drain_delay`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
+            "FILE:3: `server.min_body_rate`: must be between 0 and 1000000000",
+            "FILE:4: `server.body_rate_grace`: `5` is not a duration such as \"30s\" or \"500ms\": time unit needed, for example 5sec or 5ms",
         ]
     );
 }

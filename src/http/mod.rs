@@ -1,8 +1,9 @@
 //! The HTTP interface: liveness and readiness, ingest, `/metrics`, the stats API, and the
 //! dispatcher health and lifecycle API.
 //!
-//! Owns: the axum `Router`, request parsing, the JSON error shape and the mapping from a
-//! dispatch status to an HTTP status.
+//! Owns: the axum `Router` with each route's declared access and load rule (`api_routes`),
+//! request parsing, the JSON error shape and the mapping from a dispatch status to an HTTP
+//! status.
 //!
 //! Invariants: every error answer is `{"error":{"code","message"}}` with a 4xx/5xx status,
 //! including unknown paths, wrong methods and oversized bodies; nothing a client sends can
@@ -28,12 +29,14 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Scope;
 use crate::bus::EventBus;
 use crate::engine::Engine;
 use crate::health::HealthRegistry;
 use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
 pub use guard::Guard;
+use guard::Routes;
 pub use messages::{IngestBody, parse_envelope, status_code};
 pub use serve::{ConnectionLimits, serve};
 
@@ -78,37 +81,84 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     guarded_router(state, max_body_bytes, Guard::open())
 }
 
-/// The API behind `guard`: tokens, the in-flight bound and the request deadline.
+/// The API behind `guard`: tokens by each route's declared scope, the body limits, the in-flight
+/// bound and the request deadline.
 pub fn guarded_router(state: ApiState, max_body_bytes: usize, guard: Guard) -> Router {
-    let mut router = Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(dispatchers::ready))
-        .route("/api/v1/dispatchers", get(dispatchers::list))
-        .route("/api/v1/dispatchers/{id}", get(dispatchers::one))
+    assemble(api_routes(), state, max_body_bytes, guard)
+}
+
+/// Every route of the API, each with who may call it and whether the load bounds apply. A route
+/// added anywhere else needs the `admin` scope (see [`guard`]).
+fn api_routes() -> Routes<ApiState> {
+    use guard::Access::{Metrics, Open, Scope as Needs};
+    use guard::Load::{Bounded, Exempt};
+    Routes::new()
+        .route("/health", Open, Exempt, get(health))
+        .route("/ready", Open, Exempt, get(dispatchers::ready))
+        .route("/metrics", Metrics, Exempt, get(observe::metrics))
+        .route("/api/v1/stats", Metrics, Bounded, get(observe::stats))
+        .route(
+            "/api/v1/messages/{topic}",
+            Needs(Scope::Ingest),
+            Bounded,
+            post(messages::ingest),
+        )
+        .route(
+            "/api/v1/dispatchers",
+            Needs(Scope::Admin),
+            Bounded,
+            get(dispatchers::list),
+        )
+        .route(
+            "/api/v1/dispatchers/{id}",
+            Needs(Scope::Admin),
+            Bounded,
+            get(dispatchers::one),
+        )
         .route(
             "/api/v1/dispatchers/{id}/register",
+            Needs(Scope::Admin),
+            Bounded,
             post(dispatchers::register),
         )
         .route(
             "/api/v1/dispatchers/{id}/heartbeat",
+            Needs(Scope::Admin),
+            Bounded,
             post(dispatchers::heartbeat),
         )
         .route(
             "/api/v1/dispatchers/{id}/unregister",
+            Needs(Scope::Admin),
+            Bounded,
             post(dispatchers::unregister),
         )
-        .route("/metrics", get(observe::metrics))
-        .route("/api/v1/stats", get(observe::stats))
-        .route("/api/v1/messages/{topic}", post(messages::ingest));
+}
+
+/// The router of `routes` behind `guard`, which reads their declared policies.
+fn assemble(
+    routes: Routes<ApiState>,
+    state: ApiState,
+    max_body_bytes: usize,
+    guard: Guard,
+) -> Router {
+    let Routes {
+        mut router,
+        policies,
+    } = routes;
     if let Some(metrics) = state.telemetry.http_metrics() {
         // A route layer sees the matched route template, never the raw path.
         router = router.route_layer(middleware::from_fn_with_state(metrics, record_http));
     }
+    // `layer` runs after routing, so the guard sees the matched route's template.
     router
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn_with_state(guard, guard::guard))
+        .layer(middleware::from_fn_with_state(
+            guard.bind(policies, max_body_bytes),
+            guard::guard,
+        ))
         .with_state(state)
 }
 
@@ -139,4 +189,168 @@ async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt;
+
+    use super::guard::{Access, Load, Policy};
+    use super::*;
+    use crate::auth::{ApiToken, Secret, Tokens};
+
+    const INGEST: &str = "ingest-token-0123456789";
+    const ADMIN: &str = "admin-token-0123456789";
+    const METRICS: &str = "metrics-token-0123456789";
+
+    fn state() -> ApiState {
+        ApiState::new(
+            Engine::builder().build().unwrap(),
+            Telemetry::disabled(),
+            HealthRegistry::new(Default::default(), None),
+            CancellationToken::new(),
+        )
+    }
+
+    fn guard() -> Guard {
+        let token = |name: &str, secret: &str, scope| ApiToken {
+            name: name.into(),
+            secret: Secret::new(secret),
+            scopes: vec![scope],
+        };
+        Guard::new(
+            Tokens::new(vec![
+                token("ingest", INGEST, Scope::Ingest),
+                token("admin", ADMIN, Scope::Admin),
+                token("metrics", METRICS, Scope::Metrics),
+            ]),
+            16,
+            std::time::Duration::from_secs(10),
+            None,
+        )
+    }
+
+    async fn status(router: &Router, method: Method, path: &str, bearer: Option<&str>) -> u16 {
+        let mut request = Request::builder().method(method.clone()).uri(path);
+        if let Some(token) = bearer {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let body = if method == Method::POST {
+            request = request.header("content-type", "application/json");
+            Body::from(r#"{"message_type":"t"}"#)
+        } else {
+            Body::empty()
+        };
+        let response = router
+            .clone()
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        response.status().as_u16()
+    }
+
+    #[test]
+    fn every_route_is_declared_with_its_access_and_load() {
+        use Access::{Metrics, Open, Scope as Needs};
+        use Load::{Bounded, Exempt};
+        let expected = [
+            ("/health", Open, Exempt),
+            ("/ready", Open, Exempt),
+            ("/metrics", Metrics, Exempt),
+            ("/api/v1/stats", Metrics, Bounded),
+            ("/api/v1/messages/{topic}", Needs(Scope::Ingest), Bounded),
+            ("/api/v1/dispatchers", Needs(Scope::Admin), Bounded),
+            ("/api/v1/dispatchers/{id}", Needs(Scope::Admin), Bounded),
+            (
+                "/api/v1/dispatchers/{id}/register",
+                Needs(Scope::Admin),
+                Bounded,
+            ),
+            (
+                "/api/v1/dispatchers/{id}/heartbeat",
+                Needs(Scope::Admin),
+                Bounded,
+            ),
+            (
+                "/api/v1/dispatchers/{id}/unregister",
+                Needs(Scope::Admin),
+                Bounded,
+            ),
+        ];
+        let mut declared: Vec<_> = api_routes().policies.into_iter().collect();
+        declared.sort_by_key(|(path, _)| *path);
+        let mut expected: Vec<_> = expected
+            .into_iter()
+            .map(|(path, access, load)| (path, Policy { access, load }))
+            .collect();
+        expected.sort_by_key(|(path, _)| *path);
+        assert_eq!(declared, expected);
+    }
+
+    /// Each route, asked with no token, with each token: refused exactly as its scope says.
+    #[tokio::test]
+    async fn every_route_answers_by_its_scope() {
+        let router = guarded_router(state(), 1024, guard());
+        let table = [
+            (Method::GET, "/health", None),
+            (Method::GET, "/ready", None),
+            (Method::GET, "/metrics", Some(METRICS)),
+            (Method::GET, "/api/v1/stats", Some(METRICS)),
+            (Method::POST, "/api/v1/messages/a.b.events", Some(INGEST)),
+            (Method::GET, "/api/v1/dispatchers", Some(ADMIN)),
+            (Method::GET, "/api/v1/dispatchers/w", Some(ADMIN)),
+            (Method::POST, "/api/v1/dispatchers/w/register", Some(ADMIN)),
+            (Method::POST, "/api/v1/dispatchers/w/heartbeat", Some(ADMIN)),
+            (
+                Method::POST,
+                "/api/v1/dispatchers/w/unregister",
+                Some(ADMIN),
+            ),
+        ];
+        for (method, path, needed) in table {
+            let anonymous = status(&router, method.clone(), path, None).await;
+            for token in [INGEST, ADMIN, METRICS] {
+                let got = status(&router, method.clone(), path, Some(token)).await;
+                let allowed = needed.is_none_or(|needed| needed == token);
+                assert_eq!(
+                    allowed,
+                    got != 403 && got != 401,
+                    "{method} {path} with {token}: {got}"
+                );
+            }
+            let open = needed.is_none();
+            assert_eq!(open, anonymous != 401, "{method} {path}: {anonymous}");
+        }
+        // A path that is no route is a 404 to anyone.
+        assert_eq!(status(&router, Method::GET, "/nowhere", None).await, 404);
+    }
+
+    /// A route that reaches the router without being declared with `Routes::route` is not
+    /// open: it needs the admin scope once any token exists.
+    #[tokio::test]
+    async fn a_route_added_without_declaring_its_scope_is_closed() {
+        let extended = || {
+            let mut routes = api_routes();
+            routes.router = routes
+                .router
+                .route("/api/v1/extra", get(|| async { "extra" }));
+            routes
+        };
+        let router = assemble(extended(), state(), 1024, guard());
+        assert_eq!(
+            status(&router, Method::GET, "/api/v1/extra", None).await,
+            401
+        );
+        for token in [INGEST, METRICS] {
+            let got = status(&router, Method::GET, "/api/v1/extra", Some(token)).await;
+            assert_eq!(got, 403, "{token}");
+        }
+        let admin = status(&router, Method::GET, "/api/v1/extra", Some(ADMIN)).await;
+        assert_eq!(admin, 200);
+        // With no token configured at all the API is open, that route too.
+        let open = assemble(extended(), state(), 1024, Guard::open());
+        assert_eq!(status(&open, Method::GET, "/api/v1/extra", None).await, 200);
+    }
 }

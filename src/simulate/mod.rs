@@ -195,6 +195,9 @@ pub async fn run(
     let (base, service) = match &options.target {
         Some(target) => (target.trim_end_matches('/').to_owned(), None),
         None => {
+            // Nothing but this simulation sends to it: no load balancer to drain.
+            let mut config = config;
+            config.server.drain_delay = Duration::ZERO;
             let app = with_demo_dispatchers(App::builder(config)).build().await?;
             let addr = app.local_addr();
             let shutdown = CancellationToken::new();

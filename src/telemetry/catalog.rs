@@ -186,7 +186,16 @@ pub const HTTP_REQUESTS_SHED: InstrumentSpec = InstrumentSpec {
     name: "http_requests_shed",
     kind: Kind::Counter,
     unit: "",
-    description: "Requests answered 503 instead of being served, by reason (in_flight: over server.max_in_flight; timeout: over server.request_timeout).",
+    description: "Requests refused instead of being served, by reason (in_flight: 503, over server.max_in_flight; timeout: 503, over server.request_timeout; body_too_slow: 408, a body slower than server.min_body_rate).",
+    labels: &[label::REASON],
+    buckets: &[],
+};
+
+pub const HTTP_CONNECTIONS_CLOSED: InstrumentSpec = InstrumentSpec {
+    name: "http_connections_closed",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Connections the server closed on its own, by reason (idle: no request head within server.header_read_timeout; evicted: closed to make room for a new connection at server.max_connections, the longest idle or else one only receiving a body).",
     labels: &[label::REASON],
     buckets: &[],
 };
@@ -496,6 +505,7 @@ pub const ALL: &[InstrumentSpec] = &[
     HTTP_SERVER_REQUEST_DURATION,
     HTTP_AUTH_FAILURES,
     HTTP_REQUESTS_SHED,
+    HTTP_CONNECTIONS_CLOSED,
     DISPATCHER_WORKER_THREADS,
     TRACE_SPANS_DROPPED,
     OTLP_EXPORTS_FAILED,
@@ -545,6 +555,7 @@ mod tests {
                 "http_server_request_duration_seconds",
                 "http_auth_failures_total",
                 "http_requests_shed_total",
+                "http_connections_closed_total",
                 "dispatcher_worker_threads",
                 "trace_spans_dropped_total",
                 "otlp_exports_failed_total",

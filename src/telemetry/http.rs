@@ -1,5 +1,5 @@
-//! The HTTP API's own metrics: `http_server_request_duration_seconds`, `http_auth_failures_total`
-//! and `http_requests_shed_total`.
+//! The HTTP API's own metrics: `http_server_request_duration_seconds`, `http_auth_failures_total`,
+//! `http_requests_shed_total` and `http_connections_closed_total`.
 
 use std::time::Instant;
 
@@ -19,6 +19,7 @@ pub struct HttpMetrics {
     duration: Histogram<f64>,
     auth_failures: Counter<u64>,
     shed: Counter<u64>,
+    connections_closed: Counter<u64>,
 }
 
 impl HttpMetrics {
@@ -27,6 +28,7 @@ impl HttpMetrics {
             duration: histogram(meter, catalog::HTTP_SERVER_REQUEST_DURATION),
             auth_failures: counter(meter, catalog::HTTP_AUTH_FAILURES),
             shed: counter(meter, catalog::HTTP_REQUESTS_SHED),
+            connections_closed: counter(meter, catalog::HTTP_CONNECTIONS_CLOSED),
         }
     }
 
@@ -36,9 +38,16 @@ impl HttpMetrics {
             .add(1, &[KeyValue::new(label::REASON, reason)]);
     }
 
-    /// A request answered 503 instead of served; `reason` is `in_flight` or `timeout`.
+    /// A request refused instead of served; `reason` is `in_flight` or `timeout` (503) or
+    /// `body_too_slow` (408).
     pub fn shed(&self, reason: &'static str) {
         self.shed.add(1, &[KeyValue::new(label::REASON, reason)]);
+    }
+
+    /// A connection the server closed on its own; `reason` is `idle` or `evicted`.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .add(1, &[KeyValue::new(label::REASON, reason)]);
     }
 
     /// Records one request. `route` is the matched template (`/api/v1/messages/{topic}`),

@@ -18,9 +18,14 @@ impl Drop for Running {
     }
 }
 
-/// Starts the binary in `dir` on a free port and returns it with the address it logged.
-fn start(dir: &std::path::Path) -> (Running, String) {
+/// Starts the binary in `dir` on a free port, on the embedded defaults but for `server` (the
+/// body of a `[server]` table), and returns it with the address it logged.
+fn start(dir: &std::path::Path, server: &str) -> (Running, String) {
+    let config = dir.join("dispatchd.toml");
+    std::fs::write(&config, format!("[server]\n{server}\n")).unwrap();
     let child = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&config)
         .current_dir(dir)
         .env("DISPATCHD_LISTEN", "127.0.0.1:0")
         .env_remove("DISPATCHD_CONFIG")
@@ -31,12 +36,17 @@ fn start(dir: &std::path::Path) -> (Running, String) {
     started(child)
 }
 
+/// SIGTERM as a load balancer sees it: `/ready` turns 503 `shutting_down` while ingest is still
+/// served for the drain delay; then the process stops cleanly with every message committed.
 #[tokio::test]
-async fn serves_the_embedded_defaults_and_stops_cleanly_on_sigterm() {
+async fn serves_the_embedded_defaults_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut running, addr) = start(dir.path());
+    let (mut running, addr) = start(dir.path(), "drain_delay = \"2s\"");
 
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let response = client
         .post(format!("http://{addr}/api/v1/messages/shop.orders.events"))
         .json(&json!({"message_type": "order.placed", "payload": {"order_id": 42}}))
@@ -55,6 +65,22 @@ async fn serves_the_embedded_defaults_and_stops_cleanly_on_sigterm() {
             .unwrap()
             .success()
     );
+    crate::support::wait_for_async("/ready to answer 503 after SIGTERM", || async {
+        let ready = client
+            .get(format!("http://{addr}/ready"))
+            .send()
+            .await
+            .expect("the listener stays open while draining");
+        ready.status() == 503 && ready.json::<Value>().await.unwrap()["status"] == "shutting_down"
+    })
+    .await;
+    let draining = client
+        .post(format!("http://{addr}/api/v1/messages/shop.orders.events"))
+        .json(&json!({"message_type": "order.placed", "payload": {"order_id": 43}}))
+        .send()
+        .await
+        .expect("the listener stays open while draining");
+    assert_eq!(draining.status(), 200, "still served while draining");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = running.0.try_wait().unwrap() {
@@ -69,9 +95,14 @@ async fn serves_the_embedded_defaults_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 
     let text = std::fs::read_to_string(dir.path().join("dispatchd-data/messages.jsonl")).unwrap();
-    let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert_eq!(line["payload"]["order_id"], 42);
-    assert_eq!(line["message_id"], result["message_id"]);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["payload"]["order_id"], 42);
+    assert_eq!(lines[0]["message_id"], result["message_id"]);
+    assert_eq!(lines[1]["payload"]["order_id"], 43);
 }
 
 #[test]
@@ -509,8 +540,12 @@ async fn secrets_never_reach_logs_events_or_error_answers() {
     const API_KEY: &str = "sk-live-7f3a9b2c4d";
     const DSN: &str = "s3cr3t-dsn-pass";
     let dir = tempfile::tempdir().unwrap();
+    // Stopped with SIGTERM below: no load balancer to wait for.
+    let config = dir.path().join("dispatchd.toml");
+    std::fs::write(&config, "[server]\ndrain_delay = \"0s\"\n").unwrap();
     let mut child = Command::new(BINARY)
-        .args(["serve", "--log-format", "json"])
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&config)
         .current_dir(dir.path())
         .env("DISPATCHD_LISTEN", "127.0.0.1:0")
         .env("DISPATCHD_LOG", "debug")
@@ -615,7 +650,7 @@ async fn secrets_never_reach_logs_events_or_error_answers() {
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_message() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut running, addr) = start(dir.path());
+    let (mut running, addr) = start(dir.path(), "drain_delay = \"0s\"");
     let accepted: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut clients = Vec::new();

@@ -302,20 +302,33 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     app.stop().await.unwrap();
 }
 
+/// At `max_connections` with every connection busy, nothing can be evicted: a new connection
+/// waits until one turns idle, which then makes room for it at once.
 #[tokio::test]
-async fn past_max_connections_new_connections_wait_until_one_closes() {
-    let app = TestApp::start_with(|config| config.server.max_connections = 2, |b| b).await;
-    let first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let second = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    // Both slots are taken (by idle connections); a third request is not served meanwhile.
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let url = app.url("/health");
+async fn past_max_connections_with_every_connection_busy_new_connections_wait() {
+    let (app, gate, arrived) = gated_app(|config| config.server.max_connections = 2).await;
+    // Two requests in progress, one per connection (keep-alive: their connections stay open).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let client = reqwest::Client::new();
+        let url = app.url("/api/v1/messages/shop.orders.intents");
+        held.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&json!({"message_type": "order.hold", "payload": {}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    crate::support::wait_for("both held requests to reach the dispatcher", || {
+        arrived.load(Ordering::SeqCst) == 2
+    })
+    .await;
     let waiting = tokio::spawn({
-        let client = client.clone();
-        let url = url.clone();
+        let client = reqwest::Client::new();
+        let url = app.url("/health");
         async move { client.get(url).send().await.map(|r| r.status()) }
     });
     let early = tokio::time::timeout(Duration::from_millis(300), async {
@@ -324,18 +337,19 @@ async fn past_max_connections_new_connections_wait_until_one_closes() {
         }
     })
     .await;
-    assert!(
-        early.is_err(),
-        "served although both connection slots were taken"
-    );
-    drop(first);
+    assert!(early.is_err(), "served although both connections were busy");
+    // One request ends; its connection stays open but idle, and makes room.
+    gate.add_permits(1);
     let status = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
-        .expect("served once a slot freed")
+        .expect("served once a connection turned idle")
         .unwrap()
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    drop(second);
+    gate.add_permits(1);
+    for held in held {
+        assert_eq!(held.await.unwrap(), StatusCode::OK);
+    }
     app.stop().await.unwrap();
 }
 

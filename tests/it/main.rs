@@ -17,6 +17,8 @@ mod metrics;
 mod faults;
 // Tokens, limits, load shedding and secrets that must never come out.
 mod hardening;
+// Hostile clients at the HTTP edge: silent and stalled connections, floods, slow bodies.
+mod edge;
 // /ready, /api/v1/dispatchers and the worker lifecycle API, on paused time.
 mod health;
 // `dispatchd simulate`: every protection's metrics move under the demonstration traffic.

@@ -128,3 +128,52 @@ async fn requests_still_running_at_the_grace_deadline_are_abandoned() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "shutting_down");
 }
+
+/// SIGTERM with a drain delay, as a load balancer needs it: `/ready` turns 503 `shutting_down`
+/// at once (asked on a new connection) while ingest is still served; after the delay the
+/// listener closes.
+#[tokio::test]
+async fn during_the_drain_delay_ready_is_503_while_requests_are_still_served() {
+    let app = TestApp::start_with(
+        |config| config.server.drain_delay = Duration::from_secs(2),
+        |builder| builder,
+    )
+    .await;
+    // A new connection for every request, as a load balancer's health check makes.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let ready = client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    app.begin_shutdown();
+    let ready = client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "shutting_down");
+    let posted = client
+        .post(app.url("/api/v1/messages/shop.orders.events"))
+        .json(&json!({"message_type": "order.placed", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        posted.status(),
+        StatusCode::OK,
+        "still served while draining"
+    );
+
+    let addr = app.addr;
+    crate::support::wait_for("the listener to close after the drain delay", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    let lines = app.jsonl_lines();
+    app.stop().await.expect("a clean shutdown");
+    assert_eq!(
+        lines.len(),
+        1,
+        "the message posted while draining was dispatched"
+    );
+}

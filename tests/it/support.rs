@@ -20,6 +20,8 @@ pub(crate) struct TestApp {
 pub(crate) fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::embedded().expect("embedded defaults are valid");
     config.server.listen = "127.0.0.1:0".parse().unwrap();
+    // No load balancer to drain: stop at once (tests of the drain set their own).
+    config.server.drain_delay = Duration::ZERO;
     for dispatcher in &mut config.dispatchers {
         if let DispatcherKind::Jsonl { path } = &mut dispatcher.kind {
             *path = dir.join("messages.jsonl");
