@@ -107,11 +107,7 @@ mod tests {
 
     fn check(policy: &RulePolicy, command_type: &str) -> Decision {
         let envelope = Envelope::new(command_type, serde_json::Value::Null);
-        let message = Message {
-            topic: "a.commands",
-            category: Category::Command,
-            envelope: &envelope,
-        };
+        let message = Message::new("a.commands", Category::Command, &envelope);
         policy.check(&message)
     }
 
