@@ -39,7 +39,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 pub use builder::{BuildError, BuildProblem, EngineBuilder, MAX_ID_LEN, is_valid_id};
-pub use command::{CommandAdapter, Decision, Effect, Policy, RulePolicy};
+pub use command::{CommandAdapter, Condition, Decision, Effect, ParamRule, Policy, RulePolicy};
 pub use dispatcher::{DEFAULT_TIMEOUT, Dispatcher, ErrorKind, Handler, HandlerError, Message};
 pub use envelope::{Envelope, OutputMessage};
 pub use instrument::{
