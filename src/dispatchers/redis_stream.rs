@@ -66,7 +66,9 @@ impl RedisStreamDispatcher {
     async fn connection(&self) -> Result<ConnectionManager, HandlerError> {
         let timeout = self.target.call_timeout;
         let connect = self.connection.get_or_try_init(|| async {
-            crate::bus::redis::connect(&self.target.url, timeout)
+            // The connection's own response timeout is only a backstop: `call_timeout` (below)
+            // answers first, with an error that says so.
+            crate::bus::redis::connect(&self.target.url, timeout.saturating_mul(2))
                 .await
                 .map_err(|e| e.to_string())
         });

@@ -95,7 +95,10 @@ pub fn build(config: &SinkConfig) -> Result<Box<dyn Sink>, String> {
         }),
         "helicone" => Box::new(HeliconeSink {
             name: config.name.clone(),
-            url: ingest_url(endpoint.as_deref().unwrap_or(HELICONE_DEFAULT), HELICONE_PATH),
+            url: ingest_url(
+                endpoint.as_deref().unwrap_or(HELICONE_DEFAULT),
+                HELICONE_PATH,
+            ),
             api_key: config
                 .api_key
                 .clone()
@@ -436,16 +439,34 @@ mod tests {
     #[test]
     fn lunary_and_helicone_take_a_base_url_or_the_full_one() {
         for (endpoint, url) in [
-            ("https://api.lunary.ai", "https://api.lunary.ai/v1/runs/ingest"),
-            ("https://api.lunary.ai/", "https://api.lunary.ai/v1/runs/ingest"),
-            ("https://api.lunary.ai/v1/runs/ingest", "https://api.lunary.ai/v1/runs/ingest"),
-            ("https://api.lunary.ai/v1/runs/ingest/", "https://api.lunary.ai/v1/runs/ingest"),
-            ("http://127.0.0.1:8080/lunary", "http://127.0.0.1:8080/lunary/v1/runs/ingest"),
+            (
+                "https://api.lunary.ai",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "https://api.lunary.ai/",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "https://api.lunary.ai/v1/runs/ingest",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "https://api.lunary.ai/v1/runs/ingest/",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "http://127.0.0.1:8080/lunary",
+                "http://127.0.0.1:8080/lunary/v1/runs/ingest",
+            ),
         ] {
             assert_eq!(ingest_url(endpoint, LUNARY_PATH), url, "{endpoint}");
         }
         for (endpoint, url) in [
-            ("https://api.worker.helicone.ai", "https://api.worker.helicone.ai/custom/v1/log"),
+            (
+                "https://api.worker.helicone.ai",
+                "https://api.worker.helicone.ai/custom/v1/log",
+            ),
             (
                 "https://api.worker.helicone.ai/custom/v1/log",
                 "https://api.worker.helicone.ai/custom/v1/log",

@@ -28,3 +28,5 @@ mod pipeline;
 mod redis;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
 mod monitoring;
+// Network dispatchers from TOML (http, redis_stream, nats) against real receivers, killed mid-run.
+mod network;
