@@ -38,7 +38,12 @@ fn receiver() -> String {
 fn engine(dispatcher: HttpDispatcher) -> Engine {
     Engine::builder()
         .dispatcher(Dispatcher::new("http", Category::Event, dispatcher))
-        .route(Route::new("r", "shop.orders.events", Category::Event, "http"))
+        .route(Route::new(
+            "r",
+            "shop.orders.events",
+            Category::Event,
+            "http",
+        ))
         .build()
         .unwrap()
 }

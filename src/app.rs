@@ -228,14 +228,14 @@ impl AppBuilder {
                         ),
                     };
                     if spec.category == crate::engine::Category::Command {
-                        let adapter = HttpCommand::new(client.clone(), target.clone());
+                        let adapter = HttpCommand::new(client.clone(), (**target).clone());
                         let command = Dispatcher::command(id, adapter);
                         match policy {
                             Some(policy) => command.with_policy(policy.clone()),
                             None => command,
                         }
                     } else {
-                        let handler = HttpDispatcher::new(client.clone(), target.clone());
+                        let handler = HttpDispatcher::new(client.clone(), (**target).clone());
                         Dispatcher::new(id, spec.category, handler)
                     }
                 }

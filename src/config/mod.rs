@@ -159,7 +159,7 @@ pub enum DispatcherKind {
     /// Sends each message to a URL. On a command dispatcher it is the command adapter, and
     /// `policy` (when set) decides which commands it may run.
     Http {
-        target: crate::dispatchers::HttpTarget,
+        target: Box<crate::dispatchers::HttpTarget>,
         policy: Option<crate::engine::RulePolicy>,
     },
     /// Appends each message to a Redis stream.

@@ -743,7 +743,10 @@ fn validate(
                     }
                     validate_policy(raw, &d.dispatcher_id, &at, origins, problems)
                 });
-                DispatcherKind::Http { target, policy }
+                DispatcherKind::Http {
+                    target: Box::new(target),
+                    policy,
+                }
             }
             "redis_stream" => {
                 let url = match (&d.redis_url, &bus.redis) {

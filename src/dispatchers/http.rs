@@ -349,6 +349,20 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_shared_client_speaks_https() {
+        // Nothing listens on port 1: the error is about connecting, not about a scheme the
+        // client cannot speak (which is what a client built without TLS answers).
+        let error = http_client()
+            .unwrap()
+            .get("https://127.0.0.1:1/")
+            .send()
+            .await
+            .unwrap_err();
+        let text = error_chain(&error);
+        assert!(text.contains("Connection refused"), "{text}");
+    }
+
     #[test]
     fn a_target_prints_without_its_secrets() {
         let mut target = HttpTarget::post("http://u:pw@127.0.0.1:9/in?key=k".parse().unwrap());

@@ -1,7 +1,7 @@
 //! The real binary, run as a user would.
 
-use std::path::Path;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
