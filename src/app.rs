@@ -27,7 +27,9 @@ use crate::bus::redis::{
 };
 use crate::bus::{EventBus, MemoryBus};
 use crate::config::{Config, DispatcherKind};
-use crate::dispatchers::{JsonlFile, LogDispatcher};
+use crate::dispatchers::{
+    HttpCommand, HttpDispatcher, JsonlFile, LogDispatcher, NatsDispatcher, RedisStreamDispatcher,
+};
 use crate::engine::{Dispatcher, Engine, Route};
 use crate::engine::{OutputMessage, OutputPublisher};
 use crate::health::{
@@ -218,6 +220,8 @@ impl AppBuilder {
             }
         };
         let mut dispatchers = Vec::new();
+        // One keep-alive connection pool for every `http` dispatcher.
+        let mut http_client = None;
         for spec in &config.dispatchers {
             let id = spec.dispatcher_id.as_str();
             let mut dispatcher = match &spec.kind {
@@ -233,6 +237,39 @@ impl AppBuilder {
                             format!("dispatcher `{id}` cannot open {}", path.display())
                         })?;
                     Dispatcher::new(id, spec.category, file)
+                }
+                DispatcherKind::Http { target, policy } => {
+                    let client = match &http_client {
+                        Some(client) => client,
+                        None => http_client.insert(
+                            crate::dispatchers::http_client()
+                                .context("cannot build the HTTP client")?,
+                        ),
+                    };
+                    if spec.category == crate::engine::Category::Command {
+                        let adapter = HttpCommand::new(client.clone(), (**target).clone());
+                        let command = Dispatcher::command(id, adapter);
+                        match policy {
+                            Some(policy) => command.with_policy(policy.clone()),
+                            None => command,
+                        }
+                    } else {
+                        let handler = HttpDispatcher::new(client.clone(), (**target).clone());
+                        Dispatcher::new(id, spec.category, handler)
+                    }
+                }
+                DispatcherKind::RedisStream(target) => {
+                    let handler = RedisStreamDispatcher::new(target.clone())
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("dispatcher `{id}`"))?;
+                    Dispatcher::new(id, spec.category, handler)
+                }
+                DispatcherKind::Nats(target) => {
+                    let handler = NatsDispatcher::connect(target.clone())
+                        .await
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("dispatcher `{id}`"))?;
+                    Dispatcher::new(id, spec.category, handler)
                 }
             };
             dispatcher = dispatcher.with_timeout(spec.timeout);

@@ -446,3 +446,113 @@ async fn a_command_adapter_runs_in_a_client_span_under_its_dispatcher_and_propag
     )
     .await;
 }
+
+/// A loopback receiver that keeps each request's `traceparent`.
+async fn traceparent_receiver() -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let keep = seen.clone();
+    let router = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let keep = keep.clone();
+        async move {
+            keep.lock().unwrap().push(
+                headers
+                    .get("traceparent")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            );
+            axum::http::StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/in", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn http_dispatchers_send_the_traceparent_of_their_own_span() {
+    use dispatchd::dispatchers::{HttpCommand, HttpDispatcher, HttpTarget, http_client};
+
+    let (endpoint, received) = receiver();
+    let provider = Traces::provider(&config(Some(endpoint))).unwrap();
+    let (url, sent) = traceparent_receiver().await;
+    let target = || HttpTarget::post(url.parse().unwrap());
+    let client = http_client().unwrap();
+    {
+        let _guard = traced(subscriber(&provider));
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::new(
+                "hook",
+                Category::Event,
+                HttpDispatcher::new(client.clone(), target()),
+            ))
+            .dispatcher(Dispatcher::command(
+                "billing",
+                HttpCommand::new(client, target()),
+            ))
+            .route(Route::new(
+                "e",
+                "shop.orders.events",
+                Category::Event,
+                "hook",
+            ))
+            .route(Route::new(
+                "c",
+                "shop.billing.commands",
+                Category::Command,
+                "billing",
+            ))
+            .trace_context(Arc::new(
+                dispatchd::propagation::SpanTraceContext::default()
+                    .with_tracer(provider.tracer("test")),
+            ))
+            .build()
+            .unwrap();
+        for (topic, message_type) in [
+            ("shop.orders.events", "order.placed"),
+            ("shop.billing.commands", "refund"),
+        ] {
+            let result = engine
+                .dispatch(topic, &Envelope::new(message_type, json!({})))
+                .await;
+            assert_eq!(result.status.as_str(), "success", "{result:?}");
+        }
+    }
+    tokio::task::spawn_blocking({
+        let provider = provider.clone();
+        move || provider.force_flush().unwrap()
+    })
+    .await
+    .unwrap();
+    let spans = spans(&received);
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no span {name}: {spans:?}"))
+    };
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let traceparent = |span: &opentelemetry_proto::tonic::trace::v1::Span| {
+        Some(format!(
+            "00-{}-{}-01",
+            hex(&span.trace_id),
+            hex(&span.span_id)
+        ))
+    };
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        sent[0],
+        traceparent(find("dispatcher hook")),
+        "the event's request continues its dispatcher's span"
+    );
+    assert_eq!(
+        sent[1],
+        traceparent(find("http refund")),
+        "the command's request continues its adapter's client span"
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || provider.shutdown()),
+    )
+    .await;
+}

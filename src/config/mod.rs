@@ -168,10 +168,31 @@ pub enum DispatcherKind {
     Log,
     /// Appends each message as one JSON line to a file.
     Jsonl { path: PathBuf },
+    /// Sends each message to a URL. On a command dispatcher it is the command adapter, and
+    /// `policy` (when set) decides which commands it may run.
+    Http {
+        target: Box<crate::dispatchers::HttpTarget>,
+        policy: Option<crate::engine::RulePolicy>,
+    },
+    /// Appends each message to a Redis stream.
+    RedisStream(crate::dispatchers::RedisStreamTarget),
+    /// Publishes each message on a NATS subject (optionally through JetStream).
+    Nats(crate::dispatchers::NatsTarget),
 }
 
 impl DispatcherKind {
-    pub const NAMES: &[&str] = &["log", "jsonl"];
+    pub const NAMES: &[&str] = &["log", "jsonl", "http", "redis_stream", "nats"];
+
+    /// Its `kind` in a config file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DispatcherKind::Log => "log",
+            DispatcherKind::Jsonl { .. } => "jsonl",
+            DispatcherKind::Http { .. } => "http",
+            DispatcherKind::RedisStream(_) => "redis_stream",
+            DispatcherKind::Nats(_) => "nats",
+        }
+    }
 }
 
 /// Where a value came from.
@@ -242,8 +263,12 @@ impl ConfigError {
 fn mask(table: &mut toml::Table) {
     let redactor = crate::engine::Redactor::default();
     for (key, value) in table.iter_mut() {
-        let sensitive = redactor.is_sensitive(key) && !key.ends_with("_env");
-        mask_value(value, sensitive);
+        if key.ends_with("_env") {
+            // Names of environment variables (`token_env`, `headers_env = { Authorization =
+            // "BILLING_TOKEN" }`), never the secrets themselves.
+            continue;
+        }
+        mask_value(value, redactor.is_sensitive(key));
     }
 }
 

@@ -26,6 +26,12 @@ use crate::resilience::{
 use crate::sinks::{DriverConfig, FullPolicy, SERVICES, SinkConfig};
 use crate::telemetry::traces::{LogFormat, TracingConfig};
 
+/// How long a `redis_stream` or `nats` call may take when `call_timeout` is not set.
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a `nats` dispatcher publishes when `nats_url` is not set.
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
 /// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
 const MAX_CARDINALITY_LIMIT: u64 = 100_000;
 
@@ -191,6 +197,43 @@ struct RawDispatcher {
     rate_limit: Option<RawRateLimit>,
     concurrency: Option<RawConcurrency>,
     dedup: Option<RawDedup>,
+    // kind = "http"
+    url: Option<String>,
+    method: Option<String>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Header name → the environment variable holding its value (a secret).
+    headers_env: Option<std::collections::BTreeMap<String, String>>,
+    /// Command dispatchers (category = "command") only.
+    policy: Option<RawPolicy>,
+    // kind = "redis_stream"
+    redis_url: Option<String>,
+    stream: Option<String>,
+    max_len: Option<usize>,
+    // kind = "nats"
+    nats_url: Option<String>,
+    subject: Option<String>,
+    jetstream: Option<bool>,
+    // redis_stream and nats
+    call_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    /// The `policy` label of `dispatcher_policy_denials_total` (default: the dispatcher id).
+    name: Option<String>,
+    /// What a command no rule matches gets (default: deny).
+    default: Option<String>,
+    rules: Option<Vec<RawPolicyRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyRule {
+    effect: String,
+    command_type: Option<String>,
+    /// Payload field → a value, an array of values (one of), or `{ min = …, max = … }`.
+    params: Option<std::collections::BTreeMap<String, toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -640,13 +683,43 @@ fn validate(
                 ),
             ));
         }
-        let kind = match d.kind.as_str() {
-            "log" => {
-                if d.path.is_some() {
-                    problems.push(origins.problem(at("path"), "applies only to kind `jsonl`"));
+        // Fields that belong to another kind are mistakes, each reported.
+        let kind_fields: [(&str, bool, &[&str]); 13] = [
+            ("path", d.path.is_some(), &["jsonl"]),
+            ("url", d.url.is_some(), &["http"]),
+            ("method", d.method.is_some(), &["http"]),
+            ("headers", d.headers.is_some(), &["http"]),
+            ("headers_env", d.headers_env.is_some(), &["http"]),
+            ("policy", d.policy.is_some(), &["http"]),
+            ("redis_url", d.redis_url.is_some(), &["redis_stream"]),
+            ("stream", d.stream.is_some(), &["redis_stream"]),
+            ("max_len", d.max_len.is_some(), &["redis_stream"]),
+            ("nats_url", d.nats_url.is_some(), &["nats"]),
+            ("subject", d.subject.is_some(), &["nats"]),
+            ("jetstream", d.jetstream.is_some(), &["nats"]),
+            (
+                "call_timeout",
+                d.call_timeout.is_some(),
+                &["redis_stream", "nats"],
+            ),
+        ];
+        if DispatcherKind::NAMES.contains(&d.kind.as_str()) {
+            for (field, set, kinds) in kind_fields {
+                if set && !kinds.contains(&d.kind.as_str()) {
+                    problems.push(origins.problem(
+                        at(field),
+                        format!("applies only to kind `{}`", kinds.join("` and `")),
+                    ));
                 }
-                DispatcherKind::Log
             }
+        }
+        let call_timeout = match &d.call_timeout {
+            None => DEFAULT_CALL_TIMEOUT,
+            Some(text) => positive(text, &at("call_timeout"), origins, problems)
+                .unwrap_or(DEFAULT_CALL_TIMEOUT),
+        };
+        let kind = match d.kind.as_str() {
+            "log" => DispatcherKind::Log,
             "jsonl" => {
                 let path = d.path.clone().map(PathBuf::from).unwrap_or_else(|| {
                     PathBuf::from(format!("./dispatchd-data/{}.jsonl", d.dispatcher_id))
@@ -661,6 +734,92 @@ fn validate(
                     ));
                 }
                 DispatcherKind::Jsonl { path }
+            }
+            "http" => {
+                let target = validate_http_target(d, &at, origins, env, problems);
+                let policy = d.policy.as_ref().map(|raw| {
+                    if category != Category::Command {
+                        problems.push(origins.problem(
+                            at("policy"),
+                            "applies only to command dispatchers (category = \"command\")",
+                        ));
+                    }
+                    validate_policy(raw, &d.dispatcher_id, &at, origins, problems)
+                });
+                DispatcherKind::Http {
+                    target: Box::new(target),
+                    policy,
+                }
+            }
+            "redis_stream" => {
+                let url = match (&d.redis_url, &bus.redis) {
+                    (Some(url), _) => url.clone(),
+                    (None, Some(redis)) => redis.url.clone(),
+                    (None, None) => {
+                        problems.push(origins.problem(
+                            at("redis_url"),
+                            "is required unless the bus is Redis (bus.kind = \"redis\"), whose URL is the default",
+                        ));
+                        String::new()
+                    }
+                };
+                if !url.is_empty() {
+                    if let Err(error) = redis::Client::open(url.as_str()) {
+                        problems.push(origins.problem(
+                            at("redis_url"),
+                            format!("not a Redis URL such as redis://127.0.0.1:6379: {error}"),
+                        ));
+                    }
+                }
+                if d.stream.as_deref() == Some("") {
+                    problems.push(origins.problem(at("stream"), "must not be empty"));
+                }
+                if d.max_len == Some(0) {
+                    problems.push(origins.problem(at("max_len"), "must be at least 1"));
+                }
+                DispatcherKind::RedisStream(crate::dispatchers::RedisStreamTarget {
+                    url,
+                    stream: d.stream.clone(),
+                    max_len: d.max_len,
+                    call_timeout,
+                })
+            }
+            "nats" => {
+                let url = d
+                    .nats_url
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+                let problem = match url.parse::<async_nats::ServerAddr>() {
+                    Ok(address) if address.host().is_empty() => Some("it has no host".to_owned()),
+                    Ok(_) => None,
+                    Err(error) => Some(error.to_string()),
+                };
+                if let Some(problem) = problem {
+                    problems.push(origins.problem(
+                        at("nats_url"),
+                        format!("not a NATS URL such as nats://127.0.0.1:4222: {problem}"),
+                    ));
+                }
+                if let Some(subject) = &d.subject {
+                    let valid = !subject.is_empty()
+                        && subject.split('.').all(|token| {
+                            !token.is_empty()
+                                && !token
+                                    .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+                        });
+                    if !valid {
+                        problems.push(origins.problem(
+                            at("subject"),
+                            format!("`{subject}` is not a NATS subject to publish on (dot-separated tokens, no spaces or wildcards)"),
+                        ));
+                    }
+                }
+                DispatcherKind::Nats(crate::dispatchers::NatsTarget {
+                    url,
+                    subject: d.subject.clone(),
+                    jetstream: d.jetstream.unwrap_or(false),
+                    call_timeout,
+                })
             }
             other => {
                 problems.push(origins.problem(
@@ -805,6 +964,200 @@ impl Handler for StandIn {
     }
 }
 
+#[async_trait]
+impl crate::engine::CommandAdapter for StandIn {
+    fn name(&self) -> &'static str {
+        "stand-in"
+    }
+
+    async fn execute(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The `http` kind's URL, method and headers; the secret headers' values are read from the
+/// environment here, so a missing variable is reported with the rest.
+fn validate_http_target(
+    d: &RawDispatcher,
+    at: &dyn Fn(&str) -> String,
+    origins: &Origins<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> crate::dispatchers::HttpTarget {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let fallback = || reqwest::Url::parse("http://127.0.0.1/").expect("a valid URL");
+    let url = match &d.url {
+        None => {
+            problems.push(origins.problem(at("url"), "is required for kind `http`"));
+            fallback()
+        }
+        Some(text) => match reqwest::Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => url,
+            Ok(_) => {
+                problems.push(origins.problem(at("url"), "must be an http:// or https:// URL"));
+                fallback()
+            }
+            Err(error) => {
+                problems.push(origins.problem(at("url"), format!("not a URL: {error}")));
+                fallback()
+            }
+        },
+    };
+    let method = match d.method.as_deref() {
+        None => reqwest::Method::POST,
+        Some(text) => {
+            match text.to_ascii_uppercase().as_str() {
+                "POST" => reqwest::Method::POST,
+                "PUT" => reqwest::Method::PUT,
+                "PATCH" => reqwest::Method::PATCH,
+                _ => {
+                    problems.push(origins.problem(
+                    at("method"),
+                    format!("`{text}` is not a method that carries a body (expected POST, PUT or PATCH)"),
+                ));
+                    reqwest::Method::POST
+                }
+            }
+        }
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut add = |problems: &mut Vec<Problem>,
+                   field: String,
+                   name: &str,
+                   value: Option<String>,
+                   secret: bool| {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            problems.push(origins.problem(field, format!("`{name}` is not a header name")));
+            return;
+        };
+        if headers.contains_key(&name) {
+            problems.push(origins.problem(field, format!("header `{name}` is set twice")));
+            return;
+        }
+        let Some(value) = value else { return };
+        match HeaderValue::from_str(&value) {
+            Ok(mut value) => {
+                value.set_sensitive(secret);
+                headers.insert(name, value);
+            }
+            // Never the value itself: it may be the secret.
+            Err(_) => problems.push(origins.problem(
+                field,
+                "the value is not a valid header value (control characters or non-ASCII)",
+            )),
+        }
+    };
+    for (name, value) in d.headers.iter().flatten() {
+        let field = at(&format!("headers.{name}"));
+        let secret = crate::engine::Redactor::default().is_sensitive(name);
+        add(problems, field, name, Some(value.clone()), secret);
+    }
+    for (name, var) in d.headers_env.iter().flatten() {
+        let field = at(&format!("headers_env.{name}"));
+        let value = env(var);
+        if value.is_none() {
+            problems.push(origins.problem(
+                field.clone(),
+                format!("the environment variable `{var}` is not set"),
+            ));
+        }
+        add(problems, field, name, value, true);
+    }
+    crate::dispatchers::HttpTarget {
+        url,
+        method,
+        headers,
+    }
+}
+
+/// A command dispatcher's policy, for the engine's [`crate::engine::RulePolicy`].
+fn validate_policy(
+    raw: &RawPolicy,
+    dispatcher_id: &str,
+    at: &dyn Fn(&str) -> String,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> crate::engine::RulePolicy {
+    use crate::engine::{Condition, Effect, ParamRule, RulePolicy};
+    let effect = |problems: &mut Vec<Problem>, text: &str, field: String| match text {
+        "allow" => Effect::Allow,
+        "deny" => Effect::Deny,
+        other => {
+            problems.push(origins.problem(
+                field,
+                format!("unknown effect `{other}` (expected allow or deny)"),
+            ));
+            Effect::Deny
+        }
+    };
+    let default = effect(
+        problems,
+        raw.default.as_deref().unwrap_or("deny"),
+        at("policy.default"),
+    );
+    let name = raw.name.as_deref().unwrap_or(dispatcher_id);
+    if !crate::engine::is_valid_id(name) {
+        problems.push(origins.problem(
+            at("policy.name"),
+            "must be 1 to 128 characters of [A-Za-z0-9_.-]",
+        ));
+    }
+    let mut policy = RulePolicy::named(name, default);
+    for (i, rule) in raw.rules.iter().flatten().enumerate() {
+        let at_rule = |field: &str| at(&format!("policy.rules[{i}].{field}"));
+        let effect = effect(problems, &rule.effect, at_rule("effect"));
+        let mut params = Vec::new();
+        for (path, value) in rule.params.iter().flatten() {
+            let field = at_rule(&format!("params.{path}"));
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                problems.push(origins.problem(
+                    field.clone(),
+                    "is not a field path such as `amount` or `customer.tier`",
+                ));
+            }
+            let json = |v: &toml::Value| serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+            let condition = match value {
+                toml::Value::Array(values) => Condition::OneOf(values.iter().map(json).collect()),
+                toml::Value::Table(bounds) => {
+                    let bound = |problems: &mut Vec<Problem>, key: &str| match bounds.get(key) {
+                        None => None,
+                        Some(toml::Value::Integer(n)) => Some(*n as f64),
+                        Some(toml::Value::Float(n)) => Some(*n),
+                        Some(_) => {
+                            problems.push(
+                                origins.problem(format!("{field}.{key}"), "must be a number"),
+                            );
+                            None
+                        }
+                    };
+                    let (min, max) = (bound(problems, "min"), bound(problems, "max"));
+                    if let Some(other) =
+                        bounds.keys().find(|k| !matches!(k.as_str(), "min" | "max"))
+                    {
+                        problems.push(origins.problem(
+                            format!("{field}.{other}"),
+                            "unknown bound (expected min or max)",
+                        ));
+                    }
+                    if min.is_none() && max.is_none() {
+                        problems
+                            .push(origins.problem(field.clone(), "a range needs min, max or both"));
+                    }
+                    Condition::Range { min, max }
+                }
+                scalar => Condition::OneOf(vec![json(scalar)]),
+            };
+            params.push((path.clone(), condition));
+        }
+        policy = policy.rule(ParamRule {
+            effect,
+            command_type: rule.command_type.clone(),
+            params,
+        });
+    }
+    policy
+}
+
 fn check_with_engine(
     dispatchers: &[DispatcherConfig],
     routes: &[Route],
@@ -815,8 +1168,13 @@ fn check_with_engine(
 ) {
     let mut builder = Engine::builder();
     for d in dispatchers {
-        let mut dispatcher =
-            Dispatcher::new(d.dispatcher_id.as_str(), d.category, StandIn).with_timeout(d.timeout);
+        let mut dispatcher = match (&d.kind, d.category) {
+            (DispatcherKind::Http { .. }, Category::Command) => {
+                Dispatcher::command(d.dispatcher_id.as_str(), StandIn)
+            }
+            _ => Dispatcher::new(d.dispatcher_id.as_str(), d.category, StandIn),
+        }
+        .with_timeout(d.timeout);
         if let Some(types) = &d.message_types {
             dispatcher = dispatcher.with_message_types(types.iter().cloned());
         }
@@ -903,8 +1261,14 @@ fn check_with_engine(
             _ => String::new(),
         };
         let message = match &problem {
-            BuildProblem::CommandWithoutAdapter(_) => {
-                "the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code".to_owned()
+            BuildProblem::CommandWithoutAdapter(id) => {
+                let kind = dispatchers
+                    .iter()
+                    .find(|d| d.dispatcher_id == *id)
+                    .map_or("log", |d| d.kind.name());
+                format!(
+                    "kind `{kind}` handles events and intents; a command dispatcher needs kind = \"http\" (its command adapter) or an adapter registered in code"
+                )
             }
             other => other.to_string(),
         };
@@ -1587,6 +1951,7 @@ const DURATION_FIELDS: &[&str] = &[
     "flush_interval",
     "shutdown_deadline",
     "metrics_interval",
+    "call_timeout",
 ];
 
 /// The most shape problems reported for one file; past it the file is hardly a config.

@@ -186,7 +186,7 @@ dispatcher_id = "ghost"
         "FILE:2: `server.listen`: `nowhere` is not an IP address and port such as 127.0.0.1:9000",
         "FILE:3: `server.shutdown_grace`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
         "FILE:6: `metrics.namespace`: `9lives` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*",
-        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl)",
+        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl, http, redis_stream, nats)",
         "FILE:14: `dispatchers[1].dispatcher_id`: dispatcher `a` is registered twice",
         "FILE:17: `dispatchers[1].path`: applies only to kind `jsonl`",
         "FILE:21: `routes[0].topic_pattern`: route `r1` has an invalid topic pattern `a.b*`: pattern segment 1 (`b*`) must be `*`, `**` or made of [A-Za-z0-9_-] (wildcards are whole segments)",
@@ -212,7 +212,7 @@ category = "gossip"
     assert_eq!(
         found,
         [
-            "FILE:4: `dispatchers[0].category`: the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code",
+            "FILE:4: `dispatchers[0].category`: kind `log` handles events and intents; a command dispatcher needs kind = \"http\" (its command adapter) or an adapter registered in code",
             "FILE:9: `dispatchers[1].category`: unknown category `gossip` (expected event, command or intent)"
         ]
     );
@@ -222,7 +222,7 @@ category = "gossip"
     assert_eq!(
         found,
         [
-            "FILE:4: `dispatchers[0].category`: the built-in dispatcher kinds handle events and intents; commands need a command adapter registered in code"
+            "FILE:4: `dispatchers[0].category`: kind `log` handles events and intents; a command dispatcher needs kind = \"http\" (its command adapter) or an adapter registered in code"
         ]
     );
 }
@@ -749,9 +749,25 @@ service = "lunary"
 endpoint = "http://127.0.0.1:1"
 api_key = "lunary-key-0123456789"
 headers = { Authorization = "Bearer abcdefabcdef", X-Team = "blue" }
+[[dispatchers]]
+dispatcher_id = "billing"
+kind = "http"
+category = "event"
+url = "http://127.0.0.1:1/in"
+headers = { Authorization = "Bearer 0123dispatcher" }
+headers_env = { X-Api-Key = "BILLING_KEY" }
+[[routes]]
+route_id = "billing"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "billing"
 "#,
     );
-    let env = |name: &str| (name == "CI_TOKEN").then(|| "ci-token-from-env-0123".to_owned());
+    let env = |name: &str| match name {
+        "CI_TOKEN" => Some("ci-token-from-env-0123".to_owned()),
+        "BILLING_KEY" => Some("billing-key-from-env".to_owned()),
+        _ => None,
+    };
     let (text, config) = Config::effective(Some(f.path()), env);
     let text = text.unwrap();
     config.unwrap();
@@ -761,11 +777,14 @@ headers = { Authorization = "Bearer abcdefabcdef", X-Team = "blue" }
         "lunary-key",
         "abcdefabcdef",
         "ci-token-from-env",
+        "0123dispatcher",
+        "billing-key-from-env",
     ] {
         assert!(!text.contains(secret), "{secret} in\n{text}");
     }
     for kept in [
         "CI_TOKEN",
+        "X-Api-Key = \"BILLING_KEY\"",
         "X-Team = \"blue\"",
         "127.0.0.1:6379",
         "listen = \"127.0.0.1:9000\"",
@@ -788,4 +807,203 @@ fn a_sink_api_key_comes_from_the_injected_environment() {
     );
     let error = Config::load_with(Some(f.path()), |_| None).unwrap_err();
     assert!(error.to_string().contains("needs an api key"), "{error}");
+}
+
+/// Every field of the network kinds, read into their validated shapes.
+#[test]
+fn network_dispatchers_are_read_with_their_defaults() {
+    let f = file(
+        r#"[bus]
+kind = "redis"
+redis_url = "redis://127.0.0.1:6390"
+
+[[dispatchers]]
+dispatcher_id = "billing"
+kind = "http"
+category = "cmd"
+url = "https://billing.internal:8443/commands"
+method = "put"
+timeout = "5s"
+headers = { X-Team = "payments" }
+headers_env = { Authorization = "BILLING_TOKEN" }
+
+[dispatchers.policy]
+default = "deny"
+
+[[dispatchers.policy.rules]]
+effect = "deny"
+command_type = "refund"
+params = { amount = { min = 500.01 } }
+
+[[dispatchers.policy.rules]]
+effect = "allow"
+command_type = "refund"
+params = { currency = ["EUR", "USD"], "order.channel" = "web" }
+
+[[dispatchers]]
+dispatcher_id = "stream"
+kind = "redis_stream"
+category = "event"
+stream = "orders"
+max_len = 10000
+
+[[dispatchers]]
+dispatcher_id = "nats"
+kind = "nats"
+category = "evt"
+jetstream = true
+call_timeout = "750ms"
+
+[[routes]]
+route_id = "billing"
+topic_pattern = "onex.cmd.billing.*"
+message_category = "command"
+dispatcher_id = "billing"
+
+[[routes]]
+route_id = "orders"
+topic_pattern = "onex.evt.**"
+message_category = "event"
+dispatcher_id = "stream"
+
+[[routes]]
+route_id = "nats"
+topic_pattern = "shop.*.events"
+message_category = "event"
+dispatcher_id = "nats"
+"#,
+    );
+    let env = |name: &str| (name == "BILLING_TOKEN").then(|| "Bearer t0p-s3cret".to_owned());
+    let config = Config::load_with(Some(f.path()), env).unwrap();
+    let [billing, stream, nats] = &config.dispatchers[..] else {
+        panic!("three dispatchers")
+    };
+    assert_eq!(billing.category, Category::Command);
+    let DispatcherKind::Http { target, policy } = &billing.kind else {
+        panic!("http: {:?}", billing.kind)
+    };
+    assert_eq!(
+        target.url.as_str(),
+        "https://billing.internal:8443/commands"
+    );
+    assert_eq!(target.method, reqwest::Method::PUT);
+    assert_eq!(target.headers["x-team"], "payments");
+    assert_eq!(target.headers["authorization"], "Bearer t0p-s3cret");
+    assert!(target.headers["authorization"].is_sensitive());
+    assert!(
+        !format!("{config:?}").contains("t0p-s3cret"),
+        "never printed"
+    );
+    let policy = policy.as_ref().expect("a policy");
+    use crate::engine::{Decision, Envelope, Message, Policy};
+    assert_eq!(policy.name(), "billing", "named after the dispatcher");
+    let check = |payload: serde_json::Value| {
+        let envelope = Envelope::new("refund", payload);
+        policy.check(&Message::new(
+            "onex.cmd.billing.refund",
+            Category::Command,
+            &envelope,
+        ))
+    };
+    assert_eq!(
+        check(serde_json::json!({"amount": 20, "currency": "EUR", "order": {"channel": "web"}})),
+        Decision::Allow
+    );
+    assert!(matches!(
+        check(serde_json::json!({"amount": 900, "currency": "EUR", "order": {"channel": "web"}})),
+        Decision::Deny { .. }
+    ));
+    assert!(matches!(
+        check(serde_json::json!({"amount": 20, "currency": "GBP", "order": {"channel": "web"}})),
+        Decision::Deny { .. }
+    ));
+
+    assert_eq!(
+        stream.kind,
+        DispatcherKind::RedisStream(crate::dispatchers::RedisStreamTarget {
+            url: "redis://127.0.0.1:6390".into(),
+            stream: Some("orders".into()),
+            max_len: Some(10000),
+            call_timeout: Duration::from_secs(2),
+        }),
+        "the bus's Redis by default"
+    );
+    assert_eq!(
+        nats.kind,
+        DispatcherKind::Nats(crate::dispatchers::NatsTarget {
+            url: "nats://127.0.0.1:4222".into(),
+            subject: None,
+            jetstream: true,
+            call_timeout: Duration::from_millis(750),
+        })
+    );
+    assert_eq!(nats.category, Category::Event);
+}
+
+#[test]
+fn network_dispatcher_mistakes_are_each_reported_with_their_path() {
+    let found = problems(
+        r#"[[dispatchers]]
+dispatcher_id = "a"
+kind = "http"
+category = "event"
+method = "GET"
+subject = "x"
+headers_env = { Authorization = "NOT_SET_ANYWHERE" }
+headers = { "bad header" = "v" }
+
+[dispatchers.policy]
+default = "maybe"
+
+[[dispatchers]]
+dispatcher_id = "b"
+kind = "redis_stream"
+category = "event"
+max_len = 0
+call_timeout = "soon"
+
+[[dispatchers]]
+dispatcher_id = "c"
+kind = "nats"
+category = "command"
+nats_url = "nats://"
+subject = "a.*"
+
+[[dispatchers]]
+dispatcher_id = "d"
+kind = "http"
+category = "command"
+url = "ftp://files.example/in"
+
+[[dispatchers.policy.rules]]
+effect = "allow"
+comand_type = "refund"
+
+[[routes]]
+route_id = "r"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "a"
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "FILE:1: `dispatchers[0].url`: is required for kind `http`",
+            "FILE:5: `dispatchers[0].method`: `GET` is not a method that carries a body (expected POST, PUT or PATCH)",
+            "FILE:6: `dispatchers[0].subject`: applies only to kind `nats`",
+            "FILE:7: `dispatchers[0].headers_env.Authorization`: the environment variable `NOT_SET_ANYWHERE` is not set",
+            "FILE:8: `dispatchers[0].headers.bad header`: `bad header` is not a header name",
+            "FILE:10: `dispatchers[0].policy`: applies only to command dispatchers (category = \"command\")",
+            "FILE:11: `dispatchers[0].policy.default`: unknown effect `maybe` (expected allow or deny)",
+            "FILE:13: `dispatchers[1].redis_url`: is required unless the bus is Redis (bus.kind = \"redis\"), whose URL is the default",
+            "FILE:17: `dispatchers[1].max_len`: must be at least 1",
+            "FILE:18: `dispatchers[1].call_timeout`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
+            "FILE:23: `dispatchers[2].category`: kind `nats` handles events and intents; a command dispatcher needs kind = \"http\" (its command adapter) or an adapter registered in code",
+            "FILE:24: `dispatchers[2].nats_url`: not a NATS URL such as nats://127.0.0.1:4222: it has no host",
+            "FILE:25: `dispatchers[2].subject`: `a.*` is not a NATS subject to publish on (dot-separated tokens, no spaces or wildcards)",
+            "FILE:31: `dispatchers[3].url`: must be an http:// or https:// URL",
+            "FILE:35: `dispatchers[3].policy.rules[0].comand_type`: unknown field (did you mean `command_type`?)",
+        ]
+    );
 }

@@ -84,11 +84,7 @@ mod tests {
     use super::*;
 
     fn message<'a>(envelope: &'a Envelope) -> Message<'a> {
-        Message {
-            topic: "shop.orders.events",
-            category: Category::Event,
-            envelope,
-        }
+        Message::new("shop.orders.events", Category::Event, envelope)
     }
 
     #[tokio::test]

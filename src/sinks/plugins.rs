@@ -18,6 +18,22 @@ pub const SERVICES: &[&str] = &["file", "http", "lunary", "helicone"];
 const LUNARY_DEFAULT: &str = "https://api.lunary.ai";
 const HELICONE_DEFAULT: &str = "https://api.worker.helicone.ai";
 
+/// The paths Lunary and Helicone ingest on, below their base URL.
+const LUNARY_PATH: &str = "/v1/runs/ingest";
+const HELICONE_PATH: &str = "/custom/v1/log";
+
+/// The URL to post to from a configured `endpoint`: a base URL gets the service's path, a full
+/// URL (what llm-proxy configurations hold, such as `https://api.lunary.ai/v1/runs/ingest`) is
+/// taken as it is.
+fn ingest_url(endpoint: &str, path: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with(path) {
+        base.to_owned()
+    } else {
+        format!("{base}{path}")
+    }
+}
+
 /// One configured sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
@@ -25,8 +41,8 @@ pub struct SinkConfig {
     pub name: String,
     /// One of [`SERVICES`].
     pub service: String,
-    /// A path for `file`; a URL for `http`; a base URL for `lunary` and `helicone` (default:
-    /// their cloud).
+    /// A path for `file`; a URL for `http`; for `lunary` and `helicone` a base URL or the full
+    /// ingestion URL (default: their cloud).
     pub endpoint: Option<String>,
     pub api_key: Option<String>,
     /// Extra request headers (`http`).
@@ -80,13 +96,7 @@ pub fn build_with(config: &SinkConfig, files: &Files) -> Result<Box<dyn Sink>, S
         }),
         "lunary" => Box::new(LunarySink {
             name: config.name.clone(),
-            url: format!(
-                "{}/v1/runs/ingest",
-                endpoint
-                    .as_deref()
-                    .unwrap_or(LUNARY_DEFAULT)
-                    .trim_end_matches('/')
-            ),
+            url: ingest_url(endpoint.as_deref().unwrap_or(LUNARY_DEFAULT), LUNARY_PATH),
             api_key: config
                 .api_key
                 .clone()
@@ -95,12 +105,9 @@ pub fn build_with(config: &SinkConfig, files: &Files) -> Result<Box<dyn Sink>, S
         }),
         "helicone" => Box::new(HeliconeSink {
             name: config.name.clone(),
-            url: format!(
-                "{}/custom/v1/log",
-                endpoint
-                    .as_deref()
-                    .unwrap_or(HELICONE_DEFAULT)
-                    .trim_end_matches('/')
+            url: ingest_url(
+                endpoint.as_deref().unwrap_or(HELICONE_DEFAULT),
+                HELICONE_PATH,
             ),
             api_key: config
                 .api_key
@@ -534,5 +541,45 @@ mod tests {
         sink.send_events(&[event(3)]).await.unwrap();
         assert_eq!(run_ids(&path), ["run-2", "run-3"]);
         assert_eq!(repairs.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn lunary_and_helicone_take_a_base_url_or_the_full_one() {
+        for (endpoint, url) in [
+            (
+                "https://api.lunary.ai",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "https://api.lunary.ai/",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "https://api.lunary.ai/v1/runs/ingest",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "https://api.lunary.ai/v1/runs/ingest/",
+                "https://api.lunary.ai/v1/runs/ingest",
+            ),
+            (
+                "http://127.0.0.1:8080/lunary",
+                "http://127.0.0.1:8080/lunary/v1/runs/ingest",
+            ),
+        ] {
+            assert_eq!(ingest_url(endpoint, LUNARY_PATH), url, "{endpoint}");
+        }
+        for (endpoint, url) in [
+            (
+                "https://api.worker.helicone.ai",
+                "https://api.worker.helicone.ai/custom/v1/log",
+            ),
+            (
+                "https://api.worker.helicone.ai/custom/v1/log",
+                "https://api.worker.helicone.ai/custom/v1/log",
+            ),
+        ] {
+            assert_eq!(ingest_url(endpoint, HELICONE_PATH), url, "{endpoint}");
+        }
     }
 }

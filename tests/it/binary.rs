@@ -1,6 +1,7 @@
 //! The real binary, run as a user would.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -150,6 +151,57 @@ fn check_config_accepts_a_valid_file() {
         stdout.contains("is valid: 2 dispatchers, 2 routes, listening on 127.0.0.1:9100"),
         "{stdout}"
     );
+}
+
+/// Every example config in examples/ is valid as shipped, without a warning, and together they
+/// show every dispatcher kind and a command dispatcher.
+#[test]
+fn check_config_accepts_every_example_config() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let output = Command::new(BINARY)
+            .arg("check-config")
+            .arg(&path)
+            .env("BILLING_TOKEN", "Bearer example-token")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}: {stdout}{stderr}",
+            path.display()
+        );
+        assert!(
+            !stdout.contains("warning") && !stderr.contains("warning"),
+            "{}: {stdout}{stderr}",
+            path.display()
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config: toml::Table = toml::from_str(&text).unwrap();
+        for dispatcher in config["dispatchers"].as_array().unwrap() {
+            let kind = dispatcher["kind"].as_str().unwrap();
+            kinds.insert(match dispatcher["category"].as_str().unwrap() {
+                "command" => format!("{kind} command"),
+                _ => kind.to_owned(),
+            });
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+    let mut expected: std::collections::BTreeSet<String> = dispatchd::config::DispatcherKind::NAMES
+        .iter()
+        .map(|k| (*k).to_owned())
+        .collect();
+    expected.insert("http command".to_owned());
+    assert_eq!(kinds, expected);
 }
 
 /// The exact output of check-config for a file with several problems of every kind, found

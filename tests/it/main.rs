@@ -34,3 +34,5 @@ mod redis;
 mod monitoring;
 // Appended files: a torn last line moved aside at start, and SIGHUP reopening them (logrotate).
 mod files;
+// Network dispatchers from TOML (http, redis_stream, nats) against real receivers, killed mid-run.
+mod network;

@@ -249,6 +249,29 @@ async fn the_lunary_sink_sends_start_and_end_of_each_run_and_refuses_per_run() {
 }
 
 #[tokio::test]
+async fn lunary_and_helicone_endpoints_may_be_the_full_urls_llm_proxy_configs_hold() {
+    let service = Service::default();
+    let (url, server) = service.start().await;
+    for (service_name, full) in [
+        ("lunary", format!("{url}/v1/runs/ingest")),
+        ("helicone", format!("{url}/custom/v1/log/")),
+    ] {
+        service.answer(200, vec![], json!({}));
+        let sink = build(&config(service_name, full)).unwrap();
+        sink.send_events(&[event(1, false)]).await.unwrap();
+    }
+    let paths: Vec<String> = service
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(path, _, _)| path.clone())
+        .collect();
+    assert_eq!(paths, ["/v1/runs/ingest", "/custom/v1/log"]);
+    server.abort();
+}
+
+#[tokio::test]
 async fn the_helicone_sink_logs_each_event_and_reports_how_far_it_got() {
     let service = Service::default();
     let (url, server) = service.start().await;

@@ -15,7 +15,7 @@ use crate::support::{sample, wait_for_async};
 const BINARY: &str = env!("CARGO_BIN_EXE_dispatchd");
 
 /// The machine's Redis, or a visible skip; with `DISPATCHD_REQUIRE_TOOLS=1` (CI) its absence fails.
-async fn redis_url() -> Option<String> {
+pub(crate) async fn redis_url() -> Option<String> {
     let url = std::env::var("DISPATCHD_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let reachable = match redis::Client::open(url.as_str()) {
@@ -34,7 +34,7 @@ async fn redis_url() -> Option<String> {
 }
 
 /// A stream and group no other test (or run) uses.
-fn unique(name: &str) -> String {
+pub(crate) fn unique(name: &str) -> String {
     format!("dispatchd-test:{name}:{}", uuid::Uuid::new_v4())
 }
 
@@ -338,14 +338,14 @@ async fn entries_a_dead_consumer_left_pending_are_reclaimed_under_traffic() {
 }
 
 /// A Redis of our own on a free port, with an append-only file so a restart keeps the stream.
-struct OwnRedis {
+pub(crate) struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl OwnRedis {
-    fn start(port: u16, dir: tempfile::TempDir) -> OwnRedis {
+    pub(crate) fn start(port: u16, dir: tempfile::TempDir) -> OwnRedis {
         OwnRedis::spawn(
             port,
             dir,
@@ -385,7 +385,7 @@ impl OwnRedis {
 
     /// Sends `signal` (`STOP`, `CONT`) to the server: a stopped Redis keeps its connections open
     /// and answers nothing, as a hung one does.
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id();
         let status = Command::new("kill")
             .args(["-s", signal, &pid.to_string()])
@@ -394,7 +394,7 @@ impl OwnRedis {
         assert!(status.success(), "kill -s {signal} {pid}");
     }
 
-    fn kill(mut self) -> (u16, tempfile::TempDir) {
+    pub(crate) fn kill(mut self) -> (u16, tempfile::TempDir) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -409,7 +409,7 @@ impl OwnRedis {
 
 /// A Redis of our own on a free port, answering, and its URL; `None` (a visible skip, or a
 /// failure under `DISPATCHD_REQUIRE_TOOLS=1`) without Redis or `redis-server`.
-async fn own_redis() -> Option<(OwnRedis, String)> {
+pub(crate) async fn own_redis() -> Option<(OwnRedis, String)> {
     if redis_url().await.is_none() || crate::support::required_tool("redis-server").is_none() {
         return None;
     }
@@ -421,7 +421,7 @@ async fn own_redis() -> Option<(OwnRedis, String)> {
 }
 
 /// Waits, bounded, until the Redis at `url` answers.
-async fn answers(url: &str) {
+pub(crate) async fn answers(url: &str) {
     wait_for_async("redis to answer", || async {
         redis::Client::open(url)
             .unwrap()
@@ -432,7 +432,7 @@ async fn answers(url: &str) {
     .await;
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use super::command::{CommandAdapter, Policy};
 use super::envelope::{Envelope, OutputMessage};
+use super::instrument::TraceSpan;
 use super::topic::Category;
 use crate::resilience::Protections;
 
@@ -22,6 +23,25 @@ pub struct Message<'a> {
     pub topic: &'a str,
     pub category: Category,
     pub envelope: &'a Envelope,
+    /// The dispatch this call is part of (`DispatchResult::dispatch_id`).
+    pub dispatch_id: uuid::Uuid,
+    /// The span of this dispatcher's call when the engine traces this dispatch: a handler that
+    /// calls out propagates it with [`TraceSpan::inject`]. `None` when the engine opened no span
+    /// (no tracer, not sampled); the caller's context is then the current `tracing` span's.
+    pub trace: Option<&'a dyn TraceSpan>,
+}
+
+impl<'a> Message<'a> {
+    /// A message outside any dispatch (tests, tools): a fresh dispatch id, no span.
+    pub fn new(topic: &'a str, category: Category, envelope: &'a Envelope) -> Message<'a> {
+        Message {
+            topic,
+            category,
+            envelope,
+            dispatch_id: uuid::Uuid::new_v4(),
+            trace: None,
+        }
+    }
 }
 
 /// Whether trying again could help.
@@ -40,6 +60,7 @@ pub enum ErrorKind {
 pub struct HandlerError {
     kind: ErrorKind,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl HandlerError {
@@ -47,6 +68,7 @@ impl HandlerError {
         HandlerError {
             kind: ErrorKind::Transient,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -54,7 +76,20 @@ impl HandlerError {
         HandlerError {
             kind: ErrorKind::Permanent,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The earliest the other side wants to be asked again (an HTTP `Retry-After`). A retry
+    /// waits at least this long, capped by the retry policy's `max_backoff`; without a retry
+    /// policy nothing is retried anyway.
+    pub fn with_retry_after(mut self, retry_after: Duration) -> HandlerError {
+        self.retry_after = Some(retry_after);
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     pub fn kind(&self) -> ErrorKind {

@@ -42,7 +42,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 pub use builder::{BuildError, BuildProblem, EngineBuilder, MAX_ID_LEN, is_valid_id};
-pub use command::{CommandAdapter, Decision, Effect, Policy, RulePolicy};
+pub use command::{CommandAdapter, Condition, Decision, Effect, ParamRule, Policy, RulePolicy};
 pub use dispatcher::{DEFAULT_TIMEOUT, Dispatcher, ErrorKind, Handler, HandlerError, Message};
 pub use envelope::{Envelope, OutputMessage};
 pub use instrument::{
@@ -222,6 +222,8 @@ impl Engine {
                         topic,
                         category: parsed.category,
                         envelope,
+                        dispatch_id,
+                        trace: None,
                     };
                     self.run_selected(&selected, &message, &info, &mut result)
                         .await;
@@ -322,7 +324,12 @@ impl Engine {
             span: Some(&*span),
             ..*info
         };
-        let (outcome, outputs) = self.run_one_traced(index, message, &inside).await;
+        // A handler that calls out continues this dispatcher's span.
+        let message = Message {
+            trace: Some(&*span),
+            ..*message
+        };
+        let (outcome, outputs) = self.run_one_traced(index, &message, &inside).await;
         span.set_attributes(&[
             (
                 "dispatchd.outcome",
@@ -461,7 +468,13 @@ impl Engine {
             let delay = failure
                 .transient
                 .then(|| protections.and_then(|p| p.retry_delay(*attempts)))
-                .flatten();
+                .flatten()
+                .map(|delay| match (failure.retry_after, protections) {
+                    // The other side asked for a pause (`Retry-After`): at least that, within
+                    // the policy's cap.
+                    (Some(asked), Some(p)) => delay.max(asked.min(p.max_backoff())),
+                    _ => delay,
+                });
             match delay {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => return Err(failure),
@@ -548,6 +561,8 @@ struct Failure {
     message: String,
     /// Worth retrying: a transient error or a timeout.
     transient: bool,
+    /// The handler's `HandlerError::retry_after`: the least wait before a retry.
+    retry_after: Option<Duration>,
 }
 
 impl Failure {
@@ -556,6 +571,7 @@ impl Failure {
             result,
             message,
             transient: false,
+            retry_after: None,
         }
     }
 }
@@ -571,6 +587,7 @@ async fn guarded(
         Ok(Ok(Err(error))) => Err(Failure {
             result: ExecutionResult::Error,
             transient: error.kind() == ErrorKind::Transient,
+            retry_after: error.retry_after(),
             message: error.message().to_owned(),
         }),
         Ok(Err(panic)) => Err(Failure::new(
@@ -581,6 +598,7 @@ async fn guarded(
             result: ExecutionResult::Timeout,
             message: format!("timed out after {timeout:?}"),
             transient: true,
+            retry_after: None,
         }),
     }
 }

@@ -216,6 +216,10 @@ mod tests {
             !can("shop.events.*", Category::Intent),
             "a literal names another"
         );
+        // OmniNode's short forms name categories as the long forms do.
+        assert!(can("onex.evt.**", Category::Event));
+        assert!(!can("onex.evt.**", Category::Command));
+        assert!(can("onex.cmd.billing.*", Category::Command));
     }
 
     /// The obvious recursive definition, as the reference the fast matcher must agree with.

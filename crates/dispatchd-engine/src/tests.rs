@@ -651,6 +651,52 @@ mod protections {
         assert!(seen.0.lock().unwrap().is_empty());
     }
 
+    /// Fails transiently once, asking for `retry_after`, then succeeds; records when it ran.
+    struct AsksForAPause {
+        retry_after: Duration,
+        calls: Mutex<Vec<tokio::time::Instant>>,
+    }
+
+    #[async_trait]
+    impl Handler for Arc<AsksForAPause> {
+        async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(tokio::time::Instant::now());
+            if calls.len() == 1 {
+                return Err(HandlerError::transient("429").with_retry_after(self.retry_after));
+            }
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_at_least_the_retry_after_asked_for_capped_by_max_backoff() {
+        for (asked, least) in [
+            // Longer than any jittered backoff of the first retry (at most 100 ms): honoured.
+            (Duration::from_millis(700), Duration::from_millis(700)),
+            // Longer than max_backoff (1 s): capped there.
+            (Duration::from_secs(60), Duration::from_secs(1)),
+        ] {
+            let handler = Arc::new(AsksForAPause {
+                retry_after: asked,
+                calls: Mutex::new(Vec::new()),
+            });
+            let engine = protected(
+                handler.clone(),
+                ResilienceConfig {
+                    retry: retry(3),
+                    ..Default::default()
+                },
+                &Arc::new(Seen::default()),
+            );
+            let result = engine.dispatch("a.events", &event("t")).await;
+            assert_eq!(result.status, DispatchStatus::Success);
+            let calls = handler.calls.lock().unwrap();
+            assert_eq!(calls.len(), 2);
+            assert_eq!(calls[1] - calls[0], least, "asked for {asked:?}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn timeouts_are_retried_as_transient() {
         let seen = Arc::new(Seen::default());

@@ -40,11 +40,13 @@ impl Category {
         }
     }
 
-    /// The category a whole topic segment names, singular or plural (`events`, `event`).
+    /// The category a whole topic segment names, singular or plural (`events`, `event`), or in
+    /// OmniNode's canonical short form (`evt`, `cmd`: `onex.evt.platform.node-introspection.v1`).
+    /// Intents have no short form.
     pub fn from_segment(segment: &str) -> Option<Category> {
         match segment {
-            "events" | "event" => Some(Category::Event),
-            "commands" | "command" => Some(Category::Command),
+            "events" | "event" | "evt" => Some(Category::Event),
+            "commands" | "command" | "cmd" => Some(Category::Command),
             "intents" | "intent" => Some(Category::Intent),
             _ => None,
         }
@@ -173,6 +175,34 @@ mod tests {
     }
 
     #[test]
+    fn omninode_short_forms_name_events_and_commands() {
+        assert_eq!(
+            Topic::parse("onex.evt.platform.node-introspection.v1")
+                .unwrap()
+                .category(),
+            Category::Event
+        );
+        assert_eq!(
+            Topic::parse("onex.cmd.billing.refund.v1")
+                .unwrap()
+                .category(),
+            Category::Command
+        );
+        assert_eq!("evt".parse::<Category>(), Ok(Category::Event));
+        assert_eq!("cmd".parse::<Category>(), Ok(Category::Command));
+        // A short form and a long form of different categories are as ambiguous as two long ones.
+        assert_eq!(
+            Topic::parse("a.evt.commands"),
+            Err(TopicError::AmbiguousCategory(
+                Category::Event,
+                Category::Command
+            ))
+        );
+        // Only whole segments: `evts` or `cmds` name nothing.
+        assert_eq!(Topic::parse("a.evts.v1"), Err(TopicError::NoCategory));
+    }
+
+    #[test]
     fn malformed_topics_are_refused_with_the_reason() {
         assert_eq!(Topic::parse(""), Err(TopicError::Empty));
         assert_eq!(Topic::parse("a..events"), Err(TopicError::EmptySegment(1)));
@@ -240,7 +270,7 @@ mod properties {
         #[test]
         fn well_formed_topics_parse(
             before in prop::collection::vec("[a-z0-9_-]{1,8}", 0..4),
-            category in prop::sample::select(vec!["events", "event", "commands", "command", "intents", "intent"]),
+            category in prop::sample::select(vec!["events", "event", "evt", "commands", "command", "cmd", "intents", "intent"]),
             after in prop::collection::vec("[a-z0-9_-]{1,8}", 0..4),
         ) {
             // A generated segment could itself name a category; skip those cases.

@@ -224,6 +224,13 @@ impl Protections {
         Some(delay)
     }
 
+    /// The longest wait between two tries (the retry policy's `max_backoff`; zero without a
+    /// policy): the cap on a wait the called side asks for with `Retry-After`.
+    pub fn max_backoff(&self) -> Duration {
+        self.retry
+            .map_or(Duration::ZERO, |policy| policy.max_backoff)
+    }
+
     /// Records the call's outcome with the breaker, and remembers the message for dedup when it
     /// succeeded.
     pub fn finish(&self, admitted: Admitted, succeeded: bool, message_id: &str) {
