@@ -499,7 +499,8 @@ impl App {
             server_config.request_timeout,
             self.telemetry.http_metrics(),
         )
-        .min_body_rate(server_config.min_body_rate, server_config.body_rate_grace);
+        .min_body_rate(server_config.min_body_rate, server_config.body_rate_grace)
+        .max_header_bytes(server_config.max_header_bytes);
         let router = http::guarded_router(state, server_config.max_body_bytes, guard);
         let limits = http::ConnectionLimits {
             max_connections: server_config.max_connections,

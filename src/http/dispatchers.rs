@@ -1,18 +1,17 @@
 //! Readiness, dispatcher health, and the lifecycle API for out-of-process workers.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::error::Body;
 use super::messages::check_content_type;
 use super::{ApiError, ApiState};
 use crate::engine::is_valid_id;
-use crate::health::{DispatcherHealth, Origin, RegisterError, Registration};
+use crate::health::{DispatcherHealth, Origin, Registration};
 
 /// `GET /ready`: 200 when the engine runs and every critical dispatcher is healthy; 503 with
 /// the reasons otherwise, and while shutting down. The body also shows the bus's state.
@@ -96,23 +95,15 @@ pub(super) async fn register(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Json<DispatcherHealth>, ApiError> {
     valid_id(&id)?;
-    let body = body.map_err(|rejection| {
-        ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
-    })?;
     let body: RegisterBody = if body.iter().all(u8::is_ascii_whitespace) {
         RegisterBody::default()
     } else {
         check_content_type(&headers)?;
-        serde_json::from_slice(&body).map_err(|error| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_registration",
-                format!("the body is not a valid registration: {error}"),
-            )
-        })?
+        serde_json::from_slice(&body)
+            .map_err(|error| ApiError::from_json(&body, &error, "registration"))?
     };
     let stale_threshold = match body.stale_threshold_seconds {
         None => None,
@@ -120,10 +111,8 @@ pub(super) async fn register(
             Some(std::time::Duration::from_secs_f64(seconds))
         }
         Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_registration",
-                "stale_threshold_seconds must be a number of seconds above 0",
+            return Err(ApiError::InvalidRegistration(
+                "stale_threshold_seconds must be a number of seconds above 0".to_owned(),
             ));
         }
     };
@@ -132,27 +121,7 @@ pub(super) async fn register(
         stale_threshold,
         critical: body.critical,
     };
-    state
-        .health
-        .register(&id, registration)
-        .map_err(|error| match error {
-            RegisterError::InvalidId(_) => invalid_id(),
-            RegisterError::LimitReached(_) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_workers",
-                error.to_string(),
-            ),
-            RegisterError::InProcess(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "in_process_dispatcher",
-                error.to_string(),
-            ),
-            RegisterError::InvalidThreshold(_) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_registration",
-                error.to_string(),
-            ),
-        })?;
+    state.health.register(&id, registration)?;
     state
         .health
         .health(&id)
@@ -189,11 +158,9 @@ fn remote(state: &ApiState, id: &str) -> Result<(), ApiError> {
     valid_id(id)?;
     match state.health.health(id) {
         None => Err(unknown(id)),
-        Some(health) if health.origin == Origin::InProcess => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "in_process_dispatcher",
-            format!("`{id}` is a dispatcher of this process; it heartbeats by itself"),
-        )),
+        Some(health) if health.origin == Origin::InProcess => {
+            Err(ApiError::InProcessDispatcher(id.to_owned()))
+        }
         Some(_) => Ok(()),
     }
 }
@@ -207,17 +174,9 @@ fn valid_id(id: &str) -> Result<(), ApiError> {
 }
 
 fn invalid_id() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_dispatcher_id",
-        "a dispatcher id is 1 to 128 characters of [A-Za-z0-9_.-]",
-    )
+    ApiError::InvalidDispatcherId
 }
 
 fn unknown(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown_dispatcher",
-        format!("no dispatcher `{id}` is registered"),
-    )
+    ApiError::UnknownDispatcher(id.to_owned())
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
@@ -110,6 +110,8 @@ pub struct Guard {
     metrics: Option<HttpMetrics>,
     min_body_rate: Option<BodyRate>,
     max_body_bytes: usize,
+    /// The request line and headers, at most (431 as JSON past it).
+    max_head_bytes: usize,
     policies: Arc<HashMap<&'static str, Policy>>,
 }
 
@@ -134,8 +136,17 @@ impl Guard {
             metrics,
             min_body_rate: None,
             max_body_bytes: usize::MAX,
+            max_head_bytes: usize::MAX,
             policies: Arc::default(),
         }
+    }
+
+    /// Answers 431 `head_too_large`, as JSON like every other error, to a request whose line and
+    /// headers add up to more than `bytes`. (hyper's own limit, set above this one by `serve`,
+    /// remains the backstop for heads too large to buffer; it answers 431 without a body.)
+    pub fn max_header_bytes(mut self, bytes: usize) -> Guard {
+        self.max_head_bytes = bytes;
+        self
     }
 
     /// Answers 408 `body_too_slow` to a request whose body, once `grace` has passed, has
@@ -241,6 +252,9 @@ impl Guard {
 }
 
 pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    if head_bytes(&request) > guard.max_head_bytes {
+        return ApiError::HeadTooLarge.into_response();
+    }
     let policy = guard.policy(&request);
     if let Some(scope) = guard.scope(policy.access) {
         let authorization = request
@@ -265,24 +279,30 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         Ok(response) => response,
         Err(_) => {
             guard.shed("timeout");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "request_timeout",
-                "the request was not answered within server.request_timeout; it may have been dispatched in part",
-            )
-            .into_response()
+            ApiError::RequestTimeout.into_response()
         }
     }
 }
 
+/// The size of the request line and headers as an HTTP/1.1 client sent them.
+fn head_bytes(request: &Request) -> usize {
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n ".len();
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len())
+        .sum();
+    line + headers + 2
+}
+
 /// 503 `overloaded` with `Retry-After`.
 fn overloaded(message: &'static str) -> Response {
-    let mut response =
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    ApiError::Overloaded(message).into_response()
 }
 
 /// Why a body was refused while it arrived.
@@ -297,21 +317,11 @@ enum Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
-            Refusal::TooLarge => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is larger than server.max_body_bytes",
-            ),
-            Refusal::TooSlow => ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_too_slow",
-                "the request body arrived slower than server.min_body_rate",
-            ),
-            Refusal::Unreadable => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                "the request body could not be read",
-            ),
+            Refusal::TooLarge => ApiError::PayloadTooLarge,
+            Refusal::TooSlow => ApiError::BodyTooSlow,
+            Refusal::Unreadable => {
+                ApiError::InvalidBody("the request body could not be read".to_owned())
+            }
         }
         .into_response()
     }
@@ -366,26 +376,10 @@ async fn receive(
 /// exist), 403 for a known token without the scope.
 fn refused(denied: Denied) -> Response {
     match denied {
-        Denied::Missing | Denied::Invalid => {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"dispatchd\""),
-            );
-            response
-        }
-        Denied::Forbidden => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this token does not allow this request",
-        )
-        .into_response(),
+        Denied::Missing | Denied::Invalid => ApiError::Unauthorized,
+        Denied::Forbidden => ApiError::Forbidden,
     }
+    .into_response()
 }
 
 #[cfg(test)]

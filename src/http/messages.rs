@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use opentelemetry::trace::TraceContextExt;
@@ -14,6 +12,7 @@ use serde::Deserialize;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::error::{Body, PathParam};
 use super::{ApiError, ApiState};
 use crate::engine::{DispatchResult, DispatchStatus, Envelope};
 use crate::sinks::DispatchEvent;
@@ -38,26 +37,11 @@ pub struct IngestBody {
 
 pub(super) async fn ingest(
     State(state): State<ApiState>,
-    topic: Result<Path<String>, PathRejection>,
+    PathParam(topic): PathParam,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let Path(topic) = topic.map_err(|rejection| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_topic",
-            rejection.body_text(),
-        )
-    })?;
     check_content_type(&headers)?;
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the request body is larger than server.max_body_bytes",
-        ),
-        status => ApiError::new(status, "invalid_body", rejection.body_text()),
-    })?;
     let envelope = parse_envelope(&body)?;
     // The caller's traceparent (a malformed one is no parent: a new trace starts), else the
     // envelope's own.
@@ -82,11 +66,7 @@ pub(super) async fn ingest(
     let result = tokio::select! {
         result = state.engine.dispatch(&topic, &envelope).instrument(span) => result,
         () = state.abandon.cancelled() => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "dispatchd shut down before this dispatch finished; it may have run in part",
-            ));
+            return Err(ApiError::ShuttingDown);
         }
     };
     if let Some(events) = &state.events {
@@ -138,11 +118,7 @@ pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     if essence == "application/json" || essence.ends_with("+json") {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the envelope as JSON with content-type: application/json",
-        ))
+        Err(ApiError::UnsupportedMediaType)
     }
 }
 
@@ -150,32 +126,17 @@ pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 /// 4xx error the endpoint returns for it. Arbitrary bytes never panic (property tests and the
 /// `envelope` fuzz target).
 pub fn parse_envelope(body: &[u8]) -> Result<Envelope, ApiError> {
-    let body: IngestBody = serde_json::from_slice(body).map_err(|error| {
-        let (status, code) = match error.classify() {
-            serde_json::error::Category::Data => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_envelope")
-            }
-            _ => (StatusCode::BAD_REQUEST, "invalid_json"),
-        };
-        ApiError::new(
-            status,
-            code,
-            // serde quotes the offending value: mask it like any error text.
-            crate::engine::sanitize(&format!("the body is not a valid envelope: {error}"))
-                .into_owned(),
-        )
-    })?;
+    let body: IngestBody = serde_json::from_slice(body)
+        .map_err(|error| ApiError::from_json(body, &error, "envelope"))?;
     for (field, value) in [
         ("message_id", &body.message_id),
         ("correlation_id", &body.correlation_id),
     ] {
         if let Some(value) = value {
             if value.is_empty() || value.len() > MAX_ID_LEN {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_envelope",
-                    format!("{field} must be 1 to {MAX_ID_LEN} bytes"),
-                ));
+                return Err(ApiError::InvalidEnvelope(format!(
+                    "{field} must be 1 to {MAX_ID_LEN} bytes"
+                )));
             }
         }
     }
@@ -257,7 +218,7 @@ mod properties {
         #[test]
         fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..200)) {
             if let Err(error) = parse_envelope(&body) {
-                prop_assert!(error.status.is_client_error());
+                prop_assert!(error.status().is_client_error());
             }
         }
 
@@ -266,7 +227,7 @@ mod properties {
         fn arbitrary_json_never_panics(value in json_value()) {
             let body = serde_json::to_vec(&value).unwrap();
             if let Err(error) = parse_envelope(&body) {
-                prop_assert!(error.status.is_client_error());
+                prop_assert!(error.status().is_client_error());
             }
         }
 

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, ApiState};
@@ -40,25 +40,9 @@ pub(super) async fn stats(State(state): State<ApiState>) -> Result<Json<stats::S
 }
 
 fn render_error(error: RenderError) -> ApiError {
-    match error {
-        RenderError::Disabled => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "metrics_disabled",
-            "metrics are disabled in this configuration (metrics.enabled = false)",
-        ),
-        RenderError::Unavailable(_) => unavailable("the metrics exporter is unavailable"),
-        RenderError::Encode(_) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "metrics_encoding_failed",
-            "the metrics could not be encoded",
-        ),
-    }
+    error.into()
 }
 
-fn unavailable(message: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "metrics_unavailable",
-        message,
-    )
+fn unavailable(message: &'static str) -> ApiError {
+    ApiError::MetricsUnavailable(message)
 }

@@ -79,7 +79,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // hyper's floor is 8 KiB; the config enforces it too.
-        .max_buf_size(limits.max_header_bytes.max(8192));
+        .max_buf_size((limits.max_header_bytes * 2).max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())

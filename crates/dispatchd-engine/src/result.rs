@@ -316,7 +316,7 @@ impl DispatchResult {
         DispatchResult {
             dispatch_id,
             status: DispatchStatus::Success,
-            topic: topic.to_owned(),
+            topic: echo_topic(topic),
             message_category: None,
             message_type: envelope.message_type.clone(),
             message_id: envelope.message_id.clone(),
@@ -331,6 +331,21 @@ impl DispatchResult {
             dispatchers: Vec::new(),
         }
     }
+}
+
+/// The topic as a result repeats it: a topic too long to be valid is cut at
+/// [`MAX_TOPIC_LEN`](super::MAX_TOPIC_LEN) bytes (and marked with `…`), so a 6 KB topic is not
+/// echoed back whole.
+fn echo_topic(topic: &str) -> String {
+    let max = super::MAX_TOPIC_LEN;
+    if topic.len() <= max {
+        return topic.to_owned();
+    }
+    let mut end = max;
+    while !topic.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &topic[..end])
 }
 
 impl DispatcherOutcome {
@@ -402,6 +417,17 @@ mod tests {
                 code
             );
         }
+    }
+
+    #[test]
+    fn a_topic_too_long_to_be_valid_is_not_echoed_whole() {
+        let envelope = Envelope::new("t", serde_json::Value::Null);
+        let long = "é".repeat(3000);
+        let result = DispatchResult::new(Uuid::nil(), &long, &envelope);
+        assert!(result.topic.len() <= super::super::MAX_TOPIC_LEN + '…'.len_utf8());
+        assert!(result.topic.ends_with('…'));
+        let short = DispatchResult::new(Uuid::nil(), "a.events", &envelope);
+        assert_eq!(short.topic, "a.events");
     }
 
     #[test]
