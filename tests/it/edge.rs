@@ -468,6 +468,7 @@ async fn slow_bodies_are_refused_with_408_and_never_starve_ingest() {
     for attacker in attackers {
         attacker.await.unwrap();
     }
+    eprintln!("{ok} of {sent} normal requests answered 200 beside {ATTACKERS} trickling clients");
     assert!(
         ok * 100 >= sent * 99,
         "{ok} of {sent} normal requests answered 200: {statuses:?}"
