@@ -89,7 +89,7 @@ async fn connections_that_send_nothing_or_stall_are_closed_within_the_head_timeo
         |b| b,
     )
     .await;
-    let mut nothing = TcpStream::connect(app.addr).await.unwrap();
+    let nothing = TcpStream::connect(app.addr).await.unwrap();
     let mut part_of_a_head = TcpStream::connect(app.addr).await.unwrap();
     part_of_a_head
         .write_all(b"POST /api/v1/messages/a.b.events HTTP/1.1\r\nHost: x\r\n")
@@ -102,23 +102,25 @@ async fn connections_that_send_nothing_or_stall_are_closed_within_the_head_timeo
 
     // Far beyond the 300 ms the config allows: only a connection left open fails this.
     let bound = Duration::from_secs(5);
-    for (what, stream) in [
-        ("a connection that sends nothing", &mut nothing),
-        (
-            "a connection that sends part of a head",
-            &mut part_of_a_head,
-        ),
-        (
-            "a connection that sends only the HTTP/2 preface",
-            &mut preface_only,
-        ),
-        (
-            "an HTTP/2 connection silent after a request",
-            &mut silent_h2,
-        ),
-    ] {
-        assert!(closed_within(stream, bound).await, "{what} stayed open");
-    }
+    let mut connections = [
+        ("nothing", nothing),
+        ("part of a head", part_of_a_head),
+        ("only the HTTP/2 preface", preface_only),
+        ("HTTP/2, silent after a request", silent_h2),
+    ];
+    let closed = futures::future::join_all(
+        connections
+            .iter_mut()
+            .map(|(_, stream)| closed_within(stream, bound)),
+    )
+    .await;
+    let left_open: Vec<&str> = connections
+        .iter()
+        .zip(closed)
+        .filter(|(_, closed)| !closed)
+        .map(|((what, _), _)| *what)
+        .collect();
+    assert!(left_open.is_empty(), "left open: {left_open:?}");
     let metrics = app.scrape().await;
     assert_eq!(
         sample(&metrics, r#"http_connections_closed_total{reason="idle"}"#),
@@ -187,8 +189,14 @@ async fn past_max_connections_the_longest_idle_connection_makes_room() {
     .await;
 
     let mut silent = Vec::with_capacity(SILENT);
-    for _ in 0..SILENT {
-        silent.push(TcpStream::connect(app.addr).await.unwrap());
+    for n in 0..SILENT {
+        // Past the slots and the kernel's backlog, a connection completes only if the server
+        // keeps making room.
+        let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(app.addr));
+        let stream = connect
+            .await
+            .unwrap_or_else(|_| panic!("silent connection {n} was never accepted"));
+        silent.push(stream.unwrap());
     }
     // Each scrape is one more connection: the server has caught up once it has closed all but
     // the newest silent ones.
@@ -352,12 +360,12 @@ async fn a_declared_body_over_the_limit_is_refused_before_it_is_read() {
 
 /// One client that trickles its body a byte every 200 ms (the issue's one byte every 2 s, scaled
 /// to the test's grace period), reconnecting after each answer, until `stop`. Counts the
-/// connections it got going and the 408 `body_too_slow` answers it got.
+/// connections it got going, and keeps the status line and body of each answer.
 async fn trickle_bodies(
     addr: std::net::SocketAddr,
     stop: Arc<AtomicBool>,
     trickling: Arc<AtomicUsize>,
-    refused: Arc<AtomicUsize>,
+    answers: Arc<std::sync::Mutex<Vec<String>>>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -386,11 +394,14 @@ async fn trickle_bodies(
             }
         })
         .await;
-        assert!(read_all.is_ok(), "a trickling body was never answered");
         let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-        assert!(answer.contains(r#""code":"body_too_slow""#), "{answer}");
-        refused.fetch_add(1, Ordering::SeqCst);
+        let status_line = answer.lines().next().unwrap_or("no answer");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let kept = match read_all {
+            Ok(()) => format!("{status_line} {body}"),
+            Err(_) => "not answered within 20 s".to_owned(),
+        };
+        answers.lock().unwrap().push(kept);
     }
 }
 
@@ -411,14 +422,14 @@ async fn slow_bodies_are_refused_with_408_and_never_starve_ingest() {
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let trickling = Arc::new(AtomicUsize::new(0));
-    let refused = Arc::new(AtomicUsize::new(0));
+    let answers: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let attackers: Vec<_> = (0..ATTACKERS)
         .map(|_| {
             tokio::spawn(trickle_bodies(
                 app.addr,
                 stop.clone(),
                 trickling.clone(),
-                refused.clone(),
+                answers.clone(),
             ))
         })
         .collect();
@@ -427,15 +438,15 @@ async fn slow_bodies_are_refused_with_408_and_never_starve_ingest() {
     })
     .await;
 
-    // Normal ingest from two clients, until every attacker has been refused twice over (and at
+    // Normal ingest from two clients, until the attackers have had two answers each (and at
     // least 100 requests were sent).
     let (mut sent, mut ok) = (0usize, 0usize);
     let mut statuses = std::collections::BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sent < 100 || refused.load(Ordering::SeqCst) < 2 * ATTACKERS {
+    while sent < 100 || answers.lock().unwrap().len() < 2 * ATTACKERS {
         assert!(
             Instant::now() < deadline,
-            "the attackers were not refused in time"
+            "the attackers were not answered in time"
         );
         let (a, b) = tokio::join!(
             app.post_message(
@@ -457,15 +468,23 @@ async fn slow_bodies_are_refused_with_408_and_never_starve_ingest() {
     for attacker in attackers {
         attacker.await.unwrap();
     }
+    eprintln!("{ok} of {sent} normal requests answered 200 beside {ATTACKERS} trickling clients");
     assert!(
         ok * 100 >= sent * 99,
         "{ok} of {sent} normal requests answered 200: {statuses:?}"
     );
+    let answers = answers.lock().unwrap().clone();
+    for answer in &answers {
+        assert!(
+            answer.starts_with("HTTP/1.1 408") && answer.contains(r#""code":"body_too_slow""#),
+            "a trickling body was answered {answer}"
+        );
+    }
     let metrics = app.scrape().await;
     let counted = sample(
         &metrics,
         r#"http_requests_shed_total{reason="body_too_slow"}"#,
     );
-    assert_eq!(counted, Some(refused.load(Ordering::SeqCst) as f64));
+    assert_eq!(counted, Some(answers.len() as f64));
     app.stop().await.unwrap();
 }

@@ -322,11 +322,18 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 /// waits until one turns idle, which then makes room for it at once.
 #[tokio::test]
 async fn past_max_connections_with_every_connection_busy_new_connections_wait() {
-    let (app, gate, arrived) = gated_app(|config| config.server.max_connections = 2).await;
-    // Two requests in progress, one per connection (keep-alive: their connections stay open).
+    let (app, gate, arrived) = gated_app(|config| {
+        config.server.max_connections = 2;
+        // Long enough that idleness alone closes nothing during the test.
+        config.server.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Two requests in progress, one per connection. The clients live to the end of the test, so
+    // their keep-alive connections stay open after their requests.
+    let clients = [reqwest::Client::new(), reqwest::Client::new()];
     let mut held = Vec::new();
-    for _ in 0..2 {
-        let client = reqwest::Client::new();
+    for client in &clients {
+        let client = client.clone();
         let url = app.url("/api/v1/messages/shop.orders.intents");
         held.push(tokio::spawn(async move {
             client
@@ -366,6 +373,7 @@ async fn past_max_connections_with_every_connection_busy_new_connections_wait() 
     for held in held {
         assert_eq!(held.await.unwrap(), StatusCode::OK);
     }
+    drop(clients);
     app.stop().await.unwrap();
 }
 
