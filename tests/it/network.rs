@@ -471,8 +471,13 @@ dispatcher_id = "billing"
         refund(20, "GBP"),
         json!({"message_type": "wipe", "payload": {}}),
     ] {
-        let (_, result) = post(&app, "shop.billing.commands", denied).await;
-        assert_ne!(result["status"], "success", "{result}");
+        let (status, result) = post(&app, "shop.billing.commands", denied).await;
+        assert_eq!(
+            (status, &result["status"]),
+            (403, &json!("denied")),
+            "{result}"
+        );
+        assert_eq!(result["dispatchers"][0]["result"], "denied", "{result}");
         assert_eq!(
             result["dispatchers"][0]["policy"], "billing-rules",
             "{result}"
