@@ -4,11 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use dispatchd::auth::{ApiToken, Scope, Secret, Tokens};
-use dispatchd::engine::{
-    Category, Dispatcher, Handler, HandlerError, Message, OutputMessage, Route,
-};
+use dispatchd::engine::{Category, Dispatcher, Route};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -155,27 +152,11 @@ async fn a_metrics_token_closes_metrics_and_stats() {
 }
 
 /// Holds every message until released, counting arrivals.
-struct Gate(Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>);
-
-#[async_trait]
-impl Handler for Gate {
-    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        let _pass = self
-            .0
-            .acquire()
-            .await
-            .map_err(|_| HandlerError::permanent("closed"))?;
-        Ok(Vec::new())
-    }
-}
-
 async fn gated_app(
     edit: impl FnOnce(&mut dispatchd::config::Config),
 ) -> (TestApp, Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>) {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let arrived = Arc::new(AtomicUsize::new(0));
-    let handler = Gate(gate.clone(), arrived.clone());
+    let handler = crate::support::Gate::new();
+    let (gate, arrived) = (handler.release.clone(), handler.arrived.clone());
     let app = TestApp::start_with(edit, |builder| {
         builder
             .dispatcher(Dispatcher::new("gate", Category::Intent, handler))

@@ -1,14 +1,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use dispatchd::config::MetricsConfig;
-use dispatchd::engine::{
-    Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage, Route,
-};
+use dispatchd::engine::{Category, Dispatcher, Engine, Route};
 use dispatchd::health::{HealthConfig, HealthRegistry, LifecycleObserver};
 use dispatchd::http::{ApiState, router};
 use dispatchd::telemetry::Telemetry;
@@ -348,22 +345,20 @@ async fn bad_ids_bodies_and_bounds_are_refused_with_json_errors() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-struct Failing;
-
-#[async_trait]
-impl Handler for Failing {
-    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        Err(HandlerError::transient("down"))
-    }
-}
-
 #[tokio::test]
 async fn in_process_dispatchers_are_registered_running_and_count_their_failures() {
     let app = TestApp::start_with(
         |_| {},
         |builder| {
             builder
-                .dispatcher(Dispatcher::new("flaky", Category::Intent, Failing))
+                .dispatcher(Dispatcher::new(
+                    "flaky",
+                    Category::Intent,
+                    crate::support::Failing {
+                        transient: true,
+                        message: "down",
+                    },
+                ))
                 .route(Route::new("r", "**", Category::Intent, "flaky"))
         },
     )

@@ -218,15 +218,6 @@ async fn a_bad_topic_is_400_and_an_unrouted_one_404_both_with_the_result() {
     app.stop().await.unwrap();
 }
 
-struct Failing;
-
-#[async_trait]
-impl Handler for Failing {
-    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        Err(HandlerError::transient("upstream refused: token=abc123"))
-    }
-}
-
 struct Slow;
 
 #[async_trait]
@@ -243,7 +234,14 @@ async fn dispatcher_failures_are_502_and_timeouts_504() {
         |_| {},
         |builder| {
             builder
-                .dispatcher(Dispatcher::new("failing", Category::Intent, Failing))
+                .dispatcher(Dispatcher::new(
+                    "failing",
+                    Category::Intent,
+                    crate::support::Failing {
+                        transient: true,
+                        message: "upstream refused: token=abc123",
+                    },
+                ))
                 .dispatcher(
                     Dispatcher::new("slow", Category::Intent, Slow)
                         .with_timeout(Duration::from_millis(50)),
@@ -356,7 +354,14 @@ async fn refusals_are_statuses_of_their_own_and_never_count_as_errors() {
                 };
                 builder
                     .dispatcher_with(
-                        Dispatcher::new("payments", Category::Intent, Failing),
+                        Dispatcher::new(
+                            "payments",
+                            Category::Intent,
+                            crate::support::Failing {
+                                transient: true,
+                                message: "upstream refused: token=abc123",
+                            },
+                        ),
                         guarded,
                     )
                     .dispatcher(Dispatcher::command("deployer", Deploys).with_policy(

@@ -5,22 +5,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dispatchd::engine::{
-    Category, CommandAdapter, Dispatcher, Effect, Handler, HandlerError, Message, OutputMessage,
-    Route, RulePolicy,
+    Category, CommandAdapter, Dispatcher, Effect, HandlerError, Message, OutputMessage, Route,
+    RulePolicy,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::{TestApp, required_tool, sample};
-
-struct Failing;
-
-#[async_trait]
-impl Handler for Failing {
-    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        Err(HandlerError::permanent("refused"))
-    }
-}
 
 struct Ops;
 
@@ -40,7 +31,14 @@ impl CommandAdapter for Ops {
 async fn canonical_app(edit: impl FnOnce(&mut dispatchd::config::Config)) -> TestApp {
     TestApp::start_with(edit, |builder| {
         builder
-            .dispatcher(Dispatcher::new("failing", Category::Intent, Failing))
+            .dispatcher(Dispatcher::new(
+                "failing",
+                Category::Intent,
+                crate::support::Failing {
+                    transient: false,
+                    message: "refused",
+                },
+            ))
             .dispatcher(
                 Dispatcher::command("ops", Ops)
                     .with_policy(RulePolicy::new("change-freeze", Effect::Allow).deny("deploy")),

@@ -1,10 +1,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use dispatchd::engine::{
-    Category, Dispatcher, Handler, HandlerError, Message, OutputMessage, Route,
-};
+use dispatchd::engine::{Category, Dispatcher, Route};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
@@ -12,33 +9,11 @@ use tokio::sync::{Notify, Semaphore};
 use crate::support::TestApp;
 
 /// Holds each call until the test releases it, and tells the test when a call has arrived.
-struct Gate {
-    entered: Arc<Notify>,
-    release: Arc<Semaphore>,
-}
-
-#[async_trait]
-impl Handler for Gate {
-    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        self.entered.notify_one();
-        let _permit = self
-            .release
-            .acquire()
-            .await
-            .map_err(|_| HandlerError::transient("closed"))?;
-        Ok(Vec::new())
-    }
-}
-
 async fn gated_app(
     edit: impl FnOnce(&mut dispatchd::config::Config),
 ) -> (TestApp, Arc<Notify>, Arc<Semaphore>) {
-    let entered = Arc::new(Notify::new());
-    let release = Arc::new(Semaphore::new(0));
-    let gate = Gate {
-        entered: entered.clone(),
-        release: release.clone(),
-    };
+    let gate = crate::support::Gate::new();
+    let (entered, release) = (gate.entered.clone(), gate.release.clone());
     let app = TestApp::start_with(edit, |builder| {
         builder
             .dispatcher(Dispatcher::new("gate", Category::Intent, gate))

@@ -325,3 +325,60 @@ pub(crate) async fn terminate(child: &mut std::process::Child) -> std::process::
     }
     panic!("the process did not exit within 30 s of SIGTERM");
 }
+
+/// A handler that always fails: transiently (retried where a policy allows) or permanently.
+pub(crate) struct Failing {
+    pub(crate) transient: bool,
+    pub(crate) message: &'static str,
+}
+
+#[async_trait::async_trait]
+impl dispatchd::engine::Handler for Failing {
+    async fn handle(
+        &self,
+        _: &dispatchd::engine::Message<'_>,
+    ) -> Result<Vec<dispatchd::engine::OutputMessage>, dispatchd::engine::HandlerError> {
+        Err(if self.transient {
+            dispatchd::engine::HandlerError::transient(self.message)
+        } else {
+            dispatchd::engine::HandlerError::permanent(self.message)
+        })
+    }
+}
+
+/// A handler that holds each call until the test releases a permit: it counts arrivals and
+/// tells the test when a call has entered.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    pub(crate) arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) entered: std::sync::Arc<tokio::sync::Notify>,
+    pub(crate) release: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    pub(crate) fn new() -> Gate {
+        Gate {
+            arrived: Default::default(),
+            entered: Default::default(),
+            release: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl dispatchd::engine::Handler for Gate {
+    async fn handle(
+        &self,
+        _: &dispatchd::engine::Message<'_>,
+    ) -> Result<Vec<dispatchd::engine::OutputMessage>, dispatchd::engine::HandlerError> {
+        self.arrived
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.entered.notify_one();
+        let _permit = self
+            .release
+            .acquire()
+            .await
+            .map_err(|_| dispatchd::engine::HandlerError::permanent("closed"))?;
+        Ok(Vec::new())
+    }
+}
