@@ -1,7 +1,10 @@
 //! The engine's metrics, fed by an instrumentation strategy.
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
+
+// parking_lot's locks do not poison: a panicking strategy elsewhere cannot wedge the metrics.
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -227,11 +230,11 @@ impl InstrumentationStrategy for MetricsStrategy {
         _: &serde_json::Value,
     ) {
         let key = (adapter.to_owned(), command_type.to_owned());
-        if let Some(bound) = read(&self.commands).get(&key) {
+        if let Some(bound) = self.commands.read().get(&key) {
             bound.add(1);
             return;
         }
-        let mut commands = write(&self.commands);
+        let mut commands = self.commands.write();
         let distinct_types = commands.len();
         let key = if distinct_types < MAX_COMMAND_TYPE_LABELS {
             key
@@ -250,11 +253,11 @@ impl InstrumentationStrategy for MetricsStrategy {
     }
 
     fn on_policy_denied(&self, _: &DispatchInfo<'_>, policy: &str, _: &str, _: &str) {
-        if let Some(bound) = read(&self.policies).get(policy) {
+        if let Some(bound) = self.policies.read().get(policy) {
             bound.add(1);
             return;
         }
-        write(&self.policies)
+        self.policies.write()
             .entry(policy.to_owned())
             .or_insert_with_key(|policy| {
                 self.metrics
@@ -265,11 +268,3 @@ impl InstrumentationStrategy for MetricsStrategy {
     }
 }
 
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
