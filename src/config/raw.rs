@@ -41,59 +41,54 @@ const MAX_WORKERS_LIMIT: u64 = 100_000;
 /// The largest request body a config may allow.
 const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
     server: RawServer,
-    #[serde(default)]
     metrics: RawMetrics,
-    #[serde(default)]
     log: RawLog,
-    #[serde(default)]
     health: RawHealth,
     dispatchers: Option<Vec<RawDispatcher>>,
     routes: Option<Vec<RawRoute>>,
     sinks: Option<Vec<RawSink>>,
-    #[serde(default)]
     bus: RawBus,
-    #[serde(default)]
     tracing: RawTracing,
-    #[serde(default)]
     otlp: RawOtlp,
     #[serde(default)]
     auth: RawAuth,
-    #[serde(default)]
     redaction: RawRedaction,
     sources: Option<Vec<RawSource>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTracing {
-    sampling_ratio: Option<f64>,
-    log_format: Option<String>,
+    sampling_ratio: f64,
+    log_format: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOtlp {
-    endpoint: Option<String>,
-    metrics: Option<bool>,
-    metrics_interval: Option<String>,
+    endpoint: String,
+    metrics: bool,
+    metrics_interval: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBus {
-    kind: Option<String>,
+    kind: String,
     redis_url: Option<String>,
-    events_stream: Option<String>,
+    events_stream: String,
     max_len: Option<usize>,
     consumer: Option<String>,
-    claim_idle: Option<String>,
-    outputs_prefix: Option<String>,
-    dead_letter: Option<String>,
+    claim_idle: String,
+    outputs_prefix: String,
+    dead_letter: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,20 +119,21 @@ struct RawSink {
     retry: Option<RawRetry>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
-    listen: Option<String>,
-    max_body_bytes: Option<u64>,
-    shutdown_grace: Option<String>,
-    max_header_bytes: Option<u64>,
-    header_read_timeout: Option<String>,
-    request_timeout: Option<String>,
-    max_in_flight: Option<u64>,
-    max_connections: Option<u64>,
-    drain_delay: Option<String>,
-    min_body_rate: Option<u64>,
-    body_rate_grace: Option<String>,
+    listen: String,
+    max_body_bytes: u64,
+    shutdown_grace: String,
+    max_header_bytes: u64,
+    header_read_timeout: String,
+    request_timeout: String,
+    max_in_flight: u64,
+    max_connections: u64,
+    drain_delay: String,
+    min_body_rate: u64,
+    body_rate_grace: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,25 +155,28 @@ struct RawToken {
     scopes: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedaction {
-    deny: Option<Vec<String>>,
-    allow: Option<Vec<String>>,
+    deny: Vec<String>,
+    allow: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
-    enabled: Option<bool>,
-    namespace: Option<String>,
-    cardinality_limit: Option<u64>,
+    enabled: bool,
+    namespace: String,
+    cardinality_limit: u64,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
-    filter: Option<String>,
+    filter: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,13 +277,14 @@ struct RawDedup {
     capacity: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is in default.toml, the one home of the defaults.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
-    stale_threshold: Option<String>,
-    failure_limit: Option<u32>,
-    max_workers: Option<u64>,
-    max_stale_threshold: Option<String>,
+    stale_threshold: String,
+    failure_limit: u32,
+    max_workers: u64,
+    max_stale_threshold: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,14 +410,12 @@ pub(super) fn layered(
     };
     let mut problems = Vec::new();
     let mut unreadable = Unreadable::default();
+    let defaults = merged.clone();
     if let Some((path, text)) = file {
-        // The file alone first, so syntax and shape errors point at its lines. A syntax error
-        // ends the reading; shape errors (unknown fields, wrong types, missing fields) are each
-        // reported and the rest of the file read on.
-        let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| invalid_toml(path, text, &e))?;
+        // A syntax error ends the reading; shape errors (unknown fields, wrong types, missing
+        // fields) are each reported at the file's lines and the rest read on.
+        let table: toml::Table = toml::from_str(text).map_err(|e| invalid_toml(path, text, &e))?;
         origins.file = Some((path, text, toml_edit::Document::parse(text).ok()));
-        unreadable = check_shape(&mut table, &mut origins, &mut problems);
         // The default dispatchers and routes are one unit: a file that defines either list
         // replaces both, so no default route is left pointing at a dispatcher that is gone.
         if table.contains_key("dispatchers") || table.contains_key("routes") {
@@ -425,6 +423,9 @@ pub(super) fn layered(
             merged.remove("routes");
         }
         merge(&mut merged, table);
+        // Checked over the defaults, which give every table field its value (the defaults live
+        // in default.toml only): a value the file got wrong falls back to its default.
+        unreadable = check_shape(&mut merged, &defaults, &mut origins, &mut problems);
     }
 
     for &(var, field) in ENV_OVERRIDES {
@@ -498,29 +499,22 @@ fn validate(
     let limits = validate_limits(&raw.server, origins, problems);
     let auth = validate_auth(&raw.auth, origins, env, problems);
     let redaction = crate::engine::Redactor::new(
-        raw.redaction.deny.clone().unwrap_or_default(),
-        raw.redaction
-            .allow
-            .clone()
-            .filter(|allow| !allow.is_empty()),
+        raw.redaction.deny.clone(),
+        Some(raw.redaction.allow.clone()).filter(|allow| !allow.is_empty()),
     );
-    let mut missing = |field: &str| problems.push(origins.problem(field, "is required"));
-    let listen = raw.server.listen.or_else(|| {
-        missing("server.listen");
-        None
-    });
-    let max_body_bytes = raw.server.max_body_bytes.unwrap_or(0);
-    let grace = raw.server.shutdown_grace.unwrap_or_default();
-    let enabled = raw.metrics.enabled.unwrap_or(true);
-    let namespace = raw.metrics.namespace.unwrap_or_default();
-    let cardinality_limit = raw.metrics.cardinality_limit.unwrap_or(0);
+    let listen = Some(raw.server.listen);
+    let max_body_bytes = raw.server.max_body_bytes;
+    let grace = raw.server.shutdown_grace;
+    let enabled = raw.metrics.enabled;
+    let namespace = raw.metrics.namespace;
+    let cardinality_limit = raw.metrics.cardinality_limit;
     if !(1..=MAX_CARDINALITY_LIMIT).contains(&cardinality_limit) {
         problems.push(origins.problem(
             "metrics.cardinality_limit",
             format!("must be between 1 and {MAX_CARDINALITY_LIMIT}"),
         ));
     }
-    let filter = raw.log.filter.unwrap_or_else(|| "info".to_owned());
+    let filter = raw.log.filter;
 
     let listen = listen.and_then(|text| match text.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
@@ -564,14 +558,14 @@ fn validate(
         .map(|(i, sink)| validate_sink(i, sink, origins, env, problems))
         .collect::<Vec<_>>();
     let bus = validate_bus(&raw.bus, origins, problems);
-    let sampling_ratio = raw.tracing.sampling_ratio.unwrap_or(1.0);
+    let sampling_ratio = raw.tracing.sampling_ratio;
     if !(0.0..=1.0).contains(&sampling_ratio) {
         problems.push(origins.problem("tracing.sampling_ratio", "must be between 0 and 1"));
     }
-    let log_format = match raw.tracing.log_format.as_deref() {
-        None | Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => {
+    let log_format = match raw.tracing.log_format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
             problems.push(origins.problem(
                 "tracing.log_format",
                 format!("unknown format `{other}` (expected text or json)"),
@@ -579,7 +573,7 @@ fn validate(
             LogFormat::Text
         }
     };
-    let otlp_endpoint = raw.otlp.endpoint.clone().filter(|e| !e.is_empty());
+    let otlp_endpoint = Some(raw.otlp.endpoint.clone()).filter(|e| !e.is_empty());
     if let Some(endpoint) = &otlp_endpoint {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             problems.push(origins.problem(
@@ -588,18 +582,14 @@ fn validate(
             ));
         }
     }
-    let otlp_metrics_interval = match &raw.otlp.metrics_interval {
-        None => Duration::from_secs(60),
-        Some(text) => match duration(text, "otlp.metrics_interval", origins, problems) {
-            Some(interval) if !interval.is_zero() => interval,
-            Some(_) => {
-                problems.push(origins.problem("otlp.metrics_interval", "must be positive"));
-                Duration::from_secs(60)
-            }
-            None => Duration::from_secs(60),
-        },
-    };
-    let otlp_metrics = raw.otlp.metrics.unwrap_or(false);
+    let otlp_metrics_interval = positive(
+        &raw.otlp.metrics_interval,
+        "otlp.metrics_interval",
+        origins,
+        problems,
+    )
+    .unwrap_or(Duration::MAX);
+    let otlp_metrics = raw.otlp.metrics;
     if otlp_metrics && otlp_endpoint.is_none() {
         problems.push(origins.problem(
             "otlp.metrics",
@@ -1289,81 +1279,45 @@ struct Limits {
 }
 
 fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Limits {
-    let mut count =
-        |value: Option<u64>, field: &str, range: std::ops::RangeInclusive<u64>, default: u64| {
-            let value = value.unwrap_or(default);
-            if range.contains(&value) {
-                usize::try_from(value).unwrap_or(usize::MAX)
-            } else {
-                problems.push(origins.problem(
-                    field,
-                    format!("must be between {} and {}", range.start(), range.end()),
-                ));
-                usize::try_from(default).unwrap_or(usize::MAX)
-            }
-        };
+    // An out-of-range value is reported; what it is replaced with does not matter, the
+    // configuration is refused.
+    let mut count = |value: u64, field: &str, range: std::ops::RangeInclusive<u64>| {
+        if !range.contains(&value) {
+            problems.push(origins.problem(
+                field,
+                format!("must be between {} and {}", range.start(), range.end()),
+            ));
+        }
+        usize::try_from(value).unwrap_or(usize::MAX)
+    };
     // hyper needs at least 8 KiB of read buffer; past 1 MiB a header is an attack.
     let max_header_bytes = count(
         raw.max_header_bytes,
         "server.max_header_bytes",
         8192..=1024 * 1024,
-        16 * 1024,
     );
-    let max_in_flight = count(
-        raw.max_in_flight,
-        "server.max_in_flight",
-        1..=1_000_000,
-        1024,
-    );
-    let max_connections = count(
-        raw.max_connections,
-        "server.max_connections",
-        1..=1_000_000,
-        4096,
-    );
+    let max_in_flight = count(raw.max_in_flight, "server.max_in_flight", 1..=1_000_000);
+    let max_connections = count(raw.max_connections, "server.max_connections", 1..=1_000_000);
     // 0 turns the check off; past 1 GB/s it would refuse healthy clients on a fast network.
-    let min_body_rate = count(
-        raw.min_body_rate,
-        "server.min_body_rate",
-        0..=1_000_000_000,
-        1024,
-    ) as u64;
-    let mut positive = |text: &Option<String>, field: &str, default: Duration| match text {
-        None => default,
-        Some(text) => match duration(text, field, origins, problems) {
-            Some(value) if !value.is_zero() => value,
-            Some(_) => {
-                problems.push(origins.problem(field, "must be positive"));
-                default
-            }
-            None => default,
-        },
-    };
+    let min_body_rate = count(raw.min_body_rate, "server.min_body_rate", 0..=1_000_000_000) as u64;
+    let mut positive =
+        |text: &str, field: &str| positive(text, field, origins, problems).unwrap_or(Duration::MAX);
     Limits {
         max_header_bytes,
-        header_read_timeout: positive(
-            &raw.header_read_timeout,
-            "server.header_read_timeout",
-            Duration::from_secs(10),
-        ),
-        request_timeout: positive(
-            &raw.request_timeout,
-            "server.request_timeout",
-            Duration::from_secs(30),
-        ),
+        header_read_timeout: positive(&raw.header_read_timeout, "server.header_read_timeout"),
+        request_timeout: positive(&raw.request_timeout, "server.request_timeout"),
         max_in_flight,
         max_connections,
-        drain_delay: raw
-            .drain_delay
-            .as_ref()
-            .and_then(|text| duration(text, "server.drain_delay", origins, problems))
-            .unwrap_or(Duration::from_secs(5)),
+        drain_delay: duration(&raw.drain_delay, "server.drain_delay", origins, problems)
+            .unwrap_or_default(),
         min_body_rate,
-        body_rate_grace: raw
-            .body_rate_grace
-            .as_ref()
-            .and_then(|text| duration(text, "server.body_rate_grace", origins, problems))
-            .unwrap_or(Duration::from_secs(5)),
+        body_rate_grace: duration(
+            &raw.body_rate_grace,
+            "server.body_rate_grace",
+            origins,
+            problems,
+        )
+        .unwrap_or_default(),
     }
 }
 
@@ -1752,33 +1706,20 @@ fn validate_sink(
 }
 
 fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> BusConfig {
-    let events_stream = raw
-        .events_stream
-        .clone()
-        .unwrap_or_else(|| "dispatchd:events".to_owned());
-    let outputs_prefix = raw
-        .outputs_prefix
-        .clone()
-        .unwrap_or_else(|| "dispatchd:topic:".to_owned());
-    let claim_idle = match &raw.claim_idle {
-        None => Duration::from_secs(30),
-        Some(text) => {
-            positive(text, "bus.claim_idle", origins, problems).unwrap_or(Duration::from_secs(30))
-        }
-    };
-    let redis = match raw.kind.as_deref() {
-        None | Some("memory") => None,
-        Some("redis") => match raw.redis_url.clone() {
+    let events_stream = raw.events_stream.clone();
+    let outputs_prefix = raw.outputs_prefix.clone();
+    let claim_idle =
+        positive(&raw.claim_idle, "bus.claim_idle", origins, problems).unwrap_or(Duration::MAX);
+    let redis = match raw.kind.as_str() {
+        "memory" => None,
+        "redis" => match raw.redis_url.clone() {
             Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
                 Some(RedisBusConfig {
                     url,
                     max_len: raw.max_len.filter(|n| *n > 0),
                     consumer: raw.consumer.clone(),
                     claim_idle,
-                    dead_letter: raw.dead_letter.clone().map_or_else(
-                        || PathBuf::from("./dispatchd-data/bus.dead-letters.jsonl"),
-                        PathBuf::from,
-                    ),
+                    dead_letter: PathBuf::from(&raw.dead_letter),
                 })
             }
             Some(url) => {
@@ -1798,7 +1739,7 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
                 None
             }
         },
-        Some(other) => {
+        other => {
             problems.push(origins.problem(
                 "bus.kind",
                 format!("unknown kind `{other}` (expected memory or redis)"),
@@ -1818,28 +1759,31 @@ fn validate_health(
     origins: &Origins<'_>,
     problems: &mut Vec<Problem>,
 ) -> HealthConfig {
-    let defaults = HealthConfig::default();
-    let max_stale_threshold = raw
-        .max_stale_threshold
-        .as_deref()
-        .and_then(|text| positive(text, "health.max_stale_threshold", origins, problems))
-        .unwrap_or(defaults.max_stale_threshold);
-    let stale_threshold = raw
-        .stale_threshold
-        .as_deref()
-        .and_then(|text| positive(text, "health.stale_threshold", origins, problems))
-        .unwrap_or(defaults.stale_threshold);
+    let max_stale_threshold = positive(
+        &raw.max_stale_threshold,
+        "health.max_stale_threshold",
+        origins,
+        problems,
+    )
+    .unwrap_or(Duration::MAX);
+    let stale_threshold = positive(
+        &raw.stale_threshold,
+        "health.stale_threshold",
+        origins,
+        problems,
+    )
+    .unwrap_or(Duration::ZERO);
     if stale_threshold > max_stale_threshold {
         problems.push(origins.problem(
             "health.stale_threshold",
             "must be at most health.max_stale_threshold",
         ));
     }
-    let failure_limit = raw.failure_limit.unwrap_or(defaults.failure_limit);
+    let failure_limit = raw.failure_limit;
     if failure_limit == 0 {
         problems.push(origins.problem("health.failure_limit", "must be at least 1"));
     }
-    let max_workers = raw.max_workers.unwrap_or(defaults.max_workers as u64);
+    let max_workers = raw.max_workers;
     if max_workers > MAX_WORKERS_LIMIT {
         problems.push(origins.problem(
             "health.max_workers",
@@ -1964,6 +1908,7 @@ const MAX_SHAPE_PROBLEMS: usize = 100;
 /// remain.
 fn check_shape(
     table: &mut toml::Table,
+    defaults: &toml::Table,
     origins: &mut Origins<'_>,
     problems: &mut Vec<Problem>,
 ) -> Unreadable {
@@ -2007,7 +1952,7 @@ fn check_shape(
             (path.clone(), friendly(&message, leaf), path.clone())
         };
         problems.push(origins.problem(field, text));
-        if !remove_at(table, &remove, origins, &mut unreadable) {
+        if !remove_at(table, defaults, &remove, origins, &mut unreadable) {
             // Nothing could be taken out (it should not happen): stop rather than loop.
             return unreadable;
         }
@@ -2020,6 +1965,7 @@ fn check_shape(
 /// whole array with it (its siblings would otherwise be renumbered).
 fn remove_at(
     table: &mut toml::Table,
+    defaults: &toml::Table,
     path: &str,
     origins: &mut Origins<'_>,
     unreadable: &mut Unreadable,
@@ -2065,7 +2011,23 @@ fn remove_at(
         }
         return true;
     }
-    // `a.b[3]` (not a list of tables) or `a.b[3].c`: the array, or the key, goes.
+    // `a.b[3]` (not a list of tables) or `a.b[3].c`: the array, or the key, goes back to its
+    // default, or goes.
+    let path = match path.rfind('[') {
+        Some(open) if path.ends_with(']') => &path[..open],
+        _ => path,
+    };
+    if !path.contains('[') {
+        let mut defaults = defaults.clone();
+        if let Some(default) = lookup(&mut defaults, path).cloned() {
+            if let Some(slot) = lookup(table, path) {
+                if *slot != default {
+                    *slot = default;
+                    return true;
+                }
+            }
+        }
+    }
     let path = match path.rfind('[') {
         Some(open) if path.ends_with(']') => &path[..open],
         _ => path,

@@ -453,7 +453,7 @@ metrics_interval = "0s"
             "FILE:3: `tracing.sampling_ratio`: must be between 0 and 1",
             "FILE:4: `tracing.log_format`: unknown format `xml` (expected text or json)",
             "FILE:7: `otlp.endpoint`: `collector:4318` is not an http(s) URL",
-            "FILE:8: `otlp.metrics_interval`: must be positive",
+            "FILE:8: `otlp.metrics_interval`: must be more than 0",
         ]
     );
     assert_eq!(
@@ -556,7 +556,7 @@ fn server_limits_have_defaults_and_bounds() {
         ),
         [
             "FILE:2: `server.max_header_bytes`: must be between 8192 and 1048576",
-            "FILE:3: `server.header_read_timeout`: must be positive",
+            "FILE:3: `server.header_read_timeout`: must be more than 0",
             "FILE:4: `server.max_in_flight`: must be between 1 and 1000000",
         ]
     );

@@ -257,7 +257,8 @@ impl InstrumentationStrategy for MetricsStrategy {
             bound.add(1);
             return;
         }
-        self.policies.write()
+        self.policies
+            .write()
             .entry(policy.to_owned())
             .or_insert_with_key(|policy| {
                 self.metrics
@@ -267,4 +268,3 @@ impl InstrumentationStrategy for MetricsStrategy {
             .add(1);
     }
 }
-

