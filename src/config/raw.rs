@@ -303,6 +303,44 @@ fn enabled_by_default() -> bool {
     true
 }
 
+/// One validation pass: collects every problem, each placed by [`Origins`]. Each section of the
+/// configuration is checked by a function of its own that takes it.
+struct Checker<'o, 'a> {
+    origins: &'o Origins<'a>,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_, '_> {
+    fn report(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let problem = self.origins.problem(field, message);
+        self.problems.push(problem);
+    }
+
+    /// A duration such as `"30s"`, or a problem.
+    fn duration(&mut self, text: &str, field: &str) -> Option<Duration> {
+        match humantime::parse_duration(text) {
+            Ok(duration) => Some(duration),
+            Err(error) => {
+                self.report(
+                    field,
+                    format!("`{text}` is not a duration such as \"30s\" or \"500ms\": {error}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration that must be more than zero.
+    fn positive(&mut self, text: &str, field: &str) -> Option<Duration> {
+        let value = self.duration(text, field)?;
+        if value.is_zero() {
+            self.report(field, "must be more than 0");
+            return None;
+        }
+        Some(value)
+    }
+}
+
 /// Knows where every field came from, to report problems by file line or variable name.
 struct Origins<'a> {
     file: Option<(&'a Path, &'a str, Option<toml_edit::Document<&'a str>>)>,
@@ -461,7 +499,12 @@ pub(super) fn layered(
             return Err(ConfigError::Invalid(problems));
         }
     };
-    let config = validate(raw, &origins, env, &unreadable, &mut problems);
+    let mut check = Checker {
+        origins: &origins,
+        problems,
+    };
+    let config = validate(raw, env, &unreadable, &mut check);
+    let mut problems = check.problems;
     // In the order a reader meets them in the file; the environment's and the defaults' last.
     problems.sort_by_key(|p| match p.origin {
         Origin::File {
@@ -491,13 +534,12 @@ fn invalid_toml(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError
 
 fn validate(
     raw: RawConfig,
-    origins: &Origins<'_>,
     env: &dyn Fn(&str) -> Option<String>,
     unreadable: &Unreadable,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) -> Option<Config> {
-    let limits = validate_limits(&raw.server, origins, problems);
-    let auth = validate_auth(&raw.auth, origins, env, problems);
+    let limits = validate_limits(&raw.server, check);
+    let auth = validate_auth(&raw.auth, env, check);
     let redaction = crate::engine::Redactor::new(
         raw.redaction.deny.clone(),
         Some(raw.redaction.allow.clone()).filter(|allow| !allow.is_empty()),
@@ -509,44 +551,44 @@ fn validate(
     let namespace = raw.metrics.namespace;
     let cardinality_limit = raw.metrics.cardinality_limit;
     if !(1..=MAX_CARDINALITY_LIMIT).contains(&cardinality_limit) {
-        problems.push(origins.problem(
+        check.report(
             "metrics.cardinality_limit",
             format!("must be between 1 and {MAX_CARDINALITY_LIMIT}"),
-        ));
+        );
     }
     let filter = raw.log.filter;
 
     let listen = listen.and_then(|text| match text.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
         Err(_) => {
-            problems.push(origins.problem(
+            check.report(
                 "server.listen",
                 format!("`{text}` is not an IP address and port such as 127.0.0.1:9000"),
-            ));
+            );
             None
         }
     });
     if !(1..=MAX_BODY_LIMIT).contains(&max_body_bytes) {
-        problems.push(origins.problem(
+        check.report(
             "server.max_body_bytes",
             format!("must be between 1 and {MAX_BODY_LIMIT}"),
-        ));
+        );
     }
-    let shutdown_grace = duration(&grace, "server.shutdown_grace", origins, problems);
+    let shutdown_grace = check.duration(&grace, "server.shutdown_grace");
     if !is_valid_namespace(&namespace) {
-        problems.push(origins.problem(
+        check.report(
             "metrics.namespace",
             format!("`{namespace}` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*"),
-        ));
+        );
     }
     if let Err(error) = tracing_subscriber::EnvFilter::try_new(&filter) {
-        problems.push(origins.problem(
+        check.report(
             "log.filter",
             format!("`{filter}` is not a valid filter: {error}"),
-        ));
+        );
     }
 
-    let health = validate_health(&raw.health, origins, problems);
+    let health = validate_health(&raw.health, check);
 
     let raw_dispatchers = raw.dispatchers.unwrap_or_default();
     let raw_routes = raw.routes.unwrap_or_default();
@@ -555,46 +597,42 @@ fn validate(
         .unwrap_or_default()
         .iter()
         .enumerate()
-        .map(|(i, sink)| validate_sink(i, sink, origins, env, problems))
+        .map(|(i, sink)| validate_sink(i, sink, env, check))
         .collect::<Vec<_>>();
-    let bus = validate_bus(&raw.bus, origins, problems);
+    let bus = validate_bus(&raw.bus, check);
     let sampling_ratio = raw.tracing.sampling_ratio;
     if !(0.0..=1.0).contains(&sampling_ratio) {
-        problems.push(origins.problem("tracing.sampling_ratio", "must be between 0 and 1"));
+        check.report("tracing.sampling_ratio", "must be between 0 and 1");
     }
     let log_format = match raw.tracing.log_format.as_str() {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
-            problems.push(origins.problem(
+            check.report(
                 "tracing.log_format",
                 format!("unknown format `{other}` (expected text or json)"),
-            ));
+            );
             LogFormat::Text
         }
     };
     let otlp_endpoint = Some(raw.otlp.endpoint.clone()).filter(|e| !e.is_empty());
     if let Some(endpoint) = &otlp_endpoint {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            problems.push(origins.problem(
+            check.report(
                 "otlp.endpoint",
                 format!("`{endpoint}` is not an http(s) URL"),
-            ));
+            );
         }
     }
-    let otlp_metrics_interval = positive(
-        &raw.otlp.metrics_interval,
-        "otlp.metrics_interval",
-        origins,
-        problems,
-    )
-    .unwrap_or(Duration::MAX);
+    let otlp_metrics_interval = check
+        .positive(&raw.otlp.metrics_interval, "otlp.metrics_interval")
+        .unwrap_or(Duration::MAX);
     let otlp_metrics = raw.otlp.metrics;
     if otlp_metrics && otlp_endpoint.is_none() {
-        problems.push(origins.problem(
+        check.report(
             "otlp.metrics",
             "needs otlp.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)",
-        ));
+        );
     }
     let sources: Vec<SourceConfig> = raw
         .sources
@@ -603,10 +641,10 @@ fn validate(
         .enumerate()
         .map(|(i, source)| {
             if bus.redis.is_none() {
-                problems.push(origins.problem(
+                check.report(
                     format!("sources[{i}].stream"),
                     "sources read from Redis: set bus.kind = \"redis\"",
-                ));
+                );
             }
             SourceConfig {
                 group: source.group.unwrap_or_else(|| "dispatchd".to_owned()),
@@ -617,10 +655,10 @@ fn validate(
     let mut sink_names = HashMap::new();
     for (i, sink) in sinks.iter().enumerate() {
         if sink_names.insert(sink.sink.name.clone(), i).is_some() {
-            problems.push(origins.problem(
+            check.report(
                 format!("sinks[{i}].name"),
                 format!("sink `{}` is configured twice", sink.sink.name),
-            ));
+            );
         }
     }
     let mut dispatchers = Vec::new();
@@ -633,45 +671,47 @@ fn validate(
         let category = match d.category.parse::<Category>() {
             Ok(category) => category,
             Err(error) => {
-                problems.push(origins.problem(at("category"), error.to_string()));
+                check.report(at("category"), error.to_string());
                 no_category.push(&d.dispatcher_id);
                 Category::Event
             }
         };
         let timeout = match &d.timeout {
             None => crate::engine::DEFAULT_TIMEOUT,
-            Some(text) => {
-                duration(text, &at("timeout"), origins, problems).unwrap_or(Duration::MAX)
-            }
+            Some(text) => check
+                .duration(text, &at("timeout"))
+                .unwrap_or(Duration::MAX),
         };
         let stale_threshold = match &d.stale_threshold {
             None => health.stale_threshold,
-            Some(text) => positive(text, &at("stale_threshold"), origins, problems)
+            Some(text) => check
+                .positive(text, &at("stale_threshold"))
                 .unwrap_or(health.stale_threshold),
         };
         if stale_threshold > health.max_stale_threshold {
-            problems.push(origins.problem(
+            check.report(
                 at("stale_threshold"),
                 format!(
                     "must be at most health.max_stale_threshold ({})",
                     humantime::format_duration(health.max_stale_threshold)
                 ),
-            ));
+            );
         }
         let heartbeat_interval = match &d.heartbeat_interval {
             None => stale_threshold / 4,
-            Some(text) => positive(text, &at("heartbeat_interval"), origins, problems)
+            Some(text) => check
+                .positive(text, &at("heartbeat_interval"))
                 .unwrap_or(stale_threshold / 4),
         };
         if heartbeat_interval >= stale_threshold {
-            problems.push(origins.problem(
+            check.report(
                 at("heartbeat_interval"),
                 format!(
                     "({}) must be shorter than the stale threshold ({}), or the dispatcher goes stale between heartbeats",
                     humantime::format_duration(heartbeat_interval),
                     humantime::format_duration(stale_threshold)
                 ),
-            ));
+            );
         }
         // Fields that belong to another kind are mistakes, each reported.
         let kind_fields: [(&str, bool, &[&str]); 13] = [
@@ -696,16 +736,17 @@ fn validate(
         if DispatcherKind::NAMES.contains(&d.kind.as_str()) {
             for (field, set, kinds) in kind_fields {
                 if set && !kinds.contains(&d.kind.as_str()) {
-                    problems.push(origins.problem(
+                    check.report(
                         at(field),
                         format!("applies only to kind `{}`", kinds.join("` and `")),
-                    ));
+                    );
                 }
             }
         }
         let call_timeout = match &d.call_timeout {
             None => DEFAULT_CALL_TIMEOUT,
-            Some(text) => positive(text, &at("call_timeout"), origins, problems)
+            Some(text) => check
+                .positive(text, &at("call_timeout"))
                 .unwrap_or(DEFAULT_CALL_TIMEOUT),
         };
         let kind = match d.kind.as_str() {
@@ -715,26 +756,26 @@ fn validate(
                     PathBuf::from(format!("./dispatchd-data/{}.jsonl", d.dispatcher_id))
                 });
                 if let Some(other) = jsonl_paths.insert(path.clone(), i) {
-                    problems.push(origins.problem(
+                    check.report(
                         at("path"),
                         format!(
                             "`{}` is already written by dispatchers[{other}]",
                             path.display()
                         ),
-                    ));
+                    );
                 }
                 DispatcherKind::Jsonl { path }
             }
             "http" => {
-                let target = validate_http_target(d, &at, origins, env, problems);
+                let target = validate_http_target(d, &at, env, check);
                 let policy = d.policy.as_ref().map(|raw| {
                     if category != Category::Command {
-                        problems.push(origins.problem(
+                        check.report(
                             at("policy"),
                             "applies only to command dispatchers (category = \"command\")",
-                        ));
+                        );
                     }
-                    validate_policy(raw, &d.dispatcher_id, &at, origins, problems)
+                    validate_policy(raw, &d.dispatcher_id, &at, check)
                 });
                 DispatcherKind::Http {
                     target: Box::new(target),
@@ -746,26 +787,26 @@ fn validate(
                     (Some(url), _) => url.clone(),
                     (None, Some(redis)) => redis.url.clone(),
                     (None, None) => {
-                        problems.push(origins.problem(
+                        check.report(
                             at("redis_url"),
                             "is required unless the bus is Redis (bus.kind = \"redis\"), whose URL is the default",
-                        ));
+                        );
                         String::new()
                     }
                 };
                 if !url.is_empty() {
                     if let Err(error) = redis::Client::open(url.as_str()) {
-                        problems.push(origins.problem(
+                        check.report(
                             at("redis_url"),
                             format!("not a Redis URL such as redis://127.0.0.1:6379: {error}"),
-                        ));
+                        );
                     }
                 }
                 if d.stream.as_deref() == Some("") {
-                    problems.push(origins.problem(at("stream"), "must not be empty"));
+                    check.report(at("stream"), "must not be empty");
                 }
                 if d.max_len == Some(0) {
-                    problems.push(origins.problem(at("max_len"), "must be at least 1"));
+                    check.report(at("max_len"), "must be at least 1");
                 }
                 DispatcherKind::RedisStream(crate::dispatchers::RedisStreamTarget {
                     url,
@@ -785,10 +826,10 @@ fn validate(
                     Err(error) => Some(error.to_string()),
                 };
                 if let Some(problem) = problem {
-                    problems.push(origins.problem(
+                    check.report(
                         at("nats_url"),
                         format!("not a NATS URL such as nats://127.0.0.1:4222: {problem}"),
-                    ));
+                    );
                 }
                 if let Some(subject) = &d.subject {
                     let valid = !subject.is_empty()
@@ -798,10 +839,10 @@ fn validate(
                                     .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
                         });
                     if !valid {
-                        problems.push(origins.problem(
+                        check.report(
                             at("subject"),
                             format!("`{subject}` is not a NATS subject to publish on (dot-separated tokens, no spaces or wildcards)"),
-                        ));
+                        );
                     }
                 }
                 DispatcherKind::Nats(crate::dispatchers::NatsTarget {
@@ -812,13 +853,13 @@ fn validate(
                 })
             }
             other => {
-                problems.push(origins.problem(
+                check.report(
                     at("kind"),
                     format!(
                         "unknown kind `{other}` (expected one of {})",
                         DispatcherKind::NAMES.join(", ")
                     ),
-                ));
+                );
                 DispatcherKind::Log
             }
         };
@@ -831,7 +872,7 @@ fn validate(
             stale_threshold,
             heartbeat_interval,
             critical: d.critical.unwrap_or(false),
-            resilience: validate_resilience(d, &at, origins, problems),
+            resilience: validate_resilience(d, &at, check),
         });
     }
 
@@ -840,9 +881,7 @@ fn validate(
         let category = match r.message_category.parse::<Category>() {
             Ok(category) => category,
             Err(error) => {
-                problems.push(
-                    origins.problem(format!("routes[{i}].message_category"), error.to_string()),
-                );
+                check.report(format!("routes[{i}].message_category"), error.to_string());
                 no_category.push(&r.route_id);
                 Category::Event
             }
@@ -859,15 +898,8 @@ fn validate(
 
     // The engine's own checks are the single source of truth for ids, references and patterns;
     // a trial build with stand-in handlers finds them, and here they get their field paths.
-    check_with_engine(
-        &dispatchers,
-        &routes,
-        &no_category,
-        unreadable,
-        origins,
-        problems,
-    );
-    let warnings = unrouted(&dispatchers, &routes, unreadable, origins);
+    check_with_engine(&dispatchers, &routes, &no_category, unreadable, check);
+    let warnings = unrouted(&dispatchers, &routes, unreadable, check.origins);
 
     Some(Config {
         server: ServerConfig {
@@ -970,25 +1002,24 @@ impl crate::engine::CommandAdapter for StandIn {
 fn validate_http_target(
     d: &RawDispatcher,
     at: &dyn Fn(&str) -> String,
-    origins: &Origins<'_>,
     env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) -> crate::dispatchers::HttpTarget {
     use reqwest::header::{HeaderName, HeaderValue};
     let fallback = || reqwest::Url::parse("http://127.0.0.1/").expect("a valid URL");
     let url = match &d.url {
         None => {
-            problems.push(origins.problem(at("url"), "is required for kind `http`"));
+            check.report(at("url"), "is required for kind `http`");
             fallback()
         }
         Some(text) => match reqwest::Url::parse(text) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => url,
             Ok(_) => {
-                problems.push(origins.problem(at("url"), "must be an http:// or https:// URL"));
+                check.report(at("url"), "must be an http:// or https:// URL");
                 fallback()
             }
             Err(error) => {
-                problems.push(origins.problem(at("url"), format!("not a URL: {error}")));
+                check.report(at("url"), format!("not a URL: {error}"));
                 fallback()
             }
         },
@@ -1001,27 +1032,27 @@ fn validate_http_target(
                 "PUT" => reqwest::Method::PUT,
                 "PATCH" => reqwest::Method::PATCH,
                 _ => {
-                    problems.push(origins.problem(
+                    check.report(
                     at("method"),
                     format!("`{text}` is not a method that carries a body (expected POST, PUT or PATCH)"),
-                ));
+                );
                     reqwest::Method::POST
                 }
             }
         }
     };
     let mut headers = reqwest::header::HeaderMap::new();
-    let mut add = |problems: &mut Vec<Problem>,
+    let mut add = |check: &mut Checker<'_, '_>,
                    field: String,
                    name: &str,
                    value: Option<String>,
                    secret: bool| {
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-            problems.push(origins.problem(field, format!("`{name}` is not a header name")));
+            check.report(field, format!("`{name}` is not a header name"));
             return;
         };
         if headers.contains_key(&name) {
-            problems.push(origins.problem(field, format!("header `{name}` is set twice")));
+            check.report(field, format!("header `{name}` is set twice"));
             return;
         }
         let Some(value) = value else { return };
@@ -1031,27 +1062,27 @@ fn validate_http_target(
                 headers.insert(name, value);
             }
             // Never the value itself: it may be the secret.
-            Err(_) => problems.push(origins.problem(
+            Err(_) => check.report(
                 field,
                 "the value is not a valid header value (control characters or non-ASCII)",
-            )),
+            ),
         }
     };
     for (name, value) in d.headers.iter().flatten() {
         let field = at(&format!("headers.{name}"));
         let secret = crate::engine::Redactor::default().is_sensitive(name);
-        add(problems, field, name, Some(value.clone()), secret);
+        add(check, field, name, Some(value.clone()), secret);
     }
     for (name, var) in d.headers_env.iter().flatten() {
         let field = at(&format!("headers_env.{name}"));
         let value = env(var);
         if value.is_none() {
-            problems.push(origins.problem(
+            check.report(
                 field.clone(),
                 format!("the environment variable `{var}` is not set"),
-            ));
+            );
         }
-        add(problems, field, name, value, true);
+        add(check, field, name, value, true);
     }
     crate::dispatchers::HttpTarget {
         url,
@@ -1065,73 +1096,69 @@ fn validate_policy(
     raw: &RawPolicy,
     dispatcher_id: &str,
     at: &dyn Fn(&str) -> String,
-    origins: &Origins<'_>,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) -> crate::engine::RulePolicy {
     use crate::engine::{Condition, Effect, ParamRule, RulePolicy};
-    let effect = |problems: &mut Vec<Problem>, text: &str, field: String| match text {
+    let effect = |check: &mut Checker<'_, '_>, text: &str, field: String| match text {
         "allow" => Effect::Allow,
         "deny" => Effect::Deny,
         other => {
-            problems.push(origins.problem(
+            check.report(
                 field,
                 format!("unknown effect `{other}` (expected allow or deny)"),
-            ));
+            );
             Effect::Deny
         }
     };
     let default = effect(
-        problems,
+        check,
         raw.default.as_deref().unwrap_or("deny"),
         at("policy.default"),
     );
     let name = raw.name.as_deref().unwrap_or(dispatcher_id);
     if !crate::engine::is_valid_id(name) {
-        problems.push(origins.problem(
+        check.report(
             at("policy.name"),
             "must be 1 to 128 characters of [A-Za-z0-9_.-]",
-        ));
+        );
     }
     let mut policy = RulePolicy::named(name, default);
     for (i, rule) in raw.rules.iter().flatten().enumerate() {
         let at_rule = |field: &str| at(&format!("policy.rules[{i}].{field}"));
-        let effect = effect(problems, &rule.effect, at_rule("effect"));
+        let effect = effect(check, &rule.effect, at_rule("effect"));
         let mut params = Vec::new();
         for (path, value) in rule.params.iter().flatten() {
             let field = at_rule(&format!("params.{path}"));
             if path.is_empty() || path.split('.').any(str::is_empty) {
-                problems.push(origins.problem(
+                check.report(
                     field.clone(),
                     "is not a field path such as `amount` or `customer.tier`",
-                ));
+                );
             }
             let json = |v: &toml::Value| serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
             let condition = match value {
                 toml::Value::Array(values) => Condition::OneOf(values.iter().map(json).collect()),
                 toml::Value::Table(bounds) => {
-                    let bound = |problems: &mut Vec<Problem>, key: &str| match bounds.get(key) {
+                    let bound = |check: &mut Checker<'_, '_>, key: &str| match bounds.get(key) {
                         None => None,
                         Some(toml::Value::Integer(n)) => Some(*n as f64),
                         Some(toml::Value::Float(n)) => Some(*n),
                         Some(_) => {
-                            problems.push(
-                                origins.problem(format!("{field}.{key}"), "must be a number"),
-                            );
+                            check.report(format!("{field}.{key}"), "must be a number");
                             None
                         }
                     };
-                    let (min, max) = (bound(problems, "min"), bound(problems, "max"));
+                    let (min, max) = (bound(check, "min"), bound(check, "max"));
                     if let Some(other) =
                         bounds.keys().find(|k| !matches!(k.as_str(), "min" | "max"))
                     {
-                        problems.push(origins.problem(
+                        check.report(
                             format!("{field}.{other}"),
                             "unknown bound (expected min or max)",
-                        ));
+                        );
                     }
                     if min.is_none() && max.is_none() {
-                        problems
-                            .push(origins.problem(field.clone(), "a range needs min, max or both"));
+                        check.report(field.clone(), "a range needs min, max or both");
                     }
                     Condition::Range { min, max }
                 }
@@ -1153,8 +1180,7 @@ fn check_with_engine(
     routes: &[Route],
     no_category: &[&str],
     unreadable: &Unreadable,
-    origins: &Origins<'_>,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) {
     let mut builder = Engine::builder();
     for d in dispatchers {
@@ -1262,7 +1288,7 @@ fn check_with_engine(
             }
             other => other.to_string(),
         };
-        problems.push(origins.problem(field, message));
+        check.report(field, message);
     }
 }
 
@@ -1278,15 +1304,15 @@ struct Limits {
     body_rate_grace: Duration,
 }
 
-fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> Limits {
+fn validate_limits(raw: &RawServer, check: &mut Checker<'_, '_>) -> Limits {
     // An out-of-range value is reported; what it is replaced with does not matter, the
     // configuration is refused.
     let mut count = |value: u64, field: &str, range: std::ops::RangeInclusive<u64>| {
         if !range.contains(&value) {
-            problems.push(origins.problem(
+            check.report(
                 field,
                 format!("must be between {} and {}", range.start(), range.end()),
-            ));
+            );
         }
         usize::try_from(value).unwrap_or(usize::MAX)
     };
@@ -1301,48 +1327,44 @@ fn validate_limits(raw: &RawServer, origins: &Origins<'_>, problems: &mut Vec<Pr
     // 0 turns the check off; past 1 GB/s it would refuse healthy clients on a fast network.
     let min_body_rate = count(raw.min_body_rate, "server.min_body_rate", 0..=1_000_000_000) as u64;
     let mut positive =
-        |text: &str, field: &str| positive(text, field, origins, problems).unwrap_or(Duration::MAX);
+        |text: &str, field: &str| check.positive(text, field).unwrap_or(Duration::MAX);
     Limits {
         max_header_bytes,
         header_read_timeout: positive(&raw.header_read_timeout, "server.header_read_timeout"),
         request_timeout: positive(&raw.request_timeout, "server.request_timeout"),
         max_in_flight,
         max_connections,
-        drain_delay: duration(&raw.drain_delay, "server.drain_delay", origins, problems)
+        drain_delay: check
+            .duration(&raw.drain_delay, "server.drain_delay")
             .unwrap_or_default(),
         min_body_rate,
-        body_rate_grace: duration(
-            &raw.body_rate_grace,
-            "server.body_rate_grace",
-            origins,
-            problems,
-        )
-        .unwrap_or_default(),
+        body_rate_grace: check
+            .duration(&raw.body_rate_grace, "server.body_rate_grace")
+            .unwrap_or_default(),
     }
 }
 
 /// The API tokens. A problem names the field and never shows a token.
 fn validate_auth(
     raw: &RawAuth,
-    origins: &Origins<'_>,
     env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) -> crate::auth::Tokens {
     use crate::auth::{ApiToken, MIN_TOKEN_CHARS, Scope, Secret};
     let mut tokens = Vec::new();
-    let accept = |token: &str, field: &str, problems: &mut Vec<Problem>| {
+    let accept = |token: &str, field: &str, check: &mut Checker<'_, '_>| {
         if token.chars().count() < MIN_TOKEN_CHARS || token.chars().any(char::is_whitespace) {
-            problems.push(origins.problem(
+            check.report(
                 field,
                 format!("a token must be at least {MIN_TOKEN_CHARS} characters, without spaces"),
-            ));
+            );
             None
         } else {
             Some(Secret::new(token))
         }
     };
     if let Some(token) = raw.api_token.as_deref().filter(|t| !t.is_empty()) {
-        if let Some(secret) = accept(token, "auth.api_token", problems) {
+        if let Some(secret) = accept(token, "auth.api_token", check) {
             tokens.push(ApiToken {
                 name: "DISPATCHD_API_TOKEN".to_owned(),
                 secret,
@@ -1358,33 +1380,32 @@ fn validate_auth(
             (None, Some(var)) => {
                 let value = env(var);
                 if value.is_none() {
-                    problems.push(origins.problem(
+                    check.report(
                         at("token_env"),
                         format!("the environment variable `{var}` is not set"),
-                    ));
+                    );
                 }
                 value
             }
             _ => {
-                problems
-                    .push(origins.problem(at("token"), "set exactly one of token and token_env"));
+                check.report(at("token"), "set exactly one of token and token_env");
                 None
             }
         };
         let mut scopes = Vec::new();
         match &token.scopes {
-            None => problems.push(origins.problem(at("scopes"), "is required")),
+            None => check.report(at("scopes"), "is required"),
             Some(list) if list.is_empty() => {
-                problems.push(origins.problem(at("scopes"), "must name at least one scope"));
+                check.report(at("scopes"), "must name at least one scope");
             }
             Some(list) => {
                 for scope in list {
                     match Scope::parse(scope) {
                         Some(scope) => scopes.push(scope),
-                        None => problems.push(origins.problem(
+                        None => check.report(
                             at("scopes"),
                             format!("unknown scope `{scope}` (expected ingest, admin or metrics)"),
-                        )),
+                        ),
                     }
                 }
             }
@@ -1394,7 +1415,7 @@ fn validate_auth(
         } else {
             at("token_env")
         };
-        if let Some(secret) = value.and_then(|v| accept(&v, &field, problems)) {
+        if let Some(secret) = value.and_then(|v| accept(&v, &field, check)) {
             tokens.push(ApiToken {
                 name,
                 secret,
@@ -1405,33 +1426,14 @@ fn validate_auth(
     crate::auth::Tokens::new(tokens)
 }
 
-fn duration(
-    text: &str,
-    field: &str,
-    origins: &Origins<'_>,
-    problems: &mut Vec<Problem>,
-) -> Option<Duration> {
-    match humantime::parse_duration(text) {
-        Ok(duration) => Some(duration),
-        Err(error) => {
-            problems.push(origins.problem(
-                field,
-                format!("`{text}` is not a duration such as \"30s\" or \"500ms\": {error}"),
-            ));
-            None
-        }
-    }
-}
-
 fn validate_resilience(
     d: &RawDispatcher,
     at: &dyn Fn(&str) -> String,
-    origins: &Origins<'_>,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) -> ResilienceConfig {
     let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
         None => default,
-        Some(text) => positive(text, &at(field), origins, problems).unwrap_or(default),
+        Some(text) => check.positive(text, &at(field)).unwrap_or(default),
     };
     let retry = d.retry.as_ref().map(|r| {
         let initial_backoff = positive_or(
@@ -1494,7 +1496,7 @@ fn validate_resilience(
     // The shapes above took defaults; here every value a user gave is checked.
     let mut check = |ok: bool, field: &str, message: &str| {
         if !ok {
-            problems.push(origins.problem(at(field), message));
+            check.report(at(field), message);
         }
     };
     if let (Some(raw), Some(retry)) = (&d.retry, &retry) {
@@ -1584,22 +1586,21 @@ fn validate_resilience(
 fn validate_sink(
     i: usize,
     raw: &RawSink,
-    origins: &Origins<'_>,
     env: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Vec<Problem>,
+    check: &mut Checker<'_, '_>,
 ) -> SinkSettings {
     let at = |field: &str| format!("sinks[{i}].{field}");
-    let mut check = |ok: bool, field: &str, message: String| {
+    let mut require = |ok: bool, field: &str, message: String| {
         if !ok {
-            problems.push(origins.problem(at(field), message));
+            check.report(at(field), message);
         }
     };
-    check(
+    require(
         crate::engine::is_valid_id(&raw.name),
         "name",
         "must be 1 to 128 characters of [A-Za-z0-9_.-]".into(),
     );
-    check(
+    require(
         SERVICES.contains(&raw.service.as_str()),
         "service",
         format!(
@@ -1609,14 +1610,14 @@ fn validate_sink(
         ),
     );
     let needs_endpoint = matches!(raw.service.as_str(), "file" | "http");
-    check(
+    require(
         !needs_endpoint || raw.endpoint.is_some(),
         "endpoint",
         format!("the {} sink needs an endpoint", raw.service),
     );
     let api_key = raw.api_key.clone().or_else(|| env("DISPATCHD_API_KEY"));
     let needs_key = matches!(raw.service.as_str(), "lunary" | "helicone");
-    check(
+    require(
         !needs_key || api_key.is_some(),
         "api_key",
         format!(
@@ -1625,18 +1626,18 @@ fn validate_sink(
         ),
     );
     let batch_size = raw.batch_size.unwrap_or(100);
-    check(
+    require(
         (1..=10_000).contains(&batch_size),
         "batch_size",
         "must be between 1 and 10000".into(),
     );
     let buffer = raw.buffer.unwrap_or(1000);
-    check(buffer >= 1, "buffer", "must be at least 1".into());
+    require(buffer >= 1, "buffer", "must be at least 1".into());
     let full = match raw.full_policy.as_deref() {
         None | Some("block") => FullPolicy::Block,
         Some("drop_newest") => FullPolicy::DropNewest,
         Some(other) => {
-            check(
+            require(
                 false,
                 "full_policy",
                 format!("unknown policy `{other}` (expected block or drop_newest)"),
@@ -1646,7 +1647,7 @@ fn validate_sink(
     };
     let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
         None => default,
-        Some(text) => positive(text, &at(field), origins, problems).unwrap_or(default),
+        Some(text) => check.positive(text, &at(field)).unwrap_or(default),
     };
     let flush_interval = positive_or(
         &raw.flush_interval,
@@ -1705,11 +1706,12 @@ fn validate_sink(
     }
 }
 
-fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>) -> BusConfig {
+fn validate_bus(raw: &RawBus, check: &mut Checker<'_, '_>) -> BusConfig {
     let events_stream = raw.events_stream.clone();
     let outputs_prefix = raw.outputs_prefix.clone();
-    let claim_idle =
-        positive(&raw.claim_idle, "bus.claim_idle", origins, problems).unwrap_or(Duration::MAX);
+    let claim_idle = check
+        .positive(&raw.claim_idle, "bus.claim_idle")
+        .unwrap_or(Duration::MAX);
     let redis = match raw.kind.as_str() {
         "memory" => None,
         "redis" => match raw.redis_url.clone() {
@@ -1723,15 +1725,14 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
                 })
             }
             Some(url) => {
-                problems.push(
-                    origins.problem("bus.redis_url", format!("`{url}` is not a redis:// URL")),
-                );
+                check.report("bus.redis_url", format!("`{url}` is not a redis:// URL"));
                 None
             }
             None => {
                 // Nothing sets the URL: the line to blame is the one that chose Redis.
-                problems.push(Problem {
-                    origin: origins.of("bus.kind"),
+                let origin = check.origins.of("bus.kind");
+                check.problems.push(Problem {
+                    origin,
                     field: "bus.redis_url".to_owned(),
                     message: "is required when bus.kind is \"redis\" (or DISPATCHD_REDIS_URL)"
                         .to_owned(),
@@ -1740,10 +1741,10 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
             }
         },
         other => {
-            problems.push(origins.problem(
+            check.report(
                 "bus.kind",
                 format!("unknown kind `{other}` (expected memory or redis)"),
-            ));
+            );
             None
         }
     };
@@ -1754,41 +1755,29 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
     }
 }
 
-fn validate_health(
-    raw: &RawHealth,
-    origins: &Origins<'_>,
-    problems: &mut Vec<Problem>,
-) -> HealthConfig {
-    let max_stale_threshold = positive(
-        &raw.max_stale_threshold,
-        "health.max_stale_threshold",
-        origins,
-        problems,
-    )
-    .unwrap_or(Duration::MAX);
-    let stale_threshold = positive(
-        &raw.stale_threshold,
-        "health.stale_threshold",
-        origins,
-        problems,
-    )
-    .unwrap_or(Duration::ZERO);
+fn validate_health(raw: &RawHealth, check: &mut Checker<'_, '_>) -> HealthConfig {
+    let max_stale_threshold = check
+        .positive(&raw.max_stale_threshold, "health.max_stale_threshold")
+        .unwrap_or(Duration::MAX);
+    let stale_threshold = check
+        .positive(&raw.stale_threshold, "health.stale_threshold")
+        .unwrap_or(Duration::ZERO);
     if stale_threshold > max_stale_threshold {
-        problems.push(origins.problem(
+        check.report(
             "health.stale_threshold",
             "must be at most health.max_stale_threshold",
-        ));
+        );
     }
     let failure_limit = raw.failure_limit;
     if failure_limit == 0 {
-        problems.push(origins.problem("health.failure_limit", "must be at least 1"));
+        check.report("health.failure_limit", "must be at least 1");
     }
     let max_workers = raw.max_workers;
     if max_workers > MAX_WORKERS_LIMIT {
-        problems.push(origins.problem(
+        check.report(
             "health.max_workers",
             format!("must be at most {MAX_WORKERS_LIMIT}: every worker is a set of series"),
-        ));
+        );
     }
     HealthConfig {
         stale_threshold,
@@ -1796,21 +1785,6 @@ fn validate_health(
         max_workers: usize::try_from(max_workers).unwrap_or(usize::MAX),
         max_stale_threshold,
     }
-}
-
-/// A duration that must be more than zero.
-fn positive(
-    text: &str,
-    field: &str,
-    origins: &Origins<'_>,
-    problems: &mut Vec<Problem>,
-) -> Option<Duration> {
-    let value = duration(text, field, origins, problems)?;
-    if value.is_zero() {
-        problems.push(origins.problem(field, "must be more than 0"));
-        return None;
-    }
-    Some(value)
 }
 
 fn is_valid_namespace(namespace: &str) -> bool {
