@@ -244,6 +244,7 @@ fn service_strategies(c: &mut Criterion) {
                     origin: Origin::InProcess,
                     stale_threshold: None,
                     critical: false,
+                    endpoint: None,
                 },
             )
             .unwrap();

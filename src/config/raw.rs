@@ -821,6 +821,15 @@ fn validate(
                     call_timeout,
                 })
             }
+            "worker" => {
+                if category == Category::Command {
+                    problems.push(origins.problem(
+                        at("category"),
+                        "a `worker` dispatcher takes events and intents; commands go to an `http` dispatcher with a policy",
+                    ));
+                }
+                DispatcherKind::Worker
+            }
             other => {
                 problems.push(origins.problem(
                     at("kind"),

@@ -186,7 +186,7 @@ dispatcher_id = "ghost"
         "FILE:2: `server.listen`: `nowhere` is not an IP address and port such as 127.0.0.1:9000",
         "FILE:3: `server.shutdown_grace`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
         "FILE:6: `metrics.namespace`: `9lives` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*",
-        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl, http, redis_stream, nats)",
+        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl, http, redis_stream, nats, worker)",
         "FILE:14: `dispatchers[1].dispatcher_id`: dispatcher `a` is registered twice",
         "FILE:17: `dispatchers[1].path`: applies only to kind `jsonl`",
         "FILE:21: `routes[0].topic_pattern`: route `r1` has an invalid topic pattern `a.b*`: pattern segment 1 (`b*`) must be `*`, `**` or made of [A-Za-z0-9_-] (wildcards are whole segments)",

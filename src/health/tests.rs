@@ -62,6 +62,7 @@ fn worker(threshold_secs: u64) -> Registration {
         origin: Origin::Remote,
         stale_threshold: Some(Duration::from_secs(threshold_secs)),
         critical: true,
+        endpoint: None,
     }
 }
 
@@ -235,6 +236,7 @@ async fn bad_ids_thresholds_and_too_many_workers_are_refused() {
         origin: Origin::InProcess,
         stale_threshold: None,
         critical: false,
+        endpoint: None,
     };
     registry.register("local", in_process).unwrap();
     assert_eq!(
@@ -277,6 +279,7 @@ fn in_process() -> Registration {
         origin: Origin::InProcess,
         stale_threshold: Some(Duration::from_secs(40)),
         critical: true,
+        endpoint: None,
     }
 }
 
