@@ -538,6 +538,26 @@ async fn each_outcome_names_the_routes_that_selected_it_and_the_result_its_times
     let started = json["started_at"].as_str().unwrap();
     assert!(humantime::parse_rfc3339(started).is_ok(), "{started}");
     assert!(started.ends_with('Z') && started.len() == "2026-12-02T21:00:28.123Z".len());
+    // Completed when the work ended: a dispatcher that works 20 ms moves completed_at by as much.
+    struct Work;
+    #[async_trait]
+    impl Handler for Work {
+        async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(Vec::new())
+        }
+    }
+    let working = engine_with(
+        vec![Dispatcher::new("w", Category::Event, Work)],
+        vec![Route::new("r", "**", Category::Event, "w")],
+    );
+    let worked = working.dispatch("a.events", &event("t")).await;
+    let took = worked
+        .completed_at
+        .0
+        .duration_since(worked.started_at.0)
+        .unwrap();
+    assert!(took >= Duration::from_millis(20), "{took:?}");
     let back: DispatchResult = serde_json::from_value(json).unwrap();
     assert_eq!(
         back.started_at,
