@@ -261,6 +261,7 @@ fn service_strategies(c: &mut Criterion) {
         let strategies = Composite::new()
             .with(Arc::new(TracingStrategy))
             .with(Arc::new(HealthStrategy::new(&health, ["d0"])))
+            .with(Arc::new(dispatchd::health::DispatcherStats::new(["d0"])))
             .with(Arc::new(telemetry.engine_strategy(["d0"]).unwrap()));
         builder
             .instrumentation(Arc::new(strategies))
