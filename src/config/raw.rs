@@ -822,11 +822,18 @@ fn validate(
                 })
             }
             "worker" => {
-                if category == Category::Command {
-                    problems.push(origins.problem(
-                        at("category"),
-                        "a `worker` dispatcher takes events and intents; commands go to an `http` dispatcher with a policy",
-                    ));
+                // The worker gives these when it registers; here they would silently do nothing.
+                for (field, set) in [
+                    ("stale_threshold", d.stale_threshold.is_some()),
+                    ("heartbeat_interval", d.heartbeat_interval.is_some()),
+                    ("critical", d.critical.is_some()),
+                ] {
+                    if set {
+                        problems.push(origins.problem(
+                            at(field),
+                            "does not apply to kind `worker`: the worker sets it when it registers (POST /api/v1/dispatchers/{id}/register)",
+                        ));
+                    }
                 }
                 DispatcherKind::Worker
             }

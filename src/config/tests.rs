@@ -1007,3 +1007,60 @@ dispatcher_id = "a"
         ]
     );
 }
+
+#[test]
+fn a_worker_dispatcher_takes_its_liveness_from_the_worker_and_serves_no_commands() {
+    let config = load(
+        r#"[[dispatchers]]
+dispatcher_id = "shipping-worker"
+kind = "worker"
+category = "event"
+timeout = "5s"
+
+[[routes]]
+route_id = "r"
+topic_pattern = "shop.shipments.events"
+message_category = "event"
+dispatcher_id = "shipping-worker"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.dispatchers[0].kind, DispatcherKind::Worker);
+    assert_eq!(config.dispatchers[0].kind.name(), "worker");
+    let found = problems(
+        r#"[[dispatchers]]
+dispatcher_id = "w"
+kind = "worker"
+category = "event"
+stale_threshold = "30s"
+critical = true
+url = "http://127.0.0.1:1/"
+
+[[dispatchers]]
+dispatcher_id = "c"
+kind = "worker"
+category = "command"
+
+[[routes]]
+route_id = "r"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "w"
+
+[[routes]]
+route_id = "rc"
+topic_pattern = "**"
+message_category = "command"
+dispatcher_id = "c"
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "FILE:5: `dispatchers[0].stale_threshold`: does not apply to kind `worker`: the worker sets it when it registers (POST /api/v1/dispatchers/{id}/register)",
+            "FILE:6: `dispatchers[0].critical`: does not apply to kind `worker`: the worker sets it when it registers (POST /api/v1/dispatchers/{id}/register)",
+            "FILE:7: `dispatchers[0].url`: applies only to kind `http`",
+            "FILE:12: `dispatchers[1].category`: kind `worker` handles events and intents; a command dispatcher needs kind = \"http\" (its command adapter) or an adapter registered in code",
+        ]
+    );
+}
