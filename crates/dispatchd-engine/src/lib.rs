@@ -124,10 +124,19 @@ impl Engine {
 
     /// The dispatchers a message would reach, in registration order, each at most once.
     pub fn select(&self, topic: &Topic<'_>, message_type: &str) -> Vec<usize> {
-        self.select_with_routes(topic, message_type)
-            .into_iter()
-            .map(|(dispatcher, _)| dispatcher)
-            .collect()
+        // The same walk as `select_with_routes`, without collecting route ids.
+        let routes = &self.inner.routes_by_category[category_slot(topic.category)];
+        let mut selected: Vec<usize> = Vec::new();
+        for route in routes.iter() {
+            if route.matches(&topic.segments, message_type)
+                && self.inner.dispatchers[route.dispatcher].accepts_type(message_type)
+                && !selected.contains(&route.dispatcher)
+            {
+                selected.push(route.dispatcher);
+            }
+        }
+        selected.sort_unstable();
+        selected
     }
 
     /// [`Engine::select`], each dispatcher with the ids of the routes that selected it, in route

@@ -531,6 +531,8 @@ async fn each_outcome_names_the_routes_that_selected_it_and_the_result_its_times
         })
         .collect();
     assert_eq!(routes, [("a", vec!["r-a1", "r-a2"]), ("b", vec!["r-b"])]);
+    let topic = Topic::parse("shop.orders.events").unwrap();
+    assert_eq!(engine.select(&topic, "t"), [0, 1], "the same selection");
     assert!(before <= result.started_at.0 && result.started_at <= result.completed_at);
     assert!(result.completed_at.0 <= after);
     let json = serde_json::to_value(&result).unwrap();
