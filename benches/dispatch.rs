@@ -32,6 +32,8 @@ enum Observer {
     None,
     Noop,
     Metrics,
+    /// The per-dispatcher statistics of `GET /api/v1/dispatchers/{id}`.
+    Stats,
 }
 
 fn engine(fan_out: usize, observer: Observer) -> Engine {
@@ -62,6 +64,10 @@ fn engine(fan_out: usize, observer: Observer) -> Engine {
                 .unwrap();
             builder = builder.instrumentation(Arc::new(strategy));
         }
+        Observer::Stats => {
+            let stats = dispatchd::health::DispatcherStats::new(builder.dispatcher_ids());
+            builder = builder.instrumentation(Arc::new(stats));
+        }
     }
     builder.build().unwrap()
 }
@@ -78,6 +84,7 @@ fn dispatch(c: &mut Criterion) {
             ("no_strategy", Observer::None),
             ("noop_strategy", Observer::Noop),
             ("metrics_strategy", Observer::Metrics),
+            ("stats_strategy", Observer::Stats),
         ] {
             let engine = engine(fan_out, observer);
             group.bench_function(
@@ -244,6 +251,7 @@ fn service_strategies(c: &mut Criterion) {
                     origin: Origin::InProcess,
                     stale_threshold: None,
                     critical: false,
+                    endpoint: None,
                 },
             )
             .unwrap();
@@ -253,6 +261,7 @@ fn service_strategies(c: &mut Criterion) {
         let strategies = Composite::new()
             .with(Arc::new(TracingStrategy))
             .with(Arc::new(HealthStrategy::new(&health, ["d0"])))
+            .with(Arc::new(dispatchd::health::DispatcherStats::new(["d0"])))
             .with(Arc::new(telemetry.engine_strategy(["d0"]).unwrap()));
         builder
             .instrumentation(Arc::new(strategies))

@@ -29,12 +29,13 @@ use crate::bus::{EventBus, MemoryBus};
 use crate::config::{Config, DispatcherKind};
 use crate::dispatchers::{
     HttpCommand, HttpDispatcher, JsonlFile, LogDispatcher, NatsDispatcher, RedisStreamDispatcher,
+    WorkerDispatcher,
 };
 use crate::engine::{Dispatcher, Engine, Route};
 use crate::engine::{OutputMessage, OutputPublisher};
 use crate::health::{
-    HealthRegistry, HealthStrategy, LifecycleObserver, Origin, Registration, RestartBackoff,
-    supervise,
+    DispatcherStats, HealthRegistry, HealthStrategy, LifecycleObserver, Origin, Registration,
+    RestartBackoff, supervise,
 };
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
@@ -219,8 +220,16 @@ impl AppBuilder {
                 (Arc::new(publisher), Some(Arc::new(outputs)))
             }
         };
+        let observer = telemetry
+            .lifecycle_metrics()
+            .map(|metrics| Arc::new(metrics) as Arc<dyn LifecycleObserver>);
+        let health = HealthRegistry::new(config.health.clone(), observer);
+        telemetry.observe_health(&health);
+
         let mut dispatchers = Vec::new();
-        // One keep-alive connection pool for every `http` dispatcher.
+        // Remote workers' dispatchers: registered by the workers themselves, no lifecycle task.
+        let mut workers = std::collections::HashSet::new();
+        // One keep-alive connection pool for every `http` and `worker` dispatcher.
         let mut http_client = None;
         for spec in &config.dispatchers {
             let id = spec.dispatcher_id.as_str();
@@ -271,6 +280,18 @@ impl AppBuilder {
                         .with_context(|| format!("dispatcher `{id}`"))?;
                     Dispatcher::new(id, spec.category, handler)
                 }
+                DispatcherKind::Worker => {
+                    let client = match &http_client {
+                        Some(client) => client,
+                        None => http_client.insert(
+                            crate::dispatchers::http_client()
+                                .context("cannot build the HTTP client")?,
+                        ),
+                    };
+                    workers.insert(id.to_owned());
+                    let handler = WorkerDispatcher::new(client.clone(), health.clone(), id);
+                    Dispatcher::new(id, spec.category, handler)
+                }
             };
             dispatcher = dispatcher.with_timeout(spec.timeout);
             if let Some(types) = &spec.message_types {
@@ -285,12 +306,6 @@ impl AppBuilder {
             dispatchers.push((dispatcher, settings));
         }
         dispatchers.extend(self.dispatchers);
-
-        let observer = telemetry
-            .lifecycle_metrics()
-            .map(|metrics| Arc::new(metrics) as Arc<dyn LifecycleObserver>);
-        let health = HealthRegistry::new(config.health.clone(), observer);
-        telemetry.observe_health(&health);
 
         // The protections report to the metrics and, for the breakers, to the health registry.
         let mut observers = Observers::default();
@@ -315,10 +330,14 @@ impl AppBuilder {
             .collect();
 
         for (dispatcher, liveness) in &dispatchers {
+            if workers.contains(dispatcher.id()) {
+                continue;
+            }
             let registration = Registration {
                 origin: Origin::InProcess,
                 stale_threshold: Some(liveness.stale_threshold),
                 critical: liveness.critical,
+                endpoint: None,
             };
             health
                 .register(dispatcher.id(), registration)
@@ -334,9 +353,11 @@ impl AppBuilder {
         }
         let ids: Vec<String> = engine.dispatcher_ids().map(str::to_owned).collect();
         let ids = || ids.iter().map(String::as_str);
+        let stats = Arc::new(DispatcherStats::new(ids()));
         let mut strategies = Composite::new()
             .with(Arc::new(TracingStrategy))
-            .with(Arc::new(HealthStrategy::new(&health, ids())));
+            .with(Arc::new(HealthStrategy::new(&health, ids())))
+            .with(stats.clone());
         if let Some(metrics) = telemetry.engine_strategy(ids()) {
             strategies = strategies.with(Arc::new(metrics));
         }
@@ -366,6 +387,8 @@ impl AppBuilder {
             local_addr,
             engine,
             liveness,
+            workers,
+            stats,
             health,
             telemetry,
             bus,
@@ -388,6 +411,9 @@ pub struct App {
     engine: Engine,
     /// By engine index.
     liveness: Vec<DispatcherSettings>,
+    /// The `worker` dispatchers' ids: their workers register and heartbeat themselves.
+    workers: std::collections::HashSet<String>,
+    stats: Arc<DispatcherStats>,
     health: HealthRegistry,
     telemetry: Telemetry,
     bus: Arc<dyn EventBus>,
@@ -447,6 +473,9 @@ impl App {
         let lifecycles = TaskTracker::new();
         let stop_lifecycles = CancellationToken::new();
         for (dispatcher, liveness) in self.engine.dispatchers().iter().zip(&self.liveness) {
+            if self.workers.contains(dispatcher.id()) {
+                continue;
+            }
             lifecycles.spawn(supervise(
                 self.health.clone(),
                 dispatcher.clone(),
@@ -463,6 +492,7 @@ impl App {
             shutdown.clone(),
         );
         state.events = Some(self.bus.clone());
+        state.stats = Some(self.stats.clone());
 
         // Inbound sources: consumers, stopped first at shutdown.
         let sources = TaskTracker::new();

@@ -178,10 +178,13 @@ pub enum DispatcherKind {
     RedisStream(crate::dispatchers::RedisStreamTarget),
     /// Publishes each message on a NATS subject (optionally through JetStream).
     Nats(crate::dispatchers::NatsTarget),
+    /// Pushes each message to the endpoint the remote worker of the same id registered, while it
+    /// is registered and not stale.
+    Worker,
 }
 
 impl DispatcherKind {
-    pub const NAMES: &[&str] = &["log", "jsonl", "http", "redis_stream", "nats"];
+    pub const NAMES: &[&str] = &["log", "jsonl", "http", "redis_stream", "nats", "worker"];
 
     /// Its `kind` in a config file.
     pub fn name(&self) -> &'static str {
@@ -191,6 +194,7 @@ impl DispatcherKind {
             DispatcherKind::Http { .. } => "http",
             DispatcherKind::RedisStream(_) => "redis_stream",
             DispatcherKind::Nats(_) => "nats",
+            DispatcherKind::Worker => "worker",
         }
     }
 }

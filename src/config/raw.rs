@@ -852,6 +852,22 @@ fn validate(
                     call_timeout,
                 })
             }
+            "worker" => {
+                // The worker gives these when it registers; here they would silently do nothing.
+                for (field, set) in [
+                    ("stale_threshold", d.stale_threshold.is_some()),
+                    ("heartbeat_interval", d.heartbeat_interval.is_some()),
+                    ("critical", d.critical.is_some()),
+                ] {
+                    if set {
+                        check.report(
+                            at(field),
+                            "does not apply to kind `worker`: the worker sets it when it registers (POST /api/v1/dispatchers/{id}/register)",
+                        );
+                    }
+                }
+                DispatcherKind::Worker
+            }
             other => {
                 check.report(
                     at("kind"),

@@ -186,7 +186,7 @@ dispatcher_id = "ghost"
         "FILE:2: `server.listen`: `nowhere` is not an IP address and port such as 127.0.0.1:9000",
         "FILE:3: `server.shutdown_grace`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
         "FILE:6: `metrics.namespace`: `9lives` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*",
-        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl, http, redis_stream, nats)",
+        "FILE:10: `dispatchers[0].kind`: unknown kind `carrier-pigeon` (expected one of log, jsonl, http, redis_stream, nats, worker)",
         "FILE:14: `dispatchers[1].dispatcher_id`: dispatcher `a` is registered twice",
         "FILE:17: `dispatchers[1].path`: applies only to kind `jsonl`",
         "FILE:21: `routes[0].topic_pattern`: route `r1` has an invalid topic pattern `a.b*`: pattern segment 1 (`b*`) must be `*`, `**` or made of [A-Za-z0-9_-] (wildcards are whole segments)",
@@ -1004,6 +1004,63 @@ dispatcher_id = "a"
             "FILE:25: `dispatchers[2].subject`: `a.*` is not a NATS subject to publish on (dot-separated tokens, no spaces or wildcards)",
             "FILE:31: `dispatchers[3].url`: must be an http:// or https:// URL",
             "FILE:35: `dispatchers[3].policy.rules[0].comand_type`: unknown field (did you mean `command_type`?)",
+        ]
+    );
+}
+
+#[test]
+fn a_worker_dispatcher_takes_its_liveness_from_the_worker_and_serves_no_commands() {
+    let config = load(
+        r#"[[dispatchers]]
+dispatcher_id = "shipping-worker"
+kind = "worker"
+category = "event"
+timeout = "5s"
+
+[[routes]]
+route_id = "r"
+topic_pattern = "shop.shipments.events"
+message_category = "event"
+dispatcher_id = "shipping-worker"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.dispatchers[0].kind, DispatcherKind::Worker);
+    assert_eq!(config.dispatchers[0].kind.name(), "worker");
+    let found = problems(
+        r#"[[dispatchers]]
+dispatcher_id = "w"
+kind = "worker"
+category = "event"
+stale_threshold = "30s"
+critical = true
+url = "http://127.0.0.1:1/"
+
+[[dispatchers]]
+dispatcher_id = "c"
+kind = "worker"
+category = "command"
+
+[[routes]]
+route_id = "r"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "w"
+
+[[routes]]
+route_id = "rc"
+topic_pattern = "**"
+message_category = "command"
+dispatcher_id = "c"
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "FILE:5: `dispatchers[0].stale_threshold`: does not apply to kind `worker`: the worker sets it when it registers (POST /api/v1/dispatchers/{id}/register)",
+            "FILE:6: `dispatchers[0].critical`: does not apply to kind `worker`: the worker sets it when it registers (POST /api/v1/dispatchers/{id}/register)",
+            "FILE:7: `dispatchers[0].url`: applies only to kind `http`",
+            "FILE:12: `dispatchers[1].category`: kind `worker` handles events and intents; a command dispatcher needs kind = \"http\" (its command adapter) or an adapter registered in code",
         ]
     );
 }

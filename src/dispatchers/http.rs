@@ -82,7 +82,7 @@ impl HttpTarget {
     }
 
     /// Sends `message` with the trace context `trace` and reads the answer.
-    async fn call(
+    pub(super) async fn call(
         &self,
         client: &reqwest::Client,
         message: &Message<'_>,

@@ -1,5 +1,6 @@
 //! The built-in dispatchers a config file can name: `log`, `jsonl`, and the network kinds
-//! `http`, `redis_stream` and `nats` (docs/dispatchers.md).
+//! `http`, `redis_stream`, `nats` and `worker` (a registered remote worker's endpoint;
+//! docs/dispatchers.md).
 //!
 //! Owns: their I/O (a log line, an append-only file with group commit, an HTTP request, an
 //! `XADD`, a NATS publish) and the one body format the network kinds send ([`WireMessage`]).
@@ -20,12 +21,14 @@ mod jsonl;
 mod log;
 mod nats;
 mod redis_stream;
+mod worker;
 
 pub use http::{HttpCommand, HttpDispatcher, HttpTarget, MAX_ANSWER_BYTES, http_client};
 pub use jsonl::{JsonlFile, JsonlLine};
 pub use log::LogDispatcher;
 pub use nats::{NatsDispatcher, NatsTarget};
 pub use redis_stream::{RedisStreamDispatcher, RedisStreamTarget};
+pub use worker::WorkerDispatcher;
 
 use serde::Serialize;
 
@@ -84,7 +87,7 @@ fn trace_headers(message: &Message<'_>) -> std::collections::BTreeMap<String, St
 
 /// A URL as it may appear in an error or a log: scheme, host, port and path, without the
 /// credentials or the query string that could hold a secret.
-fn display_url(url: &str) -> String {
+pub(crate) fn display_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(url) => {
             let host = url.host_str().unwrap_or("");

@@ -3,8 +3,10 @@
 //!
 //! Owns: the [`HealthRegistry`] (in-process dispatchers and out-of-process workers alike), the
 //! health model ([`evaluate`]), the lifecycle task that heartbeats for in-process dispatchers and
-//! is restarted under supervision when it panics ([`supervise`]), and the strategy that feeds
-//! dispatch outcomes into the registry ([`HealthStrategy`]).
+//! is restarted under supervision when it panics ([`supervise`]), the strategy that feeds
+//! dispatch outcomes into the registry ([`HealthStrategy`]), and the per-dispatcher statistics
+//! of the dispatcher API ([`DispatcherStats`]: counts, latency percentiles, last error and
+//! topic), and where a remote worker takes its messages ([`HealthRegistry::worker_endpoint`]).
 //!
 //! Invariants:
 //! - Health is a pure function of (now, last heartbeat, stale threshold, consecutive failures,
@@ -18,6 +20,7 @@
 //! Must not: import telemetry. Metrics observe the registry through [`LifecycleObserver`] and
 //! read it at scrape time.
 
+mod stats;
 mod strategy;
 mod supervisor;
 
@@ -32,6 +35,7 @@ use thiserror::Error;
 use tokio::time::Instant;
 
 use crate::engine::is_valid_id;
+pub use stats::{DispatcherStats, Latency, StatsSnapshot};
 pub use strategy::HealthStrategy;
 pub use supervisor::{RestartBackoff, supervise};
 
@@ -164,6 +168,8 @@ pub struct Record {
     started: AtomicU64,
     consecutive_failures: AtomicU32,
     state: AtomicU8,
+    /// Where a worker takes its messages (`kind = "worker"` dispatchers push there).
+    endpoint: Option<reqwest::Url>,
 }
 
 /// The health answer for one dispatcher, as `GET /api/v1/dispatchers` serves it.
@@ -180,6 +186,9 @@ pub struct DispatcherHealth {
     pub critical: bool,
     pub origin: Origin,
     pub stale_threshold_seconds: f64,
+    /// Where a worker takes its messages, without credentials or query; absent when it gave none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// Why it is unhealthy; absent when healthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -254,12 +263,35 @@ pub enum RegisterError {
 pub struct UnknownDispatcher(pub String);
 
 /// How a dispatcher registers.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
     pub origin: Origin,
     /// `None` for the configured default.
     pub stale_threshold: Option<Duration>,
     pub critical: bool,
+    /// A worker's http(s) URL to push its messages to; `None` for a worker that only reports.
+    pub endpoint: Option<reqwest::Url>,
+}
+
+/// Why a message cannot be pushed to a worker now: the outcome's error message.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum WorkerUnavailable {
+    #[error("worker `{0}` is not registered")]
+    NotRegistered(String),
+    #[error("worker `{0}` registered without an endpoint")]
+    NoEndpoint(String),
+    #[error(
+        "worker `{id}` is stale: no heartbeat for {age:.1} s (threshold {threshold:.1} s)",
+        age = .age.as_secs_f64(),
+        threshold = .threshold.as_secs_f64()
+    )]
+    Stale {
+        id: String,
+        age: Duration,
+        threshold: Duration,
+    },
+    #[error("worker `{0}` is stopped")]
+    Stopped(String),
 }
 
 /// The lifecycle and health registry. Cheap to clone.
@@ -337,6 +369,7 @@ impl HealthRegistry {
             last_heartbeat: AtomicU64::new(now),
             started: AtomicU64::new(if remote { now } else { u64::MAX }),
             consecutive_failures: AtomicU32::new(0),
+            endpoint: registration.endpoint,
             // A worker registers when it runs; an in-process dispatcher runs once its task starts.
             state: AtomicU8::new(
                 if remote {
@@ -479,6 +512,35 @@ impl HealthRegistry {
             .ok_or_else(|| UnknownDispatcher(id.to_owned()))
     }
 
+    /// Where to push a message for worker `id` now: its endpoint while it is registered with
+    /// one and not stale or stopped, else why not. Consecutive failures do not close the door
+    /// (only a call can end them; a breaker on the dispatcher is what stops calling a failing
+    /// worker). A read of the registry, as [`HealthRegistry::health`] is.
+    pub fn worker_endpoint(&self, id: &str) -> Result<reqwest::Url, WorkerUnavailable> {
+        let record = read(&self.inner.records)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| WorkerUnavailable::NotRegistered(id.to_owned()))?;
+        let Some(endpoint) = &record.endpoint else {
+            return Err(WorkerUnavailable::NoEndpoint(id.to_owned()));
+        };
+        if record.state() == State::Stopped {
+            return Err(WorkerUnavailable::Stopped(id.to_owned()));
+        }
+        let age = Duration::from_nanos(
+            self.now()
+                .saturating_sub(record.last_heartbeat.load(Ordering::Relaxed)),
+        );
+        if age > record.stale_threshold {
+            return Err(WorkerUnavailable::Stale {
+                id: id.to_owned(),
+                age,
+                threshold: record.stale_threshold,
+            });
+        }
+        Ok(endpoint.clone())
+    }
+
     /// One dispatcher's health now.
     pub fn health(&self, id: &str) -> Option<DispatcherHealth> {
         let record = read(&self.inner.records).get(id).cloned()?;
@@ -536,6 +598,10 @@ impl HealthRegistry {
             critical: record.critical,
             origin: record.origin,
             stale_threshold_seconds: record.stale_threshold.as_secs_f64(),
+            endpoint: record
+                .endpoint
+                .as_ref()
+                .map(|url| crate::dispatchers::display_url(url.as_str())),
             reason: verdict.reason,
         }
     }

@@ -62,6 +62,7 @@ fn worker(threshold_secs: u64) -> Registration {
         origin: Origin::Remote,
         stale_threshold: Some(Duration::from_secs(threshold_secs)),
         critical: true,
+        endpoint: None,
     }
 }
 
@@ -235,6 +236,7 @@ async fn bad_ids_thresholds_and_too_many_workers_are_refused() {
         origin: Origin::InProcess,
         stale_threshold: None,
         critical: false,
+        endpoint: None,
     };
     registry.register("local", in_process).unwrap();
     assert_eq!(
@@ -277,6 +279,7 @@ fn in_process() -> Registration {
         origin: Origin::InProcess,
         stale_threshold: Some(Duration::from_secs(40)),
         critical: true,
+        endpoint: None,
     }
 }
 
@@ -426,4 +429,114 @@ async fn refusals_and_skips_are_not_failures_and_do_not_reset_them() {
         assert_eq!(complete(refusal), 2, "{refusal} changes nothing");
     }
     assert_eq!(complete(ExecutionResult::Success), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_endpoint_is_given_only_while_the_worker_is_fresh() {
+    let (registry, _) = registry();
+    let url: reqwest::Url = "http://127.0.0.1:9/work".parse().unwrap();
+    assert_eq!(
+        registry.worker_endpoint("w"),
+        Err(WorkerUnavailable::NotRegistered("w".into()))
+    );
+    registry.register("w", worker(30)).unwrap();
+    assert_eq!(
+        registry.worker_endpoint("w"),
+        Err(WorkerUnavailable::NoEndpoint("w".into()))
+    );
+    let with_endpoint = Registration {
+        endpoint: Some(url.clone()),
+        ..worker(30)
+    };
+    registry.register("w", with_endpoint.clone()).unwrap();
+    assert_eq!(registry.worker_endpoint("w"), Ok(url.clone()));
+    assert_eq!(
+        registry.health("w").unwrap().endpoint.as_deref(),
+        Some("http://127.0.0.1:9/work")
+    );
+    // Failures do not close the door (a breaker does); staleness does.
+    for _ in 0..10 {
+        registry.record_failure("w").unwrap();
+    }
+    assert_eq!(registry.worker_endpoint("w"), Ok(url.clone()));
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let stale = registry.worker_endpoint("w").unwrap_err();
+    assert_eq!(
+        stale.to_string(),
+        "worker `w` is stale: no heartbeat for 31.0 s (threshold 30.0 s)"
+    );
+    registry.heartbeat("w").unwrap();
+    assert_eq!(registry.worker_endpoint("w"), Ok(url));
+    registry.unregister("w").unwrap();
+    assert!(matches!(
+        registry.worker_endpoint("w"),
+        Err(WorkerUnavailable::NotRegistered(_))
+    ));
+    // An in-process dispatcher has no endpoint to push to.
+    registry.register("local", in_process()).unwrap();
+    registry.start("local").unwrap();
+    assert!(matches!(
+        registry.worker_endpoint("local"),
+        Err(WorkerUnavailable::NoEndpoint(_))
+    ));
+}
+
+mod stats {
+    use crate::engine::{
+        Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage, Route,
+    };
+    use crate::health::DispatcherStats;
+
+    struct Answer;
+
+    #[async_trait::async_trait]
+    impl Handler for Answer {
+        async fn handle(&self, m: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+            match m.envelope.message_type.as_str() {
+                "bad" => Err(HandlerError::permanent("password=hunter2 refused")),
+                _ => Ok(Vec::new()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_latency_last_error_and_topic_per_dispatcher() {
+        let stats = std::sync::Arc::new(DispatcherStats::new(["a", "idle"]));
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::new("a", Category::Event, Answer))
+            .dispatcher(Dispatcher::new("idle", Category::Event, Answer))
+            .route(Route::new("r", "shop.*.events", Category::Event, "a"))
+            .instrumentation(stats.clone())
+            .build()
+            .unwrap();
+        let envelope = |t: &str| crate::engine::Envelope::new(t, serde_json::json!({}));
+        for _ in 0..3 {
+            engine.dispatch("shop.fast.events", &envelope("ok")).await;
+        }
+        engine.dispatch("shop.slow.events", &envelope("ok")).await;
+        engine.dispatch("shop.bad.events", &envelope("bad")).await;
+        engine.dispatch("shop.last.events", &envelope("ok")).await;
+        let a = stats.get("a").unwrap();
+        assert_eq!(a.counts["success"], 5);
+        assert_eq!(a.counts["error"], 1);
+        assert_eq!(a.counts["rejected"], 0);
+        assert_eq!(a.last_topic.as_deref(), Some("shop.last.events"));
+        let error = a.last_error.unwrap();
+        assert!(
+            error.contains("refused") && !error.contains("hunter2"),
+            "{error}"
+        );
+        let latency = a.latency_ms.unwrap();
+        assert_eq!(latency.count, 6);
+        assert!(latency.min > 0.0, "{latency:?}");
+        assert!(latency.min <= latency.p50 && latency.p50 <= latency.p90);
+        assert!(latency.p90 <= latency.p99 && latency.p99 <= latency.max);
+        let idle = stats.get("idle").unwrap();
+        assert!(idle.counts.values().all(|n| *n == 0));
+        assert_eq!(
+            (idle.latency_ms, idle.last_error, idle.last_topic),
+            (None, None, None)
+        );
+        assert!(stats.get("nobody").is_none());
+    }
 }

@@ -11,7 +11,7 @@ use super::error::Body;
 use super::messages::check_content_type;
 use super::{ApiError, ApiState};
 use crate::engine::is_valid_id;
-use crate::health::{DispatcherHealth, Origin, Registration};
+use crate::health::{DispatcherHealth, Origin, Registration, StatsSnapshot};
 
 /// `GET /ready`: 200 when the engine runs and every critical dispatcher is healthy; 503 with
 /// the reasons otherwise, and while shutting down. The body also shows the bus's state.
@@ -68,16 +68,52 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<DispatcherList> 
     })
 }
 
+/// One dispatcher's health and, for a dispatcher of this engine, its statistics.
+#[derive(Debug, Serialize)]
+pub(super) struct DispatcherDetail {
+    #[serde(flatten)]
+    health: DispatcherHealth,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<StatsSnapshot>,
+}
+
 /// `GET /api/v1/dispatchers/{id}`.
 pub(super) async fn one(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<DispatcherHealth>, ApiError> {
-    state
-        .health
-        .health(&id)
-        .map(Json)
-        .ok_or_else(|| unknown(&id))
+) -> Result<Json<DispatcherDetail>, ApiError> {
+    let health = state.health.health(&id).ok_or_else(|| unknown(&id))?;
+    let stats = state.stats.as_ref().and_then(|stats| stats.get(&id));
+    Ok(Json(DispatcherDetail { health, stats }))
+}
+
+/// One route as `GET /api/v1/routes` lists it: the config's keys.
+#[derive(Debug, Serialize)]
+struct RouteView<'a> {
+    route_id: &'a str,
+    topic_pattern: &'a str,
+    message_category: crate::engine::Category,
+    message_type: Option<&'a str>,
+    dispatcher_id: &'a str,
+    enabled: bool,
+}
+
+/// `GET /api/v1/routes`: every route of the engine, enabled or not, in registration order.
+pub(super) async fn routes(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    let routes: Vec<RouteView<'_>> = state
+        .engine
+        .routes()
+        .iter()
+        .map(|r| RouteView {
+            route_id: &r.route_id,
+            topic_pattern: &r.topic_pattern,
+            message_category: r.message_category,
+            message_type: r.message_type.as_deref(),
+            dispatcher_id: &r.dispatcher_id,
+            enabled: r.enabled,
+        })
+        .collect();
+    Json(json!({ "total": routes.len(), "routes": routes }))
 }
 
 /// The optional body of a registration.
@@ -87,6 +123,8 @@ struct RegisterBody {
     stale_threshold_seconds: Option<f64>,
     #[serde(default)]
     critical: bool,
+    /// An http(s) URL: messages routed to a `worker` dispatcher of this id are pushed there.
+    endpoint: Option<String>,
 }
 
 /// `POST /api/v1/dispatchers/{id}/register`: a worker announces itself (again, after a
@@ -116,10 +154,12 @@ pub(super) async fn register(
             ));
         }
     };
+    let endpoint = body.endpoint.as_deref().map(endpoint).transpose()?;
     let registration = Registration {
         origin: Origin::Remote,
         stale_threshold,
         critical: body.critical,
+        endpoint,
     };
     state.health.register(&id, registration)?;
     state
@@ -127,6 +167,23 @@ pub(super) async fn register(
         .health(&id)
         .map(Json)
         .ok_or_else(|| unknown(&id))
+}
+
+/// A worker's endpoint: an absolute http(s) URL with a host.
+fn endpoint(text: &str) -> Result<reqwest::Url, ApiError> {
+    let invalid = |why: String| {
+        ApiError::InvalidRegistration(format!(
+            "endpoint must be an http(s) URL such as http://10.0.0.7:8080/dispatch: {why}"
+        ))
+    };
+    let url = reqwest::Url::parse(text).map_err(|error| invalid(error.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(format!("the scheme is `{}`", url.scheme())));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("it has no host".to_owned()));
+    }
+    Ok(url)
 }
 
 /// `POST /api/v1/dispatchers/{id}/heartbeat`.

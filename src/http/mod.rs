@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Scope;
 use crate::bus::EventBus;
 use crate::engine::Engine;
-use crate::health::HealthRegistry;
+use crate::health::{DispatcherStats, HealthRegistry};
 use crate::telemetry::{Telemetry, record_http};
 pub use error::ApiError;
 pub use guard::Guard;
@@ -54,6 +54,9 @@ pub struct ApiState {
     /// Cancelled when the shutdown grace period ends: requests still dispatching then answer
     /// 503 instead of holding the process open.
     pub abandon: CancellationToken,
+    /// Per-dispatcher counts, latency, last error and topic for `GET /api/v1/dispatchers/{id}`;
+    /// `None` serves health alone.
+    pub stats: Option<Arc<DispatcherStats>>,
 }
 
 impl ApiState {
@@ -71,6 +74,7 @@ impl ApiState {
             events: None,
             started: Instant::now(),
             abandon: CancellationToken::new(),
+            stats: None,
         }
     }
 }
@@ -114,6 +118,12 @@ fn api_routes() -> Routes<ApiState> {
             Needs(Scope::Admin),
             Bounded,
             get(dispatchers::one),
+        )
+        .route(
+            "/api/v1/routes",
+            Needs(Scope::Admin),
+            Bounded,
+            get(dispatchers::routes),
         )
         .route(
             "/api/v1/dispatchers/{id}/register",
@@ -263,6 +273,7 @@ mod tests {
             ("/api/v1/messages/{topic}", Needs(Scope::Ingest), Bounded),
             ("/api/v1/dispatchers", Needs(Scope::Admin), Bounded),
             ("/api/v1/dispatchers/{id}", Needs(Scope::Admin), Bounded),
+            ("/api/v1/routes", Needs(Scope::Admin), Bounded),
             (
                 "/api/v1/dispatchers/{id}/register",
                 Needs(Scope::Admin),
@@ -301,6 +312,7 @@ mod tests {
             (Method::POST, "/api/v1/messages/a.b.events", Some(INGEST)),
             (Method::GET, "/api/v1/dispatchers", Some(ADMIN)),
             (Method::GET, "/api/v1/dispatchers/w", Some(ADMIN)),
+            (Method::GET, "/api/v1/routes", Some(ADMIN)),
             (Method::POST, "/api/v1/dispatchers/w/register", Some(ADMIN)),
             (Method::POST, "/api/v1/dispatchers/w/heartbeat", Some(ADMIN)),
             (

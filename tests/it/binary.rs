@@ -195,7 +195,7 @@ fn check_config_accepts_every_example_config() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 6);
+    assert_eq!(checked, 7);
     let mut expected: std::collections::BTreeSet<String> = dispatchd::config::DispatcherKind::NAMES
         .iter()
         .map(|k| (*k).to_owned())

@@ -36,3 +36,5 @@ mod monitoring;
 mod files;
 // Network dispatchers from TOML (http, redis_stream, nats) against real receivers, killed mid-run.
 mod network;
+// Remote workers that receive work (`kind = "worker"`), the dispatcher statistics and /api/v1/routes.
+mod workers;

@@ -23,7 +23,7 @@ use crate::support::{TestApp, required_tool, sample, wait_for_async};
 
 /// What the loopback receiver answers to the next request.
 #[derive(Clone)]
-enum Reply {
+pub(crate) enum Reply {
     /// Status, extra headers, a JSON body.
     Answer(u16, Vec<(&'static str, String)>, Value),
     /// Takes longer than any dispatcher timeout of these tests.
@@ -32,17 +32,17 @@ enum Reply {
 
 /// One request the receiver got (recorded before it answers).
 #[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    body: Value,
+pub(crate) struct Seen {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Value,
     peer: SocketAddr,
 }
 
 /// A loopback HTTP service playing the other side: answers from a script, then 200 `{}`.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     script: Arc<Mutex<VecDeque<Reply>>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
@@ -85,7 +85,7 @@ async fn receive(
 
 impl Receiver {
     /// Serves on a free loopback port; the base URL and the server task (abort it to stop).
-    async fn start(&self) -> (String, tokio::task::JoinHandle<()>) {
+    pub(crate) async fn start(&self) -> (String, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let router = axum::Router::new()
@@ -102,18 +102,18 @@ impl Receiver {
         (url, server)
     }
 
-    fn reply(&self, reply: Reply) {
+    pub(crate) fn reply(&self, reply: Reply) {
         self.script.lock().unwrap().push_back(reply);
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }
 
 /// dispatchd with the dispatchers and routes of `toml` (read as a config file would be, with
 /// `env` as the environment) in place of the defaults.
-async fn app(toml: &str, env: &[(&str, &str)]) -> TestApp {
+pub(crate) async fn app(toml: &str, env: &[(&str, &str)]) -> TestApp {
     let env: Vec<(String, String)> = env
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -150,7 +150,7 @@ dispatcher_id = "d"
     )
 }
 
-async fn post(app: &TestApp, topic: &str, body: Value) -> (u16, Value) {
+pub(crate) async fn post(app: &TestApp, topic: &str, body: Value) -> (u16, Value) {
     let response = app.post_message(topic, body).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())

@@ -234,6 +234,7 @@ impl EngineBuilder {
             }
             if let (Some(pattern), true) = (pattern, route.enabled) {
                 routes_by_category[category_slot(route.message_category)].push(CompiledRoute {
+                    route_id: name.into(),
                     pattern,
                     dispatcher,
                     message_type: route.message_type.as_deref().map(Into::into),

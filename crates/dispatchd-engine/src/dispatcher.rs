@@ -51,6 +51,11 @@ pub enum ErrorKind {
     Transient,
     /// The message itself cannot be handled: retrying would fail the same way.
     Permanent,
+    /// The dispatcher had no one to hand the message to (a remote worker that is stale or not
+    /// registered) and did not try: the outcome is `rejected` (not now, retry later), with the
+    /// dispatch's `error_code` `worker_unavailable`. Not retried within the dispatch, not counted
+    /// by the circuit breaker, and not a failure of the dispatcher's health.
+    Unavailable,
 }
 
 /// A handler's failure. Any `std::error::Error` converts into a transient one with `?`; use
@@ -75,6 +80,15 @@ impl HandlerError {
     pub fn permanent(message: impl Into<String>) -> HandlerError {
         HandlerError {
             kind: ErrorKind::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Nobody was there to take the message, so nothing was tried (see [`ErrorKind::Unavailable`]).
+    pub fn unavailable(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            kind: ErrorKind::Unavailable,
             message: message.into(),
             retry_after: None,
         }

@@ -51,7 +51,9 @@ pub use instrument::{
 };
 pub use pattern::{PatternError, TopicPattern};
 pub use redact::{DEFAULT_DENY, REDACTED, Redactor};
-pub use result::{DispatchResult, DispatchStatus, DispatcherOutcome, ErrorCode, ExecutionResult};
+pub use result::{
+    DispatchResult, DispatchStatus, DispatcherOutcome, ErrorCode, ExecutionResult, Timestamp,
+};
 pub use route::Route;
 pub use sanitize::{MAX_ERROR_CHARS, sanitize};
 pub use topic::{Category, MAX_TOPIC_LEN, Topic, TopicError, UnknownCategory};
@@ -122,6 +124,7 @@ impl Engine {
 
     /// The dispatchers a message would reach, in registration order, each at most once.
     pub fn select(&self, topic: &Topic<'_>, message_type: &str) -> Vec<usize> {
+        // The same walk as `select_with_routes`, without collecting route ids.
         let routes = &self.inner.routes_by_category[category_slot(topic.category)];
         let mut selected: Vec<usize> = Vec::new();
         for route in routes.iter() {
@@ -133,6 +136,29 @@ impl Engine {
             }
         }
         selected.sort_unstable();
+        selected
+    }
+
+    /// [`Engine::select`], each dispatcher with the ids of the routes that selected it, in route
+    /// registration order.
+    fn select_with_routes(
+        &self,
+        topic: &Topic<'_>,
+        message_type: &str,
+    ) -> Vec<(usize, Vec<Arc<str>>)> {
+        let routes = &self.inner.routes_by_category[category_slot(topic.category)];
+        let mut selected: Vec<(usize, Vec<Arc<str>>)> = Vec::new();
+        for route in routes.iter() {
+            if route.matches(&topic.segments, message_type)
+                && self.inner.dispatchers[route.dispatcher].accepts_type(message_type)
+            {
+                match selected.iter_mut().find(|(d, _)| *d == route.dispatcher) {
+                    Some((_, ids)) => ids.push(route.route_id.clone()),
+                    None => selected.push((route.dispatcher, vec![route.route_id.clone()])),
+                }
+            }
+        }
+        selected.sort_unstable_by_key(|(dispatcher, _)| *dispatcher);
         selected
     }
 
@@ -205,7 +231,7 @@ impl Engine {
                 &reason,
             ),
             Ok(parsed) => {
-                let selected = self.select(&parsed, &envelope.message_type);
+                let selected = self.select_with_routes(&parsed, &envelope.message_type);
                 if selected.is_empty() {
                     let reason = format!(
                         "no enabled route sends {} messages of type `{}` on this topic to a dispatcher",
@@ -225,7 +251,7 @@ impl Engine {
                         dispatch_id,
                         trace: None,
                     };
-                    self.run_selected(&selected, &message, &info, &mut result)
+                    self.run_selected(selected, &message, &info, &mut result)
                         .await;
                     // Outputs continue this trace wherever they are consumed.
                     if let Some(span) = span {
@@ -256,6 +282,7 @@ impl Engine {
         }
         let elapsed = started.elapsed();
         result.duration_ms = millis(elapsed);
+        result.completed_at = Timestamp::now();
         // Refusals (`rejected`, `denied`) are not errors: strategies see them as outcomes.
         if result.status.is_error() {
             hooks.emit("on_dispatch_error", |s| {
@@ -271,20 +298,32 @@ impl Engine {
 
     async fn run_selected(
         &self,
-        selected: &[usize],
+        selected: Vec<(usize, Vec<Arc<str>>)>,
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
         result: &mut DispatchResult,
     ) {
-        let runs: Vec<(DispatcherOutcome, Vec<OutputMessage>)> = if let [only] = selected {
-            vec![self.run_one(*only, message, info).await]
+        let runs: Vec<Run> = if let [(only, _)] = selected[..] {
+            vec![self.run_one(only, message, info).await]
         } else {
-            futures::future::join_all(selected.iter().map(|&i| self.run_one(i, message, info)))
-                .await
+            futures::future::join_all(
+                selected
+                    .iter()
+                    .map(|&(i, _)| self.run_one(i, message, info)),
+            )
+            .await
         };
 
         let mut reasons = Vec::new();
-        for (outcome, outputs) in runs {
+        // `worker_unavailable` only when every refusal was a worker no one could call.
+        let mut unavailable = false;
+        let mut other_refusal = false;
+        for ((mut outcome, outputs, no_worker), (_, route_ids)) in runs.into_iter().zip(selected) {
+            outcome.route_ids = route_ids;
+            if outcome.result == ExecutionResult::Rejected {
+                unavailable |= no_worker;
+                other_refusal |= !no_worker;
+            }
             result.outputs.extend(outputs);
             if !matches!(
                 outcome.result,
@@ -300,18 +339,19 @@ impl Engine {
         let Some((status, code)) = settled else {
             return;
         };
+        let code = match code {
+            Some(ErrorCode::Rejected) if unavailable && !other_refusal => {
+                Some(ErrorCode::WorkerUnavailable)
+            }
+            code => code,
+        };
         match code {
             Some(code) => fail(result, status, code, &reasons.join("; ")),
             None => result.status = status,
         }
     }
 
-    async fn run_one(
-        &self,
-        index: usize,
-        message: &Message<'_>,
-        info: &DispatchInfo<'_>,
-    ) -> (DispatcherOutcome, Vec<OutputMessage>) {
+    async fn run_one(&self, index: usize, message: &Message<'_>, info: &DispatchInfo<'_>) -> Run {
         let Some(parent) = info.span else {
             return self.run_one_traced(index, message, info).await;
         };
@@ -329,7 +369,7 @@ impl Engine {
             trace: Some(&*span),
             ..*message
         };
-        let (outcome, outputs) = self.run_one_traced(index, &message, &inside).await;
+        let (outcome, outputs, unavailable) = self.run_one_traced(index, &message, &inside).await;
         span.set_attributes(&[
             (
                 "dispatchd.outcome",
@@ -340,7 +380,7 @@ impl Engine {
                 SpanValue::Int(i64::from(outcome.attempts)),
             ),
         ]);
-        (outcome, outputs)
+        (outcome, outputs, unavailable)
     }
 
     async fn run_one_traced(
@@ -348,7 +388,7 @@ impl Engine {
         index: usize,
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
-    ) -> (DispatcherOutcome, Vec<OutputMessage>) {
+    ) -> Run {
         let dispatcher = &self.inner.dispatchers[index];
         let hooks = &self.inner.hooks;
         let started = Instant::now();
@@ -381,6 +421,7 @@ impl Engine {
         };
 
         let elapsed = started.elapsed();
+        let unavailable = run.as_ref().is_err_and(|failure| failure.unavailable);
         let (execution, outputs, error_message) = match run {
             Ok(outputs) => (ExecutionResult::Success, outputs, None),
             Err(failure) if failure.result == ExecutionResult::Skipped => {
@@ -416,8 +457,9 @@ impl Engine {
             attempts,
             error_message,
             policy,
+            route_ids: Vec::new(),
         };
-        (outcome, outputs)
+        (outcome, outputs, unavailable)
     }
 
     /// Dedup → rate limit → breaker → concurrency → timeout and retries (see
@@ -445,7 +487,11 @@ impl Engine {
         let run = self
             .attempts(dispatcher, Some(protections), message, info, attempts)
             .await;
-        protections.finish(admitted, run.is_ok(), message_id);
+        match &run {
+            // Nothing was called: the breaker learns nothing about the other side.
+            Err(failure) if failure.unavailable => protections.release(admitted),
+            _ => protections.finish(admitted, run.is_ok(), message_id),
+        }
         run
     }
 
@@ -555,6 +601,10 @@ impl Engine {
     }
 }
 
+/// One dispatcher's outcome, its outputs, and whether it was refused because its worker could
+/// not be called ([`ErrorKind::Unavailable`]).
+type Run = (DispatcherOutcome, Vec<OutputMessage>, bool);
+
 /// Why one dispatcher's call did not succeed.
 struct Failure {
     result: ExecutionResult,
@@ -563,6 +613,8 @@ struct Failure {
     transient: bool,
     /// The handler's `HandlerError::retry_after`: the least wait before a retry.
     retry_after: Option<Duration>,
+    /// The handler had no worker to call ([`ErrorKind::Unavailable`]).
+    unavailable: bool,
 }
 
 impl Failure {
@@ -572,6 +624,7 @@ impl Failure {
             message,
             transient: false,
             retry_after: None,
+            unavailable: false,
         }
     }
 }
@@ -584,11 +637,16 @@ async fn guarded(
 ) -> Result<Vec<OutputMessage>, Failure> {
     match tokio::time::timeout(timeout, AssertUnwindSafe(run).catch_unwind()).await {
         Ok(Ok(Ok(outputs))) => Ok(outputs),
+        Ok(Ok(Err(error))) if error.kind() == ErrorKind::Unavailable => Err(Failure {
+            unavailable: true,
+            ..Failure::new(ExecutionResult::Rejected, error.message().to_owned())
+        }),
         Ok(Ok(Err(error))) => Err(Failure {
             result: ExecutionResult::Error,
             transient: error.kind() == ErrorKind::Transient,
             retry_after: error.retry_after(),
             message: error.message().to_owned(),
+            unavailable: false,
         }),
         Ok(Err(panic)) => Err(Failure::new(
             ExecutionResult::Error,
@@ -599,6 +657,7 @@ async fn guarded(
             message: format!("timed out after {timeout:?}"),
             transient: true,
             retry_after: None,
+            unavailable: false,
         }),
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -168,6 +169,9 @@ pub enum ErrorCode {
     PolicyDenied,
     /// The dispatchers succeeded but their outputs could not be published.
     PublishFailed,
+    /// Every refused dispatcher was a remote worker that could not be called (stale, or not
+    /// registered, or registered without an endpoint): status `rejected`, retry later.
+    WorkerUnavailable,
 }
 
 impl ErrorCode {
@@ -180,6 +184,7 @@ impl ErrorCode {
             ErrorCode::Rejected => "rejected",
             ErrorCode::PolicyDenied => "policy_denied",
             ErrorCode::PublishFailed => "publish_failed",
+            ErrorCode::WorkerUnavailable => "worker_unavailable",
         }
     }
 }
@@ -280,6 +285,50 @@ pub struct DispatcherOutcome {
     /// The policy that refused the command, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The enabled routes that selected this dispatcher for the message, in registration order.
+    #[serde(default)]
+    pub route_ids: Vec<Arc<str>>,
+}
+
+/// A wall-clock instant that serializes as RFC 3339 with milliseconds in UTC
+/// (`2026-12-02T21:00:28.123Z`). Kept as a `SystemTime`, so the dispatch path only reads the
+/// clock; the text is made when the result is serialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp(SystemTime::now())
+    }
+}
+
+impl Default for Timestamp {
+    fn default() -> Timestamp {
+        Timestamp(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Before 1970 cannot be written in RFC 3339 by humantime: the epoch stands in.
+        let at = self.0.max(SystemTime::UNIX_EPOCH);
+        fmt::Display::fmt(&humantime::format_rfc3339_millis(at), f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Timestamp, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        humantime::parse_rfc3339_weak(&text)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// The answer to one dispatch, as the HTTP API returns it.
@@ -306,14 +355,24 @@ pub struct DispatchResult {
     pub span_id: Option<String>,
     /// Each dispatcher that was selected, in registration order.
     pub dispatchers: Vec<DispatcherOutcome>,
+    /// When the engine took the message.
+    #[serde(default)]
+    pub started_at: Timestamp,
+    /// When the result was settled (after its outputs were published).
+    #[serde(default)]
+    pub completed_at: Timestamp,
 }
 
 impl DispatchResult {
     /// The result of a dispatch of `envelope` on `topic` before anything ran: `success`, no
-    /// category, outputs or outcomes yet. The engine fills it in; embedders and tests build
-    /// results with it because the type grows (it is `#[non_exhaustive]`).
+    /// category, outputs or outcomes yet, started and completed now. The engine fills it in;
+    /// embedders and tests build results with it because the type grows (it is
+    /// `#[non_exhaustive]`).
     pub fn new(dispatch_id: Uuid, topic: &str, envelope: &Envelope) -> DispatchResult {
+        let now = Timestamp::now();
         DispatchResult {
+            started_at: now,
+            completed_at: now,
             dispatch_id,
             status: DispatchStatus::Success,
             topic: echo_topic(topic),
@@ -359,6 +418,7 @@ impl DispatcherOutcome {
             attempts: 0,
             error_message: None,
             policy: None,
+            route_ids: Vec::new(),
         }
     }
 }
@@ -409,6 +469,7 @@ mod tests {
             (ErrorCode::Rejected, "rejected"),
             (ErrorCode::PolicyDenied, "policy_denied"),
             (ErrorCode::PublishFailed, "publish_failed"),
+            (ErrorCode::WorkerUnavailable, "worker_unavailable"),
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), text);
             assert_eq!(code.as_str(), text);
@@ -428,6 +489,16 @@ mod tests {
         assert!(result.topic.ends_with('…'));
         let short = DispatchResult::new(Uuid::nil(), "a.events", &envelope);
         assert_eq!(short.topic, "a.events");
+    }
+
+    #[test]
+    fn timestamps_serialize_as_rfc3339_millis_and_read_back() {
+        let at =
+            Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_796_245_228_123));
+        let json = serde_json::to_value(at).unwrap();
+        assert_eq!(json, "2026-12-02T21:00:28.123Z");
+        assert_eq!(serde_json::from_value::<Timestamp>(json).unwrap(), at);
+        assert!(serde_json::from_value::<Timestamp>("yesterday".into()).is_err());
     }
 
     #[test]

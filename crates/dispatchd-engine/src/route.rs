@@ -47,6 +47,7 @@ impl Route {
 /// A route after validation: the pattern compiled, the dispatcher resolved to its index.
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledRoute {
+    pub(crate) route_id: std::sync::Arc<str>,
     pub(crate) pattern: TopicPattern,
     pub(crate) dispatcher: usize,
     pub(crate) message_type: Option<Box<str>>,

@@ -502,6 +502,76 @@ fn the_engine_is_send_sync_and_cheap_to_clone() {
     assert_eq!(std::mem::size_of::<Engine>(), std::mem::size_of::<usize>());
 }
 
+#[tokio::test]
+async fn each_outcome_names_the_routes_that_selected_it_and_the_result_its_times() {
+    let engine = engine_with(
+        vec![
+            Dispatcher::new("a", Category::Event, Echo),
+            Dispatcher::new("b", Category::Event, Echo),
+        ],
+        vec![
+            Route::new("r-b", "shop.**", Category::Event, "b"),
+            Route::new("r-a1", "shop.orders.events", Category::Event, "a"),
+            Route::new("r-off", "shop.**", Category::Event, "a").disabled(),
+            Route::new("r-a2", "shop.*.events", Category::Event, "a"),
+            Route::new("r-other", "mail.**", Category::Event, "a"),
+        ],
+    );
+    let before = std::time::SystemTime::now();
+    let result = engine.dispatch("shop.orders.events", &event("t")).await;
+    let after = std::time::SystemTime::now();
+    let routes: Vec<(&str, Vec<&str>)> = result
+        .dispatchers
+        .iter()
+        .map(|d| {
+            (
+                &*d.dispatcher_id,
+                d.route_ids.iter().map(|r| &**r).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(routes, [("a", vec!["r-a1", "r-a2"]), ("b", vec!["r-b"])]);
+    let topic = Topic::parse("shop.orders.events").unwrap();
+    assert_eq!(engine.select(&topic, "t"), [0, 1], "the same selection");
+    assert!(before <= result.started_at.0 && result.started_at <= result.completed_at);
+    assert!(result.completed_at.0 <= after);
+    let json = serde_json::to_value(&result).unwrap();
+    assert_eq!(json["dispatchers"][0]["route_ids"], json!(["r-a1", "r-a2"]));
+    let started = json["started_at"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(started).is_ok(), "{started}");
+    assert!(started.ends_with('Z') && started.len() == "2026-12-02T21:00:28.123Z".len());
+    // Completed when the work ended: a dispatcher that works 20 ms moves completed_at by as much.
+    struct Work;
+    #[async_trait]
+    impl Handler for Work {
+        async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(Vec::new())
+        }
+    }
+    let working = engine_with(
+        vec![Dispatcher::new("w", Category::Event, Work)],
+        vec![Route::new("r", "**", Category::Event, "w")],
+    );
+    let worked = working.dispatch("a.events", &event("t")).await;
+    let took = worked
+        .completed_at
+        .0
+        .duration_since(worked.started_at.0)
+        .unwrap();
+    assert!(took >= Duration::from_millis(20), "{took:?}");
+    let back: DispatchResult = serde_json::from_value(json).unwrap();
+    assert_eq!(
+        back.started_at,
+        result
+            .started_at
+            .0
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| Timestamp(std::time::UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64)))
+            .unwrap()
+    );
+}
+
 mod protections {
     use std::num::NonZeroU32;
     use std::sync::Mutex;
@@ -528,6 +598,7 @@ mod protections {
                 return Err(match self.kind {
                     ErrorKind::Transient => HandlerError::transient("flaky"),
                     ErrorKind::Permanent => HandlerError::permanent("bad message"),
+                    ErrorKind::Unavailable => HandlerError::unavailable("worker `p` is stale"),
                 });
             }
             Ok(Vec::new())
@@ -772,6 +843,40 @@ mod protections {
             cool_down: Duration::from_secs(10),
             half_open_successes: 1,
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_worker_is_rejected_at_once_never_retried_nor_counted_by_the_breaker() {
+        let seen = Arc::new(Seen::default());
+        let (handler, calls) = scripted(5, ErrorKind::Unavailable);
+        let engine = protected(
+            handler,
+            ResilienceConfig {
+                retry: retry(3),
+                breaker: breaker(),
+                ..Default::default()
+            },
+            &seen,
+        );
+        for n in 1..=3 {
+            let result = engine.dispatch("a.b.events", &event("t")).await;
+            assert_eq!(result.status, DispatchStatus::Rejected);
+            assert_eq!(result.error_code, Some(ErrorCode::WorkerUnavailable));
+            let outcome = &result.dispatchers[0];
+            assert_eq!(outcome.result, ExecutionResult::Rejected);
+            assert_eq!(outcome.attempts, 1);
+            assert!(
+                outcome.error_message.as_deref().unwrap().contains("stale"),
+                "{outcome:?}"
+            );
+            assert_eq!(calls.load(Ordering::SeqCst), n, "no retry");
+        }
+        // Three refusals, a breaker that trips at two failures: still closed, nothing retried.
+        assert!(
+            seen.0.lock().unwrap().is_empty(),
+            "{:?}",
+            seen.0.lock().unwrap()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -244,6 +244,14 @@ impl Protections {
         }
     }
 
+    /// Hands back a call that never reached the other side (no worker to call): the breaker
+    /// records nothing, the message is not remembered.
+    pub fn release(&self, admitted: Admitted) {
+        if let (Some(breaker), Some(ticket)) = (&self.breaker, admitted.ticket) {
+            breaker.release(ticket);
+        }
+    }
+
     pub fn breaker(&self) -> Option<&CircuitBreaker> {
         self.breaker.as_ref()
     }
