@@ -7,13 +7,36 @@
 //!
 //! [`redis`] has the Redis Streams side: the publisher (events, with its dead-letter file when
 //! Redis cannot take them), handler outputs, and the consumer groups that sinks and `[[sources]]`
-//! read through.
+//! read through; [`consume`] the one at-least-once consume loop both use, and the upkeep that
+//! keeps a group and its stream small (stale consumers removed, acknowledged entries trimmed).
+//!
+//! Must not: import the sink service or any sink plugin. The sinks depend on the bus (they read
+//! through [`consume`]); the bus sees only the dispatch event and the dead-letter file format.
 
+pub mod consume;
 pub mod redis;
 
 use async_trait::async_trait;
 
 use crate::sinks::{DispatchEvent, SinkHandle};
+
+/// Told about the Redis bus: consumers' backlogs, failures and recoveries, and the publisher's
+/// outcomes (the metrics implement it).
+pub trait BusObserver: Send + Sync + 'static {
+    /// A group's backlog as last read (about every second); `None` when it could not be read
+    /// (Redis away, the group gone) or its consumer stopped: unknown, not the last value.
+    fn backlog(&self, stream: &str, group: &str, backlog: Option<redis::Backlog>);
+    fn reconnected(&self, stream: &str);
+    /// One dispatch event offered to the stream: `published`, `dead_lettered` or `dropped`.
+    fn published(&self, stream: &str, outcome: &'static str);
+    /// A consumer of `group` started: its counters exist from now on, at 0.
+    fn consumer_started(&self, stream: &str, group: &str);
+    /// One read (or claim) of the stream failed; the consumer backs off and tries again.
+    fn read_failed(&self, stream: &str, group: &str);
+    /// Redis answered `NOGROUP` and the consumer created the group again: Redis lost state, and
+    /// possibly events.
+    fn group_recreated(&self, stream: &str, group: &str);
+}
 
 /// Where dispatch events are published.
 #[async_trait]

@@ -28,8 +28,8 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use thiserror::Error;
 
 use crate::appender::{Appender, FileKind, Files};
+use crate::bus::BusObserver;
 use crate::resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Trip};
-use crate::sinks::service::BusObserver;
 
 #[derive(Debug, Error)]
 pub enum BusError {
@@ -176,8 +176,14 @@ pub struct ConsumerConfig {
     pub count: usize,
     /// How long a read waits for new entries.
     pub block: Duration,
-    /// Entries pending with a consumer for longer are claimed.
+    /// Entries pending with a consumer for longer are claimed. A live consumer keeps what it is
+    /// still working on by resetting those entries' idle time well within this (see
+    /// [`crate::bus::consume`]).
     pub claim_idle: Duration,
+    /// Consumers of the group idle this long and holding no pending entry are removed from it.
+    pub retention: Duration,
+    /// How often the stream is trimmed of what every group acknowledged; `None`: never.
+    pub trim_every: Option<Duration>,
 }
 
 /// A stream entry id, `<ms>-<seq>`, ordered as Redis orders them.
@@ -295,6 +301,11 @@ impl StreamConsumer {
 
     pub fn config(&self) -> &ConsumerConfig {
         &self.config
+    }
+
+    /// The connection acknowledgements and claims use (multiplexed: clones share it).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.acks.clone()
     }
 
     /// The next entries: first this consumer's own pending ones (after a restart), then new

@@ -120,6 +120,12 @@ struct SinkArgs {
     /// Entries pending with another consumer for longer are claimed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     claim_idle: std::time::Duration,
+    /// Consumers of the group idle this long with nothing pending are removed from it.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    consumer_retention: std::time::Duration,
+    /// How often the stream is trimmed of what every group has acknowledged.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    trim_every: std::time::Duration,
     /// The sink's name (the `sink` label; default the service).
     #[arg(long)]
     name: Option<String>,
@@ -491,10 +497,12 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
             count: args.batch_size,
             block: Duration::from_secs(1),
             claim_idle: args.claim_idle,
+            retention: args.consumer_retention,
+            trim_every: Some(args.trim_every),
         };
         let bus_observer = telemetry
             .bus_metrics()
-            .map(|m| m as Arc<dyn crate::sinks::service::BusObserver>);
+            .map(|m| m as Arc<dyn crate::bus::BusObserver>);
         crate::sinks::service::run_from_redis(
             url,
             consumer,

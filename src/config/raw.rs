@@ -92,6 +92,8 @@ struct RawBus {
     max_len: Option<usize>,
     consumer: Option<String>,
     claim_idle: Option<String>,
+    consumer_retention: Option<String>,
+    trim_every: Option<String>,
     outputs_prefix: Option<String>,
     dead_letter: Option<String>,
 }
@@ -1766,6 +1768,17 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
             positive(text, "bus.claim_idle", origins, problems).unwrap_or(Duration::from_secs(30))
         }
     };
+    let consumer_retention = match &raw.consumer_retention {
+        None => Duration::from_secs(3600),
+        Some(text) => positive(text, "bus.consumer_retention", origins, problems)
+            .unwrap_or(Duration::from_secs(3600)),
+    };
+    let trim_every = match &raw.trim_every {
+        None => Duration::from_secs(1),
+        Some(text) => {
+            positive(text, "bus.trim_every", origins, problems).unwrap_or(Duration::from_secs(1))
+        }
+    };
     let redis = match raw.kind.as_deref() {
         None | Some("memory") => None,
         Some("redis") => match raw.redis_url.clone() {
@@ -1775,6 +1788,8 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
                     max_len: raw.max_len.filter(|n| *n > 0),
                     consumer: raw.consumer.clone(),
                     claim_idle,
+                    consumer_retention,
+                    trim_every,
                     dead_letter: raw.dead_letter.clone().map_or_else(
                         || PathBuf::from("./dispatchd-data/bus.dead-letters.jsonl"),
                         PathBuf::from,
@@ -1948,6 +1963,8 @@ const DURATION_FIELDS: &[&str] = &[
     "max_wait",
     "ttl",
     "claim_idle",
+    "consumer_retention",
+    "trim_every",
     "flush_interval",
     "shutdown_deadline",
     "metrics_interval",
