@@ -10,6 +10,10 @@
 //! stop and flush the writers → shut the meter provider down. Tests build on port 0 and cancel
 //! the token to stop.
 
+mod sink;
+
+pub use sink::{Replayed, SinkService, SinkServiceConfig};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

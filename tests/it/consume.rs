@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dispatchd::app::{SinkService, SinkServiceConfig};
 use dispatchd::bus::consume::{Acks, Consumer, Deliver};
 use dispatchd::bus::redis::{ConsumerConfig, Entry};
 use dispatchd::sinks::FileSink;
@@ -417,4 +418,77 @@ async fn the_stream_stays_bounded_and_keeps_what_a_lagging_group_needs() {
     );
     shutdown.cancel();
     running.await.unwrap().unwrap();
+}
+
+fn sink_service_config(url: &str, stream: &str, out: &std::path::Path) -> SinkServiceConfig {
+    SinkServiceConfig {
+        service: "file".into(),
+        endpoint: Some(out.display().to_string()),
+        api_key: None,
+        name: Some("file".into()),
+        buffer: 100,
+        batch_size: 10,
+        flush_interval: Duration::from_millis(50),
+        bus: Some(url.to_owned()),
+        stream: stream.to_owned(),
+        group: None,
+        consumer: Some("sink-service".into()),
+        claim_idle: Duration::from_secs(30),
+        consumer_retention: Duration::from_secs(3600),
+        trim_every: Duration::from_secs(1),
+        dead_letter: Some(out.with_file_name("dead.jsonl")),
+        replay_dead_letters: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_namespace: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_service_is_built_then_run_by_the_app_layer() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("sink-service");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+
+    // Bad input is a clear error at build, before anything runs.
+    let error = SinkService::build(SinkServiceConfig {
+        batch_size: 0,
+        ..sink_service_config(&url, &stream, &out)
+    })
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(
+        error.to_string(),
+        "--batch-size must be between 1 and 10000"
+    );
+    let error = SinkService::build(SinkServiceConfig {
+        bus: None,
+        ..sink_service_config(&url, &stream, &out)
+    })
+    .await
+    .err()
+    .unwrap();
+    assert!(error.to_string().contains("--bus"), "{error}");
+
+    let service = SinkService::build(sink_service_config(&url, &stream, &out))
+        .await
+        .unwrap();
+    let addr = service.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(service.run(shutdown.clone()));
+    crate::redis::publish(&url, &stream, 0..5).await;
+    wait_for_async("the events to reach the file", || async {
+        delivered(&out).len() == 5
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("sink_events_total"), "{metrics}");
+    shutdown.cancel();
+    assert_eq!(running.await.unwrap().unwrap(), None);
 }
