@@ -17,8 +17,10 @@
 //!   does not strand them.
 //!
 //! Duplicates are possible (an entry sent, then its consumer killed before the `XACK`): at most
-//! the batches in flight. `XADD` can trim the stream with an approximate `MAXLEN`; trimming can
-//! drop entries no group has read yet, so it is off unless configured.
+//! the batches in flight. The loop that applies these rules, and the trimming of what every group
+//! acknowledged, are [`crate::bus::consume`]'s. `XADD` can also trim the stream with an
+//! approximate `MAXLEN`; that trimming can drop entries no group has read yet, so it is off
+//! unless configured.
 
 use std::sync::Arc;
 use std::time::Duration;
