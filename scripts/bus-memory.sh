@@ -59,7 +59,8 @@ for second in $(seq 0 "$DURATION"); do
   if (( second % 5 == 0 )); then
     used=$(redis-cli -p "$PORT" info memory | tr -d '\r' | awk -F: '$1=="used_memory"{print $2}')
     len=$(redis-cli -p "$PORT" xlen "$STREAM")
-    lines=$(wc -l <"$DIR/out.jsonl" 2>/dev/null || echo 0)
+    lines=0
+    [ -f "$DIR/out.jsonl" ] && lines=$(wc -l <"$DIR/out.jsonl")
     echo "$second $used $len $lines"
   fi
   (( second == DURATION )) && break
