@@ -10,15 +10,21 @@
 //! read through; [`consume`] the one at-least-once consume loop both use, and the upkeep that
 //! keeps a group and its stream small (stale consumers removed, acknowledged entries trimmed).
 //!
-//! Must not: import the sink service or any sink plugin. The sinks depend on the bus (they read
-//! through [`consume`]); the bus sees only the dispatch event and the dead-letter file format.
+//! Also the bus's own: the [`DispatchEvent`] it carries and the [`dead_letter`] file format (the
+//! bus's dead letters and the sinks' share it).
+//!
+//! Must not: import anything from the sinks. The sinks depend on the bus (they read through
+//! [`consume`], subscribe to the in-memory bus as a [`Subscriber`], and write [`dead_letter`]
+//! files), never the reverse; a test in `tests/it/architecture.rs` holds it.
 
 pub mod consume;
+pub mod dead_letter;
+mod event;
 pub mod redis;
 
-use async_trait::async_trait;
+pub use event::DispatchEvent;
 
-use crate::sinks::{DispatchEvent, SinkHandle};
+use async_trait::async_trait;
 
 /// Told about the Redis bus: consumers' backlogs, failures and recoveries, and the publisher's
 /// outcomes (the metrics implement it).
@@ -70,19 +76,29 @@ pub enum Publishing {
     Failing,
 }
 
+/// What the in-memory bus hands events to: each sink's queue, in this process (the sinks
+/// implement it; the bus does not know them).
+#[async_trait]
+pub trait Subscriber: Send + Sync + 'static {
+    /// Takes one event; answers whether it was queued (else it was dropped, and counted, by the
+    /// subscriber's own full-queue policy).
+    async fn offer(&self, event: DispatchEvent) -> bool;
+}
+
 /// The in-memory bus: a fan-out to the sinks of this process.
 #[derive(Clone, Default)]
 pub struct MemoryBus {
-    sinks: Vec<SinkHandle>,
+    sinks: Vec<std::sync::Arc<dyn Subscriber>>,
 }
 
 impl MemoryBus {
-    pub fn new(sinks: Vec<SinkHandle>) -> MemoryBus {
-        MemoryBus { sinks }
-    }
-
-    pub fn sinks(&self) -> &[SinkHandle] {
-        &self.sinks
+    pub fn new(sinks: Vec<impl Subscriber>) -> MemoryBus {
+        MemoryBus {
+            sinks: sinks
+                .into_iter()
+                .map(|sink| std::sync::Arc::new(sink) as std::sync::Arc<dyn Subscriber>)
+                .collect(),
+        }
     }
 }
 

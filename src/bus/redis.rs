@@ -546,7 +546,7 @@ pub struct Republished {
 /// taken), so a crash midway leaves every event in one of the two files; an event Redis refuses
 /// again goes back to the original path. Safe while serve runs: the file is taken under the lock
 /// serve's writer holds for each commit, so serve's next dead letters go to a new file at the
-/// path (see [`crate::sinks::dead_letter::take`]). Delivery is at-least-once: an interrupted run
+/// path (see [`crate::bus::dead_letter::take`]). Delivery is at-least-once: an interrupted run
 /// repeated from the moved file can publish some events twice.
 pub async fn republish(
     url: &str,
@@ -558,7 +558,7 @@ pub async fn republish(
         .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
     let path = file.to_owned();
     let (events, moved_to) =
-        tokio::task::spawn_blocking(move || crate::sinks::dead_letter::take(&path, "republished"))
+        tokio::task::spawn_blocking(move || crate::bus::dead_letter::take(&path, "republished"))
             .await
             .map_err(|e| e.to_string())??;
     let writers = tokio_util::task::TaskTracker::new();
@@ -660,7 +660,7 @@ const OUTPUTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[async_trait::async_trait]
 impl crate::bus::EventBus for RedisPublisher {
-    async fn publish(&self, event: crate::sinks::DispatchEvent) -> usize {
+    async fn publish(&self, event: crate::bus::DispatchEvent) -> usize {
         let data = match serde_json::to_string(&event) {
             Ok(data) => data,
             Err(error) => {
@@ -689,7 +689,7 @@ impl crate::bus::EventBus for RedisPublisher {
         let kept = match &self.dead_letter {
             Some(file) => {
                 let mut line = Vec::with_capacity(data.len() + 256);
-                match crate::sinks::dead_letter::write_line(
+                match crate::bus::dead_letter::write_line(
                     &mut line,
                     "bus",
                     "publish_failed",
