@@ -14,7 +14,7 @@
 //!   settled are claimed again by their owner (`XCLAIM … JUSTID`, which resets their idle time),
 //!   so a slow or retrying owner is never robbed by another consumer's `XAUTOCLAIM`; an owner that
 //!   died stops doing it and its entries age past `claim_idle`.
-//! - **Removing dead consumers.** Every `retention / 4` (at most every minute) consumers of the
+//! - **Removing dead consumers.** Every `retention / 4` (at least once a minute) consumers of the
 //!   group idle longer than `retention` and holding no pending entry are deleted
 //!   (`XGROUP DELCONSUMER`), in one script so a consumer that reads meanwhile is not deleted.
 //! - **Trimming.** Every `trim_every` the stream is trimmed (`XTRIM … MINID ~`) below the oldest
