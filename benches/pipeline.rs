@@ -151,6 +151,8 @@ fn redis_to_file(c: &mut Criterion) {
             count: 500,
             block: Duration::from_millis(100),
             claim_idle: Duration::from_secs(60),
+            retention: Duration::from_secs(3600),
+            trim_every: None,
         },
         Box::new(FileSink::new("file", dir.path().join("out.jsonl"), false)),
         driver(dir.path()),

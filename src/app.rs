@@ -10,6 +10,10 @@
 //! stop and flush the writers → shut the meter provider down. Tests build on port 0 and cancel
 //! the token to stop.
 
+mod sink;
+
+pub use sink::{Replayed, SinkService, SinkServiceConfig};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +26,11 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::appender::{Appender, FileKind, FileObserver, Files};
+use crate::bus::consume::{Acks, Consumer, Deliver};
 use crate::bus::redis::{
-    ConsumerConfig, RedisOutputs, RedisPublisher, StreamConsumer, default_consumer_name,
+    ConsumerConfig, Entry, RedisOutputs, RedisPublisher, default_consumer_name,
 };
-use crate::bus::{EventBus, MemoryBus};
+use crate::bus::{BusObserver, EventBus, MemoryBus};
 use crate::config::{Config, DispatcherKind};
 use crate::dispatchers::{
     HttpCommand, HttpDispatcher, JsonlFile, LogDispatcher, NatsDispatcher, RedisStreamDispatcher,
@@ -41,7 +46,7 @@ use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
 use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
 use crate::sinks::DispatchEvent;
-use crate::sinks::service::{BusObserver, run_from_redis};
+use crate::sinks::service::run_from_redis;
 use crate::sinks::{SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
 
@@ -198,6 +203,8 @@ impl AppBuilder {
                         count: settings.driver.batch_size,
                         block: Duration::from_secs(1),
                         claim_idle: redis.claim_idle,
+                        retention: redis.consumer_retention,
+                        trim_every: Some(redis.trim_every),
                     };
                     let url = redis.url.clone();
                     let (driver, observer, bus_observer) = (
@@ -507,6 +514,8 @@ impl App {
                     count: 100,
                     block: Duration::from_secs(1),
                     claim_idle: redis.claim_idle,
+                    retention: redis.consumer_retention,
+                    trim_every: Some(redis.trim_every),
                 };
                 sources.spawn(consume_source(
                     redis.url.clone(),
@@ -637,11 +646,13 @@ fn open_beyond_loopback(listen: SocketAddr, tokens: &crate::auth::Tokens) -> boo
     tokens.is_empty() && !listen.ip().is_loopback()
 }
 
-/// Dispatches the messages of one source stream: each entry's `data` is an [`OutputMessage`]
-/// (`{"topic": …, "envelope": {…}}`); it is acknowledged once its dispatch reached a terminal
-/// status, and its dispatch event is published like any other. An entry that is not a message
-/// is acknowledged with an error log, so it cannot block the group. Like a sink's consumer, it
-/// creates its group again when Redis lost it, counts failed reads, and reports its backlog.
+/// Dispatches the messages of one source stream through the bus's consume loop: each entry's
+/// `data` is an [`OutputMessage`] (`{"topic": …, "envelope": {…}}`); it is acknowledged once its
+/// dispatch reached a terminal status (else released, and dispatched again after `claim_idle`),
+/// and its dispatch event is published like any other. An entry that is not a message is
+/// acknowledged with an error log, so it cannot block the group. Like a sink's consumer, it reads
+/// its own pending entries first, reclaims what dead consumers left, creates its group again when
+/// Redis lost it, counts failed reads, and reports its backlog.
 async fn consume_source(
     url: String,
     config: ConsumerConfig,
@@ -661,9 +672,9 @@ async fn consume_source(
         observer.consumer_started(&config.stream, &config.group);
     }
     let mut failures = 0u32;
-    let mut consumer = loop {
-        match StreamConsumer::connect(&url, config.clone()).await {
-            Ok(consumer) => break consumer.with_observer(observer.clone()),
+    let consumer = loop {
+        match Consumer::connect(&url, config.clone(), observer.clone()).await {
+            Ok(consumer) => break consumer,
             Err(error) => {
                 failures += 1;
                 if let Some(observer) = &observer {
@@ -677,69 +688,66 @@ async fn consume_source(
             }
         }
     };
-    let stop_watching = CancellationToken::new();
-    let watching = observer.map(|observer| consumer.watch_backlog(observer, stop_watching.clone()));
-    failures = 0;
-    while !stop.is_cancelled() {
-        let entries = tokio::select! {
-            () = stop.cancelled() => break,
-            read = consumer.read() => read,
-        };
-        let entries = match entries {
-            Ok(entries) => {
-                failures = 0;
-                entries
-            }
-            Err(error) => {
-                failures += 1;
-                tracing::warn!(%error, stream = %stream, "Reading a source failed; retrying.");
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff(failures)) => continue,
-                }
-            }
-        };
-        for entry in entries {
-            let message = entry
-                .data
-                .as_deref()
-                .and_then(|data| serde_json::from_str::<OutputMessage>(data).ok());
-            let terminal = match message {
-                Some(OutputMessage { topic, envelope }) => {
-                    // The sender's trace, from the envelope's headers, is the dispatch's parent.
-                    let span = tracing::info_span!(
-                        target: "dispatchd::trace",
-                        "source",
-                        otel.name = %format_args!("{stream} receive"),
-                        otel.kind = "consumer",
-                    );
-                    let _ = span.set_parent(crate::propagation::extract_map(&envelope.headers));
-                    let result = engine.dispatch(&topic, &envelope).instrument(span).await;
-                    bus.publish(DispatchEvent::from_dispatch(
+    consumer
+        .run(
+            |_| ToEngine {
+                engine,
+                bus,
+                stream,
+            },
+            stop,
+        )
+        .await;
+}
+
+/// A source's side of the consume loop: each entry is dispatched in turn.
+struct ToEngine {
+    engine: Engine,
+    bus: Arc<dyn EventBus>,
+    stream: String,
+}
+
+#[async_trait::async_trait]
+impl Deliver for ToEngine {
+    async fn deliver(&mut self, entry: Entry, acks: &Acks) {
+        let (engine, stream) = (&self.engine, &self.stream);
+        let message = entry
+            .data
+            .as_deref()
+            .and_then(|data| serde_json::from_str::<OutputMessage>(data).ok());
+        let terminal = match message {
+            Some(OutputMessage { topic, envelope }) => {
+                // The sender's trace, from the envelope's headers, is the dispatch's parent.
+                let span = tracing::info_span!(
+                    target: "dispatchd::trace",
+                    "source",
+                    otel.name = %format_args!("{stream} receive"),
+                    otel.kind = "consumer",
+                );
+                let _ = span.set_parent(crate::propagation::extract_map(&envelope.headers));
+                let result = engine.dispatch(&topic, &envelope).instrument(span).await;
+                self.bus
+                    .publish(DispatchEvent::from_dispatch(
                         &result,
                         &envelope,
                         engine.redactor(),
                     ))
                     .await;
-                    result.status.is_terminal()
-                }
-                None => {
-                    tracing::error!(stream = %stream, id = %entry.id, "A source entry is not a message; acknowledging it without dispatching.");
-                    true
-                }
-            };
-            if terminal {
-                if let Err(error) = consumer.ack(std::slice::from_ref(&entry.id)).await {
-                    // It stays pending and is dispatched again later: a duplicate, not a loss.
-                    tracing::warn!(%error, stream = %stream, "Acknowledging a source entry failed.");
-                }
+                result.status.is_terminal()
             }
+            None => {
+                tracing::error!(stream = %stream, id = %entry.id, "A source entry is not a message; acknowledging it without dispatching.");
+                true
+            }
+        };
+        if terminal {
+            acks.ack(vec![entry.id]).await;
+        } else {
+            acks.release(&entry.id);
         }
     }
-    stop_watching.cancel();
-    if let Some(watching) = watching {
-        let _ = watching.await;
-    }
+
+    async fn finish(self) {}
 }
 
 #[cfg(test)]

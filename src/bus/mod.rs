@@ -7,13 +7,42 @@
 //!
 //! [`redis`] has the Redis Streams side: the publisher (events, with its dead-letter file when
 //! Redis cannot take them), handler outputs, and the consumer groups that sinks and `[[sources]]`
-//! read through.
+//! read through; [`consume`] the one at-least-once consume loop both use, and the upkeep that
+//! keeps a group and its stream small (stale consumers removed, acknowledged entries trimmed).
+//!
+//! Also the bus's own: the [`DispatchEvent`] it carries and the [`dead_letter`] file format (the
+//! bus's dead letters and the sinks' share it).
+//!
+//! Must not: import anything from the sinks. The sinks depend on the bus (they read through
+//! [`consume`], subscribe to the in-memory bus as a [`Subscriber`], and write [`dead_letter`]
+//! files), never the reverse; a test in `tests/it/architecture.rs` holds it.
 
+pub mod consume;
+pub mod dead_letter;
+mod event;
 pub mod redis;
+
+pub use event::DispatchEvent;
 
 use async_trait::async_trait;
 
-use crate::sinks::{DispatchEvent, SinkHandle};
+/// Told about the Redis bus: consumers' backlogs, failures and recoveries, and the publisher's
+/// outcomes (the metrics implement it).
+pub trait BusObserver: Send + Sync + 'static {
+    /// A group's backlog as last read (about every second); `None` when it could not be read
+    /// (Redis away, the group gone) or its consumer stopped: unknown, not the last value.
+    fn backlog(&self, stream: &str, group: &str, backlog: Option<redis::Backlog>);
+    fn reconnected(&self, stream: &str);
+    /// One dispatch event offered to the stream: `published`, `dead_lettered` or `dropped`.
+    fn published(&self, stream: &str, outcome: &'static str);
+    /// A consumer of `group` started: its counters exist from now on, at 0.
+    fn consumer_started(&self, stream: &str, group: &str);
+    /// One read (or claim) of the stream failed; the consumer backs off and tries again.
+    fn read_failed(&self, stream: &str, group: &str);
+    /// Redis answered `NOGROUP` and the consumer created the group again: Redis lost state, and
+    /// possibly events.
+    fn group_recreated(&self, stream: &str, group: &str);
+}
 
 /// Where dispatch events are published.
 #[async_trait]
@@ -47,19 +76,29 @@ pub enum Publishing {
     Failing,
 }
 
+/// What the in-memory bus hands events to: each sink's queue, in this process (the sinks
+/// implement it; the bus does not know them).
+#[async_trait]
+pub trait Subscriber: Send + Sync + 'static {
+    /// Takes one event; answers whether it was queued (else it was dropped, and counted, by the
+    /// subscriber's own full-queue policy).
+    async fn offer(&self, event: DispatchEvent) -> bool;
+}
+
 /// The in-memory bus: a fan-out to the sinks of this process.
 #[derive(Clone, Default)]
 pub struct MemoryBus {
-    sinks: Vec<SinkHandle>,
+    sinks: Vec<std::sync::Arc<dyn Subscriber>>,
 }
 
 impl MemoryBus {
-    pub fn new(sinks: Vec<SinkHandle>) -> MemoryBus {
-        MemoryBus { sinks }
-    }
-
-    pub fn sinks(&self) -> &[SinkHandle] {
-        &self.sinks
+    pub fn new(sinks: Vec<impl Subscriber>) -> MemoryBus {
+        MemoryBus {
+            sinks: sinks
+                .into_iter()
+                .map(|sink| std::sync::Arc::new(sink) as std::sync::Arc<dyn Subscriber>)
+                .collect(),
+        }
     }
 }
 

@@ -17,8 +17,10 @@
 //!   does not strand them.
 //!
 //! Duplicates are possible (an entry sent, then its consumer killed before the `XACK`): at most
-//! the batches in flight. `XADD` can trim the stream with an approximate `MAXLEN`; trimming can
-//! drop entries no group has read yet, so it is off unless configured.
+//! the batches in flight. The loop that applies these rules, and the trimming of what every group
+//! acknowledged, are [`crate::bus::consume`]'s. `XADD` can also trim the stream with an
+//! approximate `MAXLEN`; that trimming can drop entries no group has read yet, so it is off
+//! unless configured.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +30,8 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use thiserror::Error;
 
 use crate::appender::{Appender, FileKind, Files};
+use crate::bus::BusObserver;
 use crate::resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Trip};
-use crate::sinks::service::BusObserver;
 
 #[derive(Debug, Error)]
 pub enum BusError {
@@ -176,8 +178,14 @@ pub struct ConsumerConfig {
     pub count: usize,
     /// How long a read waits for new entries.
     pub block: Duration,
-    /// Entries pending with a consumer for longer are claimed.
+    /// Entries pending with a consumer for longer are claimed. A live consumer keeps what it is
+    /// still working on by resetting those entries' idle time well within this (see
+    /// [`crate::bus::consume`]).
     pub claim_idle: Duration,
+    /// Consumers of the group idle this long and holding no pending entry are removed from it.
+    pub retention: Duration,
+    /// How often the stream is trimmed of what every group acknowledged; `None`: never.
+    pub trim_every: Option<Duration>,
 }
 
 /// A stream entry id, `<ms>-<seq>`, ordered as Redis orders them.
@@ -295,6 +303,11 @@ impl StreamConsumer {
 
     pub fn config(&self) -> &ConsumerConfig {
         &self.config
+    }
+
+    /// The connection acknowledgements and claims use (multiplexed: clones share it).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.acks.clone()
     }
 
     /// The next entries: first this consumer's own pending ones (after a restart), then new
@@ -533,7 +546,7 @@ pub struct Republished {
 /// taken), so a crash midway leaves every event in one of the two files; an event Redis refuses
 /// again goes back to the original path. Safe while serve runs: the file is taken under the lock
 /// serve's writer holds for each commit, so serve's next dead letters go to a new file at the
-/// path (see [`crate::sinks::dead_letter::take`]). Delivery is at-least-once: an interrupted run
+/// path (see [`crate::bus::dead_letter::take`]). Delivery is at-least-once: an interrupted run
 /// repeated from the moved file can publish some events twice.
 pub async fn republish(
     url: &str,
@@ -545,7 +558,7 @@ pub async fn republish(
         .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
     let path = file.to_owned();
     let (events, moved_to) =
-        tokio::task::spawn_blocking(move || crate::sinks::dead_letter::take(&path, "republished"))
+        tokio::task::spawn_blocking(move || crate::bus::dead_letter::take(&path, "republished"))
             .await
             .map_err(|e| e.to_string())??;
     let writers = tokio_util::task::TaskTracker::new();
@@ -647,7 +660,7 @@ const OUTPUTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[async_trait::async_trait]
 impl crate::bus::EventBus for RedisPublisher {
-    async fn publish(&self, event: crate::sinks::DispatchEvent) -> usize {
+    async fn publish(&self, event: crate::bus::DispatchEvent) -> usize {
         let data = match serde_json::to_string(&event) {
             Ok(data) => data,
             Err(error) => {
@@ -676,7 +689,7 @@ impl crate::bus::EventBus for RedisPublisher {
         let kept = match &self.dead_letter {
             Some(file) => {
                 let mut line = Vec::with_capacity(data.len() + 256);
-                match crate::sinks::dead_letter::write_line(
+                match crate::bus::dead_letter::write_line(
                     &mut line,
                     "bus",
                     "publish_failed",

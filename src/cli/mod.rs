@@ -120,6 +120,12 @@ struct SinkArgs {
     /// Entries pending with another consumer for longer are claimed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     claim_idle: std::time::Duration,
+    /// Consumers of the group idle this long with nothing pending are removed from it.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    consumer_retention: std::time::Duration,
+    /// How often the stream is trimmed of what every group has acknowledged.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    trim_every: std::time::Duration,
     /// The sink's name (the `sink` label; default the service).
     #[arg(long)]
     name: Option<String>,
@@ -373,143 +379,38 @@ fn sink(args: SinkArgs) -> ExitCode {
 }
 
 async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use crate::sinks::{DriverConfig, FullPolicy, SinkConfig, SinkDriver, SinkObserver};
-
-    anyhow::ensure!(
-        (1..=10_000).contains(&args.batch_size),
-        "--batch-size must be between 1 and 10000"
-    );
-    anyhow::ensure!(args.buffer >= 1, "--buffer must be at least 1");
-    let name = args.name.clone().unwrap_or_else(|| args.service.clone());
-    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
-        enabled: true,
-        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
-        cardinality_limit: 2000,
-    });
-    // The files this command appends to (the file sink's, the dead letters) follow SIGHUP, and
-    // their repairs are counted.
-    let files = crate::appender::Files::new(
-        telemetry
-            .file_metrics()
-            .map(|m| Arc::new(m) as Arc<dyn crate::appender::FileObserver>),
-    );
-    let sink = crate::sinks::build_with(
-        &SinkConfig {
-            name: name.clone(),
-            service: args.service.clone(),
-            endpoint: args.endpoint.clone(),
-            api_key: args.api_key.clone(),
-            headers: Default::default(),
-            timeout: Duration::from_secs(10),
-            fsync: false,
-        },
-        &files,
-    )
-    .map_err(anyhow::Error::msg)?;
-    let driver = DriverConfig {
+    let service = crate::app::SinkService::build(crate::app::SinkServiceConfig {
+        service: args.service,
+        endpoint: args.endpoint,
+        api_key: args.api_key,
+        name: args.name,
+        buffer: args.buffer,
         batch_size: args.batch_size,
         flush_interval: args.flush_interval,
-        buffer: args.buffer,
-        full: FullPolicy::Block,
-        retry: crate::resilience::RetryPolicy {
-            attempts: 5,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(30),
-        },
-        shutdown_deadline: Duration::from_secs(10),
-        send_timeout: Duration::from_secs(11),
-        dead_letter: args.dead_letter.clone().unwrap_or_else(|| {
-            PathBuf::from(format!("./dispatchd-data/{name}.dead-letters.jsonl"))
-        }),
-    };
-
-    let observer = telemetry
-        .sink_metrics()
-        .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
+        bus: args.bus,
+        stream: args.stream,
+        group: args.group,
+        consumer: args.consumer,
+        claim_idle: args.claim_idle,
+        consumer_retention: args.consumer_retention,
+        trim_every: args.trim_every,
+        dead_letter: args.dead_letter,
+        replay_dead_letters: args.replay_dead_letters,
+        listen: args.listen,
+        metrics_namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
+    })
+    .await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    reopen_on_hangup(files);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, sink = %name, "dispatchd sink is serving /metrics and /health.");
-    // The same connection limits as serve's defaults: a slow client cannot hold this port.
-    let server = tokio::spawn(crate::http::serve(
-        listener,
-        crate::http::metrics_router(telemetry.clone()),
-        crate::http::ConnectionLimits {
-            max_connections: 256,
-            max_header_bytes: 16 * 1024,
-            header_read_timeout: std::time::Duration::from_secs(10),
-        },
-        telemetry.http_metrics(),
-        shutdown.clone(),
-    ));
-
-    if let Some(file) = &args.replay_dead_letters {
-        // Moved aside first: events that fail again are appended to the dead-letter file, which
-        // may be this one (and which a running `dispatchd sink` may be appending to).
-        let path = file.clone();
-        let (events, replayed) =
-            tokio::task::spawn_blocking(move || crate::sinks::dead_letter::take(&path, "replayed"))
-                .await?
-                .map_err(anyhow::Error::msg)?;
-        let tracker = tokio_util::task::TaskTracker::new();
-        let stop = CancellationToken::new();
-        let handle = SinkDriver::spawn(sink, driver, observer, &tracker, stop.clone());
-        let count = events.len();
-        for event in events {
-            handle.offer(event).await;
-        }
-        drop(handle);
-        stop.cancel();
-        tracker.close();
-        tracker.wait().await;
+    reopen_on_hangup(service.files());
+    if let Some(replayed) = service.run(shutdown).await? {
         println!(
-            "replayed {count} events from {} (moved to {})",
-            file.display(),
-            replayed.display()
+            "replayed {} events from {} (moved to {})",
+            replayed.count,
+            replayed.file.display(),
+            replayed.moved_to.display()
         );
-    } else {
-        let url = args
-            .bus
-            .clone()
-            .context("--bus (or DISPATCHD_REDIS_URL) is required to read events")?;
-        let consumer = crate::bus::redis::ConsumerConfig {
-            stream: args.stream.clone(),
-            group: args
-                .group
-                .clone()
-                .unwrap_or_else(|| format!("dispatchd-sink-{name}")),
-            consumer: args
-                .consumer
-                .clone()
-                .unwrap_or_else(crate::bus::redis::default_consumer_name),
-            count: args.batch_size,
-            block: Duration::from_secs(1),
-            claim_idle: args.claim_idle,
-        };
-        let bus_observer = telemetry
-            .bus_metrics()
-            .map(|m| m as Arc<dyn crate::sinks::service::BusObserver>);
-        crate::sinks::service::run_from_redis(
-            url,
-            consumer,
-            sink,
-            driver,
-            observer,
-            bus_observer,
-            shutdown.clone(),
-        )
-        .await
-        .context("reading the stream")?;
     }
-    shutdown.cancel();
-    let _ = server.await;
-    telemetry.shutdown();
     Ok(())
 }
 

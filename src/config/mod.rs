@@ -124,6 +124,12 @@ pub struct RedisBusConfig {
     pub consumer: Option<String>,
     /// Entries pending with a consumer for longer are claimed by another.
     pub claim_idle: Duration,
+    /// Consumers idle this long and holding no pending entry are removed from their group by
+    /// any live member (`XGROUP DELCONSUMER`).
+    pub consumer_retention: Duration,
+    /// How often each consumer trims its stream of what every group acknowledged
+    /// (`XTRIM … MINID`).
+    pub trim_every: Duration,
     /// Where a dispatch event goes when Redis cannot take it (after a few quick retries), in the
     /// sinks' dead-letter format; `dispatchd republish` puts it back on the stream.
     pub dead_letter: PathBuf,

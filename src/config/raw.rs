@@ -87,6 +87,8 @@ struct RawBus {
     max_len: Option<usize>,
     consumer: Option<String>,
     claim_idle: String,
+    consumer_retention: String,
+    trim_every: String,
     outputs_prefix: String,
     dead_letter: String,
 }
@@ -1728,6 +1730,12 @@ fn validate_bus(raw: &RawBus, check: &mut Checker<'_, '_>) -> BusConfig {
     let claim_idle = check
         .positive(&raw.claim_idle, "bus.claim_idle")
         .unwrap_or(Duration::MAX);
+    let consumer_retention = check
+        .positive(&raw.consumer_retention, "bus.consumer_retention")
+        .unwrap_or(Duration::MAX);
+    let trim_every = check
+        .positive(&raw.trim_every, "bus.trim_every")
+        .unwrap_or(Duration::MAX);
     let redis = match raw.kind.as_str() {
         "memory" => None,
         "redis" => match raw.redis_url.clone() {
@@ -1737,6 +1745,8 @@ fn validate_bus(raw: &RawBus, check: &mut Checker<'_, '_>) -> BusConfig {
                     max_len: raw.max_len.filter(|n| *n > 0),
                     consumer: raw.consumer.clone(),
                     claim_idle,
+                    consumer_retention,
+                    trim_every,
                     dead_letter: PathBuf::from(&raw.dead_letter),
                 })
             }
@@ -1882,6 +1892,8 @@ const DURATION_FIELDS: &[&str] = &[
     "max_wait",
     "ttl",
     "claim_idle",
+    "consumer_retention",
+    "trim_every",
     "flush_interval",
     "shutdown_deadline",
     "metrics_interval",

@@ -602,12 +602,16 @@ fn the_redis_bus_is_read_with_its_dead_letter_file_and_checked() {
 kind = "redis"
 redis_url = "redis://127.0.0.1:6379"
 claim_idle = "5s"
+consumer_retention = "10m"
+trim_every = "250ms"
 dead_letter = "/var/lib/dispatchd/bus.dead-letters.jsonl"
 "#,
     )
     .unwrap();
     let redis = config.bus.redis.unwrap();
     assert_eq!(redis.claim_idle, Duration::from_secs(5));
+    assert_eq!(redis.consumer_retention, Duration::from_secs(600));
+    assert_eq!(redis.trim_every, Duration::from_millis(250));
     assert_eq!(
         redis.dead_letter,
         Path::new("/var/lib/dispatchd/bus.dead-letters.jsonl")

@@ -145,6 +145,13 @@ impl SinkHandle {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::bus::Subscriber for SinkHandle {
+    async fn offer(&self, event: DispatchEvent) -> bool {
+        SinkHandle::offer(self, event).await
+    }
+}
+
 /// Runs a [`Sink`] behind a bounded queue.
 pub struct SinkDriver {
     sink: Box<dyn Sink>,

@@ -69,7 +69,7 @@ impl Counts {
     }
 }
 
-pub(super) fn event(n: usize) -> DispatchEvent {
+pub(crate) fn event(n: usize) -> DispatchEvent {
     DispatchEvent {
         kind: "chain".into(),
         event: "end".into(),

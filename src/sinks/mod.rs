@@ -15,9 +15,7 @@
 //! Must not: retry a permanent failure (HTTP 4xx other than 408 and 429, an unserializable
 //! payload), re-send events a service already accepted, or block the dispatch path.
 
-pub mod dead_letter;
 pub mod driver;
-mod event;
 mod plugins;
 pub mod service;
 
@@ -26,8 +24,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use crate::bus::DispatchEvent;
+/// The dead-letter file format and files (the bus writes the same format).
+pub use crate::bus::dead_letter;
 pub use driver::{DriverConfig, FullPolicy, Outcome, SinkDriver, SinkHandle, SinkObserver};
-pub use event::DispatchEvent;
 pub use plugins::{
     FileSink, HeliconeSink, HeliconeTransform, HttpSink, LunarySink, LunaryTransform, SERVICES,
     SinkConfig, build, build_with,
@@ -200,7 +200,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod driver_tests;
+pub(crate) mod driver_tests;
 
 /// Writes that fail must say so. tokio's `File` hands a write to a blocking thread and answers
 /// `Ok` at once; the error only shows on a later call, so a batch written to a full disk would be

@@ -10,8 +10,8 @@ use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 use super::catalog::{self, label};
 use super::engine::{counter, histogram};
 use crate::appender::{FileKind, FileObserver};
+use crate::bus::BusObserver;
 use crate::bus::redis::Backlog;
-use crate::sinks::service::BusObserver;
 use crate::sinks::{Outcome, SinkObserver};
 
 /// `sink_events_total`, `sink_batch_size`, `sink_request_duration_seconds`, `sink_queue_depth`.

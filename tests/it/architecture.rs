@@ -68,3 +68,57 @@ fn the_engine_crate_depends_on_no_io_crate() {
         );
     }
 }
+
+/// The Rust sources under `dir` (relative to the crate), with their text.
+fn sources(dir: &str) -> Vec<(String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                found.push((
+                    path.display().to_string(),
+                    std::fs::read_to_string(&path).unwrap(),
+                ));
+            }
+        }
+    }
+    assert!(!found.is_empty(), "no sources under {dir}");
+    found
+}
+
+#[test]
+fn the_bus_alone_reads_redis_and_never_depends_on_the_sinks() {
+    // The bus does not depend on the sinks at all (the consume loop, `BusObserver`, the dispatch
+    // event and the dead-letter format are the bus's own; sinks subscribe to the in-memory bus
+    // through `bus::Subscriber`). Its tests may use sinks.
+    for (path, text) in sources("src/bus") {
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for forbidden in ["crate::sinks", "SinkDriver", "SinkHandle"] {
+            assert!(!code.contains(forbidden), "{path} names {forbidden}");
+        }
+    }
+    // The sinks read a stream only through the bus's consume loop: no Redis command, no
+    // stream consumer of their own.
+    for (path, text) in sources("src/sinks") {
+        for forbidden in [
+            "redis::cmd",
+            "StreamConsumer",
+            "XREADGROUP",
+            "XAUTOCLAIM",
+            "XACK",
+        ] {
+            assert!(!text.contains(forbidden), "{path} names {forbidden}");
+        }
+    }
+    // And there is one consume loop: serve's sources go through it too.
+    let app = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/app.rs")).unwrap();
+    assert!(
+        !app.contains("StreamConsumer"),
+        "src/app.rs reads a stream by itself"
+    );
+}

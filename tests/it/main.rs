@@ -30,6 +30,9 @@ mod pipeline;
 mod architecture;
 // Redis Streams, against a real Redis: at-least-once across a crash, reclaim, Redis restarts.
 mod redis;
+// The one consume loop on a real Redis: reclaim by sources, owners keeping entries, consumer
+// retention, trimming what every group acknowledged.
+mod consume;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
 mod monitoring;
 // Appended files: a torn last line moved aside at start, and SIGHUP reopening them (logrotate).

@@ -308,6 +308,8 @@ async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometh
         max_len: None,
         consumer: Some("monitoring".into()),
         claim_idle: Duration::from_secs(2),
+        consumer_retention: Duration::from_secs(3600),
+        trim_every: Duration::from_secs(1),
         dead_letter: dir.path().join("bus.dead-letters.jsonl"),
     });
     config.bus.events_stream = format!("{prefix}:events");

@@ -38,7 +38,7 @@ pub(crate) fn unique(name: &str) -> String {
     format!("dispatchd-test:{name}:{}", uuid::Uuid::new_v4())
 }
 
-fn event(n: usize) -> DispatchEvent {
+pub(crate) fn event(n: usize) -> DispatchEvent {
     DispatchEvent {
         kind: "chain".into(),
         event: "end".into(),
@@ -56,7 +56,7 @@ fn event(n: usize) -> DispatchEvent {
     }
 }
 
-async fn publish(url: &str, stream: &str, range: std::ops::Range<usize>) {
+pub(crate) async fn publish(url: &str, stream: &str, range: std::ops::Range<usize>) {
     let publisher = RedisPublisher::connect(url, stream, None).await.unwrap();
     for n in range {
         publisher
@@ -67,7 +67,7 @@ async fn publish(url: &str, stream: &str, range: std::ops::Range<usize>) {
 }
 
 /// Run ids in the file, with how often each appears.
-fn delivered(path: &Path) -> BTreeMap<String, usize> {
+pub(crate) fn delivered(path: &Path) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
         // A process killed mid-write may leave a torn last line; it is not a delivery.
@@ -241,7 +241,7 @@ async fn every_event_arrives_across_a_crash_with_duplicates_bounded() {
 }
 
 /// Batches of `batch_size`, `buffer` queued, short waits; dead letters under `dir`.
-fn test_driver(dir: &Path, batch_size: usize, buffer: usize) -> DriverConfig {
+pub(crate) fn test_driver(dir: &Path, batch_size: usize, buffer: usize) -> DriverConfig {
     DriverConfig {
         batch_size,
         flush_interval: Duration::from_millis(50),
@@ -300,6 +300,8 @@ async fn entries_a_dead_consumer_left_pending_are_reclaimed_under_traffic() {
         count: 20,
         block: Duration::from_millis(100),
         claim_idle: Duration::from_millis(300),
+        retention: Duration::from_secs(3600),
+        trim_every: None,
     };
     let driver = test_driver(dir.path(), 20, 100);
     let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
@@ -554,12 +556,20 @@ async fn stream_run_ids(url: &str, stream: &str) -> Vec<String> {
 
 /// serve on the Redis at `url`: events on `<prefix>:events`, outputs under `<prefix>:topic:`, the
 /// bus dead-letter file beside the sinks'.
-fn use_redis(config: &mut dispatchd::config::Config, url: &str, prefix: &str, consumer: &str) {
+pub(crate) fn use_redis(
+    config: &mut dispatchd::config::Config,
+    url: &str,
+    prefix: &str,
+    consumer: &str,
+) {
     config.bus.redis = Some(dispatchd::config::RedisBusConfig {
         url: url.to_owned(),
         max_len: None,
         consumer: Some(consumer.to_owned()),
         claim_idle: Duration::from_secs(30),
+        consumer_retention: Duration::from_secs(3600),
+        // These tests read the events stream back: nothing trimmed during a test.
+        trim_every: Duration::from_secs(3600),
         dead_letter: config.sinks[0]
             .driver
             .dead_letter
@@ -1045,7 +1055,7 @@ async fn the_sink_command_reopens_its_file_on_sighup() {
 /// Metrics on, and the Redis bus's observer of them.
 fn bus_telemetry() -> (
     dispatchd::telemetry::Telemetry,
-    Option<Arc<dyn dispatchd::sinks::service::BusObserver>>,
+    Option<Arc<dyn dispatchd::bus::BusObserver>>,
 ) {
     let telemetry = dispatchd::telemetry::Telemetry::new(&dispatchd::config::MetricsConfig {
         enabled: true,
@@ -1054,7 +1064,7 @@ fn bus_telemetry() -> (
     });
     let observer = telemetry
         .bus_metrics()
-        .map(|m| m as Arc<dyn dispatchd::sinks::service::BusObserver>);
+        .map(|m| m as Arc<dyn dispatchd::bus::BusObserver>);
     (telemetry, observer)
 }
 
@@ -1081,6 +1091,8 @@ async fn a_deleted_group_is_created_again_and_later_events_arrive_once() {
         count: 20,
         block: Duration::from_millis(100),
         claim_idle: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+        trim_every: None,
     };
     let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
         url.clone(),
@@ -1176,6 +1188,8 @@ async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
         count: 5,
         block: Duration::from_millis(100),
         claim_idle: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+        trim_every: None,
     };
     let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
         url.clone(),
