@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {
     match parse_envelope(body) {
-        Err(error) => assert!(error.status.is_client_error(), "{}", error.status),
+        Err(error) => assert!(error.status().is_client_error(), "{}", error.status()),
         Ok(envelope) => {
             let json = serde_json::to_vec(&envelope).expect("an envelope serializes");
             let back: Envelope = serde_json::from_slice(&json).expect("and parses back");
