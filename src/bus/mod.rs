@@ -10,6 +10,7 @@
 //! read through.
 
 pub mod redis;
+pub mod registry;
 
 use async_trait::async_trait;
 

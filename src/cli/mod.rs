@@ -113,7 +113,7 @@ struct SinkArgs {
     /// The consumer group (default `dispatchd-sink-<name>`).
     #[arg(long)]
     group: Option<String>,
-    /// This consumer's stable name (default the host name); a restart under the same name first
+    /// This consumer's stable name (default the host name and the --listen port); a restart under the same name first
     /// re-reads its own pending entries.
     #[arg(long)]
     consumer: Option<String>,
@@ -435,7 +435,10 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, sink = %name, "dispatchd sink is serving /metrics and /health.");
+    let local_addr = listener.local_addr()?;
+    // Host name and port: two sink processes on one host never share a consumer.
+    let instance_id = format!("{}:{}", crate::config::host_name(), local_addr.port());
+    tracing::info!(listen = %local_addr, instance_id = %instance_id, sink = %name, "dispatchd sink is serving /metrics and /health.");
     // The same connection limits as serve's defaults: a slow client cannot hold this port.
     let server = tokio::spawn(crate::http::serve(
         listener,
@@ -484,10 +487,7 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
                 .group
                 .clone()
                 .unwrap_or_else(|| format!("dispatchd-sink-{name}")),
-            consumer: args
-                .consumer
-                .clone()
-                .unwrap_or_else(crate::bus::redis::default_consumer_name),
+            consumer: args.consumer.clone().unwrap_or_else(|| instance_id.clone()),
             count: args.batch_size,
             block: Duration::from_secs(1),
             claim_idle: args.claim_idle,

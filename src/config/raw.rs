@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::{
     BusConfig, Config, ConfigError, DEFAULT_TOML, DispatcherConfig, DispatcherKind, ENV_OVERRIDES,
-    LogConfig, MetricsConfig, Origin, Problem, RedisBusConfig, ServerConfig, SinkSettings,
-    SourceConfig,
+    LogConfig, MetricsConfig, Origin, Problem, RedisBusConfig, RegistryConfig, RegistryKind,
+    ServerConfig, SinkSettings, SourceConfig,
 };
 use crate::engine::{
     BuildProblem, Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage,
@@ -52,6 +52,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    registry: RawRegistry,
     dispatchers: Option<Vec<RawDispatcher>>,
     routes: Option<Vec<RawRoute>>,
     sinks: Option<Vec<RawSink>>,
@@ -128,6 +130,7 @@ struct RawSink {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    instance_id: Option<String>,
     max_body_bytes: Option<u64>,
     shutdown_grace: Option<String>,
     max_header_bytes: Option<u64>,
@@ -276,6 +279,14 @@ struct RawConcurrency {
 struct RawDedup {
     ttl: Option<String>,
     capacity: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    kind: Option<String>,
+    retention: Option<String>,
+    key_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -564,6 +575,8 @@ fn validate(
         .map(|(i, sink)| validate_sink(i, sink, origins, env, problems))
         .collect::<Vec<_>>();
     let bus = validate_bus(&raw.bus, origins, problems);
+    let registry = validate_registry(&raw.registry, &raw.bus, origins, problems);
+    let instance_id = validate_instance_id(raw.server.instance_id.as_deref(), origins, problems);
     let sampling_ratio = raw.tracing.sampling_ratio.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&sampling_ratio) {
         problems.push(origins.problem("tracing.sampling_ratio", "must be between 0 and 1"));
@@ -882,6 +895,7 @@ fn validate(
     Some(Config {
         server: ServerConfig {
             listen: listen?,
+            instance_id: instance_id.clone(),
             max_body_bytes: usize::try_from(max_body_bytes).ok()?,
             shutdown_grace: shutdown_grace?,
             max_header_bytes: limits.max_header_bytes,
@@ -911,9 +925,15 @@ fn validate(
             otlp_metrics,
             otlp_metrics_interval,
             log_filter: filter.clone(),
+            instance_id: instance_id.clone().or_else(|| {
+                listen
+                    .filter(|address| address.port() != 0)
+                    .map(|address| format!("{}:{}", super::host_name(), address.port()))
+            }),
         },
         sinks,
         bus,
+        registry,
         sources,
         dispatchers,
         routes,
@@ -1813,6 +1833,75 @@ fn validate_bus(raw: &RawBus, origins: &Origins<'_>, problems: &mut Vec<Problem>
     }
 }
 
+/// `[server] instance_id`: shown in metrics, logs and Redis consumer names, so printable and
+/// bounded.
+fn validate_instance_id(
+    raw: Option<&str>,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<String> {
+    let id = raw?;
+    let valid = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+    if !valid {
+        problems.push(origins.problem(
+            "server.instance_id",
+            "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+        ));
+        return None;
+    }
+    Some(id.to_owned())
+}
+
+fn validate_registry(
+    raw: &RawRegistry,
+    bus: &RawBus,
+    origins: &Origins<'_>,
+    problems: &mut Vec<Problem>,
+) -> RegistryConfig {
+    let defaults = RegistryConfig::default();
+    let bus_is_redis = bus.kind.as_deref() == Some("redis");
+    let kind = match raw.kind.as_deref() {
+        None if bus_is_redis => RegistryKind::Redis,
+        None | Some("memory") => RegistryKind::Memory,
+        Some("redis") if bus_is_redis => RegistryKind::Redis,
+        Some("redis") => {
+            problems.push(origins.problem(
+                "registry.kind",
+                "\"redis\" keeps the registry on the bus's Redis: it needs bus.kind = \"redis\"",
+            ));
+            RegistryKind::Memory
+        }
+        Some(other) => {
+            problems.push(origins.problem(
+                "registry.kind",
+                format!("unknown kind `{other}` (expected memory or redis)"),
+            ));
+            RegistryKind::Memory
+        }
+    };
+    let retention = raw
+        .retention
+        .as_deref()
+        .and_then(|text| positive(text, "registry.retention", origins, problems))
+        .unwrap_or(defaults.retention);
+    let key_prefix = match raw.key_prefix.as_deref() {
+        None => defaults.key_prefix,
+        Some("") => {
+            problems.push(origins.problem("registry.key_prefix", "must not be empty"));
+            defaults.key_prefix
+        }
+        Some(prefix) => prefix.to_owned(),
+    };
+    RegistryConfig {
+        kind,
+        retention,
+        key_prefix,
+    }
+}
+
 fn validate_health(
     raw: &RawHealth,
     origins: &Origins<'_>,
@@ -1941,6 +2030,7 @@ const DURATION_FIELDS: &[&str] = &[
     "stale_threshold",
     "heartbeat_interval",
     "max_stale_threshold",
+    "retention",
     "initial_backoff",
     "max_backoff",
     "window",

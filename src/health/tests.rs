@@ -173,11 +173,24 @@ async fn workers_emit_register_restart_and_unregister_and_are_active_meanwhile()
     let (registry, journal) = registry();
     registry.register("w1", worker(60)).unwrap();
     assert_eq!(journal.active_of("w1"), 1);
+    tokio::time::advance(Duration::from_secs(10)).await;
     registry.register("w1", worker(60)).unwrap();
+    assert_eq!(
+        registry.health("w1").unwrap().uptime_seconds,
+        10.0,
+        "a live worker registering again did not restart: its uptime goes on"
+    );
+    tokio::time::advance(Duration::from_secs(61)).await;
+    registry.register("w1", worker(60)).unwrap();
+    assert_eq!(
+        registry.health("w1").unwrap().uptime_seconds,
+        0.0,
+        "one that had gone stale came back: its uptime starts again"
+    );
     assert_eq!(
         journal.active_of("w1"),
         1,
-        "a re-registration is a restart, not a second worker"
+        "a re-registration is the same worker, not a second one"
     );
     registry.unregister("w1").unwrap();
     assert_eq!(journal.active_of("w1"), 0);
@@ -185,9 +198,11 @@ async fn workers_emit_register_restart_and_unregister_and_are_active_meanwhile()
         journal.events_of("w1"),
         [
             LifecycleEvent::Register,
+            LifecycleEvent::Register,
             LifecycleEvent::Restart,
             LifecycleEvent::Unregister
-        ]
+        ],
+        "only the return of a stale worker is a restart"
     );
     assert!(registry.health("w1").is_none());
     assert_eq!(

@@ -12,11 +12,14 @@ use serde_json::json;
 use super::messages::check_content_type;
 use super::{ApiError, ApiState};
 use crate::engine::is_valid_id;
-use crate::health::{DispatcherHealth, Origin, RegisterError, Registration};
+use crate::health::{DispatcherHealth, Origin, RegisterError, RegistryUnavailable, WorkerError};
 
-/// `GET /ready`: 200 when the engine runs and every critical dispatcher is healthy; 503 with
-/// the reasons otherwise, and while shutting down. The body also shows the bus's state.
+/// `GET /ready`: 200 when the engine runs and every critical dispatcher of this process is
+/// healthy; 503 with the reasons otherwise, and while shutting down. The body also shows the
+/// bus's state. Out-of-process workers are listed but never count: a worker's health is not this
+/// instance's fault, and making it unready would have a balancer drain a healthy instance.
 pub(super) async fn ready(State(state): State<ApiState>) -> Response {
+    // Without waiting on a shared registry: the workers as of its last snapshot.
     let all = state.health.all();
     let unhealthy: Vec<serde_json::Value> = all
         .iter()
@@ -25,6 +28,7 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
             json!({
                 "dispatcher_id": h.dispatcher_id,
                 "critical": h.critical,
+                "origin": h.origin,
                 "reason": h.reason,
             })
         })
@@ -36,7 +40,10 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
     });
     let (status, verdict) = if state.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
-    } else if all.iter().any(|h| h.critical && !h.healthy) {
+    } else if all
+        .iter()
+        .any(|h| h.origin == Origin::InProcess && h.critical && !h.healthy)
+    {
         (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
     } else {
         (StatusCode::OK, "ready")
@@ -58,15 +65,16 @@ pub(super) struct DispatcherList {
     stale: usize,
 }
 
-/// `GET /api/v1/dispatchers`.
-pub(super) async fn list(State(state): State<ApiState>) -> Json<DispatcherList> {
-    let dispatchers = state.health.all();
-    Json(DispatcherList {
+/// `GET /api/v1/dispatchers`: with a shared registry, its workers as Redis holds them now (503
+/// `registry_unavailable` when it cannot be read, never an old or "stale" answer).
+pub(super) async fn list(State(state): State<ApiState>) -> Result<Json<DispatcherList>, ApiError> {
+    let dispatchers = state.health.list().await.map_err(unavailable)?;
+    Ok(Json(DispatcherList {
         total: dispatchers.len(),
         healthy: dispatchers.iter().filter(|h| h.healthy).count(),
         stale: dispatchers.iter().filter(|h| h.is_stale).count(),
         dispatchers,
-    })
+    }))
 }
 
 /// `GET /api/v1/dispatchers/{id}`.
@@ -76,9 +84,19 @@ pub(super) async fn one(
 ) -> Result<Json<DispatcherHealth>, ApiError> {
     state
         .health
-        .health(&id)
+        .dispatcher(&id)
+        .await
+        .map_err(unavailable)?
         .map(Json)
         .ok_or_else(|| unknown(&id))
+}
+
+fn unavailable(error: RegistryUnavailable) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "registry_unavailable",
+        error.to_string(),
+    )
 }
 
 /// The optional body of a registration.
@@ -127,37 +145,12 @@ pub(super) async fn register(
             ));
         }
     };
-    let registration = Registration {
-        origin: Origin::Remote,
-        stale_threshold,
-        critical: body.critical,
-    };
     state
         .health
-        .register(&id, registration)
-        .map_err(|error| match error {
-            RegisterError::InvalidId(_) => invalid_id(),
-            RegisterError::LimitReached(_) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_workers",
-                error.to_string(),
-            ),
-            RegisterError::InProcess(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "in_process_dispatcher",
-                error.to_string(),
-            ),
-            RegisterError::InvalidThreshold(_) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_registration",
-                error.to_string(),
-            ),
-        })?;
-    state
-        .health
-        .health(&id)
+        .register_worker(&id, stale_threshold, body.critical, serde_json::Map::new())
+        .await
         .map(Json)
-        .ok_or_else(|| unknown(&id))
+        .map_err(|error| worker_error(&id, error))
 }
 
 /// `POST /api/v1/dispatchers/{id}/heartbeat`.
@@ -165,13 +158,13 @@ pub(super) async fn heartbeat(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<DispatcherHealth>, ApiError> {
-    remote(&state, &id)?;
-    state.health.heartbeat(&id).map_err(|_| unknown(&id))?;
+    valid_id(&id)?;
     state
         .health
-        .health(&id)
+        .heartbeat_worker(&id)
+        .await
         .map(Json)
-        .ok_or_else(|| unknown(&id))
+        .map_err(|error| worker_error(&id, error))
 }
 
 /// `POST /api/v1/dispatchers/{id}/unregister`.
@@ -179,22 +172,40 @@ pub(super) async fn unregister(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    remote(&state, &id)?;
-    state.health.unregister(&id).map_err(|_| unknown(&id))?;
+    valid_id(&id)?;
+    state
+        .health
+        .unregister_worker(&id)
+        .await
+        .map_err(|error| worker_error(&id, error))?;
     Ok(Json(json!({ "dispatcher_id": id, "unregistered": true })))
 }
 
-/// A registered worker's id, or the error a worker should see.
-fn remote(state: &ApiState, id: &str) -> Result<(), ApiError> {
-    valid_id(id)?;
-    match state.health.health(id) {
-        None => Err(unknown(id)),
-        Some(health) if health.origin == Origin::InProcess => Err(ApiError::new(
+/// The answer a worker gets when its registration, heartbeat or unregistration fails.
+fn worker_error(id: &str, error: WorkerError) -> ApiError {
+    match error {
+        WorkerError::Refused(RegisterError::InvalidId(_)) => invalid_id(),
+        WorkerError::Refused(error @ RegisterError::LimitReached(_)) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_workers",
+            error.to_string(),
+        ),
+        WorkerError::Refused(error @ RegisterError::InProcess(_)) => ApiError::new(
             StatusCode::CONFLICT,
             "in_process_dispatcher",
-            format!("`{id}` is a dispatcher of this process; it heartbeats by itself"),
-        )),
-        Some(_) => Ok(()),
+            error.to_string(),
+        ),
+        WorkerError::Refused(error @ RegisterError::InvalidThreshold(_)) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_registration",
+            error.to_string(),
+        ),
+        WorkerError::Unknown(_) => unknown(id),
+        error @ WorkerError::Unavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "registry_unavailable",
+            error.to_string(),
+        ),
     }
 }
 

@@ -274,6 +274,18 @@ pub const DISPATCHER_CONSECUTIVE_FAILURES: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+/// Whether the shared dispatcher registry (`[registry] kind = "redis"`) answered at its last
+/// read; absent with a registry in memory. While it is 0 the workers' series are absent too:
+/// the registry never reports a worker as stale because it could not read it.
+pub const DISPATCHER_REGISTRY_UP: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_registry_up",
+    kind: Kind::ObservableGauge,
+    unit: "",
+    description: "1 when the shared dispatcher registry answered at its last read, 0 when it could not be reached.",
+    labels: &[],
+    buckets: &[],
+};
+
 /// Waits are usually zero (a token was free) or a fraction of a second; `0` is its own bucket so
 /// "calls that waited at all" is a query.
 pub const DELAY_BUCKETS: &[f64] = &[
@@ -480,6 +492,7 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_HEALTH_STATUS,
     DISPATCHER_HEARTBEAT_AGE,
     DISPATCHER_CONSECUTIVE_FAILURES,
+    DISPATCHER_REGISTRY_UP,
     DISPATCH_MESSAGES,
     DISPATCH_DURATION,
     DISPATCHER_EXECUTIONS,

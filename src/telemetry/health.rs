@@ -86,6 +86,18 @@ pub(super) fn observe(meter: &Meter, registry: &HealthRegistry) {
         registry,
         |h| (f64::from(h.consecutive_failures), None),
     );
+    let spec = catalog::DISPATCHER_REGISTRY_UP;
+    let registry = registry.clone();
+    let _ = meter
+        .f64_observable_gauge(spec.name)
+        .with_description(spec.description)
+        .with_unit(spec.unit)
+        .with_callback(move |observer| {
+            if let Some(up) = registry.store_available() {
+                observer.observe(if up { 1.0 } else { 0.0 }, &[]);
+            }
+        })
+        .build();
 }
 
 fn gauge(

@@ -30,6 +30,8 @@ mod pipeline;
 mod architecture;
 // Redis Streams, against a real Redis: at-least-once across a crash, reclaim, Redis restarts.
 mod redis;
+// Instances on one Redis: their identities, the dispatcher registry they share, Redis gone.
+mod registry;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
 mod monitoring;
 // Appended files: a torn last line moved aside at start, and SIGHUP reopening them (logrotate).
