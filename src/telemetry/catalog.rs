@@ -87,6 +87,9 @@ pub mod label {
     pub const METRIC: &str = "metric";
     pub const EVENT: &str = "event";
     pub const IS_STALE: &str = "is_stale";
+    /// `in_process` (this instance's own dispatcher) or `remote` (a worker; with a shared
+    /// registry every instance exports the same series, so rules aggregate them over instances).
+    pub const ORIGIN: &str = "origin";
     pub const CACHE: &str = "cache";
     pub const OPERATION: &str = "operation";
     pub const SINK: &str = "sink";
@@ -252,7 +255,7 @@ pub const DISPATCHER_HEALTH_STATUS: InstrumentSpec = InstrumentSpec {
     kind: Kind::ObservableGauge,
     unit: "",
     description: "1 when the dispatcher is healthy (not stale, not stopped, failures below the limit), 0 when not.",
-    labels: &[label::DISPATCHER_ID, label::IS_STALE],
+    labels: &[label::DISPATCHER_ID, label::IS_STALE, label::ORIGIN],
     buckets: &[],
 };
 
@@ -543,6 +546,7 @@ mod tests {
                 "dispatcher_health_status",
                 "dispatcher_heartbeat_age_seconds",
                 "dispatcher_consecutive_failures",
+                "dispatcher_registry_up",
                 "dispatch_messages_total",
                 "dispatch_duration_seconds",
                 "dispatcher_executions_total",

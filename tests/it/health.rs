@@ -226,7 +226,7 @@ async fn the_health_metrics_follow_the_registry_and_vanish_on_unregister() {
         Some(1.0)
     );
     assert_eq!(
-        at(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false"}"#),
+        at(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false",origin="remote"}"#),
         Some(1.0)
     );
     assert_eq!(
@@ -247,11 +247,13 @@ async fn the_health_metrics_follow_the_registry_and_vanish_on_unregister() {
     assert_eq!(
         sample(
             &text,
-            r#"dispatcher_health_status{dispatcher_id="w1",is_stale="true"}"#
+            r#"dispatcher_health_status{dispatcher_id="w1",is_stale="true",origin="remote"}"#
         ),
         Some(0.0)
     );
-    assert!(!text.contains(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false"}"#));
+    assert!(!text.contains(
+        r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false",origin="remote"}"#
+    ));
 
     let (status, _) = api
         .json("POST", "/api/v1/dispatchers/w1/unregister", None)

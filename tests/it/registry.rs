@@ -156,8 +156,9 @@ async fn instances_on_one_redis_share_their_workers_and_survive_restarts() {
     // The health gauges show the shared workers on every instance.
     wait_for_async("C's gauges to show w1", || async {
         let metrics = c.scrape().await;
-        metrics.contains(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false"} 1"#)
-            && metrics.contains("dispatcher_registry_up 1")
+        metrics.contains(
+            r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false",origin="remote"} 1"#,
+        ) && metrics.contains("dispatcher_registry_up 1")
     })
     .await;
 
