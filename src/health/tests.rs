@@ -442,3 +442,82 @@ async fn refusals_and_skips_are_not_failures_and_do_not_reset_them() {
     }
     assert_eq!(complete(ExecutionResult::Success), 0);
 }
+
+/// A shared store in memory that can be made unreachable.
+#[derive(Default)]
+struct FakeStore {
+    down: std::sync::atomic::AtomicBool,
+    snapshot: Mutex<Option<Snapshot>>,
+}
+
+#[async_trait]
+impl WorkerStore for FakeStore {
+    async fn register(
+        &self,
+        _: &str,
+        _: &WorkerRecord,
+        _: usize,
+    ) -> Result<(Registered, StoredWorker, u64), StoreError> {
+        Err(StoreError::Unavailable("not used".into()))
+    }
+
+    async fn heartbeat(&self, _: &str) -> Result<Option<(StoredWorker, u64)>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        Ok(None)
+    }
+
+    async fn unregister(&self, _: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        Ok(self.snapshot.lock().unwrap().clone().unwrap())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_registry_ages_its_snapshot_and_shows_no_worker_rather_than_a_false_stale() {
+    let store = Arc::new(FakeStore::default());
+    *store.snapshot.lock().unwrap() = Some(Snapshot {
+        now_ms: 5_000,
+        workers: vec![StoredWorker {
+            id: "w1".into(),
+            record: WorkerRecord {
+                stale_threshold_seconds: 30.0,
+                critical: true,
+                extra: serde_json::Map::new(),
+            },
+            registered_ms: 1_000,
+            heartbeat_ms: 5_000,
+        }],
+    });
+    let registry = HealthRegistry::shared(HealthConfig::default(), None, store.clone());
+    assert_eq!(registry.store_available(), None, "not known before a read");
+    assert!(registry.all().is_empty(), "nothing read yet");
+    registry.refresh().await.unwrap();
+    assert_eq!(registry.store_available(), Some(true));
+    let w1 = &registry.all()[0];
+    assert!(w1.healthy && w1.origin == Origin::Remote);
+
+    // Between reads the snapshot ages with the time since it was read.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!(registry.all()[0].is_stale);
+
+    store.down.store(true, Ordering::SeqCst);
+    assert!(registry.refresh().await.is_err());
+    assert_eq!(registry.store_available(), Some(false));
+    assert!(
+        registry.all().is_empty(),
+        "an unreachable store shows no worker, never an old or stale one"
+    );
+    assert!(matches!(
+        registry.heartbeat_worker("w1").await,
+        Err(WorkerError::Unavailable(_))
+    ));
+    assert!(registry.list().await.is_err());
+}
