@@ -384,11 +384,21 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.buffer >= 1, "--buffer must be at least 1");
     let name = args.name.clone().unwrap_or_else(|| args.service.clone());
-    let telemetry = crate::telemetry::Telemetry::new(&crate::config::MetricsConfig {
-        enabled: true,
-        namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
-        cardinality_limit: 2000,
-    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local_addr = listener.local_addr()?;
+    // Host name and port: two sink processes on one host never share a consumer.
+    let instance_id = format!("{}:{}", crate::config::host_name(), local_addr.port());
+    let telemetry = crate::telemetry::Telemetry::for_instance(
+        &crate::config::MetricsConfig {
+            enabled: true,
+            namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
+            cardinality_limit: 2000,
+        },
+        None,
+        &instance_id,
+    );
     // The files this command appends to (the file sink's, the dead letters) follow SIGHUP, and
     // their repairs are counted.
     let files = crate::appender::Files::new(
@@ -432,12 +442,6 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     reopen_on_hangup(files);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local_addr = listener.local_addr()?;
-    // Host name and port: two sink processes on one host never share a consumer.
-    let instance_id = format!("{}:{}", crate::config::host_name(), local_addr.port());
     tracing::info!(listen = %local_addr, instance_id = %instance_id, sink = %name, "dispatchd sink is serving /metrics and /health.");
     // The same connection limits as serve's defaults: a slow client cannot hold this port.
     let server = tokio::spawn(crate::http::serve(
