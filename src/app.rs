@@ -27,11 +27,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::appender::{Appender, FileKind, FileObserver, Files};
 use crate::bus::consume::{Acks, Consumer, Deliver};
-use crate::bus::redis::{
-    ConsumerConfig, Entry, RedisOutputs, RedisPublisher, default_consumer_name,
-};
+use crate::bus::redis::{ConsumerConfig, Entry, RedisOutputs, RedisPublisher};
+use crate::bus::registry::RedisWorkers;
 use crate::bus::{BusObserver, EventBus, MemoryBus};
-use crate::config::{Config, DispatcherKind};
+use crate::config::{Config, DispatcherKind, RegistryKind};
 use crate::dispatchers::{
     HttpCommand, HttpDispatcher, JsonlFile, LogDispatcher, NatsDispatcher, RedisStreamDispatcher,
     WorkerDispatcher,
@@ -49,6 +48,9 @@ use crate::sinks::DispatchEvent;
 use crate::sinks::service::run_from_redis;
 use crate::sinks::{SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
+
+/// How often the shared registry is read for the health gauges.
+const REGISTRY_REFRESH: Duration = Duration::from_secs(1);
 
 /// How long abandoned requests get to send their 503 before the server task is aborted.
 const ABANDON_WAIT: Duration = Duration::from_secs(2);
@@ -117,20 +119,21 @@ impl AppBuilder {
     /// the engine.
     pub async fn build(self) -> anyhow::Result<App> {
         let config = self.config;
-        let telemetry = match (&config.tracing.otlp_endpoint, config.tracing.otlp_metrics) {
-            (Some(endpoint), true) => Telemetry::with_otlp(
-                &config.metrics,
-                endpoint,
-                config.tracing.otlp_metrics_interval,
-            ),
-            _ => Telemetry::new(&config.metrics),
-        };
+        // Bound first: the default instance id names the port actually bound.
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let local_addr = listener
             .local_addr()
             .context("the listener has no address")?;
+        let instance_id = config.server.instance_id(local_addr.port());
+        let otlp = match (&config.tracing.otlp_endpoint, config.tracing.otlp_metrics) {
+            (Some(endpoint), true) => {
+                Some((endpoint.as_str(), config.tracing.otlp_metrics_interval))
+            }
+            _ => None,
+        };
+        let telemetry = Telemetry::for_instance(&config.metrics, otlp, &instance_id);
 
         // Build, then run: what build spawns (file writers, sink drivers) is cancelled when the
         // App is dropped, so a build that fails after them leaves nothing behind; the Redis
@@ -192,7 +195,10 @@ impl AppBuilder {
                         .with_context(|| format!("cannot open {}", redis.dead_letter.display()))?,
                     )
                     .with_observer(bus_observer.clone());
-                let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
+                let consumer = redis
+                    .consumer
+                    .clone()
+                    .unwrap_or_else(|| instance_id.clone());
                 for settings in &config.sinks {
                     let sink = crate::sinks::build_with(&settings.sink, &files)
                         .map_err(anyhow::Error::msg)?;
@@ -230,7 +236,19 @@ impl AppBuilder {
         let observer = telemetry
             .lifecycle_metrics()
             .map(|metrics| Arc::new(metrics) as Arc<dyn LifecycleObserver>);
-        let health = HealthRegistry::new(config.health.clone(), observer);
+        let health = match (&config.registry.kind, &config.bus.redis) {
+            (RegistryKind::Redis, Some(redis)) => {
+                let store = RedisWorkers::connect(
+                    &redis.url,
+                    &config.registry.key_prefix,
+                    config.registry.retention,
+                )
+                .await
+                .with_context(|| format!("cannot connect to Redis at {}", redis.url))?;
+                HealthRegistry::shared(config.health.clone(), observer, Arc::new(store))
+            }
+            _ => HealthRegistry::new(config.health.clone(), observer),
+        };
         telemetry.observe_health(&health);
 
         let mut dispatchers = Vec::new();
@@ -390,6 +408,7 @@ impl AppBuilder {
             .collect();
         Ok(App {
             config,
+            instance_id,
             listener,
             local_addr,
             engine,
@@ -413,6 +432,8 @@ impl AppBuilder {
 /// A built service: bound, not yet serving.
 pub struct App {
     config: Config,
+    /// `[server] instance_id`, or host name and bound port.
+    instance_id: String,
     listener: TcpListener,
     local_addr: SocketAddr,
     engine: Engine,
@@ -454,6 +475,11 @@ impl App {
         &self.engine
     }
 
+    /// This instance's identity: `service.instance.id`, the default Redis consumer name.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }
@@ -491,6 +517,12 @@ impl App {
                 stop_lifecycles.clone(),
             ));
         }
+        // The shared registry's snapshot, which scrapes read, is never older than this.
+        lifecycles.spawn(
+            self.health
+                .clone()
+                .keep_fresh(REGISTRY_REFRESH, stop_lifecycles.clone()),
+        );
 
         let mut state = ApiState::new(
             self.engine.clone(),
@@ -505,7 +537,10 @@ impl App {
         let sources = TaskTracker::new();
         let stop_sources = CancellationToken::new();
         if let Some(redis) = &self.config.bus.redis {
-            let consumer = redis.consumer.clone().unwrap_or_else(default_consumer_name);
+            let consumer = redis
+                .consumer
+                .clone()
+                .unwrap_or_else(|| self.instance_id.clone());
             for source in &self.config.sources {
                 let group = ConsumerConfig {
                     stream: source.stream.clone(),
@@ -554,6 +589,7 @@ impl App {
         }
         tracing::info!(
             listen = %self.local_addr,
+            instance_id = %self.instance_id,
             dispatchers = self.engine.dispatchers().len(),
             routes = self.engine.routes().len(),
             "dispatchd is serving."

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::appender::{FileObserver, Files};
 use crate::bus::BusObserver;
-use crate::bus::redis::{ConsumerConfig, default_consumer_name};
+use crate::bus::redis::ConsumerConfig;
 use crate::sinks::{DriverConfig, FullPolicy, Sink, SinkConfig, SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
 
@@ -68,6 +68,8 @@ pub struct Replayed {
 pub struct SinkService {
     config: SinkServiceConfig,
     name: String,
+    /// Host name and bound port: the default consumer name and `service.instance.id`.
+    instance_id: String,
     telemetry: Telemetry,
     files: Files,
     sink: Box<dyn Sink>,
@@ -91,11 +93,25 @@ impl SinkService {
             .name
             .clone()
             .unwrap_or_else(|| config.service.clone());
-        let telemetry = Telemetry::new(&crate::config::MetricsConfig {
-            enabled: true,
-            namespace: config.metrics_namespace.clone(),
-            cardinality_limit: 2000,
-        });
+        // Bound first: the instance id is the host name and the bound port, so two sink
+        // processes on one host never share a consumer or a `service.instance.id`.
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let instance_id = format!(
+            "{}:{}",
+            crate::config::host_name(),
+            listener.local_addr()?.port()
+        );
+        let telemetry = Telemetry::for_instance(
+            &crate::config::MetricsConfig {
+                enabled: true,
+                namespace: config.metrics_namespace.clone(),
+                cardinality_limit: 2000,
+            },
+            None,
+            &instance_id,
+        );
         // The files this service appends to (the file sink's, the dead letters) follow SIGHUP, and
         // their repairs are counted.
         let files = Files::new(
@@ -132,12 +148,10 @@ impl SinkService {
                 PathBuf::from(format!("./dispatchd-data/{name}.dead-letters.jsonl"))
             }),
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
         Ok(SinkService {
             config,
             name,
+            instance_id,
             telemetry,
             files,
             sink,
@@ -163,13 +177,14 @@ impl SinkService {
         let SinkService {
             config,
             name,
+            instance_id,
             telemetry,
             files: _,
             sink,
             driver,
             listener,
         } = self;
-        tracing::info!(listen = %listener.local_addr()?, sink = %name, "dispatchd sink is serving /metrics and /health.");
+        tracing::info!(listen = %listener.local_addr()?, instance_id = %instance_id, sink = %name, "dispatchd sink is serving /metrics and /health.");
         // The same connection limits as serve's defaults: a slow client cannot hold this port.
         let stop_server = shutdown.child_token();
         let server = tokio::spawn(crate::http::serve(
@@ -202,7 +217,7 @@ impl SinkService {
                     consumer: config
                         .consumer
                         .clone()
-                        .unwrap_or_else(default_consumer_name),
+                        .unwrap_or_else(|| instance_id.clone()),
                     count: config.batch_size,
                     block: Duration::from_secs(1),
                     claim_idle: config.claim_idle,

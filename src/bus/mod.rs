@@ -21,6 +21,7 @@ pub mod consume;
 pub mod dead_letter;
 mod event;
 pub mod redis;
+pub mod registry;
 
 pub use event::DispatchEvent;
 

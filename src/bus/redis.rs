@@ -597,16 +597,6 @@ pub async fn republish(
     })
 }
 
-/// The default consumer name: the host name, stable across restarts (never a PID).
-pub fn default_consumer_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "dispatchd".to_owned())
-}
-
 /// Publishes handler outputs on the bus: an output of topic `t` goes to stream
 /// `<prefix>t` as `{"topic": t, "envelope": …}`; a failure makes the dispatch `publish_failed`.
 pub struct RedisOutputs {

@@ -113,7 +113,7 @@ struct SinkArgs {
     /// The consumer group (default `dispatchd-sink-<name>`).
     #[arg(long)]
     group: Option<String>,
-    /// This consumer's stable name (default the host name); a restart under the same name first
+    /// This consumer's stable name (default the host name and the --listen port); a restart under the same name first
     /// re-reads its own pending entries.
     #[arg(long)]
     consumer: Option<String>,

@@ -47,6 +47,8 @@ pub struct Config {
     pub sinks: Vec<SinkSettings>,
     /// Where dispatch events travel to the sinks, and outputs are published.
     pub bus: BusConfig,
+    /// Where out-of-process workers are registered.
+    pub registry: RegistryConfig,
     /// Streams of messages to dispatch (Redis bus only).
     pub sources: Vec<SourceConfig>,
     pub dispatchers: Vec<DispatcherConfig>,
@@ -63,6 +65,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// `[server] instance_id`; `None` for the default, [`ServerConfig::instance_id`].
+    pub instance_id: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
     /// The request line and headers together, at most (larger: 431).
@@ -88,6 +92,60 @@ pub struct ServerConfig {
     pub min_body_rate: u64,
     /// The time a body has before `min_body_rate` applies to it.
     pub body_rate_grace: Duration,
+}
+
+impl ServerConfig {
+    /// This process's identity among the instances (`service.instance.id`, the default Redis
+    /// consumer name, a field of the startup log line): the configured one, else
+    /// `<host name>:<port>` with the port actually bound, which no other process on the host
+    /// can hold at the same time.
+    pub fn instance_id(&self, bound_port: u16) -> String {
+        match &self.instance_id {
+            Some(id) => id.clone(),
+            None => format!("{}:{bound_port}", host_name()),
+        }
+    }
+}
+
+/// The host name, or `dispatchd` when it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "dispatchd".to_owned())
+}
+
+/// Where out-of-process workers are registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryKind {
+    /// In this process: each instance knows only the workers that registered through it.
+    Memory,
+    /// In the bus's Redis, shared by every instance on it.
+    Redis,
+}
+
+/// `[registry]`: where workers are registered and how long a gone one is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    /// Default: `redis` when the bus is Redis, else `memory`.
+    pub kind: RegistryKind,
+    /// How long a worker's record outlives its stale threshold without a heartbeat before it
+    /// expires (and frees its `health.max_workers` slot). Redis only.
+    pub retention: Duration,
+    /// The prefix of the registry's Redis keys.
+    pub key_prefix: String,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> RegistryConfig {
+        RegistryConfig {
+            kind: RegistryKind::Memory,
+            retention: Duration::from_secs(3600),
+            key_prefix: "dispatchd:registry".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,7 +178,8 @@ pub struct RedisBusConfig {
     pub url: String,
     /// `XADD … MAXLEN ~ n`: trims the stream, possibly before every group read it. Off by default.
     pub max_len: Option<usize>,
-    /// This instance's consumer name (default the host name): stable across restarts.
+    /// This instance's consumer name (default `[server] instance_id`, itself host name and
+    /// port): stable across restarts, never shared by two processes of one host.
     pub consumer: Option<String>,
     /// Entries pending with a consumer for longer are claimed by another.
     pub claim_idle: Duration,

@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::{
     BusConfig, Config, ConfigError, DEFAULT_TOML, DispatcherConfig, DispatcherKind, ENV_OVERRIDES,
-    LogConfig, MetricsConfig, Origin, Problem, RedisBusConfig, ServerConfig, SinkSettings,
-    SourceConfig,
+    LogConfig, MetricsConfig, Origin, Problem, RedisBusConfig, RegistryConfig, RegistryKind,
+    ServerConfig, SinkSettings, SourceConfig,
 };
 use crate::engine::{
     BuildProblem, Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage,
@@ -48,6 +48,7 @@ struct RawConfig {
     metrics: RawMetrics,
     log: RawLog,
     health: RawHealth,
+    registry: RawRegistry,
     dispatchers: Option<Vec<RawDispatcher>>,
     routes: Option<Vec<RawRoute>>,
     sinks: Option<Vec<RawSink>>,
@@ -126,6 +127,8 @@ struct RawSink {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: String,
+    /// Not in the defaults: the default is computed (host name and bound port).
+    instance_id: Option<String>,
     max_body_bytes: u64,
     shutdown_grace: String,
     max_header_bytes: u64,
@@ -281,6 +284,15 @@ struct RawDedup {
 
 /// Every field is in default.toml, the one home of the defaults.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    /// Not in the defaults: it follows bus.kind unless set.
+    kind: Option<String>,
+    retention: String,
+    key_prefix: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     stale_threshold: String,
@@ -602,6 +614,8 @@ fn validate(
         .map(|(i, sink)| validate_sink(i, sink, env, check))
         .collect::<Vec<_>>();
     let bus = validate_bus(&raw.bus, check);
+    let registry = validate_registry(&raw.registry, &raw.bus, check);
+    let instance_id = validate_instance_id(raw.server.instance_id.as_deref(), check);
     let sampling_ratio = raw.tracing.sampling_ratio;
     if !(0.0..=1.0).contains(&sampling_ratio) {
         check.report("tracing.sampling_ratio", "must be between 0 and 1");
@@ -922,6 +936,7 @@ fn validate(
     Some(Config {
         server: ServerConfig {
             listen: listen?,
+            instance_id: instance_id.clone(),
             max_body_bytes: usize::try_from(max_body_bytes).ok()?,
             shutdown_grace: shutdown_grace?,
             max_header_bytes: limits.max_header_bytes,
@@ -951,9 +966,15 @@ fn validate(
             otlp_metrics,
             otlp_metrics_interval,
             log_filter: filter.clone(),
+            instance_id: instance_id.clone().or_else(|| {
+                listen
+                    .filter(|address| address.port() != 0)
+                    .map(|address| format!("{}:{}", super::host_name(), address.port()))
+            }),
         },
         sinks,
         bus,
+        registry,
         sources,
         dispatchers,
         routes,
@@ -1781,6 +1802,63 @@ fn validate_bus(raw: &RawBus, check: &mut Checker<'_, '_>) -> BusConfig {
     }
 }
 
+/// `[server] instance_id`: shown in metrics, logs and Redis consumer names, so printable and
+/// bounded.
+fn validate_instance_id(raw: Option<&str>, check: &mut Checker<'_, '_>) -> Option<String> {
+    let id = raw?;
+    let valid = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+    if !valid {
+        check.report(
+            "server.instance_id",
+            "must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+        );
+        return None;
+    }
+    Some(id.to_owned())
+}
+
+fn validate_registry(
+    raw: &RawRegistry,
+    bus: &RawBus,
+    check: &mut Checker<'_, '_>,
+) -> RegistryConfig {
+    let bus_is_redis = bus.kind == "redis";
+    let kind = match raw.kind.as_deref() {
+        None if bus_is_redis => RegistryKind::Redis,
+        None | Some("memory") => RegistryKind::Memory,
+        Some("redis") if bus_is_redis => RegistryKind::Redis,
+        Some("redis") => {
+            check.report(
+                "registry.kind",
+                "\"redis\" keeps the registry on the bus's Redis: it needs bus.kind = \"redis\"",
+            );
+            RegistryKind::Memory
+        }
+        Some(other) => {
+            check.report(
+                "registry.kind",
+                format!("unknown kind `{other}` (expected memory or redis)"),
+            );
+            RegistryKind::Memory
+        }
+    };
+    let retention = check
+        .positive(&raw.retention, "registry.retention")
+        .unwrap_or(Duration::MAX);
+    if raw.key_prefix.is_empty() {
+        check.report("registry.key_prefix", "must not be empty");
+    }
+    let key_prefix = raw.key_prefix.clone();
+    RegistryConfig {
+        kind,
+        retention,
+        key_prefix,
+    }
+}
+
 fn validate_health(raw: &RawHealth, check: &mut Checker<'_, '_>) -> HealthConfig {
     let max_stale_threshold = check
         .positive(&raw.max_stale_threshold, "health.max_stale_threshold")
@@ -1885,6 +1963,7 @@ const DURATION_FIELDS: &[&str] = &[
     "stale_threshold",
     "heartbeat_interval",
     "max_stale_threshold",
+    "retention",
     "initial_backoff",
     "max_backoff",
     "window",

@@ -1068,3 +1068,56 @@ dispatcher_id = "c"
         ]
     );
 }
+
+#[test]
+fn the_instance_id_defaults_to_host_and_bound_port_and_is_checked() {
+    let config = Config::embedded().unwrap();
+    assert_eq!(config.server.instance_id, None);
+    let host = host_name();
+    assert_eq!(config.server.instance_id(9001), format!("{host}:9001"));
+    assert_eq!(
+        config.tracing.instance_id.as_deref(),
+        Some(format!("{host}:9000").as_str()),
+        "spans name the configured port before anything is bound"
+    );
+
+    let config = load("[server]\ninstance_id = \"eu-1.a\"\n").unwrap();
+    assert_eq!(config.server.instance_id(9001), "eu-1.a");
+    assert_eq!(config.tracing.instance_id.as_deref(), Some("eu-1.a"));
+
+    let problems = problems("[server]\ninstance_id = \"has space\"\n");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("server.instance_id") && problems[0].contains("[A-Za-z0-9_.:-]"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn the_registry_follows_the_bus_unless_told_and_is_checked() {
+    let memory = Config::embedded().unwrap();
+    assert_eq!(memory.registry.kind, RegistryKind::Memory);
+    assert_eq!(memory.registry.retention, Duration::from_secs(3600));
+
+    let redis = "[bus]\nkind = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n";
+    let config = load(redis).unwrap();
+    assert_eq!(
+        config.registry.kind,
+        RegistryKind::Redis,
+        "the natural default"
+    );
+    let config = load(&format!(
+        "{redis}[registry]\nkind = \"memory\"\nretention = \"10m\"\nkey_prefix = \"eu\"\n"
+    ))
+    .unwrap();
+    assert_eq!(config.registry.kind, RegistryKind::Memory);
+    assert_eq!(config.registry.retention, Duration::from_secs(600));
+    assert_eq!(config.registry.key_prefix, "eu");
+
+    let problems = problems("[registry]\nkind = \"redis\"\nretention = \"0s\"\n");
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("registry.kind") && problems[0].contains("bus.kind"));
+    assert!(problems[1].contains("registry.retention"));
+    let problems = self::problems("[registry]\nkind = \"etcd\"\n");
+    assert!(problems[0].contains("unknown kind `etcd`"), "{problems:?}");
+}

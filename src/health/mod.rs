@@ -23,6 +23,7 @@
 mod stats;
 mod strategy;
 mod supervisor;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,6 +39,7 @@ use crate::engine::is_valid_id;
 pub use stats::{DispatcherStats, Latency, StatsSnapshot};
 pub use strategy::HealthStrategy;
 pub use supervisor::{RestartBackoff, supervise};
+pub use workers::{Registered, Snapshot, StoreError, StoredWorker, WorkerRecord, WorkerStore};
 
 /// The validated `[health]` settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -305,7 +307,35 @@ struct Inner {
     epoch: Instant,
     records: RwLock<HashMap<Arc<str>, Arc<Record>>>,
     observer: Option<Arc<dyn LifecycleObserver>>,
+    /// Where workers are kept when they are shared with other instances; `None` keeps them in
+    /// `records` with the in-process dispatchers.
+    shared: Option<Shared>,
 }
+
+/// The shared store and the last snapshot read from it, which scrapes read so they never wait
+/// on the store.
+struct Shared {
+    store: Arc<dyn WorkerStore>,
+    cache: RwLock<Option<(Instant, Snapshot)>>,
+    /// 0 not yet known, 1 reachable, 2 unreachable at the last attempt.
+    available: AtomicU8,
+}
+
+/// Why a worker's registration, heartbeat or unregistration failed.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Refused(#[from] RegisterError),
+    #[error(transparent)]
+    Unknown(#[from] UnknownDispatcher),
+    #[error("the shared dispatcher registry is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The shared registry could not be read.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("the shared dispatcher registry is unavailable: {0}")]
+pub struct RegistryUnavailable(pub String);
 
 impl HealthRegistry {
     pub fn new(
@@ -318,8 +348,280 @@ impl HealthRegistry {
                 epoch: Instant::now(),
                 records: RwLock::new(HashMap::new()),
                 observer,
+                shared: None,
             }),
         }
+    }
+
+    /// A registry whose out-of-process workers live in `store`, shared by every instance that
+    /// uses it; in-process dispatchers stay this instance's own.
+    pub fn shared(
+        config: HealthConfig,
+        observer: Option<Arc<dyn LifecycleObserver>>,
+        store: Arc<dyn WorkerStore>,
+    ) -> HealthRegistry {
+        HealthRegistry {
+            inner: Arc::new(Inner {
+                config,
+                epoch: Instant::now(),
+                records: RwLock::new(HashMap::new()),
+                observer,
+                shared: Some(Shared {
+                    store,
+                    cache: RwLock::new(None),
+                    available: AtomicU8::new(0),
+                }),
+            }),
+        }
+    }
+
+    /// Whether workers live in a store shared with other instances.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
+    }
+
+    /// Whether the shared store answered at the last attempt; `None` for a registry that keeps
+    /// its workers in memory, or before the first attempt.
+    pub fn store_available(&self) -> Option<bool> {
+        match self
+            .inner
+            .shared
+            .as_ref()?
+            .available
+            .load(Ordering::Relaxed)
+        {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    fn store_result<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Some(shared) = &self.inner.shared {
+            let up = !matches!(result, Err(StoreError::Unavailable(_)));
+            shared
+                .available
+                .store(if up { 1 } else { 2 }, Ordering::Relaxed);
+            if !up {
+                // Old data must not pass for current: scrapes show no worker rather than a
+                // false "stale".
+                *write(&shared.cache) = None;
+            }
+        }
+        result
+    }
+
+    /// Reads every worker from the shared store into the cache scrapes read, and answers their
+    /// health now. Without a shared store: the workers in memory.
+    pub async fn refresh(&self) -> Result<Vec<DispatcherHealth>, RegistryUnavailable> {
+        let Some(shared) = &self.inner.shared else {
+            return Ok(self
+                .all()
+                .into_iter()
+                .filter(|h| h.origin == Origin::Remote)
+                .collect());
+        };
+        let snapshot = self.store_result(shared.store.snapshot().await);
+        match snapshot {
+            Ok(snapshot) => {
+                let health = snapshot.health(self.inner.config.failure_limit);
+                *write(&shared.cache) = Some((Instant::now(), snapshot));
+                Ok(health)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "The shared dispatcher registry could not be read.");
+                Err(RegistryUnavailable(error.to_string()))
+            }
+        }
+    }
+
+    /// Refreshes the cache of the shared store every `every` until `stop`; returns at once for
+    /// a registry in memory.
+    pub async fn keep_fresh(self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        if !self.is_shared() {
+            return;
+        }
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let _ = self.refresh().await;
+        }
+    }
+
+    /// Every dispatcher's health, the workers read from the shared store now: what
+    /// `GET /api/v1/dispatchers` answers.
+    pub async fn list(&self) -> Result<Vec<DispatcherHealth>, RegistryUnavailable> {
+        if !self.is_shared() {
+            return Ok(self.all());
+        }
+        let workers = self.refresh().await?;
+        let mut all = self.local();
+        all.extend(workers);
+        all.sort_by(|a, b| a.dispatcher_id.cmp(&b.dispatcher_id));
+        Ok(all)
+    }
+
+    /// One dispatcher's health; a worker is read from the shared store now.
+    pub async fn dispatcher(
+        &self,
+        id: &str,
+    ) -> Result<Option<DispatcherHealth>, RegistryUnavailable> {
+        if let Some(local) = self.health(id) {
+            return Ok(Some(local));
+        }
+        if !self.is_shared() {
+            return Ok(None);
+        }
+        Ok(self
+            .refresh()
+            .await?
+            .into_iter()
+            .find(|h| h.dispatcher_id == id))
+    }
+
+    /// A worker registers (or registers again) through this instance. With a shared store, a
+    /// live worker registering again is renewed (`register`, its uptime kept); one whose
+    /// record went stale comes back (`restart`).
+    pub async fn register_worker(
+        &self,
+        id: &str,
+        stale_threshold: Option<Duration>,
+        critical: bool,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<DispatcherHealth, WorkerError> {
+        // The endpoint travels in the record's extra fields, so a shared store carries it.
+        let endpoint = extra
+            .get("endpoint")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|text| text.parse::<reqwest::Url>().ok());
+        let registration = Registration {
+            origin: Origin::Remote,
+            stale_threshold,
+            critical,
+            endpoint,
+        };
+        let Some(shared) = &self.inner.shared else {
+            self.register(id, registration)?;
+            return self
+                .health(id)
+                .ok_or_else(|| UnknownDispatcher(id.to_owned()).into());
+        };
+        let stale_threshold = self.checked_threshold(id, &registration)?;
+        if self.health(id).is_some() {
+            return Err(RegisterError::InProcess(id.to_owned()).into());
+        }
+        let record = WorkerRecord {
+            stale_threshold_seconds: stale_threshold.as_secs_f64(),
+            critical,
+            extra,
+        };
+        let result = shared
+            .store
+            .register(id, &record, self.inner.config.max_workers)
+            .await;
+        let (registered, stored, now_ms) = match self.store_result(result) {
+            Ok(done) => done,
+            Err(StoreError::LimitReached(n)) => return Err(RegisterError::LimitReached(n).into()),
+            Err(StoreError::Unavailable(why)) => return Err(WorkerError::Unavailable(why)),
+        };
+        self.emit(
+            id,
+            match registered {
+                Registered::Restarted => LifecycleEvent::Restart,
+                Registered::New | Registered::Renewed => LifecycleEvent::Register,
+            },
+        );
+        Ok(stored.health(now_ms, self.inner.config.failure_limit))
+    }
+
+    /// A worker's heartbeat, received by this instance.
+    pub async fn heartbeat_worker(&self, id: &str) -> Result<DispatcherHealth, WorkerError> {
+        self.not_in_process(id)?;
+        let Some(shared) = &self.inner.shared else {
+            self.heartbeat(id)?;
+            return self
+                .health(id)
+                .ok_or_else(|| UnknownDispatcher(id.to_owned()).into());
+        };
+        let result = shared.store.heartbeat(id).await;
+        match self.store_result(result) {
+            Ok(Some((stored, now_ms))) => {
+                if let Some(observer) = &self.inner.observer {
+                    observer.on_heartbeat(id);
+                }
+                Ok(stored.health(now_ms, self.inner.config.failure_limit))
+            }
+            Ok(None) => Err(UnknownDispatcher(id.to_owned()).into()),
+            Err(error) => Err(WorkerError::Unavailable(error.to_string())),
+        }
+    }
+
+    /// A worker leaves, through this instance.
+    pub async fn unregister_worker(&self, id: &str) -> Result<(), WorkerError> {
+        self.not_in_process(id)?;
+        let Some(shared) = &self.inner.shared else {
+            return Ok(self.unregister(id)?);
+        };
+        let result = shared.store.unregister(id).await;
+        match self.store_result(result) {
+            Ok(true) => {
+                self.emit(id, LifecycleEvent::Unregister);
+                Ok(())
+            }
+            Ok(false) => Err(UnknownDispatcher(id.to_owned()).into()),
+            Err(error) => Err(WorkerError::Unavailable(error.to_string())),
+        }
+    }
+
+    fn not_in_process(&self, id: &str) -> Result<(), WorkerError> {
+        if !is_valid_id(id) {
+            return Err(RegisterError::InvalidId(id.to_owned()).into());
+        }
+        match read(&self.inner.records).get(id) {
+            Some(record) if record.origin == Origin::InProcess => {
+                Err(RegisterError::InProcess(id.to_owned()).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn checked_threshold(
+        &self,
+        id: &str,
+        registration: &Registration,
+    ) -> Result<Duration, RegisterError> {
+        if !is_valid_id(id) {
+            return Err(RegisterError::InvalidId(id.to_owned()));
+        }
+        let config = &self.inner.config;
+        let stale_threshold = registration
+            .stale_threshold
+            .unwrap_or(config.stale_threshold);
+        if stale_threshold.is_zero() || stale_threshold > config.max_stale_threshold {
+            return Err(RegisterError::InvalidThreshold(config.max_stale_threshold));
+        }
+        Ok(stale_threshold)
+    }
+
+    /// This instance's own dispatchers (and, without a shared store, its workers), ordered by id.
+    fn local(&self) -> Vec<DispatcherHealth> {
+        let now = self.now();
+        let records: Vec<Arc<Record>> = read(&self.inner.records).values().cloned().collect();
+        let mut all: Vec<DispatcherHealth> =
+            records.iter().map(|r| self.evaluate(r, now)).collect();
+        all.sort_by(|a, b| a.dispatcher_id.cmp(&b.dispatcher_id));
+        all
+    }
+
+    /// This process's in-process dispatchers: what `/ready` judges it by.
+    pub fn in_process(&self) -> Vec<DispatcherHealth> {
+        let mut own = self.local();
+        own.retain(|h| h.origin == Origin::InProcess);
+        own
     }
 
     pub fn config(&self) -> &HealthConfig {
@@ -342,23 +644,16 @@ impl HealthRegistry {
     }
 
     /// Registers a dispatcher (state `starting`, its heartbeat clock starting now) and emits
-    /// `register`. A worker registering again under the same id is a restart: its record is
-    /// renewed and `restart` is emitted instead.
+    /// `register`. A worker registering again under the same id while it is not stale is
+    /// renewed and emits `register` again (it did not restart, its uptime goes on); one whose
+    /// record went stale, or an in-process dispatcher, emits `restart` instead.
     pub fn register(
         &self,
         id: &str,
         registration: Registration,
     ) -> Result<Arc<Record>, RegisterError> {
-        if !is_valid_id(id) {
-            return Err(RegisterError::InvalidId(id.to_owned()));
-        }
+        let stale_threshold = self.checked_threshold(id, &registration)?;
         let config = &self.inner.config;
-        let stale_threshold = registration
-            .stale_threshold
-            .unwrap_or(config.stale_threshold);
-        if stale_threshold.is_zero() || stale_threshold > config.max_stale_threshold {
-            return Err(RegisterError::InvalidThreshold(config.max_stale_threshold));
-        }
         let now = self.now();
         let remote = registration.origin == Origin::Remote;
         let record = Arc::new(Record {
@@ -386,6 +681,12 @@ impl HealthRegistry {
                 if existing.origin != registration.origin {
                     return Err(RegisterError::InProcess(id.to_owned()));
                 }
+                // A live worker registering again did not restart: it keeps its uptime.
+                if remote && !existing.is_stale(now) {
+                    record
+                        .started
+                        .store(existing.started.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
             } else if remote {
                 let workers = records
                     .values()
@@ -398,6 +699,9 @@ impl HealthRegistry {
             records.insert(record.id.clone(), record.clone())
         };
         match previous {
+            Some(previous) if remote && !previous.is_stale(now) => {
+                self.emit(id, LifecycleEvent::Register);
+            }
             Some(previous) => {
                 self.emit(id, LifecycleEvent::Restart);
                 if previous.state() == State::Running && !remote {
@@ -517,6 +821,11 @@ impl HealthRegistry {
     /// (only a call can end them; a breaker on the dispatcher is what stops calling a failing
     /// worker). A read of the registry, as [`HealthRegistry::health`] is.
     pub fn worker_endpoint(&self, id: &str) -> Result<reqwest::Url, WorkerUnavailable> {
+        if let Some(shared) = &self.inner.shared {
+            if self.health(id).is_none() {
+                return self.shared_worker_endpoint(shared, id);
+            }
+        }
         let record = read(&self.inner.records)
             .get(id)
             .cloned()
@@ -541,19 +850,72 @@ impl HealthRegistry {
         Ok(endpoint.clone())
     }
 
+    /// [`HealthRegistry::worker_endpoint`] for a worker of the shared store, from the last
+    /// snapshot read (aged by the time since): any instance delivers to a worker registered
+    /// through another.
+    fn shared_worker_endpoint(
+        &self,
+        shared: &Shared,
+        id: &str,
+    ) -> Result<reqwest::Url, WorkerUnavailable> {
+        let cache = read(&shared.cache);
+        let Some((at, snapshot)) = cache.as_ref() else {
+            return Err(WorkerUnavailable::NotRegistered(id.to_owned()));
+        };
+        let worker = snapshot
+            .workers
+            .iter()
+            .find(|w| w.id == id)
+            .ok_or_else(|| WorkerUnavailable::NotRegistered(id.to_owned()))?;
+        let endpoint = worker
+            .record
+            .extra
+            .get("endpoint")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|text| text.parse::<reqwest::Url>().ok())
+            .ok_or_else(|| WorkerUnavailable::NoEndpoint(id.to_owned()))?;
+        let since = Instant::now().saturating_duration_since(*at);
+        let now_ms = snapshot
+            .now_ms
+            .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        let age = Duration::from_millis(now_ms.saturating_sub(worker.heartbeat_ms));
+        let threshold = Duration::from_secs_f64(worker.record.stale_threshold_seconds.max(0.0));
+        if age > threshold {
+            return Err(WorkerUnavailable::Stale {
+                id: id.to_owned(),
+                age,
+                threshold,
+            });
+        }
+        Ok(endpoint)
+    }
+
     /// One dispatcher's health now.
     pub fn health(&self, id: &str) -> Option<DispatcherHealth> {
         let record = read(&self.inner.records).get(id).cloned()?;
         Some(self.evaluate(&record, self.now()))
     }
 
-    /// Every dispatcher's health now, ordered by id.
+    /// Every dispatcher's health now, ordered by id, without waiting: shared workers as of the
+    /// last snapshot read (their ages moved on by the time since), none while the shared store
+    /// is unreachable. What the scrape-time gauges read.
     pub fn all(&self) -> Vec<DispatcherHealth> {
-        let now = self.now();
-        let records: Vec<Arc<Record>> = read(&self.inner.records).values().cloned().collect();
-        let mut all: Vec<DispatcherHealth> =
-            records.iter().map(|r| self.evaluate(r, now)).collect();
-        all.sort_by(|a, b| a.dispatcher_id.cmp(&b.dispatcher_id));
+        let mut all = self.local();
+        if let Some(shared) = &self.inner.shared {
+            if let Some((at, snapshot)) = read(&shared.cache).as_ref() {
+                let since = Instant::now().saturating_duration_since(*at);
+                let now_ms = snapshot
+                    .now_ms
+                    .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+                all.extend(
+                    snapshot
+                        .workers
+                        .iter()
+                        .map(|w| w.health(now_ms, self.inner.config.failure_limit)),
+                );
+                all.sort_by(|a, b| a.dispatcher_id.cmp(&b.dispatcher_id));
+            }
+        }
         all
     }
 
@@ -610,6 +972,11 @@ impl HealthRegistry {
 impl Record {
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    fn is_stale(&self, now: u64) -> bool {
+        Duration::from_nanos(now.saturating_sub(self.last_heartbeat.load(Ordering::Relaxed)))
+            > self.stale_threshold
     }
 
     pub fn state(&self) -> State {

@@ -174,11 +174,24 @@ async fn workers_emit_register_restart_and_unregister_and_are_active_meanwhile()
     let (registry, journal) = registry();
     registry.register("w1", worker(60)).unwrap();
     assert_eq!(journal.active_of("w1"), 1);
+    tokio::time::advance(Duration::from_secs(10)).await;
     registry.register("w1", worker(60)).unwrap();
+    assert_eq!(
+        registry.health("w1").unwrap().uptime_seconds,
+        10.0,
+        "a live worker registering again did not restart: its uptime goes on"
+    );
+    tokio::time::advance(Duration::from_secs(61)).await;
+    registry.register("w1", worker(60)).unwrap();
+    assert_eq!(
+        registry.health("w1").unwrap().uptime_seconds,
+        0.0,
+        "one that had gone stale came back: its uptime starts again"
+    );
     assert_eq!(
         journal.active_of("w1"),
         1,
-        "a re-registration is a restart, not a second worker"
+        "a re-registration is the same worker, not a second one"
     );
     registry.unregister("w1").unwrap();
     assert_eq!(journal.active_of("w1"), 0);
@@ -186,9 +199,11 @@ async fn workers_emit_register_restart_and_unregister_and_are_active_meanwhile()
         journal.events_of("w1"),
         [
             LifecycleEvent::Register,
+            LifecycleEvent::Register,
             LifecycleEvent::Restart,
             LifecycleEvent::Unregister
-        ]
+        ],
+        "only the return of a stale worker is a restart"
     );
     assert!(registry.health("w1").is_none());
     assert_eq!(
@@ -539,4 +554,83 @@ mod stats {
         );
         assert!(stats.get("nobody").is_none());
     }
+}
+
+/// A shared store in memory that can be made unreachable.
+#[derive(Default)]
+struct FakeStore {
+    down: std::sync::atomic::AtomicBool,
+    snapshot: Mutex<Option<Snapshot>>,
+}
+
+#[async_trait]
+impl WorkerStore for FakeStore {
+    async fn register(
+        &self,
+        _: &str,
+        _: &WorkerRecord,
+        _: usize,
+    ) -> Result<(Registered, StoredWorker, u64), StoreError> {
+        Err(StoreError::Unavailable("not used".into()))
+    }
+
+    async fn heartbeat(&self, _: &str) -> Result<Option<(StoredWorker, u64)>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        Ok(None)
+    }
+
+    async fn unregister(&self, _: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        Ok(self.snapshot.lock().unwrap().clone().unwrap())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_registry_ages_its_snapshot_and_shows_no_worker_rather_than_a_false_stale() {
+    let store = Arc::new(FakeStore::default());
+    *store.snapshot.lock().unwrap() = Some(Snapshot {
+        now_ms: 5_000,
+        workers: vec![StoredWorker {
+            id: "w1".into(),
+            record: WorkerRecord {
+                stale_threshold_seconds: 30.0,
+                critical: true,
+                extra: serde_json::Map::new(),
+            },
+            registered_ms: 1_000,
+            heartbeat_ms: 5_000,
+        }],
+    });
+    let registry = HealthRegistry::shared(HealthConfig::default(), None, store.clone());
+    assert_eq!(registry.store_available(), None, "not known before a read");
+    assert!(registry.all().is_empty(), "nothing read yet");
+    registry.refresh().await.unwrap();
+    assert_eq!(registry.store_available(), Some(true));
+    let w1 = &registry.all()[0];
+    assert!(w1.healthy && w1.origin == Origin::Remote);
+
+    // Between reads the snapshot ages with the time since it was read.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!(registry.all()[0].is_stale);
+
+    store.down.store(true, Ordering::SeqCst);
+    assert!(registry.refresh().await.is_err());
+    assert_eq!(registry.store_available(), Some(false));
+    assert!(
+        registry.all().is_empty(),
+        "an unreachable store shows no worker, never an old or stale one"
+    );
+    assert!(matches!(
+        registry.heartbeat_worker("w1").await,
+        Err(WorkerError::Unavailable(_))
+    ));
+    assert!(registry.list().await.is_err());
 }

@@ -11,11 +11,14 @@ use super::error::Body;
 use super::messages::check_content_type;
 use super::{ApiError, ApiState};
 use crate::engine::is_valid_id;
-use crate::health::{DispatcherHealth, Origin, Registration, StatsSnapshot};
+use crate::health::{DispatcherHealth, Origin, RegistryUnavailable, StatsSnapshot, WorkerError};
 
-/// `GET /ready`: 200 when the engine runs and every critical dispatcher is healthy; 503 with
-/// the reasons otherwise, and while shutting down. The body also shows the bus's state.
+/// `GET /ready`: 200 when the engine runs and every critical dispatcher of this process is
+/// healthy; 503 with the reasons otherwise, and while shutting down. The body also shows the
+/// bus's state. Out-of-process workers are listed but never count: a worker's health is not this
+/// instance's fault, and making it unready would have a balancer drain a healthy instance.
 pub(super) async fn ready(State(state): State<ApiState>) -> Response {
+    // Without waiting on a shared registry: the workers as of its last snapshot.
     let all = state.health.all();
     let unhealthy: Vec<serde_json::Value> = all
         .iter()
@@ -24,6 +27,7 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
             json!({
                 "dispatcher_id": h.dispatcher_id,
                 "critical": h.critical,
+                "origin": h.origin,
                 "reason": h.reason,
             })
         })
@@ -35,7 +39,10 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
     });
     let (status, verdict) = if state.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
-    } else if all.iter().any(|h| h.critical && !h.healthy) {
+    } else if all
+        .iter()
+        .any(|h| h.origin == Origin::InProcess && h.critical && !h.healthy)
+    {
         (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
     } else {
         (StatusCode::OK, "ready")
@@ -57,15 +64,16 @@ pub(super) struct DispatcherList {
     stale: usize,
 }
 
-/// `GET /api/v1/dispatchers`.
-pub(super) async fn list(State(state): State<ApiState>) -> Json<DispatcherList> {
-    let dispatchers = state.health.all();
-    Json(DispatcherList {
+/// `GET /api/v1/dispatchers`: with a shared registry, its workers as Redis holds them now (503
+/// `registry_unavailable` when it cannot be read, never an old or "stale" answer).
+pub(super) async fn list(State(state): State<ApiState>) -> Result<Json<DispatcherList>, ApiError> {
+    let dispatchers = state.health.list().await.map_err(unavailable)?;
+    Ok(Json(DispatcherList {
         total: dispatchers.len(),
         healthy: dispatchers.iter().filter(|h| h.healthy).count(),
         stale: dispatchers.iter().filter(|h| h.is_stale).count(),
         dispatchers,
-    })
+    }))
 }
 
 /// One dispatcher's health and, for a dispatcher of this engine, its statistics.
@@ -82,7 +90,12 @@ pub(super) async fn one(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<DispatcherDetail>, ApiError> {
-    let health = state.health.health(&id).ok_or_else(|| unknown(&id))?;
+    let health = state
+        .health
+        .dispatcher(&id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| unknown(&id))?;
     let stats = state.stats.as_ref().and_then(|stats| stats.get(&id));
     Ok(Json(DispatcherDetail { health, stats }))
 }
@@ -114,6 +127,10 @@ pub(super) async fn routes(State(state): State<ApiState>) -> Json<serde_json::Va
         })
         .collect();
     Json(json!({ "total": routes.len(), "routes": routes }))
+}
+
+fn unavailable(error: RegistryUnavailable) -> ApiError {
+    ApiError::RegistryUnavailable(error.to_string())
 }
 
 /// The optional body of a registration.
@@ -154,19 +171,18 @@ pub(super) async fn register(
             ));
         }
     };
-    let endpoint = body.endpoint.as_deref().map(endpoint).transpose()?;
-    let registration = Registration {
-        origin: Origin::Remote,
-        stale_threshold,
-        critical: body.critical,
-        endpoint,
-    };
-    state.health.register(&id, registration)?;
+    let mut extra = serde_json::Map::new();
+    if let Some(text) = body.endpoint.as_deref() {
+        // Validated here, stored as given: the registry carries it to every instance.
+        endpoint(text)?;
+        extra.insert("endpoint".to_owned(), text.into());
+    }
     state
         .health
-        .health(&id)
+        .register_worker(&id, stale_threshold, body.critical, extra)
+        .await
         .map(Json)
-        .ok_or_else(|| unknown(&id))
+        .map_err(|error| worker_error(&id, error))
 }
 
 /// A worker's endpoint: an absolute http(s) URL with a host.
@@ -191,13 +207,13 @@ pub(super) async fn heartbeat(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<DispatcherHealth>, ApiError> {
-    remote(&state, &id)?;
-    state.health.heartbeat(&id).map_err(|_| unknown(&id))?;
+    valid_id(&id)?;
     state
         .health
-        .health(&id)
+        .heartbeat_worker(&id)
+        .await
         .map(Json)
-        .ok_or_else(|| unknown(&id))
+        .map_err(|error| worker_error(&id, error))
 }
 
 /// `POST /api/v1/dispatchers/{id}/unregister`.
@@ -205,20 +221,21 @@ pub(super) async fn unregister(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    remote(&state, &id)?;
-    state.health.unregister(&id).map_err(|_| unknown(&id))?;
+    valid_id(&id)?;
+    state
+        .health
+        .unregister_worker(&id)
+        .await
+        .map_err(|error| worker_error(&id, error))?;
     Ok(Json(json!({ "dispatcher_id": id, "unregistered": true })))
 }
 
-/// A registered worker's id, or the error a worker should see.
-fn remote(state: &ApiState, id: &str) -> Result<(), ApiError> {
-    valid_id(id)?;
-    match state.health.health(id) {
-        None => Err(unknown(id)),
-        Some(health) if health.origin == Origin::InProcess => {
-            Err(ApiError::InProcessDispatcher(id.to_owned()))
-        }
-        Some(_) => Ok(()),
+/// The answer a worker gets when its registration, heartbeat or unregistration fails.
+fn worker_error(id: &str, error: WorkerError) -> ApiError {
+    match error {
+        WorkerError::Refused(error) => error.into(),
+        WorkerError::Unknown(_) => unknown(id),
+        error @ WorkerError::Unavailable(_) => ApiError::RegistryUnavailable(error.to_string()),
     }
 }
 

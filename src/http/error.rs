@@ -57,6 +57,9 @@ pub enum ApiError {
     InProcessDispatcher(String),
     #[error("{0}")]
     TooManyWorkers(String),
+    /// The shared dispatcher registry (Redis) cannot be reached.
+    #[error("{0}")]
+    RegistryUnavailable(String),
     #[error("a valid bearer token is required")]
     Unauthorized,
     #[error("this token does not allow this request")]
@@ -102,6 +105,7 @@ impl ApiError {
             ApiError::Overloaded(_)
             | ApiError::RequestTimeout
             | ApiError::ShuttingDown
+            | ApiError::RegistryUnavailable(_)
             | ApiError::MetricsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MetricsEncodingFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -125,6 +129,7 @@ impl ApiError {
             ApiError::UnknownDispatcher(_) => "unknown_dispatcher",
             ApiError::InProcessDispatcher(_) => "in_process_dispatcher",
             ApiError::TooManyWorkers(_) => "too_many_workers",
+            ApiError::RegistryUnavailable(_) => "registry_unavailable",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::Overloaded(_) => "overloaded",

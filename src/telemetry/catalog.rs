@@ -87,6 +87,9 @@ pub mod label {
     pub const METRIC: &str = "metric";
     pub const EVENT: &str = "event";
     pub const IS_STALE: &str = "is_stale";
+    /// `in_process` (this instance's own dispatcher) or `remote` (a worker; with a shared
+    /// registry every instance exports the same series, so rules aggregate them over instances).
+    pub const ORIGIN: &str = "origin";
     pub const CACHE: &str = "cache";
     pub const OPERATION: &str = "operation";
     pub const SINK: &str = "sink";
@@ -252,7 +255,7 @@ pub const DISPATCHER_HEALTH_STATUS: InstrumentSpec = InstrumentSpec {
     kind: Kind::ObservableGauge,
     unit: "",
     description: "1 when the dispatcher is healthy (not stale, not stopped, failures below the limit), 0 when not.",
-    labels: &[label::DISPATCHER_ID, label::IS_STALE],
+    labels: &[label::DISPATCHER_ID, label::IS_STALE, label::ORIGIN],
     buckets: &[],
 };
 
@@ -271,6 +274,18 @@ pub const DISPATCHER_CONSECUTIVE_FAILURES: InstrumentSpec = InstrumentSpec {
     unit: "",
     description: "Failures of the dispatcher since its last success.",
     labels: &[label::DISPATCHER_ID],
+    buckets: &[],
+};
+
+/// Whether the shared dispatcher registry (`[registry] kind = "redis"`) answered at its last
+/// read; absent with a registry in memory. While it is 0 the workers' series are absent too:
+/// the registry never reports a worker as stale because it could not read it.
+pub const DISPATCHER_REGISTRY_UP: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_registry_up",
+    kind: Kind::ObservableGauge,
+    unit: "",
+    description: "1 when the shared dispatcher registry answered at its last read, 0 when it could not be reached.",
+    labels: &[],
     buckets: &[],
 };
 
@@ -480,6 +495,7 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_HEALTH_STATUS,
     DISPATCHER_HEARTBEAT_AGE,
     DISPATCHER_CONSECUTIVE_FAILURES,
+    DISPATCHER_REGISTRY_UP,
     DISPATCH_MESSAGES,
     DISPATCH_DURATION,
     DISPATCHER_EXECUTIONS,
@@ -530,6 +546,7 @@ mod tests {
                 "dispatcher_health_status",
                 "dispatcher_heartbeat_age_seconds",
                 "dispatcher_consecutive_failures",
+                "dispatcher_registry_up",
                 "dispatch_messages_total",
                 "dispatch_duration_seconds",
                 "dispatcher_executions_total",

@@ -8,7 +8,7 @@ use opentelemetry::metrics::{Counter, Meter, UpDownCounter};
 
 use super::catalog::{self, InstrumentSpec, label};
 use super::engine::counter;
-use crate::health::{DispatcherHealth, HealthRegistry, LifecycleEvent, LifecycleObserver};
+use crate::health::{DispatcherHealth, HealthRegistry, LifecycleEvent, LifecycleObserver, Origin};
 
 /// `dispatcher_active_total`, `dispatcher_heartbeat_total` and
 /// `dispatcher_lifecycle_events_total`, recorded as the registry reports them.
@@ -74,7 +74,16 @@ pub(super) fn observe(meter: &Meter, registry: &HealthRegistry) {
     gauge(meter, catalog::DISPATCHER_HEALTH_STATUS, registry, |h| {
         (
             if h.healthy { 1.0 } else { 0.0 },
-            Some(KeyValue::new(label::IS_STALE, h.is_stale.to_string())),
+            Some([
+                KeyValue::new(label::IS_STALE, h.is_stale.to_string()),
+                KeyValue::new(
+                    label::ORIGIN,
+                    match h.origin {
+                        Origin::InProcess => "in_process",
+                        Origin::Remote => "remote",
+                    },
+                ),
+            ]),
         )
     });
     gauge(meter, catalog::DISPATCHER_HEARTBEAT_AGE, registry, |h| {
@@ -86,13 +95,25 @@ pub(super) fn observe(meter: &Meter, registry: &HealthRegistry) {
         registry,
         |h| (f64::from(h.consecutive_failures), None),
     );
+    let spec = catalog::DISPATCHER_REGISTRY_UP;
+    let registry = registry.clone();
+    let _ = meter
+        .f64_observable_gauge(spec.name)
+        .with_description(spec.description)
+        .with_unit(spec.unit)
+        .with_callback(move |observer| {
+            if let Some(up) = registry.store_available() {
+                observer.observe(if up { 1.0 } else { 0.0 }, &[]);
+            }
+        })
+        .build();
 }
 
 fn gauge(
     meter: &Meter,
     spec: InstrumentSpec,
     registry: &HealthRegistry,
-    value: impl Fn(&DispatcherHealth) -> (f64, Option<KeyValue>) + Send + Sync + 'static,
+    value: impl Fn(&DispatcherHealth) -> (f64, Option<[KeyValue; 2]>) + Send + Sync + 'static,
 ) {
     let registry = registry.clone();
     let value = Arc::new(value);
@@ -106,7 +127,7 @@ fn gauge(
                 let (measurement, extra) = value(&health);
                 let id = KeyValue::new(label::DISPATCHER_ID, health.dispatcher_id);
                 match extra {
-                    Some(extra) => observer.observe(measurement, &[id, extra]),
+                    Some([a, b]) => observer.observe(measurement, &[id, a, b]),
                     None => observer.observe(measurement, &[id]),
                 }
             }

@@ -81,23 +81,38 @@ impl Telemetry {
     /// Builds the meter provider and exporter per `config`. Never fails: an exporter that cannot
     /// be built is logged, and `/metrics` then answers 503 while everything else runs.
     pub fn new(config: &MetricsConfig) -> Telemetry {
-        Telemetry::build(config, None)
+        Telemetry::build(config, None, None)
+    }
+
+    /// Like [`Telemetry::new`] (or [`Telemetry::with_otlp`] with `otlp`), with `instance_id` as
+    /// the resource's `service.instance.id`: a label of `target_info`, and of every metric an
+    /// OTLP backend receives.
+    pub fn for_instance(
+        config: &MetricsConfig,
+        otlp: Option<(&str, Duration)>,
+        instance_id: &str,
+    ) -> Telemetry {
+        Telemetry::build(config, otlp, Some(instance_id))
     }
 
     /// Like [`Telemetry::new`], and also pushes every metric to an OTLP/HTTP collector
     /// (`{endpoint}/v1/metrics`, cumulative) every `interval`, from a thread of the SDK's own: a
     /// slow or absent collector delays only that thread, never a dispatch or a scrape.
     pub fn with_otlp(config: &MetricsConfig, endpoint: &str, interval: Duration) -> Telemetry {
-        Telemetry::build(config, Some((endpoint, interval)))
+        Telemetry::build(config, Some((endpoint, interval)), None)
     }
 
-    fn build(config: &MetricsConfig, otlp: Option<(&str, Duration)>) -> Telemetry {
+    fn build(
+        config: &MetricsConfig,
+        otlp: Option<(&str, Duration)>,
+        instance_id: Option<&str>,
+    ) -> Telemetry {
         if !config.enabled {
             return Telemetry {
                 state: Arc::new(State::Disabled),
             };
         }
-        let state = match Enabled::new(config, otlp) {
+        let state = match Enabled::new(config, otlp, instance_id) {
             Ok(enabled) => State::Enabled(enabled),
             Err(error) => {
                 tracing::error!(%error, "The metrics exporter could not be built; /metrics will answer 503.");
@@ -256,7 +271,11 @@ impl Telemetry {
 }
 
 impl Enabled {
-    fn new(config: &MetricsConfig, otlp: Option<(&str, Duration)>) -> Result<Enabled, String> {
+    fn new(
+        config: &MetricsConfig,
+        otlp: Option<(&str, Duration)>,
+        instance_id: Option<&str>,
+    ) -> Result<Enabled, String> {
         let registry = prometheus::Registry::new();
         let mut exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -267,7 +286,7 @@ impl Enabled {
         let exporter = exporter.build().map_err(|error| error.to_string())?;
         let limit = config.cardinality_limit;
         let mut builder = SdkMeterProvider::builder()
-            .with_resource(traces::resource())
+            .with_resource(traces::resource(instance_id))
             .with_reader(exporter);
         if let Some((endpoint, interval)) = otlp {
             use opentelemetry_otlp::WithExportConfig;

@@ -48,6 +48,9 @@ pub struct TracingConfig {
     pub otlp_metrics_interval: Duration,
     /// A tracing-subscriber filter for the log.
     pub log_filter: String,
+    /// The resource's `service.instance.id` for spans: `[server] instance_id`, or host name and
+    /// the configured port (none when the port is 0: it is only known once bound).
+    pub instance_id: Option<String>,
 }
 
 impl Default for TracingConfig {
@@ -60,16 +63,25 @@ impl Default for TracingConfig {
             otlp_metrics: false,
             otlp_metrics_interval: Duration::from_secs(60),
             log_filter: "info".into(),
+            instance_id: None,
         }
     }
 }
 
 /// The resource traces and metrics describe: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
-/// (read by the SDK) win; the service name defaults to `dispatchd`, and the version is ours.
-pub fn resource() -> Resource {
+/// (read by the SDK) win; the service name defaults to `dispatchd`, the version is ours, and
+/// `service.instance.id` is this instance's `[server] instance_id` when given, so an OTLP backend
+/// and Prometheus' `target_info` tell the instances apart.
+pub fn resource(instance_id: Option<&str>) -> Resource {
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").map_or(true, |name| name.is_empty()) {
         resource = resource.with_service_name("dispatchd");
+    }
+    if let Some(id) = instance_id {
+        resource = resource.with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            id.to_owned(),
+        ));
     }
     resource
         .with_attribute(opentelemetry::KeyValue::new(
@@ -107,7 +119,7 @@ impl Traces {
     /// Builds the tracer provider for `config`.
     pub fn provider(config: &TracingConfig) -> Result<SdkTracerProvider, String> {
         let mut builder = SdkTracerProvider::builder()
-            .with_resource(resource())
+            .with_resource(resource(config.instance_id.as_deref()))
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 config.sampling_ratio,
             ))));

@@ -309,6 +309,13 @@ async fn json_logs_carry_the_trace_of_the_dispatch_they_happen_in() {
     let addr = loop {
         let line = next("the listen address");
         if let Some(listen) = line["fields"]["listen"].as_str() {
+            // The startup line names the instance: host name and the port bound.
+            let port = listen.rsplit(':').next().unwrap();
+            assert_eq!(
+                line["fields"]["instance_id"],
+                format!("{}:{port}", dispatchd::config::host_name()),
+                "{line}"
+            );
             break listen.to_owned();
         }
     };

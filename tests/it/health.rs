@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use dispatchd::config::MetricsConfig;
 use dispatchd::engine::{Category, Dispatcher, Engine, Route};
-use dispatchd::health::{HealthConfig, HealthRegistry, LifecycleObserver};
+use dispatchd::health::{HealthConfig, HealthRegistry, LifecycleObserver, Origin, Registration};
 use dispatchd::http::{ApiState, router};
 use dispatchd::telemetry::Telemetry;
 use serde_json::{Value, json};
@@ -19,6 +19,7 @@ use crate::support::{TestApp, sample};
 struct Api {
     router: Router,
     draining: CancellationToken,
+    health: HealthRegistry,
 }
 
 fn api(config: HealthConfig) -> Api {
@@ -34,10 +35,11 @@ fn api(config: HealthConfig) -> Api {
     telemetry.observe_health(&health);
     let engine = Engine::builder().build().unwrap();
     let draining = CancellationToken::new();
-    let state = ApiState::new(engine, telemetry, health, draining.clone());
+    let state = ApiState::new(engine, telemetry, health.clone(), draining.clone());
     Api {
         router: router(state, 1024 * 1024),
         draining,
+        health,
     }
 }
 
@@ -81,7 +83,7 @@ impl Api {
 }
 
 #[tokio::test(start_paused = true)]
-async fn ready_flips_to_503_for_a_stale_critical_worker_and_back() {
+async fn a_stale_critical_worker_is_reported_but_never_makes_the_instance_unready() {
     let api = api(HealthConfig::default());
     let (status, _) = api
         .json(
@@ -91,6 +93,37 @@ async fn ready_flips_to_503_for_a_stale_critical_worker_and_back() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let (status, body) = api.json("GET", "/ready", None).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ready")),
+        "a worker's health is not this instance's fault: {body}"
+    );
+    assert_eq!(body["unhealthy"][0]["dispatcher_id"], "billing-worker");
+    assert_eq!(body["unhealthy"][0]["origin"], "remote");
+    assert_eq!(
+        body["unhealthy"][0]["reason"],
+        "stale: no heartbeat for 31 s (threshold 30 s)"
+    );
+    let (status, health) = api
+        .json("POST", "/api/v1/dispatchers/billing-worker/heartbeat", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["healthy"], true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ready_flips_to_503_for_an_unhealthy_critical_dispatcher_of_its_own_and_back() {
+    let api = api(HealthConfig::default());
+    let own = Registration {
+        origin: Origin::InProcess,
+        stale_threshold: Some(Duration::from_secs(30)),
+        critical: true,
+        endpoint: None,
+    };
+    api.health.register("payments", own).unwrap();
+    api.health.start("payments").unwrap();
     let (status, body) = api.json("GET", "/ready", None).await;
     assert_eq!(
         (status, body["status"].as_str()),
@@ -101,11 +134,8 @@ async fn ready_flips_to_503_for_a_stale_critical_worker_and_back() {
     let (status, body) = api.json("GET", "/ready", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["status"], "not_ready");
-    assert_eq!(body["unhealthy"][0]["dispatcher_id"], "billing-worker");
-    assert_eq!(
-        body["unhealthy"][0]["reason"],
-        "stale: no heartbeat for 31 s (threshold 30 s)"
-    );
+    assert_eq!(body["unhealthy"][0]["dispatcher_id"], "payments");
+    assert_eq!(body["unhealthy"][0]["origin"], "in_process");
     let (status, _) = api.json("GET", "/health", None).await;
     assert_eq!(
         status,
@@ -113,11 +143,7 @@ async fn ready_flips_to_503_for_a_stale_critical_worker_and_back() {
         "liveness does not depend on dispatchers"
     );
 
-    let (status, health) = api
-        .json("POST", "/api/v1/dispatchers/billing-worker/heartbeat", None)
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(health["healthy"], true);
+    api.health.heartbeat("payments").unwrap();
     let (status, _) = api.json("GET", "/ready", None).await;
     assert_eq!(status, StatusCode::OK);
 
@@ -198,7 +224,7 @@ async fn the_health_metrics_follow_the_registry_and_vanish_on_unregister() {
         Some(1.0)
     );
     assert_eq!(
-        at(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false"}"#),
+        at(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false",origin="remote"}"#),
         Some(1.0)
     );
     assert_eq!(
@@ -219,11 +245,13 @@ async fn the_health_metrics_follow_the_registry_and_vanish_on_unregister() {
     assert_eq!(
         sample(
             &text,
-            r#"dispatcher_health_status{dispatcher_id="w1",is_stale="true"}"#
+            r#"dispatcher_health_status{dispatcher_id="w1",is_stale="true",origin="remote"}"#
         ),
         Some(0.0)
     );
-    assert!(!text.contains(r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false"}"#));
+    assert!(!text.contains(
+        r#"dispatcher_health_status{dispatcher_id="w1",is_stale="false",origin="remote"}"#
+    ));
 
     let (status, _) = api
         .json("POST", "/api/v1/dispatchers/w1/unregister", None)

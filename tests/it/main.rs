@@ -33,6 +33,8 @@ mod redis;
 // The one consume loop on a real Redis: reclaim by sources, owners keeping entries, consumer
 // retention, trimming what every group acknowledged.
 mod consume;
+// Instances on one Redis: their identities, the dispatcher registry they share, Redis gone.
+mod registry;
 // Dashboards and alerts against a real Prometheus scraping a real dispatchd; promtool on the rules.
 mod monitoring;
 // Appended files: a torn last line moved aside at start, and SIGHUP reopening them (logrotate).

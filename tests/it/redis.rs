@@ -1298,6 +1298,14 @@ async fn consumers_create_their_groups_again_when_redis_restarts_empty() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let worker = LoggedSink::start(&url, &stream, "g", &out, &dir.path().join("dead.jsonl"));
+    // `dispatchd sink` names its instance too: host name and the port it listens on.
+    let port = worker.addr.rsplit(':').next().unwrap().to_owned();
+    let instance = format!("{}:{port}", dispatchd::config::host_name());
+    let metrics = worker.scrape().await;
+    assert!(
+        metrics.contains(&format!(r#"service_instance_id="{instance}""#)),
+        "{metrics}"
+    );
     let arrived = |ids: &std::collections::BTreeSet<String>| {
         let (served, out) = (delivered(&served), delivered(&out));
         ids.iter()
