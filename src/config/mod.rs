@@ -107,11 +107,11 @@ impl ServerConfig {
     }
 }
 
-/// The host name, or `dispatchd` when it cannot be read.
+/// The host name (the kernel's, not the environment's `HOSTNAME`: configuration reads the
+/// environment only through the injected function), or `dispatchd` when it cannot be read.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "dispatchd".to_owned())

@@ -73,6 +73,9 @@ impl Default for TracingConfig {
 /// `service.instance.id` is this instance's `[server] instance_id` when given, so an OTLP backend
 /// and Prometheus' `target_info` tell the instances apart.
 pub fn resource(instance_id: Option<&str>) -> Resource {
+    // The SDK's builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES from the process
+    // environment itself (the OpenTelemetry specification's configuration channel); this one
+    // read only keeps its precedence when choosing our default name.
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").map_or(true, |name| name.is_empty()) {
         resource = resource.with_service_name("dispatchd");
