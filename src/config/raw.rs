@@ -561,16 +561,8 @@ fn validate(
     let listen = Some(raw.server.listen);
     let max_body_bytes = raw.server.max_body_bytes;
     let grace = raw.server.shutdown_grace;
-    let enabled = raw.metrics.enabled;
-    let namespace = raw.metrics.namespace;
-    let cardinality_limit = raw.metrics.cardinality_limit;
-    if !(1..=MAX_CARDINALITY_LIMIT).contains(&cardinality_limit) {
-        check.report(
-            "metrics.cardinality_limit",
-            format!("must be between 1 and {MAX_CARDINALITY_LIMIT}"),
-        );
-    }
-    let filter = raw.log.filter;
+    let metrics = validate_metrics(raw.metrics, check);
+    let log = validate_log(raw.log, check);
 
     let listen = listen.and_then(|text| match text.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
@@ -589,18 +581,6 @@ fn validate(
         );
     }
     let shutdown_grace = check.duration(&grace, "server.shutdown_grace");
-    if !is_valid_namespace(&namespace) {
-        check.report(
-            "metrics.namespace",
-            format!("`{namespace}` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*"),
-        );
-    }
-    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&filter) {
-        check.report(
-            "log.filter",
-            format!("`{filter}` is not a valid filter: {error}"),
-        );
-    }
 
     let health = validate_health(&raw.health, check);
 
@@ -616,40 +596,7 @@ fn validate(
     let bus = validate_bus(&raw.bus, check);
     let registry = validate_registry(&raw.registry, &raw.bus, check);
     let instance_id = validate_instance_id(raw.server.instance_id.as_deref(), check);
-    let sampling_ratio = raw.tracing.sampling_ratio;
-    if !(0.0..=1.0).contains(&sampling_ratio) {
-        check.report("tracing.sampling_ratio", "must be between 0 and 1");
-    }
-    let log_format = match raw.tracing.log_format.as_str() {
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        other => {
-            check.report(
-                "tracing.log_format",
-                format!("unknown format `{other}` (expected text or json)"),
-            );
-            LogFormat::Text
-        }
-    };
-    let otlp_endpoint = Some(raw.otlp.endpoint.clone()).filter(|e| !e.is_empty());
-    if let Some(endpoint) = &otlp_endpoint {
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            check.report(
-                "otlp.endpoint",
-                format!("`{endpoint}` is not an http(s) URL"),
-            );
-        }
-    }
-    let otlp_metrics_interval = check
-        .positive(&raw.otlp.metrics_interval, "otlp.metrics_interval")
-        .unwrap_or(Duration::MAX);
-    let otlp_metrics = raw.otlp.metrics;
-    if otlp_metrics && otlp_endpoint.is_none() {
-        check.report(
-            "otlp.metrics",
-            "needs otlp.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)",
-        );
-    }
+    let tracing = validate_tracing(&raw.tracing, &raw.otlp, &log.filter, check);
     let sources: Vec<SourceConfig> = raw
         .sources
         .unwrap_or_default()
@@ -950,27 +897,16 @@ fn validate(
         },
         auth,
         redaction,
-        metrics: MetricsConfig {
-            enabled,
-            namespace,
-            cardinality_limit: usize::try_from(cardinality_limit).ok()?,
-        },
-        log: LogConfig {
-            filter: filter.clone(),
-        },
+        metrics,
+        log,
         health,
         tracing: TracingConfig {
-            sampling_ratio,
-            otlp_endpoint,
-            log_format,
-            otlp_metrics,
-            otlp_metrics_interval,
-            log_filter: filter.clone(),
             instance_id: instance_id.clone().or_else(|| {
                 listen
                     .filter(|address| address.port() != 0)
                     .map(|address| format!("{}:{}", super::host_name(), address.port()))
             }),
+            ..tracing
         },
         sinks,
         bus,
@@ -980,6 +916,91 @@ fn validate(
         routes,
         warnings,
     })
+}
+
+fn validate_metrics(raw: RawMetrics, check: &mut Checker<'_, '_>) -> MetricsConfig {
+    if !(1..=MAX_CARDINALITY_LIMIT).contains(&raw.cardinality_limit) {
+        check.report(
+            "metrics.cardinality_limit",
+            format!("must be between 1 and {MAX_CARDINALITY_LIMIT}"),
+        );
+    }
+    if !is_valid_namespace(&raw.namespace) {
+        check.report(
+            "metrics.namespace",
+            format!(
+                "`{}` must be empty or match [a-zA-Z_][a-zA-Z0-9_]*",
+                raw.namespace
+            ),
+        );
+    }
+    MetricsConfig {
+        enabled: raw.enabled,
+        namespace: raw.namespace,
+        cardinality_limit: usize::try_from(raw.cardinality_limit).unwrap_or(usize::MAX),
+    }
+}
+
+fn validate_log(raw: RawLog, check: &mut Checker<'_, '_>) -> LogConfig {
+    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&raw.filter) {
+        check.report(
+            "log.filter",
+            format!("`{}` is not a valid filter: {error}", raw.filter),
+        );
+    }
+    LogConfig { filter: raw.filter }
+}
+
+/// Traces and the OTLP export; `instance_id` is filled in by the caller.
+fn validate_tracing(
+    raw: &RawTracing,
+    otlp: &RawOtlp,
+    log_filter: &str,
+    check: &mut Checker<'_, '_>,
+) -> TracingConfig {
+    let sampling_ratio = raw.sampling_ratio;
+    if !(0.0..=1.0).contains(&sampling_ratio) {
+        check.report("tracing.sampling_ratio", "must be between 0 and 1");
+    }
+    let log_format = match raw.log_format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            check.report(
+                "tracing.log_format",
+                format!("unknown format `{other}` (expected text or json)"),
+            );
+            LogFormat::Text
+        }
+    };
+    let otlp_endpoint = Some(otlp.endpoint.clone()).filter(|e| !e.is_empty());
+    if let Some(endpoint) = &otlp_endpoint {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            check.report(
+                "otlp.endpoint",
+                format!("`{endpoint}` is not an http(s) URL"),
+            );
+        }
+    }
+    let otlp_metrics_interval = check
+        .positive(&otlp.metrics_interval, "otlp.metrics_interval")
+        .unwrap_or(Duration::MAX);
+    let otlp_metrics = otlp.metrics;
+    if otlp_metrics && otlp_endpoint.is_none() {
+        check.report(
+            "otlp.metrics",
+            "needs otlp.endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)",
+        );
+    }
+    TracingConfig {
+        sampling_ratio,
+        otlp_endpoint,
+        log_format,
+        otlp_metrics,
+        otlp_metrics_interval,
+        log_filter: log_filter.to_owned(),
+        instance_id: None,
+    }
 }
 
 /// A dispatcher no enabled route sends anything to: allowed (an embedder may add routes in
