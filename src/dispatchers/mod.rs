@@ -84,7 +84,7 @@ fn trace_headers(message: &Message<'_>) -> std::collections::BTreeMap<String, St
 
 /// A URL as it may appear in an error or a log: scheme, host, port and path, without the
 /// credentials or the query string that could hold a secret.
-fn display_url(url: &str) -> String {
+pub(crate) fn display_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(url) => {
             let host = url.host_str().unwrap_or("");

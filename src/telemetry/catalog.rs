@@ -97,6 +97,7 @@ pub mod label {
     pub const REASON: &str = "reason";
     pub const FILE_KIND: &str = "file_kind";
     pub const SIGNAL: &str = "signal";
+    pub const PROTECTION: &str = "protection";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -316,6 +317,15 @@ pub const DISPATCHER_RETRIES: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const DISPATCHER_CLUSTER_FALLBACKS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_cluster_fallbacks",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Calls a cluster-scoped protection decided on this instance alone because Redis did not answer in time (dedup ran the call, the rate limiter used the instance's own bucket).",
+    labels: &[label::DISPATCHER_ID, label::PROTECTION],
+    buckets: &[],
+};
+
 pub const DISPATCHER_CACHE_OPERATIONS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_cache_operations",
     kind: Kind::Counter,
@@ -490,6 +500,7 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_CIRCUIT_BREAKER_TRIPS,
     DISPATCHER_RATE_LIMITER_DELAY,
     DISPATCHER_RETRIES,
+    DISPATCHER_CLUSTER_FALLBACKS,
     DISPATCHER_CACHE_OPERATIONS,
     DISPATCHER_CACHE_HIT_RATIO,
     SINK_EVENTS,

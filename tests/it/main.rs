@@ -36,3 +36,5 @@ mod monitoring;
 mod files;
 // Network dispatchers from TOML (http, redis_stream, nats) against real receivers, killed mid-run.
 mod network;
+// dedup and rate limits with scope = "cluster": several instances on one Redis, and Redis gone.
+mod scope;

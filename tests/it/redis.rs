@@ -554,7 +554,12 @@ async fn stream_run_ids(url: &str, stream: &str) -> Vec<String> {
 
 /// serve on the Redis at `url`: events on `<prefix>:events`, outputs under `<prefix>:topic:`, the
 /// bus dead-letter file beside the sinks'.
-fn use_redis(config: &mut dispatchd::config::Config, url: &str, prefix: &str, consumer: &str) {
+pub(crate) fn use_redis(
+    config: &mut dispatchd::config::Config,
+    url: &str,
+    prefix: &str,
+    consumer: &str,
+) {
     config.bus.redis = Some(dispatchd::config::RedisBusConfig {
         url: url.to_owned(),
         max_len: None,
