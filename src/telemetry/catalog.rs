@@ -500,7 +500,6 @@ pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_CIRCUIT_BREAKER_TRIPS,
     DISPATCHER_RATE_LIMITER_DELAY,
     DISPATCHER_RETRIES,
-    DISPATCHER_CLUSTER_FALLBACKS,
     DISPATCHER_CACHE_OPERATIONS,
     DISPATCHER_CACHE_HIT_RATIO,
     SINK_EVENTS,
@@ -522,6 +521,7 @@ pub const ALL: &[InstrumentSpec] = &[
     OTLP_EXPORTS_FAILED,
     METRIC_CARDINALITY_OVERFLOW,
     FILE_TORN_TAILS,
+    DISPATCHER_CLUSTER_FALLBACKS,
 ];
 
 #[cfg(test)]
@@ -572,6 +572,7 @@ mod tests {
                 "otlp_exports_failed_total",
                 "metric_cardinality_overflow",
                 "file_torn_tails_total",
+                "dispatcher_cluster_fallbacks_total",
             ]
         );
         assert_eq!(
