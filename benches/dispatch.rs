@@ -156,6 +156,7 @@ fn protections(c: &mut Criterion) {
             half_open_successes: 1,
         }),
         rate_limit: Some(RateLimitConfig {
+            scope: Default::default(),
             per_second: NonZeroU32::new(1_000_000_000).unwrap(),
             burst: NonZeroU32::new(1_000_000_000).unwrap(),
             mode: RateLimitMode::Wait {
@@ -164,6 +165,7 @@ fn protections(c: &mut Criterion) {
         }),
         concurrency: None,
         dedup: Some(DedupConfig {
+            scope: Default::default(),
             ttl: Duration::from_secs(600),
             capacity: 100_000,
         }),
@@ -368,11 +370,112 @@ fn resident_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// `scope = "cluster"` against the machine's Redis (127.0.0.1:6379, or
+/// `DISPATCHD_TEST_REDIS_URL`): dedup of a fresh id (a claim and a `done`: two round trips) and
+/// the shared rate limiter (one script round trip), beside the same protections per instance.
+fn cluster_protections(c: &mut Criterion) {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use criterion::BatchSize;
+    use dispatchd::resilience::{
+        DedupConfig, Protections, RateLimitConfig, RateLimitMode, ResilienceConfig, Scope,
+    };
+    use dispatchd::resilience_redis::{ClusterRedis, RedisDedup, RedisRateLimit};
+
+    let url = std::env::var("DISPATCHD_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reachable = runtime.block_on(async {
+        match redis::Client::open(url.as_str()) {
+            Ok(client) => client.get_multiplexed_async_connection().await.is_ok(),
+            Err(_) => false,
+        }
+    });
+    if !reachable {
+        eprintln!("SKIPPED cluster_protections: no Redis at {url}");
+        return;
+    }
+    let dedup = |scope| ResilienceConfig {
+        dedup: Some(DedupConfig {
+            ttl: Duration::from_secs(60),
+            capacity: 100_000,
+            scope,
+        }),
+        ..ResilienceConfig::default()
+    };
+    let limit = |scope| ResilienceConfig {
+        rate_limit: Some(RateLimitConfig {
+            per_second: NonZeroU32::new(1_000_000).unwrap(),
+            burst: NonZeroU32::new(1_000_000).unwrap(),
+            mode: RateLimitMode::Reject,
+            scope,
+        }),
+        ..ResilienceConfig::default()
+    };
+    let redis = ClusterRedis::new(&url).unwrap();
+    let id = format!("bench-{}", std::process::id());
+    let build = |config: &ResilienceConfig| {
+        let mut protections = Protections::new(&id, config, None);
+        if let Some(dedup) = config.dedup.filter(|d| d.scope == Scope::Cluster) {
+            let store = RedisDedup::new(redis.clone(), &id, Duration::from_secs(5), dedup.ttl);
+            protections = protections.with_cluster_dedup(Arc::new(store));
+        }
+        if let Some(limit) = config.rate_limit.filter(|r| r.scope == Scope::Cluster) {
+            let store = RedisRateLimit::new(redis.clone(), &id, &limit);
+            protections = protections.with_cluster_rate_limit(Arc::new(store));
+        }
+        runtime.block_on(async {
+            EngineBuilder::new()
+                .dispatcher(
+                    Dispatcher::new(id.as_str(), Category::Event, Noop)
+                        .with_protections(protections),
+                )
+                .route(Route::new(
+                    "r0",
+                    "shop.*.events",
+                    Category::Event,
+                    id.as_str(),
+                ))
+                .build()
+                .unwrap()
+        })
+    };
+    let mut group = c.benchmark_group("cluster_protections");
+    let mut n = 0u64;
+    for (label, engine) in [
+        ("dedup_instance", build(&dedup(Scope::Instance))),
+        ("dedup_cluster", build(&dedup(Scope::Cluster))),
+        ("rate_limit_instance", build(&limit(Scope::Instance))),
+        ("rate_limit_cluster", build(&limit(Scope::Cluster))),
+    ] {
+        group.bench_function(label, |b| {
+            b.to_async(&runtime).iter_batched(
+                || {
+                    n += 1;
+                    Envelope::new("order.placed", serde_json::Value::Null)
+                        .with_message_id(format!("{id}-m{n}"))
+                },
+                |envelope| {
+                    let engine = engine.clone();
+                    async move { engine.dispatch("shop.orders.events", &envelope).await }
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     dispatch,
     routing,
     protections,
+    cluster_protections,
     service_strategies,
     tracing_cost
 );

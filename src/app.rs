@@ -43,7 +43,8 @@ use crate::health::{
 };
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
-use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver};
+use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver, Scope};
+use crate::resilience_redis::{ClusterRedis, RedisDedup, RedisRateLimit};
 use crate::sinks::DispatchEvent;
 use crate::sinks::service::run_from_redis;
 use crate::sinks::{SinkDriver, SinkObserver};
@@ -339,20 +340,45 @@ impl AppBuilder {
             observers.0.push(Arc::new(metrics));
         }
         let observers: Arc<dyn ResilienceObserver> = Arc::new(observers);
-        let dispatchers: Vec<(Dispatcher, DispatcherSettings)> = dispatchers
-            .into_iter()
-            .map(|(dispatcher, settings)| {
-                if settings.resilience.is_empty() {
-                    return (dispatcher, settings);
+        // Cluster-scoped protections share one connection to the bus's Redis, made on first use.
+        let mut cluster: Option<Arc<ClusterRedis>> = None;
+        let mut protected = Vec::with_capacity(dispatchers.len());
+        for (dispatcher, settings) in dispatchers {
+            if settings.resilience.is_empty() {
+                protected.push((dispatcher, settings));
+                continue;
+            }
+            let resilience = &settings.resilience;
+            let mut protections =
+                Protections::new(dispatcher.id(), resilience, Some(observers.clone()));
+            let dedup = resilience.dedup.filter(|c| c.scope == Scope::Cluster);
+            let rate_limit = resilience.rate_limit.filter(|c| c.scope == Scope::Cluster);
+            if dedup.is_some() || rate_limit.is_some() {
+                let redis = match (&cluster, &config.bus.redis) {
+                    (Some(redis), _) => redis.clone(),
+                    (None, Some(bus)) => {
+                        let redis = ClusterRedis::new(&bus.url).map_err(anyhow::Error::msg)?;
+                        cluster = Some(redis.clone());
+                        redis
+                    }
+                    (None, None) => anyhow::bail!(
+                        "dispatcher `{}`: scope \"cluster\" needs the Redis bus (bus.kind = \"redis\")",
+                        dispatcher.id()
+                    ),
+                };
+                if let Some(dedup) = dedup {
+                    let running = resilience.longest_call(dispatcher.timeout());
+                    let store = RedisDedup::new(redis.clone(), dispatcher.id(), running, dedup.ttl);
+                    protections = protections.with_cluster_dedup(Arc::new(store));
                 }
-                let protections = Protections::new(
-                    dispatcher.id(),
-                    &settings.resilience,
-                    Some(observers.clone()),
-                );
-                (dispatcher.with_protections(protections), settings)
-            })
-            .collect();
+                if let Some(rate_limit) = rate_limit {
+                    let store = RedisRateLimit::new(redis, dispatcher.id(), &rate_limit);
+                    protections = protections.with_cluster_rate_limit(Arc::new(store));
+                }
+            }
+            protected.push((dispatcher.with_protections(protections), settings));
+        }
+        let dispatchers = protected;
 
         for (dispatcher, liveness) in &dispatchers {
             if workers.contains(dispatcher.id()) {

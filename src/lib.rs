@@ -19,6 +19,7 @@ pub mod http;
 #[doc(hidden)] // The binary's, not part of the library's API.
 pub mod loadtest;
 pub mod propagation;
+pub mod resilience_redis;
 #[doc(hidden)] // The binary's, not part of the library's API.
 pub mod simulate;
 pub mod sinks;

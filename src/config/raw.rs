@@ -21,7 +21,7 @@ use crate::engine::{
 use crate::health::HealthConfig;
 use crate::resilience::{
     BreakerConfig, ConcurrencyConfig, DedupConfig, RateLimitConfig, RateLimitMode,
-    ResilienceConfig, RetryPolicy, Trip,
+    ResilienceConfig, RetryPolicy, Scope as ProtectionScope, Trip,
 };
 use crate::sinks::{DriverConfig, FullPolicy, SERVICES, SinkConfig};
 use crate::telemetry::traces::{LogFormat, TracingConfig};
@@ -266,6 +266,8 @@ struct RawRateLimit {
     burst: Option<u32>,
     mode: Option<String>,
     max_wait: Option<String>,
+    /// "instance" (default) or "cluster" (one bucket in the bus's Redis).
+    scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,6 +282,8 @@ struct RawConcurrency {
 struct RawDedup {
     ttl: Option<String>,
     capacity: Option<u64>,
+    /// "instance" (default) or "cluster" (ids shared in the bus's Redis).
+    scope: Option<String>,
 }
 
 /// Every field is in default.toml, the one home of the defaults.
@@ -851,7 +855,7 @@ fn validate(
             stale_threshold,
             heartbeat_interval,
             critical: d.critical.unwrap_or(false),
-            resilience: validate_resilience(d, &at, check),
+            resilience: validate_resilience(d, &at, bus.redis.is_some(), check),
         });
     }
 
@@ -1489,6 +1493,7 @@ fn validate_auth(
 fn validate_resilience(
     d: &RawDispatcher,
     at: &dyn Fn(&str) -> String,
+    redis_bus: bool,
     check: &mut Checker<'_, '_>,
 ) -> ResilienceConfig {
     let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
@@ -1542,6 +1547,7 @@ fn validate_resilience(
             per_second: NonZeroU32::new(r.per_second).unwrap_or(one),
             burst: NonZeroU32::new(r.burst.unwrap_or(r.per_second)).unwrap_or(one),
             mode,
+            scope: protection_scope(r.scope.as_deref()),
         }
     });
     let concurrency = d.concurrency.as_ref().map(|c| ConcurrencyConfig {
@@ -1551,6 +1557,7 @@ fn validate_resilience(
     let dedup = d.dedup.as_ref().map(|c| DedupConfig {
         ttl: positive_or(&c.ttl, "dedup.ttl", Duration::from_secs(600)),
         capacity: c.capacity.unwrap_or(100_000),
+        scope: protection_scope(c.scope.as_deref()),
     });
 
     // The shapes above took defaults; here every value a user gave is checked.
@@ -1634,12 +1641,42 @@ fn validate_resilience(
             "must be at least 1",
         );
     }
+    let scopes = [
+        (
+            "rate_limit.scope",
+            d.rate_limit.as_ref().and_then(|r| r.scope.as_deref()),
+        ),
+        (
+            "dedup.scope",
+            d.dedup.as_ref().and_then(|c| c.scope.as_deref()),
+        ),
+    ];
+    for (field, scope) in scopes {
+        check(
+            matches!(scope, None | Some("instance") | Some("cluster")),
+            field,
+            "must be \"instance\" or \"cluster\"",
+        );
+        check(
+            scope != Some("cluster") || redis_bus,
+            field,
+            "\"cluster\" keeps its state in the bus's Redis: set bus.kind = \"redis\" (and bus.redis_url)",
+        );
+    }
     ResilienceConfig {
         retry,
         breaker,
         rate_limit,
         concurrency,
         dedup,
+    }
+}
+
+/// An unknown scope was reported by the checks; it counts as the default meanwhile.
+fn protection_scope(text: Option<&str>) -> ProtectionScope {
+    match text {
+        Some("cluster") => ProtectionScope::Cluster,
+        _ => ProtectionScope::Instance,
     }
 }
 

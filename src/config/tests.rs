@@ -1121,3 +1121,55 @@ fn the_registry_follows_the_bus_unless_told_and_is_checked() {
     let problems = self::problems("[registry]\nkind = \"etcd\"\n");
     assert!(problems[0].contains("unknown kind `etcd`"), "{problems:?}");
 }
+
+#[test]
+fn protection_scopes_default_to_instance_and_cluster_needs_the_redis_bus() {
+    use crate::resilience::Scope;
+
+    let dispatcher = r#"
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+
+[dispatchers.rate_limit]
+per_second = 20
+mode = "reject"
+SCOPE_LIMIT
+
+[dispatchers.dedup]
+ttl = "5m"
+SCOPE_DEDUP
+"#;
+    let with = |limit: &str, dedup: &str| {
+        dispatcher
+            .replace("SCOPE_LIMIT", limit)
+            .replace("SCOPE_DEDUP", dedup)
+    };
+    let config = load(&with("", "")).unwrap();
+    let r = &config.dispatchers[0].resilience;
+    assert_eq!(r.rate_limit.unwrap().scope, Scope::Instance);
+    assert_eq!(r.dedup.unwrap().scope, Scope::Instance);
+
+    let redis = "[bus]\nkind = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n";
+    let text = format!(
+        "{redis}{}",
+        with("scope = \"cluster\"", "scope = \"cluster\"")
+    );
+    let config = load(&text).unwrap();
+    let r = &config.dispatchers[0].resilience;
+    assert_eq!(r.rate_limit.unwrap().scope, Scope::Cluster);
+    assert_eq!(r.dedup.unwrap().scope, Scope::Cluster);
+
+    assert_eq!(
+        problems(&with("scope = \"cluster\"", "scope = \"fleet\"")),
+        [
+            "FILE:10: `dispatchers[0].rate_limit.scope`: \"cluster\" keeps its state in the bus's Redis: set bus.kind = \"redis\" (and bus.redis_url)",
+            "FILE:14: `dispatchers[0].dedup.scope`: must be \"instance\" or \"cluster\"",
+        ]
+    );
+    assert_eq!(
+        problems(&with("", "scoped = \"cluster\"")),
+        ["FILE:14: `dispatchers[0].dedup.scoped`: unknown field (did you mean `scope`?)"]
+    );
+}

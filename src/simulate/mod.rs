@@ -93,6 +93,7 @@ pub fn with_demo_dispatchers(builder: AppBuilder) -> AppBuilder {
     let fast = crate::app::DispatcherSettings {
         resilience: ResilienceConfig {
             dedup: Some(DedupConfig {
+                scope: Default::default(),
                 ttl: Duration::from_secs(300),
                 capacity: 100_000,
             }),
@@ -119,6 +120,7 @@ pub fn with_demo_dispatchers(builder: AppBuilder) -> AppBuilder {
     let limited = crate::app::DispatcherSettings {
         resilience: ResilienceConfig {
             rate_limit: Some(RateLimitConfig {
+                scope: Default::default(),
                 per_second: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
                 burst: NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN),
                 mode: RateLimitMode::Wait {

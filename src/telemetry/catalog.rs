@@ -100,6 +100,7 @@ pub mod label {
     pub const REASON: &str = "reason";
     pub const FILE_KIND: &str = "file_kind";
     pub const SIGNAL: &str = "signal";
+    pub const PROTECTION: &str = "protection";
 }
 
 /// Latency from 10 µs to 10 s: dispatch is microseconds when handlers are local and seconds when
@@ -331,6 +332,15 @@ pub const DISPATCHER_RETRIES: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const DISPATCHER_CLUSTER_FALLBACKS: InstrumentSpec = InstrumentSpec {
+    name: "dispatcher_cluster_fallbacks",
+    kind: Kind::Counter,
+    unit: "",
+    description: "Calls a cluster-scoped protection decided on this instance alone because Redis did not answer in time (dedup ran the call, the rate limiter used the instance's own bucket).",
+    labels: &[label::DISPATCHER_ID, label::PROTECTION],
+    buckets: &[],
+};
+
 pub const DISPATCHER_CACHE_OPERATIONS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_cache_operations",
     kind: Kind::Counter,
@@ -527,6 +537,7 @@ pub const ALL: &[InstrumentSpec] = &[
     OTLP_EXPORTS_FAILED,
     METRIC_CARDINALITY_OVERFLOW,
     FILE_TORN_TAILS,
+    DISPATCHER_CLUSTER_FALLBACKS,
 ];
 
 #[cfg(test)]
@@ -578,6 +589,7 @@ mod tests {
                 "otlp_exports_failed_total",
                 "metric_cardinality_overflow",
                 "file_torn_tails_total",
+                "dispatcher_cluster_fallbacks_total",
             ]
         );
         assert_eq!(

@@ -7,7 +7,9 @@ use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
 use super::catalog::{self, InstrumentSpec, label};
 use super::engine::{counter, histogram};
-use crate::resilience::{BreakerState, CacheOperation, CacheResult, ResilienceObserver};
+use crate::resilience::{
+    BreakerState, CacheOperation, CacheResult, ClusterProtection, ResilienceObserver,
+};
 
 /// Breaker, rate limiter, retry and cache metrics. State changes are rare next to dispatches, so
 /// these record unbound, with attributes in the catalog's fixed order.
@@ -16,6 +18,7 @@ pub struct ResilienceMetrics {
     breaker_trips: Counter<u64>,
     rate_limiter_delay: Histogram<f64>,
     retries: Counter<u64>,
+    cluster_fallbacks: Counter<u64>,
     cache_operations: Counter<u64>,
     cache_hit_ratio: Gauge<f64>,
 }
@@ -35,6 +38,7 @@ impl ResilienceMetrics {
             breaker_trips: counter(meter, catalog::DISPATCHER_CIRCUIT_BREAKER_TRIPS),
             rate_limiter_delay: histogram(meter, catalog::DISPATCHER_RATE_LIMITER_DELAY),
             retries: counter(meter, catalog::DISPATCHER_RETRIES),
+            cluster_fallbacks: counter(meter, catalog::DISPATCHER_CLUSTER_FALLBACKS),
             cache_operations: counter(meter, catalog::DISPATCHER_CACHE_OPERATIONS),
             cache_hit_ratio: gauge(meter, catalog::DISPATCHER_CACHE_HIT_RATIO),
         }
@@ -65,6 +69,16 @@ impl ResilienceObserver for ResilienceMetrics {
 
     fn retried(&self, dispatcher_id: &str) {
         self.retries.add(1, &id(dispatcher_id));
+    }
+
+    fn cluster_fallback(&self, dispatcher_id: &str, protection: ClusterProtection) {
+        self.cluster_fallbacks.add(
+            1,
+            &[
+                KeyValue::new(label::DISPATCHER_ID, dispatcher_id.to_owned()),
+                KeyValue::new(label::PROTECTION, protection.as_str()),
+            ],
+        );
     }
 
     fn cache_operation(&self, cache: &str, operation: CacheOperation, result: CacheResult) {

@@ -167,10 +167,12 @@ async fn skips_and_rejections_are_counted_as_results_without_a_latency() {
         "guarded",
         &ResilienceConfig {
             dedup: Some(DedupConfig {
+                scope: Default::default(),
                 ttl: std::time::Duration::from_secs(60),
                 capacity: 10,
             }),
             rate_limit: Some(RateLimitConfig {
+                scope: Default::default(),
                 per_second: NonZeroU32::MIN,
                 burst: NonZeroU32::MIN,
                 mode: RateLimitMode::Reject,

@@ -43,3 +43,5 @@ mod files;
 mod network;
 // Remote workers that receive work (`kind = "worker"`), the dispatcher statistics and /api/v1/routes.
 mod workers;
+// dedup and rate limits with scope = "cluster": several instances on one Redis, and Redis gone.
+mod scope;

@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use crate::resilience::Protections;
+use crate::resilience::{Claim, Protections, Refusal};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -477,13 +477,27 @@ impl Engine {
                 .await;
         };
         let message_id = message.envelope.message_id.as_str();
-        if protections.is_duplicate(message_id) {
-            return Err(Failure::new(ExecutionResult::Skipped, String::new()));
-        }
-        let admitted = protections
-            .admit()
-            .await
-            .map_err(|refusal| Failure::new(ExecutionResult::Rejected, refusal.to_string()))?;
+        let held = match protections.claim(message_id).await {
+            Claim::Run(held) => held,
+            Claim::Duplicate => {
+                return Err(Failure::new(ExecutionResult::Skipped, String::new()));
+            }
+            Claim::InProgress => {
+                return Err(Failure::new(
+                    ExecutionResult::Rejected,
+                    Refusal::InProgressElsewhere.to_string(),
+                ));
+            }
+        };
+        let admitted = match protections.admit().await {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                if let Some(held) = held {
+                    protections.settle(held, message_id, false).await;
+                }
+                return Err(Failure::new(ExecutionResult::Rejected, refusal.to_string()));
+            }
+        };
         let run = self
             .attempts(dispatcher, Some(protections), message, info, attempts)
             .await;
@@ -491,6 +505,9 @@ impl Engine {
             // Nothing was called: the breaker learns nothing about the other side.
             Err(failure) if failure.unavailable => protections.release(admitted),
             _ => protections.finish(admitted, run.is_ok(), message_id),
+        }
+        if let Some(held) = held {
+            protections.settle(held, message_id, run.is_ok()).await;
         }
         run
     }

@@ -800,6 +800,7 @@ mod protections {
         let seen = Arc::new(Seen::default());
         let (handler, calls) = scripted(1, ErrorKind::Permanent);
         let dedup = Some(DedupConfig {
+            scope: Default::default(),
             ttl: Duration::from_secs(60),
             capacity: 100,
         });
@@ -927,10 +928,12 @@ mod protections {
         let config = ResilienceConfig {
             breaker: breaker(),
             dedup: Some(DedupConfig {
+                scope: Default::default(),
                 ttl: Duration::from_secs(600),
                 capacity: 10,
             }),
             rate_limit: Some(RateLimitConfig {
+                scope: Default::default(),
                 per_second: NonZeroU32::new(1).unwrap(),
                 burst: NonZeroU32::new(1).unwrap(),
                 mode: RateLimitMode::Reject,
@@ -971,6 +974,7 @@ mod protections {
         let (handler, _) = scripted(0, ErrorKind::Permanent);
         let config = ResilienceConfig {
             rate_limit: Some(RateLimitConfig {
+                scope: Default::default(),
                 per_second: NonZeroU32::new(5).unwrap(),
                 burst: NonZeroU32::new(1).unwrap(),
                 mode: RateLimitMode::Wait {
@@ -1033,6 +1037,7 @@ mod protections {
     fn one_call(id: &str, seen: &Arc<Seen>) -> Dispatcher {
         let config = ResilienceConfig {
             rate_limit: Some(RateLimitConfig {
+                scope: Default::default(),
                 per_second: NonZeroU32::new(1).unwrap(),
                 burst: NonZeroU32::new(1).unwrap(),
                 mode: RateLimitMode::Reject,
@@ -1127,6 +1132,267 @@ mod protections {
                 "dispatcher `limited` rejected: refused by the rate limiter; \
                  publishing 1 outputs failed: bus unreachable"
             )
+        );
+    }
+}
+
+/// `scope = Cluster`: the engine asks the shared stores, gives claims back, and falls back when
+/// they cannot answer.
+mod cluster_protections {
+    use std::num::NonZeroU32;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::resilience::{
+        ClusterProtection, DedupClaim, DedupConfig, DedupStore, Protections, RateLimitConfig,
+        RateLimitMode, RateLimitStore, ResilienceConfig, ResilienceObserver, Scope, StoreError,
+    };
+
+    /// Answers claims from a script (then `Claimed`), an error when `down`; records every call.
+    #[derive(Default)]
+    struct Store {
+        claims: Mutex<Vec<DedupClaim>>,
+        waits: Mutex<Vec<Option<Duration>>>,
+        down: std::sync::atomic::AtomicBool,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Store {
+        fn answer(&self, call: String) -> Result<(), StoreError> {
+            self.calls.lock().unwrap().push(call);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError("unreachable".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl DedupStore for Store {
+        async fn claim(&self, id: &str) -> Result<DedupClaim, StoreError> {
+            self.answer(format!("claim {id}"))?;
+            Ok(self
+                .claims
+                .lock()
+                .unwrap()
+                .pop()
+                .unwrap_or(DedupClaim::Claimed))
+        }
+        async fn succeeded(&self, id: &str) -> Result<(), StoreError> {
+            self.answer(format!("succeeded {id}"))
+        }
+        async fn failed(&self, id: &str) -> Result<(), StoreError> {
+            self.answer(format!("failed {id}"))
+        }
+    }
+
+    #[async_trait]
+    impl RateLimitStore for Store {
+        async fn acquire(&self, max_wait: Duration) -> Result<Option<Duration>, StoreError> {
+            self.answer(format!("acquire {}ms", max_wait.as_millis()))?;
+            Ok(self
+                .waits
+                .lock()
+                .unwrap()
+                .pop()
+                .unwrap_or(Some(Duration::ZERO)))
+        }
+    }
+
+    #[derive(Default)]
+    struct Fallbacks(Mutex<Vec<&'static str>>);
+
+    impl ResilienceObserver for Fallbacks {
+        fn cluster_fallback(&self, _: &str, protection: ClusterProtection) {
+            self.0.lock().unwrap().push(protection.as_str());
+        }
+    }
+
+    fn engine(
+        config: &ResilienceConfig,
+        store: &Arc<Store>,
+        fallbacks: &Arc<Fallbacks>,
+        handler: impl Handler,
+    ) -> Engine {
+        let mut protections = Protections::new(
+            "c",
+            config,
+            Some(fallbacks.clone() as Arc<dyn ResilienceObserver>),
+        );
+        if config.dedup.is_some() {
+            protections = protections.with_cluster_dedup(store.clone());
+        }
+        if config.rate_limit.is_some() {
+            protections = protections.with_cluster_rate_limit(store.clone());
+        }
+        Engine::builder()
+            .dispatcher(
+                Dispatcher::new("c", Category::Event, handler).with_protections(protections),
+            )
+            .route(Route::new("r", "**", Category::Event, "c"))
+            .build()
+            .unwrap()
+    }
+
+    fn with_id(id: &str) -> Envelope {
+        let mut envelope = event("t");
+        envelope.message_id = id.into();
+        envelope
+    }
+
+    fn dedup() -> ResilienceConfig {
+        ResilienceConfig {
+            dedup: Some(DedupConfig {
+                ttl: Duration::from_secs(60),
+                capacity: 10,
+                scope: Scope::Cluster,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedup_claims_then_settles_and_honours_the_other_instances() {
+        let store = Arc::new(Store::default());
+        let fallbacks = Arc::new(Fallbacks::default());
+        let engine = engine(&dedup(), &store, &fallbacks, Echo);
+        assert_eq!(
+            engine.dispatch("a.events", &with_id("m1")).await.status,
+            DispatchStatus::Success
+        );
+        // The local cache answers its own repeat without a round trip.
+        assert_eq!(
+            engine.dispatch("a.events", &with_id("m1")).await.status,
+            DispatchStatus::Skipped
+        );
+        store.claims.lock().unwrap().push(DedupClaim::Done);
+        assert_eq!(
+            engine.dispatch("a.events", &with_id("m2")).await.status,
+            DispatchStatus::Skipped
+        );
+        store.claims.lock().unwrap().push(DedupClaim::Running);
+        let busy = engine.dispatch("a.events", &with_id("m3")).await;
+        assert_eq!(busy.status, DispatchStatus::Rejected);
+        assert_eq!(
+            busy.dispatchers[0].error_message.as_deref(),
+            Some("refused: another instance is running this message id; retry later")
+        );
+        assert_eq!(
+            *store.calls.lock().unwrap(),
+            ["claim m1", "succeeded m1", "claim m2", "claim m3"]
+        );
+
+        let failing = engine_failing(&store, &fallbacks);
+        store.calls.lock().unwrap().clear();
+        assert_eq!(
+            failing.dispatch("a.events", &with_id("m4")).await.status,
+            DispatchStatus::DispatcherError
+        );
+        assert_eq!(*store.calls.lock().unwrap(), ["claim m4", "failed m4"]);
+        assert!(fallbacks.0.lock().unwrap().is_empty());
+    }
+
+    fn engine_failing(store: &Arc<Store>, fallbacks: &Arc<Fallbacks>) -> Engine {
+        engine(&dedup(), store, fallbacks, Fail("down"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_refused_by_the_rate_limiter_is_given_back() {
+        let store = Arc::new(Store::default());
+        let fallbacks = Arc::new(Fallbacks::default());
+        let mut config = dedup();
+        config.rate_limit = Some(RateLimitConfig {
+            per_second: NonZeroU32::MIN,
+            burst: NonZeroU32::MIN,
+            mode: RateLimitMode::Reject,
+            scope: Scope::Cluster,
+        });
+        let engine = engine(&config, &store, &fallbacks, Echo);
+        store.waits.lock().unwrap().push(None);
+        let refused = engine.dispatch("a.events", &with_id("m1")).await;
+        assert_eq!(refused.status, DispatchStatus::Rejected);
+        assert_eq!(
+            *store.calls.lock().unwrap(),
+            ["claim m1", "acquire 0ms", "failed m1"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cluster_limiter_waits_what_it_answers_and_falls_back_to_the_local_one() {
+        let store = Arc::new(Store::default());
+        let fallbacks = Arc::new(Fallbacks::default());
+        let config = ResilienceConfig {
+            rate_limit: Some(RateLimitConfig {
+                per_second: NonZeroU32::MIN,
+                burst: NonZeroU32::MIN,
+                mode: RateLimitMode::Wait {
+                    max_wait: Duration::from_millis(500),
+                },
+                scope: Scope::Cluster,
+            }),
+            ..Default::default()
+        };
+        let engine = engine(&config, &store, &fallbacks, Echo);
+        store
+            .waits
+            .lock()
+            .unwrap()
+            .push(Some(Duration::from_millis(300)));
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            engine.dispatch("a.events", &event("t")).await.status,
+            DispatchStatus::Success
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        assert_eq!(*store.calls.lock().unwrap(), ["acquire 500ms"]);
+
+        // Store down: the local bucket (one token, a second to refill, 500 ms max wait) decides.
+        store.down.store(true, Ordering::SeqCst);
+        assert_eq!(
+            engine.dispatch("a.events", &event("t")).await.status,
+            DispatchStatus::Success
+        );
+        assert_eq!(
+            engine.dispatch("a.events", &event("t")).await.status,
+            DispatchStatus::Rejected
+        );
+        assert_eq!(*fallbacks.0.lock().unwrap(), ["rate_limit", "rate_limit"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedup_runs_the_call_when_the_store_cannot_answer() {
+        let store = Arc::new(Store::default());
+        let fallbacks = Arc::new(Fallbacks::default());
+        let engine = engine(&dedup(), &store, &fallbacks, Echo);
+        store.down.store(true, Ordering::SeqCst);
+        assert_eq!(
+            engine.dispatch("a.events", &with_id("m1")).await.status,
+            DispatchStatus::Success
+        );
+        assert_eq!(
+            *store.calls.lock().unwrap(),
+            ["claim m1"],
+            "no claim held: nothing to settle"
+        );
+        assert_eq!(*fallbacks.0.lock().unwrap(), ["dedup"]);
+    }
+
+    #[test]
+    fn a_claim_lasts_as_long_as_the_longest_call() {
+        let mut config = dedup();
+        assert_eq!(
+            config.longest_call(Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        config.retry = Some(crate::resilience::RetryPolicy {
+            attempts: 2,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        });
+        // Three attempts of 2 s and two backoffs of at most 1 s.
+        assert_eq!(
+            config.longest_call(Duration::from_secs(2)),
+            Duration::from_secs(8)
         );
     }
 }

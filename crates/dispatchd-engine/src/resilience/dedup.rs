@@ -15,6 +15,8 @@ pub struct DedupConfig {
     pub ttl: Duration,
     /// Ids remembered at most; past it the least useful are evicted (S3-FIFO).
     pub capacity: u64,
+    /// Cluster: also shared with every instance (see [`super::DedupStore`]).
+    pub scope: super::Scope,
 }
 
 /// `operation` of `dispatcher_cache_operations_total`.
@@ -212,6 +214,7 @@ mod tests {
         let cache = DedupCache::new(
             "dedup.d".into(),
             DedupConfig {
+                scope: Default::default(),
                 ttl: Duration::from_secs(60),
                 capacity: 10,
             },
@@ -255,6 +258,7 @@ mod tests {
         let cache = DedupCache::new(
             "dedup.d".into(),
             DedupConfig {
+                scope: Default::default(),
                 ttl: Duration::from_secs(60),
                 capacity: 100,
             },

@@ -26,9 +26,18 @@
 //! across an await; every state change is a debug log line with the dispatcher id and an
 //! observer call, which the metrics (and health, for the breaker) implement.
 //!
+//! Scope: dedup and the rate limiter are per instance by default. With `scope = Cluster` they
+//! also consult a shared store ([`DedupStore`], [`RateLimitStore`], implemented by the service
+//! on Redis): the local cache still answers its own hits first, and a store that cannot answer
+//! never fails a call: dedup runs it (at-least-once), the limiter falls back to the local
+//! limiter; both are reported as [`ResilienceObserver::cluster_fallback`]. A message id another
+//! instance is running right now is refused ([`Refusal::InProgressElsewhere`], `rejected`): the
+//! sender retries, and then gets `skipped` or a run, depending on how that run ended.
+//!
 //! Must not: know the engine's types. It deals in ids, durations and outcomes.
 
 mod breaker;
+mod cluster;
 mod concurrency;
 mod dedup;
 mod rate_limit;
@@ -39,6 +48,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use breaker::{BreakerConfig, BreakerState, BreakerTicket, CircuitBreaker, Trip};
+pub use cluster::{ClusterProtection, DedupClaim, DedupStore, RateLimitStore, Scope, StoreError};
 pub use concurrency::{ConcurrencyConfig, ConcurrencyLimit};
 pub use dedup::{CacheOperation, CacheResult, DedupCache, DedupConfig};
 pub use rate_limit::{RateLimitConfig, RateLimitMode, RateLimiter};
@@ -53,6 +63,8 @@ pub trait ResilienceObserver: Send + Sync + 'static {
     fn retried(&self, _dispatcher_id: &str) {}
     fn cache_operation(&self, _cache: &str, _operation: CacheOperation, _result: CacheResult) {}
     fn cache_hit_ratio(&self, _cache: &str, _ratio: f64) {}
+    /// A cluster-scoped protection's store did not answer and the instance decided alone.
+    fn cluster_fallback(&self, _dispatcher_id: &str, _protection: ClusterProtection) {}
 }
 
 /// Several observers as one.
@@ -80,6 +92,11 @@ impl ResilienceObserver for Observers {
     fn cache_hit_ratio(&self, cache: &str, ratio: f64) {
         self.0.iter().for_each(|o| o.cache_hit_ratio(cache, ratio));
     }
+    fn cluster_fallback(&self, id: &str, protection: ClusterProtection) {
+        self.0
+            .iter()
+            .for_each(|o| o.cluster_fallback(id, protection));
+    }
 }
 
 /// Why a protection refused a call before it ran.
@@ -88,6 +105,8 @@ pub enum Refusal {
     RateLimited,
     CircuitOpen,
     ConcurrencyLimit,
+    /// Cluster dedup: another instance is running this message id now.
+    InProgressElsewhere,
 }
 
 impl fmt::Display for Refusal {
@@ -97,6 +116,9 @@ impl fmt::Display for Refusal {
             Refusal::CircuitOpen => "refused: the circuit breaker is open",
             Refusal::ConcurrencyLimit => {
                 "refused: too many calls are waiting for the concurrency limit"
+            }
+            Refusal::InProgressElsewhere => {
+                "refused: another instance is running this message id; retry later"
             }
         })
     }
@@ -116,6 +138,21 @@ impl ResilienceConfig {
     pub fn is_empty(&self) -> bool {
         *self == ResilienceConfig::default()
     }
+
+    /// The longest one call can take through these protections with `timeout` per attempt:
+    /// the rate limiter's wait, every attempt and every backoff. A cluster dedup claim is held
+    /// that long at most, so the claim of an instance that died mid-call lapses.
+    pub fn longest_call(&self, timeout: Duration) -> Duration {
+        let wait = match self.rate_limit.map(|r| r.mode) {
+            Some(RateLimitMode::Wait { max_wait }) => max_wait,
+            _ => Duration::ZERO,
+        };
+        let (attempts, backoff) = self
+            .retry
+            .map_or((1, Duration::ZERO), |r| (r.attempts + 1, r.max_backoff));
+        wait.saturating_add(timeout.saturating_mul(attempts))
+            .saturating_add(backoff.saturating_mul(attempts - 1))
+    }
 }
 
 /// One dispatcher's protections, built from its [`ResilienceConfig`].
@@ -126,8 +163,25 @@ pub struct Protections {
     rate_limit: Option<RateLimiter>,
     concurrency: Option<ConcurrencyLimit>,
     dedup: Option<DedupCache>,
+    cluster_dedup: Option<Arc<dyn DedupStore>>,
+    cluster_rate_limit: Option<Arc<dyn RateLimitStore>>,
     observer: Option<Arc<dyn ResilienceObserver>>,
 }
+
+/// What [`Protections::claim`] decided about a message id.
+#[must_use]
+pub enum Claim {
+    /// Run it; with a [`Held`] claim on the cluster store to hand to [`Protections::settle`].
+    Run(Option<Held>),
+    /// Already handled successfully within the TTL (here, or on another instance).
+    Duplicate,
+    /// Another instance is running it now.
+    InProgress,
+}
+
+/// A cluster dedup claim this instance holds: give it back with [`Protections::settle`].
+#[must_use]
+pub struct Held(());
 
 /// A call that passed every protection: hold it while the call runs, then hand it back to
 /// [`Protections::finish`].
@@ -155,7 +209,97 @@ impl Protections {
                 .dedup
                 .map(|c| DedupCache::new(format!("dedup.{dispatcher_id}"), c, observer.clone())),
             dispatcher_id: id,
+            cluster_dedup: None,
+            cluster_rate_limit: None,
             observer,
+        }
+    }
+
+    /// Shares dedup with every instance on `store` (`dedup.scope = "cluster"`); the local cache
+    /// stays in front of it.
+    pub fn with_cluster_dedup(mut self, store: Arc<dyn DedupStore>) -> Protections {
+        self.cluster_dedup = Some(store);
+        self
+    }
+
+    /// Shares the rate limit with every instance on `store` (`rate_limit.scope = "cluster"`);
+    /// the local limiter is the fallback while the store cannot answer.
+    pub fn with_cluster_rate_limit(mut self, store: Arc<dyn RateLimitStore>) -> Protections {
+        self.cluster_rate_limit = Some(store);
+        self
+    }
+
+    /// Dedup, with the cluster store when there is one: the local cache answers first; then the
+    /// store claims the id for this run. A store that cannot answer lets the call run.
+    pub async fn claim(&self, message_id: &str) -> Claim {
+        if self.is_duplicate(message_id) {
+            return Claim::Duplicate;
+        }
+        let Some(store) = &self.cluster_dedup else {
+            return Claim::Run(None);
+        };
+        match store.claim(message_id).await {
+            Ok(DedupClaim::Claimed) => Claim::Run(Some(Held(()))),
+            Ok(DedupClaim::Done) => {
+                tracing::debug!(dispatcher_id = %self.dispatcher_id, message_id, "Skipped a message another instance handled.");
+                Claim::Duplicate
+            }
+            Ok(DedupClaim::Running) => Claim::InProgress,
+            Err(error) => {
+                tracing::warn!(dispatcher_id = %self.dispatcher_id, %error, "The cluster dedup store did not answer; running the call (at-least-once).");
+                self.fallback(ClusterProtection::Dedup);
+                Claim::Run(None)
+            }
+        }
+    }
+
+    /// Gives a cluster claim back: kept for the dedup TTL when the call succeeded, forgotten
+    /// otherwise (refused or failed), so that a retry may run anywhere.
+    pub async fn settle(&self, held: Held, message_id: &str, succeeded: bool) {
+        let Held(()) = held;
+        let Some(store) = &self.cluster_dedup else {
+            return;
+        };
+        let settled = if succeeded {
+            store.succeeded(message_id).await
+        } else {
+            store.failed(message_id).await
+        };
+        if let Err(error) = settled {
+            tracing::warn!(dispatcher_id = %self.dispatcher_id, %error, succeeded, "The cluster dedup store did not take a call's outcome; its claim lapses by itself.");
+            self.fallback(ClusterProtection::Dedup);
+        }
+    }
+
+    fn fallback(&self, protection: ClusterProtection) {
+        if let Some(observer) = &self.observer {
+            observer.cluster_fallback(&self.dispatcher_id, protection);
+        }
+    }
+
+    /// The cluster limiter's answer: `Some` when it decided, `None` when it could not answer.
+    async fn cluster_limit(
+        &self,
+        store: &dyn RateLimitStore,
+        mode: RateLimitMode,
+    ) -> Option<Result<Duration, Refusal>> {
+        let max_wait = match mode {
+            RateLimitMode::Wait { max_wait } => max_wait,
+            RateLimitMode::Reject => Duration::ZERO,
+        };
+        match store.acquire(max_wait).await {
+            Ok(Some(wait)) => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Some(Ok(wait))
+            }
+            Ok(None) => Some(Err(Refusal::RateLimited)),
+            Err(error) => {
+                tracing::warn!(dispatcher_id = %self.dispatcher_id, %error, "The cluster rate limiter did not answer; this instance's limiter decides.");
+                self.fallback(ClusterProtection::RateLimit);
+                None
+            }
         }
     }
 
@@ -173,7 +317,14 @@ impl Protections {
     /// Rate limit → breaker → concurrency. Refused calls consume nothing further down.
     pub async fn admit(&self) -> Result<Admitted, Refusal> {
         if let Some(limiter) = &self.rate_limit {
-            let waited = limiter.acquire().await;
+            let cluster = match &self.cluster_rate_limit {
+                Some(store) => self.cluster_limit(store.as_ref(), limiter.mode()).await,
+                None => None,
+            };
+            let waited = match cluster {
+                Some(decided) => decided,
+                None => limiter.acquire().await,
+            };
             match waited {
                 Ok(delay) => {
                     if let Some(observer) = &self.observer {
@@ -266,6 +417,8 @@ impl fmt::Debug for Protections {
             .field("rate_limit", &self.rate_limit.is_some())
             .field("concurrency", &self.concurrency.is_some())
             .field("dedup", &self.dedup.is_some())
+            .field("cluster_dedup", &self.cluster_dedup.is_some())
+            .field("cluster_rate_limit", &self.cluster_rate_limit.is_some())
             .finish()
     }
 }

@@ -23,6 +23,9 @@ pub struct RateLimitConfig {
     pub per_second: NonZeroU32,
     pub burst: NonZeroU32,
     pub mode: RateLimitMode,
+    /// Cluster: one bucket shared by every instance (see [`super::RateLimitStore`]); this
+    /// instance's own bucket is then the fallback.
+    pub scope: super::Scope,
 }
 
 /// governor's clock, on tokio's time so that paused-time tests drive the limiter.
@@ -59,6 +62,10 @@ impl RateLimiter {
         }
     }
 
+    pub fn mode(&self) -> RateLimitMode {
+        self.mode
+    }
+
     /// Takes a token, waiting for one in `wait` mode; answers how long it waited.
     pub async fn acquire(&self) -> Result<Duration, Refusal> {
         let mut waited = Duration::ZERO;
@@ -86,6 +93,7 @@ mod tests {
 
     fn limiter(mode: RateLimitMode) -> RateLimiter {
         RateLimiter::new(RateLimitConfig {
+            scope: Default::default(),
             per_second: NonZeroU32::new(10).unwrap(),
             burst: NonZeroU32::new(2).unwrap(),
             mode,
@@ -115,6 +123,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(100));
 
         let impatient = super::RateLimiter::new(RateLimitConfig {
+            scope: Default::default(),
             per_second: NonZeroU32::new(10).unwrap(),
             burst: NonZeroU32::new(2).unwrap(),
             mode: RateLimitMode::Wait {
