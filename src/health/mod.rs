@@ -874,17 +874,13 @@ impl HealthRegistry {
             .and_then(serde_json::Value::as_str)
             .and_then(|text| text.parse::<reqwest::Url>().ok())
             .ok_or_else(|| WorkerUnavailable::NoEndpoint(id.to_owned()))?;
-        let since = Instant::now().saturating_duration_since(*at);
-        let now_ms = snapshot
-            .now_ms
-            .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
-        let age = Duration::from_millis(now_ms.saturating_sub(worker.heartbeat_ms));
-        let threshold = Duration::from_secs_f64(worker.record.stale_threshold_seconds.max(0.0));
-        if age > threshold {
+        // The same pure evaluation every health answer uses, at the store's clock.
+        let health = worker.health(aged_now_ms(*at, snapshot), self.inner.config.failure_limit);
+        if health.is_stale {
             return Err(WorkerUnavailable::Stale {
                 id: id.to_owned(),
-                age,
-                threshold,
+                age: Duration::from_secs_f64(health.heartbeat_age_seconds),
+                threshold: Duration::from_secs_f64(health.stale_threshold_seconds),
             });
         }
         Ok(endpoint)
@@ -903,10 +899,7 @@ impl HealthRegistry {
         let mut all = self.local();
         if let Some(shared) = &self.inner.shared {
             if let Some((at, snapshot)) = read(&shared.cache).as_ref() {
-                let since = Instant::now().saturating_duration_since(*at);
-                let now_ms = snapshot
-                    .now_ms
-                    .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+                let now_ms = aged_now_ms(*at, snapshot);
                 all.extend(
                     snapshot
                         .workers
@@ -1026,3 +1019,11 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 #[cfg(test)]
 mod tests;
+
+/// The store's clock now, from a snapshot read at `at`: its time moved on by the time since.
+fn aged_now_ms(at: Instant, snapshot: &workers::Snapshot) -> u64 {
+    let since = Instant::now().saturating_duration_since(at);
+    snapshot
+        .now_ms
+        .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}

@@ -302,6 +302,45 @@ dispatcher_id = "w"
     let seen = receiver.seen();
     assert_eq!(seen.last().unwrap().path, "/work");
     assert_eq!(seen.last().unwrap().body["topic"], "shop.orders.events");
+
+    // Once it stops heartbeating past its threshold, B refuses at once instead of calling it.
+    let (status, body) = post(
+        &a,
+        "/api/v1/dispatchers/w/register",
+        Some(json!({"stale_threshold_seconds": 1, "endpoint": format!("{receiver_url}/work")})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let called = receiver.seen().len();
+    wait_for_async("B to refuse the stale worker", || async {
+        let response = b
+            .post_message(
+                "shop.orders.events",
+                json!({"message_type": "order.placed"}),
+            )
+            .await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        status == StatusCode::SERVICE_UNAVAILABLE
+            && body["error_code"] == "worker_unavailable"
+            && body["error_message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("stale")
+    })
+    .await;
+    // Nothing reached the worker after it went stale (the refusals did not call it), though
+    // calls made before B saw it stale may have.
+    let after = receiver.seen().len();
+    let (status, _) = post(
+        &b,
+        "/api/v1/messages/shop.orders.events",
+        Some(json!({"message_type": "order.placed"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(receiver.seen().len(), after, "a stale worker is not called");
+    assert!(after >= called);
     server.abort();
     a.stop().await.unwrap();
     b.stop().await.unwrap();
