@@ -430,7 +430,7 @@ impl HealthRegistry {
             }
             Err(error) => {
                 tracing::warn!(%error, "The shared dispatcher registry could not be read.");
-                Err(RegistryUnavailable(error.to_string()))
+                Err(RegistryUnavailable(error.reason()))
             }
         }
     }
@@ -556,7 +556,7 @@ impl HealthRegistry {
                 Ok(stored.health(now_ms, self.inner.config.failure_limit))
             }
             Ok(None) => Err(UnknownDispatcher(id.to_owned()).into()),
-            Err(error) => Err(WorkerError::Unavailable(error.to_string())),
+            Err(error) => Err(WorkerError::Unavailable(error.reason())),
         }
     }
 
@@ -573,7 +573,7 @@ impl HealthRegistry {
                 Ok(())
             }
             Ok(false) => Err(UnknownDispatcher(id.to_owned()).into()),
-            Err(error) => Err(WorkerError::Unavailable(error.to_string())),
+            Err(error) => Err(WorkerError::Unavailable(error.reason())),
         }
     }
 

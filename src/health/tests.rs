@@ -622,15 +622,22 @@ async fn a_shared_registry_ages_its_snapshot_and_shows_no_worker_rather_than_a_f
     assert!(registry.all()[0].is_stale);
 
     store.down.store(true, Ordering::SeqCst);
-    assert!(registry.refresh().await.is_err());
+    let error = registry.refresh().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the shared dispatcher registry is unavailable: connection refused",
+        "said once, with the store's reason"
+    );
     assert_eq!(registry.store_available(), Some(false));
     assert!(
         registry.all().is_empty(),
         "an unreachable store shows no worker, never an old or stale one"
     );
-    assert!(matches!(
-        registry.heartbeat_worker("w1").await,
-        Err(WorkerError::Unavailable(_))
-    ));
+    let error = registry.heartbeat_worker("w1").await.unwrap_err();
+    assert!(matches!(error, WorkerError::Unavailable(_)));
+    assert_eq!(
+        error.to_string(),
+        "the shared dispatcher registry is unavailable: connection refused"
+    );
     assert!(registry.list().await.is_err());
 }

@@ -125,6 +125,16 @@ pub enum StoreError {
     LimitReached(usize),
 }
 
+impl StoreError {
+    /// Why, without the "unavailable" prefix the errors that wrap it say themselves.
+    pub fn reason(self) -> String {
+        match self {
+            StoreError::Unavailable(why) => why,
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Where the workers of every instance are kept. Each call is one atomic step of the store and
 /// is bounded in time by the implementation.
 #[async_trait]

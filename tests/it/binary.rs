@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_dispatchd");
+pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_dispatchd");
 
 /// Kills the child if a test fails before it stopped it.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -562,10 +562,10 @@ fn started(child: Child) -> (Running, String) {
 }
 
 /// The log lines a child wrote to stdout so far.
-type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+pub(crate) type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Like [`started`], and keeps the log lines written after the one with the address.
-fn started_keeping_log(mut child: Child) -> (Running, String, Log) {
+pub(crate) fn started_keeping_log(mut child: Child) -> (Running, String, Log) {
     let stdout = child.stdout.take().unwrap();
     let running = Running(child);
     let mut lines = BufReader::new(stdout).lines();

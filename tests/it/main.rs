@@ -45,3 +45,5 @@ mod network;
 mod workers;
 // dedup and rate limits with scope = "cluster": several instances on one Redis, and Redis gone.
 mod scope;
+// Three serve and two sink processes on one Redis as one service: kills, a restart, real Prometheus.
+mod cluster;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{required_tool, test_config, wait_for_async};
 
-fn repo(path: &str) -> PathBuf {
+pub(crate) fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
@@ -36,7 +36,7 @@ fn dashboards() -> Vec<(String, Value)> {
 }
 
 /// Every panel query of every dashboard, with Grafana's variables replaced for a direct query.
-fn panel_queries() -> Vec<(String, String, String)> {
+pub(crate) fn panel_queries() -> Vec<(String, String, String)> {
     let mut queries = Vec::new();
     for (file, dashboard) in dashboards() {
         for panel in dashboard["panels"].as_array().unwrap() {
@@ -271,7 +271,7 @@ fn promtool_accepts_the_rules_their_unit_tests_and_the_prometheus_config() {
     }
 }
 
-struct Prometheus(Child);
+pub(crate) struct Prometheus(pub(crate) Child);
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
@@ -280,7 +280,7 @@ impl Drop for Prometheus {
     }
 }
 
-async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
+pub(crate) async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
     client
         .get(format!("{base}/api/v1/query"))
         .query(&[("query", expr)])
