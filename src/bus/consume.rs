@@ -43,6 +43,11 @@ const RECONNECT: RetryPolicy = RetryPolicy {
     max_backoff: Duration::from_secs(5),
 };
 
+/// How long a stopping consumer keeps trying to acknowledge what it settled. With Redis away the
+/// acknowledgements would otherwise be retried for minutes and hold up the shutdown; what is left
+/// stays pending and is delivered again by the next consumer: duplicates, not loss.
+const FINAL_ACKS: Duration = Duration::from_secs(5);
+
 /// Entries delivered and not yet settled: the owner keeps them (see the module doc).
 #[derive(Default)]
 struct Working(Mutex<BTreeSet<String>>);
@@ -155,7 +160,7 @@ impl Consumer {
         // or forgotten; the channel closes when every `Acks` is dropped.
         let stream = config.stream.clone();
         let acked_working = working.clone();
-        let acking = tokio::spawn(async move {
+        let mut acking = tokio::spawn(async move {
             while let Some(ids) = settled.recv().await {
                 let mut attempt = 0;
                 loop {
@@ -188,7 +193,10 @@ impl Consumer {
             let now = tokio::time::Instant::now();
             let read = if now >= next_claim {
                 next_claim = now + claim_every;
-                reader.reclaim().await
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    read = reader.reclaim() => read,
+                }
             } else {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -228,7 +236,10 @@ impl Consumer {
 
         deliver.finish().await;
         drop(acks);
-        let _ = acking.await;
+        if tokio::time::timeout(FINAL_ACKS, &mut acking).await.is_err() {
+            acking.abort();
+            tracing::warn!(stream = %config.stream, "Redis did not take the last acknowledgements; those entries stay pending and are delivered again.");
+        }
         stop_tasks.cancel();
         let _ = upkeep.await;
         if let Some(watching) = watching {

@@ -492,3 +492,63 @@ async fn the_sink_service_is_built_then_run_by_the_app_layer() {
     shutdown.cancel();
     assert_eq!(running.await.unwrap().unwrap(), None);
 }
+
+/// Holds every entry it is given and settles them all when it finishes: a sink flushing at
+/// shutdown.
+struct SettlingAtTheEnd(Arc<Mutex<Vec<String>>>, Option<Acks>);
+
+#[async_trait::async_trait]
+impl Deliver for SettlingAtTheEnd {
+    async fn deliver(&mut self, entry: Entry, _: &Acks) {
+        self.0.lock().unwrap().push(entry.id);
+    }
+
+    async fn finish(self) {
+        let ids = self.0.lock().unwrap().clone();
+        self.1.expect("the acks").ack(ids).await;
+    }
+}
+
+/// A consumer stopping while Redis is down gives up its last acknowledgements after a few seconds
+/// instead of retrying them for minutes; the entries stay pending, for the next consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stops_within_a_bound_when_redis_is_down_and_leaves_its_entries_pending() {
+    let Some((own, url)) = crate::redis::own_redis().await else {
+        return;
+    };
+    let stream = unique("hung");
+    crate::redis::publish(&url, &stream, 0..3).await;
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let consumer = Consumer::connect(&url, group_config(&stream, "g", "stopping"), None)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let mut running = tokio::spawn({
+        let held = held.clone();
+        consumer.run(
+            move |acks| SettlingAtTheEnd(held, Some(acks.clone())),
+            shutdown.clone(),
+        )
+    });
+    crate::support::wait_for("the consumer to take the entries", || {
+        held.lock().unwrap().len() == 3
+    })
+    .await;
+
+    // Killed (its append-only file keeps the stream and the group), and started again after.
+    let (port, dir) = own.kill();
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), &mut running).await;
+    assert!(
+        stopped.is_ok(),
+        "the consumer stops within 30 s while Redis is down"
+    );
+    let _own = crate::redis::OwnRedis::start(port, dir);
+    crate::redis::answers(&url).await;
+    let mut redis = connection(&url).await;
+    assert_eq!(
+        pending(&mut redis, &stream, "g").await,
+        3,
+        "what could not be acknowledged stays pending, not lost"
+    );
+}
