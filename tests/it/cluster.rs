@@ -90,12 +90,25 @@ fn serve(config: &Path, dir: &Path, port: u16) -> (Running, String) {
 /// host name and its port), so the two on this host are two consumers.
 fn sink(url: &str, stream: &str, out: &Path, dead: &Path) -> (Running, String) {
     let child = Command::new(BINARY)
-        .args(["sink", "--service", "file", "--name", "events", "--group", "fleet"])
+        .args([
+            "sink",
+            "--service",
+            "file",
+            "--name",
+            "events",
+            "--group",
+            "fleet",
+        ])
         .arg("--endpoint")
         .arg(out)
         .arg("--dead-letter")
         .arg(dead)
-        .args(["--batch-size", &BATCH.to_string(), "--flush-interval", "50ms"])
+        .args([
+            "--batch-size",
+            &BATCH.to_string(),
+            "--flush-interval",
+            "50ms",
+        ])
         .args(["--claim-idle", "2s", "--listen", "127.0.0.1:0"])
         .args(["--bus", url, "--stream", stream])
         .env("DISPATCHD_LOG", "info")
@@ -168,11 +181,11 @@ async fn scalar(client: &reqwest::Client, base: &str, expr: &str) -> Option<f64>
     result.first()?["value"][1].as_str()?.parse().ok()
 }
 
-/// The query of the dashboard panel titled `title` (its first target).
+/// The query of the dashboard panel whose title starts with `title` (its first target).
 fn panel(title: &str) -> String {
     panel_queries()
         .into_iter()
-        .find(|(_, panel, _)| panel == title)
+        .find(|(_, panel, _)| panel.starts_with(title))
         .unwrap_or_else(|| panic!("a panel titled {title}"))
         .2
 }
@@ -203,7 +216,10 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
         serves.push(Some(running));
         instances.push(addr);
     }
-    let outs = [dir.path().join("sink-0.jsonl"), dir.path().join("sink-1.jsonl")];
+    let outs = [
+        dir.path().join("sink-0.jsonl"),
+        dir.path().join("sink-1.jsonl"),
+    ];
     let mut sinks = Vec::new();
     let mut sink_addrs = Vec::new();
     for (n, out) in outs.iter().enumerate() {
@@ -230,7 +246,11 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
     // HAProxy with docs/cluster.md's configuration in front of the three.
     let haproxy_port = free_port();
     let haproxy_config_path = dir.path().join("haproxy.cfg");
-    std::fs::write(&haproxy_config_path, haproxy_config(haproxy_port, &instances)).unwrap();
+    std::fs::write(
+        &haproxy_config_path,
+        haproxy_config(haproxy_port, &instances),
+    )
+    .unwrap();
     let checked = Command::new(&haproxy)
         .arg("-c")
         .arg("-f")
@@ -437,13 +457,16 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
     wait_for("900 dispatches accepted", accepted_reach(900)).await;
 
     // Its alert fires once for the fleet (not once per instance), for it alone.
-    wait_for_async("DispatchdDispatcherStale to fire for the silent worker", || async {
-        alerts(&client, &base).await.iter().any(|a| {
-            a["labels"]["alertname"] == "DispatchdDispatcherStale"
-                && a["labels"]["dispatcher_id"] == "silent-worker"
-                && a["state"] == "firing"
-        })
-    })
+    wait_for_async(
+        "DispatchdDispatcherStale to fire for the silent worker",
+        || async {
+            alerts(&client, &base).await.iter().any(|a| {
+                a["labels"]["alertname"] == "DispatchdDispatcherStale"
+                    && a["labels"]["dispatcher_id"] == "silent-worker"
+                    && a["state"] == "firing"
+            })
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     let (refused, slow) = heartbeats.await.unwrap();
@@ -472,7 +495,10 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
                 && line.contains(r#"dispatcher_id="fleet-worker""#)
                 && line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
         });
-        assert!(counted, "{addr} took heartbeats of the worker registered on another");
+        assert!(
+            counted,
+            "{addr} took heartbeats of the worker registered on another"
+        );
     }
     let accepted = accepted.lock().unwrap().clone();
     println!(
@@ -545,12 +571,21 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
         .collect();
     assert_eq!(stale.len(), 1, "one stale alert for the fleet: {stale:?}");
     assert_eq!(stale[0]["labels"]["dispatcher_id"], "silent-worker");
-    assert!(stale[0]["labels"].get("instance").is_none(), "{:?}", stale[0]);
+    assert!(
+        stale[0]["labels"].get("instance").is_none(),
+        "{:?}",
+        stale[0]
+    );
     let false_alerts: Vec<&Value> = now
         .iter()
-        .filter(|a| a["state"] == "firing" && a["labels"]["alertname"] != "DispatchdDispatcherStale")
+        .filter(|a| {
+            a["state"] == "firing" && a["labels"]["alertname"] != "DispatchdDispatcherStale"
+        })
         .collect();
-    assert!(false_alerts.is_empty(), "no other alert fires: {false_alerts:?}");
+    assert!(
+        false_alerts.is_empty(),
+        "no other alert fires: {false_alerts:?}"
+    );
     assert!(
         !now.iter()
             .any(|a| a["labels"]["dispatcher_id"] == "fleet-worker"),
@@ -570,22 +605,32 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
         "the live worker was never seen stale: {ever_stale}"
     );
 
-    // The dashboards count across the instances: the two default dispatchers once each, not
-    // once per instance, and one stale worker, not three.
+    // Every panel's query is valid over the three instances (the single-instance test in
+    // monitoring.rs shows each one with data under `simulate`).
+    for (file, title, expr) in panel_queries() {
+        let answer = query(&client, &base, &expr).await;
+        assert_eq!(
+            answer["status"], "success",
+            "{file}: {title}: `{expr}`: {answer}"
+        );
+    }
+
+    // The dashboards count across the instances: the two default dispatchers and the two
+    // workers once each (not once per instance: 6 and 6 before), and one stale worker (not 3).
     let mut counted = (None, None);
     for _ in 0..100 {
         counted = (
             scalar(&client, &base, &panel("Active dispatchers")).await,
             scalar(&client, &base, &panel("Stale dispatchers")).await,
         );
-        if counted == (Some(2.0), Some(1.0)) {
+        if counted == (Some(4.0), Some(1.0)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
         counted,
-        (Some(2.0), Some(1.0)),
+        (Some(4.0), Some(1.0)),
         "the dashboards' active dispatchers and stale workers, over three instances"
     );
 }
