@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::binary::{BINARY, Running, started_keeping_log};
-use crate::monitoring::{Prometheus, panel_queries, query, repo};
+use crate::monitoring::{panel_queries, query, repo, start_prometheus, wait_for_value};
 use crate::redis::{delivered, free_port, own_redis};
 use crate::support::{required_tool, wait_for, wait_for_async};
 
@@ -56,16 +56,6 @@ fn haproxy_config(port: u16, instances: &[String]) -> String {
         config = config.replace(&documented, addr);
     }
     config
-}
-
-/// A process killed (SIGKILL) and waited for when dropped.
-struct Haproxy(std::process::Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A `serve` of the fleet on `port`, in its own directory (its files are its own), and its address.
@@ -136,16 +126,15 @@ async fn post(
     Some((status, response.json().await.unwrap_or(Value::Null)))
 }
 
+/// `GET url`, answered as JSON.
+async fn get(client: &reqwest::Client, url: &str) -> Value {
+    let response = client.get(url).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
 /// The remote workers an instance lists, with what it says of their health.
 async fn workers(client: &reqwest::Client, addr: &str) -> BTreeMap<String, (Value, Value)> {
-    let list: Value = client
-        .get(format!("http://{addr}/api/v1/dispatchers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get(client, &format!("http://{addr}/api/v1/dispatchers")).await;
     list["dispatchers"]
         .as_array()
         .unwrap_or_else(|| panic!("a list from {addr}: {list}"))
@@ -162,14 +151,7 @@ async fn workers(client: &reqwest::Client, addr: &str) -> BTreeMap<String, (Valu
 
 /// The alerts Prometheus has, pending or firing.
 async fn alerts(client: &reqwest::Client, base: &str) -> Vec<Value> {
-    let answer: Value = client
-        .get(format!("{base}/api/v1/alerts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = get(client, &format!("{base}/api/v1/alerts")).await;
     answer["data"]["alerts"].as_array().unwrap().clone()
 }
 
@@ -263,7 +245,7 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
-    let _haproxy = Haproxy(
+    let _haproxy = Running(
         Command::new(&haproxy)
             .arg("-db")
             .arg("-f")
@@ -284,54 +266,12 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
     .await;
 
     // A real Prometheus with the shipped rules, scraping the three instances and the two sinks.
-    let prometheus_port = free_port();
-    let quoted = |addrs: &[String]| {
-        addrs
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let prometheus_config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prometheus_config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: dispatchd\n    static_configs:\n      - targets: [{}]\n  - job_name: dispatchd-sink\n    static_configs:\n      - targets: [{}]\n",
-            repo("alerts/dispatchd.rules.yml").display(),
-            quoted(&instances),
-            quoted(&sink_addrs),
-        ),
-    )
-    .unwrap();
-    let _prometheus = Prometheus(
-        Command::new(prometheus)
-            .arg(format!("--config.file={}", prometheus_config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let (_prometheus, base) = start_prometheus(
+        &prometheus,
+        dir.path(),
+        &[("dispatchd", &instances), ("dispatchd-sink", &sink_addrs)],
     );
-    let base = format!("http://127.0.0.1:{prometheus_port}");
-    wait_for_async("Prometheus to scrape all five processes", || async {
-        let answer = client
-            .get(format!("{base}/api/v1/query"))
-            .query(&[("query", "count(up == 1)")])
-            .send()
-            .await;
-        match answer {
-            Ok(answer) => answer
-                .json::<Value>()
-                .await
-                .is_ok_and(|v| v["data"]["result"][0]["value"][1] == "5"),
-            Err(_) => false,
-        }
-    })
-    .await;
+    wait_for_value(&client, &base, "count(up == 1)", "5").await;
 
     // A critical worker registers through the first instance and heartbeats through the other
     // two in turn, directly (through the balancer, its heartbeats would fall in step with the
@@ -439,14 +379,11 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
     let (running, addr) = serve(&config, &dir.path().join("serve-1"), ports[1]);
     assert_eq!(&addr, killed);
     serves[1] = Some(running);
-    let known: Value = client
-        .get(format!("http://{killed}/api/v1/dispatchers/fleet-worker"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let known = get(
+        &client,
+        &format!("http://{killed}/api/v1/dispatchers/fleet-worker"),
+    )
+    .await;
     assert_eq!(
         (&known["healthy"], &known["is_stale"]),
         (&json!(true), &json!(false)),

@@ -1,6 +1,6 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use dispatchd::simulate::{Options, run};
@@ -271,13 +271,64 @@ fn promtool_accepts_the_rules_their_unit_tests_and_the_prometheus_config() {
     }
 }
 
-pub(crate) struct Prometheus(pub(crate) Child);
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// A Prometheus of our own on a free loopback port, scraping each job's targets and evaluating
+/// the shipped rules every second, stopped when dropped; and its base URL.
+pub(crate) fn start_prometheus(
+    binary: &Path,
+    dir: &Path,
+    jobs: &[(&str, &[String])],
+) -> (crate::binary::Running, String) {
+    let port = crate::redis::free_port();
+    let mut config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
+        repo("alerts/dispatchd.rules.yml").display()
+    );
+    for (job, targets) in jobs {
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        config.push_str(&format!(
+            "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ));
     }
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(binary)
+        .arg(format!("--config.file={}", path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (
+        crate::binary::Running(child),
+        format!("http://127.0.0.1:{port}"),
+    )
+}
+
+/// Waits, bounded, until Prometheus answers `expr` with the single value `value`.
+pub(crate) async fn wait_for_value(client: &reqwest::Client, base: &str, expr: &str, value: &str) {
+    wait_for_async(
+        &format!("Prometheus to answer `{expr}` with {value}"),
+        || async {
+            let answer = client
+                .get(format!("{base}/api/v1/query"))
+                .query(&[("query", expr)])
+                .send()
+                .await;
+            match answer {
+                Ok(answer) => answer
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["data"]["result"][0]["value"][1] == value),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
 }
 
 pub(crate) async fn query(client: &reqwest::Client, base: &str, expr: &str) -> Value {
@@ -334,51 +385,13 @@ async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometh
     let simulation = tokio::spawn(run(config, options, stop.clone(), Some(serving)));
     let address = address.await.expect("dispatchd serves");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let prometheus_config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prometheus_config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: dispatchd\n    static_configs:\n      - targets: [\"{address}\"]\n",
-            repo("alerts/dispatchd.rules.yml").display()
-        ),
-    )
-    .unwrap();
-    let _prometheus = Prometheus(
-        Command::new(prometheus)
-            .arg(format!("--config.file={}", prometheus_config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let (_prometheus, base) = start_prometheus(
+        &prometheus,
+        dir.path(),
+        &[("dispatchd", &[address.to_string()])],
     );
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_for_async("Prometheus to scrape dispatchd", || async {
-        let answer = client
-            .get(format!("{base}/api/v1/query"))
-            .query(&[("query", "up")])
-            .send()
-            .await;
-        match answer {
-            Ok(answer) => answer
-                .json::<Value>()
-                .await
-                .map(|v| v["data"]["result"][0]["value"][1] == "1")
-                .unwrap_or(false),
-            Err(_) => false,
-        }
-    })
-    .await;
+    wait_for_value(&client, &base, "up", "1").await;
 
     // Every panel: the query parses and returns at least one series. Some need the traffic to
     // have run a while (rates need two samples, the breaker a run of failures), so each waits,
