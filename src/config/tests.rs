@@ -1697,3 +1697,29 @@ fn no_default_is_written_in_the_validation_code() {
         found.join("\n")
     );
 }
+
+/// The library's own `Default`s (for embedders and tests that build without a config) are the
+/// embedded defaults, not a second opinion.
+#[test]
+fn library_defaults_match_the_embedded_ones() {
+    let embedded = Config::embedded().unwrap();
+    assert_eq!(embedded.health, crate::health::HealthConfig::default());
+    assert_eq!(embedded.registry, RegistryConfig::default());
+    let tracing = crate::telemetry::traces::TracingConfig::default();
+    assert_eq!(
+        (
+            embedded.tracing.sampling_ratio,
+            embedded.tracing.log_format,
+            embedded.tracing.otlp_metrics,
+            embedded.tracing.otlp_metrics_interval,
+            embedded.tracing.log_filter.as_str(),
+        ),
+        (
+            tracing.sampling_ratio,
+            tracing.log_format,
+            tracing.otlp_metrics,
+            tracing.otlp_metrics_interval,
+            tracing.log_filter.as_str(),
+        )
+    );
+}
