@@ -20,10 +20,13 @@ use tokio_util::task::TaskTracker;
 use crate::appender::{FileObserver, Files};
 use crate::bus::BusObserver;
 use crate::bus::redis::ConsumerConfig;
-use crate::sinks::{DriverConfig, FullPolicy, Sink, SinkConfig, SinkDriver, SinkObserver};
+use crate::config::{Config, RedisBusConfig, SinkSettings};
+use crate::sinks::{DriverConfig, Sink, SinkDriver, SinkObserver};
 use crate::telemetry::Telemetry;
 
-/// What `dispatchd sink` was asked to run (its command line, parsed).
+/// What `dispatchd sink` was asked to run (its command line, parsed). What is `None` is what
+/// a `[[sinks]]` element and the Redis bus of `serve` get: the embedded `[defaults.sinks]` and
+/// `[bus]` values.
 #[derive(Debug, Clone)]
 pub struct SinkServiceConfig {
     /// The sink plugin: `file`, `http`, `lunary` or `helicone`.
@@ -32,19 +35,26 @@ pub struct SinkServiceConfig {
     pub api_key: Option<String>,
     /// The sink's name (the `sink` label); default the service.
     pub name: Option<String>,
-    pub buffer: usize,
-    pub batch_size: usize,
-    pub flush_interval: Duration,
+    /// Default `[defaults.sinks] buffer`.
+    pub buffer: Option<usize>,
+    /// Default `[defaults.sinks] batch_size`.
+    pub batch_size: Option<usize>,
+    /// Default `[defaults.sinks] flush_interval`.
+    pub flush_interval: Option<Duration>,
     /// The Redis to read from; required unless replaying.
     pub bus: Option<String>,
-    pub stream: String,
+    /// Default `[bus] events_stream`.
+    pub stream: Option<String>,
     /// Default `dispatchd-sink-<name>`.
     pub group: Option<String>,
-    /// Default the host name.
+    /// Default the host name and the bound port.
     pub consumer: Option<String>,
-    pub claim_idle: Duration,
-    pub consumer_retention: Duration,
-    pub trim_every: Duration,
+    /// Default `[bus] claim_idle`.
+    pub claim_idle: Option<Duration>,
+    /// Default `[bus] consumer_retention`.
+    pub consumer_retention: Option<Duration>,
+    /// Default `[bus] trim_every`.
+    pub trim_every: Option<Duration>,
     /// Default `./dispatchd-data/<name>.dead-letters.jsonl`.
     pub dead_letter: Option<PathBuf>,
     /// Send this dead-letter file's events again, then stop.
@@ -66,7 +76,6 @@ pub struct Replayed {
 
 /// `dispatchd sink`, built and bound, not yet running.
 pub struct SinkService {
-    config: SinkServiceConfig,
     name: String,
     /// Host name and bound port: the default consumer name and `service.instance.id`.
     instance_id: String,
@@ -74,17 +83,16 @@ pub struct SinkService {
     files: Files,
     sink: Box<dyn Sink>,
     driver: DriverConfig,
+    /// Where the events are read, and how; `None` when a dead-letter file is replayed.
+    source: Option<(String, ConsumerConfig)>,
+    replay_dead_letters: Option<PathBuf>,
+    limits: crate::http::ConnectionLimits,
     listener: TcpListener,
 }
 
 impl SinkService {
     /// Validates, builds the telemetry and the sink, and binds the listener.
     pub async fn build(config: SinkServiceConfig) -> anyhow::Result<SinkService> {
-        anyhow::ensure!(
-            (1..=10_000).contains(&config.batch_size),
-            "--batch-size must be between 1 and 10000"
-        );
-        anyhow::ensure!(config.buffer >= 1, "--buffer must be at least 1");
         anyhow::ensure!(
             config.replay_dead_letters.is_some() || config.bus.is_some(),
             "--bus (or DISPATCHD_REDIS_URL) is required to read events"
@@ -93,6 +101,8 @@ impl SinkService {
             .name
             .clone()
             .unwrap_or_else(|| config.service.clone());
+        let settings = settings(&config, &name)?;
+        let embedded = Config::embedded().context("the embedded defaults")?;
         // Bound first: the instance id is the host name and the bound port, so two sink
         // processes on one host never share a consumer or a `service.instance.id`.
         let listener = TcpListener::bind(config.listen)
@@ -103,11 +113,39 @@ impl SinkService {
             crate::config::host_name(),
             listener.local_addr()?.port()
         );
+        let source = match &config.bus {
+            None => None,
+            Some(url) => {
+                let redis = RedisBusConfig::embedded(url.clone()).context("the embedded [bus]")?;
+                let consumer = ConsumerConfig {
+                    stream: config
+                        .stream
+                        .clone()
+                        .unwrap_or_else(|| embedded.bus.events_stream.clone()),
+                    group: config
+                        .group
+                        .clone()
+                        .unwrap_or_else(|| format!("dispatchd-sink-{name}")),
+                    consumer: config
+                        .consumer
+                        .clone()
+                        .unwrap_or_else(|| instance_id.clone()),
+                    count: settings.driver.batch_size,
+                    block: Duration::from_secs(1),
+                    claim_idle: config.claim_idle.unwrap_or(redis.claim_idle),
+                    retention: config
+                        .consumer_retention
+                        .unwrap_or(redis.consumer_retention),
+                    trim_every: Some(config.trim_every.unwrap_or(redis.trim_every)),
+                };
+                Some((url.clone(), consumer))
+            }
+        };
         let telemetry = Telemetry::for_instance(
             &crate::config::MetricsConfig {
                 enabled: true,
                 namespace: config.metrics_namespace.clone(),
-                cardinality_limit: 2000,
+                ..embedded.metrics
             },
             None,
             &instance_id,
@@ -119,43 +157,22 @@ impl SinkService {
                 .file_metrics()
                 .map(|m| Arc::new(m) as Arc<dyn FileObserver>),
         );
-        let sink = crate::sinks::build_with(
-            &SinkConfig {
-                name: name.clone(),
-                service: config.service.clone(),
-                endpoint: config.endpoint.clone(),
-                api_key: config.api_key.clone(),
-                headers: Default::default(),
-                timeout: Duration::from_secs(10),
-                fsync: false,
-            },
-            &files,
-        )
-        .map_err(anyhow::Error::msg)?;
-        let driver = DriverConfig {
-            batch_size: config.batch_size,
-            flush_interval: config.flush_interval,
-            buffer: config.buffer,
-            full: FullPolicy::Block,
-            retry: crate::resilience::RetryPolicy {
-                attempts: 5,
-                initial_backoff: Duration::from_millis(200),
-                max_backoff: Duration::from_secs(30),
-            },
-            shutdown_deadline: Duration::from_secs(10),
-            send_timeout: Duration::from_secs(11),
-            dead_letter: config.dead_letter.clone().unwrap_or_else(|| {
-                PathBuf::from(format!("./dispatchd-data/{name}.dead-letters.jsonl"))
-            }),
-        };
+        let sink = crate::sinks::build_with(&settings.sink, &files).map_err(anyhow::Error::msg)?;
         Ok(SinkService {
-            config,
             name,
             instance_id,
             telemetry,
             files,
             sink,
-            driver,
+            driver: settings.driver,
+            source,
+            replay_dead_letters: config.replay_dead_letters,
+            // serve's limits, but fewer connections: a slow client cannot hold this port.
+            limits: crate::http::ConnectionLimits {
+                max_connections: 256,
+                max_header_bytes: embedded.server.max_header_bytes,
+                header_read_timeout: embedded.server.header_read_timeout,
+            },
             listener,
         })
     }
@@ -175,26 +192,23 @@ impl SinkService {
     /// meter provider down.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<Option<Replayed>> {
         let SinkService {
-            config,
             name,
             instance_id,
             telemetry,
             files: _,
             sink,
             driver,
+            source,
+            replay_dead_letters,
+            limits,
             listener,
         } = self;
         tracing::info!(listen = %listener.local_addr()?, instance_id = %instance_id, sink = %name, "dispatchd sink is serving /metrics and /health.");
-        // The same connection limits as serve's defaults: a slow client cannot hold this port.
         let stop_server = shutdown.child_token();
         let server = tokio::spawn(crate::http::serve(
             listener,
             crate::http::metrics_router(telemetry.clone()),
-            crate::http::ConnectionLimits {
-                max_connections: 256,
-                max_header_bytes: 16 * 1024,
-                header_read_timeout: Duration::from_secs(10),
-            },
+            limits,
             telemetry.http_metrics(),
             stop_server.clone(),
         ));
@@ -202,31 +216,15 @@ impl SinkService {
             .sink_metrics()
             .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
 
-        let outcome = match (&config.replay_dead_letters, &config.bus) {
-            (Some(file), _) => replay(file, sink, driver, observer).await.map(Some),
+        let outcome = match (replay_dead_letters, source) {
+            (Some(file), _) => replay(&file, sink, driver, observer).await.map(Some),
             (None, None) => Err(anyhow::anyhow!(
                 "--bus (or DISPATCHD_REDIS_URL) is required to read events"
             )),
-            (None, Some(url)) => {
-                let consumer = ConsumerConfig {
-                    stream: config.stream.clone(),
-                    group: config
-                        .group
-                        .clone()
-                        .unwrap_or_else(|| format!("dispatchd-sink-{name}")),
-                    consumer: config
-                        .consumer
-                        .clone()
-                        .unwrap_or_else(|| instance_id.clone()),
-                    count: config.batch_size,
-                    block: Duration::from_secs(1),
-                    claim_idle: config.claim_idle,
-                    retention: config.consumer_retention,
-                    trim_every: Some(config.trim_every),
-                };
+            (None, Some((url, consumer))) => {
                 let bus_observer = telemetry.bus_metrics().map(|m| m as Arc<dyn BusObserver>);
                 crate::sinks::service::run_from_redis(
-                    url.clone(),
+                    url,
                     consumer,
                     sink,
                     driver,
@@ -244,6 +242,33 @@ impl SinkService {
         telemetry.shutdown();
         outcome
     }
+}
+
+/// The sink's settings: the embedded `[defaults.sinks]`, and the flags over them.
+fn settings(config: &SinkServiceConfig, name: &str) -> anyhow::Result<SinkSettings> {
+    let mut settings =
+        SinkSettings::embedded(name, &config.service).context("the embedded [defaults.sinks]")?;
+    settings.sink.endpoint = config.endpoint.clone();
+    settings.sink.api_key = config.api_key.clone();
+    let driver = &mut settings.driver;
+    if let Some(batch_size) = config.batch_size {
+        anyhow::ensure!(
+            (1..=10_000).contains(&batch_size),
+            "--batch-size must be between 1 and 10000"
+        );
+        driver.batch_size = batch_size;
+    }
+    if let Some(buffer) = config.buffer {
+        anyhow::ensure!(buffer >= 1, "--buffer must be at least 1");
+        driver.buffer = buffer;
+    }
+    if let Some(flush_interval) = config.flush_interval {
+        driver.flush_interval = flush_interval;
+    }
+    if let Some(dead_letter) = &config.dead_letter {
+        driver.dead_letter = dead_letter.clone();
+    }
+    Ok(settings)
 }
 
 /// Sends the events of a dead-letter file again through the sink's driver. The file is moved
@@ -276,4 +301,78 @@ async fn replay(
         file: file.to_owned(),
         moved_to,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> SinkServiceConfig {
+        SinkServiceConfig {
+            service: "file".into(),
+            endpoint: Some("out.jsonl".into()),
+            api_key: None,
+            name: None,
+            buffer: None,
+            batch_size: None,
+            flush_interval: None,
+            bus: None,
+            stream: None,
+            group: None,
+            consumer: None,
+            claim_idle: None,
+            consumer_retention: None,
+            trim_every: None,
+            dead_letter: None,
+            replay_dead_letters: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_namespace: String::new(),
+        }
+    }
+
+    /// The flags left out take what a `[[sinks]]` element gets from the embedded defaults; the
+    /// flags given win, and are checked.
+    #[test]
+    fn flags_left_out_take_the_embedded_sink_defaults() {
+        let mut expected = SinkSettings::embedded("file", "file").unwrap();
+        expected.sink.endpoint = Some("out.jsonl".into());
+        assert_eq!(settings(&flags(), "file").unwrap(), expected);
+
+        let given = settings(
+            &SinkServiceConfig {
+                batch_size: Some(7),
+                buffer: Some(9),
+                flush_interval: Some(Duration::from_millis(250)),
+                dead_letter: Some("dead.jsonl".into()),
+                ..flags()
+            },
+            "file",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                given.driver.batch_size,
+                given.driver.buffer,
+                given.driver.flush_interval,
+                given.driver.dead_letter.as_path()
+            ),
+            (
+                7,
+                9,
+                Duration::from_millis(250),
+                std::path::Path::new("dead.jsonl")
+            )
+        );
+        assert_eq!(given.driver.retry, expected.driver.retry);
+
+        let error = settings(
+            &SinkServiceConfig {
+                buffer: Some(0),
+                ..flags()
+            },
+            "file",
+        )
+        .unwrap_err();
+        assert_eq!(error.to_string(), "--buffer must be at least 1");
+    }
 }

@@ -43,7 +43,9 @@ enum Command {
     /// environment merged) as TOML, every secret masked; exit 1 when it is invalid.
     Config,
     /// Run only the event-forwarding service: read dispatch events from a Redis stream as a member
-    /// of a consumer group and forward them to one sink (or replay a dead-letter file).
+    /// of a consumer group and forward them to one sink (or replay a dead-letter file). What a
+    /// flag does not say comes from the embedded defaults, as for serve: [defaults.sinks] and
+    /// [bus] (`dispatchd config` without a config file prints them).
     Sink(Box<SinkArgs>),
     /// Put the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
     /// the Redis events stream, so every sink's consumer group receives them. The file is moved
@@ -95,21 +97,22 @@ struct SinkArgs {
     /// The service's API key.
     #[arg(long, env = "DISPATCHD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Events queued for the sink at most.
-    #[arg(long, default_value_t = 1000)]
-    buffer: usize,
-    /// Events per batch at most.
-    #[arg(long, default_value_t = 100)]
-    batch_size: usize,
-    /// A partial batch is sent once its oldest event waited this long.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    flush_interval: std::time::Duration,
+    /// Events queued for the sink at most (default: [defaults.sinks] buffer).
+    #[arg(long)]
+    buffer: Option<usize>,
+    /// Events per batch at most (default: [defaults.sinks] batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// A partial batch is sent once its oldest event waited this long (default: [defaults.sinks]
+    /// flush_interval).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    flush_interval: Option<std::time::Duration>,
     /// The Redis to read from, such as redis://127.0.0.1:6379.
     #[arg(long, env = "DISPATCHD_REDIS_URL", value_name = "URL")]
     bus: Option<String>,
-    /// The stream of dispatch events.
-    #[arg(long, default_value = "dispatchd:events")]
-    stream: String,
+    /// The stream of dispatch events (default: [bus] events_stream).
+    #[arg(long)]
+    stream: Option<String>,
     /// The consumer group (default `dispatchd-sink-<name>`).
     #[arg(long)]
     group: Option<String>,
@@ -117,15 +120,17 @@ struct SinkArgs {
     /// re-reads its own pending entries.
     #[arg(long)]
     consumer: Option<String>,
-    /// Entries pending with another consumer for longer are claimed.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    claim_idle: std::time::Duration,
-    /// Consumers of the group idle this long with nothing pending are removed from it.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    consumer_retention: std::time::Duration,
-    /// How often the stream is trimmed of what every group has acknowledged.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    trim_every: std::time::Duration,
+    /// Entries pending with another consumer for longer are claimed (default: [bus] claim_idle).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    claim_idle: Option<std::time::Duration>,
+    /// Consumers of the group idle this long with nothing pending are removed from it (default:
+    /// [bus] consumer_retention).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    consumer_retention: Option<std::time::Duration>,
+    /// How often the stream is trimmed of what every group has acknowledged (default: [bus]
+    /// trim_every).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    trim_every: Option<std::time::Duration>,
     /// The sink's name (the `sink` label; default the service).
     #[arg(long)]
     name: Option<String>,
@@ -147,9 +152,9 @@ struct RepublishArgs {
     /// The Redis, such as redis://127.0.0.1:6379.
     #[arg(long, env = "DISPATCHD_REDIS_URL", value_name = "URL")]
     bus: String,
-    /// The stream of dispatch events.
-    #[arg(long, default_value = "dispatchd:events")]
-    stream: String,
+    /// The stream of dispatch events (default: [bus] events_stream).
+    #[arg(long)]
+    stream: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -329,21 +334,27 @@ fn simulate(config_file: Option<&std::path::Path>, args: SimulateArgs) -> ExitCo
 
 fn republish(args: RepublishArgs) -> ExitCode {
     init_logging(&std::env::var("DISPATCHD_LOG").unwrap_or_else(|_| "warn".to_owned()));
+    let stream = match args.stream {
+        Some(stream) => stream,
+        None => match Config::embedded() {
+            Ok(embedded) => embedded.bus.events_stream,
+            Err(error) => {
+                print_config_error(&error);
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    let outcome = runtime.block_on(crate::bus::redis::republish(
-        &args.bus,
-        &args.stream,
-        &args.file,
-    ));
+    let outcome = runtime.block_on(crate::bus::redis::republish(&args.bus, &stream, &args.file));
     match outcome {
         Ok(done) => {
             println!(
                 "republished {} events from {} on {} (the file is now {})",
                 done.published,
                 args.file.display(),
-                args.stream,
+                stream,
                 done.moved_to.display()
             );
             if done.returned == 0 {
@@ -584,6 +595,31 @@ mod tests {
             (5.0, std::time::Duration::from_secs(2))
         );
         assert!(Cli::try_parse_from(["dispatchd", "simulate", "--duration", "soon"]).is_err());
+    }
+
+    /// `dispatchd sink` holds no default of its own: what is not given is `None`, for the
+    /// embedded `[defaults.sinks]` and `[bus]` to fill in.
+    #[test]
+    fn sink_flags_left_out_are_left_to_the_embedded_defaults() {
+        let cli = Cli::try_parse_from(["dispatchd", "sink", "--service", "file"]).unwrap();
+        let Some(Command::Sink(args)) = cli.command else {
+            panic!("sink")
+        };
+        assert_eq!(
+            (args.buffer, args.batch_size, args.flush_interval),
+            (None, None, None)
+        );
+        assert_eq!(
+            (args.claim_idle, args.consumer_retention, args.trim_every),
+            (None, None, None)
+        );
+        assert_eq!(args.stream, None);
+        let cli = Cli::try_parse_from(["dispatchd", "republish", "x.jsonl", "--bus", "redis://h"])
+            .unwrap();
+        let Some(Command::Republish(args)) = cli.command else {
+            panic!("republish")
+        };
+        assert_eq!(args.stream, None);
     }
 
     #[test]

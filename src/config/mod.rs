@@ -194,6 +194,14 @@ pub struct RedisBusConfig {
     pub dead_letter: PathBuf,
 }
 
+impl RedisBusConfig {
+    /// A Redis bus at `url` (taken as it is) with every other setting from the embedded
+    /// `[bus]`: what `dispatchd sink` consumes with unless its flags say otherwise.
+    pub fn embedded(url: String) -> Result<RedisBusConfig, ConfigError> {
+        raw::embedded_redis_bus(url)
+    }
+}
+
 /// A stream of messages to dispatch: each entry's `data` is `{"topic": …, "envelope": {…}}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
@@ -206,6 +214,15 @@ pub struct SourceConfig {
 pub struct SinkSettings {
     pub sink: crate::sinks::SinkConfig,
     pub driver: crate::sinks::DriverConfig,
+}
+
+impl SinkSettings {
+    /// What a `[[sinks]]` element that sets only `name` and `service` runs with: every other
+    /// setting from the embedded `[defaults.sinks]` (no endpoint, no key). `dispatchd sink`
+    /// starts from these and lays its flags over them.
+    pub fn embedded(name: &str, service: &str) -> Result<SinkSettings, ConfigError> {
+        raw::embedded_sink(name, service)
+    }
 }
 
 /// One configured dispatcher. The built-in kinds are handlers of events and intents.

@@ -26,12 +26,6 @@ use crate::resilience::{
 use crate::sinks::{DriverConfig, FullPolicy, SERVICES, SinkConfig};
 use crate::telemetry::traces::{LogFormat, TracingConfig};
 
-/// How long a `redis_stream` or `nats` call may take when `call_timeout` is not set.
-const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Where a `nats` dispatcher publishes when `nats_url` is not set.
-const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-
 /// The largest cardinality limit a config may set: past it a scrape grows unbounded anyway.
 const MAX_CARDINALITY_LIMIT: u64 = 100_000;
 
@@ -59,6 +53,122 @@ struct RawConfig {
     auth: RawAuth,
     redaction: RawRedaction,
     sources: Option<Vec<RawSource>>,
+    /// Checked ([`defaults_shape`]) and laid under the lists' elements before this is read.
+    #[allow(dead_code)]
+    defaults: serde::de::IgnoredAny,
+}
+
+/// The shape of `[defaults.*]`: what each list's elements get for the fields they leave out.
+/// Every field is in default.toml, the one home of the defaults: a file may change them, not add
+/// to them. Read only to check that shape (the values reach the elements as TOML, through
+/// [`spread`]), so that a problem with one is reported once, at its line, and every element
+/// takes values of the right type; no field is ever read.
+#[allow(dead_code)]
+mod defaults_shape {
+    use serde::Deserialize;
+
+    use super::RawRetry;
+
+    /// Only `[defaults]`: the rest of the file is checked once the defaults are spread.
+    #[derive(Debug, Deserialize)]
+    pub(super) struct Only {
+        defaults: Defaults,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Defaults {
+        sinks: Sinks,
+        sources: Sources,
+        routes: Routes,
+        dispatchers: Dispatchers,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sinks {
+        timeout: String,
+        fsync: bool,
+        batch_size: usize,
+        flush_interval: String,
+        buffer: usize,
+        full_policy: String,
+        shutdown_deadline: String,
+        retry: RawRetry,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sources {
+        group: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Routes {
+        enabled: bool,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Dispatchers {
+        timeout: String,
+        critical: bool,
+        method: String,
+        call_timeout: String,
+        nats_url: String,
+        jetstream: bool,
+        retry: Backoff,
+        circuit_breaker: Breaker,
+        rate_limit: RateLimit,
+        concurrency: Concurrency,
+        dedup: Dedup,
+        policy: Policy,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Backoff {
+        initial_backoff: String,
+        max_backoff: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Breaker {
+        cool_down: String,
+        half_open_successes: u32,
+        minimum_calls: u32,
+        window: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RateLimit {
+        mode: String,
+        max_wait: String,
+        scope: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Concurrency {
+        max_waiting: usize,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Dedup {
+        ttl: String,
+        capacity: u64,
+        scope: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Policy {
+        default: String,
+    }
 }
 
 /// Every field is in default.toml, the one home of the defaults.
@@ -98,7 +208,7 @@ struct RawBus {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     stream: String,
-    group: Option<String>,
+    group: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,16 +220,16 @@ struct RawSink {
     api_key: Option<String>,
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
-    timeout: Option<String>,
-    #[serde(default)]
+    timeout: String,
     fsync: bool,
-    batch_size: Option<usize>,
-    flush_interval: Option<String>,
-    buffer: Option<usize>,
-    full_policy: Option<String>,
+    batch_size: usize,
+    flush_interval: String,
+    buffer: usize,
+    full_policy: String,
+    /// Computed from the name when not set.
     dead_letter: Option<String>,
-    shutdown_deadline: Option<String>,
-    retry: Option<RawRetry>,
+    shutdown_deadline: String,
+    retry: RawRetry,
 }
 
 /// Every field is in default.toml, the one home of the defaults.
@@ -191,16 +301,21 @@ struct RawDispatcher {
     kind: String,
     category: String,
     message_types: Option<Vec<String>>,
-    timeout: Option<String>,
+    timeout: String,
+    // Computed from the id when not set.
     path: Option<String>,
+    // Computed ([health] stale_threshold, a quarter of it) when not set.
     stale_threshold: Option<String>,
     heartbeat_interval: Option<String>,
+    /// Not given to workers, which say it when they register.
     critical: Option<bool>,
     retry: Option<RawRetry>,
     circuit_breaker: Option<RawBreaker>,
     rate_limit: Option<RawRateLimit>,
     concurrency: Option<RawConcurrency>,
     dedup: Option<RawDedup>,
+    // The fields of one kind (see KIND_FIELDS): the defaults give those that have one to every
+    // dispatcher of that kind, and to no other.
     // kind = "http"
     url: Option<String>,
     method: Option<String>,
@@ -226,8 +341,8 @@ struct RawDispatcher {
 struct RawPolicy {
     /// The `policy` label of `dispatcher_policy_denials_total` (default: the dispatcher id).
     name: Option<String>,
-    /// What a command no rule matches gets (default: deny).
-    default: Option<String>,
+    /// What a command no rule matches gets.
+    default: String,
     rules: Option<Vec<RawPolicyRule>>,
 }
 
@@ -244,8 +359,8 @@ struct RawPolicyRule {
 #[serde(deny_unknown_fields)]
 struct RawRetry {
     attempts: u32,
-    initial_backoff: Option<String>,
-    max_backoff: Option<String>,
+    initial_backoff: String,
+    max_backoff: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,37 +368,40 @@ struct RawRetry {
 struct RawBreaker {
     consecutive_failures: Option<u32>,
     failure_ratio: Option<f64>,
+    /// These two go with `failure_ratio`, and their defaults only to a breaker that has it.
     minimum_calls: Option<u32>,
     window: Option<String>,
-    cool_down: Option<String>,
-    half_open_successes: Option<u32>,
+    cool_down: String,
+    half_open_successes: u32,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
     per_second: u32,
+    /// Computed (`per_second`) when not set.
     burst: Option<u32>,
-    mode: Option<String>,
+    mode: String,
+    /// Mode "wait" only, and its default only to a limit of that mode.
     max_wait: Option<String>,
-    /// "instance" (default) or "cluster" (one bucket in the bus's Redis).
-    scope: Option<String>,
+    /// "instance" or "cluster" (one bucket in the bus's Redis).
+    scope: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConcurrency {
     max_in_flight: usize,
-    max_waiting: Option<usize>,
+    max_waiting: usize,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDedup {
-    ttl: Option<String>,
-    capacity: Option<u64>,
-    /// "instance" (default) or "cluster" (ids shared in the bus's Redis).
-    scope: Option<String>,
+    ttl: String,
+    capacity: u64,
+    /// "instance" or "cluster" (ids shared in the bus's Redis).
+    scope: String,
 }
 
 /// Every field is in default.toml, the one home of the defaults.
@@ -313,12 +431,7 @@ struct RawRoute {
     message_category: String,
     dispatcher_id: String,
     message_type: Option<String>,
-    #[serde(default = "enabled_by_default")]
     enabled: bool,
-}
-
-fn enabled_by_default() -> bool {
-    true
 }
 
 /// One validation pass: collects every problem, each placed by [`Origins`]. Each section of the
@@ -360,6 +473,7 @@ impl Checker<'_, '_> {
 }
 
 /// Knows where every field came from, to report problems by file line or variable name.
+#[derive(Default)]
 struct Origins<'a> {
     file: Option<(&'a Path, &'a str, Option<toml_edit::Document<&'a str>>)>,
     env: HashMap<&'static str, &'static str>,
@@ -367,6 +481,9 @@ struct Origins<'a> {
     /// the file index of each element that remains: validation sees the remaining ones, and
     /// its problems name the elements as the file numbers them.
     kept: HashMap<&'static str, Vec<usize>>,
+    /// Each value [`spread`] filled in (`dispatchers[2].retry.max_backoff`, as the file numbers
+    /// the elements) → the default it came from (`defaults.dispatchers.retry.max_backoff`).
+    spread: HashMap<String, String>,
 }
 
 impl Origins<'_> {
@@ -427,14 +544,103 @@ impl Origins<'_> {
         Origin::Defaults
     }
 
+    /// Where the file writes `field` itself, if it does.
+    fn written(&self, field: &str) -> Option<Origin> {
+        let (path, text, document) = self.file.as_ref()?;
+        let offset = offset_of(document.as_ref()?.as_table(), field)?;
+        Some(Origin::File {
+            path: path.to_path_buf(),
+            line: Some(line_of(text, offset)),
+        })
+    }
+
     fn problem(&self, field: impl Into<String>, message: impl Into<String>) -> Problem {
         let field = self.in_file(&field.into());
+        // A value the file's own `[defaults.*]` gave the element is that line's problem (once,
+        // however many elements took it); one from the embedded defaults stays the element's,
+        // which is where a value of its own would go.
+        if let Some(from) = self.spread.get(&field) {
+            if let Some(origin) = self.written(from) {
+                return Problem {
+                    origin,
+                    field: from.clone(),
+                    message: message.into(),
+                };
+            }
+        }
         Problem {
             origin: self.of(&field),
             field,
             message: message.into(),
         }
     }
+}
+
+/// default.toml as a table.
+fn embedded_table() -> Result<toml::Table, ConfigError> {
+    toml::from_str(DEFAULT_TOML).map_err(|e: toml::de::Error| defaults_error(e.message()))
+}
+
+/// A problem of the embedded defaults themselves (a test keeps them free of any).
+fn defaults_error(message: &str) -> ConfigError {
+    ConfigError::Invalid(vec![Problem {
+        origin: Origin::Defaults,
+        field: String::new(),
+        message: message.to_owned(),
+    }])
+}
+
+/// Reads `value`, a part of the embedded defaults, as `R` and validates it with `validate`,
+/// whose problems name their fields as it says.
+fn from_embedded<R: serde::de::DeserializeOwned, T>(
+    value: toml::Value,
+    validate: impl FnOnce(&R, &mut Checker<'_, '_>) -> T,
+) -> Result<T, ConfigError> {
+    let raw: R = value
+        .try_into()
+        .map_err(|e: toml::de::Error| defaults_error(e.message()))?;
+    let origins = Origins::default();
+    let mut check = Checker {
+        origins: &origins,
+        problems: Vec::new(),
+    };
+    let validated = validate(&raw, &mut check);
+    if check.problems.is_empty() {
+        Ok(validated)
+    } else {
+        Err(ConfigError::Invalid(check.problems))
+    }
+}
+
+/// A sink that sets only its name and service, read as a `[[sinks]]` element: every other
+/// setting comes from the embedded `[defaults.sinks]`.
+pub(super) fn embedded_sink(name: &str, service: &str) -> Result<SinkSettings, ConfigError> {
+    let mut table = embedded_table()?;
+    let mut element = toml::Table::new();
+    element.insert("name".to_owned(), name.into());
+    element.insert("service".to_owned(), service.into());
+    table.insert("sinks".to_owned(), vec![toml::Value::Table(element)].into());
+    spread(&mut table, &mut Origins::default());
+    let sink = match table.remove("sinks") {
+        Some(toml::Value::Array(mut sinks)) => sinks.pop(),
+        _ => None,
+    };
+    let Some(sink) = sink else {
+        return Err(defaults_error(
+            "the sink went missing while its defaults were laid under it",
+        ));
+    };
+    from_embedded(sink, |raw: &RawSink, check| {
+        sink_settings(raw, &|field| format!("defaults.sinks.{field}"), check)
+    })
+}
+
+/// A Redis bus at `url` (not checked here) with every other setting from the embedded `[bus]`.
+pub(super) fn embedded_redis_bus(url: String) -> Result<RedisBusConfig, ConfigError> {
+    let Some(bus) = embedded_table()?.remove("bus") else {
+        return Err(defaults_error("`bus` is missing"));
+    };
+    from_embedded(bus, |raw: &RawBus, check| redis_bus(raw, url, check))
 }
 
 pub(super) fn load(
@@ -451,22 +657,11 @@ pub(super) fn layered(
     env: &dyn Fn(&str) -> Option<String>,
     effective: &mut Option<toml::Table>,
 ) -> Result<Config, ConfigError> {
-    let mut merged: toml::Table = toml::from_str(DEFAULT_TOML).map_err(|e| {
-        ConfigError::Invalid(vec![Problem {
-            origin: Origin::Defaults,
-            field: String::new(),
-            message: e.message().to_owned(),
-        }])
-    })?;
-
-    let mut origins = Origins {
-        file: None,
-        env: HashMap::new(),
-        kept: HashMap::new(),
-    };
+    let mut merged = embedded_table()?;
+    let mut origins = Origins::default();
     let mut problems = Vec::new();
     let mut unreadable = Unreadable::default();
-    let defaults = merged.clone();
+    let embedded = merged.clone();
     if let Some((path, text)) = file {
         // A syntax error ends the reading; shape errors (unknown fields, wrong types, missing
         // fields) are each reported at the file's lines and the rest read on.
@@ -480,8 +675,14 @@ pub(super) fn layered(
         }
         merge(&mut merged, table);
         // Checked over the defaults, which give every table field its value (the defaults live
-        // in default.toml only): a value the file got wrong falls back to its default.
-        unreadable = check_shape(&mut merged, &defaults, &mut origins, &mut problems);
+        // in default.toml only): a value the file got wrong falls back to its default. The
+        // `[defaults.*]` first, so that the elements take only values of the right shape, and a
+        // wrong one is reported once, at its line.
+        check_shape::<defaults_shape::Only>(&mut merged, &embedded, &mut origins, &mut problems);
+        spread(&mut merged, &mut origins);
+        unreadable = check_shape::<RawConfig>(&mut merged, &embedded, &mut origins, &mut problems);
+    } else {
+        spread(&mut merged, &mut origins);
     }
 
     for &(var, field) in ENV_OVERRIDES {
@@ -532,6 +733,14 @@ pub(super) fn layered(
         Origin::Env(_) => (2, 0),
         Origin::Defaults => (3, 0),
     });
+    // A default several elements took is one problem.
+    let mut unique: Vec<Problem> = Vec::with_capacity(problems.len());
+    for problem in problems {
+        if !unique.contains(&problem) {
+            unique.push(problem);
+        }
+    }
+    let problems = unique;
     match config {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(ConfigError::Invalid(problems)),
@@ -614,7 +823,7 @@ fn validate(
                 );
             }
             SourceConfig {
-                group: source.group.unwrap_or_else(|| "dispatchd".to_owned()),
+                group: source.group,
                 stream: source.stream,
             }
         })
@@ -643,12 +852,9 @@ fn validate(
                 Category::Event
             }
         };
-        let timeout = match &d.timeout {
-            None => crate::engine::DEFAULT_TIMEOUT,
-            Some(text) => check
-                .duration(text, &at("timeout"))
-                .unwrap_or(Duration::MAX),
-        };
+        let timeout = check
+            .duration(&d.timeout, &at("timeout"))
+            .unwrap_or(Duration::MAX);
         let stale_threshold = match &d.stale_threshold {
             None => health.stale_threshold,
             Some(text) => check
@@ -680,28 +886,25 @@ fn validate(
                 ),
             );
         }
-        // Fields that belong to another kind are mistakes, each reported.
-        let kind_fields: [(&str, bool, &[&str]); 13] = [
-            ("path", d.path.is_some(), &["jsonl"]),
-            ("url", d.url.is_some(), &["http"]),
-            ("method", d.method.is_some(), &["http"]),
-            ("headers", d.headers.is_some(), &["http"]),
-            ("headers_env", d.headers_env.is_some(), &["http"]),
-            ("policy", d.policy.is_some(), &["http"]),
-            ("redis_url", d.redis_url.is_some(), &["redis_stream"]),
-            ("stream", d.stream.is_some(), &["redis_stream"]),
-            ("max_len", d.max_len.is_some(), &["redis_stream"]),
-            ("nats_url", d.nats_url.is_some(), &["nats"]),
-            ("subject", d.subject.is_some(), &["nats"]),
-            ("jetstream", d.jetstream.is_some(), &["nats"]),
-            (
-                "call_timeout",
-                d.call_timeout.is_some(),
-                &["redis_stream", "nats"],
-            ),
+        // Fields that belong to another kind are mistakes, each reported (the defaults fill in
+        // none there).
+        let set = [
+            d.path.is_some(),
+            d.url.is_some(),
+            d.method.is_some(),
+            d.headers.is_some(),
+            d.headers_env.is_some(),
+            d.policy.is_some(),
+            d.redis_url.is_some(),
+            d.stream.is_some(),
+            d.max_len.is_some(),
+            d.nats_url.is_some(),
+            d.subject.is_some(),
+            d.jetstream.is_some(),
+            d.call_timeout.is_some(),
         ];
         if DispatcherKind::NAMES.contains(&d.kind.as_str()) {
-            for (field, set, kinds) in kind_fields {
+            for ((field, kinds), set) in KIND_FIELDS.iter().zip(set) {
                 if set && !kinds.contains(&d.kind.as_str()) {
                     check.report(
                         at(field),
@@ -710,11 +913,19 @@ fn validate(
                 }
             }
         }
-        let call_timeout = match &d.call_timeout {
-            None => DEFAULT_CALL_TIMEOUT,
-            Some(text) => check
-                .positive(text, &at("call_timeout"))
-                .unwrap_or(DEFAULT_CALL_TIMEOUT),
+        // A field of this kind with a default: the defaults gave it to every dispatcher of the
+        // kind, so it is missing only when the defaults lack it.
+        let of_kind = |check: &mut Checker<'_, '_>, value: Option<&str>, field: &str| {
+            if value.is_none() {
+                check.report(at(field), format!("is required for kind `{}`", d.kind));
+            }
+            value.unwrap_or_default().to_owned()
+        };
+        let call_timeout = |check: &mut Checker<'_, '_>| {
+            let text = of_kind(check, d.call_timeout.as_deref(), "call_timeout");
+            check
+                .positive(&text, &at("call_timeout"))
+                .unwrap_or(Duration::MAX)
         };
         let kind = match d.kind.as_str() {
             "log" => DispatcherKind::Log,
@@ -779,14 +990,11 @@ fn validate(
                     url,
                     stream: d.stream.clone(),
                     max_len: d.max_len,
-                    call_timeout,
+                    call_timeout: call_timeout(check),
                 })
             }
             "nats" => {
-                let url = d
-                    .nats_url
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+                let url = of_kind(check, d.nats_url.as_deref(), "nats_url");
                 let problem = match url.parse::<async_nats::ServerAddr>() {
                     Ok(address) if address.host().is_empty() => Some("it has no host".to_owned()),
                     Ok(_) => None,
@@ -812,20 +1020,24 @@ fn validate(
                         );
                     }
                 }
+                if d.jetstream.is_none() {
+                    check.report(at("jetstream"), "is required for kind `nats`");
+                }
                 DispatcherKind::Nats(crate::dispatchers::NatsTarget {
                     url,
                     subject: d.subject.clone(),
-                    jetstream: d.jetstream.unwrap_or(false),
-                    call_timeout,
+                    jetstream: d.jetstream == Some(true),
+                    call_timeout: call_timeout(check),
                 })
             }
             "worker" => {
                 // The worker gives these when it registers; here they would silently do nothing.
-                for (field, set) in [
-                    ("stale_threshold", d.stale_threshold.is_some()),
-                    ("heartbeat_interval", d.heartbeat_interval.is_some()),
-                    ("critical", d.critical.is_some()),
-                ] {
+                let set = [
+                    d.stale_threshold.is_some(),
+                    d.heartbeat_interval.is_some(),
+                    d.critical.is_some(),
+                ];
+                for (field, set) in WORKER_FIELDS.into_iter().zip(set) {
                     if set {
                         check.report(
                             at(field),
@@ -854,7 +1066,8 @@ fn validate(
             kind,
             stale_threshold,
             heartbeat_interval,
-            critical: d.critical.unwrap_or(false),
+            // A worker says it when it registers; the defaults give every other kind a value.
+            critical: d.critical == Some(true),
             resilience: validate_resilience(d, &at, bus.redis.is_some(), check),
         });
     }
@@ -1088,21 +1301,20 @@ fn validate_http_target(
             }
         },
     };
-    let method = match d.method.as_deref() {
-        None => reqwest::Method::POST,
-        Some(text) => {
-            match text.to_ascii_uppercase().as_str() {
-                "POST" => reqwest::Method::POST,
-                "PUT" => reqwest::Method::PUT,
-                "PATCH" => reqwest::Method::PATCH,
-                _ => {
-                    check.report(
-                    at("method"),
-                    format!("`{text}` is not a method that carries a body (expected POST, PUT or PATCH)"),
-                );
-                    reqwest::Method::POST
-                }
-            }
+    // The defaults give every http dispatcher a method.
+    let text = d.method.as_deref().unwrap_or_default();
+    let method = match text.to_ascii_uppercase().as_str() {
+        "POST" => reqwest::Method::POST,
+        "PUT" => reqwest::Method::PUT,
+        "PATCH" => reqwest::Method::PATCH,
+        _ => {
+            check.report(
+                at("method"),
+                format!(
+                    "`{text}` is not a method that carries a body (expected POST, PUT or PATCH)"
+                ),
+            );
+            reqwest::Method::POST
         }
     };
     let mut headers = reqwest::header::HeaderMap::new();
@@ -1174,11 +1386,7 @@ fn validate_policy(
             Effect::Deny
         }
     };
-    let default = effect(
-        check,
-        raw.default.as_deref().unwrap_or("deny"),
-        at("policy.default"),
-    );
+    let default = effect(check, &raw.default, at("policy.default"));
     let name = raw.name.as_deref().unwrap_or(dispatcher_id);
     if !crate::engine::is_valid_id(name) {
         check.report(
@@ -1290,7 +1498,7 @@ fn check_with_engine(
                 .map(|(i, _)| i),
         };
         *n += 1;
-        format!("{list}[{}]", index.unwrap_or(0))
+        format!("{list}[{}]", index.unwrap_or_default())
     };
     for problem in error.problems {
         let field = match &problem {
@@ -1496,84 +1704,102 @@ fn validate_resilience(
     redis_bus: bool,
     check: &mut Checker<'_, '_>,
 ) -> ResilienceConfig {
-    let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
-        None => default,
-        Some(text) => check.positive(text, &at(field)).unwrap_or(default),
-    };
+    // Each section is the dispatcher's own, its missing fields filled in from the defaults. A
+    // refused value is reported; what stands in for it does not matter, the configuration is
+    // refused.
     let retry = d.retry.as_ref().map(|r| {
-        let initial_backoff = positive_or(
-            &r.initial_backoff,
-            "retry.initial_backoff",
-            Duration::from_millis(100),
-        );
-        let max_backoff = positive_or(&r.max_backoff, "retry.max_backoff", Duration::from_secs(10));
+        let initial_backoff = check.positive(&r.initial_backoff, &at("retry.initial_backoff"));
+        let max_backoff = check.positive(&r.max_backoff, &at("retry.max_backoff"));
+        if let (Some(initial), Some(max)) = (initial_backoff, max_backoff) {
+            if initial > max {
+                check.report(
+                    at("retry.initial_backoff"),
+                    "must not be longer than retry.max_backoff",
+                );
+            }
+        }
+        if r.attempts > 100 {
+            check.report(at("retry.attempts"), "must be at most 100");
+        }
         RetryPolicy {
             attempts: r.attempts,
-            initial_backoff,
-            max_backoff,
+            initial_backoff: initial_backoff.unwrap_or_default(),
+            max_backoff: max_backoff.unwrap_or_default(),
         }
     });
     let breaker = d.circuit_breaker.as_ref().map(|b| {
-        let cool_down = positive_or(
-            &b.cool_down,
-            "circuit_breaker.cool_down",
-            Duration::from_secs(30),
-        );
-        let window = positive_or(&b.window, "circuit_breaker.window", Duration::from_secs(60));
+        let cool_down = check
+            .positive(&b.cool_down, &at("circuit_breaker.cool_down"))
+            .unwrap_or_default();
         let trip = match (b.consecutive_failures, b.failure_ratio) {
             (Some(n), None) => Trip::ConsecutiveFailures(n),
-            (None, Some(ratio)) => Trip::FailureRatio {
-                ratio,
-                minimum_calls: b.minimum_calls.unwrap_or(10),
-                window,
-            },
+            (None, Some(ratio)) => {
+                // The defaults give both to every breaker with a failure ratio.
+                if b.minimum_calls.is_none() || b.window.is_none() {
+                    check.report(
+                        at("circuit_breaker"),
+                        "failure_ratio needs minimum_calls and window",
+                    );
+                }
+                let window = b
+                    .window
+                    .as_deref()
+                    .and_then(|window| check.positive(window, &at("circuit_breaker.window")));
+                Trip::FailureRatio {
+                    ratio,
+                    minimum_calls: b.minimum_calls.unwrap_or_default(),
+                    window: window.unwrap_or_default(),
+                }
+            }
             _ => Trip::ConsecutiveFailures(0),
         };
         BreakerConfig {
             trip,
             cool_down,
-            half_open_successes: b.half_open_successes.unwrap_or(1),
+            half_open_successes: b.half_open_successes,
         }
     });
     let rate_limit = d.rate_limit.as_ref().map(|r| {
-        let max_wait = positive_or(&r.max_wait, "rate_limit.max_wait", Duration::from_secs(1));
-        let mode = match r.mode.as_deref() {
-            None | Some("wait") => RateLimitMode::Wait { max_wait },
-            Some("reject") => RateLimitMode::Reject,
-            Some(_) => RateLimitMode::Reject,
+        let mode = match r.mode.as_str() {
+            "wait" => {
+                // The defaults give every limit that waits a max_wait.
+                let max_wait = r
+                    .max_wait
+                    .as_deref()
+                    .and_then(|max_wait| check.positive(max_wait, &at("rate_limit.max_wait")));
+                if r.max_wait.is_none() {
+                    check.report(at("rate_limit.max_wait"), "is required for mode \"wait\"");
+                }
+                RateLimitMode::Wait {
+                    max_wait: max_wait.unwrap_or_default(),
+                }
+            }
+            _ => RateLimitMode::Reject,
         };
         let one = NonZeroU32::MIN;
         RateLimitConfig {
             per_second: NonZeroU32::new(r.per_second).unwrap_or(one),
             burst: NonZeroU32::new(r.burst.unwrap_or(r.per_second)).unwrap_or(one),
             mode,
-            scope: protection_scope(r.scope.as_deref()),
+            scope: protection_scope(&r.scope),
         }
     });
     let concurrency = d.concurrency.as_ref().map(|c| ConcurrencyConfig {
         max_in_flight: c.max_in_flight,
-        max_waiting: c.max_waiting.unwrap_or(1000),
+        max_waiting: c.max_waiting,
     });
     let dedup = d.dedup.as_ref().map(|c| DedupConfig {
-        ttl: positive_or(&c.ttl, "dedup.ttl", Duration::from_secs(600)),
-        capacity: c.capacity.unwrap_or(100_000),
-        scope: protection_scope(c.scope.as_deref()),
+        ttl: check.positive(&c.ttl, &at("dedup.ttl")).unwrap_or_default(),
+        capacity: c.capacity,
+        scope: protection_scope(&c.scope),
     });
 
-    // The shapes above took defaults; here every value a user gave is checked.
+    // The shapes above are read; here every other rule of a value is checked.
     let mut check = |ok: bool, field: &str, message: &str| {
         if !ok {
             check.report(at(field), message);
         }
     };
-    if let (Some(raw), Some(retry)) = (&d.retry, &retry) {
-        check(raw.attempts <= 100, "retry.attempts", "must be at most 100");
-        check(
-            retry.initial_backoff <= retry.max_backoff,
-            "retry.initial_backoff",
-            "must not be longer than retry.max_backoff",
-        );
-    }
     if let Some(b) = &d.circuit_breaker {
         check(
             b.consecutive_failures.is_some() != b.failure_ratio.is_some(),
@@ -1604,7 +1830,7 @@ fn validate_resilience(
             "must be at least 1",
         );
         check(
-            b.half_open_successes != Some(0),
+            b.half_open_successes != 0,
             "circuit_breaker.half_open_successes",
             "must be at least 1",
         );
@@ -1617,12 +1843,12 @@ fn validate_resilience(
         );
         check(r.burst != Some(0), "rate_limit.burst", "must be at least 1");
         check(
-            matches!(r.mode.as_deref(), None | Some("wait") | Some("reject")),
+            matches!(r.mode.as_str(), "wait" | "reject"),
             "rate_limit.mode",
             "must be \"wait\" or \"reject\"",
         );
         check(
-            r.max_wait.is_none() || r.mode.as_deref() != Some("reject"),
+            r.max_wait.is_none() || r.mode != "reject",
             "rate_limit.max_wait",
             "applies only to mode \"wait\"",
         );
@@ -1635,30 +1861,21 @@ fn validate_resilience(
         );
     }
     if let Some(c) = &d.dedup {
-        check(
-            c.capacity != Some(0),
-            "dedup.capacity",
-            "must be at least 1",
-        );
+        check(c.capacity != 0, "dedup.capacity", "must be at least 1");
     }
     let scopes = [
-        (
-            "rate_limit.scope",
-            d.rate_limit.as_ref().and_then(|r| r.scope.as_deref()),
-        ),
-        (
-            "dedup.scope",
-            d.dedup.as_ref().and_then(|c| c.scope.as_deref()),
-        ),
+        ("rate_limit.scope", d.rate_limit.as_ref().map(|r| &r.scope)),
+        ("dedup.scope", d.dedup.as_ref().map(|c| &c.scope)),
     ];
     for (field, scope) in scopes {
+        let Some(scope) = scope else { continue };
         check(
-            matches!(scope, None | Some("instance") | Some("cluster")),
+            matches!(scope.as_str(), "instance" | "cluster"),
             field,
             "must be \"instance\" or \"cluster\"",
         );
         check(
-            scope != Some("cluster") || redis_bus,
+            scope != "cluster" || redis_bus,
             field,
             "\"cluster\" keeps its state in the bus's Redis: set bus.kind = \"redis\" (and bus.redis_url)",
         );
@@ -1672,10 +1889,10 @@ fn validate_resilience(
     }
 }
 
-/// An unknown scope was reported by the checks; it counts as the default meanwhile.
-fn protection_scope(text: Option<&str>) -> ProtectionScope {
+/// An unknown scope was reported by the checks; it stands as `instance` meanwhile.
+fn protection_scope(text: &str) -> ProtectionScope {
     match text {
-        Some("cluster") => ProtectionScope::Cluster,
+        "cluster" => ProtectionScope::Cluster,
         _ => ProtectionScope::Instance,
     }
 }
@@ -1722,56 +1939,48 @@ fn validate_sink(
             raw.service
         ),
     );
-    let batch_size = raw.batch_size.unwrap_or(100);
+    let mut settings = sink_settings(raw, &at, check);
+    settings.sink.api_key = api_key;
+    settings
+}
+
+/// A sink's plugin and driver settings from its element (the defaults filled in), every value
+/// checked; what the plugin needs (an endpoint, a key) is the caller's to check.
+fn sink_settings(
+    raw: &RawSink,
+    at: &dyn Fn(&str) -> String,
+    check: &mut Checker<'_, '_>,
+) -> SinkSettings {
+    let mut require = |ok: bool, field: &str, message: &str| {
+        if !ok {
+            check.report(at(field), message);
+        }
+    };
     require(
-        (1..=10_000).contains(&batch_size),
+        (1..=10_000).contains(&raw.batch_size),
         "batch_size",
-        "must be between 1 and 10000".into(),
+        "must be between 1 and 10000",
     );
-    let buffer = raw.buffer.unwrap_or(1000);
-    require(buffer >= 1, "buffer", "must be at least 1".into());
-    let full = match raw.full_policy.as_deref() {
-        None | Some("block") => FullPolicy::Block,
-        Some("drop_newest") => FullPolicy::DropNewest,
-        Some(other) => {
-            require(
-                false,
-                "full_policy",
+    require(raw.buffer >= 1, "buffer", "must be at least 1");
+    let full = match raw.full_policy.as_str() {
+        "block" => FullPolicy::Block,
+        "drop_newest" => FullPolicy::DropNewest,
+        other => {
+            check.report(
+                at("full_policy"),
                 format!("unknown policy `{other}` (expected block or drop_newest)"),
             );
             FullPolicy::Block
         }
     };
-    let mut positive_or = |text: &Option<String>, field: &str, default: Duration| match text {
-        None => default,
-        Some(text) => check.positive(text, &at(field)).unwrap_or(default),
-    };
-    let flush_interval = positive_or(
-        &raw.flush_interval,
-        "flush_interval",
-        Duration::from_secs(5),
-    );
-    let timeout = positive_or(&raw.timeout, "timeout", Duration::from_secs(10));
-    let shutdown_deadline = positive_or(
-        &raw.shutdown_deadline,
-        "shutdown_deadline",
-        Duration::from_secs(10),
-    );
-    let retry = match &raw.retry {
-        None => RetryPolicy {
-            attempts: 5,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(30),
-        },
-        Some(r) => RetryPolicy {
-            attempts: r.attempts,
-            initial_backoff: positive_or(
-                &r.initial_backoff,
-                "retry.initial_backoff",
-                Duration::from_millis(200),
-            ),
-            max_backoff: positive_or(&r.max_backoff, "retry.max_backoff", Duration::from_secs(30)),
-        },
+    // A refused value is reported; what stands in for it does not matter.
+    let mut positive =
+        |text: &str, field: &str| check.positive(text, &at(field)).unwrap_or_default();
+    let timeout = positive(&raw.timeout, "timeout");
+    let retry = RetryPolicy {
+        attempts: raw.retry.attempts,
+        initial_backoff: positive(&raw.retry.initial_backoff, "retry.initial_backoff"),
+        max_backoff: positive(&raw.retry.max_backoff, "retry.max_backoff"),
     };
     let dead_letter = raw
         .dead_letter
@@ -1785,49 +1994,49 @@ fn validate_sink(
             name: raw.name.clone(),
             service: raw.service.clone(),
             endpoint: raw.endpoint.clone(),
-            api_key,
+            api_key: raw.api_key.clone(),
             headers: raw.headers.clone(),
             timeout,
             fsync: raw.fsync,
         },
         driver: DriverConfig {
-            batch_size,
-            flush_interval,
-            buffer,
+            batch_size: raw.batch_size,
+            flush_interval: positive(&raw.flush_interval, "flush_interval"),
+            buffer: raw.buffer,
             full,
             retry,
-            shutdown_deadline,
-            send_timeout: timeout + Duration::from_secs(1),
+            shutdown_deadline: positive(&raw.shutdown_deadline, "shutdown_deadline"),
+            send_timeout: timeout + crate::sinks::SEND_TIMEOUT_MARGIN,
             dead_letter,
         },
+    }
+}
+
+/// The Redis settings of `[bus]`, with `url` (checked by the caller).
+fn redis_bus(raw: &RawBus, url: String, check: &mut Checker<'_, '_>) -> RedisBusConfig {
+    let mut positive =
+        |text: &str, field: &str| check.positive(text, field).unwrap_or(Duration::MAX);
+    RedisBusConfig {
+        url,
+        max_len: raw.max_len.filter(|n| *n > 0),
+        consumer: raw.consumer.clone(),
+        claim_idle: positive(&raw.claim_idle, "bus.claim_idle"),
+        consumer_retention: positive(&raw.consumer_retention, "bus.consumer_retention"),
+        trim_every: positive(&raw.trim_every, "bus.trim_every"),
+        dead_letter: PathBuf::from(&raw.dead_letter),
     }
 }
 
 fn validate_bus(raw: &RawBus, check: &mut Checker<'_, '_>) -> BusConfig {
     let events_stream = raw.events_stream.clone();
     let outputs_prefix = raw.outputs_prefix.clone();
-    let claim_idle = check
-        .positive(&raw.claim_idle, "bus.claim_idle")
-        .unwrap_or(Duration::MAX);
-    let consumer_retention = check
-        .positive(&raw.consumer_retention, "bus.consumer_retention")
-        .unwrap_or(Duration::MAX);
-    let trim_every = check
-        .positive(&raw.trim_every, "bus.trim_every")
-        .unwrap_or(Duration::MAX);
+    // Checked whatever the kind: a file may set them before it turns Redis on.
+    let settings = redis_bus(raw, raw.redis_url.clone().unwrap_or_default(), check);
     let redis = match raw.kind.as_str() {
         "memory" => None,
-        "redis" => match raw.redis_url.clone() {
+        "redis" => match &raw.redis_url {
             Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                Some(RedisBusConfig {
-                    url,
-                    max_len: raw.max_len.filter(|n| *n > 0),
-                    consumer: raw.consumer.clone(),
-                    claim_idle,
-                    consumer_retention,
-                    trim_every,
-                    dead_letter: PathBuf::from(&raw.dead_letter),
-                })
+                Some(settings)
             }
             Some(url) => {
                 check.report("bus.redis_url", format!("`{url}` is not a redis:// URL"));
@@ -1885,8 +2094,10 @@ fn validate_registry(
 ) -> RegistryConfig {
     let bus_is_redis = bus.kind == "redis";
     let kind = match raw.kind.as_deref() {
+        // Computed: it follows the bus.
         None if bus_is_redis => RegistryKind::Redis,
-        None | Some("memory") => RegistryKind::Memory,
+        None => RegistryKind::Memory,
+        Some("memory") => RegistryKind::Memory,
         Some("redis") if bus_is_redis => RegistryKind::Redis,
         Some("redis") => {
             check.report(
@@ -1949,13 +2160,153 @@ fn validate_health(raw: &RawHealth, check: &mut Checker<'_, '_>) -> HealthConfig
     }
 }
 
+/// Empty (no prefix), or `[a-zA-Z_][a-zA-Z0-9_]*`.
 fn is_valid_namespace(namespace: &str) -> bool {
     let mut bytes = namespace.bytes();
-    match bytes.next() {
-        None => true,
-        Some(first) => {
-            (first.is_ascii_alphabetic() || first == b'_')
-                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    bytes
+        .next()
+        .is_none_or(|first| first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The fields of one kind of dispatcher, and the kinds each belongs to: on a dispatcher of
+/// another kind such a field is a mistake, and its default (when it has one) is not filled in.
+const KIND_FIELDS: [(&str, &[&str]); 13] = [
+    ("path", &["jsonl"]),
+    ("url", &["http"]),
+    ("method", &["http"]),
+    ("headers", &["http"]),
+    ("headers_env", &["http"]),
+    ("policy", &["http"]),
+    ("redis_url", &["redis_stream"]),
+    ("stream", &["redis_stream"]),
+    ("max_len", &["redis_stream"]),
+    ("nats_url", &["nats"]),
+    ("subject", &["nats"]),
+    ("jetstream", &["nats"]),
+    ("call_timeout", &["redis_stream", "nats"]),
+];
+
+/// What a worker says when it registers: on a `worker` dispatcher these are mistakes, and their
+/// defaults are not filled in.
+const WORKER_FIELDS: [&str; 3] = ["stale_threshold", "heartbeat_interval", "critical"];
+
+/// The tables of an element that every element has, filled in from the defaults when it does not
+/// write them. Any other table of an element (a dispatcher's `retry`, `circuit_breaker`, …) is
+/// off unless written, and only a written one gets the defaults' fields.
+const TABLES_EVERY_ELEMENT_HAS: [(&str, &str); 1] = [("sinks", "retry")];
+
+/// Lays `[defaults.<list>]` under every element of each list: key by key, nested tables too, the
+/// element's own values winning. Remembers in `origins` which default each value filled in came
+/// from, so that a problem with it is reported where that default is written.
+fn spread(table: &mut toml::Table, origins: &mut Origins<'_>) {
+    let Some(toml::Value::Table(defaults)) = table.get("defaults").cloned() else {
+        return;
+    };
+    for (list, defaults) in &defaults {
+        let toml::Value::Table(defaults) = defaults else {
+            continue;
+        };
+        let Some(toml::Value::Array(elements)) = table.get_mut(list) else {
+            continue;
+        };
+        for (i, element) in elements.iter_mut().enumerate() {
+            let toml::Value::Table(element) = element else {
+                continue;
+            };
+            let mut to = Spread {
+                list,
+                kind: element
+                    .get("kind")
+                    .and_then(toml::Value::as_str)
+                    .map(str::to_owned),
+                filled: &mut origins.spread,
+            };
+            to.fill(
+                element,
+                defaults,
+                "",
+                &format!("{list}[{i}]"),
+                &format!("defaults.{list}"),
+            );
+        }
+    }
+}
+
+/// One element being filled in by [`spread`].
+struct Spread<'s> {
+    list: &'s str,
+    /// The element's `kind` (dispatchers).
+    kind: Option<String>,
+    filled: &'s mut HashMap<String, String>,
+}
+
+impl Spread<'_> {
+    /// Fills `table` (the element, or its table `section`, at `at`) from `defaults` (at `from`).
+    fn fill(
+        &mut self,
+        table: &mut toml::Table,
+        defaults: &toml::Table,
+        section: &str,
+        at: &str,
+        from: &str,
+    ) {
+        for (key, default) in defaults {
+            let (at, from) = (format!("{at}.{key}"), format!("{from}.{key}"));
+            match (table.get_mut(key), default) {
+                (Some(toml::Value::Table(inner)), toml::Value::Table(defaults)) => {
+                    self.fill(inner, defaults, key, &at, &from);
+                }
+                // The element's own value wins (a wrong shape is the shape check's to report).
+                (Some(_), _) => {}
+                (None, toml::Value::Table(defaults)) => {
+                    if section.is_empty() && TABLES_EVERY_ELEMENT_HAS.contains(&(self.list, key)) {
+                        let mut inner = toml::Table::new();
+                        self.fill(&mut inner, defaults, key, &at, &from);
+                        table.insert(key.clone(), toml::Value::Table(inner));
+                    }
+                }
+                (None, value) => {
+                    if self.applies(section, key, table, defaults) {
+                        table.insert(key.clone(), value.clone());
+                        self.filled.insert(at, from);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the default `key` of `section` (empty: the element itself) goes to this element,
+    /// whose `section` is `table`: a field of one kind only to dispatchers of that kind, what a
+    /// worker registers to no worker, and a protection's field that goes with one setting only
+    /// where that setting is (or defaults to) it.
+    fn applies(
+        &self,
+        section: &str,
+        key: &str,
+        table: &toml::Table,
+        defaults: &toml::Table,
+    ) -> bool {
+        if self.list != "dispatchers" {
+            return true;
+        }
+        let kind = self.kind.as_deref();
+        match section {
+            "" => {
+                let of_kind = KIND_FIELDS
+                    .iter()
+                    .find(|(field, _)| *field == key)
+                    .is_none_or(|(_, kinds)| kind.is_some_and(|kind| kinds.contains(&kind)));
+                of_kind && !(kind == Some("worker") && WORKER_FIELDS.contains(&key))
+            }
+            "circuit_breaker" => {
+                !matches!(key, "minimum_calls" | "window") || table.contains_key("failure_ratio")
+            }
+            "rate_limit" => {
+                let mode = table.get("mode").or_else(|| defaults.get("mode"));
+                key != "max_wait" || mode.and_then(toml::Value::as_str) != Some("reject")
+            }
+            _ => true,
         }
     }
 }
@@ -2040,12 +2391,12 @@ const DURATION_FIELDS: &[&str] = &[
 /// The most shape problems reported for one file; past it the file is hardly a config.
 const MAX_SHAPE_PROBLEMS: usize = 100;
 
-/// Reads the file's table into the raw shapes and reports every unknown field, wrongly typed
-/// value and missing required field with its full path. serde stops at the first problem, so
+/// Reads the file's table into `Shape` (the whole [`RawConfig`], or [`defaults_shape::Only`]) and reports
+/// every unknown field, wrongly typed value and missing required field with its full path. serde stops at the first problem, so
 /// each one's key is taken out of `table` and the rest read again; an element of a list of
 /// tables that cannot be read is taken out whole, and `origins` remembers which file elements
 /// remain.
-fn check_shape(
+fn check_shape<Shape: serde::de::DeserializeOwned>(
     table: &mut toml::Table,
     defaults: &toml::Table,
     origins: &mut Origins<'_>,
@@ -2054,7 +2405,7 @@ fn check_shape(
     let mut unreadable = Unreadable::default();
     for _ in 0..MAX_SHAPE_PROBLEMS {
         let value = toml::Value::Table(table.clone());
-        let Err(error) = serde_path_to_error::deserialize::<_, RawConfig>(value) else {
+        let Err(error) = serde_path_to_error::deserialize::<_, Shape>(value) else {
             return unreadable;
         };
         let path = match error.path().to_string() {

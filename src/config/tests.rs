@@ -1173,3 +1173,553 @@ SCOPE_DEDUP
         ["FILE:14: `dispatchers[0].dedup.scoped`: unknown field (did you mean `scope`?)"]
     );
 }
+
+/// `[defaults.<list>]` of default.toml, as a table.
+fn embedded_defaults(list: &str) -> toml::Table {
+    let table: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+    table["defaults"][list].as_table().unwrap().clone()
+}
+
+fn duration(value: &toml::Value) -> Duration {
+    humantime::parse_duration(value.as_str().unwrap()).unwrap()
+}
+
+/// Every element default a config reads is the value default.toml gives it: change one there
+/// and the configuration follows (and nothing else holds a copy to drift).
+#[test]
+fn element_defaults_are_the_values_default_toml_gives() {
+    use crate::engine::{Effect, RulePolicy};
+    use crate::resilience::{RateLimitMode, Scope, Trip};
+
+    let config = load(
+        r#"[bus]
+kind = "redis"
+redis_url = "redis://127.0.0.1:6379"
+
+[[sources]]
+stream = "in"
+
+[[sinks]]
+name = "s"
+service = "file"
+endpoint = "out.jsonl"
+
+[[dispatchers]]
+dispatcher_id = "log"
+kind = "log"
+category = "event"
+retry = { attempts = 1 }
+circuit_breaker = { failure_ratio = 0.5 }
+rate_limit = { per_second = 1 }
+concurrency = { max_in_flight = 1 }
+dedup = {}
+
+[[dispatchers]]
+dispatcher_id = "nats"
+kind = "nats"
+category = "event"
+
+[[dispatchers]]
+dispatcher_id = "stream"
+kind = "redis_stream"
+category = "event"
+
+[[dispatchers]]
+dispatcher_id = "billing"
+kind = "http"
+category = "command"
+url = "http://127.0.0.1:1/"
+policy = {}
+
+[[routes]]
+route_id = "log"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "log"
+"#,
+    )
+    .unwrap();
+
+    let d = embedded_defaults("dispatchers");
+    let [log, nats, stream, billing] = &config.dispatchers[..] else {
+        panic!("four dispatchers")
+    };
+    assert_eq!(log.timeout, duration(&d["timeout"]));
+    assert_eq!(
+        crate::engine::DEFAULT_TIMEOUT,
+        duration(&d["timeout"]),
+        "a dispatcher built in code times out like one configured"
+    );
+    assert_eq!(Some(log.critical), d["critical"].as_bool());
+    let r = &log.resilience;
+    let retry = r.retry.unwrap();
+    assert_eq!(
+        retry.initial_backoff,
+        duration(&d["retry"]["initial_backoff"])
+    );
+    assert_eq!(retry.max_backoff, duration(&d["retry"]["max_backoff"]));
+    let breaker = r.breaker.unwrap();
+    let b = &d["circuit_breaker"];
+    assert_eq!(breaker.cool_down, duration(&b["cool_down"]));
+    assert_eq!(
+        Some(i64::from(breaker.half_open_successes)),
+        b["half_open_successes"].as_integer()
+    );
+    assert_eq!(
+        breaker.trip,
+        Trip::FailureRatio {
+            ratio: 0.5,
+            minimum_calls: u32::try_from(b["minimum_calls"].as_integer().unwrap()).unwrap(),
+            window: duration(&b["window"]),
+        }
+    );
+    let limit = r.rate_limit.unwrap();
+    assert_eq!(d["rate_limit"]["mode"].as_str(), Some("wait"));
+    assert_eq!(
+        limit.mode,
+        RateLimitMode::Wait {
+            max_wait: duration(&d["rate_limit"]["max_wait"])
+        }
+    );
+    assert_eq!(d["rate_limit"]["scope"].as_str(), Some("instance"));
+    assert_eq!(limit.scope, Scope::Instance);
+    assert_eq!(
+        Some(r.concurrency.unwrap().max_waiting as i64),
+        d["concurrency"]["max_waiting"].as_integer()
+    );
+    let dedup = r.dedup.unwrap();
+    assert_eq!(dedup.ttl, duration(&d["dedup"]["ttl"]));
+    assert_eq!(
+        Some(dedup.capacity as i64),
+        d["dedup"]["capacity"].as_integer()
+    );
+    assert_eq!(d["dedup"]["scope"].as_str(), Some("instance"));
+    assert_eq!(dedup.scope, Scope::Instance);
+
+    let DispatcherKind::Nats(target) = &nats.kind else {
+        panic!("nats: {:?}", nats.kind)
+    };
+    assert_eq!(Some(target.url.as_str()), d["nats_url"].as_str());
+    assert_eq!(Some(target.jetstream), d["jetstream"].as_bool());
+    assert_eq!(target.call_timeout, duration(&d["call_timeout"]));
+    let DispatcherKind::RedisStream(target) = &stream.kind else {
+        panic!("redis_stream: {:?}", stream.kind)
+    };
+    assert_eq!(target.call_timeout, duration(&d["call_timeout"]));
+    let DispatcherKind::Http { target, policy } = &billing.kind else {
+        panic!("http: {:?}", billing.kind)
+    };
+    assert_eq!(Some(target.method.as_str()), d["method"].as_str());
+    let default = match d["policy"]["default"].as_str() {
+        Some("allow") => Effect::Allow,
+        _ => Effect::Deny,
+    };
+    assert_eq!(
+        policy.as_ref(),
+        Some(&RulePolicy::named("billing", default))
+    );
+
+    let s = embedded_defaults("sinks");
+    let sink = &config.sinks[0];
+    assert_eq!(sink.sink.timeout, duration(&s["timeout"]));
+    assert_eq!(Some(sink.sink.fsync), s["fsync"].as_bool());
+    let driver = &sink.driver;
+    assert_eq!(Some(driver.batch_size as i64), s["batch_size"].as_integer());
+    assert_eq!(driver.flush_interval, duration(&s["flush_interval"]));
+    assert_eq!(Some(driver.buffer as i64), s["buffer"].as_integer());
+    assert_eq!(s["full_policy"].as_str(), Some("block"));
+    assert_eq!(driver.full, crate::sinks::FullPolicy::Block);
+    assert_eq!(driver.shutdown_deadline, duration(&s["shutdown_deadline"]));
+    assert_eq!(
+        Some(i64::from(driver.retry.attempts)),
+        s["retry"]["attempts"].as_integer()
+    );
+    assert_eq!(
+        driver.retry.initial_backoff,
+        duration(&s["retry"]["initial_backoff"])
+    );
+    assert_eq!(
+        driver.retry.max_backoff,
+        duration(&s["retry"]["max_backoff"])
+    );
+    assert_eq!(
+        driver.send_timeout,
+        sink.sink.timeout + crate::sinks::SEND_TIMEOUT_MARGIN
+    );
+    assert_eq!(
+        driver.dead_letter,
+        Path::new("./dispatchd-data/s.dead-letters.jsonl")
+    );
+    // What `dispatchd sink` starts from is what a file's element gets.
+    let mut element = sink.clone();
+    element.sink.endpoint = None;
+    assert_eq!(SinkSettings::embedded("s", "file").unwrap(), element);
+
+    assert_eq!(
+        Some(config.sources[0].group.as_str()),
+        embedded_defaults("sources")["group"].as_str()
+    );
+    assert_eq!(
+        Some(config.routes[0].enabled),
+        embedded_defaults("routes")["enabled"].as_bool()
+    );
+    assert_eq!(
+        config.bus.redis,
+        Some(RedisBusConfig::embedded("redis://127.0.0.1:6379".to_owned()).unwrap())
+    );
+}
+
+/// A file's `[defaults.*]` apply to each of its elements that does not set the field, and only
+/// to those; an element's own value wins; a protection stays off where it is not written; and
+/// `dispatchd config` shows the values each element ends up with.
+#[test]
+fn a_files_defaults_apply_to_every_element_that_leaves_the_field_out() {
+    let f = file(
+        r#"[defaults.dispatchers]
+timeout = "5s"
+call_timeout = "750ms"
+
+[defaults.dispatchers.retry]
+max_backoff = "3s"
+
+[defaults.sinks]
+batch_size = 7
+
+[[sinks]]
+name = "a"
+service = "file"
+endpoint = "a.jsonl"
+
+[[sinks]]
+name = "b"
+service = "file"
+endpoint = "b.jsonl"
+batch_size = 50
+
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+retry = { attempts = 2 }
+
+[[dispatchers]]
+dispatcher_id = "b"
+kind = "nats"
+category = "event"
+timeout = "1s"
+
+[[dispatchers]]
+dispatcher_id = "c"
+kind = "log"
+category = "event"
+retry = { attempts = 2, max_backoff = "9s" }
+
+[[routes]]
+route_id = "r"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "a"
+
+[[routes]]
+route_id = "rb"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "b"
+
+[[routes]]
+route_id = "rc"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "c"
+"#,
+    );
+    let (text, config) = Config::effective(Some(f.path()), |_| None);
+    let config = config.unwrap();
+    let [a, b, c] = &config.dispatchers[..] else {
+        panic!("three dispatchers")
+    };
+    assert_eq!(
+        (a.timeout, b.timeout, c.timeout),
+        (
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            Duration::from_secs(5)
+        )
+    );
+    let retry = a.resilience.retry.unwrap();
+    assert_eq!(retry.max_backoff, Duration::from_secs(3));
+    let embedded = embedded_defaults("dispatchers");
+    assert_eq!(
+        retry.initial_backoff,
+        duration(&embedded["retry"]["initial_backoff"]),
+        "a default the file does not change stays the embedded one"
+    );
+    assert_eq!(
+        b.resilience.retry, None,
+        "no [dispatchers.retry]: not retried"
+    );
+    assert_eq!(
+        c.resilience.retry.unwrap().max_backoff,
+        Duration::from_secs(9)
+    );
+    let DispatcherKind::Nats(target) = &b.kind else {
+        panic!("nats")
+    };
+    assert_eq!(target.call_timeout, Duration::from_millis(750));
+    let batches: Vec<usize> = config.sinks.iter().map(|s| s.driver.batch_size).collect();
+    assert_eq!(batches, [7, 50]);
+
+    let effective: toml::Table = toml::from_str(&text.unwrap()).unwrap();
+    let dispatchers = effective["dispatchers"].as_array().unwrap();
+    assert_eq!(dispatchers[0]["timeout"].as_str(), Some("5s"));
+    assert_eq!(dispatchers[0]["retry"]["max_backoff"].as_str(), Some("3s"));
+    assert_eq!(dispatchers[1]["timeout"].as_str(), Some("1s"));
+    assert_eq!(dispatchers[1]["call_timeout"].as_str(), Some("750ms"));
+    assert!(
+        dispatchers[1].get("retry").is_none(),
+        "a protection the dispatcher does not write stays off"
+    );
+    assert!(
+        dispatchers[0].get("call_timeout").is_none(),
+        "a field of another kind is not filled in"
+    );
+    assert_eq!(effective["sinks"][0]["batch_size"].as_integer(), Some(7));
+    assert_eq!(
+        effective["sinks"][0]["retry"]["attempts"].as_integer(),
+        embedded_defaults("sinks")["retry"]["attempts"].as_integer(),
+        "every sink has a retry"
+    );
+}
+
+/// A default goes only where it applies: a field of one kind to that kind's dispatchers, what a
+/// worker registers to no worker, a breaker's window to a failure-ratio breaker, max_wait to a
+/// limit that waits. So a fleet-wide default is never an "applies only to" mistake elsewhere.
+#[test]
+fn defaults_go_only_where_they_apply() {
+    let f = file(
+        r#"[defaults.dispatchers]
+nats_url = "nats://10.0.0.1:4222"
+critical = true
+
+[defaults.dispatchers.rate_limit]
+mode = "reject"
+
+[[dispatchers]]
+dispatcher_id = "log"
+kind = "log"
+category = "event"
+circuit_breaker = { consecutive_failures = 3 }
+rate_limit = { per_second = 5 }
+
+[[dispatchers]]
+dispatcher_id = "waits"
+kind = "log"
+category = "event"
+rate_limit = { per_second = 5, mode = "wait" }
+
+[[dispatchers]]
+dispatcher_id = "w"
+kind = "worker"
+category = "event"
+
+[[routes]]
+route_id = "log"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "log"
+
+[[routes]]
+route_id = "waits"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "waits"
+
+[[routes]]
+route_id = "w"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "w"
+"#,
+    );
+    let (text, config) = Config::effective(Some(f.path()), |_| None);
+    let config = config.unwrap();
+    let [log, waits, worker] = &config.dispatchers[..] else {
+        panic!("three dispatchers")
+    };
+    use crate::resilience::{RateLimitMode, Trip};
+    assert!(log.critical && !worker.critical);
+    assert_eq!(
+        log.resilience.breaker.unwrap().trip,
+        Trip::ConsecutiveFailures(3)
+    );
+    assert_eq!(
+        log.resilience.rate_limit.unwrap().mode,
+        RateLimitMode::Reject
+    );
+    let embedded = embedded_defaults("dispatchers");
+    assert_eq!(
+        waits.resilience.rate_limit.unwrap().mode,
+        RateLimitMode::Wait {
+            max_wait: duration(&embedded["rate_limit"]["max_wait"])
+        }
+    );
+    let effective: toml::Table = toml::from_str(&text.unwrap()).unwrap();
+    let dispatchers = effective["dispatchers"].as_array().unwrap();
+    for (field, i) in [("nats_url", 0), ("critical", 2)] {
+        assert!(dispatchers[i].get(field).is_none(), "{field} on {i}");
+    }
+    assert!(dispatchers[0]["circuit_breaker"].get("window").is_none());
+    assert!(dispatchers[0]["rate_limit"].get("max_wait").is_none());
+}
+
+/// A bad value in a file's `[defaults.*]` is reported once, at its line, under its own path,
+/// however many elements took it; a value of the embedded defaults that does not fit an element
+/// is blamed on the element; an element that lacks a required field is still reported at the
+/// element.
+#[test]
+fn a_bad_default_is_reported_once_at_its_line() {
+    assert_eq!(
+        report(
+            r#"[defaults.dispatchers]
+timeout = "soon"
+tiemout = "5s"
+critical = "yes"
+
+[defaults.dispatchers.retry]
+initial_backoff = "20s"
+
+[defaults.sinks]
+batch_size = -3
+flush_interval = "0s"
+
+[defaults.sink]
+buffer = 5
+
+[[sinks]]
+name = "s"
+service = "file"
+endpoint = "s.jsonl"
+
+[[dispatchers]]
+dispatcher_id = "a"
+kind = "log"
+category = "event"
+retry = { attempts = 2, max_backoff = "1s" }
+
+[[dispatchers]]
+dispatcher_id = "b"
+kind = "log"
+category = "event"
+
+[[dispatchers]]
+dispatcher_id = "c"
+category = "event"
+
+[[routes]]
+route_id = "a"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "a"
+
+[[routes]]
+route_id = "b"
+topic_pattern = "**"
+message_category = "event"
+dispatcher_id = "b"
+"#
+        ),
+        [
+            "FILE:2: `defaults.dispatchers.timeout`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0",
+            "FILE:3: `defaults.dispatchers.tiemout`: unknown field (did you mean `timeout`?)",
+            "FILE:4: `defaults.dispatchers.critical`: must be true or false (found string \"yes\")",
+            "FILE:7: `defaults.dispatchers.retry.initial_backoff`: must not be longer than retry.max_backoff",
+            "FILE:10: `defaults.sinks.batch_size`: must be a whole number, 0 or more (found integer `-3`)",
+            "FILE:11: `defaults.sinks.flush_interval`: must be more than 0",
+            "FILE:13: `defaults.sink`: unknown field (did you mean `sinks`?)",
+            "FILE:32: `dispatchers[2].kind`: is required",
+        ]
+    );
+    // The embedded initial_backoff (100ms) against the element's own max_backoff.
+    assert_eq!(
+        report(&format!(
+            "{LOG_A}retry = {{ attempts = 2, max_backoff = \"50ms\" }}\n[[routes]]\nroute_id = \"r\"\ntopic_pattern = \"**\"\nmessage_category = \"event\"\ndispatcher_id = \"a\"\n"
+        )),
+        [
+            "FILE:5: `dispatchers[0].retry.initial_backoff`: must not be longer than retry.max_backoff"
+        ]
+    );
+}
+
+/// Every default lives in default.toml: validation reads the values the defaults filled in, never
+/// a literal of its own (one computed from another value is written as that computation, and
+/// default.toml says what it is).
+#[test]
+fn no_default_is_written_in_the_validation_code() {
+    let literal = |rest: &str| {
+        rest.starts_with(|c: char| c.is_ascii_digit() || c == '"')
+            || [
+                "true",
+                "false",
+                "Duration::from",
+                "crate::engine::DEFAULT",
+                "DEFAULT_",
+            ]
+            .iter()
+            .any(|start| rest.starts_with(start))
+    };
+    let mut found = Vec::new();
+    for (n, line) in include_str!("raw.rs").lines().enumerate() {
+        let code = line.trim();
+        if code.starts_with("//") {
+            continue;
+        }
+        let defaulted = ["unwrap_or(", "unwrap_or_else(|| ", "None => "]
+            .iter()
+            .any(|call| {
+                code.match_indices(call)
+                    .any(|(at, _)| literal(&code[at + call.len()..]))
+            });
+        let named = [
+            "const DEFAULT_",
+            "None | Some(",
+            "#[serde(default =",
+            "Duration::from_",
+        ]
+        .iter()
+        .any(|pattern| code.contains(pattern));
+        if defaulted || named {
+            found.push(format!("raw.rs:{}: {code}", n + 1));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "defaults belong in default.toml:\n{}",
+        found.join("\n")
+    );
+}
+
+/// The library's own `Default`s (for embedders and tests that build without a config) are the
+/// embedded defaults, not a second opinion.
+#[test]
+fn library_defaults_match_the_embedded_ones() {
+    let embedded = Config::embedded().unwrap();
+    assert_eq!(embedded.health, crate::health::HealthConfig::default());
+    assert_eq!(embedded.registry, RegistryConfig::default());
+    let tracing = crate::telemetry::traces::TracingConfig::default();
+    assert_eq!(
+        (
+            embedded.tracing.sampling_ratio,
+            embedded.tracing.log_format,
+            embedded.tracing.otlp_metrics,
+            embedded.tracing.otlp_metrics_interval,
+            embedded.tracing.log_filter.as_str(),
+        ),
+        (
+            tracing.sampling_ratio,
+            tracing.log_format,
+            tracing.otlp_metrics,
+            tracing.otlp_metrics_interval,
+            tracing.log_filter.as_str(),
+        )
+    );
+}

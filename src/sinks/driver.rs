@@ -28,20 +28,27 @@ pub enum FullPolicy {
     DropNewest,
 }
 
+/// How much longer than its plugin's own `timeout` a call may take before the driver abandons it:
+/// the plugin's timeout fires first, this catches a plugin that does not keep to it.
+pub const SEND_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
+/// How the driver batches, queues, retries and dead-letters for one sink; a configured sink's
+/// values come from its `[[sinks]]` element and the embedded `[defaults.sinks]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DriverConfig {
-    /// Events per batch at most (default 100).
+    /// Events per batch at most.
     pub batch_size: usize,
-    /// A partial batch is sent once its oldest event waited this long (default 5 s).
+    /// A partial batch is sent once its oldest event waited this long.
     pub flush_interval: Duration,
-    /// Events queued for the sink at most (default 1000).
+    /// Events queued for the sink at most.
     pub buffer: usize,
     pub full: FullPolicy,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
     /// How long the final flush may take at shutdown; what is left then is dead-lettered.
     pub shutdown_deadline: Duration,
-    /// One call to the backend at most; past it the call counts as a transient failure.
+    /// One call to the backend at most; past it the call counts as a transient failure. A
+    /// configured sink's is its plugin's `timeout` plus [`SEND_TIMEOUT_MARGIN`].
     pub send_timeout: Duration,
     pub dead_letter: std::path::PathBuf,
 }

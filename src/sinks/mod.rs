@@ -27,7 +27,9 @@ use async_trait::async_trait;
 pub use crate::bus::DispatchEvent;
 /// The dead-letter file format and files (the bus writes the same format).
 pub use crate::bus::dead_letter;
-pub use driver::{DriverConfig, FullPolicy, Outcome, SinkDriver, SinkHandle, SinkObserver};
+pub use driver::{
+    DriverConfig, FullPolicy, Outcome, SEND_TIMEOUT_MARGIN, SinkDriver, SinkHandle, SinkObserver,
+};
 pub use plugins::{
     FileSink, HeliconeSink, HeliconeTransform, HttpSink, LunarySink, LunaryTransform, SERVICES,
     SinkConfig, build, build_with,

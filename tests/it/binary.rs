@@ -787,3 +787,55 @@ async fn sigterm_under_load_loses_no_accepted_message() {
         );
     }
 }
+
+/// A file's `[defaults.*]`: `check-config` reports a bad one once, at its line, however many
+/// elements take it, and `dispatchd config` shows the value each element ends up with.
+#[test]
+fn defaults_of_a_file_are_checked_at_their_line_and_shown_on_each_element() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("defaults.toml");
+    let dispatchers = "[[dispatchers]]\ndispatcher_id = \"a\"\nkind = \"log\"\ncategory = \"event\"\n\n[[dispatchers]]\ndispatcher_id = \"b\"\nkind = \"log\"\ncategory = \"event\"\ntimeout = \"1s\"\n\n[[routes]]\nroute_id = \"a\"\ntopic_pattern = \"**\"\nmessage_category = \"event\"\ndispatcher_id = \"a\"\n\n[[routes]]\nroute_id = \"b\"\ntopic_pattern = \"**\"\nmessage_category = \"event\"\ndispatcher_id = \"b\"\n";
+    std::fs::write(
+        &file,
+        format!("[defaults.sinks]\nbatch_size = 0\n\n[defaults.dispatchers]\ntimeout = \"soon\"\n\n{dispatchers}[[sinks]]\nname = \"x\"\nservice = \"file\"\nendpoint = \"x.jsonl\"\n[[sinks]]\nname = \"y\"\nservice = \"file\"\nendpoint = \"y.jsonl\"\n"),
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let path = file.display();
+    assert_eq!(
+        String::from_utf8(output.stderr).unwrap(),
+        format!(
+            "error: invalid configuration (2 problems):\n  {path}:2: `defaults.sinks.batch_size`: must be between 1 and 10000\n  {path}:5: `defaults.dispatchers.timeout`: `soon` is not a duration such as \"30s\" or \"500ms\": expected number at 0\n"
+        )
+    );
+
+    std::fs::write(
+        &file,
+        format!("[defaults.dispatchers]\ntimeout = \"5s\"\n\n{dispatchers}"),
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .arg("config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let table: toml::Table = toml::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    let timeouts: Vec<&str> = table["dispatchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["timeout"].as_str().unwrap())
+        .collect();
+    assert_eq!(timeouts, ["5s", "1s"]);
+    assert_eq!(
+        table["defaults"]["dispatchers"]["timeout"].as_str(),
+        Some("5s")
+    );
+}

@@ -426,16 +426,17 @@ fn sink_service_config(url: &str, stream: &str, out: &std::path::Path) -> SinkSe
         endpoint: Some(out.display().to_string()),
         api_key: None,
         name: Some("file".into()),
-        buffer: 100,
-        batch_size: 10,
-        flush_interval: Duration::from_millis(50),
+        buffer: Some(100),
+        batch_size: Some(10),
+        flush_interval: Some(Duration::from_millis(50)),
         bus: Some(url.to_owned()),
-        stream: stream.to_owned(),
+        stream: Some(stream.to_owned()),
         group: None,
         consumer: Some("sink-service".into()),
-        claim_idle: Duration::from_secs(30),
-        consumer_retention: Duration::from_secs(3600),
-        trim_every: Duration::from_secs(1),
+        // The embedded [bus] values.
+        claim_idle: None,
+        consumer_retention: None,
+        trim_every: None,
         dead_letter: Some(out.with_file_name("dead.jsonl")),
         replay_dead_letters: None,
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -452,7 +453,7 @@ async fn the_sink_service_is_built_then_run_by_the_app_layer() {
 
     // Bad input is a clear error at build, before anything runs.
     let error = SinkService::build(SinkServiceConfig {
-        batch_size: 0,
+        batch_size: Some(0),
         ..sink_service_config(&url, &stream, &out)
     })
     .await
