@@ -182,7 +182,10 @@ mod tests {
                 "http",
                 String::from_utf8(HttpSink::body(batch).unwrap()).unwrap(),
             ),
-            ("lunary", LunarySink::body(batch).to_string()),
+            (
+                "lunary",
+                String::from_utf8(LunarySink::body(batch).unwrap()).unwrap(),
+            ),
             ("helicone", HeliconeSink::body(event).to_string()),
         ]
     }

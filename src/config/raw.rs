@@ -1722,6 +1722,16 @@ fn validate_sink(
             raw.service
         ),
     );
+    if let (Some(key), "lunary") = (&api_key, raw.service.as_str()) {
+        if let Err(why) = crate::sinks::check_lunary_key(key) {
+            let whose = if raw.api_key.is_some() {
+                "the api key"
+            } else {
+                "DISPATCHD_API_KEY"
+            };
+            require(false, "api_key", format!("{whose} {why}"));
+        }
+    }
     let batch_size = raw.batch_size.unwrap_or(100);
     require(
         (1..=10_000).contains(&batch_size),
