@@ -68,6 +68,13 @@ pub fn current_ids() -> Option<(String, String)> {
     ids(&tracing::Span::current().context())
 }
 
+/// [`current_ids`] and whether that trace is sampled, from one look at the current context.
+pub fn current_trace() -> Option<(String, String, bool)> {
+    let context = tracing::Span::current().context();
+    let sampled = context.span().span_context().is_sampled();
+    ids(&context).map(|(trace_id, span_id)| (trace_id, span_id, sampled))
+}
+
 pub fn ids(context: &Context) -> Option<(String, String)> {
     let span = context.span();
     let span_context = span.span_context();
@@ -155,6 +162,10 @@ impl TraceContext for SpanTraceContext {
         current_ids()
     }
 
+    fn current_trace(&self) -> Option<(String, String, bool)> {
+        current_trace()
+    }
+
     fn inject(&self, headers: &mut BTreeMap<String, String>) {
         inject_current(headers);
     }
@@ -222,6 +233,10 @@ fn value(value: SpanValue<'_>) -> opentelemetry::Value {
 }
 
 impl TraceSpan for EngineSpan {
+    fn sampled(&self) -> bool {
+        self.context.span().span_context().is_sampled()
+    }
+
     fn ids(&self) -> (String, String) {
         let span = self.context.span();
         let span_context = span.span_context();

@@ -129,6 +129,49 @@ async fn a_callers_traceparent_reaches_the_result_the_outputs_and_the_event() {
     drop(provider);
 }
 
+/// A caller that does not sample its trace (`-00`) gets no sampled trace back: the dispatch
+/// event's `metadata.traceparent`, which sinks forward to services that trace, keeps its flag.
+#[tokio::test]
+async fn an_unsampled_callers_flag_reaches_the_event_unchanged() {
+    let provider = Traces::provider(&config(None)).unwrap();
+    let _guard = traced(subscriber(&provider));
+    let app = TestApp::start().await;
+    for flags in ["00", "01"] {
+        let response = app
+            .client
+            .post(app.url("/api/v1/messages/shop.orders.events"))
+            .header(
+                "traceparent",
+                format!("00-{TRACE}-b7ad6b7169203331-{flags}"),
+            )
+            .json(&json!({"message_type": "order.placed"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let (stopped, dir) = app.stop_keeping_files().await;
+    stopped.unwrap();
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let flags: Vec<String> = events
+        .lines()
+        .map(|line| {
+            let event: Value = serde_json::from_str(line).unwrap();
+            let traceparent = event["metadata"]["traceparent"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert!(
+                traceparent.starts_with(&format!("00-{TRACE}-")),
+                "{traceparent}"
+            );
+            traceparent[traceparent.len() - 2..].to_owned()
+        })
+        .collect();
+    assert_eq!(flags, ["00", "01"]);
+    drop(provider);
+}
+
 /// A loopback OTLP/HTTP receiver (see `support::otlp_receiver`).
 fn receiver() -> (String, support::Received) {
     support::otlp_receiver()

@@ -14,8 +14,9 @@ use crate::engine::sanitize;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub sink: String,
-    /// `permanent` (the service refused it), `retries_exhausted`, `refused_by_service` or
-    /// `shutdown` (still queued when the deadline passed).
+    /// `permanent` (the service refused it, or could not take it: one alone over its body
+    /// limit), `retries_exhausted`, `refused_by_service` or `shutdown` (still queued when the
+    /// deadline passed).
     pub reason: String,
     pub attempts: u32,
     /// Sanitized and capped.

@@ -120,7 +120,10 @@ impl DispatchEvent {
             tokens_usage,
             metadata: json!({
                 "traceparent": match (&result.trace_id, &result.span_id) {
-                    (Some(trace), Some(span)) => Some(format!("00-{trace}-{span}-01")),
+                    (Some(trace), Some(span)) => {
+                        let flags = if result.trace_sampled { "01" } else { "00" };
+                        Some(format!("00-{trace}-{span}-{flags}"))
+                    }
                     _ => None,
                 },
                 "category": category,
@@ -179,7 +182,10 @@ mod tests {
                 "http",
                 String::from_utf8(HttpSink::body(batch).unwrap()).unwrap(),
             ),
-            ("lunary", LunarySink::body(batch).to_string()),
+            (
+                "lunary",
+                String::from_utf8(LunarySink::body(batch).unwrap()).unwrap(),
+            ),
             ("helicone", HeliconeSink::body(event).to_string()),
         ]
     }
@@ -219,6 +225,22 @@ mod tests {
         let open = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
         assert_eq!(open.user_id.as_deref(), Some("u-42"));
         assert_eq!(open.tokens_usage, Some(json!({"prompt": 3})));
+    }
+
+    #[test]
+    fn the_traceparent_keeps_the_sampled_flag_of_the_dispatchs_trace() {
+        let envelope = Envelope::new("t", json!({}));
+        let mut result = result_of("a.events", &envelope, DispatchStatus::Success);
+        result.trace_id = Some("0af7651916cd43dd8448eb211c80319c".into());
+        result.span_id = Some("b7ad6b7169203331".into());
+        for (sampled, flags) in [(true, "01"), (false, "00")] {
+            result.trace_sampled = sampled;
+            let event = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
+            assert_eq!(
+                event.metadata["traceparent"],
+                format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}")
+            );
+        }
     }
 
     #[test]

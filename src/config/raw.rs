@@ -1939,6 +1939,16 @@ fn validate_sink(
             raw.service
         ),
     );
+    if let (Some(key), "lunary") = (&api_key, raw.service.as_str()) {
+        if let Err(why) = crate::sinks::check_lunary_key(key) {
+            let whose = if raw.api_key.is_some() {
+                "the api key"
+            } else {
+                "DISPATCHD_API_KEY"
+            };
+            require(false, "api_key", format!("{whose} {why}"));
+        }
+    }
     let mut settings = sink_settings(raw, &at, check);
     settings.sink.api_key = api_key;
     settings

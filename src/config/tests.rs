@@ -751,7 +751,7 @@ redis_url = "redis://user:hunter2@127.0.0.1:6379"
 name = "lunary"
 service = "lunary"
 endpoint = "http://127.0.0.1:1"
-api_key = "lunary-key-0123456789"
+api_key = "6d4b1a52-9c3e-4f7a-8b21-0c5d9e8f7a61"
 headers = { Authorization = "Bearer abcdefabcdef", X-Team = "blue" }
 [[dispatchers]]
 dispatcher_id = "billing"
@@ -778,7 +778,7 @@ dispatcher_id = "billing"
     for secret in [
         "supersecret",
         "hunter2",
-        "lunary-key",
+        "6d4b1a52",
         "abcdefabcdef",
         "ci-token-from-env",
         "0123dispatcher",
@@ -803,14 +803,41 @@ dispatcher_id = "billing"
 #[test]
 fn a_sink_api_key_comes_from_the_injected_environment() {
     let f = file("[[sinks]]\nname = \"l\"\nservice = \"lunary\"\n");
-    let env = |name: &str| (name == "DISPATCHD_API_KEY").then(|| "key-from-env".to_owned());
+    let key = "0f6b2c1e-4a7d-4e2b-9c3f-5d8e1a2b3c4d";
+    let env = |name: &str| (name == "DISPATCHD_API_KEY").then(|| key.to_owned());
     let config = Config::load_with(Some(f.path()), env).unwrap();
-    assert_eq!(
-        config.sinks[0].sink.api_key.clone(),
-        Some("key-from-env".to_owned())
-    );
+    assert_eq!(config.sinks[0].sink.api_key.clone(), Some(key.to_owned()));
     let error = Config::load_with(Some(f.path()), |_| None).unwrap_err();
     assert!(error.to_string().contains("needs an api key"), "{error}");
+}
+
+/// Lunary answers 401 to a key that is not a UUID (it takes it for a session token), so
+/// check-config says so where the key was written, or names the variable it came from; the key
+/// itself is never printed. Helicone keys have no such form.
+#[test]
+fn a_lunary_api_key_that_is_not_a_uuid_is_reported_where_it_was_set() {
+    let text = "[[sinks]]\nname = \"l\"\nservice = \"lunary\"\napi_key = \"pk-s3cr3t-value\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("FILE:4: `sinks[0].api_key`: the api key is not a UUID"),
+        "{found:?}"
+    );
+    assert!(!found[0].contains("s3cr3t"), "{found:?}");
+
+    let f = file("[[sinks]]\nname = \"l\"\nservice = \"lunary\"\n");
+    let env = |name: &str| (name == "DISPATCHD_API_KEY").then(|| "pk-s3cr3t-value".to_owned());
+    let error = Config::load_with(Some(f.path()), env).unwrap_err();
+    let shown = error.to_string();
+    assert!(
+        shown.contains("`sinks[0].api_key`: DISPATCHD_API_KEY is not a UUID"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cr3t"), "{shown}");
+
+    let helicone =
+        "[[sinks]]\nname = \"h\"\nservice = \"helicone\"\napi_key = \"sk-helicone-abc\"\n";
+    assert!(load(helicone).is_ok());
 }
 
 /// Every field of the network kinds, read into their validated shapes.

@@ -1,6 +1,7 @@
 //! The one sink driver: batching, retries, dead letters, shutdown and accounting for every
 //! plugin.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -384,20 +385,33 @@ impl SinkDriver {
             }
             let (accepted, error) = match result {
                 Ok(delivery) => {
-                    let refused: Vec<DispatchEvent> = delivery
-                        .refused
-                        .iter()
-                        .filter_map(|(index, _)| pending.get(*index).cloned())
+                    let not_sent: BTreeSet<usize> = (delivery.refused.iter())
+                        .chain(&delivery.unsendable)
+                        .map(|(index, _)| *index)
+                        .filter(|index| *index < pending.len())
                         .collect();
-                    let reason = delivery
-                        .refused
-                        .first()
-                        .map(|(_, r)| r.as_str())
-                        .unwrap_or_default();
-                    self.count(Outcome::Sent, pending.len() - refused.len());
-                    return self
-                        .dead_letter(&refused, "refused_by_service", attempts, reason)
+                    self.count(Outcome::Sent, pending.len() - not_sent.len());
+                    // Each event once, whatever a plugin listed twice.
+                    let mut settled = BTreeSet::new();
+                    let refused = self
+                        .dead_letter_each(
+                            pending,
+                            &delivery.refused,
+                            "refused_by_service",
+                            attempts,
+                            &mut settled,
+                        )
                         .await;
+                    let unsendable = self
+                        .dead_letter_each(
+                            pending,
+                            &delivery.unsendable,
+                            "permanent",
+                            attempts,
+                            &mut settled,
+                        )
+                        .await;
+                    return refused && unsendable;
                 }
                 Err(SendError { accepted, error }) => (accepted.min(pending.len()), error),
             };
@@ -424,6 +438,30 @@ impl SinkDriver {
             self.count(Outcome::Retried, pending.len());
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Dead-letters the events of `batch` at the given indices (but those in `settled`, which it
+    /// adds them to), each with its own reason as the last error; false when some could not be
+    /// written.
+    async fn dead_letter_each(
+        &self,
+        batch: &[DispatchEvent],
+        which: &[(usize, String)],
+        reason: &str,
+        attempts: u32,
+        settled: &mut BTreeSet<usize>,
+    ) -> bool {
+        let mut by_error: BTreeMap<&str, Vec<DispatchEvent>> = BTreeMap::new();
+        for (index, error) in which {
+            if let Some(event) = batch.get(*index).filter(|_| settled.insert(*index)) {
+                by_error.entry(error).or_default().push(event.clone());
+            }
+        }
+        let mut written = true;
+        for (error, events) in by_error {
+            written &= self.dead_letter(&events, reason, attempts, error).await;
+        }
+        written
     }
 
     /// Writes dead letters; false (and counted as dropped) when even that failed.

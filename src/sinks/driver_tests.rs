@@ -39,7 +39,11 @@ impl Sink for Scripted {
             .unwrap_or(Ok(Delivery::default()));
         let accepted = match &answer {
             Ok(delivery) => (0..batch.len())
-                .filter(|i| !delivery.refused.iter().any(|(r, _)| r == i))
+                .filter(|i| {
+                    !(delivery.refused.iter())
+                        .chain(&delivery.unsendable)
+                        .any(|(r, _)| r == i)
+                })
                 .collect(),
             Err(error) => (0..error.accepted).collect::<Vec<_>>(),
         };
@@ -274,6 +278,7 @@ async fn refused_events_are_dead_lettered_alone() {
     let sink = Scripted::default();
     sink.answers.lock().unwrap().push_back(Ok(Delivery {
         refused: vec![(1, "duplicate".into())],
+        ..Delivery::default()
     }));
     let running = start(sink.clone(), 3, FullPolicy::Block, 100);
     for n in 0..3 {
@@ -289,6 +294,64 @@ async fn refused_events_are_dead_lettered_alone() {
     );
     let letters = dead_letter::read(&running.dead_letters).unwrap();
     assert_eq!(letters[0].run_id, "run-1");
+    running.assert_accounted();
+}
+
+/// Each dead letter keeps its own reason: an event the plugin could not send at all is
+/// `permanent`, refusals are `refused_by_service`, and two refusals keep their two reasons.
+#[tokio::test(start_paused = true)]
+async fn refused_and_unsendable_events_are_dead_lettered_each_with_its_reason() {
+    let sink = Scripted::default();
+    sink.answers.lock().unwrap().push_back(Ok(Delivery {
+        refused: vec![(0, "invalid input".into()), (3, "bad name".into())],
+        unsendable: vec![(2, "over the body limit".into())],
+    }));
+    let running = start(sink.clone(), 4, FullPolicy::Block, 100);
+    for n in 0..4 {
+        running.handle.offer(event(n)).await;
+    }
+    running.stop().await;
+    assert_eq!(
+        (
+            running.counts.get("sent"),
+            running.counts.get("dead_lettered")
+        ),
+        (1, 3)
+    );
+    assert_eq!(*sink.accepted.lock().unwrap(), ["run-1"]);
+    let mut letters: Vec<(String, String, String)> = std::fs::read_to_string(&running.dead_letters)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let letter: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                letter["event"]["runId"].as_str().unwrap().to_owned(),
+                letter["reason"].as_str().unwrap().to_owned(),
+                letter["last_error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    letters.sort();
+    assert_eq!(
+        letters,
+        [
+            (
+                "run-0".into(),
+                "refused_by_service".into(),
+                "invalid input".into()
+            ),
+            (
+                "run-2".into(),
+                "permanent".into(),
+                "over the body limit".into()
+            ),
+            (
+                "run-3".into(),
+                "refused_by_service".into(),
+                "bad name".into()
+            ),
+        ]
+    );
     running.assert_accounted();
 }
 

@@ -31,8 +31,8 @@ pub use driver::{
     DriverConfig, FullPolicy, Outcome, SEND_TIMEOUT_MARGIN, SinkDriver, SinkHandle, SinkObserver,
 };
 pub use plugins::{
-    FileSink, HeliconeSink, HeliconeTransform, HttpSink, LunarySink, LunaryTransform, SERVICES,
-    SinkConfig, build, build_with,
+    FileSink, HELICONE_MAX_BODY, HeliconeSink, HeliconeTransform, HttpSink, LUNARY_MAX_BODY,
+    LunarySink, LunaryTransform, SERVICES, SinkConfig, build, build_with, check_lunary_key,
 };
 
 /// Whether trying again could help.
@@ -100,9 +100,13 @@ impl fmt::Display for SinkError {
 /// What a service did with a batch it answered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Delivery {
-    /// Events the service refused one by one (index in the batch, reason), permanently; the
-    /// others were accepted.
+    /// Events the service refused one by one (index in the batch, reason), permanently;
+    /// dead-lettered as `refused_by_service`.
     pub refused: Vec<(usize, String)>,
+    /// Events the plugin did not send because the service cannot take them however often they
+    /// are tried (index in the batch, reason), such as one alone over the service's body limit;
+    /// dead-lettered as `permanent`. Every event in neither list was accepted.
+    pub unsendable: Vec<(usize, String)>,
 }
 
 /// A send that failed part way: the first `accepted` events of the batch were accepted and must

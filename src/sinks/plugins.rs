@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{Delivery, DispatchEvent, SendError, Sink, SinkError, Transform, parse_retry_after};
+use super::{
+    Delivery, DispatchEvent, Retry, SendError, Sink, SinkError, Transform, parse_retry_after,
+};
 use crate::appender::{AppendFile, FileKind, Files, commit_shared};
 
 /// The plugins [`build`] knows, by `service` name.
@@ -94,15 +96,21 @@ pub fn build_with(config: &SinkConfig, files: &Files) -> Result<Box<dyn Sink>, S
             headers: config.headers.clone(),
             client: client()?,
         }),
-        "lunary" => Box::new(LunarySink {
-            name: config.name.clone(),
-            url: ingest_url(endpoint.as_deref().unwrap_or(LUNARY_DEFAULT), LUNARY_PATH),
-            api_key: config
+        "lunary" => {
+            let api_key = config
                 .api_key
                 .clone()
-                .ok_or_else(|| format!("sink `{}`: lunary needs an api key", config.name))?,
-            client: client()?,
-        }),
+                .ok_or_else(|| format!("sink `{}`: lunary needs an api key", config.name))?;
+            check_lunary_key(&api_key)
+                .map_err(|e| format!("sink `{}`: the lunary api key {e}", config.name))?;
+            Box::new(LunarySink {
+                name: config.name.clone(),
+                url: ingest_url(endpoint.as_deref().unwrap_or(LUNARY_DEFAULT), LUNARY_PATH),
+                api_key,
+                client: client()?,
+                max_body: LUNARY_MAX_BODY,
+            })
+        }
         "helicone" => Box::new(HeliconeSink {
             name: config.name.clone(),
             url: ingest_url(
@@ -275,17 +283,111 @@ impl Sink for HttpSink {
     }
 }
 
+/// Lunary's request body limit: its API parses JSON with koa-bodyparser's `jsonLimit: "20mb"`
+/// (lunary-ai/lunary `packages/backend/src/index.ts`), which the `bytes` package reads as
+/// 20 MiB, and answers 413 to a longer body. A batch is split into requests of at most this
+/// many bytes.
+pub const LUNARY_MAX_BODY: usize = 20 * 1024 * 1024;
+
+/// `{"events":[` and `]}` around a Lunary request's run events.
+const LUNARY_FRAME: (&[u8], &[u8]) = (b"{\"events\":[", b"]}");
+
+/// Whether Lunary takes `key` as an API key. Its auth middleware reads a key only when it is a
+/// UUID (`validateUUID`, lunary-ai/lunary `packages/backend/src/api/v1/auth/utils.ts`) and takes
+/// anything else for a session JWT, answering 401; project keys, public and private, are UUIDs.
+/// The hyphenated form only, as zod's `uuid()` checks it. Never says what the key was.
+pub fn check_lunary_key(key: &str) -> Result<(), String> {
+    let bytes = key.as_bytes();
+    let uuid = bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if uuid {
+        Ok(())
+    } else {
+        Err(
+            "is not a UUID: Lunary answers 401 to any other key; use the project's public key, \
+             which looks like 6d4b1a52-0000-4000-8000-000000000000"
+                .into(),
+        )
+    }
+}
+
+/// Prompt and completion token counts of a usage object, in the shapes senders write them:
+/// OpenAI's `prompt_tokens`/`completion_tokens`, Anthropic's `input_tokens`/`output_tokens`,
+/// Lunary's own `prompt`/`completion`, and the camelCase forms of these. Each is a non-negative
+/// number or absent.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct TokenCounts {
+    prompt: Option<Value>,
+    completion: Option<Value>,
+}
+
+impl TokenCounts {
+    fn of(usage: &Value) -> TokenCounts {
+        let first = |keys: &[&str]| {
+            keys.iter().find_map(|key| {
+                usage
+                    .get(key)
+                    .filter(|n| n.as_f64().is_some_and(|n| n >= 0.0))
+                    .cloned()
+            })
+        };
+        TokenCounts {
+            prompt: first(&[
+                "prompt_tokens",
+                "input_tokens",
+                "prompt",
+                "promptTokens",
+                "inputTokens",
+            ]),
+            completion: first(&[
+                "completion_tokens",
+                "output_tokens",
+                "completion",
+                "completionTokens",
+                "outputTokens",
+            ]),
+        }
+    }
+
+    /// The counts under the names a service reads, or `None` when there is neither.
+    fn named(&self, prompt: &str, completion: &str) -> Option<Value> {
+        let mut counts = serde_json::Map::new();
+        if let Some(n) = &self.prompt {
+            counts.insert(prompt.into(), n.clone());
+        }
+        if let Some(n) = &self.completion {
+            counts.insert(completion.into(), n.clone());
+        }
+        (!counts.is_empty()).then_some(Value::Object(counts))
+    }
+}
+
 /// Lunary's run ingestion: `POST /v1/runs/ingest` with `{"events": [...]}` and the project's
 /// public key as a bearer token. Each dispatch becomes a `start` event and an `end` (or `error`)
 /// event of one run; Lunary answers per event, and a dispatch it refused is dead-lettered alone.
+/// A batch goes in as many requests as keep each body within [`LUNARY_MAX_BODY`]; a dispatch
+/// that alone is over it is not sent (Lunary would answer 413) but dead-lettered as `permanent`.
 pub struct LunarySink {
     name: String,
     url: String,
     api_key: String,
     client: reqwest::Client,
+    max_body: usize,
 }
 
-/// Maps a dispatch to Lunary's run events.
+/// Maps a dispatch to Lunary's run events, as its ingest route reads them (lunary-ai/lunary
+/// `packages/backend/src/api/v1/runs/ingest.ts`, `registerRunEvent`).
+///
+/// - No `parentRunId`: Lunary looks a start's `parentRunId` up as a run, and when there is none
+///   it sleeps 5 s, looks again and drops it; what a dispatch event has there is the message's
+///   correlation id, which is not a run. It goes in the start's `metadata` as `correlation_id`
+///   instead (Lunary keeps first-level strings, numbers and booleans of `metadata`, and renames
+///   keys to camelCase: `correlationId`).
+/// - `tokensUsage` is `{prompt, completion}`, what Lunary reads, from the usage fields the
+///   sender wrote ([`TokenCounts`]); absent when there were none.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LunaryTransform;
 
@@ -296,6 +398,11 @@ impl LunaryTransform {
             .timestamp
             .checked_sub(Duration::from_secs_f64(duration_ms.max(0.0) / 1000.0))
             .unwrap_or(event.timestamp);
+        let mut metadata = event.metadata.clone();
+        if let (Some(correlation_id), Value::Object(fields)) = (&event.parent_run_id, &mut metadata)
+        {
+            fields.insert("correlation_id".into(), json!(correlation_id));
+        }
         let mut start = json!({
             "type": event.kind,
             "event": "start",
@@ -304,11 +411,8 @@ impl LunaryTransform {
             "timestamp": humantime::format_rfc3339_millis(started).to_string(),
             "input": event.input,
             "tags": event.tags,
-            "metadata": event.metadata,
+            "metadata": metadata,
         });
-        if let Some(parent) = &event.parent_run_id {
-            start["parentRunId"] = json!(parent);
-        }
         if let Some(user) = &event.user_id {
             start["userId"] = json!(user);
         }
@@ -319,8 +423,12 @@ impl LunaryTransform {
             "timestamp": humantime::format_rfc3339_millis(event.timestamp).to_string(),
             "output": event.output,
         });
-        if let Some(usage) = &event.tokens_usage {
-            end["tokensUsage"] = usage.clone();
+        if let Some(usage) = event
+            .tokens_usage
+            .as_ref()
+            .and_then(|usage| TokenCounts::of(usage).named("prompt", "completion"))
+        {
+            end["tokensUsage"] = usage;
         }
         if event.event == "error" {
             end["error"] = json!({ "message": event.metadata["error_message"] });
@@ -336,33 +444,61 @@ impl Transform for LunaryTransform {
 }
 
 impl LunarySink {
-    /// The request body of one batch: `{"events": [...]}`, two run events per dispatch.
-    pub(crate) fn body(batch: &[DispatchEvent]) -> Value {
-        let events: Vec<Value> = batch
+    /// The request body of a batch that fits in one request: `{"events": [...]}`, two run
+    /// events per dispatch (what the tests check; sending splits by size first).
+    #[cfg(test)]
+    pub(crate) fn body(batch: &[DispatchEvent]) -> Result<Vec<u8>, SinkError> {
+        let items = batch
             .iter()
-            .flat_map(|e| LunaryTransform.events(e))
-            .collect();
-        json!({ "events": events })
-    }
-}
-
-#[async_trait]
-impl Sink for LunarySink {
-    fn name(&self) -> &str {
-        &self.name
+            .map(LunarySink::item)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LunarySink::framed(&items))
     }
 
-    async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
+    /// `{"events":[` the items, comma-separated, `]}`.
+    fn framed(items: &[Vec<u8>]) -> Vec<u8> {
+        let size = items.iter().map(|item| item.len() + 1).sum::<usize>();
+        let mut body = Vec::with_capacity(LUNARY_FRAME.0.len() + size + LUNARY_FRAME.1.len());
+        body.extend_from_slice(LUNARY_FRAME.0);
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(LUNARY_FRAME.1);
+        body
+    }
+
+    /// One dispatch's run events as they go in the `events` array: `start,end`.
+    fn item(event: &DispatchEvent) -> Result<Vec<u8>, SinkError> {
+        let [start, end] = LunaryTransform.events(event);
+        let mut item =
+            serde_json::to_vec(&start).map_err(|e| SinkError::permanent(e.to_string()))?;
+        item.push(b',');
+        serde_json::to_writer(&mut item, &end).map_err(|e| SinkError::permanent(e.to_string()))?;
+        Ok(item)
+    }
+
+    /// Posts the run events of `batch` (serialized in `items`) in one request; answers the
+    /// dispatches Lunary refused (index in `batch`, reason).
+    async fn post_chunk(
+        &self,
+        batch: &[DispatchEvent],
+        items: &[Vec<u8>],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        let body = LunarySink::framed(items);
         let request = self
             .client
             .post(&self.url)
             .bearer_auth(&self.api_key)
-            .json(&LunarySink::body(batch));
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         let response = post(request).await?;
         let answer: Value = response.json().await.unwrap_or(Value::Null);
         // `{"results": [{"id": runId, "success": bool, "error": "..."}]}`; a run that already
         // exists was delivered by an earlier attempt, which is a success.
-        let mut refused = Vec::new();
+        let mut refused: Vec<(usize, String)> = Vec::new();
         for result in answer["results"].as_array().into_iter().flatten() {
             let failed = result["success"] == Value::Bool(false);
             let error = result["error"].as_str().unwrap_or("refused");
@@ -380,13 +516,79 @@ impl Sink for LunarySink {
                 }
             }
         }
-        Ok(Delivery { refused })
+        Ok(refused)
     }
 }
 
+#[async_trait]
+impl Sink for LunarySink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
+        let items = batch
+            .iter()
+            .map(LunarySink::item)
+            .collect::<Result<Vec<_>, _>>()?;
+        let frame = LUNARY_FRAME.0.len() + LUNARY_FRAME.1.len();
+        let mut delivery = Delivery::default();
+        // How many dispatches from the start of the batch on were accepted without a gap: what a
+        // failure part way may report (after a refused or unsent one, the retry sends the rest
+        // again, and Lunary answers "already exists" for those it has).
+        let mut accepted = 0;
+        let mut next = 0;
+        while next < batch.len() {
+            if frame + items[next].len() > self.max_body {
+                delivery.unsendable.push((
+                    next,
+                    format!(
+                        "run {} is {} bytes as Lunary run events, over the {} bytes Lunary takes \
+                         in one request (it answers 413): not sent",
+                        batch[next].run_id,
+                        frame + items[next].len(),
+                        self.max_body
+                    ),
+                ));
+                next += 1;
+                continue;
+            }
+            let first = next;
+            let mut size = frame + items[next].len();
+            next += 1;
+            while next < batch.len() && size + 1 + items[next].len() <= self.max_body {
+                size += 1 + items[next].len();
+                next += 1;
+            }
+            let refused = self
+                .post_chunk(&batch[first..next], &items[first..next])
+                .await
+                .map_err(|error| SendError { accepted, error })?;
+            if accepted == first {
+                accepted = refused.iter().map(|(i, _)| first + i).min().unwrap_or(next);
+            }
+            delivery
+                .refused
+                .extend(refused.into_iter().map(|(i, reason)| (first + i, reason)));
+        }
+        Ok(delivery)
+    }
+}
+
+/// The largest log Helicone's worker takes: it answers 400 when `JSON.stringify` of the body is
+/// longer than 10 MiB (UTF-16 code units; Helicone/helicone `worker/src/api/helpers/logAsync.ts`).
+pub const HELICONE_MAX_BODY: usize = 10 * 1024 * 1024;
+
 /// Helicone's custom logging: `POST /custom/v1/log`, one event per request, with the API key as a
 /// bearer token. A failure part way through a batch reports how many went through, so they are
-/// not sent twice.
+/// not sent twice; an event whose log is over [`HELICONE_MAX_BODY`] is not sent (Helicone would
+/// refuse it) but dead-lettered as `permanent`, and the others go on.
+///
+/// Helicone's worker (Helicone/helicone `worker/src/api/helpers/logAsync.ts`) answers **200 with
+/// `{"error": …}`** when it could not store a log (rate limited, a database error): that is a
+/// transient failure here, retried and then dead-lettered, never `sent`. A log it already has
+/// (`Helicone-Request-Id` is the event's `log_id`, so a resend is recognised) comes back as a
+/// duplicate key error, which is a delivery.
 pub struct HeliconeSink {
     name: String,
     url: String,
@@ -395,12 +597,74 @@ pub struct HeliconeSink {
 }
 
 /// Maps a dispatch to Helicone's `HeliconeAsyncLogRequest`.
+///
+/// `providerRequest.meta` is read as request headers (`new Headers(meta)` then
+/// `HeliconeHeaders`, Helicone/helicone `worker/src/lib/HeliconeHeaders.ts`): only `Helicone-*`
+/// keys mean anything there. Sent: `Helicone-Request-Id` (the `log_id`, when it is a UUID:
+/// resends are idempotent), `Helicone-User-Id` (the `userId`), and `Helicone-Property-*` for the
+/// category, status, error code, correlation id and tags. Usage goes in
+/// `providerResponse.json.usage` as `prompt_tokens`/`completion_tokens`, what Helicone reads
+/// (`worker/src/lib/dbLogger/DBLoggable.ts`, `getUsage`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HeliconeTransform;
 
 fn timing(at: SystemTime) -> Value {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     json!({ "seconds": since.as_secs(), "milliseconds": since.subsec_millis() })
+}
+
+/// `text` as a header value Helicone can take: `new Headers(meta)` throws on control characters
+/// and characters beyond Latin-1 (the whole log would be refused) and keeps Latin-1 as bytes, so
+/// anything outside printable ASCII becomes `?`.
+fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+impl HeliconeTransform {
+    /// The `Helicone-*` headers of one event, as `providerRequest.meta`.
+    fn meta(event: &DispatchEvent) -> serde_json::Map<String, Value> {
+        let mut meta = serde_json::Map::new();
+        let mut set = |name: &str, value: &str| {
+            let value = header_value(value);
+            if !value.is_empty() {
+                meta.insert(name.to_owned(), Value::String(value));
+            }
+        };
+        // Helicone keeps request ids as UUIDs (a dispatch event's `log_id` is one); another
+        // would fail its insert, so it gets an id of Helicone's own instead.
+        if uuid::Uuid::try_parse(&event.log_id).is_ok() {
+            set("Helicone-Request-Id", &event.log_id);
+        }
+        if let Some(user) = &event.user_id {
+            set("Helicone-User-Id", user);
+        }
+        for (property, field) in [
+            ("Category", "category"),
+            ("Status", "status"),
+            ("Error-Code", "error_code"),
+        ] {
+            if let Some(value) = event.metadata[field].as_str() {
+                set(&format!("Helicone-Property-{property}"), value);
+            }
+        }
+        if let Some(correlation_id) = &event.parent_run_id {
+            set("Helicone-Property-Correlation-Id", correlation_id);
+        }
+        if !event.tags.is_empty() {
+            set("Helicone-Property-Tags", &event.tags.join(","));
+        }
+        meta
+    }
 }
 
 impl Transform for HeliconeTransform {
@@ -410,16 +674,6 @@ impl Transform for HeliconeTransform {
             .timestamp
             .checked_sub(Duration::from_secs_f64(duration_ms.max(0.0) / 1000.0))
             .unwrap_or(event.timestamp);
-        let mut meta = serde_json::Map::new();
-        meta.insert("run_id".into(), json!(event.run_id));
-        meta.insert("log_id".into(), json!(event.log_id));
-        meta.insert("tags".into(), json!(event.tags.join(",")));
-        if let Some(parent) = &event.parent_run_id {
-            meta.insert("parent_run_id".into(), json!(parent));
-        }
-        if let Some(user) = &event.user_id {
-            meta.insert("user_id".into(), json!(user));
-        }
         let failed = event.event == "error";
         let mut response = json!({
             "_type": "data",
@@ -427,14 +681,18 @@ impl Transform for HeliconeTransform {
             "status": if failed { "error" } else { "success" },
             "output": event.output,
         });
-        if let Some(usage) = &event.tokens_usage {
-            response["usage"] = usage.clone();
+        if let Some(usage) = event
+            .tokens_usage
+            .as_ref()
+            .and_then(|usage| TokenCounts::of(usage).named("prompt_tokens", "completion_tokens"))
+        {
+            response["usage"] = usage;
         }
         json!({
             "providerRequest": {
                 "url": "custom-model-nopath",
                 "json": { "_type": "data", "name": event.name, "type": event.kind, "input": event.input, "metadata": event.metadata },
-                "meta": meta,
+                "meta": HeliconeTransform::meta(event),
             },
             "providerResponse": {
                 "json": response,
@@ -451,6 +709,30 @@ impl HeliconeSink {
     pub(crate) fn body(event: &DispatchEvent) -> Value {
         HeliconeTransform.transform(event)
     }
+
+    /// What a 2xx answer's body says: `"ok"`, or `{"error": …}` when the log was not stored.
+    /// A duplicate key (Postgres `23505`, from inserting a `Helicone-Request-Id` it already has:
+    /// `worker/src/lib/dbLogger/RequestResponseStore.ts`) means an earlier attempt stored it.
+    fn stored(body: &str) -> Result<(), SinkError> {
+        let Ok(Value::Object(answer)) = serde_json::from_str::<Value>(body) else {
+            return Ok(());
+        };
+        let error = match answer.get("error") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::String(error)) => error.clone(),
+            Some(error) => error.to_string(),
+        };
+        if error.contains("23505") || error.contains("duplicate key") {
+            return Ok(());
+        }
+        let error: String = error.chars().take(200).collect();
+        Err(SinkError {
+            retry: Retry::Transient,
+            retry_after: None,
+            status: Some(200),
+            message: format!("helicone answered 200 without storing the log: {error}"),
+        })
+    }
 }
 
 #[async_trait]
@@ -460,18 +742,44 @@ impl Sink for HeliconeSink {
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
+        let mut delivery = Delivery::default();
         for (sent, event) in batch.iter().enumerate() {
+            let body = serde_json::to_string(&HeliconeSink::body(event))
+                .map_err(|e| SinkError::permanent(e.to_string()))?;
+            let length = body.encode_utf16().count();
+            if length > HELICONE_MAX_BODY {
+                delivery.unsendable.push((
+                    sent,
+                    format!(
+                        "run {} is a log of {length} characters, over the {HELICONE_MAX_BODY} \
+                         Helicone takes (it answers 400): not sent",
+                        event.run_id
+                    ),
+                ));
+                continue;
+            }
             let request = self
                 .client
                 .post(&self.url)
                 .bearer_auth(&self.api_key)
-                .json(&HeliconeSink::body(event));
-            post(request).await.map_err(|error| SendError {
-                accepted: sent,
-                error,
-            })?;
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            let stored = match post(request).await {
+                Ok(response) => match response.text().await {
+                    Ok(body) => HeliconeSink::stored(&body),
+                    // Cut off mid-answer: it may or may not be stored; a resend is idempotent.
+                    Err(error) => Err(SinkError::transient(format!("no whole answer: {error}"))),
+                },
+                Err(error) => Err(error),
+            };
+            // Accepted so far: those before this one, unless one of them was not sent.
+            let accepted = delivery
+                .unsendable
+                .first()
+                .map_or(sent, |(first, _)| *first);
+            stored.map_err(|error| SendError { accepted, error })?;
         }
-        Ok(Delivery::default())
+        Ok(delivery)
     }
 }
 
@@ -541,6 +849,94 @@ mod tests {
         sink.send_events(&[event(3)]).await.unwrap();
         assert_eq!(run_ids(&path), ["run-2", "run-3"]);
         assert_eq!(repairs.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_lunary_key_is_a_hyphenated_uuid() {
+        assert!(check_lunary_key("6d4b1a52-9c3e-4f7a-8b21-0C5D9E8F7A61").is_ok());
+        for refused in [
+            "",
+            "pk-live-123",
+            "6d4b1a529c3e4f7a8b210c5d9e8f7a61",
+            "{6d4b1a52-9c3e-4f7a-8b21-0c5d9e8f7a61}",
+            "6d4b1a52-9c3e-4f7a-8b21-0c5d9e8f7a6g",
+            "6d4b1a52-9c3e-4f7a-8b21-0c5d9e8f7a61 ",
+        ] {
+            let error = check_lunary_key(refused).unwrap_err();
+            assert!(error.starts_with("is not a UUID"), "{refused}: {error}");
+        }
+    }
+
+    #[test]
+    fn token_counts_are_read_in_the_shapes_senders_write_them() {
+        for (usage, prompt, completion) in [
+            (
+                json!({"prompt_tokens": 10, "completion_tokens": 5}),
+                Some(10),
+                Some(5),
+            ),
+            (
+                json!({"input_tokens": 7, "output_tokens": 3}),
+                Some(7),
+                Some(3),
+            ),
+            (json!({"prompt": 2, "completion": 1}), Some(2), Some(1)),
+            (
+                json!({"promptTokens": 4, "completionTokens": 6}),
+                Some(4),
+                Some(6),
+            ),
+            (json!({"prompt_tokens": 9}), Some(9), None),
+            (
+                json!({"prompt_tokens": "9", "completion_tokens": -1}),
+                None,
+                None,
+            ),
+            (json!("[REDACTED]"), None, None),
+        ] {
+            let counts = TokenCounts::of(&usage);
+            assert_eq!(
+                (counts.prompt, counts.completion),
+                (prompt.map(|n| json!(n)), completion.map(|n| json!(n))),
+                "{usage}"
+            );
+        }
+        assert_eq!(
+            TokenCounts::of(&json!({})).named("prompt", "completion"),
+            None
+        );
+    }
+
+    /// Helicone answers 200 to a log it did not store, with `{"error": …}`.
+    #[test]
+    fn a_helicone_200_with_an_error_is_a_transient_failure_unless_the_log_is_a_duplicate() {
+        assert_eq!(HeliconeSink::stored("ok"), Ok(()));
+        assert_eq!(HeliconeSink::stored("{}"), Ok(()));
+        assert_eq!(HeliconeSink::stored(r#"{"error": null}"#), Ok(()));
+        let error = HeliconeSink::stored(r#"{"error": "Rate limited"}"#).unwrap_err();
+        assert_eq!((error.retry, error.status), (Retry::Transient, Some(200)));
+        assert!(error.message.contains("Rate limited"), "{error}");
+        let error = HeliconeSink::stored(r#"{"error": {"message": "db down"}}"#).unwrap_err();
+        assert!(error.message.contains("db down"), "{error}");
+        let duplicate = json!({"error": json!({"requestError": {"code": "23505",
+            "message": "duplicate key value violates unique constraint \"request_pkey\""}})
+            .to_string()});
+        assert_eq!(HeliconeSink::stored(&duplicate.to_string()), Ok(()));
+    }
+
+    #[test]
+    fn helicone_headers_carry_only_what_a_header_value_can() {
+        assert_eq!(header_value(" user\n7\u{0}é "), "user?7??");
+        let mut event = event(1);
+        event.log_id = "not-a-uuid".into();
+        event.user_id = Some("u\r\n1".into());
+        let meta = HeliconeTransform::meta(&event);
+        assert_eq!(
+            meta.get("Helicone-Request-Id"),
+            None,
+            "Helicone ids are UUIDs"
+        );
+        assert_eq!(meta["Helicone-User-Id"], "u??1");
     }
 
     #[test]

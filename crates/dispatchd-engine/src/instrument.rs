@@ -146,6 +146,15 @@ pub trait TraceContext: Send + Sync + 'static {
     /// The current trace id and span id (W3C lowercase hex), when the dispatch is traced.
     fn current_ids(&self) -> Option<(String, String)>;
 
+    /// [`TraceContext::current_ids`] and whether that trace is sampled: the W3C `sampled` flag a
+    /// `traceparent` written from them must carry (a caller's `-00` stays `-00`). The default
+    /// says sampled, which is what a context that does not sample means; one that does should
+    /// answer from one look at its context.
+    fn current_trace(&self) -> Option<(String, String, bool)> {
+        self.current_ids()
+            .map(|(trace_id, span_id)| (trace_id, span_id, true))
+    }
+
     /// Writes the current context (`traceparent`, `tracestate`) into outgoing headers.
     fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);
 
@@ -180,6 +189,13 @@ pub enum SpanValue<'a> {
 pub trait TraceSpan: Send + Sync + std::fmt::Debug {
     /// Its W3C trace id and span id, lowercase hex.
     fn ids(&self) -> (String, String);
+
+    /// Whether it is sampled (recorded), the W3C `sampled` flag. Spans are opened for sampled
+    /// dispatches, so the default says yes; a tracer whose own sampler may still decide otherwise
+    /// answers from the span.
+    fn sampled(&self) -> bool {
+        true
+    }
 
     /// Writes this span's context (`traceparent`, `tracestate`) into outgoing headers.
     fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);

@@ -269,16 +269,20 @@ impl Engine {
         }
 
         let ids = match span {
-            Some(span) => Some(span.ids()),
+            Some(span) => {
+                let (trace_id, span_id) = span.ids();
+                Some((trace_id, span_id, span.sampled()))
+            }
             None => self
                 .inner
                 .trace_context
                 .as_ref()
-                .and_then(|t| t.current_ids()),
+                .and_then(|t| t.current_trace()),
         };
-        if let Some((trace_id, span_id)) = ids {
+        if let Some((trace_id, span_id, sampled)) = ids {
             result.trace_id = Some(trace_id);
             result.span_id = Some(span_id);
+            result.trace_sampled = sampled;
         }
         let elapsed = started.elapsed();
         result.duration_ms = millis(elapsed);

@@ -353,6 +353,11 @@ pub struct DispatchResult {
     pub correlation_id: Option<String>,
     pub trace_id: Option<String>,
     pub span_id: Option<String>,
+    /// Whether the trace of `trace_id` is sampled (the W3C `sampled` flag: the caller's, or the
+    /// sampler's decision), for a `traceparent` written from this result, such as a dispatch
+    /// event's. Not part of the HTTP answer; true when unknown.
+    #[serde(skip, default = "sampled_when_unknown")]
+    pub trace_sampled: bool,
     /// Each dispatcher that was selected, in registration order.
     pub dispatchers: Vec<DispatcherOutcome>,
     /// When the engine took the message.
@@ -387,9 +392,14 @@ impl DispatchResult {
             correlation_id: envelope.correlation_id.clone(),
             trace_id: None,
             span_id: None,
+            trace_sampled: true,
             dispatchers: Vec::new(),
         }
     }
+}
+
+fn sampled_when_unknown() -> bool {
+    true
 }
 
 /// The topic as a result repeats it: a topic too long to be valid is cut at
