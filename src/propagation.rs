@@ -1,15 +1,22 @@
 //! W3C trace context at the edges: read `traceparent`/`tracestate` from what arrives, write them
 //! into what leaves, and name the current trace.
 //!
-//! Owns the one propagator (`TraceContextPropagator`, no global): the HTTP ingest and bus sources
-//! extract a parent from it, the engine's `TraceContext` stamps results and output headers with
-//! it, and the sinks put it on their requests. A malformed `traceparent` extracts as no parent: a
-//! new trace starts, never an error.
+//! What arrives is checked here against W3C Trace Context Level 1 (and its rule for future
+//! versions) before anything is built from it: an invalid `traceparent` is no parent (a new trace
+//! starts, never an error, and its `tracestate` is ignored); an invalid `tracestate` is dropped
+//! whole while the `traceparent` still holds. The span context is built here from the checked
+//! bytes rather than by the SDK's `TraceContextPropagator`, which takes values the spec says
+//! must start a new trace (signs, short ids, a trailing `-`, versions `0`/`000`/`CC`) and refuses
+//! a valid multi-tenant key whose system id is 14 characters long. What leaves is written by the
+//! SDK's propagator (no global): the engine's `TraceContext` stamps results and output headers
+//! with it, and the sinks put it on their requests.
 
 use std::collections::BTreeMap;
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer as _};
+use opentelemetry::propagation::{Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracer;
@@ -17,15 +24,241 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::engine::{DispatchSpan, SpanValue, TraceContext, TraceSpan};
 
-struct HeaderMapExtractor<'a>(&'a axum::http::HeaderMap);
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
 
-impl Extractor for HeaderMapExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+/// The most list-members a `tracestate` may have; one more and it is dropped whole.
+const MAX_MEMBERS: usize = 32;
+
+/// A `traceparent` value that follows W3C Trace Context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    /// `00` for this layout; a later version was read by the same layout.
+    pub version: u8,
+    /// Never all zero.
+    pub trace_id: [u8; 16],
+    /// The caller's span id; never all zero.
+    pub parent_id: [u8; 8],
+    /// All eight bits as sent; only the sampled bit (`0x01`) is carried on.
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` value: optional whitespace (spaces, tabs) around it, then
+    /// `version-traceid-parentid-flags` in lowercase hex (2, 32, 16, 2 digits), with neither id
+    /// all zero. Version `00` is exactly that (55 characters); a later version may go on after a
+    /// `-` with fields this version does not read; version `ff` is invalid.
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        TraceParent::parse_bytes(value.as_bytes())
     }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+
+    /// [`TraceParent::parse`] of raw bytes, as an HTTP header value may carry beyond ASCII in
+    /// the fields a later version adds.
+    pub fn parse_bytes(value: &[u8]) -> Option<TraceParent> {
+        let ows = |c: &u8| *c == b' ' || *c == b'\t';
+        let start = value.iter().position(|c| !ows(c)).unwrap_or(value.len());
+        let end = value
+            .iter()
+            .rposition(|c| !ows(c))
+            .map_or(start, |last| last + 1);
+        let value = &value[start..end];
+        if value.len() < 55 {
+            return None;
+        }
+        let version = hex_byte(value[0], value[1])?;
+        let length_fits = match version {
+            0xff => false,
+            0 => value.len() == 55,
+            _ => value.len() == 55 || value[55] == b'-',
+        };
+        if !length_fits || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+            return None;
+        }
+        let trace_id: [u8; 16] = hex_bytes(&value[3..35])?;
+        let parent_id: [u8; 8] = hex_bytes(&value[36..52])?;
+        let flags = hex_byte(value[53], value[54])?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(TraceParent {
+            version,
+            trace_id,
+            parent_id,
+            flags,
+        })
     }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 0x01 != 0
+    }
+}
+
+/// One lowercase hex digit's value.
+fn hex_digit(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
+}
+
+fn hex_byte(high: u8, low: u8) -> Option<u8> {
+    Some(hex_digit(high)? << 4 | hex_digit(low)?)
+}
+
+/// `N` bytes from exactly `2 * N` lowercase hex digits.
+fn hex_bytes<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let mut bytes = [0; N];
+    for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = hex_byte(pair[0], pair[1])?;
+    }
+    Some(bytes)
+}
+
+/// Parses `tracestate`, given as the header's lines in the order they arrived (several lines are
+/// one list, joined with `,`). `None` when it is invalid, which drops it whole: a list-member
+/// that is not `key=value` by the W3C grammar, more than 32 list-members, or a key twice. Empty
+/// and whitespace-only list-members are allowed and skipped; spaces and tabs around a
+/// list-member are not part of it.
+///
+/// A key is `[a-z][a-z0-9_*/-]{0,255}`, or `tenant@system` with the tenant
+/// `[a-z0-9][a-z0-9_*/-]{0,240}` and the system `[a-z][a-z0-9_*/-]{0,13}`. A value is 1 to 256
+/// printable ASCII characters (0x20–0x7E) other than `,` and `=`, not ending in a space.
+pub fn parse_tracestate<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Option<Vec<(&'a str, &'a str)>> {
+    let mut members: Vec<(&str, &str)> = Vec::new();
+    for member in lines.into_iter().flat_map(|line| line.split(',')) {
+        let member = member.trim_matches([' ', '\t']);
+        if member.is_empty() {
+            continue;
+        }
+        let (key, value) = member.split_once('=')?;
+        if members.len() == MAX_MEMBERS
+            || !valid_key(key)
+            || !valid_value(value)
+            || members.iter().any(|&(seen, _)| seen == key)
+        {
+            return None;
+        }
+        members.push((key, value));
+    }
+    Some(members)
+}
+
+fn valid_key(key: &str) -> bool {
+    let key_char = |c: &u8| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/');
+    match key.split_once('@') {
+        None => {
+            let key = key.as_bytes();
+            (1..=256).contains(&key.len())
+                && key[0].is_ascii_lowercase()
+                && key.iter().all(key_char)
+        }
+        Some((tenant, system)) => {
+            let (tenant, system) = (tenant.as_bytes(), system.as_bytes());
+            (1..=241).contains(&tenant.len())
+                && (tenant[0].is_ascii_lowercase() || tenant[0].is_ascii_digit())
+                && tenant.iter().all(key_char)
+                && (1..=14).contains(&system.len())
+                && system[0].is_ascii_lowercase()
+                && system.iter().all(key_char)
+        }
+    }
+}
+
+fn valid_value(value: &str) -> bool {
+    let value = value.as_bytes();
+    (1..=256).contains(&value.len())
+        && value.last() != Some(&b' ')
+        && value
+            .iter()
+            .all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+}
+
+/// The `tracestate` a caller sent, kept beside the span context when the SDK's `TraceState`
+/// refuses it (its key check is off by one: a 14-character system id fails), so that it still
+/// leaves unchanged. Only for the trace it came with.
+#[derive(Debug)]
+struct ReceivedTraceState {
+    trace_id: TraceId,
+    header: String,
+}
+
+/// The context to continue: the caller's span, remote, with its `tracestate` (if it had a valid
+/// one), on top of the current context.
+fn remote_context(parent: TraceParent, members: &[(&str, &str)]) -> Context {
+    let trace_id = TraceId::from_bytes(parent.trace_id);
+    let (trace_state, received) = match TraceState::from_key_value(members.iter().copied()) {
+        Ok(trace_state) => (trace_state, None),
+        Err(_) => {
+            let mut header = String::new();
+            for (index, (key, value)) in members.iter().enumerate() {
+                if index > 0 {
+                    header.push(',');
+                }
+                header.push_str(key);
+                header.push('=');
+                header.push_str(value);
+            }
+            (
+                TraceState::NONE,
+                Some(ReceivedTraceState { trace_id, header }),
+            )
+        }
+    };
+    let span_context = SpanContext::new(
+        trace_id,
+        SpanId::from_bytes(parent.parent_id),
+        TraceFlags::new(parent.flags) & TraceFlags::SAMPLED,
+        true,
+        trace_state,
+    );
+    let context = Context::current().with_remote_span_context(span_context);
+    match received {
+        Some(received) => context.with_value(received),
+        None => context,
+    }
+}
+
+/// The caller's context from HTTP headers; the current context (no parent: a new trace) when
+/// `traceparent` is absent, sent more than once, or invalid.
+pub fn extract_http(headers: &axum::http::HeaderMap) -> Context {
+    let mut traceparents = headers.get_all(TRACEPARENT).iter();
+    let parent = match (traceparents.next(), traceparents.next()) {
+        (Some(value), None) => TraceParent::parse_bytes(value.as_bytes()),
+        _ => None,
+    };
+    let Some(parent) = parent else {
+        return Context::current();
+    };
+    // A line that is not visible ASCII makes the whole list invalid, like a bad member.
+    let lines: Option<Vec<&str>> = headers
+        .get_all(TRACESTATE)
+        .iter()
+        .map(|line| line.to_str().ok())
+        .collect();
+    let members = lines.and_then(parse_tracestate).unwrap_or_default();
+    remote_context(parent, &members)
+}
+
+/// The sender's context from envelope headers (`traceparent` and `tracestate`, lowercase keys),
+/// by the same rules as [`extract_http`].
+pub fn extract_map(headers: &BTreeMap<String, String>) -> Context {
+    let Some(parent) = headers
+        .get(TRACEPARENT)
+        .and_then(|value| TraceParent::parse(value))
+    else {
+        return Context::current();
+    };
+    let members = headers
+        .get(TRACESTATE)
+        .and_then(|value| parse_tracestate([value.as_str()]))
+        .unwrap_or_default();
+    remote_context(parent, &members)
 }
 
 struct MapCarrier<'a>(&'a mut BTreeMap<String, String>);
@@ -36,31 +269,20 @@ impl Injector for MapCarrier<'_> {
     }
 }
 
-struct MapExtractor<'a>(&'a BTreeMap<String, String>);
-
-impl Extractor for MapExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+/// Writes `context`'s span as `traceparent` and `tracestate` into `headers` (nothing when it has
+/// no valid span). `traceparent` is version `00` with only the sampled flag.
+pub fn inject_context(context: &Context, headers: &mut BTreeMap<String, String>) {
+    TraceContextPropagator::new().inject_context(context, &mut MapCarrier(headers));
+    if let Some(received) = context.get::<ReceivedTraceState>() {
+        if context.span().span_context().trace_id() == received.trace_id {
+            headers.insert(TRACESTATE.to_owned(), received.header.clone());
+        }
     }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(String::as_str).collect()
-    }
-}
-
-/// The caller's context from HTTP headers (empty when absent or malformed).
-pub fn extract_http(headers: &axum::http::HeaderMap) -> Context {
-    TraceContextPropagator::new().extract(&HeaderMapExtractor(headers))
-}
-
-/// The sender's context from envelope headers (empty when absent or malformed).
-pub fn extract_map(headers: &BTreeMap<String, String>) -> Context {
-    TraceContextPropagator::new().extract(&MapExtractor(headers))
 }
 
 /// Writes the current span's context as `traceparent` (and `tracestate`) into `headers`.
 pub fn inject_current(headers: &mut BTreeMap<String, String>) {
-    let context = tracing::Span::current().context();
-    TraceContextPropagator::new().inject_context(&context, &mut MapCarrier(headers));
+    inject_context(&tracing::Span::current().context(), headers);
 }
 
 /// The current span's trace id and span id, lowercase hex, when it is part of a trace.
@@ -247,7 +469,7 @@ impl TraceSpan for EngineSpan {
     }
 
     fn inject(&self, headers: &mut BTreeMap<String, String>) {
-        TraceContextPropagator::new().inject_context(&self.context, &mut MapCarrier(headers));
+        inject_context(&self.context, headers);
     }
 
     fn set_attributes(&mut self, attributes: &[(&'static str, SpanValue<'_>)]) {
@@ -307,19 +529,203 @@ impl Drop for EngineSpan {
     }
 }
 
-/// The span context a `traceparent` value names, if it is well-formed.
-pub fn parse_traceparent(traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
-    let mut headers = BTreeMap::new();
-    headers.insert("traceparent".to_owned(), traceparent.to_owned());
-    let context = extract_map(&headers);
-    let span = context.span();
-    let span_context = span.span_context().clone();
-    span_context.is_valid().then_some(span_context)
+/// The span context a `traceparent` value names, if it is valid ([`TraceParent::parse`]).
+pub fn parse_traceparent(traceparent: &str) -> Option<SpanContext> {
+    let parent = TraceParent::parse(traceparent)?;
+    Some(SpanContext::new(
+        TraceId::from_bytes(parent.trace_id),
+        SpanId::from_bytes(parent.parent_id),
+        TraceFlags::new(parent.flags) & TraceFlags::SAMPLED,
+        true,
+        TraceState::NONE,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Text of a length in `length`, drawn from `alphabet` (cheaper than a regex strategy).
+    fn text(alphabet: &str, length: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+        let alphabet: Vec<char> = alphabet.chars().collect();
+        prop::collection::vec(prop::sample::select(alphabet), length)
+            .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    const LOWER_HEX: &str = "0123456789abcdef";
+    const KEY_CHARS: &str = "abcdefghijklmnopqrstuvwxyz0123456789_-*/";
+    /// Printable ASCII, and a tab.
+    const PRINTABLE: &str = " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~\t";
+    /// What a value may hold but a space.
+    const VALUE_CHARS: &str = "!\"#$%&'()*+-./0123456789:;<>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~";
+
+    /// `traceparent` values: valid ones of every version but `ff`, with whatever a later version
+    /// adds, and near-valid ones (each field right, or a digit short or long, with uppercase,
+    /// signs, dots and spaces, under versions old, future and forbidden).
+    fn traceparent() -> impl Strategy<Value = String> {
+        let valid = (
+            prop_oneof![
+                Just(0),
+                any::<u8>().prop_filter("ff is invalid", |v| *v != 0xff)
+            ],
+            any::<[u8; 16]>(),
+            any::<[u8; 8]>(),
+            any::<u8>(),
+            text(PRINTABLE, 0..10),
+        )
+            .prop_map(|(version, trace_id, parent_id, flags, rest)| {
+                let rest = if version == 0 {
+                    String::new()
+                } else {
+                    format!("-{rest}")
+                };
+                format!(
+                    "{version:02x}-{}-{}-{flags:02x}{rest}",
+                    hex(&trace_id),
+                    hex(&parent_id)
+                )
+            });
+        let field = |digits: usize| {
+            prop_oneof![
+                3 => text(LOWER_HEX, digits..digits + 1),
+                1 => text("0123456789abcdefABCDEF+. -", digits - 1..digits + 2),
+                1 => Just("0".repeat(digits)),
+            ]
+        };
+        let version = prop_oneof![
+            Just("00".to_owned()),
+            Just("cc".to_owned()),
+            Just("ff".to_owned()),
+            text("0123456789abcdefABCDEF+", 1..4),
+        ];
+        let rest = prop_oneof![
+            Just(String::new()),
+            (text("-.", 1..2), text(PRINTABLE, 0..10)).prop_map(|(dash, rest)| dash + &rest),
+        ];
+        let near = (version, field(32), field(16), field(2), rest).prop_map(
+            |(version, trace_id, parent_id, flags, rest)| {
+                format!("{version}-{trace_id}-{parent_id}-{flags}{rest}")
+            },
+        );
+        let ows = || text(" \t", 0..3);
+        (ows(), prop_oneof![valid, near], ows())
+            .prop_map(|(before, value, after)| format!("{before}{value}{after}"))
+    }
+
+    /// `tracestate` values: list-members by the grammar (a few, or around the limit of 32), or
+    /// a few near it; with whitespace and empty members between them.
+    fn tracestate() -> impl Strategy<Value = String> {
+        let simple_key = (
+            text("abcdefghijklmnopqrstuvwxyz", 1..2),
+            text(KEY_CHARS, 0..9),
+        )
+            .prop_map(|(first, rest)| first + &rest);
+        let tenant_key = (
+            text("abcdefghijklmnopqrstuvwxyz0123456789", 1..2),
+            text(KEY_CHARS, 0..5),
+            text("abcdefghijklmnopqrstuvwxyz", 1..2),
+            text(KEY_CHARS, 0..14),
+        )
+            .prop_map(|(first, tenant, system_first, system)| {
+                format!("{first}{tenant}@{system_first}{system}")
+            });
+        let valid_key = prop_oneof![simple_key, tenant_key].boxed();
+        let valid_value = prop_oneof![
+            text(VALUE_CHARS, 1..9),
+            text(VALUE_CHARS, 1..5).prop_map(|value| format!(" {value}")),
+        ]
+        .boxed();
+        let key = prop_oneof![3 => valid_key.clone(), 1 => text(PRINTABLE, 0..7)].boxed();
+        let value = prop_oneof![3 => valid_value.clone(), 1 => text(PRINTABLE, 0..7)].boxed();
+        let member = |key: BoxedStrategy<String>, value: BoxedStrategy<String>| {
+            prop_oneof![
+                8 => (key, value).prop_map(|(key, value)| format!("{key}={value}")),
+                1 => Just(String::new()),
+            ]
+        };
+        let list = |key: &BoxedStrategy<String>,
+                    value: &BoxedStrategy<String>,
+                    count: std::ops::Range<usize>| {
+            prop::collection::vec(
+                (member(key.clone(), value.clone()), text(" \t", 0..3)),
+                count,
+            )
+            .prop_map(|members| {
+                members
+                    .into_iter()
+                    .map(|(member, ows)| format!("{ows}{member}{ows}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+        };
+        prop_oneof![
+            3 => list(&valid_key, &valid_value, 0..6),
+            // Around the limit of 32 list-members (empty ones do not count).
+            1 => list(&valid_key, &valid_value, 30..36),
+            2 => list(&key, &value, 0..6),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(1000)))]
+
+        /// Whatever arrives, the parsers answer; they never panic (nor slice inside a character).
+        #[test]
+        fn arbitrary_values_never_panic(
+            traceparent in prop::collection::vec(any::<char>(), 0..80)
+                .prop_map(String::from_iter),
+            tracestate in prop::collection::vec(any::<char>(), 0..80)
+                .prop_map(String::from_iter),
+            bytes in prop::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let _ = TraceParent::parse(&traceparent);
+            let _ = TraceParent::parse_bytes(&bytes);
+            let _ = parse_tracestate([tracestate.as_str(), traceparent.as_str()]);
+        }
+
+        /// What the validator accepts leaves as it came: `traceparent` as version 00 with the
+        /// same ids and sampled flag, `tracestate` with the same list-members in the same order;
+        /// and reading that back gives the same context.
+        #[test]
+        fn accepted_headers_round_trip_through_inject(
+            traceparent in traceparent(),
+            tracestate in tracestate(),
+        ) {
+            let parsed = TraceParent::parse(&traceparent);
+            let members = parse_tracestate([tracestate.as_str()]);
+            let mut sent = BTreeMap::new();
+            sent.insert(TRACEPARENT.to_owned(), traceparent.clone());
+            sent.insert(TRACESTATE.to_owned(), tracestate.clone());
+            let context = extract_map(&sent);
+            let mut out = BTreeMap::new();
+            inject_context(&context, &mut out);
+            let Some(parsed) = parsed else {
+                prop_assert!(out.is_empty(), "{traceparent:?} was refused, yet {out:?}");
+                return Ok(());
+            };
+            prop_assert_eq!(
+                &out[TRACEPARENT],
+                &format!(
+                    "00-{}-{}-{:02x}",
+                    hex(&parsed.trace_id),
+                    hex(&parsed.parent_id),
+                    parsed.flags & 0x01
+                )
+            );
+            let members = members.unwrap_or_default();
+            prop_assert_eq!(parse_tracestate([out[TRACESTATE].as_str()]), Some(members));
+            let again = extract_map(&out);
+            prop_assert_eq!(
+                again.span().span_context().clone(),
+                context.span().span_context().clone()
+            );
+            let mut twice = BTreeMap::new();
+            inject_context(&again, &mut twice);
+            prop_assert_eq!(twice, out);
+        }
+    }
 
     #[test]
     fn spans_need_a_tracer_and_follow_the_ratio() {

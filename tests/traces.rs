@@ -7,6 +7,8 @@
 #[path = "it/support.rs"]
 #[allow(dead_code)]
 mod support;
+#[path = "it/w3c_cases.rs"]
+mod w3c_cases;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -169,6 +171,135 @@ async fn an_unsampled_callers_flag_reaches_the_event_unchanged() {
         })
         .collect();
     assert_eq!(flags, ["00", "01"]);
+    drop(provider);
+}
+
+/// What a POST of one W3C case answered: `Err` naming the case and what went wrong.
+fn check_dispatch(
+    case: &w3c_cases::Case,
+    how: &str,
+    result: &Value,
+    sent: &[String],
+) -> Result<(), String> {
+    let fail = |what: String| Err(format!("{} ({how}): {what}: {result}", case.name));
+    let trace_id = result["trace_id"].as_str().unwrap_or_default();
+    let headers = &result["outputs"][0]["envelope"]["headers"];
+    let traceparent = headers["traceparent"].as_str().unwrap_or_default();
+    let fields: Vec<&str> = traceparent.split('-').collect();
+    if fields.len() != 4 || fields[1] != trace_id {
+        return fail(format!("the output's traceparent {traceparent:?}"));
+    }
+    match &case.trace {
+        w3c_cases::Trace::New => {
+            // A new trace: random, so nothing of the ids sent is in it (the SDK alone read
+            // `00-{31 digits}-…` as `0{31 digits}`, which this catches).
+            let fresh = trace_id.len() == 32
+                && trace_id != "0".repeat(32)
+                && (0..=20).all(|at| {
+                    sent.iter()
+                        .all(|value| !value.contains(&trace_id[at..at + 12]))
+                });
+            if !fresh {
+                return fail(format!("a new trace expected, got {trace_id}"));
+            }
+            if headers["tracestate"] != "" {
+                return fail("a new trace carries no tracestate".into());
+            }
+        }
+        w3c_cases::Trace::Inherit {
+            trace_id: expected,
+            sampled,
+            ..
+        } => {
+            if trace_id != expected {
+                return fail(format!("trace {expected} expected"));
+            }
+            if fields[3] != if *sampled { "01" } else { "00" } {
+                return fail(format!("sampled {sampled} expected"));
+            }
+            if headers["tracestate"] != case.state.header() {
+                return fail(format!("tracestate {:?} expected", case.state));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every case of `tests/data/traceparent-cases.txt` through `POST /api/v1/messages/{topic}`:
+/// as HTTP headers, and as the envelope's own headers. The result's `trace_id` is the caller's
+/// or a new one, and the output carries the sampled flag and the tracestate the case expects.
+#[tokio::test]
+async fn every_w3c_case_through_post_messages() {
+    let provider = Traces::provider(&config(None)).unwrap();
+    let _guard = traced(subscriber(&provider));
+    let app = TestApp::start_with(
+        |_| {},
+        |builder| {
+            builder
+                .dispatcher(Dispatcher::new("echo", Category::Intent, Echo))
+                .route(Route::new(
+                    "echo",
+                    "orders.intents",
+                    Category::Intent,
+                    "echo",
+                ))
+        },
+    )
+    .await;
+    let cases = w3c_cases::cases();
+    let mut failures = Vec::new();
+    let (mut through_http, mut through_envelope) = (0, 0);
+    for case in &cases {
+        let sent: Vec<String> = case
+            .headers
+            .iter()
+            .map(|(_, value)| value.clone())
+            .collect();
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in &case.headers {
+            if let Ok(value) = reqwest::header::HeaderValue::from_bytes(value.as_bytes()) {
+                headers.append(
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value,
+                );
+            }
+        }
+        if headers.len() == case.headers.len() {
+            through_http += 1;
+            let response = app
+                .client
+                .post(app.url("/api/v1/messages/orders.intents"))
+                .headers(headers)
+                .json(&json!({"message_type": "order.place"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{}", case.name);
+            let result: Value = response.json().await.unwrap();
+            failures.extend(check_dispatch(case, "HTTP", &result, &sent).err());
+        }
+        if let Some(map) = case.as_map() {
+            through_envelope += 1;
+            let response = app
+                .client
+                .post(app.url("/api/v1/messages/orders.intents"))
+                .json(&json!({"message_type": "order.place", "headers": map}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{}", case.name);
+            let result: Value = response.json().await.unwrap();
+            failures.extend(check_dispatch(case, "envelope", &result, &sent).err());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(cases.len() - through_http, 1, "cases HTTP cannot carry");
+    assert_eq!(
+        cases.len() - through_envelope,
+        7,
+        "cases a map cannot carry"
+    );
+    app.stop().await.unwrap();
     drop(provider);
 }
 

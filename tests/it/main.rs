@@ -4,6 +4,8 @@
 
 // The TestApp helper: dispatchd on port 0 with its files in a temporary directory.
 mod support;
+// The W3C trace context cases of tests/data/traceparent-cases.txt (also read by tests/traces.rs).
+mod w3c_cases;
 
 // POST /api/v1/messages/{topic}: statuses, JSON errors, limits.
 mod ingest;
@@ -45,5 +47,7 @@ mod network;
 mod workers;
 // dedup and rate limits with scope = "cluster": several instances on one Redis, and Redis gone.
 mod scope;
+// W3C trace context, strictly: every case of the W3C suite and the spec through both extractors.
+mod trace_context;
 // Three serve and two sink processes on one Redis as one service: kills, a restart, real Prometheus.
 mod cluster;
