@@ -398,8 +398,9 @@ impl TraceContext for SpanTraceContext {
         if !self.keeps(&parent) {
             return None;
         }
-        let mut attributes = Vec::with_capacity(9);
+        let mut attributes = Vec::with_capacity(10);
         attributes.push(KeyValue::new("messaging.system", "dispatchd"));
+        attributes.push(KeyValue::new("messaging.operation.name", "process"));
         attributes.push(KeyValue::new("messaging.operation.type", "process"));
         attributes.push(KeyValue::new(
             "messaging.destination.name",
@@ -420,7 +421,8 @@ impl TraceContext for SpanTraceContext {
             span.message_type.to_owned(),
         ));
         let started = tracer
-            .span_builder(format!("{} process", span.topic))
+            // `{messaging.operation.name} {messaging.destination.name}` (semconv 1.26 and later).
+            .span_builder(format!("process {}", span.topic))
             .with_kind(SpanKind::Consumer)
             .with_attributes(attributes)
             .start_with_context(tracer, &parent);
@@ -478,6 +480,12 @@ impl TraceSpan for EngineSpan {
                 .iter()
                 .map(|&(key, v)| KeyValue::new(key, value(v))),
         );
+    }
+
+    fn set_error(&mut self, error_type: &'static str, description: &str) {
+        let span = self.context.span();
+        span.set_attribute(KeyValue::new("error.type", error_type));
+        span.set_status(opentelemetry::trace::Status::error(description.to_owned()));
     }
 
     fn child(

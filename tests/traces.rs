@@ -350,7 +350,7 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
     let spans = spans(&received);
     let dispatch = spans
         .iter()
-        .find(|s| s.name == "shop.orders.events process")
+        .find(|s| s.name == "process shop.orders.events")
         .expect("the dispatch span");
     let attribute = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
         span.attributes
@@ -384,6 +384,204 @@ async fn dispatch_spans_are_exported_over_otlp_with_their_children() {
             .contains("success")
     );
     drop(engine);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || provider.shutdown()),
+    )
+    .await;
+}
+
+struct Broken;
+
+#[async_trait]
+impl Handler for Broken {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Err(HandlerError::permanent("the warehouse said no"))
+    }
+}
+
+/// An attribute's decoded OTLP value: its type is part of what is checked.
+fn otlp_value(
+    span: &opentelemetry_proto::tonic::trace::v1::Span,
+    key: &str,
+) -> Option<opentelemetry_proto::tonic::common::v1::any_value::Value> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.clone())
+        .and_then(|v| v.value)
+}
+
+fn text(value: &str) -> Option<opentelemetry_proto::tonic::common::v1::any_value::Value> {
+    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(value.into()))
+}
+
+fn int(value: i64) -> Option<opentelemetry_proto::tonic::common::v1::any_value::Value> {
+    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(value))
+}
+
+/// The OTLP status code of a span (0 unset, 1 ok, 2 error).
+fn status_code(span: &opentelemetry_proto::tonic::trace::v1::Span) -> i32 {
+    span.status.as_ref().map_or(0, |status| status.code)
+}
+
+/// Served over HTTP, exported over OTLP/HTTP and decoded: the server span, the dispatch span and
+/// the dispatcher span carry the semantic conventions' names, kinds, statuses and typed
+/// attributes; a sink batch's size is an integer.
+#[tokio::test]
+async fn served_spans_follow_the_semantic_conventions_over_otlp() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+
+    let (endpoint, received) = receiver();
+    let provider = Traces::provider(&config(Some(endpoint.clone()))).unwrap();
+    let _guard = traced(subscriber(&provider));
+    let app = TestApp::start_with(
+        |config| config.tracing.otlp_endpoint = Some(endpoint),
+        |builder| {
+            builder
+                .tracer(provider.tracer("test"))
+                .dispatcher(Dispatcher::new("echo", Category::Event, Echo))
+                .dispatcher(Dispatcher::new("broken", Category::Event, Broken))
+                .route(Route::new(
+                    "ok",
+                    "shop.orders.events",
+                    Category::Event,
+                    "echo",
+                ))
+                .route(Route::new(
+                    "no",
+                    "shop.broken.events",
+                    Category::Event,
+                    "broken",
+                ))
+        },
+    )
+    .await;
+    for (topic, status) in [
+        ("shop.orders.events", 200),
+        ("shop.broken.events", 502),
+        ("ops.commands", 404),
+    ] {
+        let response = app
+            .post_message(topic, json!({"message_type": "order.placed"}))
+            .await;
+        assert_eq!(response.status(), status, "{topic}");
+    }
+    // Stopping flushes the sinks, so the file sink's batch span exists too.
+    app.stop().await.unwrap();
+    tokio::task::spawn_blocking({
+        let provider = provider.clone();
+        move || provider.force_flush().unwrap()
+    })
+    .await
+    .unwrap();
+    let spans = spans(&received);
+    let named = |name: &str| -> Vec<&opentelemetry_proto::tonic::trace::v1::Span> {
+        spans.iter().filter(|s| s.name == name).collect()
+    };
+    let dispatch = |topic: &str| {
+        *named(&format!("process {topic}"))
+            .first()
+            .unwrap_or_else(|| panic!("no dispatch span for {topic}: {spans:?}"))
+    };
+
+    // HTTP server spans: `{method} {route}`, kind server, the stable attributes, the status code
+    // an integer; a 5xx is an error with `error.type`, a 4xx is not.
+    let servers = named("POST /api/v1/messages/{topic}");
+    assert_eq!(servers.len(), 3, "{spans:?}");
+    for topic in ["shop.orders.events", "shop.broken.events", "ops.commands"] {
+        let dispatch = dispatch(topic);
+        let server = servers
+            .iter()
+            .find(|s| s.span_id == dispatch.parent_span_id)
+            .expect("the dispatch span is a child of the server span");
+        assert_eq!(server.kind, SpanKind::Server as i32);
+        assert_eq!(otlp_value(server, "http.request.method"), text("POST"));
+        assert_eq!(
+            otlp_value(server, "http.route"),
+            text("/api/v1/messages/{topic}")
+        );
+        assert_eq!(otlp_value(server, "url.scheme"), text("http"));
+        assert_eq!(
+            otlp_value(server, "url.path"),
+            text(&format!("/api/v1/messages/{topic}"))
+        );
+        let (code, failed) = match topic {
+            "shop.orders.events" => (200, false),
+            "shop.broken.events" => (502, true),
+            _ => (404, false),
+        };
+        assert_eq!(otlp_value(server, "http.response.status_code"), int(code));
+        if failed {
+            assert_eq!(status_code(server), StatusCode::Error as i32, "{server:?}");
+            assert_eq!(otlp_value(server, "error.type"), text("502"));
+        } else {
+            assert_eq!(status_code(server), StatusCode::Unset as i32, "{server:?}");
+            assert_eq!(otlp_value(server, "error.type"), None);
+        }
+
+        // The dispatch span: `process {destination}`, consumer, the messaging attributes.
+        assert_eq!(dispatch.kind, SpanKind::Consumer as i32);
+        assert_eq!(
+            otlp_value(dispatch, "messaging.operation.name"),
+            text("process")
+        );
+        assert_eq!(
+            otlp_value(dispatch, "messaging.operation.type"),
+            text("process")
+        );
+        assert_eq!(otlp_value(dispatch, "messaging.system"), text("dispatchd"));
+        assert_eq!(
+            otlp_value(dispatch, "messaging.destination.name"),
+            text(topic)
+        );
+    }
+    let ok = dispatch("shop.orders.events");
+    assert_eq!(status_code(ok), StatusCode::Unset as i32);
+    assert_eq!(otlp_value(ok, "error.type"), None);
+    for (topic, status) in [
+        ("shop.broken.events", "dispatcher_error"),
+        ("ops.commands", "no_dispatcher"),
+    ] {
+        let failed = dispatch(topic);
+        assert_eq!(status_code(failed), StatusCode::Error as i32, "{failed:?}");
+        assert_eq!(otlp_value(failed, "error.type"), text(status));
+        assert_eq!(otlp_value(failed, "dispatchd.status"), text(status));
+    }
+
+    // Dispatcher spans: a failing one is an error; `dispatchd.attempts` is an integer.
+    let echo = named("dispatcher echo")[0];
+    assert_eq!(status_code(echo), StatusCode::Unset as i32);
+    assert_eq!(otlp_value(echo, "dispatchd.attempts"), int(1));
+    let broken = named("dispatcher broken")[0];
+    assert_eq!(
+        broken.parent_span_id,
+        dispatch("shop.broken.events").span_id
+    );
+    assert_eq!(status_code(broken), StatusCode::Error as i32, "{broken:?}");
+    assert_eq!(otlp_value(broken, "error.type"), text("error"));
+    assert!(
+        broken
+            .status
+            .as_ref()
+            .is_some_and(|s| s.message.contains("the warehouse said no")),
+        "{broken:?}"
+    );
+
+    // The sink batch: `dispatchd.batch_size` is a number, not text.
+    let batch = spans
+        .iter()
+        .find(|s| s.name.ends_with(" send"))
+        .unwrap_or_else(|| panic!("no sink batch span: {spans:?}"));
+    assert_eq!(batch.kind, SpanKind::Producer as i32);
+    assert!(
+        matches!(
+            otlp_value(batch, "dispatchd.batch_size"),
+            Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(n)) if n >= 1
+        ),
+        "{batch:?}"
+    );
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::task::spawn_blocking(move || provider.shutdown()),
@@ -593,7 +791,7 @@ async fn a_command_adapter_runs_in_a_client_span_under_its_dispatcher_and_propag
             .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("no span {name}: {spans:?}"))
     };
-    let dispatch = find("ops.commands process");
+    let dispatch = find("process ops.commands");
     let dispatcher = find("dispatcher ops");
     let adapter = find("deployer deploy");
     assert_eq!(dispatcher.parent_span_id, dispatch.span_id);

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use opentelemetry::trace::TraceContextExt;
 use serde::Deserialize;
@@ -38,6 +38,7 @@ pub struct IngestBody {
 pub(super) async fn ingest(
     State(state): State<ApiState>,
     PathParam(topic): PathParam,
+    uri: Uri,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
@@ -54,6 +55,14 @@ pub(super) async fn ingest(
         "ingest",
         otel.name = "POST /api/v1/messages/{topic}",
         otel.kind = "server",
+        // The stable HTTP server conventions; the span name is `{method} {http.route}`.
+        http.request.method = "POST",
+        http.route = "/api/v1/messages/{topic}",
+        url.path = uri.path(),
+        url.scheme = "http",
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
@@ -64,11 +73,16 @@ pub(super) async fn ingest(
         span.record("span_id", span_id.as_str());
     }
     let result = tokio::select! {
-        result = state.engine.dispatch(&topic, &envelope).instrument(span) => result,
+        result = state.engine.dispatch(&topic, &envelope).instrument(span.clone()) => result,
         () = state.abandon.cancelled() => {
-            return Err(ApiError::ShuttingDown);
+            let error = ApiError::ShuttingDown;
+            record_response(&span, error.status());
+            return Err(error);
         }
     };
+    let status = status_code(&result);
+    record_response(&span, status);
+    drop(span);
     if let Some(events) = &state.events {
         // Under the sinks' `block` policy this waits for room: backpressure, not loss.
         events
@@ -79,7 +93,17 @@ pub(super) async fn ingest(
             ))
             .await;
     }
-    Ok((status_code(&result), Json(result)).into_response())
+    Ok((status, Json(result)).into_response())
+}
+
+/// `http.response.status_code` (an integer attribute); a 5xx also makes the server span an error,
+/// with `error.type` the status code (4xx answers are the client's doing and leave it unset).
+fn record_response(span: &tracing::Span, status: StatusCode) {
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("error.type", status.as_str());
+        span.record("otel.status_code", "error");
+    }
 }
 
 /// The HTTP status for a dispatch, by its status alone. Refusals answer otherwise than an

@@ -340,7 +340,8 @@ impl SinkDriver {
             otel.name = %format_args!("{} send", self.name),
             otel.kind = "producer",
             dispatchd.sink = %self.name,
-            dispatchd.batch_size = batch.len(),
+            // An i64, so it is exported as an integer (a `usize` is recorded as text).
+            dispatchd.batch_size = i64::try_from(batch.len()).unwrap_or(i64::MAX),
         );
         for event in &batch {
             if let Some(context) = event.metadata["traceparent"]

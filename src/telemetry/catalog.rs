@@ -2,8 +2,10 @@
 //!
 //! Names here are OpenTelemetry instrument names. The Prometheus exporter derives the exported
 //! name: it appends `_total` to counters and a unit suffix (`s` → `_seconds`), and prefixes the
-//! configured namespace. So `dispatch_messages` (a counter) is exported as
-//! `dispatch_messages_total`, and an instrument name must never carry those suffixes itself.
+//! configured namespace, and writes `_` for a `.`. So `dispatch_messages` (a counter) is
+//! exported as `dispatch_messages_total`, `http.server.request.duration` (the stable HTTP
+//! convention's name, which OTLP carries) as `http_server_request_duration_seconds`, and an
+//! instrument name must never carry those suffixes itself.
 //! [`InstrumentSpec::exported_name`] computes the exported name; a test checks every one against
 //! PRODUCT.md's table and `docs/metrics.md`.
 
@@ -38,7 +40,10 @@ impl Kind {
 pub struct InstrumentSpec {
     pub name: &'static str,
     pub kind: Kind,
-    /// UCUM: `s` for seconds, `1` for ratios, empty for counts.
+    /// UCUM, as OTLP carries it: `s` for seconds, an annotation for counts of things
+    /// (`{message}`), empty for values without one (states, ratios). The Prometheus exporter
+    /// adds `_seconds` for `s` and nothing for an annotation, so the names on `/metrics` do not
+    /// depend on it.
     pub unit: &'static str,
     /// The HELP text.
     pub description: &'static str,
@@ -59,7 +64,9 @@ impl InstrumentSpec {
                 name.push('_');
             }
         }
-        name.push_str(self.name);
+        // The exporter writes `_` for every character Prometheus does not allow (the `.` of an
+        // OpenTelemetry semantic-conventions name).
+        name.extend(self.name.chars().map(prometheus_char));
         match self.unit {
             "s" => name.push_str("_seconds"),
             "1" => name.push_str("_ratio"),
@@ -69,6 +76,23 @@ impl InstrumentSpec {
             name.push_str("_total");
         }
         name
+    }
+
+    /// The label names on `/metrics`: the attribute keys, with `_` for `.` as the exporter
+    /// writes them (`http.route` is `http_route`).
+    pub fn exported_labels(&self) -> impl Iterator<Item = String> + '_ {
+        self.labels
+            .iter()
+            .map(|label| label.chars().map(prometheus_char).collect())
+    }
+}
+
+/// A character of an OpenTelemetry name as the Prometheus exporter writes it.
+fn prometheus_char(c: char) -> char {
+    if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+        c
+    } else {
+        '_'
     }
 }
 
@@ -81,9 +105,11 @@ pub mod label {
     pub const ADAPTER: &str = "adapter";
     pub const COMMAND_TYPE: &str = "command_type";
     pub const POLICY: &str = "policy";
-    pub const HTTP_ROUTE: &str = "http_route";
-    pub const HTTP_REQUEST_METHOD: &str = "http_request_method";
-    pub const HTTP_RESPONSE_STATUS_CODE: &str = "http_response_status_code";
+    // The HTTP server conventions' keys, as OTLP carries them; the Prometheus exporter writes
+    // `http_route`, `http_request_method` and `http_response_status_code`.
+    pub const HTTP_ROUTE: &str = "http.route";
+    pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
+    pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
     pub const METRIC: &str = "metric";
     pub const EVENT: &str = "event";
     pub const IS_STALE: &str = "is_stale";
@@ -113,7 +139,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 pub const DISPATCH_MESSAGES: InstrumentSpec = InstrumentSpec {
     name: "dispatch_messages",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{message}",
     description: "Messages dispatched by the engine, by category and final status.",
     labels: &[label::CATEGORY, label::STATUS],
     buckets: &[],
@@ -131,7 +157,7 @@ pub const DISPATCH_DURATION: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_EXECUTIONS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_executions",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{run}",
     description: "Dispatcher runs, refusals and de-duplication skips, by dispatcher and result (success, error, timeout, rejected, denied, skipped).",
     labels: &[label::DISPATCHER_ID, label::RESULT],
     buckets: &[],
@@ -149,7 +175,7 @@ pub const DISPATCHER_EXECUTION_DURATION: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_ADAPTER_INVOCATIONS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_adapter_invocations",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{call}",
     description: "Command adapter calls, by adapter and command type.",
     labels: &[label::ADAPTER, label::COMMAND_TYPE],
     buckets: &[],
@@ -158,14 +184,16 @@ pub const DISPATCHER_ADAPTER_INVOCATIONS: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_POLICY_DENIALS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_policy_denials",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{command}",
     description: "Commands refused by a policy, by policy.",
     labels: &[label::POLICY],
     buckets: &[],
 };
 
+/// Named as the stable HTTP server convention names it, so OTLP carries
+/// `http.server.request.duration`; on `/metrics` it is `http_server_request_duration_seconds`.
 pub const HTTP_SERVER_REQUEST_DURATION: InstrumentSpec = InstrumentSpec {
-    name: "http_server_request_duration",
+    name: "http.server.request.duration",
     kind: Kind::Histogram,
     unit: "s",
     description: "Latency of dispatchd's own HTTP API, by route template, method and status code.",
@@ -180,7 +208,7 @@ pub const HTTP_SERVER_REQUEST_DURATION: InstrumentSpec = InstrumentSpec {
 pub const HTTP_AUTH_FAILURES: InstrumentSpec = InstrumentSpec {
     name: "http_auth_failures",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{request}",
     description: "Requests refused by access control, by reason (missing, invalid, forbidden).",
     labels: &[label::REASON],
     buckets: &[],
@@ -189,7 +217,7 @@ pub const HTTP_AUTH_FAILURES: InstrumentSpec = InstrumentSpec {
 pub const HTTP_REQUESTS_SHED: InstrumentSpec = InstrumentSpec {
     name: "http_requests_shed",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{request}",
     description: "Requests refused instead of being served, by reason (in_flight: 503, over server.max_in_flight; timeout: 503, over server.request_timeout; body_too_slow: 408, a body slower than server.min_body_rate).",
     labels: &[label::REASON],
     buckets: &[],
@@ -198,7 +226,7 @@ pub const HTTP_REQUESTS_SHED: InstrumentSpec = InstrumentSpec {
 pub const HTTP_CONNECTIONS_CLOSED: InstrumentSpec = InstrumentSpec {
     name: "http_connections_closed",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{connection}",
     description: "Connections the server closed on its own, by reason (idle: no request head within server.header_read_timeout; evicted: closed to make room for a new connection at server.max_connections, the longest idle or else one only receiving a body).",
     labels: &[label::REASON],
     buckets: &[],
@@ -207,7 +235,7 @@ pub const HTTP_CONNECTIONS_CLOSED: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_WORKER_THREADS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_worker_threads",
     kind: Kind::ObservableGauge,
-    unit: "",
+    unit: "{thread}",
     description: "Worker threads of the tokio runtime.",
     labels: &[],
     buckets: &[],
@@ -218,7 +246,7 @@ pub const DISPATCHER_ACTIVE: InstrumentSpec = InstrumentSpec {
     // existing dashboards (PRODUCT.md), and the exporter adds nothing to it.
     name: "dispatcher_active_total",
     kind: Kind::UpDownCounter,
-    unit: "",
+    unit: "{dispatcher}",
     description: "Dispatchers currently running: 1 while running, 0 after stop. A gauge despite the _total, kept for existing dashboards.",
     labels: &[label::DISPATCHER_ID],
     buckets: &[],
@@ -227,7 +255,7 @@ pub const DISPATCHER_ACTIVE: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_HEARTBEAT: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_heartbeat",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{heartbeat}",
     description: "Heartbeats received, from in-process lifecycle tasks and from workers over HTTP.",
     labels: &[label::DISPATCHER_ID],
     buckets: &[],
@@ -236,7 +264,7 @@ pub const DISPATCHER_HEARTBEAT: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_LIFECYCLE_EVENTS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_lifecycle_events",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{event}",
     description: "Lifecycle events by dispatcher and event (start, stop, restart, register, unregister).",
     labels: &[label::DISPATCHER_ID, label::EVENT],
     buckets: &[],
@@ -272,7 +300,7 @@ pub const DISPATCHER_HEARTBEAT_AGE: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_CONSECUTIVE_FAILURES: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_consecutive_failures",
     kind: Kind::ObservableGauge,
-    unit: "",
+    unit: "{failure}",
     description: "Failures of the dispatcher since its last success.",
     labels: &[label::DISPATCHER_ID],
     buckets: &[],
@@ -308,7 +336,7 @@ pub const DISPATCHER_CIRCUIT_BREAKER_STATE: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_CIRCUIT_BREAKER_TRIPS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_circuit_breaker_trips",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{trip}",
     description: "Times the circuit breaker opened.",
     labels: &[label::DISPATCHER_ID],
     buckets: &[],
@@ -326,7 +354,7 @@ pub const DISPATCHER_RATE_LIMITER_DELAY: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_RETRIES: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_retries",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{retry}",
     description: "Retries of a dispatcher's calls after transient errors or timeouts.",
     labels: &[label::DISPATCHER_ID],
     buckets: &[],
@@ -335,7 +363,7 @@ pub const DISPATCHER_RETRIES: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_CLUSTER_FALLBACKS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_cluster_fallbacks",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{call}",
     description: "Calls a cluster-scoped protection decided on this instance alone because Redis did not answer in time (dedup ran the call, the rate limiter used the instance's own bucket).",
     labels: &[label::DISPATCHER_ID, label::PROTECTION],
     buckets: &[],
@@ -344,7 +372,7 @@ pub const DISPATCHER_CLUSTER_FALLBACKS: InstrumentSpec = InstrumentSpec {
 pub const DISPATCHER_CACHE_OPERATIONS: InstrumentSpec = InstrumentSpec {
     name: "dispatcher_cache_operations",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{operation}",
     description: "Cache activity by cache, operation (get, set, invalidate, expire) and result (hit, miss, none).",
     labels: &[label::CACHE, label::OPERATION, label::RESULT],
     buckets: &[],
@@ -371,7 +399,7 @@ pub const BATCH_SIZE_BUCKETS: &[f64] = &[
 pub const SINK_EVENTS: InstrumentSpec = InstrumentSpec {
     name: "sink_events",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{event}",
     description: "Dispatch events in the pipeline, by sink and outcome (received, sent, retried, dropped, dead_lettered).",
     labels: &[label::SINK, label::OUTCOME],
     buckets: &[],
@@ -380,7 +408,7 @@ pub const SINK_EVENTS: InstrumentSpec = InstrumentSpec {
 pub const SINK_BATCH_SIZE: InstrumentSpec = InstrumentSpec {
     name: "sink_batch_size",
     kind: Kind::Histogram,
-    unit: "",
+    unit: "{event}",
     description: "Events per batch handed to a sink.",
     labels: &[label::SINK],
     buckets: BATCH_SIZE_BUCKETS,
@@ -398,7 +426,7 @@ pub const SINK_REQUEST_DURATION: InstrumentSpec = InstrumentSpec {
 pub const SINK_QUEUE_DEPTH: InstrumentSpec = InstrumentSpec {
     name: "sink_queue_depth",
     kind: Kind::Gauge,
-    unit: "",
+    unit: "{event}",
     description: "Events waiting for a sink: queued plus in the batch being built.",
     labels: &[label::SINK],
     buckets: &[],
@@ -407,7 +435,7 @@ pub const SINK_QUEUE_DEPTH: InstrumentSpec = InstrumentSpec {
 pub const BUS_PENDING_ENTRIES: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_pending_entries",
     kind: Kind::ObservableGauge,
-    unit: "",
+    unit: "{entry}",
     description: "Entries of a Redis stream delivered to a consumer group but not yet acknowledged (read every second; absent while unknown).",
     labels: &[label::STREAM, label::GROUP],
     buckets: &[],
@@ -416,7 +444,7 @@ pub const BUS_PENDING_ENTRIES: InstrumentSpec = InstrumentSpec {
 pub const BUS_CONSUMER_LAG: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_consumer_lag",
     kind: Kind::ObservableGauge,
-    unit: "",
+    unit: "{entry}",
     description: "Entries of a Redis stream not yet delivered to a consumer group (read every second; absent while unknown).",
     labels: &[label::STREAM, label::GROUP],
     buckets: &[],
@@ -425,7 +453,7 @@ pub const BUS_CONSUMER_LAG: InstrumentSpec = InstrumentSpec {
 pub const BUS_RECONNECTS: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_reconnects",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{reconnect}",
     description: "Times a Redis stream consumer got answers again after Redis was unreachable.",
     labels: &[label::STREAM],
     buckets: &[],
@@ -434,7 +462,7 @@ pub const BUS_RECONNECTS: InstrumentSpec = InstrumentSpec {
 pub const BUS_EVENTS: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_events",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{event}",
     description: "Dispatch events this process published on a Redis stream, by outcome (published; dead_lettered when Redis could not take them; dropped when the dead-letter file could not either).",
     labels: &[label::STREAM, label::OUTCOME],
     buckets: &[],
@@ -443,7 +471,7 @@ pub const BUS_EVENTS: InstrumentSpec = InstrumentSpec {
 pub const BUS_READ_ERRORS: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_read_errors",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{read}",
     description: "Reads of a Redis stream by a consumer group that failed (Redis unreachable, or refusing); the consumer backs off and retries.",
     labels: &[label::STREAM, label::GROUP],
     buckets: &[],
@@ -452,7 +480,7 @@ pub const BUS_READ_ERRORS: InstrumentSpec = InstrumentSpec {
 pub const BUS_GROUP_RECREATED: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_group_recreated",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{recreation}",
     description: "Times a consumer found its Redis consumer group gone (NOGROUP: Redis lost its data, or the group or stream was deleted) and created it again; events may have been lost.",
     labels: &[label::STREAM, label::GROUP],
     buckets: &[],
@@ -461,7 +489,7 @@ pub const BUS_GROUP_RECREATED: InstrumentSpec = InstrumentSpec {
 pub const OTLP_EXPORTS_FAILED: InstrumentSpec = InstrumentSpec {
     name: "otlp_exports_failed",
     kind: Kind::ObservableCounter,
-    unit: "",
+    unit: "{request}",
     description: "OTLP export requests that failed after the exporter's retries (collector unreachable, refusing or too slow), by signal (traces, metrics); their data is lost.",
     labels: &[label::SIGNAL],
     buckets: &[],
@@ -470,7 +498,7 @@ pub const OTLP_EXPORTS_FAILED: InstrumentSpec = InstrumentSpec {
 pub const TRACE_SPANS_DROPPED: InstrumentSpec = InstrumentSpec {
     name: "trace_spans_dropped",
     kind: Kind::ObservableCounter,
-    unit: "",
+    unit: "{span}",
     description: "Trace spans dropped because the OTLP export queue was full (a slow or absent collector).",
     labels: &[],
     buckets: &[],
@@ -490,7 +518,7 @@ pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
 pub const FILE_TORN_TAILS: InstrumentSpec = InstrumentSpec {
     name: "file_torn_tails",
     kind: Kind::Counter,
-    unit: "",
+    unit: "{tail}",
     description: "Torn last lines (a crash or a failed write mid-line) moved aside to <file>.torn when an appended file was opened, by file kind (messages, sink_events, sink_dead_letters, bus_dead_letters).",
     labels: &[label::FILE_KIND],
     buckets: &[],

@@ -25,6 +25,7 @@ impl LifecycleMetrics {
             active: meter
                 .i64_up_down_counter(spec.name)
                 .with_description(spec.description)
+                .with_unit(spec.unit)
                 .build(),
             heartbeats: counter(meter, catalog::DISPATCHER_HEARTBEAT),
             events: counter(meter, catalog::DISPATCHER_LIFECYCLE_EVENTS),

@@ -320,6 +320,7 @@ impl Enabled {
         let _ = meter
             .u64_observable_gauge(spec.name)
             .with_description(spec.description)
+            .with_unit(spec.unit)
             .with_callback(move |observer| observer.observe(workers, &[]))
             .build();
 
@@ -327,6 +328,7 @@ impl Enabled {
         let _ = meter
             .u64_observable_counter(spec.name)
             .with_description(spec.description)
+            .with_unit(spec.unit)
             .with_callback(|observer| {
                 let dropped = traces::DROPPED_SPANS.load(std::sync::atomic::Ordering::Relaxed);
                 observer.observe(dropped, &[]);
@@ -337,6 +339,7 @@ impl Enabled {
         let _ = meter
             .u64_observable_counter(spec.name)
             .with_description(spec.description)
+            .with_unit(spec.unit)
             .with_callback(|observer| {
                 for signal in otlp::Signal::ALL {
                     observer.observe(

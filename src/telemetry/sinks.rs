@@ -33,6 +33,7 @@ impl SinkMetrics {
             queue_depth: meter
                 .f64_gauge(depth.name)
                 .with_description(depth.description)
+                .with_unit(depth.unit)
                 .build(),
             files: Arc::new(FileMetrics::new(meter)),
         }
@@ -123,6 +124,7 @@ impl BusMetrics {
             let _ = meter
                 .u64_observable_gauge(spec.name)
                 .with_description(spec.description)
+                .with_unit(spec.unit)
                 .with_callback(move |observer| {
                     let Ok(backlogs) = backlogs.lock() else {
                         return;

@@ -401,7 +401,7 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
     crate::support::wait_for("the dispatch span and a metrics push", || {
         let spans = crate::support::otlp_spans(&received);
         let dispatched = spans.iter().any(|(_, span)| {
-            span.name == "shop.orders.events process" && hex(&span.trace_id) == trace_id
+            span.name == "process shop.orders.events" && hex(&span.trace_id) == trace_id
         });
         let pushed = crate::support::otlp_metrics(&received)
             .iter()
@@ -419,7 +419,7 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
     let spans = crate::support::otlp_spans(&received);
     let (service, dispatch) = spans
         .iter()
-        .find(|(_, span)| span.name == "shop.orders.events process")
+        .find(|(_, span)| span.name == "process shop.orders.events")
         .unwrap();
     assert!(
         service.contains("checkout-dispatch"),

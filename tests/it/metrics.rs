@@ -328,6 +328,17 @@ async fn docs_metrics_md_describes_exactly_what_is_exported() {
     canonical_traffic(&app, 2).await;
     let exported = families(&scrape(&app).await);
     let documented = documented();
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let documented_units: BTreeMap<String, String> = docs
+        .lines()
+        .filter(|line| line.starts_with("| `"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let name = cells[0].trim_start_matches("| ").trim_matches('`');
+            (name.to_owned(), cells[2].to_owned())
+        })
+        .collect();
     for (name, (kind, labels)) in &exported {
         let Some((doc_kind, doc_labels)) = documented.get(name) else {
             panic!("{name} is exported but not in docs/metrics.md");
@@ -350,9 +361,19 @@ async fn docs_metrics_md_describes_exactly_what_is_exported() {
             .find(|s| s.exported_name("") == *name)
         {
             assert_eq!(spec.kind.prometheus_type(), kind, "type of {name}");
-            let spec_labels: BTreeSet<String> =
-                spec.labels.iter().map(|l| (*l).to_owned()).collect();
+            let spec_labels: BTreeSet<String> = spec.exported_labels().collect();
             assert_eq!(&spec_labels, labels, "labels of {name}");
+            // The unit OTLP carries is the table's, in UCUM: `s`, none, or `{singular}`.
+            let word = &documented_units[name];
+            let unit = match word.as_str() {
+                "seconds" => "s".to_owned(),
+                "none" => String::new(),
+                plural => match plural.strip_suffix("ies") {
+                    Some(stem) => format!("{{{stem}y}}"),
+                    None => format!("{{{}}}", plural.trim_end_matches('s')),
+                },
+            };
+            assert_eq!(spec.unit, unit, "unit of {name} ({word})");
         }
     }
     for name in &catalog {
@@ -593,6 +614,72 @@ async fn metrics_are_pushed_to_an_otlp_collector_too() {
     .await;
     let (_, service) = successes().unwrap();
     assert!(service.contains("dispatchd"), "service.name was {service}");
+
+    // Over OTLP: UCUM units, and the HTTP server metric as the stable convention names it, with
+    // its attribute keys and an integer status code.
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    let requests = crate::support::otlp_metrics(&received);
+    let last = requests.last().unwrap();
+    let metrics: Vec<_> = last
+        .resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .collect();
+    let metric = |name: &str| {
+        *metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name} over OTLP"))
+    };
+    for (name, unit) in [
+        ("dispatch_messages", "{message}"),
+        ("dispatcher_executions", "{run}"),
+        ("dispatch_duration", "s"),
+        ("dispatcher_active_total", "{dispatcher}"),
+        ("dispatcher_health_status", ""),
+    ] {
+        assert_eq!(metric(name).unit, unit, "the unit of {name}");
+    }
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m.name != "http_server_request_duration"),
+        "the HTTP metric under its Prometheus-style name"
+    );
+    let http = metric("http.server.request.duration");
+    assert_eq!(http.unit, "s");
+    let Some(Data::Histogram(histogram)) = &http.data else {
+        panic!("http.server.request.duration is not a histogram: {http:?}")
+    };
+    let posted = histogram
+        .data_points
+        .iter()
+        .find(|p| {
+            p.attributes.iter().any(|a| {
+                a.key == "http.route"
+                    && a.value.as_ref().and_then(|v| v.value.clone())
+                        == Some(Any::StringValue("/api/v1/messages/{topic}".into()))
+            })
+        })
+        .expect("the ingest route's series");
+    let attribute = |key: &str| {
+        posted
+            .attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone())
+            .and_then(|v| v.value)
+    };
+    assert_eq!(
+        attribute("http.request.method"),
+        Some(Any::StringValue("POST".into()))
+    );
+    assert_eq!(
+        attribute("http.response.status_code"),
+        Some(Any::IntValue(200))
+    );
+    assert_eq!(posted.count, 3);
 
     let scrape = scrape(&app).await;
     assert_eq!(

@@ -125,9 +125,9 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             word.push(c);
             continue;
         }
-        let labels: BTreeSet<&str> = dispatchd::telemetry::catalog::ALL
+        let labels: BTreeSet<String> = dispatchd::telemetry::catalog::ALL
             .iter()
-            .flat_map(|spec| spec.labels.iter().copied())
+            .flat_map(|spec| spec.exported_labels())
             .collect();
         let is_metric = [
             "dispatch_",

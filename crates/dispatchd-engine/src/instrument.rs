@@ -168,7 +168,7 @@ pub trait TraceContext: Send + Sync + 'static {
 }
 
 /// What the dispatch span is made of (OpenTelemetry messaging conventions: its name is
-/// `<topic> process`, its kind consumer).
+/// `process <topic>`, its kind consumer).
 #[derive(Debug, Clone, Copy)]
 pub struct DispatchSpan<'a> {
     pub topic: &'a str,
@@ -201,6 +201,11 @@ pub trait TraceSpan: Send + Sync + std::fmt::Debug {
     fn inject(&self, headers: &mut std::collections::BTreeMap<String, String>);
 
     fn set_attributes(&mut self, attributes: &[(&'static str, SpanValue<'_>)]);
+
+    /// Marks the span failed: status Error with `description`, and the attribute `error.type`
+    /// set to `error_type` (low cardinality: a status or a result name, never free text). The
+    /// default does nothing.
+    fn set_error(&mut self, _error_type: &'static str, _description: &str) {}
 
     /// A child span (internal kind).
     fn child(&self, name: &str, attributes: &[(&'static str, SpanValue<'_>)])

@@ -191,6 +191,12 @@ impl Engine {
                 ]),
                 None => span.set_attributes(&[id, status]),
             }
+            if result.status.is_error() {
+                span.set_error(
+                    result.status.as_str(),
+                    result.error_message.as_deref().unwrap_or_default(),
+                );
+            }
         }
         result
     }
@@ -384,6 +390,16 @@ impl Engine {
                 SpanValue::Int(i64::from(outcome.attempts)),
             ),
         ]);
+        // Refusals and skips are not failures of the dispatcher: their status stays unset.
+        if matches!(
+            outcome.result,
+            ExecutionResult::Error | ExecutionResult::Timeout
+        ) {
+            span.set_error(
+                outcome.result.as_str(),
+                outcome.error_message.as_deref().unwrap_or_default(),
+            );
+        }
         (outcome, outputs, unavailable)
     }
 
