@@ -2,26 +2,46 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, ApiState};
-use crate::telemetry::{CONTENT_TYPE, RenderError, stats};
+use crate::telemetry::{Format, RenderError, stats};
 
-/// The Prometheus text exposition. Rendering is CPU work proportional to the number of series,
+/// The Prometheus text exposition, or OpenMetrics 1.0 with exemplars when the `Accept` header
+/// prefers it (as Prometheus does). Rendering is CPU work proportional to the number of series,
 /// so it runs on the blocking pool rather than on a worker that serves requests.
-pub(super) async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    metrics_of(State(state.telemetry.clone())).await
+pub(super) async fn metrics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    metrics_of(State(state.telemetry.clone()), headers).await
 }
 
 pub(super) async fn metrics_of(
     State(telemetry): State<crate::telemetry::Telemetry>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let rendered = tokio::task::spawn_blocking(move || telemetry.render())
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let format = Format::negotiate((!accept.is_empty()).then_some(accept.as_str()));
+    let rendered = tokio::task::spawn_blocking(move || telemetry.render_as(format))
         .await
         .map_err(|_| unavailable("rendering the metrics failed"))?
         .map_err(render_error)?;
-    Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], rendered).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            // Caches must keep one answer per Accept.
+            (header::VARY, "accept"),
+        ],
+        rendered,
+    )
+        .into_response())
 }
 
 /// Totals, success rate, latency percentiles and per-dispatcher counts, as JSON.

@@ -17,6 +17,8 @@
 
 pub mod catalog;
 mod engine;
+pub mod exemplars;
+pub mod exposition;
 mod health;
 mod http;
 pub mod otlp;
@@ -31,18 +33,18 @@ use std::time::Duration;
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{Encoder, TextEncoder};
 use thiserror::Error;
 
 use crate::config::MetricsConfig;
 pub use engine::{EngineMetrics, MAX_COMMAND_TYPE_LABELS, MetricsStrategy};
+pub use exposition::Format;
 pub use health::LifecycleMetrics;
 pub use http::{HttpMetrics, record_http};
 pub use resilience::ResilienceMetrics;
 pub use sinks::{BusMetrics, FileMetrics, SinkMetrics};
 
-/// The content type of the Prometheus text exposition format served on `/metrics`.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of the Prometheus text exposition format served on `/metrics` by default.
+pub const CONTENT_TYPE: &str = exposition::TEXT_CONTENT_TYPE;
 
 /// The label the SDK puts on the series that absorbs label sets past the cardinality limit.
 const OVERFLOW_LABEL: &str = "otel_metric_overflow";
@@ -75,6 +77,7 @@ struct Enabled {
     meter: Meter,
     namespace: String,
     bus: std::sync::OnceLock<Arc<BusMetrics>>,
+    exemplars: Arc<exemplars::ExemplarStore>,
 }
 
 impl Telemetry {
@@ -164,10 +167,10 @@ impl Telemetry {
         dispatcher_ids: impl IntoIterator<Item = &'a str>,
     ) -> Option<MetricsStrategy> {
         let enabled = self.enabled()?;
-        Some(MetricsStrategy::new(
-            EngineMetrics::new(&enabled.meter),
-            dispatcher_ids,
-        ))
+        Some(
+            MetricsStrategy::new(EngineMetrics::new(&enabled.meter), dispatcher_ids)
+                .with_exemplars(enabled.exemplars.clone()),
+        )
     }
 
     /// The lifecycle counters, to observe the health registry with; `None` when metrics are
@@ -243,12 +246,28 @@ impl Telemetry {
 
     /// Renders the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> Result<String, RenderError> {
+        self.render_as(Format::Text)
+    }
+
+    /// Renders `/metrics` in `format`: the 0.0.4 text, or OpenMetrics 1.0 with the exemplars
+    /// of the latency histograms.
+    pub fn render_as(&self, format: Format) -> Result<String, RenderError> {
         let families = self.gather()?;
-        let mut buffer = Vec::with_capacity(64 * 1024);
-        TextEncoder::new()
-            .encode(&families, &mut buffer)
-            .map_err(|error| RenderError::Encode(error.to_string()))?;
-        String::from_utf8(buffer).map_err(|error| RenderError::Encode(error.to_string()))
+        let mut out = String::with_capacity(64 * 1024);
+        match format {
+            Format::Text => exposition::encode_text(&families, &mut out)?,
+            Format::OpenMetrics => exposition::encode_openmetrics(
+                &families,
+                self.enabled().map(|enabled| &*enabled.exemplars),
+                &mut out,
+            )?,
+        }
+        Ok(out)
+    }
+
+    /// The exemplars kept for the latency histograms; `None` when metrics are off.
+    pub fn exemplars(&self) -> Option<&exemplars::ExemplarStore> {
+        self.enabled().map(|enabled| &*enabled.exemplars)
     }
 
     /// Pushes the current values to the OTLP collector now, when there is one.
@@ -359,6 +378,7 @@ impl Enabled {
             meter,
             namespace: config.namespace.clone(),
             bus: std::sync::OnceLock::new(),
+            exemplars: Arc::new(exemplars::ExemplarStore::new(&config.namespace)),
         })
     }
 }
