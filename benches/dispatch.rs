@@ -470,9 +470,69 @@ fn cluster_protections(c: &mut Criterion) {
     group.finish();
 }
 
+/// The exemplar record on the dispatch path: sampled dispatches (a tracer with no exporter),
+/// the metrics strategy with and without exemplars. Unsampled dispatches skip it on one branch.
+fn exemplars(c: &mut Criterion) {
+    use dispatchd::telemetry::traces::{LogFormat, Traces, TracingConfig};
+    use dispatchd::telemetry::{EngineMetrics, MetricsStrategy};
+    use opentelemetry::trace::TracerProvider;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
+    let provider = Traces::provider(&TracingConfig {
+        sampling_ratio: 1.0,
+        otlp_endpoint: None,
+        log_format: LogFormat::Text,
+        log_filter: "off".into(),
+        ..TracingConfig::default()
+    })
+    .unwrap();
+    let mut group = c.benchmark_group("exemplars");
+    for (label, keep) in [
+        ("sampled_without_exemplars", false),
+        ("sampled_with_exemplars", true),
+    ] {
+        let telemetry = Telemetry::new(&MetricsConfig {
+            enabled: true,
+            namespace: String::new(),
+            cardinality_limit: 2000,
+        });
+        let strategy = if keep {
+            telemetry.engine_strategy(["d0"]).unwrap()
+        } else {
+            MetricsStrategy::new(EngineMetrics::new(telemetry.meter().unwrap()), ["d0"])
+        };
+        let engine = EngineBuilder::new()
+            .dispatcher(Dispatcher::new("d0", Category::Event, Noop))
+            .route(Route::new("r0", "shop.*.events", Category::Event, "d0"))
+            .trace_context(Arc::new(
+                dispatchd::propagation::SpanTraceContext::new(1.0)
+                    .with_tracer(provider.tracer("bench")),
+            ))
+            .instrumentation(Arc::new(strategy))
+            .build()
+            .unwrap();
+        group.bench_function(label, |b| {
+            b.to_async(&runtime)
+                .iter(|| engine.dispatch("shop.orders.events", &envelope));
+        });
+        if keep {
+            let text = telemetry
+                .render_as(dispatchd::telemetry::Format::OpenMetrics)
+                .unwrap();
+            assert!(text.contains("# {trace_id=\""), "exemplars were kept");
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     dispatch,
+    exemplars,
     routing,
     protections,
     cluster_protections,

@@ -15,6 +15,8 @@ mod shutdown;
 mod binary;
 // /metrics, the stats API, the golden names, docs/metrics.md, promtool and an independent parser.
 mod metrics;
+// /metrics in OpenMetrics 1.0: negotiation, prometheus_client's parser, exemplars = OTLP traces.
+mod openmetrics;
 // Dispatchers that panic, hang or fail, sink backends that misbehave, a full disk.
 mod faults;
 // Tokens, limits, load shedding and secrets that must never come out.

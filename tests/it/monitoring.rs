@@ -106,6 +106,61 @@ fn dashboards_are_valid_with_unique_panel_ids_and_the_variables() {
     }
 }
 
+/// The latency panels ask Prometheus for exemplars and link each to its trace in the data source
+/// the `traces_datasource` variable picks; the provisioning example names the same label.
+#[test]
+fn latency_panels_show_exemplars_linked_to_their_traces() {
+    let mut latency_panels = 0;
+    for (file, dashboard) in dashboards() {
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+            let latency = |t: &Value| {
+                let expr = t["expr"].as_str().unwrap_or_default();
+                expr.contains("dispatch_duration_seconds_bucket")
+                    || expr.contains("dispatcher_execution_duration_seconds_bucket")
+            };
+            if !targets.iter().any(latency) {
+                continue;
+            }
+            latency_panels += 1;
+            let title = &panel["title"];
+            for target in targets.iter().filter(|t| latency(t)) {
+                assert_eq!(target["exemplar"], true, "{file}: {title}: {target}");
+            }
+            let links = panel["fieldConfig"]["defaults"]["links"].to_string();
+            assert!(
+                links.contains("${traces_datasource}")
+                    && links.contains("${__data.fields.trace_id}"),
+                "{file}: {title} links exemplars to their trace: {links}"
+            );
+            let variable = dashboard["templating"]["list"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "traces_datasource")
+                .unwrap_or_else(|| panic!("{file} has a traces_datasource variable"));
+            assert_eq!(variable["type"], "datasource");
+            assert_eq!(variable["query"], "tempo");
+        }
+    }
+    assert!(
+        latency_panels >= 2,
+        "the dispatch and dispatcher latency panels"
+    );
+    let provisioning: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana-exemplars.yml")).unwrap(),
+    )
+    .unwrap();
+    let destination = &provisioning["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"][0];
+    assert_eq!(destination["name"], "trace_id");
+    assert_eq!(
+        destination["datasourceUid"],
+        provisioning["datasources"][1]["uid"]
+    );
+    let compose = std::fs::read_to_string(repo("docker-compose.yml")).unwrap();
+    assert!(compose.contains("--enable-feature=exemplar-storage"));
+}
+
 /// Names of metrics in a PromQL expression: identifiers that start like dispatchd's metrics.
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -278,6 +333,16 @@ pub(crate) fn start_prometheus(
     dir: &Path,
     jobs: &[(&str, &[String])],
 ) -> (crate::binary::Running, String) {
+    start_prometheus_with(binary, dir, jobs, &[])
+}
+
+/// [`start_prometheus`] with extra command-line `flags` (`--enable-feature=…`).
+pub(crate) fn start_prometheus_with(
+    binary: &Path,
+    dir: &Path,
+    jobs: &[(&str, &[String])],
+    flags: &[&str],
+) -> (crate::binary::Running, String) {
     let port = crate::redis::free_port();
     let mut config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
@@ -299,6 +364,7 @@ pub(crate) fn start_prometheus(
             dir.join("tsdb").display()
         ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(flags)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -495,4 +561,95 @@ async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometh
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// Exemplars end to end: Prometheus with exemplar storage scrapes OpenMetrics from a dispatchd
+/// whose dispatches are sampled, and `/api/v1/query_exemplars` answers with the trace ids the
+/// callers sent, which the OTLP export carries too.
+#[tokio::test]
+async fn prometheus_stores_exemplars_that_name_the_exported_traces() {
+    let Some(prometheus) = required_tool("prometheus") else {
+        return;
+    };
+    let traced = crate::openmetrics::TracedApp::start().await;
+    let sampled = crate::openmetrics::trace_ids(4);
+    for trace_id in &sampled {
+        traced.post_in_trace(trace_id, true).await;
+    }
+    let exported = traced.exported_trace_ids().await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = traced.app.url("").trim_start_matches("http://").to_owned();
+    let (_prometheus, base) = start_prometheus_with(
+        &prometheus,
+        dir.path(),
+        &[("dispatchd", &[target])],
+        &["--enable-feature=exemplar-storage"],
+    );
+    let client = reqwest::Client::new();
+    wait_for_value(&client, &base, "up", "1").await;
+
+    let stored = |histogram: &'static str| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let answer: Value = client
+                .get(format!("{base}/api/v1/query_exemplars"))
+                .query(&[
+                    ("query", format!("{histogram}_bucket")),
+                    ("start", (now - 600).to_string()),
+                    ("end", (now + 60).to_string()),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(answer["status"], "success", "{answer}");
+            answer["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|series| series["exemplars"].as_array().unwrap().clone())
+                .map(|e| {
+                    e["labels"]["trace_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect::<BTreeSet<String>>()
+        }
+    };
+    for histogram in [
+        "dispatch_duration_seconds",
+        "dispatcher_execution_duration_seconds",
+    ] {
+        let mut found = BTreeSet::new();
+        for _ in 0..100 {
+            found = stored(histogram).await;
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            !found.is_empty(),
+            "Prometheus stored no exemplar of {histogram}"
+        );
+        for trace_id in &found {
+            assert!(
+                sampled.contains(trace_id),
+                "{trace_id} of {histogram} is a trace a caller sent"
+            );
+            assert!(
+                exported.contains(trace_id),
+                "{trace_id} is exported over OTLP"
+            );
+        }
+    }
+    traced.stop().await;
 }
