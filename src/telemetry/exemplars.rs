@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
-use prometheus::proto::LabelPair;
 
 use super::catalog::{self, label};
 use crate::engine::{Category, DispatchStatus};
@@ -221,15 +220,13 @@ impl ExemplarStore {
             .clone()
     }
 
-    /// The exemplars of the series `family{labels}` as the exporter gathered it, if it is one of
-    /// the histograms that carry exemplars.
-    pub(crate) fn series(&self, family: &str, labels: &[LabelPair]) -> Option<SeriesRef<'_>> {
-        let value = |key: &str| {
-            labels
-                .iter()
-                .find(|pair| pair.name() == key)
-                .map(LabelPair::value)
-        };
+    /// The exemplars of the series of `family` whose labels `value` reads, if it is one of the
+    /// histograms that carry exemplars.
+    pub(crate) fn series<'l>(
+        &self,
+        family: &str,
+        value: impl Fn(&str) -> Option<&'l str>,
+    ) -> Option<SeriesRef<'_>> {
         if family == self.dispatch_family {
             let category = value(label::CATEGORY)?;
             let slot = CATEGORIES.iter().position(|c| *c == category)?;
@@ -353,32 +350,29 @@ mod tests {
     #[test]
     fn the_store_finds_series_by_their_exported_labels() {
         let store = ExemplarStore::new("ns");
-        let pair = |name: &str, value: &str| {
-            let mut pair = LabelPair::default();
-            pair.set_name(name.to_owned());
-            pair.set_value(value.to_owned());
-            pair
+        let labels = |pairs: &'static [(&'static str, &'static str)]| {
+            move |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
         };
         let success = DispatchStatus::ALL
             .iter()
             .position(|s| s.as_str() == "success")
             .unwrap();
         store.dispatch(1, success).record(0.002, TRACE, SPAN);
-        let labels = [pair("category", "command"), pair("status", "success")];
+        let command = labels(&[("category", "command"), ("status", "success")]);
         let series = store
-            .series("ns_dispatch_duration_seconds", &labels)
+            .series("ns_dispatch_duration_seconds", command)
             .unwrap();
         assert_eq!(
             series.for_bound(0.0025).unwrap().span_id,
             0x00f067aa0ba902b7
         );
-        assert!(store.series("dispatch_duration_seconds", &labels).is_none());
+        assert!(store.series("dispatch_duration_seconds", command).is_none());
 
         let executions = "ns_dispatcher_execution_duration_seconds";
-        let labels = [pair("dispatcher_id", "billing")];
-        assert!(store.series(executions, &labels).is_none());
+        let billing = labels(&[("dispatcher_id", "billing")]);
+        assert!(store.series(executions, billing).is_none());
         store.execution("billing").record(0.3, TRACE, SPAN);
-        let series = store.series(executions, &labels).unwrap();
+        let series = store.series(executions, billing).unwrap();
         assert!((0..=catalog::LATENCY_BUCKETS.len()).any(|i| series.get(i).is_some()));
     }
 }

@@ -23,6 +23,7 @@ mod health;
 mod http;
 pub mod otlp;
 mod resilience;
+pub mod scrape;
 mod sinks;
 pub mod stats;
 pub mod traces;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use std::borrow::Cow;
 use thiserror::Error;
 
 use crate::config::MetricsConfig;
@@ -72,7 +74,7 @@ enum State {
 }
 
 struct Enabled {
-    registry: prometheus::Registry,
+    scraper: scrape::Scraper,
     provider: SdkMeterProvider,
     meter: Meter,
     namespace: String,
@@ -115,7 +117,7 @@ impl Telemetry {
                 state: Arc::new(State::Disabled),
             };
         }
-        let state = match Enabled::new(config, otlp, instance_id) {
+        let state = match Enabled::new(config, otlp, instance_id, None) {
             Ok(enabled) => State::Enabled(enabled),
             Err(error) => {
                 tracing::error!(%error, "The metrics exporter could not be built; /metrics will answer 503.");
@@ -228,20 +230,29 @@ impl Telemetry {
             .map_or("", |enabled| enabled.namespace.as_str())
     }
 
-    /// Collects every metric family, the overflow signal included.
+    /// Collects every metric family, the overflow signal included, as `prometheus` protobuf
+    /// families (what the stats API reads).
     pub fn gather(&self) -> Result<Vec<MetricFamily>, RenderError> {
+        self.scrape(|families| families.iter().map(to_proto).collect())
+    }
+
+    /// Collects now and hands `f` the families `/metrics` writes, the overflow signal last.
+    fn scrape<R>(&self, f: impl FnOnce(&[scrape::Family<'_>]) -> R) -> Result<R, RenderError> {
         let enabled = match &*self.state {
             State::Disabled => return Err(RenderError::Disabled),
             State::Failed(reason) => return Err(RenderError::Unavailable(reason.clone())),
             State::Enabled(enabled) => enabled,
         };
-        let mut families = enabled.registry.gather();
-        let overflow = overflow_family(&families, &enabled.namespace);
-        // A family with no series cannot be encoded; no overflow, no family.
-        if !overflow.get_metric().is_empty() {
-            families.push(overflow);
-        }
-        Ok(families)
+        enabled
+            .scraper
+            .scrape(|mut families| {
+                // A family with no series is not written; no overflow, no family.
+                if let Some(overflow) = overflow_family(&families, &enabled.namespace) {
+                    families.push(overflow);
+                }
+                f(&families)
+            })
+            .map_err(RenderError::Encode)
     }
 
     /// Renders the Prometheus text exposition format (version 0.0.4).
@@ -252,17 +263,17 @@ impl Telemetry {
     /// Renders `/metrics` in `format`: the 0.0.4 text, or OpenMetrics 1.0 with the exemplars
     /// of the latency histograms.
     pub fn render_as(&self, format: Format) -> Result<String, RenderError> {
-        let families = self.gather()?;
-        let mut out = String::with_capacity(64 * 1024);
-        match format {
-            Format::Text => exposition::encode_text(&families, &mut out)?,
-            Format::OpenMetrics => exposition::encode_openmetrics(
-                &families,
-                self.enabled().map(|enabled| &*enabled.exemplars),
-                &mut out,
-            )?,
-        }
-        Ok(out)
+        let exemplars = self.exemplars();
+        self.scrape(|families| {
+            let mut out = String::with_capacity(64 * 1024);
+            match format {
+                Format::Text => exposition::encode_text(families, &mut out),
+                Format::OpenMetrics => {
+                    exposition::encode_openmetrics(families, exemplars, &mut out)
+                }
+            }
+            out
+        })
     }
 
     /// The exemplars kept for the latency histograms; `None` when metrics are off.
@@ -294,19 +305,24 @@ impl Enabled {
         config: &MetricsConfig,
         otlp: Option<(&str, Duration)>,
         instance_id: Option<&str>,
+        #[cfg_attr(not(test), allow(unused_variables))] reference: Option<prometheus::Registry>,
     ) -> Result<Enabled, String> {
-        let registry = prometheus::Registry::new();
-        let mut exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .scope_info_enabled(false);
-        if !config.namespace.is_empty() {
-            exporter = exporter.with_namespace(config.namespace.clone());
-        }
-        let exporter = exporter.build().map_err(|error| error.to_string())?;
+        let reader = scrape::Reader::new();
         let limit = config.cardinality_limit;
         let mut builder = SdkMeterProvider::builder()
             .with_resource(traces::resource(instance_id))
-            .with_reader(exporter);
+            .with_reader(reader.clone());
+        #[cfg(test)]
+        if let Some(registry) = reference {
+            // opentelemetry-prometheus, which `/metrics` is held to byte for byte in tests.
+            let mut exporter = opentelemetry_prometheus::exporter()
+                .with_registry(registry)
+                .scope_info_enabled(false);
+            if !config.namespace.is_empty() {
+                exporter = exporter.with_namespace(config.namespace.clone());
+            }
+            builder = builder.with_reader(exporter.build().map_err(|error| error.to_string())?);
+        }
         if let Some((endpoint, interval)) = otlp {
             use opentelemetry_otlp::WithExportConfig;
             let exporter = opentelemetry_otlp::MetricExporter::builder()
@@ -373,7 +389,7 @@ impl Enabled {
             .build();
 
         Ok(Enabled {
-            registry,
+            scraper: scrape::Scraper::new(reader, &config.namespace),
             provider,
             meter,
             namespace: config.namespace.clone(),
@@ -384,27 +400,101 @@ impl Enabled {
 }
 
 /// `metric_cardinality_overflow{metric}`: one series per metric whose SDK overflow series exists.
-fn overflow_family(families: &[MetricFamily], namespace: &str) -> MetricFamily {
+fn overflow_family<'a>(
+    families: &[scrape::Family<'a>],
+    namespace: &str,
+) -> Option<scrape::Family<'a>> {
     let spec = catalog::METRIC_CARDINALITY_OVERFLOW;
-    let mut family = MetricFamily::default();
-    family.set_name(spec.exported_name(namespace));
-    family.set_help(spec.description.to_owned());
-    family.set_field_type(MetricType::GAUGE);
-    for overflowing in families.iter().filter(|f| {
-        f.get_metric()
+    let series: Vec<scrape::Series<'a>> = families
+        .iter()
+        .filter(|family| {
+            family
+                .series
+                .iter()
+                .any(|series| series.labels.iter().any(|(name, _)| name == OVERFLOW_LABEL))
+        })
+        .map(|family| scrape::Series {
+            labels: vec![(Cow::Borrowed(catalog::label::METRIC), family.name.clone())],
+            value: scrape::Point::Number(1.0),
+        })
+        .collect();
+    (!series.is_empty()).then(|| scrape::Family {
+        name: Cow::Owned(spec.exported_name(namespace)),
+        help: Cow::Borrowed(spec.description),
+        kind: scrape::Kind::Gauge,
+        series,
+    })
+}
+
+/// A family as the `prometheus` crate's protobuf types hold it.
+fn to_proto(family: &scrape::Family<'_>) -> MetricFamily {
+    let mut proto = MetricFamily::default();
+    proto.set_name(family.name.clone().into_owned());
+    proto.set_help(family.help.clone().into_owned());
+    proto.set_field_type(match family.kind {
+        scrape::Kind::Counter => MetricType::COUNTER,
+        scrape::Kind::Gauge => MetricType::GAUGE,
+        scrape::Kind::Histogram => MetricType::HISTOGRAM,
+    });
+    for series in &family.series {
+        let labels = series
+            .labels
             .iter()
-            .any(|m| m.get_label().iter().any(|l| l.name() == OVERFLOW_LABEL))
-    }) {
-        let mut label = LabelPair::default();
-        label.set_name(catalog::label::METRIC.to_owned());
-        label.set_value(overflowing.name().to_owned());
-        let mut gauge = Gauge::default();
-        gauge.set_value(1.0);
-        let mut metric = Metric::from_label(vec![label]);
-        metric.set_gauge(gauge);
-        family.mut_metric().push(metric);
+            .map(|(name, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(name.clone().into_owned());
+                pair.set_value(value.clone().into_owned());
+                pair
+            })
+            .collect();
+        let mut metric = Metric::from_label(labels);
+        match (&series.value, family.kind) {
+            (scrape::Point::Number(value), scrape::Kind::Counter) => {
+                let mut counter = prometheus::proto::Counter::default();
+                counter.set_value(*value);
+                metric.set_counter(counter);
+            }
+            (scrape::Point::Number(value), _) => {
+                let mut gauge = Gauge::default();
+                gauge.set_value(*value);
+                metric.set_gauge(gauge);
+            }
+            (scrape::Point::Histogram(point), _) => {
+                let mut histogram = prometheus::proto::Histogram::default();
+                histogram.set_sample_sum(point.sum);
+                histogram.set_sample_count(point.count);
+                histogram.set_bucket(
+                    point
+                        .buckets
+                        .iter()
+                        .map(|(bound, cumulative)| {
+                            let mut bucket = prometheus::proto::Bucket::default();
+                            bucket.set_upper_bound(*bound);
+                            bucket.set_cumulative_count(*cumulative);
+                            bucket
+                        })
+                        .collect(),
+                );
+                metric.set_histogram(histogram);
+            }
+        }
+        proto.mut_metric().push(metric);
     }
-    family
+    proto
+}
+
+/// [`Telemetry::new`] with opentelemetry-prometheus reading the same provider into `registry`:
+/// the reference `/metrics` is compared against.
+#[cfg(test)]
+pub(crate) fn with_reference(config: &MetricsConfig) -> (Telemetry, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let enabled = Enabled::new(config, None, None, Some(registry.clone())).unwrap();
+    (
+        Telemetry {
+            state: Arc::new(State::Enabled(enabled)),
+        },
+        registry,
+    )
 }
 
 #[cfg(test)]
