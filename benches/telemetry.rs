@@ -44,8 +44,14 @@ fn recording(c: &mut Criterion) {
     group.finish();
 }
 
-/// Rendering `/metrics` with N counter series beside dispatchd's own.
+/// Rendering `/metrics` with N counter series beside dispatchd's own, in both formats, and the
+/// way it was rendered before (opentelemetry-prometheus, `Registry::gather`, `TextEncoder`) on
+/// the same series, measured in the same run.
 fn render(c: &mut Criterion) {
+    use dispatchd::telemetry::Format;
+    use opentelemetry::metrics::MeterProvider;
+    use prometheus::Encoder;
+
     let mut group = c.benchmark_group("render");
     group.sample_size(20);
     for series in [1_000, 10_000] {
@@ -70,8 +76,46 @@ fn render(c: &mut Criterion) {
             |b| b.iter(|| telemetry.render().unwrap()),
         );
         group.bench_function(
+            BenchmarkId::new("openmetrics", format!("{series}_series")),
+            |b| b.iter(|| telemetry.render_as(Format::OpenMetrics).unwrap()),
+        );
+        group.bench_function(
             BenchmarkId::new("gather_only", format!("{series}_series")),
             |b| b.iter(|| telemetry.gather().unwrap()),
+        );
+
+        // The reference: the exporter dispatchd used before, on an SDK provider of its own.
+        let registry = prometheus::Registry::new();
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_reader(
+                opentelemetry_prometheus::exporter()
+                    .with_registry(registry.clone())
+                    .scope_info_enabled(false)
+                    .build()
+                    .unwrap(),
+            )
+            .with_view(move |_: &opentelemetry_sdk::metrics::Instrument| {
+                opentelemetry_sdk::metrics::Stream::builder()
+                    .with_cardinality_limit(series + 10)
+                    .build()
+                    .ok()
+            })
+            .build();
+        let counter = provider.meter("bench").u64_counter("bench_series").build();
+        for n in 0..series {
+            counter.add(1, &[KeyValue::new("shard", n.to_string())]);
+        }
+        group.bench_function(
+            BenchmarkId::new("reference_exporter", format!("{series}_series")),
+            |b| {
+                b.iter(|| {
+                    let mut buffer = Vec::with_capacity(64 * 1024);
+                    prometheus::TextEncoder::new()
+                        .encode(&registry.gather(), &mut buffer)
+                        .unwrap();
+                    buffer
+                })
+            },
         );
     }
     group.finish();

@@ -1,11 +1,12 @@
 //! Telemetry: the one place that builds the OpenTelemetry meter provider, declares every
 //! instrument and renders `/metrics`.
 //!
-//! Owns: the `SdkMeterProvider` with the opentelemetry-prometheus exporter writing into a
-//! `prometheus::Registry` that belongs to this [`Telemetry`] (never the global one, so tests run
-//! in parallel), the instrument [`catalog`], typed handles per part ([`EngineMetrics`] through
-//! [`MetricsStrategy`], [`HttpMetrics`]), the cardinality limit and its overflow signal, and the
-//! structured [`stats`] view.
+//! Owns: the `SdkMeterProvider` with a manual reader that belongs to this [`Telemetry`] (never a
+//! global, so tests run in parallel), read at each scrape by [`scrape`] and written by
+//! [`exposition`] in the 0.0.4 text (what opentelemetry-prometheus wrote, byte for byte) or in
+//! OpenMetrics with the [`exemplars`] it keeps; the instrument [`catalog`], typed handles per
+//! part ([`EngineMetrics`] through [`MetricsStrategy`], [`HttpMetrics`]), the cardinality limit
+//! and its overflow signal, and the structured [`stats`] view.
 //!
 //! Invariants: instruments are created once, at build; recording goes through named methods
 //! with attributes in a fixed order, and the dispatch path records through bound instruments.
