@@ -576,9 +576,9 @@ async fn prometheus_stores_exemplars_that_name_the_exported_traces() {
     for trace_id in &sampled {
         traced.post_in_trace(trace_id, true).await;
     }
-    let exported = traced.exported_trace_ids().await;
+    let exported = traced.exported_trace_ids(&sampled).await;
     let dir = tempfile::tempdir().unwrap();
-    let target = traced.app.url("").trim_start_matches("http://").to_owned();
+    let target = traced.addr.clone();
     let (_prometheus, base) = start_prometheus_with(
         &prometheus,
         dir.path(),

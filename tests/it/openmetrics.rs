@@ -4,61 +4,58 @@
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 
-use dispatchd::telemetry::traces::{LogFormat, Traces, TracingConfig};
-use opentelemetry::trace::TracerProvider;
 use serde_json::{Value, json};
 
-use crate::support::{Received, TestApp};
+use crate::support::Received;
 
 /// What Prometheus 2.x sends when it scrapes.
 pub(crate) const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 
-/// A dispatchd whose dispatch spans go to a loopback OTLP receiver, every trace sampled. Its
-/// subscriber (which reads a caller's `traceparent`) is this thread's: run it on a
-/// current-thread runtime.
+/// The real binary, every trace sampled and exported to a loopback OTLP receiver: the process's
+/// own subscriber reads a caller's `traceparent`, as in production.
 pub(crate) struct TracedApp {
-    pub(crate) app: TestApp,
-    _subscriber: tracing::subscriber::DefaultGuard,
-    pub(crate) provider: opentelemetry_sdk::trace::SdkTracerProvider,
-    pub(crate) received: Received,
+    running: crate::binary::Running,
+    pub(crate) addr: String,
+    received: Received,
+    _dir: tempfile::TempDir,
 }
 
 impl TracedApp {
     pub(crate) async fn start() -> TracedApp {
         let (endpoint, received) = crate::support::otlp_receiver();
-        let provider = Traces::provider(&TracingConfig {
-            sampling_ratio: 1.0,
-            otlp_endpoint: Some(endpoint.clone()),
-            log_format: LogFormat::Text,
-            log_filter: "warn".into(),
-            ..TracingConfig::default()
-        })
-        .unwrap();
-        let subscriber =
-            tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
-                tracing_subscriber::registry(),
-                dispatchd::telemetry::traces::otel_layer(provider.tracer("test")),
-            ));
-        tracing::callsite::rebuild_interest_cache();
-        let tracer = provider.tracer("test");
-        let app = TestApp::start_with(
-            |config| config.tracing.otlp_endpoint = Some(endpoint),
-            |builder| builder.tracer(tracer),
-        )
-        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("dispatchd.toml");
+        std::fs::write(&config, "[tracing]\nsampling_ratio = 1.0\n").unwrap();
+        let child = Command::new(crate::binary::BINARY)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .current_dir(dir.path())
+            .env("DISPATCHD_LISTEN", "127.0.0.1:0")
+            .env("DISPATCHD_LOG", "warn,dispatchd=info")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env_remove("DISPATCHD_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let (running, addr, _) = crate::binary::started_keeping_log(child);
         TracedApp {
-            app,
-            _subscriber: subscriber,
-            provider,
+            running,
+            addr,
             received,
+            _dir: dir,
         }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 
     /// Posts an order event as part of the caller's trace `trace_id`, sampled or not.
     pub(crate) async fn post_in_trace(&self, trace_id: &str, sampled: bool) {
         let flags = if sampled { "01" } else { "00" };
         let response = reqwest::Client::new()
-            .post(self.app.url("/api/v1/messages/shop.orders.events"))
+            .post(self.url("/api/v1/messages/shop.orders.events"))
             .header(
                 "traceparent",
                 format!("00-{trace_id}-b7ad6b7169203331-{flags}"),
@@ -72,27 +69,30 @@ impl TracedApp {
         assert_eq!(result["trace_id"], trace_id);
     }
 
-    /// The trace ids of the dispatch spans the OTLP receiver got, after a flush.
-    pub(crate) async fn exported_trace_ids(&self) -> BTreeSet<String> {
-        let provider = self.provider.clone();
-        tokio::task::spawn_blocking(move || provider.force_flush())
-            .await
-            .unwrap()
-            .unwrap();
-        crate::support::otlp_spans(&self.received)
-            .into_iter()
-            .filter(|(_, span)| span.name == "process shop.orders.events")
-            .map(|(_, span)| hex(&span.trace_id))
-            .collect()
+    /// The trace ids of the dispatch spans the OTLP receiver got, once `expected` are all there
+    /// (the process exports from a thread of its own; bounded wait).
+    pub(crate) async fn exported_trace_ids(&self, expected: &[String]) -> BTreeSet<String> {
+        let exported = || -> BTreeSet<String> {
+            crate::support::otlp_spans(&self.received)
+                .into_iter()
+                .filter(|(_, span)| span.name == "process shop.orders.events")
+                .map(|(_, span)| hex(&span.trace_id))
+                .collect()
+        };
+        crate::support::wait_for("the dispatch spans over OTLP", || {
+            let exported = exported();
+            expected.iter().all(|id| exported.contains(id))
+        })
+        .await;
+        exported()
     }
 
-    pub(crate) async fn stop(self) {
-        self.app.stop().await.unwrap();
-        let provider = self.provider;
-        tokio::task::spawn_blocking(move || provider.shutdown())
-            .await
-            .unwrap()
-            .unwrap();
+    pub(crate) async fn stop(mut self) {
+        let status = crate::support::terminate(&mut self.running.0).await;
+        assert!(
+            status.success(),
+            "dispatchd exits cleanly on SIGTERM: {status}"
+        );
     }
 }
 
@@ -157,7 +157,7 @@ fn parse_with_prometheus_client(python: &std::path::Path, text: &str) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-async fn scrape(app: &TestApp, accept: Option<&str>) -> (String, Option<String>, String) {
+async fn scrape(app: &TracedApp, accept: Option<&str>) -> (String, Option<String>, String) {
     let mut request = reqwest::Client::new().get(app.url("/metrics"));
     if let Some(accept) = accept {
         request = request.header("accept", accept);
@@ -188,7 +188,7 @@ async fn openmetrics_parses_with_prometheus_client_and_its_exemplars_are_the_sam
     }
 
     // Asked as Prometheus asks: OpenMetrics.
-    let (content_type, vary, text) = scrape(&traced.app, Some(PROMETHEUS_ACCEPT)).await;
+    let (content_type, vary, text) = scrape(&traced, Some(PROMETHEUS_ACCEPT)).await;
     assert_eq!(
         content_type,
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -200,13 +200,13 @@ async fn openmetrics_parses_with_prometheus_client_and_its_exemplars_are_the_sam
 
     // Not asked: the 0.0.4 text, no exemplars, no EOF.
     for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
-        let (content_type, _, plain) = scrape(&traced.app, accept).await;
+        let (content_type, _, plain) = scrape(&traced, accept).await;
         assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
         assert!(plain.contains("# TYPE dispatch_messages_total counter\n"));
         assert!(!plain.contains("# EOF") && !plain.contains("trace_id"));
     }
 
-    let exported = traced.exported_trace_ids().await;
+    let exported = traced.exported_trace_ids(&sampled).await;
     for trace_id in &sampled {
         assert!(exported.contains(trace_id), "{trace_id} exported over OTLP");
     }
