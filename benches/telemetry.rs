@@ -105,6 +105,35 @@ fn render(c: &mut Criterion) {
         for n in 0..series {
             counter.add(1, &[KeyValue::new("shard", n.to_string())]);
         }
+        // The SDK's collect alone, on a provider with only a manual reader: the floor of any
+        // encoder over OpenTelemetry's data.
+        let reader =
+            std::sync::Arc::new(opentelemetry_sdk::metrics::ManualReader::builder().build());
+        let bare = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_reader(SharedReader(reader.clone()))
+            .with_view(move |_: &opentelemetry_sdk::metrics::Instrument| {
+                opentelemetry_sdk::metrics::Stream::builder()
+                    .with_cardinality_limit(series + 10)
+                    .build()
+                    .ok()
+            })
+            .build();
+        let counter = bare.meter("bench").u64_counter("bench_series").build();
+        for n in 0..series {
+            counter.add(1, &[KeyValue::new("shard", n.to_string())]);
+        }
+        group.bench_function(
+            BenchmarkId::new("sdk_collect_only", format!("{series}_series")),
+            |b| {
+                b.iter(|| {
+                    use opentelemetry_sdk::metrics::reader::MetricReader;
+                    let mut collected =
+                        opentelemetry_sdk::metrics::data::ResourceMetrics::default();
+                    reader.collect(&mut collected).unwrap();
+                    collected
+                })
+            },
+        );
         group.bench_function(
             BenchmarkId::new("reference_exporter", format!("{series}_series")),
             |b| {
@@ -119,6 +148,41 @@ fn render(c: &mut Criterion) {
         );
     }
     group.finish();
+}
+
+/// A manual reader the bench keeps a handle on while the provider owns it.
+#[derive(Debug)]
+struct SharedReader(std::sync::Arc<opentelemetry_sdk::metrics::ManualReader>);
+
+impl opentelemetry_sdk::metrics::reader::MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+
+    fn collect(
+        &self,
+        rm: &mut opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.collect(rm)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(
+        &self,
+        kind: opentelemetry_sdk::metrics::InstrumentKind,
+    ) -> opentelemetry_sdk::metrics::Temporality {
+        self.0.temporality(kind)
+    }
 }
 
 criterion_group!(benches, recording, render);
