@@ -213,7 +213,11 @@ impl Scraper {
                     a.labels
                         .iter()
                         .zip(&b.labels)
-                        .map(|((_, x), (_, y))| x.cmp(y))
+                        .map(|((_, x), (_, y))| {
+                            // Most values differ in their first bytes: compare those as one
+                            // integer before calling memcmp (a quarter of a scrape, profiled).
+                            prefix(x).cmp(&prefix(y)).then_with(|| x.cmp(y))
+                        })
                         .find(|order| order.is_ne())
                         .unwrap_or(std::cmp::Ordering::Equal)
                 })
@@ -241,6 +245,16 @@ impl Scraper {
         }
         Some((kind, name))
     }
+}
+
+/// The first eight bytes of `value`, zero-padded, as a big-endian integer: ordered as the bytes
+/// are, so a difference here is the strings' order and only a tie needs the full comparison.
+fn prefix(value: &str) -> u64 {
+    let bytes = value.as_bytes();
+    let mut first = [0u8; 8];
+    let n = bytes.len().min(8);
+    first[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(first)
 }
 
 fn shape<T>(data: &MetricData<T>) -> Option<(Kind, bool)> {
@@ -475,4 +489,33 @@ fn per_word(unit: &str) -> Option<&'static str> {
         "y" => "year",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_prefix_orders_as_the_strings_do_or_ties() {
+        let values = [
+            "",
+            "\0",
+            "1",
+            "10",
+            "1\0",
+            "1\0x",
+            "2",
+            "abcdefgh",
+            "abcdefgh\0",
+            "abcdefghi",
+            "é",
+            "z",
+        ];
+        for a in values {
+            for b in values {
+                let (pa, pb) = (super::prefix(a), super::prefix(b));
+                if pa != pb {
+                    assert_eq!(pa.cmp(&pb), a.cmp(b), "{a:?} {b:?}");
+                }
+            }
+        }
+    }
 }
