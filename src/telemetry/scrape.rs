@@ -207,21 +207,7 @@ impl Scraper {
 
         let mut families: Vec<Family<'_>> = families.into_values().collect();
         for family in &mut families {
-            // As `Registry::gather` orders them: stable, by label count, then values in order.
-            family.series.sort_by(|a, b| {
-                a.labels.len().cmp(&b.labels.len()).then_with(|| {
-                    a.labels
-                        .iter()
-                        .zip(&b.labels)
-                        .map(|((_, x), (_, y))| {
-                            // Most values differ in their first bytes: compare those as one
-                            // integer before calling memcmp (a quarter of a scrape, profiled).
-                            prefix(x).cmp(&prefix(y)).then_with(|| x.cmp(y))
-                        })
-                        .find(|order| order.is_ne())
-                        .unwrap_or(std::cmp::Ordering::Equal)
-                })
-            });
+            order(&mut family.series);
         }
         Ok(f(families))
     }
@@ -245,6 +231,38 @@ impl Scraper {
         }
         Some((kind, name))
     }
+}
+
+/// Orders series as `Registry::gather` does: stable, by label count, then label values in
+/// order. Sorted as integer keys (label count, the first value's first eight bytes) with the
+/// full comparison only for ties, then moved into place: the plain comparison sort was a quarter
+/// of a 10,000-series scrape (profiled), mostly `memcmp` calls.
+fn order(series: &mut Vec<Series<'_>>) {
+    let full = |a: &Series<'_>, b: &Series<'_>| {
+        a.labels
+            .iter()
+            .zip(&b.labels)
+            .map(|((_, x), (_, y))| x.cmp(y))
+            .find(|order| order.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    };
+    let mut keys: Vec<(usize, u64, usize)> = series
+        .iter()
+        .enumerate()
+        .map(|(index, s)| {
+            let first = s.labels.first().map_or(0, |(_, value)| prefix(value));
+            (s.labels.len(), first, index)
+        })
+        .collect();
+    // The index breaks the last ties, which makes this unstable sort the stable order.
+    keys.sort_unstable_by(|a, b| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then_with(|| full(&series[a.2], &series[b.2]))
+            .then(a.2.cmp(&b.2))
+    });
+    let mut slots: Vec<Option<Series<'_>>> = std::mem::take(series).into_iter().map(Some).collect();
+    series.extend(keys.iter().filter_map(|(_, _, index)| slots[*index].take()));
 }
 
 /// The first eight bytes of `value`, zero-padded, as a big-endian integer: ordered as the bytes
