@@ -508,18 +508,31 @@ fn republish(args: RepublishArgs) -> ExitCode {
 
 fn sink(config_file: Option<&std::path::Path>, args: SinkArgs) -> ExitCode {
     init_logging(&std::env::var("DISPATCHD_LOG").unwrap_or_else(|_| "info".to_owned()));
-    // With --config, the sink is the file's [[sinks]] element (its headers, timeout, retries…)
-    // and the bus its [bus]; the flags given still win.
+    // With --config (or DISPATCHD_CONFIG), the sink is the file's [[sinks]] element (its
+    // headers, timeout, retries…) and the bus its [bus], the flags given still winning: when
+    // --service is left out, or --name names one of its elements. Otherwise (--service given
+    // for a sink the file does not have) the flags and the embedded defaults run it, as without
+    // a file.
     let from_file = match config_file {
         None => None,
         Some(file) => match Config::load(Some(file)) {
-            Ok(config) => match crate::app::FromFile::select(&config, args.name.as_deref()) {
-                Ok(selected) => Some(selected),
-                Err(error) => {
-                    eprintln!("error: {}: {error}", file.display());
-                    return ExitCode::FAILURE;
+            Ok(config) => {
+                let named = args
+                    .name
+                    .as_deref()
+                    .is_some_and(|name| config.sinks.iter().any(|s| s.sink.name == name));
+                if args.service.is_none() || named {
+                    match crate::app::FromFile::select(&config, args.name.as_deref()) {
+                        Ok(selected) => Some(selected),
+                        Err(error) => {
+                            eprintln!("error: {}: {error}", file.display());
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    None
                 }
-            },
+            }
             Err(error) => {
                 print_config_error(&error);
                 return ExitCode::FAILURE;

@@ -341,6 +341,27 @@ retry = {{ attempts = 0, initial_backoff = "10ms", max_backoff = "10ms" }}
         "the batch dead-lettered where the file says: {dead_again}"
     );
     assert!(dead_again.contains("run-00002"));
+
+    // --service for a sink the file does not name: the flags run it, as without a file (a
+    // DISPATCHD_CONFIG meant for serve does not get in the way).
+    let out = dir.path().join("out.jsonl");
+    let mut command = Command::new(BINARY);
+    command
+        .args(["sink", "--service", "file", "--endpoint"])
+        .arg(&out)
+        .arg("--replay-dead-letters")
+        .arg(&again)
+        .current_dir(dir.path())
+        .env("DISPATCHD_CONFIG", &config)
+        .env("DISPATCHD_LOG", "error")
+        .env_remove("DISPATCHD_REDIS_URL");
+    let flags = output(command).await;
+    assert!(flags.status.success(), "{}", text(&flags.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        3,
+        "the file sink of the flags got the events"
+    );
     drop(held);
     server.abort();
 }
