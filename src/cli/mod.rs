@@ -43,9 +43,11 @@ enum Command {
     /// environment merged) as TOML, every secret masked; exit 1 when it is invalid.
     Config,
     /// Run only the event-forwarding service: read dispatch events from a Redis stream as a member
-    /// of a consumer group and forward them to one sink (or replay a dead-letter file). What a
-    /// flag does not say comes from the embedded defaults, as for serve: [defaults.sinks] and
-    /// [bus] (`dispatchd config` without a config file prints them).
+    /// of a consumer group and forward them to one sink (or replay a dead-letter file). With
+    /// --config and no --service (or a --name of the file's), the sink is that [[sinks]] element
+    /// and the bus the file's [bus]. What neither a flag nor the file says comes from the
+    /// embedded defaults, as for serve: [defaults.sinks] and [bus] (`dispatchd config` without a
+    /// config file prints them).
     Sink(Box<SinkArgs>),
     /// Put the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
     /// the Redis events stream, so every sink's consumer group receives them. The file is moved

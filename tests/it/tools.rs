@@ -22,29 +22,80 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Runs `dispatchd simulate` (in `dir`, 200 messages a second, a progress line a second) until a
+/// progress line shows every one of `wanted`, then interrupts it as Ctrl-C would; returns its
+/// stdout and stderr. Bounded: the simulation stops by itself after 60 s.
+fn simulate_until(dir: &std::path::Path, log: Option<&str>, wanted: &[&str]) -> (String, String) {
+    use std::io::{BufRead, Read};
+    let mut command = Command::new(BINARY);
+    command
+        .args(["simulate", "--rate", "200", "--duration", "60s"])
+        .args(["--progress-every", "1s"])
+        .current_dir(dir)
+        .env("DISPATCHD_LISTEN", "127.0.0.1:0")
+        .env_remove("DISPATCHD_CONFIG")
+        .env_remove("DISPATCHD_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(log) = log {
+        command.env("DISPATCHD_LOG", log);
+    }
+    let mut child = command.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
+    // Read on a thread of its own, so a full pipe never stalls the process.
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut running = crate::binary::Running(child);
+    let mut out = String::new();
+    let mut interrupted = false;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        out.push_str(&line);
+        out.push('\n');
+        if !interrupted && line.contains("s  sent ") && wanted.iter().all(|w| line.contains(w)) {
+            let pid = running.0.id().to_string();
+            assert!(
+                Command::new("kill")
+                    .args(["-INT", &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            interrupted = true;
+        }
+    }
+    let status = running.0.wait().unwrap();
+    let errors = errors.join().unwrap();
+    assert!(status.success(), "{status}\n{out}\n{errors}");
+    assert!(
+        interrupted,
+        "no progress line showed all of {wanted:?}:\n{out}"
+    );
+    (out, errors)
+}
+
 /// Progress lines say the HTTP statuses, the dispatch statuses and the protections at work, and
 /// count the warnings instead of printing them; with DISPATCHD_LOG they go to stderr, never
 /// between the progress lines.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulate_reports_outcomes_by_protection_and_counts_its_warnings() {
+#[test]
+fn simulate_reports_outcomes_by_protection_and_counts_its_warnings() {
     let dir = tempfile::tempdir().unwrap();
-    let simulate = |log: Option<&str>| {
-        let mut command = Command::new(BINARY);
-        command
-            .args(["simulate", "--rate", "200", "--duration", "3s"])
-            .args(["--progress-every", "1s"])
-            .current_dir(dir.path())
-            .env("DISPATCHD_LISTEN", "127.0.0.1:0")
-            .env_remove("DISPATCHD_CONFIG")
-            .env_remove("DISPATCHD_LOG");
-        if let Some(log) = log {
-            command.env("DISPATCHD_LOG", log);
-        }
-        output(command)
-    };
-    let quiet = simulate(None).await;
-    let (stdout, stderr) = (text(&quiet.stdout), text(&quiet.stderr));
-    assert!(quiet.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = simulate_until(
+        dir.path(),
+        None,
+        &[
+            "breaker open ",
+            "rate limited ",
+            "policy denied ",
+            "duplicate skipped ",
+            "dispatcher_error ",
+        ],
+    );
     assert!(
         !stdout.contains("WARN"),
         "warnings between the progress lines:\n{stdout}"
@@ -75,14 +126,8 @@ async fn simulate_reports_outcomes_by_protection_and_counts_its_warnings() {
         stdout.contains(&format!("dispatchd logged {warnings} warnings")),
         "{stdout}"
     );
-    assert!(
-        stdout.lines().filter(|l| l.contains("s  sent ")).count() >= 2,
-        "progress lines:\n{stdout}"
-    );
 
-    let verbose = simulate(Some("warn")).await;
-    let (stdout, stderr) = (text(&verbose.stdout), text(&verbose.stderr));
-    assert!(verbose.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = simulate_until(dir.path(), Some("warn"), &["dispatcher_error "]);
     assert!(!stdout.contains("WARN"), "{stdout}");
     assert!(
         stderr.contains("WARN") && stderr.contains("A dispatch failed."),
