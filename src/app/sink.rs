@@ -429,6 +429,59 @@ mod tests {
         }
     }
 
+    /// With a config file's element, everything of it is taken (headers, timeout, retries…),
+    /// the flags given win, and a --service that is not the element's is refused.
+    #[test]
+    fn a_config_files_sink_is_taken_whole_and_the_flags_given_win() {
+        let mut file = SinkSettings::embedded("hook", "http").unwrap();
+        file.sink.endpoint = Some("http://127.0.0.1:9/events".into());
+        file.sink.headers.insert("x-tenant".into(), "acme".into());
+        file.sink.timeout = Duration::from_secs(3);
+        file.driver.retry.attempts = 0;
+        let config = SinkServiceConfig {
+            service: "http".into(),
+            endpoint: None,
+            from_file: Some(FromFile {
+                sink: file.clone(),
+                bus: Config::embedded().unwrap().bus,
+            }),
+            ..flags()
+        };
+        assert_eq!(settings(&config, "hook").unwrap(), file);
+
+        let given = settings(
+            &SinkServiceConfig {
+                endpoint: Some("http://127.0.0.1:9/other".into()),
+                batch_size: Some(7),
+                ..config.clone()
+            },
+            "hook",
+        )
+        .unwrap();
+        assert_eq!(
+            given.sink.endpoint.as_deref(),
+            Some("http://127.0.0.1:9/other")
+        );
+        assert_eq!(given.driver.batch_size, 7);
+        assert_eq!(
+            (&given.sink.headers, given.sink.timeout, &given.driver.retry),
+            (&file.sink.headers, file.sink.timeout, &file.driver.retry)
+        );
+
+        let error = settings(
+            &SinkServiceConfig {
+                service: "file".into(),
+                ..config
+            },
+            "hook",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--service file is not the service of [[sinks]] `hook` (http); leave --service out to use the file's"
+        );
+    }
+
     /// The flags left out take what a `[[sinks]]` element gets from the embedded defaults; the
     /// flags given win, and are checked.
     #[test]
