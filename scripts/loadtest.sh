@@ -26,11 +26,21 @@ server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 for _ in $(seq 100); do
-  curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  "$binary" health --url "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
   sleep 0.1
 done
-curl -fs "http://127.0.0.1:$port/health" >/dev/null
+if ! "$binary" health --url "http://127.0.0.1:$port/health"; then
+  echo "dispatchd serve did not start; its log:" >&2
+  tail -n 20 "$work/serve.log" >&2
+  exit 1
+fi
 
-"$binary" loadtest --target "http://127.0.0.1:$port" --rates "$RATES" --step "$STEP" \
-  --connections "$CONNECTIONS" --pid "$server"
+# loadtest says what went wrong (errors by status, "every answer was 400: check the topic");
+# serve's own log says why, when it failed.
+if ! "$binary" loadtest --target "http://127.0.0.1:$port" --rates "$RATES" --step "$STEP" \
+  --connections "$CONNECTIONS" --pid "$server"; then
+  echo "the last lines of serve's log:" >&2
+  tail -n 20 "$work/serve.log" >&2
+  exit 1
+fi
 echo "messages written: $(wc -l < "$work/dispatchd-data/messages.jsonl")"

@@ -12,7 +12,7 @@
 
 mod sink;
 
-pub use sink::{Replayed, SinkService, SinkServiceConfig};
+pub use sink::{FromFile, Replayed, SinkService, SinkServiceConfig};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

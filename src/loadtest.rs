@@ -41,6 +41,11 @@ pub struct Step {
     pub ok: u64,
     /// Other answers and transport failures.
     pub errors: u64,
+    /// The errors by HTTP status; 0 for a request that got no answer (refused, timed out).
+    pub errors_by_status: std::collections::BTreeMap<u16, u64>,
+    /// The first error's answer (its JSON `error` and `message`, or the transport error), to
+    /// say what went wrong.
+    pub first_error: Option<String>,
     /// Answers per second over the step.
     pub throughput: f64,
     /// Latency percentiles in microseconds, from when each request was due.
@@ -69,6 +74,20 @@ impl std::fmt::Display for Step {
             self.p99_us as f64 / 1000.0,
             self.max_us as f64 / 1000.0,
         )?;
+        if !self.errors_by_status.is_empty() {
+            let parts: Vec<String> = self
+                .errors_by_status
+                .iter()
+                .map(|(status, n)| match status {
+                    0 => format!("no answer {n}"),
+                    _ => format!("{status} {n}"),
+                })
+                .collect();
+            write!(f, "\n         errors by status: {}", parts.join(", "))?;
+            if let Some(first) = &self.first_error {
+                write!(f, " (first: {first})")?;
+            }
+        }
         if let Some((start, end, max)) = self.rss_kib {
             write!(
                 f,
@@ -159,6 +178,8 @@ async fn one_step(
             let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .expect("static histogram bounds");
             let (mut ok, mut errors) = (0u64, 0u64);
+            let mut by_status = std::collections::BTreeMap::<u16, u64>::new();
+            let mut first_error: Option<String> = None;
             let mut i = worker;
             while i < total {
                 let due = start + Duration::from_secs_f64(i as f64 * interval);
@@ -180,25 +201,48 @@ async fn one_step(
                             ok += 1;
                         } else {
                             errors += 1;
+                            *by_status.entry(0).or_default() += 1;
                         }
                     }
-                    _ => errors += 1,
+                    Ok(response) => {
+                        errors += 1;
+                        let status = response.status().as_u16();
+                        *by_status.entry(status).or_default() += 1;
+                        let body = response.bytes().await.unwrap_or_default();
+                        if first_error.is_none() {
+                            first_error = Some(describe_error(status, &body));
+                        }
+                    }
+                    Err(error) => {
+                        errors += 1;
+                        *by_status.entry(0).or_default() += 1;
+                        if first_error.is_none() {
+                            first_error = Some(format!("no answer: {error}"));
+                        }
+                    }
                 }
                 let latency = due.elapsed().as_micros().clamp(1, 60_000_000) as u64;
                 let _ = latencies.record(latency);
                 i += connections;
             }
-            (latencies, ok, errors)
+            (latencies, ok, errors, by_status, first_error)
         }));
     }
     let mut latencies =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
     let (mut ok, mut errors) = (0, 0);
+    let mut errors_by_status = std::collections::BTreeMap::<u16, u64>::new();
+    let mut first_error = None;
     for worker in workers {
-        let (histogram, worker_ok, worker_errors) = worker.await.context("a load worker failed")?;
+        let (histogram, worker_ok, worker_errors, by_status, worker_first) =
+            worker.await.context("a load worker failed")?;
         latencies.add(histogram).context("merging latencies")?;
         ok += worker_ok;
         errors += worker_errors;
+        for (status, n) in by_status {
+            *errors_by_status.entry(status).or_default() += n;
+        }
+        first_error = first_error.or(worker_first);
     }
     let elapsed = start.elapsed().as_secs_f64().max(f64::EPSILON);
     let rss_end = options.pid.and_then(resident_kib);
@@ -211,6 +255,8 @@ async fn one_step(
         sent: total,
         ok,
         errors,
+        errors_by_status,
+        first_error,
         throughput: ok as f64 / elapsed,
         p50_us: latencies.value_at_quantile(0.50),
         p90_us: latencies.value_at_quantile(0.90),
@@ -222,6 +268,73 @@ async fn one_step(
         },
         rss_trend_kib: rss_trend.lock().map(|t| t.clone()).unwrap_or_default(),
     })
+}
+
+/// `400 invalid_message: …` from an error answer: the API's `{"error": {"code", "message"}}`,
+/// or a dispatch result's `error_code` and `error_message`; else its status and the start of
+/// its body.
+fn describe_error(status: u16, body: &[u8]) -> String {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(answer) if answer["error"].is_object() => format!(
+            "{status} {}: {}",
+            text(&answer["error"]["code"]),
+            text(&answer["error"]["message"])
+        ),
+        Ok(answer) if answer["error_code"].is_string() => format!(
+            "{status} {}: {}",
+            text(&answer["error_code"]),
+            text(&answer["error_message"])
+        ),
+        _ => {
+            let body = String::from_utf8_lossy(body);
+            format!("{status} {}", body.chars().take(120).collect::<String>())
+        }
+    }
+}
+
+/// What went wrong when no step had a successful answer, in words a user can act on: the one
+/// status every answer had and what it usually means, or the statuses seen.
+pub fn diagnose(steps: &[Step], options: &Options) -> String {
+    let mut by_status = std::collections::BTreeMap::<u16, u64>::new();
+    for step in steps {
+        for (status, n) in &step.errors_by_status {
+            *by_status.entry(*status).or_default() += n;
+        }
+    }
+    let first = steps.iter().find_map(|s| s.first_error.clone());
+    let first = first.map_or_else(String::new, |f| format!(" (first answer: {f})"));
+    let mut statuses = by_status.keys().copied();
+    match (statuses.next(), statuses.next()) {
+        (Some(0), None) => format!(
+            "no request was answered: is dispatchd running at {}?{first}",
+            options.target
+        ),
+        (Some(status @ (400 | 404 | 422)), None) => format!(
+            "every answer was {status}: check the topic (--topic {}); dispatchd refused the messages{first}",
+            options.topic
+        ),
+        (Some(status @ (401 | 403)), None) => format!(
+            "every answer was {status}: check the token (--token or DISPATCHD_API_TOKEN, with the ingest scope){first}"
+        ),
+        (Some(status @ (429 | 503)), None) => format!(
+            "every answer was {status}: dispatchd refused the load (shed, or its dispatchers' protections refused); lower the rate or see its /ready and /metrics{first}"
+        ),
+        (Some(status), None) => format!("every answer was {status}{first}"),
+        _ => {
+            let parts: Vec<String> = by_status
+                .iter()
+                .map(|(status, n)| match status {
+                    0 => format!("no answer {n}"),
+                    _ => format!("{status} {n}"),
+                })
+                .collect();
+            format!(
+                "a step had no successful answer; errors by status: {}{first}",
+                parts.join(", ")
+            )
+        }
+    }
 }
 
 /// A process's resident set (VmRSS) in KiB, from /proc.

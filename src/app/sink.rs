@@ -63,6 +63,48 @@ pub struct SinkServiceConfig {
     pub listen: SocketAddr,
     /// Prefixes every metric name (`DISPATCHD_METRICS_NAMESPACE`).
     pub metrics_namespace: String,
+    /// A config file's `[[sinks]]` element and `[bus]` (`dispatchd sink --config`): the sink's
+    /// settings (headers, timeout, retries, …) and the bus's come from there instead of the
+    /// embedded defaults; the flags given still win.
+    pub from_file: Option<FromFile>,
+}
+
+/// What `dispatchd sink --config FILE` takes from the file.
+#[derive(Debug, Clone)]
+pub struct FromFile {
+    pub sink: SinkSettings,
+    pub bus: crate::config::BusConfig,
+}
+
+impl FromFile {
+    /// The `[[sinks]]` element named `name`, or the only one; an error names the file's sinks.
+    pub fn select(config: &Config, name: Option<&str>) -> anyhow::Result<FromFile> {
+        let names: Vec<&str> = config.sinks.iter().map(|s| s.sink.name.as_str()).collect();
+        let sink = match name {
+            Some(name) => config.sinks.iter().find(|s| s.sink.name == name),
+            None if config.sinks.len() == 1 => config.sinks.first(),
+            None => anyhow::bail!(
+                "the configuration has {} [[sinks]] ({}): choose one with --name",
+                names.len(),
+                names.join(", ")
+            ),
+        };
+        let Some(sink) = sink else {
+            anyhow::bail!(
+                "the configuration has no [[sinks]] named `{}` (it has: {})",
+                name.unwrap_or_default(),
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            );
+        };
+        Ok(FromFile {
+            sink: sink.clone(),
+            bus: config.bus.clone(),
+        })
+    }
 }
 
 /// What a replay did, for the CLI to print.
@@ -87,41 +129,65 @@ pub struct SinkService {
     source: Option<(String, ConsumerConfig)>,
     replay_dead_letters: Option<PathBuf>,
     limits: crate::http::ConnectionLimits,
-    listener: TcpListener,
+    /// `None` when replaying: a replay serves nothing, so it holds no port and can run beside
+    /// the `dispatchd sink` that wrote the file.
+    listener: Option<TcpListener>,
 }
 
 impl SinkService {
     /// Validates, builds the telemetry and the sink, and binds the listener.
     pub async fn build(config: SinkServiceConfig) -> anyhow::Result<SinkService> {
         anyhow::ensure!(
-            config.replay_dead_letters.is_some() || config.bus.is_some(),
-            "--bus (or DISPATCHD_REDIS_URL) is required to read events"
+            config.replay_dead_letters.is_some()
+                || config.bus.is_some()
+                || config
+                    .from_file
+                    .as_ref()
+                    .is_some_and(|f| f.bus.redis.is_some()),
+            "--bus (or DISPATCHD_REDIS_URL, or a [bus] with kind = \"redis\" in --config) is required to read events"
         );
         let name = config
             .name
             .clone()
+            .or_else(|| config.from_file.as_ref().map(|f| f.sink.sink.name.clone()))
             .unwrap_or_else(|| config.service.clone());
         let settings = settings(&config, &name)?;
         let embedded = Config::embedded().context("the embedded defaults")?;
         // Bound first: the instance id is the host name and the bound port, so two sink
-        // processes on one host never share a consumer or a `service.instance.id`.
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let instance_id = format!(
-            "{}:{}",
-            crate::config::host_name(),
-            listener.local_addr()?.port()
-        );
-        let source = match &config.bus {
+        // processes on one host never share a consumer or a `service.instance.id`. A replay
+        // binds nothing.
+        let (listener, instance_id) = if config.replay_dead_letters.is_some() {
+            (None, format!("{}:replay", crate::config::host_name()))
+        } else {
+            let listener = TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let port = listener.local_addr()?.port();
+            (
+                Some(listener),
+                format!("{}:{port}", crate::config::host_name()),
+            )
+        };
+        let file_bus = config.from_file.as_ref().map(|f| &f.bus);
+        let bus_url = config.bus.clone().or_else(|| {
+            file_bus
+                .and_then(|bus| bus.redis.as_ref())
+                .map(|redis| redis.url.clone())
+        });
+        let source = match &bus_url {
             None => None,
             Some(url) => {
-                let redis = RedisBusConfig::embedded(url.clone()).context("the embedded [bus]")?;
+                let redis = match file_bus.and_then(|bus| bus.redis.clone()) {
+                    Some(redis) => redis,
+                    None => RedisBusConfig::embedded(url.clone()).context("the embedded [bus]")?,
+                };
                 let consumer = ConsumerConfig {
-                    stream: config
-                        .stream
-                        .clone()
-                        .unwrap_or_else(|| embedded.bus.events_stream.clone()),
+                    stream: config.stream.clone().unwrap_or_else(|| {
+                        file_bus.map_or_else(
+                            || embedded.bus.events_stream.clone(),
+                            |bus| bus.events_stream.clone(),
+                        )
+                    }),
                     group: config
                         .group
                         .clone()
@@ -177,9 +243,15 @@ impl SinkService {
         })
     }
 
-    /// The address `/metrics` and `/health` are served on (port 0 resolved).
+    /// The address `/metrics` and `/health` are served on (port 0 resolved); an error when
+    /// replaying, which serves nothing.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(std::io::Error::other(
+                "a replay of dead letters serves nothing",
+            )),
+        }
     }
 
     /// The appended files, for the caller to reopen on SIGHUP.
@@ -203,15 +275,20 @@ impl SinkService {
             limits,
             listener,
         } = self;
-        tracing::info!(listen = %listener.local_addr()?, instance_id = %instance_id, sink = %name, "dispatchd sink is serving /metrics and /health.");
         let stop_server = shutdown.child_token();
-        let server = tokio::spawn(crate::http::serve(
-            listener,
-            crate::http::metrics_router(telemetry.clone()),
-            limits,
-            telemetry.http_metrics(),
-            stop_server.clone(),
-        ));
+        let server = match listener {
+            Some(listener) => {
+                tracing::info!(listen = %listener.local_addr()?, instance_id = %instance_id, sink = %name, "dispatchd sink is serving /metrics and /health.");
+                Some(tokio::spawn(crate::http::serve(
+                    listener,
+                    crate::http::metrics_router(telemetry.clone()),
+                    limits,
+                    telemetry.http_metrics(),
+                    stop_server.clone(),
+                )))
+            }
+            None => None,
+        };
         let observer = telemetry
             .sink_metrics()
             .map(|m| Arc::new(m) as Arc<dyn SinkObserver>);
@@ -238,18 +315,39 @@ impl SinkService {
             }
         };
         stop_server.cancel();
-        let _ = server.await;
+        if let Some(server) = server {
+            let _ = server.await;
+        }
         telemetry.shutdown();
         outcome
     }
 }
 
-/// The sink's settings: the embedded `[defaults.sinks]`, and the flags over them.
+/// The sink's settings: the config file's `[[sinks]]` element, else the embedded
+/// `[defaults.sinks]`, and the flags over them.
 fn settings(config: &SinkServiceConfig, name: &str) -> anyhow::Result<SinkSettings> {
-    let mut settings =
-        SinkSettings::embedded(name, &config.service).context("the embedded [defaults.sinks]")?;
-    settings.sink.endpoint = config.endpoint.clone();
-    settings.sink.api_key = config.api_key.clone();
+    let mut settings = match &config.from_file {
+        Some(file) => {
+            anyhow::ensure!(
+                file.sink.sink.service == config.service,
+                "--service {} is not the service of [[sinks]] `{}` ({}); leave --service out to use the file's",
+                config.service,
+                file.sink.sink.name,
+                file.sink.sink.service
+            );
+            let mut settings = file.sink.clone();
+            settings.sink.name = name.to_owned();
+            settings
+        }
+        None => SinkSettings::embedded(name, &config.service)
+            .context("the embedded [defaults.sinks]")?,
+    };
+    if let Some(endpoint) = &config.endpoint {
+        settings.sink.endpoint = Some(endpoint.clone());
+    }
+    if let Some(api_key) = &config.api_key {
+        settings.sink.api_key = Some(api_key.clone());
+    }
     let driver = &mut settings.driver;
     if let Some(batch_size) = config.batch_size {
         anyhow::ensure!(
@@ -327,7 +425,61 @@ mod tests {
             replay_dead_letters: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_namespace: String::new(),
+            from_file: None,
         }
+    }
+
+    /// With a config file's element, everything of it is taken (headers, timeout, retries…),
+    /// the flags given win, and a --service that is not the element's is refused.
+    #[test]
+    fn a_config_files_sink_is_taken_whole_and_the_flags_given_win() {
+        let mut file = SinkSettings::embedded("hook", "http").unwrap();
+        file.sink.endpoint = Some("http://127.0.0.1:9/events".into());
+        file.sink.headers.insert("x-tenant".into(), "acme".into());
+        file.sink.timeout = Duration::from_secs(3);
+        file.driver.retry.attempts = 0;
+        let config = SinkServiceConfig {
+            service: "http".into(),
+            endpoint: None,
+            from_file: Some(FromFile {
+                sink: file.clone(),
+                bus: Config::embedded().unwrap().bus,
+            }),
+            ..flags()
+        };
+        assert_eq!(settings(&config, "hook").unwrap(), file);
+
+        let given = settings(
+            &SinkServiceConfig {
+                endpoint: Some("http://127.0.0.1:9/other".into()),
+                batch_size: Some(7),
+                ..config.clone()
+            },
+            "hook",
+        )
+        .unwrap();
+        assert_eq!(
+            given.sink.endpoint.as_deref(),
+            Some("http://127.0.0.1:9/other")
+        );
+        assert_eq!(given.driver.batch_size, 7);
+        assert_eq!(
+            (&given.sink.headers, given.sink.timeout, &given.driver.retry),
+            (&file.sink.headers, file.sink.timeout, &file.driver.retry)
+        );
+
+        let error = settings(
+            &SinkServiceConfig {
+                service: "file".into(),
+                ..config
+            },
+            "hook",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--service file is not the service of [[sinks]] `hook` (http); leave --service out to use the file's"
+        );
     }
 
     /// The flags left out take what a `[[sinks]]` element gets from the embedded defaults; the

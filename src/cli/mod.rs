@@ -1,5 +1,5 @@
-//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate` and
-//! `loadtest`.
+//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate`,
+//! `loadtest`, and for packaging `completions`, `man` and `health`.
 //!
 //! The edge of the program: the only place that prints to the terminal, reads signals and
 //! decides the exit code. Everything it runs is in the library.
@@ -43,9 +43,11 @@ enum Command {
     /// environment merged) as TOML, every secret masked; exit 1 when it is invalid.
     Config,
     /// Run only the event-forwarding service: read dispatch events from a Redis stream as a member
-    /// of a consumer group and forward them to one sink (or replay a dead-letter file). What a
-    /// flag does not say comes from the embedded defaults, as for serve: [defaults.sinks] and
-    /// [bus] (`dispatchd config` without a config file prints them).
+    /// of a consumer group and forward them to one sink (or replay a dead-letter file). With
+    /// --config and no --service (or a --name of the file's), the sink is that [[sinks]] element
+    /// and the bus the file's [bus]. What neither a flag nor the file says comes from the
+    /// embedded defaults, as for serve: [defaults.sinks] and [bus] (`dispatchd config` without a
+    /// config file prints them).
     Sink(Box<SinkArgs>),
     /// Put the events of a dead-letter file (the bus's after a Redis outage, or a sink's) back on
     /// the Redis events stream, so every sink's consumer group receives them. The file is moved
@@ -59,6 +61,32 @@ enum Command {
     /// Post messages to a running dispatchd at fixed rates (open loop), and print throughput,
     /// latency percentiles, errors and, with --pid, its resident memory, per step.
     Loadtest(LoadtestArgs),
+    /// Print a shell completion script: `dispatchd completions bash > /etc/bash_completion.d/dispatchd`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `dispatchd man > dispatchd.1`, and with a subcommand its
+    /// own page: `dispatchd man sink > dispatchd-sink.1`.
+    Man {
+        /// A subcommand, for its page (dispatchd-<subcommand>.1).
+        subcommand: Option<String>,
+    },
+    /// Probe a running dispatchd: exit 0 when URL answers 2xx within the timeout, 1 otherwise
+    /// (the container image's HEALTHCHECK; the image has no curl).
+    Health {
+        /// What to probe, such as http://127.0.0.1:9000/health or .../ready.
+        #[arg(
+            long,
+            value_name = "URL",
+            default_value = "http://127.0.0.1:9000/health"
+        )]
+        url: String,
+        /// How long the answer may take.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -88,9 +116,9 @@ struct LoadtestArgs {
 
 #[derive(Debug, Args)]
 struct SinkArgs {
-    /// The sink plugin.
+    /// The sink plugin (default with --config: the service of its [[sinks]] element).
     #[arg(long, value_parser = ["file", "http", "lunary", "helicone"])]
-    service: String,
+    service: Option<String>,
     /// A path (file), a URL (http), or a base URL (lunary, helicone; default their cloud).
     #[arg(long)]
     endpoint: Option<String>,
@@ -131,13 +159,14 @@ struct SinkArgs {
     /// trim_every).
     #[arg(long, value_parser = humantime::parse_duration)]
     trim_every: Option<std::time::Duration>,
-    /// The sink's name (the `sink` label; default the service).
+    /// The sink's name (the `sink` label; default the service). With --config, the [[sinks]]
+    /// element of that name is run (needed when the file has several).
     #[arg(long)]
     name: Option<String>,
     /// Where undeliverable events go (default ./dispatchd-data/<name>.dead-letters.jsonl).
     #[arg(long, value_name = "FILE")]
     dead_letter: Option<PathBuf>,
-    /// Send the events of this dead-letter file again, then exit.
+    /// Send the events of this dead-letter file again, then exit (no listener is opened).
     #[arg(long, value_name = "FILE")]
     replay_dead_letters: Option<PathBuf>,
     /// Where /metrics and /health are served.
@@ -168,6 +197,12 @@ struct SimulateArgs {
     /// How long to send for, such as 30s or 10m.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: std::time::Duration,
+    /// Print a progress line this often.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    progress_every: std::time::Duration,
+    /// A bearer token for --target (ingest; admin too, to read its routes).
+    #[arg(long, env = "DISPATCHD_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// Parses the command line and runs it. The binary's whole `main`.
@@ -180,8 +215,78 @@ pub fn main() -> ExitCode {
         Some(Command::Serve) | None => serve(config.as_deref(), cli.log_format.as_deref()),
         Some(Command::Simulate(args)) => simulate(config.as_deref(), args),
         Some(Command::Loadtest(args)) => loadtest(args),
-        Some(Command::Sink(args)) => sink(*args),
+        Some(Command::Sink(args)) => sink(config.as_deref(), *args),
         Some(Command::Republish(args)) => republish(args),
+        Some(Command::Completions { shell }) => completions(shell),
+        Some(Command::Man { subcommand }) => man(subcommand.as_deref()),
+        Some(Command::Health { url, timeout }) => health(&url, timeout),
+    }
+}
+
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "dispatchd", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// `dispatchd.1`, or with a subcommand `dispatchd-<subcommand>.1` (its options in full).
+fn man(subcommand: Option<&str>) -> ExitCode {
+    let command = <Cli as clap::CommandFactory>::command();
+    let command = match subcommand {
+        None => command,
+        Some(name) => match command.find_subcommand(name) {
+            Some(sub) => {
+                let name = format!("dispatchd-{}", sub.get_name());
+                sub.clone()
+                    .name(name)
+                    .version(command.get_version().unwrap_or_default().to_owned())
+            }
+            None => {
+                let known: Vec<&str> = command.get_subcommands().map(|c| c.get_name()).collect();
+                eprintln!(
+                    "error: no subcommand `{name}`; one of: {}",
+                    known.join(", ")
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let mut page = Vec::new();
+    if let Err(error) = clap_mangen::Man::new(command).render(&mut page) {
+        eprintln!("error: cannot render the manual page: {error}");
+        return ExitCode::FAILURE;
+    }
+    use std::io::Write;
+    match std::io::stdout().write_all(&page) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: cannot write the manual page: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn health(url: &str, timeout: std::time::Duration) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let outcome = runtime.block_on(async {
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        client.get(url).send().await
+    });
+    match outcome {
+        Ok(response) if response.status().is_success() => {
+            println!("{url}: {}", response.status());
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!("unhealthy: {url} answered {}", response.status());
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("unhealthy: {url}: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -273,8 +378,8 @@ fn loadtest(args: LoadtestArgs) -> ExitCode {
     let outcome = runtime.block_on(crate::loadtest::run(&options, |step| println!("{step}")));
     match outcome {
         Ok(steps) if steps.iter().all(|s| s.ok > 0) => ExitCode::SUCCESS,
-        Ok(_) => {
-            eprintln!("error: a step had no successful request; is dispatchd running there?");
+        Ok(steps) => {
+            eprintln!("error: {}", crate::loadtest::diagnose(&steps, &options));
             ExitCode::FAILURE
         }
         Err(error) => {
@@ -296,18 +401,28 @@ fn simulate(config_file: Option<&std::path::Path>, args: SimulateArgs) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    // Every message would be an info line from the log dispatcher; warnings are what matter.
-    let filter = if std::env::var_os("DISPATCHD_LOG").is_some() {
-        config.log.filter.as_str()
-    } else {
-        "warn"
-    };
-    init_logging(filter);
+    // The demonstration provokes failures on purpose, each logged as a warning: they are counted
+    // for the progress lines, and printed (to stderr, away from the progress) only when asked for
+    // with DISPATCHD_LOG.
+    let warnings = crate::simulate::WarningCount::default();
+    init_simulate_logging(
+        std::env::var_os("DISPATCHD_LOG")
+            .is_some()
+            .then_some(config.log.filter.as_str()),
+        warnings.clone(),
+    );
+    if args.progress_every.is_zero() {
+        eprintln!("error: --progress-every must be above 0");
+        return ExitCode::FAILURE;
+    }
+    let listen = config.server.listen;
     let options = crate::simulate::Options {
         target: args.target,
         rate: args.rate,
         duration: args.duration,
-        progress_every: std::time::Duration::from_secs(5),
+        progress_every: args.progress_every,
+        token: args.token,
+        warnings,
     };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
@@ -326,9 +441,27 @@ fn simulate(config_file: Option<&std::path::Path>, args: SimulateArgs) -> ExitCo
     match outcome {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            report_error(&error, listen, "DISPATCHD_LISTEN or [server] listen");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints a command's error once. An address already in use gets one line that names it and
+/// says what to do, instead of the chain of contexts around `Address already in use (os error
+/// 98)`.
+fn report_error(error: &anyhow::Error, listen: std::net::SocketAddr, how_to_change: &str) {
+    let in_use = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    });
+    if in_use {
+        eprintln!(
+            "error: {listen} is already in use by another process (another dispatchd?): stop it, or choose another address with {how_to_change}"
+        );
+    } else {
+        eprintln!("error: {error:#}");
     }
 }
 
@@ -375,23 +508,62 @@ fn republish(args: RepublishArgs) -> ExitCode {
     }
 }
 
-fn sink(args: SinkArgs) -> ExitCode {
+fn sink(config_file: Option<&std::path::Path>, args: SinkArgs) -> ExitCode {
     init_logging(&std::env::var("DISPATCHD_LOG").unwrap_or_else(|_| "info".to_owned()));
+    // With --config (or DISPATCHD_CONFIG), the sink is the file's [[sinks]] element (its
+    // headers, timeout, retries…) and the bus its [bus], the flags given still winning: when
+    // --service is left out, or --name names one of its elements. Otherwise (--service given
+    // for a sink the file does not have) the flags and the embedded defaults run it, as without
+    // a file.
+    let from_file = match config_file {
+        None => None,
+        Some(file) => match Config::load(Some(file)) {
+            Ok(config) => {
+                let named = args
+                    .name
+                    .as_deref()
+                    .is_some_and(|name| config.sinks.iter().any(|s| s.sink.name == name));
+                if args.service.is_none() || named {
+                    match crate::app::FromFile::select(&config, args.name.as_deref()) {
+                        Ok(selected) => Some(selected),
+                        Err(error) => {
+                            eprintln!("error: {}: {error}", file.display());
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+            Err(error) => {
+                print_config_error(&error);
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(run_sink(args)) {
+    let listen = args.listen;
+    match runtime.block_on(run_sink(args, from_file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            report_error(&error, listen, "--listen or DISPATCHD_LISTEN");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
+async fn run_sink(args: SinkArgs, from_file: Option<crate::app::FromFile>) -> anyhow::Result<()> {
+    let Some(service) = args.service.or_else(|| {
+        from_file
+            .as_ref()
+            .map(|file| file.sink.sink.service.clone())
+    }) else {
+        anyhow::bail!("--service is required without --config");
+    };
     let service = crate::app::SinkService::build(crate::app::SinkServiceConfig {
-        service: args.service,
+        service,
         endpoint: args.endpoint,
         api_key: args.api_key,
         name: args.name,
@@ -409,6 +581,7 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<()> {
         replay_dead_letters: args.replay_dead_letters,
         listen: args.listen,
         metrics_namespace: std::env::var("DISPATCHD_METRICS_NAMESPACE").unwrap_or_default(),
+        from_file,
     })
     .await?;
     let shutdown = CancellationToken::new();
@@ -450,13 +623,22 @@ fn serve(config_file: Option<&std::path::Path>, log_format: Option<&str>) -> Exi
             return ExitCode::FAILURE;
         }
     };
+    let listen = config.server.listen;
     let outcome = runtime.block_on(run(config, traces.tracer()));
     traces.shutdown();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("error: {error:#}");
+            // The log may go to a collector or a JSON pipeline: the error is logged there too,
+            // unless it was a start-up problem the terminal line below says better.
+            if !error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+            }) {
+                tracing::error!("{error:#}");
+            }
+            report_error(&error, listen, "DISPATCHD_LISTEN or [server] listen");
             ExitCode::FAILURE
         }
     }
@@ -537,6 +719,29 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
             None
         }
     }
+}
+
+/// `simulate`'s logging: warnings counted always; printed, to stderr, only with a filter
+/// (DISPATCHD_LOG given), so they never interleave the progress lines on stdout.
+fn init_simulate_logging(filter: Option<&str>, warnings: crate::simulate::WarningCount) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let printed = filter.map(|filter| {
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(
+                tracing_subscriber::EnvFilter::try_new(filter)
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(warnings.with_filter(tracing_subscriber::filter::LevelFilter::WARN))
+        .with(printed)
+        .init();
 }
 
 fn init_logging(filter: &str) {

@@ -8,6 +8,16 @@
 //!
 //! The traffic is bounded: at most `--rate` messages a second for `--duration`, at most
 //! [`MAX_IN_FLIGHT`] requests at once; it stops early on Ctrl-C, and prints a summary.
+//!
+//! Each progress line says what happened, three ways: the HTTP statuses, the dispatch statuses,
+//! and the protections at work (a breaker open, a rate limit, a duplicate skipped, a policy
+//! denial, a timeout, a retry), read from each answer's dispatcher outcomes; and how many
+//! warnings dispatchd logged meanwhile ([`WarningCount`]), instead of the warnings themselves.
+//!
+//! With `--target`, the target's routes are read first (`GET /api/v1/routes`): a plain `serve`
+//! routes none of the demonstration's intent and command topics (its answer would be 404
+//! `no_dispatcher`) and runs no demonstration dispatcher, so only the topics it routes are sent
+//! and the user is told why. Sending traffic that can only be refused would teach nothing.
 
 mod demo;
 
@@ -42,6 +52,44 @@ pub struct Options {
     pub duration: Duration,
     /// Print a progress line every this often.
     pub progress_every: Duration,
+    /// A bearer token for the target (ingest, and admin to read its routes).
+    pub token: Option<String>,
+    /// Counts the warnings logged meanwhile, for the progress lines.
+    pub warnings: WarningCount,
+}
+
+impl Options {
+    /// The in-process simulation at `rate` for `duration`, progress every 5 s.
+    pub fn new(rate: f64, duration: Duration) -> Options {
+        Options {
+            target: None,
+            rate,
+            duration,
+            progress_every: Duration::from_secs(5),
+            token: None,
+            warnings: WarningCount::default(),
+        }
+    }
+}
+
+/// Counts the events logged at WARN or ERROR: a tracing layer, so the simulation's progress lines
+/// say "warnings 12" rather than interleaving hundreds of WARN lines a minute (every failure the
+/// demonstration provokes on purpose is logged as one).
+#[derive(Debug, Clone, Default)]
+pub struct WarningCount(Arc<AtomicU64>);
+
+impl WarningCount {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningCount {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() <= tracing::Level::WARN {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What was sent and how dispatchd answered.
@@ -53,7 +101,68 @@ pub struct Summary {
     /// By the `status` of the dispatch results answered (`success`, `rejected`, ...); answers
     /// that are not a dispatch result (a request error, load shedding) are not counted here.
     pub by_dispatch_status: BTreeMap<DispatchStatus, u64>,
+    /// The protections at work, by [`Protection`], counted per dispatcher outcome.
+    pub by_protection: BTreeMap<Protection, u64>,
+    /// Warnings (and errors) dispatchd logged meanwhile.
+    pub warnings: u64,
+    /// The demonstration topics not sent because the target routes none of them.
+    pub topics_left_out: Vec<&'static str>,
     pub elapsed: Duration,
+}
+
+/// A protection at work on one dispatcher of one dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protection {
+    /// Refused: the circuit breaker is open.
+    BreakerOpen,
+    /// Refused (or held past its wait) by the rate limiter.
+    RateLimited,
+    /// Refused by the concurrency limit.
+    ConcurrencyLimit,
+    /// Refused by another protection (a remote worker unavailable, a cluster claim).
+    OtherRefusal,
+    /// A command policy denied it.
+    PolicyDenied,
+    /// De-duplication: already handled, not run again.
+    DuplicateSkipped,
+    /// It ran out of its timeout.
+    TimedOut,
+    /// It took more than one try.
+    Retried,
+}
+
+impl Protection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protection::BreakerOpen => "breaker open",
+            Protection::RateLimited => "rate limited",
+            Protection::ConcurrencyLimit => "concurrency limit",
+            Protection::OtherRefusal => "refused otherwise",
+            Protection::PolicyDenied => "policy denied",
+            Protection::DuplicateSkipped => "duplicate skipped",
+            Protection::TimedOut => "timed out",
+            Protection::Retried => "retried",
+        }
+    }
+
+    /// The protections one dispatcher outcome shows (a retried call that then timed out shows
+    /// both).
+    fn of(outcome: &AnsweredOutcome) -> impl Iterator<Item = Protection> {
+        use crate::engine::ExecutionResult as R;
+        let message = outcome.error_message.as_deref().unwrap_or("");
+        let main = match outcome.result {
+            R::Rejected if message.contains("circuit breaker") => Some(Protection::BreakerOpen),
+            R::Rejected if message.contains("rate limit") => Some(Protection::RateLimited),
+            R::Rejected if message.contains("concurrency") => Some(Protection::ConcurrencyLimit),
+            R::Rejected => Some(Protection::OtherRefusal),
+            R::Denied => Some(Protection::PolicyDenied),
+            R::Skipped => Some(Protection::DuplicateSkipped),
+            R::Timeout => Some(Protection::TimedOut),
+            _ => None,
+        };
+        main.into_iter()
+            .chain((outcome.attempts > 1).then_some(Protection::Retried))
+    }
 }
 
 impl Summary {
@@ -194,8 +303,43 @@ pub async fn run(
     stop: CancellationToken,
     serving: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> anyhow::Result<Summary> {
+    let mut topics: Vec<&'static str> = DEMO_TOPICS.iter().map(|(topic, _)| *topic).collect();
+    let mut left_out = Vec::new();
     let (base, service) = match &options.target {
-        Some(target) => (target.trim_end_matches('/').to_owned(), None),
+        Some(target) => {
+            let base = target.trim_end_matches('/').to_owned();
+            match routed_demo_topics(&base, options.token.as_deref()).await {
+                Ok(routed) => {
+                    let (sent, not): (Vec<_>, Vec<_>) = topics
+                        .iter()
+                        .partition(|topic| routed.topics.contains(topic));
+                    anyhow::ensure!(
+                        !sent.is_empty(),
+                        "{base} routes none of the demonstration topics ({}): every message would be answered 404 no_dispatcher. Run `dispatchd simulate` without --target, which serves a dispatchd with the demonstration dispatchers, or point --target at one.",
+                        topics.join(", ")
+                    );
+                    if !not.is_empty() {
+                        println!(
+                            "note: {base} routes {} of the {} demonstration topics; the others ({}) would be answered 404 no_dispatcher, so they are not sent.",
+                            sent.len(),
+                            topics.len(),
+                            not.join(", ")
+                        );
+                    }
+                    if !routed.demo_dispatchers {
+                        println!(
+                            "note: {base} runs none of the demonstration dispatchers (demo-*), as a plain `dispatchd serve` does: its own dispatchers answer, so the breaker, rate limiter, de-duplication and policy of the demonstration will not show. `dispatchd simulate` without --target runs them."
+                        );
+                    }
+                    topics = sent;
+                    left_out = not;
+                }
+                Err(why) => println!(
+                    "note: cannot read the routes of {base} ({why}): every demonstration topic is sent; those it does not route are answered 404 no_dispatcher (counted as \"no route\")."
+                ),
+            }
+            (base, None)
+        }
         None => {
             // Nothing but this simulation sends to it: no load balancer to drain.
             let mut config = config;
@@ -210,12 +354,92 @@ pub async fn run(
             (format!("http://{addr}"), Some((shutdown, task)))
         }
     };
-    let summary = drive(&base, &options, &stop).await;
+    let mut summary = drive(&base, &options, &topics, &stop).await;
+    summary.topics_left_out = left_out;
     if let Some((shutdown, task)) = service {
         shutdown.cancel();
         task.await.context("the in-process dispatchd panicked")??;
     }
     Ok(summary)
+}
+
+/// The demonstration's topics and their categories.
+const DEMO_TOPICS: [(&str, Category); 5] = [
+    ("shop.orders.events", Category::Event),
+    ("shop.shipping.events", Category::Event),
+    ("shop.payments.intents", Category::Intent),
+    ("shop.audit.events", Category::Event),
+    ("shop.billing.commands", Category::Command),
+];
+
+/// What a target routes of the demonstration.
+struct Routed {
+    topics: Vec<&'static str>,
+    /// Whether any route leads to a demonstration dispatcher (`demo-*`).
+    demo_dispatchers: bool,
+}
+
+/// Reads the target's routes and matches the demonstration topics against them the way the
+/// engine does (enabled, same category, the pattern matching the topic; a route restricted to
+/// message types counts, as some of the mix may match it).
+async fn routed_demo_topics(base: &str, token: Option<&str>) -> Result<Routed, String> {
+    #[derive(serde::Deserialize)]
+    struct Routes {
+        routes: Vec<RouteView>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RouteView {
+        topic_pattern: String,
+        message_category: Category,
+        dispatcher_id: String,
+        enabled: bool,
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut request = client.get(format!("{base}/api/v1/routes"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("it answered {}", response.status()));
+    }
+    let routes: Routes = response.json().await.map_err(|e| e.to_string())?;
+    let mut routed = Routed {
+        topics: Vec::new(),
+        demo_dispatchers: false,
+    };
+    for (topic, category) in DEMO_TOPICS {
+        let segments: Vec<&str> = topic.split('.').collect();
+        for route in routes.routes.iter().filter(|r| r.enabled) {
+            let Ok(pattern) = route.topic_pattern.parse::<crate::engine::TopicPattern>() else {
+                continue;
+            };
+            if route.message_category == category && pattern.matches(&segments) {
+                if !routed.topics.contains(&topic) {
+                    routed.topics.push(topic);
+                }
+                routed.demo_dispatchers |= route.dispatcher_id.starts_with("demo-");
+            }
+        }
+    }
+    Ok(routed)
+}
+
+/// One message of the mix, among `topics` only: topic and body.
+fn next_message_of(topics: &[&str], recent: &mut Vec<String>, n: u64) -> (&'static str, Value) {
+    // Bounded: the mix gives every demonstration topic at least 10%, so a topic of `topics`
+    // comes within a few draws; after 1000 the last draw is sent whatever it is.
+    let mut message = next_message(recent, n);
+    for _ in 0..1000 {
+        if topics.contains(&message.0) {
+            break;
+        }
+        message = next_message(recent, n);
+    }
+    message
 }
 
 /// One message of the mix: topic and body.
@@ -269,15 +493,32 @@ fn next_message(recent: &mut Vec<String>, n: u64) -> (&'static str, Value) {
 struct Answers {
     by_status: BTreeMap<u16, u64>,
     by_dispatch_status: BTreeMap<DispatchStatus, u64>,
+    by_protection: BTreeMap<Protection, u64>,
 }
 
-/// The `status` field of a dispatch result; nothing else of the body is needed.
+/// What the summary needs of a dispatch result: its status and each dispatcher's outcome.
 #[derive(serde::Deserialize)]
 struct Answered {
     status: DispatchStatus,
+    #[serde(default)]
+    dispatchers: Vec<AnsweredOutcome>,
 }
 
-async fn drive(base: &str, options: &Options, stop: &CancellationToken) -> Summary {
+#[derive(serde::Deserialize)]
+struct AnsweredOutcome {
+    result: crate::engine::ExecutionResult,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    error_message: Option<String>,
+}
+
+async fn drive(
+    base: &str,
+    options: &Options,
+    topics: &[&'static str],
+    stop: &CancellationToken,
+) -> Summary {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -301,28 +542,33 @@ async fn drive(base: &str, options: &Options, stop: &CancellationToken) -> Summa
             () = stop.cancelled() => break,
             _ = progress.tick() => {
                 let answers = answers.lock().await;
-                println!("{}", line(sent.load(Ordering::Relaxed), &answers, started.elapsed()));
+                println!("{}", line(sent.load(Ordering::Relaxed), &answers, options.warnings.get(), started.elapsed()));
             }
             _ = ticks.tick() => {
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
                 n += 1;
-                let (topic, body) = next_message(&mut recent, n);
-                let request = client.post(format!("{base}/api/v1/messages/{topic}")).json(&body);
+                let (topic, body) = next_message_of(topics, &mut recent, n);
+                let mut request = client.post(format!("{base}/api/v1/messages/{topic}")).json(&body);
+                if let Some(token) = &options.token {
+                    request = request.bearer_auth(token);
+                }
                 let answers = answers.clone();
                 sent.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let (status, dispatch_status) = match request.send().await {
+                    let (status, answered) = match request.send().await {
                         Ok(response) => {
                             let status = response.status().as_u16();
-                            let answered = response.json::<Answered>().await.ok();
-                            (status, answered.map(|a| a.status))
+                            (status, response.json::<Answered>().await.ok())
                         }
                         Err(_) => (0, None),
                     };
                     let mut answers = answers.lock().await;
                     *answers.by_status.entry(status).or_default() += 1;
-                    if let Some(dispatch_status) = dispatch_status {
-                        *answers.by_dispatch_status.entry(dispatch_status).or_default() += 1;
+                    if let Some(answered) = answered {
+                        *answers.by_dispatch_status.entry(answered.status).or_default() += 1;
+                        for protection in answered.dispatchers.iter().flat_map(Protection::of) {
+                            *answers.by_protection.entry(protection).or_default() += 1;
+                        }
                     }
                     drop(permit);
                 });
@@ -336,43 +582,86 @@ async fn drive(base: &str, options: &Options, stop: &CancellationToken) -> Summa
         sent: sent.load(Ordering::Relaxed),
         by_status: answers.by_status.clone(),
         by_dispatch_status: answers.by_dispatch_status.clone(),
+        by_protection: answers.by_protection.clone(),
+        warnings: options.warnings.get(),
+        topics_left_out: Vec::new(),
         elapsed: started.elapsed(),
     };
-    println!("done: {}", line(summary.sent, &answers, summary.elapsed));
+    println!(
+        "done: {}",
+        line(summary.sent, &answers, summary.warnings, summary.elapsed)
+    );
+    if answers.by_status.get(&404).copied().unwrap_or(0) > 0 {
+        println!(
+            "note: {} answers were 404: the target has no route for those topics (a plain `dispatchd serve` routes only events); `dispatchd simulate` without --target runs the demonstration dispatchers.",
+            answers.by_status[&404]
+        );
+    }
+    if summary.warnings > 0 && std::env::var_os("DISPATCHD_LOG").is_none() {
+        println!(
+            "note: dispatchd logged {} warnings, most of them the failures the demonstration provokes on purpose; DISPATCHD_LOG=warn prints them (to stderr).",
+            summary.warnings
+        );
+    }
     summary
 }
 
-fn line(sent: u64, answers: &Answers, elapsed: Duration) -> String {
-    let mut parts: Vec<String> = answers
-        .by_dispatch_status
-        .iter()
-        .map(|(status, count)| format!("{status} {count}"))
-        .collect();
-    // Answers that were not a dispatch result (a request error, load shedding), and requests
-    // that got no answer at all.
-    let unanswered = answers.by_status.get(&0).copied().unwrap_or(0);
-    let other = answers
-        .by_status
-        .values()
-        .sum::<u64>()
-        .saturating_sub(unanswered)
-        .saturating_sub(answers.by_dispatch_status.values().sum());
-    if other > 0 {
-        parts.push(format!("other answers {other}"));
+/// One progress line: the HTTP statuses, the dispatch statuses, the protections at work, the
+/// failure ratio the error alert watches, and the warnings logged.
+fn line(sent: u64, answers: &Answers, warnings: u64, elapsed: Duration) -> String {
+    let join = |parts: Vec<String>| parts.join(" · ");
+    let mut sections = Vec::new();
+    if !answers.by_status.is_empty() {
+        sections.push(format!(
+            "HTTP {}",
+            join(
+                answers
+                    .by_status
+                    .iter()
+                    .map(|(status, count)| match status {
+                        0 => format!("unsent {count}"),
+                        404 => format!("404 (no route) {count}"),
+                        _ => format!("{status} {count}"),
+                    })
+                    .collect()
+            )
+        ));
     }
-    if unanswered > 0 {
-        parts.push(format!("failed to send {unanswered}"));
+    if !answers.by_dispatch_status.is_empty() {
+        sections.push(format!(
+            "dispatches {}",
+            join(
+                answers
+                    .by_dispatch_status
+                    .iter()
+                    .map(|(status, count)| format!("{status} {count}"))
+                    .collect()
+            )
+        ));
+    }
+    if !answers.by_protection.is_empty() {
+        sections.push(format!(
+            "protections {}",
+            join(
+                answers
+                    .by_protection
+                    .iter()
+                    .map(|(protection, count)| format!("{} {count}", protection.as_str()))
+                    .collect()
+            )
+        ));
     }
     if let Some(ratio) = failure_ratio(&answers.by_dispatch_status) {
-        parts.push(format!("(failures {:.1}% of runs)", ratio * 100.0));
+        sections.push(format!("failures {:.1}% of runs", ratio * 100.0));
     }
+    sections.push(format!("warnings {warnings}"));
     format!(
         "{:>6.1}s  sent {sent:>7}  {}",
         elapsed.as_secs_f64(),
-        if parts.is_empty() {
-            "no answers yet".to_owned()
+        if answers.by_status.is_empty() {
+            format!("no answers yet | warnings {warnings}")
         } else {
-            parts.join("  ")
+            sections.join(" | ")
         }
     )
 }
@@ -399,12 +688,70 @@ mod tests {
         assert_eq!(failure_ratio(&statuses), Some(0.1));
         assert_eq!(failure_ratio(&BTreeMap::new()), None);
         let answers = Answers {
-            by_status: [(200, 130), (503, 500), (0, 2)].into_iter().collect(),
+            by_status: [(200, 130), (503, 500), (0, 2), (404, 3)]
+                .into_iter()
+                .collect(),
             by_dispatch_status: statuses,
+            by_protection: [
+                (Protection::BreakerOpen, 480),
+                (Protection::RateLimited, 20),
+            ]
+            .into_iter()
+            .collect(),
         };
-        let line = line(712, &answers, Duration::from_secs(3));
+        let line = line(712, &answers, 17, Duration::from_secs(3));
+        assert!(
+            line.contains("HTTP unsent 2 · 200 130 · 404 (no route) 3 · 503 500"),
+            "{line}"
+        );
         assert!(line.contains("rejected 500"), "{line}");
-        assert!(line.contains("failed to send 2"), "{line}");
-        assert!(line.contains("(failures 10.0% of runs)"), "{line}");
+        assert!(
+            line.contains("protections breaker open 480 · rate limited 20"),
+            "{line}"
+        );
+        assert!(line.contains("failures 10.0% of runs"), "{line}");
+        assert!(line.ends_with("| warnings 17"), "{line}");
+    }
+
+    /// Each refusal is told apart by its protection, from the outcome's sanitized message.
+    #[test]
+    fn outcomes_are_counted_by_the_protection_that_acted() {
+        use crate::engine::ExecutionResult as R;
+        let outcome = |result, attempts, message: &str| AnsweredOutcome {
+            result,
+            attempts,
+            error_message: (!message.is_empty()).then(|| message.to_owned()),
+        };
+        let of = |o: AnsweredOutcome| Protection::of(&o).collect::<Vec<_>>();
+        assert_eq!(
+            of(outcome(
+                R::Rejected,
+                0,
+                "refused: the circuit breaker is open"
+            )),
+            [Protection::BreakerOpen]
+        );
+        assert_eq!(
+            of(outcome(R::Rejected, 0, "refused by the rate limiter")),
+            [Protection::RateLimited]
+        );
+        assert_eq!(
+            of(outcome(
+                R::Rejected,
+                0,
+                "refused: too many calls are waiting for the concurrency limit"
+            )),
+            [Protection::ConcurrencyLimit]
+        );
+        assert_eq!(of(outcome(R::Denied, 0, "")), [Protection::PolicyDenied]);
+        assert_eq!(
+            of(outcome(R::Skipped, 0, "")),
+            [Protection::DuplicateSkipped]
+        );
+        assert_eq!(
+            of(outcome(R::Timeout, 2, "")),
+            [Protection::TimedOut, Protection::Retried]
+        );
+        assert!(of(outcome(R::Success, 1, "")).is_empty());
     }
 }

@@ -441,6 +441,7 @@ fn sink_service_config(url: &str, stream: &str, out: &std::path::Path) -> SinkSe
         replay_dead_letters: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_namespace: String::new(),
+        from_file: None,
     }
 }
 

@@ -53,3 +53,8 @@ mod scope;
 mod trace_context;
 // Three serve and two sink processes on one Redis as one service: kills, a restart, real Prometheus.
 mod cluster;
+// Packaging: completions, man pages, the systemd unit, the Kubernetes manifests (validated, and
+// generated from alerts/ and dashboards/), the Dockerfile and compose file, `dispatchd health`.
+mod packaging;
+// simulate, loadtest and sink telling the user what happened; an address in use said once.
+mod tools;

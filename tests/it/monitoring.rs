@@ -443,10 +443,8 @@ async fn every_panel_shows_data_and_the_stale_alert_fires_against_a_real_prometh
     let stop = CancellationToken::new();
     let (serving, address) = tokio::sync::oneshot::channel();
     let options = Options {
-        target: None,
-        rate: 100.0,
-        duration: Duration::from_secs(300),
         progress_every: Duration::from_secs(60),
+        ..Options::new(100.0, Duration::from_secs(300))
     };
     let simulation = tokio::spawn(run(config, options, stop.clone(), Some(serving)));
     let address = address.await.expect("dispatchd serves");

@@ -15,10 +15,8 @@ async fn the_simulation_moves_the_breaker_rate_limiter_and_cache_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(dir.path());
     let options = Options {
-        target: None,
-        rate: 200.0,
-        duration: Duration::from_secs(60),
         progress_every: Duration::from_secs(1),
+        ..Options::new(200.0, Duration::from_secs(60))
     };
     let stop = CancellationToken::new();
     let (serving, address) = tokio::sync::oneshot::channel();
