@@ -1,5 +1,5 @@
-//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate` and
-//! `loadtest`.
+//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate`,
+//! `loadtest` and `top`.
 //!
 //! The edge of the program: the only place that prints to the terminal, reads signals and
 //! decides the exit code. Everything it runs is in the library.
@@ -59,6 +59,32 @@ enum Command {
     /// Post messages to a running dispatchd at fixed rates (open loop), and print throughput,
     /// latency percentiles, errors and, with --pid, its resident memory, per step.
     Loadtest(LoadtestArgs),
+    /// Watch a running dispatchd in the terminal: dispatchers with rate, error ratio, latency and
+    /// breaker, sinks and bus, refreshed live (`q` quits).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// The dispatchd to watch.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9000")]
+    url: String,
+    /// How often to refresh, such as 1s or 500ms.
+    #[arg(long, default_value = "2s", value_parser = top_interval)]
+    interval: std::time::Duration,
+    /// A bearer token with the metrics scope (needed once the instance has such a token).
+    #[arg(long, env = "DISPATCHD_METRICS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+fn top_interval(text: &str) -> Result<std::time::Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if interval < std::time::Duration::from_millis(100)
+        || interval > std::time::Duration::from_secs(3600)
+    {
+        return Err("the interval must be between 100ms and 1h".to_owned());
+    }
+    Ok(interval)
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +206,7 @@ pub fn main() -> ExitCode {
         Some(Command::Serve) | None => serve(config.as_deref(), cli.log_format.as_deref()),
         Some(Command::Simulate(args)) => simulate(config.as_deref(), args),
         Some(Command::Loadtest(args)) => loadtest(args),
+        Some(Command::Top(args)) => top(args),
         Some(Command::Sink(args)) => sink(*args),
         Some(Command::Republish(args)) => republish(args),
     }
@@ -277,6 +304,21 @@ fn loadtest(args: LoadtestArgs) -> ExitCode {
             eprintln!("error: a step had no successful request; is dispatchd running there?");
             ExitCode::FAILURE
         }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn top(args: TopArgs) -> ExitCode {
+    let options = crate::top::Options {
+        url: args.url,
+        interval: args.interval,
+        token: args.token,
+    };
+    match crate::top::run(options) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

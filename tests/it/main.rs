@@ -51,3 +51,5 @@ mod scope;
 mod trace_context;
 // Three serve and two sink processes on one Redis as one service: kills, a restart, real Prometheus.
 mod cluster;
+// The status page at `/` in a real headless Chromium, and `dispatchd top` under a real tmux.
+mod status;
