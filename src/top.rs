@@ -187,6 +187,11 @@ fn health_color(health: &str) -> Color {
     }
 }
 
+/// A number's cell, right-aligned so the digits line up.
+fn number(text: String) -> Cell<'static> {
+    Cell::from(Line::from(text).right_aligned())
+}
+
 fn or_dash(value: Option<f64>, precision: usize) -> String {
     value.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
 }
@@ -266,31 +271,31 @@ fn draw(frame: &mut Frame<'_>, view: &View) {
         Row::new(vec![
             Cell::from(d.dispatcher_id.clone()),
             Cell::from(d.health.clone()).style(Style::new().fg(color)),
-            Cell::from(or_dash(view.rates.get(&d.dispatcher_id).copied(), 1)),
-            Cell::from(d.calls.to_string()),
-            Cell::from(or_dash(d.error_ratio.map(|r| r * 100.0), 1)),
-            Cell::from(or_dash(d.latency_p50_ms, 2)),
-            Cell::from(or_dash(d.latency_p99_ms, 2)),
-            Cell::from(d.breaker.clone().unwrap_or_else(|| "-".to_owned())).style(Style::new().fg(
+            number(or_dash(view.rates.get(&d.dispatcher_id).copied(), 1)),
+            number(d.calls.to_string()),
+            number(or_dash(d.error_ratio.map(|r| r * 100.0), 1)),
+            number(or_dash(d.latency_p50_ms, 2)),
+            number(or_dash(d.latency_p99_ms, 2)),
+            Cell::from(format!(" {}", d.breaker.as_deref().unwrap_or("-"))).style(Style::new().fg(
                 match d.breaker.as_deref() {
                     Some("open") => Color::Red,
                     Some("half_open") => Color::Yellow,
                     _ => Color::Reset,
                 },
             )),
-            Cell::from(format!("{:.1}s", d.heartbeat_age_seconds)),
+            number(format!("{:.1}s", d.heartbeat_age_seconds)),
         ])
     });
-    let header_row = Row::new([
-        "DISPATCHER",
-        "HEALTH",
-        "RATE/S",
-        "CALLS",
-        "ERR %",
-        "P50 MS",
-        "P99 MS",
-        "BREAKER",
-        "HEARTBEAT",
+    let header_row = Row::new(vec![
+        Cell::from("DISPATCHER"),
+        Cell::from("HEALTH"),
+        number("RATE/S".into()),
+        number("CALLS".into()),
+        number("ERR %".into()),
+        number("P50 MS".into()),
+        number("P99 MS".into()),
+        Cell::from(" BREAKER"),
+        number("HEARTBEAT".into()),
     ])
     .style(bold);
     frame.render_widget(
@@ -322,13 +327,13 @@ fn draw(frame: &mut Frame<'_>, view: &View) {
             .map(|s| {
                 let trouble = s.dropped + s.dead_lettered > 0;
                 Row::new(vec![
-                    s.sink.clone(),
-                    s.queue_depth.to_string(),
-                    s.received.to_string(),
-                    s.sent.to_string(),
-                    s.retried.to_string(),
-                    s.dropped.to_string(),
-                    s.dead_lettered.to_string(),
+                    Cell::from(s.sink.clone()),
+                    number(s.queue_depth.to_string()),
+                    number(s.received.to_string()),
+                    number(s.sent.to_string()),
+                    number(s.retried.to_string()),
+                    number(s.dropped.to_string()),
+                    number(s.dead_lettered.to_string()),
                 ])
                 .style(Style::new().fg(if trouble {
                     Color::Yellow
@@ -352,14 +357,14 @@ fn draw(frame: &mut Frame<'_>, view: &View) {
             ],
         )
         .header(
-            Row::new([
-                "SINK",
-                "QUEUED",
-                "RECEIVED",
-                "SENT",
-                "RETRIED",
-                "DROPPED",
-                "DEAD-LETTERED",
+            Row::new(vec![
+                Cell::from("SINK"),
+                number("QUEUED".into()),
+                number("RECEIVED".into()),
+                number("SENT".into()),
+                number("RETRIED".into()),
+                number("DROPPED".into()),
+                number("DEAD-LETTERED".into()),
             ])
             .style(bold),
         )

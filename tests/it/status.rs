@@ -69,6 +69,58 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
     response.json().await.unwrap()
 }
 
+/// `GET /api/v1/status` and `GET /` on a running service: the dispatchers' numbers follow the
+/// traffic, the sinks, bus, instance and readiness are there, and the page says the same.
+#[tokio::test]
+async fn the_status_report_follows_the_traffic() {
+    let app = crate::support::TestApp::start().await;
+    let before = app.get_json("/api/v1/status").await;
+    assert_eq!(before["readiness"]["status"], "ready");
+    assert_eq!(before["version"], env!("CARGO_PKG_VERSION"));
+    assert!(before["instance"].as_str().is_some_and(|i| !i.is_empty()));
+    assert_eq!(before["bus"], json!({"kind": "memory", "publishing": "ok"}));
+    let ids: Vec<&str> = before["dispatchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["dispatcher_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["jsonl", "log"]);
+    assert!(before["dispatchers"][1]["latency_p50_ms"].is_null());
+
+    app.post_orders(4).await;
+    let after = app.get_json("/api/v1/status").await;
+    let log = &after["dispatchers"][1];
+    assert_eq!(log["dispatcher_id"], "log");
+    assert_eq!(log["health"], "healthy");
+    assert_eq!(log["calls"], 4);
+    assert_eq!(log["errors"], 0);
+    assert_eq!(log["error_ratio"], 0.0);
+    assert!(
+        log["latency_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{log}"
+    );
+    if app.telemetry_enabled() {
+        let sinks = after["sinks"].as_array().unwrap();
+        assert!(
+            sinks.iter().any(|s| s["received"].as_u64() >= Some(4)),
+            "{sinks:?}"
+        );
+    }
+
+    let page = app.client.get(app.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let html = page.text().await.unwrap();
+    assert_eq!(
+        row_health(&html, "log").as_deref(),
+        Some("healthy"),
+        "{html}"
+    );
+    assert!(html.contains("<td class=\"n\">4</td>"), "{html}");
+    app.stop().await.unwrap();
+}
+
 /// The page as a person sees it: rendered by Chromium with every dispatcher's row; a worker
 /// that stops heartbeating turns red on a reload.
 #[tokio::test]
