@@ -383,20 +383,34 @@ fn empty_sink(sink: &str) -> SinkRow {
     }
 }
 
-/// `text` made safe for HTML text and for a double- or single-quoted attribute.
-pub(super) fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
+/// `text` made safe for HTML text and for a double- or single-quoted attribute, written
+/// straight into the page (no copy of the value).
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.0;
+        let mut written = 0;
+        // The characters replaced are ASCII, so every slice boundary is a char boundary.
+        for (i, byte) in text.bytes().enumerate() {
+            let entity = match byte {
+                b'&' => "&amp;",
+                b'<' => "&lt;",
+                b'>' => "&gt;",
+                b'"' => "&quot;",
+                b'\'' => "&#39;",
+                _ => continue,
+            };
+            f.write_str(&text[written..i])?;
+            f.write_str(entity)?;
+            written = i + 1;
         }
+        f.write_str(&text[written..])
     }
-    out
+}
+
+fn escape(text: &str) -> Escaped<'_> {
+    Escaped(text)
 }
 
 /// Seconds as a person reads an uptime: `3d 4h`, `5m 2s`.
