@@ -616,6 +616,31 @@ mod tests {
     }
 
     #[test]
+    fn top_takes_a_url_an_interval_within_bounds_and_a_token() {
+        let cli = Cli::try_parse_from([
+            "dispatchd",
+            "top",
+            "--url",
+            "http://10.0.0.7:9000",
+            "--interval",
+            "500ms",
+            "--token",
+            "metrics-token-0123456789",
+        ])
+        .unwrap();
+        let Some(Command::Top(args)) = cli.command else {
+            panic!("top")
+        };
+        assert_eq!(args.url, "http://10.0.0.7:9000");
+        assert_eq!(args.interval, std::time::Duration::from_millis(500));
+        assert_eq!(args.token.as_deref(), Some("metrics-token-0123456789"));
+        for interval in ["0s", "10ms", "2h", "soon"] {
+            let parsed = Cli::try_parse_from(["dispatchd", "top", "--interval", interval]);
+            assert!(parsed.is_err(), "{interval}");
+        }
+    }
+
+    #[test]
     fn serve_is_the_default_and_takes_a_config() {
         let path = |cli: &Cli| cli.config.as_ref().map(|p| p.display().to_string());
         let cli = Cli::try_parse_from(["dispatchd", "--config", "x.toml"]).unwrap();

@@ -376,3 +376,22 @@ async fn top_shows_a_live_instance_under_tmux_and_quits_on_q() {
     }
     assert!(quit, "top did not quit on q while unreachable");
 }
+
+/// Without a terminal `top` draws nothing: it exits 1 and says where a script should look.
+#[test]
+fn top_without_a_terminal_says_so_and_exits() {
+    let output = Command::new(BINARY)
+        .args(["top", "--url", "http://127.0.0.1:9"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("dispatchd top draws on a terminal")
+            && stderr.contains("http://127.0.0.1:9/api/v1/status"),
+        "{stderr}"
+    );
+    // Nothing on stdout: no escape sequence of a half-set-up screen.
+    assert!(output.stdout.is_empty(), "{:?}", output.stdout);
+}
