@@ -558,6 +558,7 @@ impl App {
         );
         state.events = Some(self.bus.clone());
         state.stats = Some(self.stats.clone());
+        state.instance_id = Some(self.instance_id.clone());
 
         // Inbound sources: consumers, stopped first at shutdown.
         let sources = TaskTracker::new();

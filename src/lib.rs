@@ -24,6 +24,7 @@ pub mod resilience_redis;
 pub mod simulate;
 pub mod sinks;
 pub mod telemetry;
+pub mod top;
 
 /// Cases per property test: `default`, or `PROPTEST_CASES` when set (CI runs a long pass with
 /// it; see `.ci/run`).

@@ -1,5 +1,5 @@
 //! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate`,
-//! `loadtest`, and for packaging `completions`, `man` and `health`.
+//! `loadtest`, `top`, and for packaging `completions`, `man` and `health`.
 //!
 //! The edge of the program: the only place that prints to the terminal, reads signals and
 //! decides the exit code. Everything it runs is in the library.
@@ -87,6 +87,32 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Watch a running dispatchd in the terminal: dispatchers with rate, error ratio, latency and
+    /// breaker, sinks and bus, refreshed live (`q` quits).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// The dispatchd to watch.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9000")]
+    url: String,
+    /// How often to refresh, such as 1s or 500ms.
+    #[arg(long, default_value = "2s", value_parser = top_interval)]
+    interval: std::time::Duration,
+    /// A bearer token with the metrics scope (needed once the instance has such a token).
+    #[arg(long, env = "DISPATCHD_METRICS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+fn top_interval(text: &str) -> Result<std::time::Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if interval < std::time::Duration::from_millis(100)
+        || interval > std::time::Duration::from_secs(3600)
+    {
+        return Err("the interval must be between 100ms and 1h".to_owned());
+    }
+    Ok(interval)
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +242,7 @@ pub fn main() -> ExitCode {
         Some(Command::Simulate(args)) => simulate(config.as_deref(), args),
         Some(Command::Loadtest(args)) => loadtest(args),
         Some(Command::Sink(args)) => sink(config.as_deref(), *args),
+        Some(Command::Top(args)) => top(args),
         Some(Command::Republish(args)) => republish(args),
         Some(Command::Completions { shell }) => completions(shell),
         Some(Command::Man { subcommand }) => man(subcommand.as_deref()),
@@ -382,6 +409,21 @@ fn loadtest(args: LoadtestArgs) -> ExitCode {
             eprintln!("error: {}", crate::loadtest::diagnose(&steps, &options));
             ExitCode::FAILURE
         }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn top(args: TopArgs) -> ExitCode {
+    let options = crate::top::Options {
+        url: args.url,
+        interval: args.interval,
+        token: args.token,
+    };
+    match crate::top::run(options) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -776,6 +818,31 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn top_takes_a_url_an_interval_within_bounds_and_a_token() {
+        let cli = Cli::try_parse_from([
+            "dispatchd",
+            "top",
+            "--url",
+            "http://10.0.0.7:9000",
+            "--interval",
+            "500ms",
+            "--token",
+            "metrics-token-0123456789",
+        ])
+        .unwrap();
+        let Some(Command::Top(args)) = cli.command else {
+            panic!("top")
+        };
+        assert_eq!(args.url, "http://10.0.0.7:9000");
+        assert_eq!(args.interval, std::time::Duration::from_millis(500));
+        assert_eq!(args.token.as_deref(), Some("metrics-token-0123456789"));
+        for interval in ["0s", "10ms", "2h", "soon"] {
+            let parsed = Cli::try_parse_from(["dispatchd", "top", "--interval", interval]);
+            assert!(parsed.is_err(), "{interval}");
+        }
     }
 
     #[test]

@@ -37,16 +37,7 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
         "healthy": all.iter().filter(|h| h.healthy).count(),
         "stale": all.iter().filter(|h| h.is_stale).count(),
     });
-    let (status, verdict) = if state.draining.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
-    } else if all
-        .iter()
-        .any(|h| h.origin == Origin::InProcess && h.critical && !h.healthy)
-    {
-        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
-    } else {
-        (StatusCode::OK, "ready")
-    };
+    let (verdict, status) = verdict(&state, &all);
     let mut body = json!({ "status": verdict, "dispatchers": counts, "unhealthy": unhealthy });
     // Reported, never a reason to be unready: every instance shares the bus, so failing
     // readiness on it would take all of them out of rotation while dispatch still works.
@@ -54,6 +45,21 @@ pub(super) async fn ready(State(state): State<ApiState>) -> Response {
         body["bus"] = json!(bus.status());
     }
     (status, Json(body)).into_response()
+}
+
+/// `/ready`'s verdict on `all` (the registry's dispatchers now), and its HTTP status; the status
+/// page shows the same.
+pub(super) fn verdict(state: &ApiState, all: &[DispatcherHealth]) -> (&'static str, StatusCode) {
+    if state.draining.is_cancelled() {
+        ("shutting_down", StatusCode::SERVICE_UNAVAILABLE)
+    } else if all
+        .iter()
+        .any(|h| h.origin == Origin::InProcess && h.critical && !h.healthy)
+    {
+        ("not_ready", StatusCode::SERVICE_UNAVAILABLE)
+    } else {
+        ("ready", StatusCode::OK)
+    }
 }
 
 #[derive(Debug, Serialize)]

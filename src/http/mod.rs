@@ -18,6 +18,7 @@ mod guard;
 mod messages;
 mod observe;
 mod serve;
+mod status;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +40,7 @@ pub use guard::Guard;
 use guard::Routes;
 pub use messages::{IngestBody, parse_envelope, status_code};
 pub use serve::{ConnectionLimits, serve};
+pub use status::{StatusReport, render as render_status};
 
 /// What the handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -57,6 +59,10 @@ pub struct ApiState {
     /// Per-dispatcher counts, latency, last error and topic for `GET /api/v1/dispatchers/{id}`;
     /// `None` serves health alone.
     pub stats: Option<Arc<DispatcherStats>>,
+    /// This instance's identity, shown by the status page; `None` for an embedded router.
+    pub instance_id: Option<String>,
+    /// Earlier call counts, for the status page's recent rates.
+    pub recent: Arc<status::RecentCalls>,
 }
 
 impl ApiState {
@@ -75,6 +81,8 @@ impl ApiState {
             started: Instant::now(),
             abandon: CancellationToken::new(),
             stats: None,
+            instance_id: None,
+            recent: Arc::default(),
         }
     }
 }
@@ -97,10 +105,12 @@ fn api_routes() -> Routes<ApiState> {
     use guard::Access::{Metrics, Open, Scope as Needs};
     use guard::Load::{Bounded, Exempt};
     Routes::new()
+        .route("/", Metrics, Bounded, get(status::page))
         .route("/health", Open, Exempt, get(health))
         .route("/ready", Open, Exempt, get(dispatchers::ready))
         .route("/metrics", Metrics, Exempt, get(observe::metrics))
         .route("/api/v1/stats", Metrics, Bounded, get(observe::stats))
+        .route("/api/v1/status", Metrics, Bounded, get(status::json))
         .route(
             "/api/v1/messages/{topic}",
             Needs(Scope::Ingest),
@@ -266,6 +276,8 @@ mod tests {
         use Access::{Metrics, Open, Scope as Needs};
         use Load::{Bounded, Exempt};
         let expected = [
+            ("/", Metrics, Bounded),
+            ("/api/v1/status", Metrics, Bounded),
             ("/health", Open, Exempt),
             ("/ready", Open, Exempt),
             ("/metrics", Metrics, Exempt),
@@ -309,6 +321,8 @@ mod tests {
             (Method::GET, "/ready", None),
             (Method::GET, "/metrics", Some(METRICS)),
             (Method::GET, "/api/v1/stats", Some(METRICS)),
+            (Method::GET, "/", Some(METRICS)),
+            (Method::GET, "/api/v1/status", Some(METRICS)),
             (Method::POST, "/api/v1/messages/a.b.events", Some(INGEST)),
             (Method::GET, "/api/v1/dispatchers", Some(ADMIN)),
             (Method::GET, "/api/v1/dispatchers/w", Some(ADMIN)),

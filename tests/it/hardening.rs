@@ -118,7 +118,7 @@ async fn tokens_guard_ingest_and_the_dispatcher_api_by_scope() {
 }
 
 #[tokio::test]
-async fn a_metrics_token_closes_metrics_and_stats() {
+async fn a_metrics_token_closes_metrics_stats_and_the_status_page() {
     let app = TestApp::start_with(
         |config| {
             config.auth = Tokens::new(vec![token("prometheus", METRICS, &[Scope::Metrics])]);
@@ -126,7 +126,7 @@ async fn a_metrics_token_closes_metrics_and_stats() {
         |builder| builder,
     )
     .await;
-    for path in ["/metrics", "/api/v1/stats"] {
+    for path in ["/metrics", "/api/v1/stats", "/", "/api/v1/status"] {
         let open = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(open.status(), StatusCode::UNAUTHORIZED, "{path}");
         let with = app

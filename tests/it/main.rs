@@ -58,3 +58,5 @@ mod cluster;
 mod packaging;
 // simulate, loadtest and sink telling the user what happened; an address in use said once.
 mod tools;
+// The status page at `/` in a real headless Chromium, and `dispatchd top` under a real tmux.
+mod status;
