@@ -5,11 +5,27 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
+use super::openapi::ErrorBody;
 use super::{ApiError, ApiState};
 use crate::telemetry::{CONTENT_TYPE, RenderError, stats};
 
 /// The Prometheus text exposition. Rendering is CPU work proportional to the number of series,
 /// so it runs on the blocking pool rather than on a worker that serves requests.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "observe",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The Prometheus text exposition (0.0.4)",
+            content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        (status = 401, description = "`unauthorized`: a token with the `metrics` scope exists and none was sent", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the `metrics` scope", body = ErrorBody),
+        (status = 404, description = "`metrics_disabled`: `[metrics] enabled = false`", body = ErrorBody),
+        (status = 500, description = "`metrics_encoding_failed`", body = ErrorBody),
+        (status = 503, description = "`metrics_unavailable`", body = ErrorBody),
+    )
+)]
 pub(super) async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
     metrics_of(State(state.telemetry.clone())).await
 }
@@ -25,6 +41,20 @@ pub(super) async fn metrics_of(
 }
 
 /// Totals, success rate, latency percentiles and per-dispatcher counts, as JSON.
+#[utoipa::path(
+    get,
+    path = "/api/v1/stats",
+    tag = "observe",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Totals, rates, latency and per-dispatcher counts", body = stats::Stats),
+        (status = 401, description = "`unauthorized`: a token with the `metrics` scope exists and none was sent", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the `metrics` scope", body = ErrorBody),
+        (status = 404, description = "`metrics_disabled`: `[metrics] enabled = false`", body = ErrorBody),
+        (status = 500, description = "`metrics_encoding_failed`", body = ErrorBody),
+        (status = 503, description = "`metrics_unavailable`, `overloaded` or `request_timeout`", body = ErrorBody),
+    )
+)]
 pub(super) async fn stats(State(state): State<ApiState>) -> Result<Json<stats::Stats>, ApiError> {
     let telemetry = state.telemetry.clone();
     let engine = state.engine.clone();

@@ -51,3 +51,6 @@ mod scope;
 mod trace_context;
 // Three serve and two sink processes on one Redis as one service: kills, a restart, real Prometheus.
 mod cluster;
+// GET /api/v1/openapi.json: the description matches the router; openapi-spec-validator and
+// schemathesis against the real binary.
+mod openapi;
