@@ -3,8 +3,10 @@
 //! `[defaults.*]` the elements of the lists take); every environment variable is the one that
 //! overrides that key; every type agrees with the default's TOML type.
 //!
-//! `UPDATE_DOCS=1 cargo test --lib config::reference` rewrites the default column from
-//! default.toml and appends a row to fill in for every key the page lacks.
+//! `UPDATE_DOCS=1 cargo test --lib config::reference` rewrites the default and environment
+//! columns from default.toml and `ENV_OVERRIDES`, and appends a row (type and meaning `TODO`,
+//! which fail the check) for every key the page lacks; a row of a key that no longer exists is
+//! left for a person to remove or rename.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -182,7 +184,8 @@ fn the_configuration_reference_lists_every_key_with_its_default_and_environment(
             problems.push(format!("{at}: no such key in the config types"));
             continue;
         }
-        if row.meaning.is_empty() || row.ty.is_empty() {
+        if row.meaning.is_empty() || row.ty.is_empty() || row.meaning == "TODO" || row.ty == "TODO"
+        {
             problems.push(format!("{at}: give its type and meaning"));
         }
         match defaults.get(key) {
@@ -213,12 +216,7 @@ fn the_configuration_reference_lists_every_key_with_its_default_and_environment(
             .step_by(2)
             .filter(|name| !name.is_empty())
             .collect();
-        let expected: BTreeSet<&str> = ENV_OVERRIDES
-            .iter()
-            .chain(FALLBACKS)
-            .filter(|(_, field)| field == key)
-            .map(|(var, _)| *var)
-            .collect();
+        let expected = variables(key);
         if named != expected {
             problems.push(format!(
                 "{at}: environment {named:?}, the code reads {expected:?}"
@@ -239,7 +237,27 @@ fn the_configuration_reference_lists_every_key_with_its_default_and_environment(
     );
 }
 
-/// Rewrites the default cells and appends the missing keys' rows.
+/// The environment variables that set `key`.
+fn variables(key: &str) -> BTreeSet<&'static str> {
+    ENV_OVERRIDES
+        .iter()
+        .chain(FALLBACKS)
+        .filter(|(_, field)| *field == key)
+        .map(|(var, _)| *var)
+        .collect()
+}
+
+/// The environment cell of a row for `key`.
+fn environment(key: &str) -> String {
+    let names: Vec<String> = variables(key).iter().map(|v| format!("`{v}`")).collect();
+    if names.is_empty() {
+        "—".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Rewrites the default and environment cells and appends the missing keys' rows.
 fn update(
     page: &str,
     rows: &BTreeMap<String, Row>,
@@ -255,7 +273,9 @@ fn update(
         };
         lines[row.line - 1] = format!(
             "| `{key}` | {} | {default} | {} | {} |",
-            row.ty, row.env, row.meaning
+            row.ty,
+            environment(key),
+            row.meaning
         );
     }
     let missing: Vec<&String> = accepted.iter().filter(|k| !rows.contains_key(*k)).collect();
@@ -267,7 +287,8 @@ fn update(
         lines.push("| --- | --- | --- | --- | --- |".to_owned());
         for key in missing {
             let default = defaults.get(key).map_or("none".to_owned(), literal);
-            lines.push(format!("| `{key}` | TODO | {default} |  | TODO |"));
+            let env = environment(key);
+            lines.push(format!("| `{key}` | TODO | {default} | {env} | TODO |"));
         }
     }
     std::fs::write(PAGE, lines.join("\n") + "\n").unwrap();

@@ -48,9 +48,9 @@ pub struct IngestBody {
 /// The first instant an RFC 3339 timestamp cannot show in four year digits (10000-01-01).
 const YEAR_10000: std::time::Duration = std::time::Duration::from_secs(253_402_300_800);
 
-/// An RFC 3339 timestamp, with any UTC offset (humantime, which the envelope's own
-/// serialization uses, reads only `Z`, so `time` reads the offsets), and also humantime's looser
-/// forms (`2026-12-03 05:00:00`) as before. Outside 1970..10000 it is refused: the envelope is
+/// An RFC 3339 timestamp with any UTC offset (read by `time`: humantime, which the envelope's
+/// own serialization uses, took an offset for `Z`), and also humantime's looser forms without an
+/// offset (`2026-12-03 05:00:00`) as before. Outside 1970..10000 it is refused: the envelope is
 /// written as RFC 3339 in UTC again, which cannot show those.
 fn rfc3339<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
@@ -59,12 +59,18 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(
     let Some(text) = Option::<String>::deserialize(deserializer)? else {
         return Ok(None);
     };
-    let time = humantime::parse_rfc3339_weak(&text)
-        .or_else(|_| {
-            time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
-                .map(SystemTime::from)
+    // humantime reads `+01:00` as if it were `Z`, an hour off: a time with an offset is `time`'s
+    // alone.
+    let offset = text.get(19..).is_some_and(|rest| rest.contains(['+', '-']));
+    let time = time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .ok()
+        .or_else(|| {
+            (!offset)
+                .then(|| humantime::parse_rfc3339_weak(&text).ok())
+                .flatten()
         })
-        .map_err(|_| D::Error::custom("timestamp must be an RFC 3339 date-time"))?;
+        .ok_or_else(|| D::Error::custom("timestamp must be an RFC 3339 date-time"))?;
     match time.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(since) if since < YEAR_10000 => Ok(Some(time)),
         _ => Err(D::Error::custom(
@@ -284,6 +290,50 @@ mod tests {
             result.error_code = Some(crate::engine::ErrorCode::DispatcherFailed);
             assert_eq!(status_code(&result), expected, "{status}");
         }
+    }
+
+    fn timestamp(text: &str) -> Result<std::time::SystemTime, String> {
+        let body = serde_json::json!({"message_type": "t", "timestamp": text}).to_string();
+        super::parse_envelope(body.as_bytes())
+            .map(|envelope| envelope.timestamp)
+            .map_err(|error| format!("{} {}", error.code(), error))
+    }
+
+    /// What the description promises (RFC 3339 date-times from 1970 to 9999, any offset) is
+    /// read, and a time the envelope could not be written with again is refused, never a panic.
+    #[test]
+    fn timestamps_are_rfc_3339_with_any_offset_within_what_can_be_written_again() {
+        let utc = timestamp("2026-12-03T05:00:00.5Z").unwrap();
+        assert_eq!(timestamp("2026-12-03T06:00:00.5+01:00").unwrap(), utc);
+        assert_eq!(timestamp("2026-12-03T04:30:00.5-00:30").unwrap(), utc);
+        // humantime's looser form, accepted before, still is; with an offset it is read with it
+        // (humantime read it an hour off).
+        assert!(timestamp("2026-12-03 05:00:00").is_ok());
+        assert_eq!(timestamp("2026-12-03 06:00:00.5+01:00").unwrap(), utc);
+        for refused in [
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T00:30:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+            "2026-02-30T00:00:00Z",
+            "yesterday",
+        ] {
+            let error = timestamp(refused).unwrap_err();
+            assert!(error.starts_with("invalid_envelope "), "{refused}: {error}");
+        }
+        let body = br#"{"message_type":"t","timestamp":null}"#;
+        assert!(super::parse_envelope(body).is_ok());
+    }
+
+    /// Ids are limited in characters, as `maxLength` counts them.
+    #[test]
+    fn ids_are_limited_in_characters() {
+        let id = |text: String| {
+            let body = serde_json::json!({"message_type": "t", "message_id": text}).to_string();
+            super::parse_envelope(body.as_bytes()).map(|envelope| envelope.message_id)
+        };
+        assert!(id("é".repeat(256)).is_ok(), "512 bytes, 256 characters");
+        assert!(id("a".repeat(257)).is_err());
+        assert!(id(String::new()).is_err());
     }
 }
 

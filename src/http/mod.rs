@@ -413,8 +413,10 @@ mod tests {
     /// The served document is the description, with this instance's limits.
     #[tokio::test]
     async fn the_served_description_states_this_instances_limits() {
-        let mut health = crate::health::HealthConfig::default();
-        health.max_stale_threshold = std::time::Duration::from_secs(600);
+        let health = crate::health::HealthConfig {
+            max_stale_threshold: std::time::Duration::from_secs(600),
+            ..Default::default()
+        };
         let mut state = state();
         state.health = HealthRegistry::new(health, None);
         let response = router(state, 1024)

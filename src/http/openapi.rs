@@ -43,7 +43,7 @@ pub(super) struct ErrorDetail {
 #[serde(untagged)]
 #[allow(dead_code)]
 pub(super) enum DispatchResultOrError {
-    Result(crate::engine::DispatchResult),
+    Result(Box<crate::engine::DispatchResult>),
     Error(ErrorBody),
 }
 
