@@ -63,6 +63,7 @@ struct BusView {
 #[utoipa::path(
     get,
     path = "/ready",
+    operation_id = "ready",
     tag = "probes",
     security(()),
     responses(
@@ -131,6 +132,7 @@ pub(super) struct DispatcherList {
 #[utoipa::path(
     get,
     path = "/api/v1/dispatchers",
+    operation_id = "list_dispatchers",
     tag = "dispatchers",
     security(("bearer" = [])),
     responses(
@@ -174,6 +176,7 @@ struct DispatcherId {
 #[utoipa::path(
     get,
     path = "/api/v1/dispatchers/{id}",
+    operation_id = "get_dispatcher",
     tag = "dispatchers",
     params(DispatcherId),
     security(("bearer" = [])),
@@ -221,6 +224,7 @@ pub(super) struct RouteList {
 #[utoipa::path(
     get,
     path = "/api/v1/routes",
+    operation_id = "list_routes",
     tag = "dispatchers",
     security(("bearer" = [])),
     responses(
@@ -275,6 +279,7 @@ pub(super) struct RegisterBody {
 #[utoipa::path(
     post,
     path = "/api/v1/dispatchers/{id}/register",
+    operation_id = "register_worker",
     tag = "dispatchers",
     params(DispatcherId),
     request_body(content = Option<RegisterBody>, description = "Optional: no body, or `null`, registers with the defaults", content_type = "application/json"),
@@ -356,6 +361,7 @@ fn endpoint(text: &str) -> Result<reqwest::Url, ApiError> {
 #[utoipa::path(
     post,
     path = "/api/v1/dispatchers/{id}/heartbeat",
+    operation_id = "heartbeat_worker",
     tag = "dispatchers",
     params(DispatcherId),
     security(("bearer" = [])),
@@ -396,6 +402,7 @@ pub(super) struct Unregistered {
 #[utoipa::path(
     post,
     path = "/api/v1/dispatchers/{id}/unregister",
+    operation_id = "unregister_worker",
     tag = "dispatchers",
     params(DispatcherId),
     security(("bearer" = [])),

@@ -99,6 +99,7 @@ struct Topic {
 #[utoipa::path(
     post,
     path = "/api/v1/messages/{topic}",
+    operation_id = "dispatch_message",
     tag = "ingest",
     params(Topic),
     request_body(content = IngestBody, content_type = "application/json"),

@@ -190,6 +190,7 @@ struct Liveness {
 #[utoipa::path(
     get,
     path = "/health",
+    operation_id = "health",
     tag = "probes",
     security(()),
     responses((status = 200, description = "The process serves", body = Liveness))

@@ -14,6 +14,7 @@ use crate::telemetry::{CONTENT_TYPE, RenderError, stats};
 #[utoipa::path(
     get,
     path = "/metrics",
+    operation_id = "metrics",
     tag = "observe",
     security((), ("bearer" = [])),
     responses(
@@ -44,6 +45,7 @@ pub(super) async fn metrics_of(
 #[utoipa::path(
     get,
     path = "/api/v1/stats",
+    operation_id = "stats",
     tag = "observe",
     security((), ("bearer" = [])),
     responses(

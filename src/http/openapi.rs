@@ -116,6 +116,7 @@ pub(super) const STALE_THRESHOLD: &str =
 #[utoipa::path(
     get,
     path = "/api/v1/openapi.json",
+    operation_id = "openapi",
     tag = "observe",
     security((), ("bearer" = [])),
     responses(
