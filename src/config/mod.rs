@@ -451,4 +451,6 @@ impl Config {
 }
 
 #[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;

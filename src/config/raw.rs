@@ -169,6 +169,107 @@ mod defaults_shape {
     struct Policy {
         default: String,
     }
+
+    /// The tables of `[defaults]` and the fields each accepts, for the configuration reference.
+    #[cfg(test)]
+    pub(super) fn tables() -> Vec<(&'static str, &'static [&'static str])> {
+        use super::reference::fields;
+        vec![
+            ("defaults", fields::<Defaults>()),
+            ("defaults.sinks", fields::<Sinks>()),
+            ("defaults.sinks.retry", fields::<RawRetry>()),
+            ("defaults.sources", fields::<Sources>()),
+            ("defaults.routes", fields::<Routes>()),
+            ("defaults.dispatchers", fields::<Dispatchers>()),
+            ("defaults.dispatchers.retry", fields::<Backoff>()),
+            ("defaults.dispatchers.circuit_breaker", fields::<Breaker>()),
+            ("defaults.dispatchers.rate_limit", fields::<RateLimit>()),
+            ("defaults.dispatchers.concurrency", fields::<Concurrency>()),
+            ("defaults.dispatchers.dedup", fields::<Dedup>()),
+            ("defaults.dispatchers.policy", fields::<Policy>()),
+        ]
+    }
+}
+
+/// What the configuration accepts, read from the serde shapes themselves, for the test that
+/// holds docs/configuration.md to them.
+#[cfg(test)]
+pub(super) mod reference {
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, Visitor};
+
+    use super::*;
+
+    /// The fields a derived `Deserialize` struct accepts: the list serde's derive passes to
+    /// `deserialize_struct`. Hand-written (about twenty lines) rather than a crate such as
+    /// serde-reflection, which cannot trace the `toml::Value` and `IgnoredAny` fields here.
+    pub(crate) fn fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+        struct Probe<'a>(&'a mut &'static [&'static str]);
+        impl<'de> Deserializer<'de> for Probe<'_> {
+            type Error = de::value::Error;
+
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(de::Error::custom("not a struct"))
+            }
+
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(de::Error::custom("probed"))
+            }
+
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Probe(&mut fields));
+        assert!(
+            !fields.is_empty(),
+            "{} is not a struct",
+            std::any::type_name::<T>()
+        );
+        fields
+    }
+
+    /// Every table of the configuration (`[]` marks the elements of a list of tables) with the
+    /// fields it accepts.
+    pub(crate) fn tables() -> Vec<(&'static str, &'static [&'static str])> {
+        let mut tables = vec![
+            ("", fields::<RawConfig>()),
+            ("server", fields::<RawServer>()),
+            ("auth", fields::<RawAuth>()),
+            ("auth.tokens[]", fields::<RawToken>()),
+            ("redaction", fields::<RawRedaction>()),
+            ("metrics", fields::<RawMetrics>()),
+            ("log", fields::<RawLog>()),
+            ("tracing", fields::<RawTracing>()),
+            ("otlp", fields::<RawOtlp>()),
+            ("health", fields::<RawHealth>()),
+            ("registry", fields::<RawRegistry>()),
+            ("bus", fields::<RawBus>()),
+            ("sinks[]", fields::<RawSink>()),
+            ("sinks[].retry", fields::<RawRetry>()),
+            ("sources[]", fields::<RawSource>()),
+            ("dispatchers[]", fields::<RawDispatcher>()),
+            ("dispatchers[].retry", fields::<RawRetry>()),
+            ("dispatchers[].circuit_breaker", fields::<RawBreaker>()),
+            ("dispatchers[].rate_limit", fields::<RawRateLimit>()),
+            ("dispatchers[].concurrency", fields::<RawConcurrency>()),
+            ("dispatchers[].dedup", fields::<RawDedup>()),
+            ("dispatchers[].policy", fields::<RawPolicy>()),
+            ("dispatchers[].policy.rules[]", fields::<RawPolicyRule>()),
+            ("routes[]", fields::<RawRoute>()),
+        ];
+        tables.extend(defaults_shape::tables());
+        tables
+    }
 }
 
 /// Every field is in default.toml, the one home of the defaults.

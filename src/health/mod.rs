@@ -66,7 +66,7 @@ impl Default for HealthConfig {
 }
 
 /// Where a dispatcher runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// Run by this engine; registered at startup, heartbeats from its lifecycle task.
@@ -76,7 +76,7 @@ pub enum Origin {
 }
 
 /// A dispatcher's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Registered, not yet started.
@@ -175,7 +175,7 @@ pub struct Record {
 }
 
 /// The health answer for one dispatcher, as `GET /api/v1/dispatchers` serves it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DispatcherHealth {
     pub dispatcher_id: String,
     pub healthy: bool,

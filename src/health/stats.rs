@@ -36,10 +36,11 @@ struct Slot {
 }
 
 /// One dispatcher's statistics, as the API serves them.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StatsSnapshot {
     /// Every result (`success`, `error`, `timeout`, `rejected`, `denied`, `skipped`), zero
     /// included.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub counts: BTreeMap<&'static str, u64>,
     /// Of the runs that ran (`success`, `error`, `timeout`); absent before the first.
     pub latency_ms: Option<Latency>,
@@ -49,7 +50,8 @@ pub struct StatsSnapshot {
 }
 
 /// Latency in milliseconds; percentiles within 1 % (two significant digits).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = DispatcherLatency)]
 pub struct Latency {
     pub count: u64,
     pub min: f64,

@@ -19,16 +19,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::MethodRouter;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 
 use super::error::ApiError;
 use super::serve::ConnectionActivity;
@@ -73,30 +72,35 @@ const UNMATCHED: Policy = Policy {
     load: Load::Bounded,
 };
 
-/// A router whose every route was declared with its [`Policy`].
+/// A router whose every route was declared with its [`Policy`] and described in the OpenAPI
+/// document: [`Routes::route`] takes a handler with its `#[utoipa::path]` (through
+/// `utoipa_axum::routes!`), so a route cannot be added here without its description, and the
+/// path the router matches is the path the description names.
 pub(super) struct Routes<S> {
-    pub(super) router: Router<S>,
-    pub(super) policies: HashMap<&'static str, Policy>,
+    pub(super) router: OpenApiRouter<S>,
+    pub(super) policies: HashMap<String, Policy>,
 }
 
 impl<S: Clone + Send + Sync + 'static> Routes<S> {
-    pub(super) fn new() -> Routes<S> {
+    pub(super) fn new(openapi: utoipa::openapi::OpenApi) -> Routes<S> {
         Routes {
-            router: Router::new(),
+            router: OpenApiRouter::with_openapi(openapi),
             policies: HashMap::new(),
         }
     }
 
-    /// Adds the route `path`, callable as `access` allows, under the load bounds or not.
+    /// Adds the described handler(s) `methods` at their path, callable as `access` allows, under
+    /// the load bounds or not.
     pub(super) fn route(
         mut self,
-        path: &'static str,
         access: Access,
         load: Load,
-        methods: MethodRouter<S>,
+        methods: UtoipaMethodRouter<S>,
     ) -> Routes<S> {
-        self.policies.insert(path, Policy { access, load });
-        self.router = self.router.route(path, methods);
+        for path in methods.1.paths.keys() {
+            self.policies.insert(path.clone(), Policy { access, load });
+        }
+        self.router = self.router.routes(methods);
         self
     }
 }
@@ -112,7 +116,7 @@ pub struct Guard {
     max_body_bytes: usize,
     /// The request line and headers, at most (431 as JSON past it).
     max_head_bytes: usize,
-    policies: Arc<HashMap<&'static str, Policy>>,
+    policies: Arc<HashMap<String, Policy>>,
 }
 
 /// The rate a request body must keep once its grace period has passed.
@@ -173,7 +177,7 @@ impl Guard {
     /// The guard of one router: its routes' policies and its body limit.
     pub(super) fn bind(
         mut self,
-        policies: HashMap<&'static str, Policy>,
+        policies: HashMap<String, Policy>,
         max_body_bytes: usize,
     ) -> Guard {
         self.policies = Arc::new(policies);

@@ -13,28 +13,113 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::error::{Body, PathParam};
+use super::openapi::{DispatchResultOrError, ErrorBody};
 use super::{ApiError, ApiState};
 use crate::engine::{DispatchResult, DispatchStatus, Envelope};
 use crate::sinks::DispatchEvent;
 
-/// The longest `message_id` or `correlation_id` accepted, in bytes.
+/// The longest `message_id` or `correlation_id` accepted, in characters.
 const MAX_ID_LEN: usize = 256;
 
 /// The request body. Unknown fields are refused so a misspelt `payload` is not silently empty.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestBody {
+    /// Selects the dispatchers and routes that filter on it.
+    #[schema(min_length = 1, max_length = 255)]
     pub message_type: String,
+    /// Any JSON value; handed to the dispatchers as is.
     #[serde(default)]
     pub payload: serde_json::Value,
+    /// Unique per message (de-duplication keys on it); a UUID v4 when absent.
+    #[schema(min_length = 1, max_length = 256)]
     pub message_id: Option<String>,
+    #[schema(min_length = 1, max_length = 256)]
     pub correlation_id: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    #[serde(default, with = "humantime_serde")]
+    /// When the message was created: RFC 3339 (`2026-12-03T05:00:00Z`, `…+01:00`), from 1970 to
+    /// 9999 in UTC; now when absent.
+    #[serde(default, deserialize_with = "rfc3339")]
+    #[schema(value_type = Option<String>, format = DateTime, pattern = "^(19[7-9][0-9]|[2-9][0-9]{3})-")]
     pub timestamp: Option<SystemTime>,
 }
 
+/// The first instant an RFC 3339 timestamp cannot show in four year digits (10000-01-01).
+const YEAR_10000: std::time::Duration = std::time::Duration::from_secs(253_402_300_800);
+
+/// An RFC 3339 timestamp with any UTC offset (read by `time`: humantime, which the envelope's
+/// own serialization uses, took an offset for `Z`), and also humantime's looser forms without an
+/// offset (`2026-12-03 05:00:00`) as before. Outside 1970..10000 it is refused: the envelope is
+/// written as RFC 3339 in UTC again, which cannot show those.
+fn rfc3339<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SystemTime>, D::Error> {
+    use serde::de::Error;
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    // humantime reads `+01:00` as if it were `Z`, an hour off: a time with an offset is `time`'s
+    // alone.
+    let offset = text.get(19..).is_some_and(|rest| rest.contains(['+', '-']));
+    let time = time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .ok()
+        .or_else(|| {
+            (!offset)
+                .then(|| humantime::parse_rfc3339_weak(&text).ok())
+                .flatten()
+        })
+        .ok_or_else(|| D::Error::custom("timestamp must be an RFC 3339 date-time"))?;
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) if since < YEAR_10000 => Ok(Some(time)),
+        _ => Err(D::Error::custom(
+            "timestamp must be from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z",
+        )),
+    }
+}
+
+/// The topic of `POST /api/v1/messages/{topic}`, as the description states it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct Topic {
+    /// Dot-separated segments of `[A-Za-z0-9_-]`, one category among them (`events`, `event`,
+    /// `evt`, `commands`, `command`, `cmd`, `intents`, `intent`; another category's words may
+    /// not appear too): `orders.order.events`, `dev.user.cmd.v1`. Anything else is answered 400
+    /// `invalid_message`.
+    #[param(
+        max_length = 255,
+        pattern = r"^(?!(?:.*\.)?(?:events?|evt)(?:\..*)?\.(?:commands?|cmd|intents?)(?:\.|$))(?!(?:.*\.)?(?:commands?|cmd)(?:\..*)?\.(?:events?|evt|intents?)(?:\.|$))(?!(?:.*\.)?intents?(?:\..*)?\.(?:events?|evt|commands?|cmd)(?:\.|$))(?:[A-Za-z0-9_-]+\.)*(?:events?|evt|commands?|cmd|intents?)(?:\.[A-Za-z0-9_-]+)*$"
+    )]
+    topic: String,
+}
+
+/// `POST /api/v1/messages/{topic}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/messages/{topic}",
+    operation_id = "dispatch_message",
+    tag = "ingest",
+    params(Topic),
+    request_body(content = IngestBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`success` or `skipped` (a duplicate)", body = DispatchResult),
+        (status = 202, description = "`routed`: accepted for asynchronous processing", body = DispatchResult),
+        (status = 400, description = "`invalid_message` (a result), or `invalid_json`, `invalid_topic`, `invalid_body`", body = DispatchResultOrError),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`denied` by a policy (a result), or `forbidden`: the token lacks the `ingest` scope", body = DispatchResultOrError),
+        (status = 404, description = "`no_dispatcher`: no enabled route matched", body = DispatchResult),
+        (status = 408, description = "`body_too_slow`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_envelope`: JSON, but not an envelope", body = ErrorBody),
+        (status = 502, description = "`dispatcher_error` or `publish_failed`", body = DispatchResult),
+        (status = 503, description = "`rejected` by a protection (a result), or `overloaded`, `request_timeout`, `shutting_down`", body = DispatchResultOrError),
+        (status = 504, description = "`timeout`", body = DispatchResult),
+    )
+)]
 pub(super) async fn ingest(
     State(state): State<ApiState>,
     PathParam(topic): PathParam,
@@ -157,9 +242,10 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, ApiError> {
         ("correlation_id", &body.correlation_id),
     ] {
         if let Some(value) = value {
-            if value.is_empty() || value.len() > MAX_ID_LEN {
+            // Characters, as the description's `maxLength` counts them.
+            if value.is_empty() || value.chars().count() > MAX_ID_LEN {
                 return Err(ApiError::InvalidEnvelope(format!(
-                    "{field} must be 1 to {MAX_ID_LEN} bytes"
+                    "{field} must be 1 to {MAX_ID_LEN} characters"
                 )));
             }
         }
@@ -205,6 +291,50 @@ mod tests {
             result.error_code = Some(crate::engine::ErrorCode::DispatcherFailed);
             assert_eq!(status_code(&result), expected, "{status}");
         }
+    }
+
+    fn timestamp(text: &str) -> Result<std::time::SystemTime, String> {
+        let body = serde_json::json!({"message_type": "t", "timestamp": text}).to_string();
+        super::parse_envelope(body.as_bytes())
+            .map(|envelope| envelope.timestamp)
+            .map_err(|error| format!("{} {}", error.code(), error))
+    }
+
+    /// What the description promises (RFC 3339 date-times from 1970 to 9999, any offset) is
+    /// read, and a time the envelope could not be written with again is refused, never a panic.
+    #[test]
+    fn timestamps_are_rfc_3339_with_any_offset_within_what_can_be_written_again() {
+        let utc = timestamp("2026-12-03T05:00:00.5Z").unwrap();
+        assert_eq!(timestamp("2026-12-03T06:00:00.5+01:00").unwrap(), utc);
+        assert_eq!(timestamp("2026-12-03T04:30:00.5-00:30").unwrap(), utc);
+        // humantime's looser form, accepted before, still is; with an offset it is read with it
+        // (humantime read it an hour off).
+        assert!(timestamp("2026-12-03 05:00:00").is_ok());
+        assert_eq!(timestamp("2026-12-03 06:00:00.5+01:00").unwrap(), utc);
+        for refused in [
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T00:30:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+            "2026-02-30T00:00:00Z",
+            "yesterday",
+        ] {
+            let error = timestamp(refused).unwrap_err();
+            assert!(error.starts_with("invalid_envelope "), "{refused}: {error}");
+        }
+        let body = br#"{"message_type":"t","timestamp":null}"#;
+        assert!(super::parse_envelope(body).is_ok());
+    }
+
+    /// Ids are limited in characters, as `maxLength` counts them.
+    #[test]
+    fn ids_are_limited_in_characters() {
+        let id = |text: String| {
+            let body = serde_json::json!({"message_type": "t", "message_id": text}).to_string();
+            super::parse_envelope(body.as_bytes()).map(|envelope| envelope.message_id)
+        };
+        assert!(id("é".repeat(256)).is_ok(), "512 bytes, 256 characters");
+        assert!(id("a".repeat(257)).is_err());
+        assert!(id(String::new()).is_err());
     }
 }
 

@@ -17,6 +17,7 @@ mod error;
 mod guard;
 mod messages;
 mod observe;
+mod openapi;
 mod serve;
 mod status;
 
@@ -25,7 +26,7 @@ use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -99,60 +100,44 @@ pub fn guarded_router(state: ApiState, max_body_bytes: usize, guard: Guard) -> R
     assemble(api_routes(), state, max_body_bytes, guard)
 }
 
-/// Every route of the API, each with who may call it and whether the load bounds apply. A route
-/// added anywhere else needs the `admin` scope (see [`guard`]).
+/// Every route of the API, each with who may call it and whether the load bounds apply, and its
+/// OpenAPI description (`routes!` takes the path and method from the handler's
+/// `#[utoipa::path]`). A route added anywhere else needs the `admin` scope (see [`guard`]) and is
+/// missing from `/api/v1/openapi.json`, which a test catches.
 fn api_routes() -> Routes<ApiState> {
     use guard::Access::{Metrics, Open, Scope as Needs};
     use guard::Load::{Bounded, Exempt};
-    Routes::new()
-        .route("/", Metrics, Bounded, get(status::page))
-        .route("/health", Open, Exempt, get(health))
-        .route("/ready", Open, Exempt, get(dispatchers::ready))
-        .route("/metrics", Metrics, Exempt, get(observe::metrics))
-        .route("/api/v1/stats", Metrics, Bounded, get(observe::stats))
-        .route("/api/v1/status", Metrics, Bounded, get(status::json))
+    use utoipa::OpenApi;
+    use utoipa_axum::routes;
+    Routes::new(openapi::ApiDoc::openapi())
+        .route(Open, Exempt, routes!(health))
+        .route(Open, Exempt, routes!(dispatchers::ready))
+        .route(Metrics, Exempt, routes!(observe::metrics))
+        .route(Metrics, Bounded, routes!(observe::stats))
+        .route(Metrics, Bounded, routes!(openapi::document))
+        .route(Metrics, Bounded, routes!(status::page))
+        .route(Metrics, Bounded, routes!(status::json))
+        .route(Needs(Scope::Ingest), Bounded, routes!(messages::ingest))
+        .route(Needs(Scope::Admin), Bounded, routes!(dispatchers::list))
+        .route(Needs(Scope::Admin), Bounded, routes!(dispatchers::one))
+        .route(Needs(Scope::Admin), Bounded, routes!(dispatchers::routes))
+        .route(Needs(Scope::Admin), Bounded, routes!(dispatchers::register))
         .route(
-            "/api/v1/messages/{topic}",
-            Needs(Scope::Ingest),
-            Bounded,
-            post(messages::ingest),
-        )
-        .route(
-            "/api/v1/dispatchers",
             Needs(Scope::Admin),
             Bounded,
-            get(dispatchers::list),
+            routes!(dispatchers::heartbeat),
         )
         .route(
-            "/api/v1/dispatchers/{id}",
             Needs(Scope::Admin),
             Bounded,
-            get(dispatchers::one),
+            routes!(dispatchers::unregister),
         )
-        .route(
-            "/api/v1/routes",
-            Needs(Scope::Admin),
-            Bounded,
-            get(dispatchers::routes),
-        )
-        .route(
-            "/api/v1/dispatchers/{id}/register",
-            Needs(Scope::Admin),
-            Bounded,
-            post(dispatchers::register),
-        )
-        .route(
-            "/api/v1/dispatchers/{id}/heartbeat",
-            Needs(Scope::Admin),
-            Bounded,
-            post(dispatchers::heartbeat),
-        )
-        .route(
-            "/api/v1/dispatchers/{id}/unregister",
-            Needs(Scope::Admin),
-            Bounded,
-            post(dispatchers::unregister),
-        )
+}
+
+/// The OpenAPI 3.1 description of the API that [`router`] serves. `GET /api/v1/openapi.json`
+/// answers it with the instance's own limits added (`[health] max_stale_threshold`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().router.into_openapi()
 }
 
 /// The router of `routes` behind `guard`, which reads their declared policies.
@@ -162,10 +147,10 @@ fn assemble(
     max_body_bytes: usize,
     guard: Guard,
 ) -> Router {
-    let Routes {
-        mut router,
-        policies,
-    } = routes;
+    let Routes { router, policies } = routes;
+    let (router, description) = router.split_for_parts();
+    let document = openapi::Document::new(&description, state.health.config().max_stale_threshold);
+    let mut router = router.layer(axum::Extension(document));
     if let Some(metrics) = state.telemetry.http_metrics() {
         // A route layer sees the matched route template, never the raw path.
         router = router.route_layer(middleware::from_fn_with_state(metrics, record_http));
@@ -201,14 +186,31 @@ pub fn metrics_router(telemetry: Telemetry) -> Router {
         .with_state(telemetry)
 }
 
+/// The liveness answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct Liveness {
+    /// Always `ok`: any answer at all means alive.
+    status: &'static str,
+    version: &'static str,
+    uptime_seconds: f64,
+}
+
 /// Liveness: answers while the process serves, whatever the dispatchers' state (readiness is
 /// `/ready`).
-async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": state.started.elapsed().as_secs_f64(),
-    }))
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "probes",
+    security(()),
+    responses((status = 200, description = "The process serves", body = Liveness))
+)]
+async fn health(State(state): State<ApiState>) -> Json<Liveness> {
+    Json(Liveness {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]
@@ -282,6 +284,7 @@ mod tests {
             ("/ready", Open, Exempt),
             ("/metrics", Metrics, Exempt),
             ("/api/v1/stats", Metrics, Bounded),
+            ("/api/v1/openapi.json", Metrics, Bounded),
             ("/api/v1/messages/{topic}", Needs(Scope::Ingest), Bounded),
             ("/api/v1/dispatchers", Needs(Scope::Admin), Bounded),
             ("/api/v1/dispatchers/{id}", Needs(Scope::Admin), Bounded),
@@ -303,12 +306,12 @@ mod tests {
             ),
         ];
         let mut declared: Vec<_> = api_routes().policies.into_iter().collect();
-        declared.sort_by_key(|(path, _)| *path);
+        declared.sort_by(|a, b| a.0.cmp(&b.0));
         let mut expected: Vec<_> = expected
             .into_iter()
-            .map(|(path, access, load)| (path, Policy { access, load }))
+            .map(|(path, access, load)| (path.to_owned(), Policy { access, load }))
             .collect();
-        expected.sort_by_key(|(path, _)| *path);
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(declared, expected);
     }
 
@@ -323,6 +326,7 @@ mod tests {
             (Method::GET, "/api/v1/stats", Some(METRICS)),
             (Method::GET, "/", Some(METRICS)),
             (Method::GET, "/api/v1/status", Some(METRICS)),
+            (Method::GET, "/api/v1/openapi.json", Some(METRICS)),
             (Method::POST, "/api/v1/messages/a.b.events", Some(INGEST)),
             (Method::GET, "/api/v1/dispatchers", Some(ADMIN)),
             (Method::GET, "/api/v1/dispatchers/w", Some(ADMIN)),
@@ -351,6 +355,107 @@ mod tests {
         }
         // A path that is no route is a 404 to anyone.
         assert_eq!(status(&router, Method::GET, "/nowhere", None).await, 404);
+    }
+
+    /// Every `$ref` in `value` names something `document` has.
+    fn unresolved_refs(document: &serde_json::Value, value: &serde_json::Value) -> Vec<String> {
+        match value {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .flat_map(|(key, inner)| match (key.as_str(), inner.as_str()) {
+                    ("$ref", Some(target)) => {
+                        let pointer = target.trim_start_matches('#');
+                        if document.pointer(pointer).is_some() {
+                            Vec::new()
+                        } else {
+                            vec![target.to_owned()]
+                        }
+                    }
+                    _ => unresolved_refs(document, inner),
+                })
+                .collect(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .flat_map(|inner| unresolved_refs(document, inner))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The description and the route table are one: the same paths, one operation each, and the
+    /// security each declares is the route's access.
+    #[test]
+    fn the_description_has_exactly_the_declared_routes_with_their_security() {
+        let document = serde_json::to_value(openapi()).unwrap();
+        assert_eq!(document["openapi"], "3.1.0");
+        let routes = api_routes();
+        let described: std::collections::BTreeSet<&str> = document["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let declared: std::collections::BTreeSet<&str> =
+            routes.policies.keys().map(String::as_str).collect();
+        assert_eq!(described, declared);
+        for (path, item) in document["paths"].as_object().unwrap() {
+            let operations: Vec<_> = item.as_object().unwrap().iter().collect();
+            assert_eq!(operations.len(), 1, "{path}: {operations:?}");
+            let security = &operations[0].1["security"];
+            let schemes: Vec<&str> = security
+                .as_array()
+                .unwrap_or_else(|| panic!("{path} declares its security"))
+                .iter()
+                .map(|requirement| {
+                    if requirement.get("bearer").is_some() {
+                        "bearer"
+                    } else {
+                        "none"
+                    }
+                })
+                .collect();
+            let expected: &[&str] = match routes.policies[path.as_str()].access {
+                Access::Open => &["none"],
+                Access::Metrics => &["none", "bearer"],
+                Access::Scope(_) => &["bearer"],
+            };
+            assert_eq!(schemes, expected, "{path}");
+        }
+        assert_eq!(unresolved_refs(&document, &document), Vec::<String>::new());
+        assert!(document.pointer(openapi::STALE_THRESHOLD).is_some());
+    }
+
+    /// The served document is the description, with this instance's limits.
+    #[tokio::test]
+    async fn the_served_description_states_this_instances_limits() {
+        let health = crate::health::HealthConfig {
+            max_stale_threshold: std::time::Duration::from_secs(600),
+            ..Default::default()
+        };
+        let mut state = state();
+        state.health = HealthRegistry::new(health, None);
+        let response = router(state, 1024)
+            .oneshot(
+                Request::builder()
+                    .uri("/api/v1/openapi.json")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let document: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let field = document.pointer(openapi::STALE_THRESHOLD).unwrap();
+        assert_eq!(field["maximum"], 600.0);
+        assert_eq!(field["minimum"], 0.001);
+        assert_eq!(
+            document["paths"].as_object().unwrap().len(),
+            api_routes().policies.len()
+        );
     }
 
     /// A route that reaches the router without being declared with `Routes::route` is not

@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use prometheus::proto::{Metric, MetricFamily};
 use serde::{Deserialize, Serialize};
 
+use super::openapi::ErrorBody;
 use super::{ApiError, ApiState};
 use crate::health::{DispatcherHealth, State as Lifecycle};
 use crate::telemetry::catalog::{self, label};
@@ -163,11 +164,37 @@ impl RecentCalls {
 }
 
 /// `GET /api/v1/status`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/status",
+    operation_id = "status",
+    tag = "observe",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "What the status page shows, as JSON", content_type = "application/json", body = Object),
+        (status = 401, description = "`unauthorized`: a token with the `metrics` scope exists and none was sent", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the `metrics` scope", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `request_timeout`", body = ErrorBody),
+    )
+)]
 pub(super) async fn json(State(state): State<ApiState>) -> Result<Json<StatusReport>, ApiError> {
     report(state).await.map(Json)
 }
 
 /// `GET /`: the report as a page that reloads itself.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "status_page",
+    tag = "observe",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The status page (HTML, reloads itself)", content_type = "text/html; charset=utf-8", body = String),
+        (status = 401, description = "`unauthorized`: a token with the `metrics` scope exists and none was sent", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the `metrics` scope", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `request_timeout`", body = ErrorBody),
+    )
+)]
 pub(super) async fn page(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let report = report(state).await?;
     Ok((

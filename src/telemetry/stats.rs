@@ -13,10 +13,11 @@ use serde::Serialize;
 use super::catalog::{self, label};
 use crate::engine::{DispatchStatus, ExecutionResult};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub total_messages: u64,
     /// Messages by final status, every status present (`rejected` and `denied` included).
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub by_status: BTreeMap<&'static str, u64>,
     /// `success` / total; `null` before the first message.
     pub success_rate: Option<f64>,
@@ -31,7 +32,8 @@ pub struct Stats {
 }
 
 /// Engine latency per message, in milliseconds; `null` before the first message.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = StatsLatency)]
 pub struct Latency {
     pub avg: Option<f64>,
     pub p50: Option<f64>,
@@ -39,7 +41,8 @@ pub struct Latency {
     pub p99: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = StatsDispatcher)]
 pub struct DispatcherStats {
     pub dispatcher_id: String,
     /// Runs that happened: success, error and timeout (refusals and skips did not run).

@@ -60,3 +60,6 @@ mod packaging;
 mod tools;
 // The status page at `/` in a real headless Chromium, and `dispatchd top` under a real tmux.
 mod status;
+// GET /api/v1/openapi.json: the description matches the router; openapi-spec-validator and
+// schemathesis against the real binary.
+mod openapi;

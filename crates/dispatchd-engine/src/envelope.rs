@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// One message as the engine sees it. The topic travels beside it, not inside it, because the
 /// same envelope may be published to several topics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Envelope {
     /// Unique per message; a UUID v4 when the sender gave none. De-duplication keys on it.
     pub message_id: String,
@@ -22,6 +23,7 @@ pub struct Envelope {
     pub headers: BTreeMap<String, String>,
     /// When the message was created, serialized as RFC 3339.
     #[serde(with = "humantime_serde")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub timestamp: SystemTime,
 }
 
@@ -66,6 +68,7 @@ impl Envelope {
 
 /// A message a handler asks the runtime to publish onward.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutputMessage {
     pub topic: String,
     pub envelope: Envelope,

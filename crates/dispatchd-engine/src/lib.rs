@@ -63,7 +63,7 @@ use dispatcher::Kind;
 use instrument::Hooks;
 use route::CompiledRoute;
 
-/// The longest message type, in bytes.
+/// The longest message type, in characters.
 pub const MAX_MESSAGE_TYPE_LEN: usize = 255;
 
 /// Publishes handler outputs onward (to the bus). A failure makes the dispatch `publish_failed`.
@@ -712,9 +712,13 @@ fn validate(envelope: &Envelope) -> Result<(), String> {
     if message_type.is_empty() {
         return Err("message_type is empty".to_owned());
     }
-    if message_type.len() > MAX_MESSAGE_TYPE_LEN {
+    // Characters, as the HTTP API's description (`maxLength`) counts them; counted only when
+    // the bytes could be too many.
+    if message_type.len() > MAX_MESSAGE_TYPE_LEN
+        && message_type.chars().count() > MAX_MESSAGE_TYPE_LEN
+    {
         return Err(format!(
-            "message_type is longer than {MAX_MESSAGE_TYPE_LEN} bytes"
+            "message_type is longer than {MAX_MESSAGE_TYPE_LEN} characters"
         ));
     }
     if envelope.message_id.is_empty() {

@@ -35,6 +35,7 @@ use super::topic::Category;
 /// returned whatever the status, and publishing them afterwards can still fail: `publish_failed`
 /// then replaces a refusal or a success (outputs were lost: a real failure), never an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum DispatchStatus {
@@ -152,6 +153,7 @@ impl DispatchStatus {
 /// Why a dispatch did not succeed, for machines: stable, and more specific than the status
 /// where the status has several causes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ErrorCode {
@@ -203,6 +205,7 @@ impl fmt::Display for DispatchStatus {
 
 /// How one dispatcher's part in a dispatch ended. A metric label (`result`), so a closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ExecutionResult {
@@ -271,8 +274,10 @@ impl fmt::Display for ExecutionResult {
 
 /// One dispatcher's part in a dispatch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct DispatcherOutcome {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub dispatcher_id: Arc<str>,
     pub result: ExecutionResult,
     pub duration_ms: f64,
@@ -287,6 +292,7 @@ pub struct DispatcherOutcome {
     pub policy: Option<String>,
     /// The enabled routes that selected this dispatcher for the message, in registration order.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub route_ids: Vec<Arc<str>>,
 }
 
@@ -333,6 +339,7 @@ impl<'de> Deserialize<'de> for Timestamp {
 
 /// The answer to one dispatch, as the HTTP API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct DispatchResult {
     pub dispatch_id: Uuid,
@@ -362,9 +369,11 @@ pub struct DispatchResult {
     pub dispatchers: Vec<DispatcherOutcome>,
     /// When the engine took the message.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub started_at: Timestamp,
     /// When the result was settled (after its outputs were published).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub completed_at: Timestamp,
 }
 

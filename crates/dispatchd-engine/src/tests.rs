@@ -127,6 +127,15 @@ async fn a_malformed_topic_or_envelope_is_invalid_message_and_runs_nothing() {
         result.error_message.as_deref(),
         Some("message_type is empty")
     );
+    // Counted in characters: 255 two-byte characters are a valid type, 256 are not.
+    let result = engine.dispatch("a.events", &event(&"é".repeat(255))).await;
+    assert_eq!(result.status, DispatchStatus::Success);
+    let result = engine.dispatch("a.events", &event(&"é".repeat(256))).await;
+    assert_eq!(result.status, DispatchStatus::InvalidMessage);
+    assert_eq!(
+        result.error_message.as_deref(),
+        Some("message_type is longer than 255 characters")
+    );
 }
 
 #[tokio::test]

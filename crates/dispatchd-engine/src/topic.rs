@@ -13,6 +13,7 @@ pub const MAX_TOPIC_LEN: usize = 255;
 /// What kind of message a topic carries. It decides which dispatchers may receive it, and it is a
 /// metric label, so the set is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
     Event,
