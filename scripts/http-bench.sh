@@ -9,8 +9,10 @@
 # messages.jsonl with group commit, its event forwarded to the file sink). Each server is pinned
 # to SERVER_CPUS and wrk to LOAD_CPUS, and started fresh in an empty directory for each run.
 # Prints each run's requests/s and wrk's p99, then per variant the median and its share of the
-# floor's median. Last, the default config at half its median ceiling, a fixed rate with
-# `dispatchd loadtest` (open loop, latency from when each request was due): its p99.
+# floor's median, with the server's CPU time per request (user + system, from /proc) and the
+# floor's CPU per request over it: a share that moves much less with the machine's load. Last,
+# the default config at half its median ceiling, a fixed rate with `dispatchd loadtest` (open
+# loop, latency from when each request was due): its p99.
 #
 #   scripts/http-bench.sh                         # 5 rounds of 10 s, 32 connections
 #   ROUNDS=3 DURATION=5s scripts/http-bench.sh
@@ -109,14 +111,21 @@ start() {
   exit 1
 }
 
-# run VARIANT: one wrk run; prints "requests/s p99_ms".
+# The server's CPU time so far, user and system, in clock ticks.
+cpu_ticks() {
+  awk '{print $14, $15}' "/proc/$server/stat"
+}
+
+# run VARIANT: one wrk run; prints "requests/s p99_ms user_us_per_request sys_us_per_request".
 run() {
   local variant="$1" port
   port="$(free_port)"
   start "$variant" "$port"
-  local out
+  local out before after
+  before="$(cpu_ticks)"
   out="$(taskset -c "$LOAD_CPUS" wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency \
     -s "$work/post.lua" "http://127.0.0.1:$port/api/v1/messages/bench.events")"
+  after="$(cpu_ticks)"
   local lines=-1
   if [[ "$variant" == default ]]; then
     # Every answered message reached the file before its 200 (the appender's promise).
@@ -128,40 +137,51 @@ run() {
     echo "$out" >&2
     exit 1
   fi
-  python3 - "$out" "$lines" <<'PY'
+  python3 - "$out" "$lines" "$before" "$after" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
 out, lines = sys.argv[1], int(sys.argv[2])
+(user0, sys0), (user1, sys1) = (map(int, t.split()) for t in sys.argv[3:5])
+tick_us = 1e6 / int(sys.argv[5])
 answered = int(re.search(r"(\d+) requests in", out).group(1))
 if lines >= 0 and lines < answered:
     sys.exit(f"http-bench: {answered} messages answered but only {lines} lines in messages.jsonl")
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
 p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-print(f"{rps:.0f} {p99:.2f}")
+# CPU per request moves much less than requests/s when other processes share the machine.
+print(f"{rps:.0f} {p99:.2f} {(user1 - user0) * tick_us / answered:.1f} {(sys1 - sys0) * tick_us / answered:.1f}")
 PY
 }
 
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) on $(nproc) CPUs; server on CPUs $SERVER_CPUS, wrk on $LOAD_CPUS"
 echo "wrk: $WRK_THREADS thread(s), $CONNECTIONS connections, $DURATION per run, $ROUNDS interleaved rounds"
-declare -A results
+declare -A results cpu
 for round in $(seq "$ROUNDS"); do
   for variant in floor noop default; do
     run "$variant" > "$work/result"
-    read -r rps p99 < "$work/result"
+    read -r rps p99 user sys < "$work/result"
     results[$variant]+="$rps "
-    printf 'round %d  %-8s %8s req/s  p99 %7s ms\n' "$round" "$variant" "$rps" "$p99"
+    cpu[$variant]+="$user/$sys "
+    printf 'round %d  %-8s %8s req/s  p99 %7s ms  server CPU per request %5s µs user + %5s µs sys\n' \
+      "$round" "$variant" "$rps" "$p99" "$user" "$sys"
   done
 done
 
-python3 - "${results[floor]}" "${results[noop]}" "${results[default]}" <<'PY' | tee "$work/summary"
+python3 - "${results[floor]}" "${results[noop]}" "${results[default]}" \
+  "${cpu[floor]}" "${cpu[noop]}" "${cpu[default]}" <<'PY' | tee "$work/summary"
 import statistics, sys
-floor, noop, default = ([float(x) for x in arg.split()] for arg in sys.argv[1:])
+floor, noop, default = ([float(x) for x in arg.split()] for arg in sys.argv[1:4])
+cpus = [[sum(map(float, run.split("/"))) for run in arg.split()] for arg in sys.argv[4:7]]
 f = statistics.median(floor)
-print(f"{'variant':<10}{'median req/s':>14}{'min–max':>22}{'share of the floor':>20}")
-for name, runs, goal in (("floor", floor, None), ("noop", noop, 0.6), ("default", default, 0.35)):
+fc = statistics.median(cpus[0])
+print(f"{'variant':<10}{'median req/s':>14}{'min–max':>22}{'share of the floor':>26}{'CPU µs/request':>16}{'floor/CPU':>11}")
+for (name, runs, goal), cpu in zip(
+    (("floor", floor, None), ("noop", noop, 0.6), ("default", default, 0.35)), cpus
+):
     m = statistics.median(runs)
+    c = statistics.median(cpu)
     share = f"{m / f:.2f}" + (f" (goal ≥ {goal})" if goal else "")
-    print(f"{name:<10}{m:>14.0f}{f'{min(runs):.0f}–{max(runs):.0f}':>22}{share:>20}")
+    print(f"{name:<10}{m:>14.0f}{f'{min(runs):.0f}–{max(runs):.0f}':>22}{share:>26}{c:>16.1f}{fc / c:>11.2f}")
 print(f"half={int(statistics.median(default) / 2)}")
 PY
 

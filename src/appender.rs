@@ -18,7 +18,7 @@
 //!   before it reads and renames a file, so a commit either finished before (and is read) or
 //!   starts after (and finds the path moved, and writes to a new file).
 //!
-//! [`Appender`] is the group-commit writer on top: one writer thread owns the file, takes every
+//! [`Appender`] is the group-commit writer on top: one writer task owns the file, takes every
 //! line waiting, writes them in one blocking call (check, write, flush to the OS, and `fsync`
 //! when asked), then answers each caller. A caller's `append` returns only after its line reached
 //! the operating system (or the disk), and a write error fails the lines it concerns instead of
@@ -516,19 +516,14 @@ struct Job {
 #[derive(Clone)]
 pub struct Appender {
     path: Arc<Path>,
-    queue: mpsc::Sender<Request>,
+    queue: mpsc::Sender<Job>,
 }
 
 impl Appender {
     /// Opens `path` for appending (creating its directory, repairing a torn last line) and starts
-    /// the writer; the writer follows `files`' reopen signal and reports repairs to its observer
-    /// as `kind`. With `sync`, each commit ends with `sync_data`. When `shutdown` is cancelled the
-    /// writer stops taking lines, commits what is queued and ends; `tracker` waits for that.
-    ///
-    /// The writer is a thread of its own doing blocking `std::fs` calls, not a task handing each
-    /// commit to tokio's blocking pool: under load it finds the next group already queued when a
-    /// commit ends, and an idle one costs one wake-up per group rather than a pool hand-off and
-    /// a task wake-up per commit (the pool hand-off was the largest cost of an ingest).
+    /// the writer on `tracker`; the writer follows `files`' reopen signal and reports repairs to
+    /// its observer as `kind`. With `sync`, each commit ends with `sync_data`. When `shutdown` is
+    /// cancelled the writer stops taking lines, commits what is queued and ends.
     pub async fn open(
         path: &Path,
         kind: FileKind,
@@ -542,28 +537,13 @@ impl Appender {
             .await
             .map_err(io::Error::other)??;
         let (queue, jobs) = mpsc::channel(QUEUE_CAPACITY);
-        let (finished, mut stopped) = oneshot::channel::<()>();
-        let thread_path = path.to_owned();
-        std::thread::Builder::new()
-            .name("dispatchd-append".to_owned())
-            .spawn(move || {
-                write_loop(jobs, file, sync, &thread_path);
-                drop(finished);
-            })?;
-        // Holds no handle on the queue (the writer also ends when every `Appender` is dropped);
-        // at shutdown it asks the writer to stop, and keeps the tracker open until it has.
-        let weak = queue.downgrade();
-        tracker.spawn(async move {
-            tokio::select! {
-                biased;
-                _ = &mut stopped => return,
-                () = shutdown.cancelled() => {}
-            }
-            if let Some(queue) = weak.upgrade() {
-                let _ = queue.send(Request::Stop).await;
-            }
-            let _ = stopped.await;
-        });
+        tracker.spawn(write_loop(
+            jobs,
+            Arc::new(Mutex::new(file)),
+            sync,
+            shutdown,
+            path.to_owned(),
+        ));
         Ok(Appender {
             path: path.into(),
             queue,
@@ -578,7 +558,7 @@ impl Appender {
     pub async fn append(&self, line: Vec<u8>) -> Result<(), AppendError> {
         let (done, committed) = oneshot::channel();
         self.queue
-            .send(Request::Line(Job { line, done }))
+            .send(Job { line, done })
             .await
             .map_err(|_| AppendError::Closed)?;
         committed
@@ -593,50 +573,52 @@ impl Appender {
     }
 }
 
-/// What the writer thread is asked.
-enum Request {
-    Line(Job),
-    /// Shutdown: take no more lines, commit those queued, end.
-    Stop,
-}
-
-/// The writer thread: waits for a line, takes every other one waiting (up to [`MAX_BATCH`]),
-/// commits them in one write, answers each caller, and again.
-fn write_loop(mut jobs: mpsc::Receiver<Request>, mut file: AppendFile, sync: bool, path: &Path) {
+async fn write_loop(
+    mut jobs: mpsc::Receiver<Job>,
+    file: Arc<Mutex<AppendFile>>,
+    sync: bool,
+    shutdown: CancellationToken,
+    path: PathBuf,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut buffer = Vec::new();
-    fn take(request: Request, jobs: &mut mpsc::Receiver<Request>, batch: &mut Vec<Job>) {
-        match request {
-            Request::Line(job) => batch.push(job),
-            // Lines already queued are still received (then `blocking_recv` answers `None`).
-            Request::Stop => jobs.close(),
-        }
-    }
-    while let Some(request) = jobs.blocking_recv() {
-        take(request, &mut jobs, &mut batch);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(request) => take(request, &mut jobs, &mut batch),
-                Err(_) => break,
+    loop {
+        tokio::select! {
+            received = jobs.recv_many(&mut batch, MAX_BATCH) => {
+                if received == 0 {
+                    break;
+                }
+                commit(&file, sync, &mut batch, &mut buffer).await;
             }
-        }
-        if !batch.is_empty() {
-            commit(&mut file, sync, &mut batch, &mut buffer);
+            () = shutdown.cancelled() => {
+                jobs.close();
+                while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                    commit(&file, sync, &mut batch, &mut buffer).await;
+                }
+                break;
+            }
         }
     }
     tracing::debug!(path = %path.display(), "A file writer stopped.");
 }
 
-/// Writes the batch's lines in one call, then answers each caller.
-fn commit(file: &mut AppendFile, sync: bool, batch: &mut Vec<Job>, buffer: &mut Vec<u8>) {
-    buffer.clear();
+/// Writes the batch's lines in one blocking call, then answers each caller.
+async fn commit(
+    file: &Arc<Mutex<AppendFile>>,
+    sync: bool,
+    batch: &mut Vec<Job>,
+    buffer: &mut Vec<u8>,
+) {
+    let mut lines = std::mem::take(buffer);
+    lines.clear();
     for job in batch.iter() {
-        buffer.extend_from_slice(&job.line);
+        lines.extend_from_slice(&job.line);
     }
-    let answer = file.commit(buffer, sync).map_err(|error| error.to_string());
-    if buffer.capacity() > KEEP_BUFFER {
-        *buffer = Vec::new();
+    let (written, lines) = commit_shared(file, lines, sync).await;
+    if lines.capacity() <= KEEP_BUFFER {
+        *buffer = lines;
     }
+    let answer = written.map_err(|error| error.to_string());
     for job in batch.drain(..) {
         // The caller may have gone (a timeout); its line is written all the same.
         let _ = job.done.send(answer.clone());

@@ -27,7 +27,7 @@ struct JsonlLineRef<'a> {
     envelope: &'a Envelope,
 }
 
-/// Appends each message as one JSON line, through an [`Appender`]: a single writer thread commits
+/// Appends each message as one JSON line, through an [`Appender`]: a single writer task commits
 /// in groups, so a dispatch succeeds only after its line reached the operating system, and a
 /// write error fails the dispatches it concerns instead of vanishing.
 #[derive(Clone)]
@@ -80,7 +80,7 @@ impl Handler for JsonlFile {
         Ok(Vec::new())
     }
 
-    /// Alive while the writer thread still takes lines.
+    /// Alive while the writer task still takes lines.
     async fn heartbeat(&self) -> Result<(), HandlerError> {
         if self.file.is_closed() {
             Err(HandlerError::transient("the JSONL writer has stopped"))
