@@ -106,36 +106,63 @@ impl DispatchEvent {
             parent_run_id: result.correlation_id.as_deref().map(text),
             name: text(&result.topic),
             timestamp: SystemTime::now(),
-            input: json!({
-                "message_type": text(&result.message_type),
-                "message_id": text(&result.message_id),
-                "payload": payload,
-            }),
-            output: json!({
-                "status": result.status,
-                "output_count": result.output_count,
-                "dispatchers": result.dispatchers,
-            }),
+            // Built field by field rather than with `json!`, which would serialize the payload
+            // into a new `Value` (a deep copy) even when redaction already made an owned one.
+            input: object([
+                ("message_type", Value::String(text(&result.message_type))),
+                ("message_id", Value::String(text(&result.message_id))),
+                ("payload", payload.into_owned()),
+            ]),
+            output: object([
+                ("status", Value::String(result.status.as_str().to_owned())),
+                ("output_count", Value::from(result.output_count)),
+                (
+                    "dispatchers",
+                    serde_json::to_value(&result.dispatchers).unwrap_or(Value::Null),
+                ),
+            ]),
             user_id,
             tokens_usage,
-            metadata: json!({
-                "traceparent": match (&result.trace_id, &result.span_id) {
-                    (Some(trace), Some(span)) => {
-                        let flags = if result.trace_sampled { "01" } else { "00" };
-                        Some(format!("00-{trace}-{span}-{flags}"))
-                    }
-                    _ => None,
-                },
-                "category": category,
-                "status": result.status,
-                "duration_ms": result.duration_ms,
-                "error_code": result.error_code,
-                "error_message": result.error_message,
-            }),
+            metadata: object([
+                (
+                    "traceparent",
+                    match (&result.trace_id, &result.span_id) {
+                        (Some(trace), Some(span)) => {
+                            let flags = if result.trace_sampled { "01" } else { "00" };
+                            Value::String(format!("00-{trace}-{span}-{flags}"))
+                        }
+                        _ => Value::Null,
+                    },
+                ),
+                ("category", Value::String(category.to_owned())),
+                ("status", Value::String(result.status.as_str().to_owned())),
+                ("duration_ms", Value::from(result.duration_ms)),
+                (
+                    "error_code",
+                    result.error_code.map_or(Value::Null, |code| json!(code)),
+                ),
+                (
+                    "error_message",
+                    result
+                        .error_message
+                        .clone()
+                        .map_or(Value::Null, Value::String),
+                ),
+            ]),
             tags: vec![category.to_owned(), result.status.as_str().to_owned()],
             log_id: result.dispatch_id.to_string(),
         }
     }
+}
+
+/// A JSON object of these fields.
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

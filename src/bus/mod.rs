@@ -51,6 +51,13 @@ pub trait EventBus: Send + Sync + 'static {
     /// Publishes one event; answers how many subscribers took it.
     async fn publish(&self, event: DispatchEvent) -> usize;
 
+    /// Whether a published event could reach anyone. `false` lets a dispatch skip building its
+    /// event (redacting the payload again, serializing its outcome) when nothing would take it;
+    /// the default, `true`, always builds it.
+    fn has_subscribers(&self) -> bool {
+        true
+    }
+
     /// What `/ready` reports of the bus. Implement it for a bus that can fail to publish; the
     /// default reports a bus of kind `custom` that always publishes.
     fn status(&self) -> BusStatus {
@@ -114,6 +121,11 @@ impl EventBus for MemoryBus {
             taken += usize::from(last.offer(event).await);
         }
         taken
+    }
+
+    /// A memory bus without sinks takes nothing.
+    fn has_subscribers(&self) -> bool {
+        !self.sinks.is_empty()
     }
 
     /// Publishing into the sinks' queues cannot fail (a full queue follows the sink's policy).

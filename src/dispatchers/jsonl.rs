@@ -18,6 +18,15 @@ pub struct JsonlLine {
     pub envelope: Envelope,
 }
 
+/// [`JsonlLine`] borrowing what it writes.
+#[derive(Serialize)]
+struct JsonlLineRef<'a> {
+    topic: &'a str,
+    category: Category,
+    #[serde(flatten)]
+    envelope: &'a Envelope,
+}
+
 /// Appends each message as one JSON line, through an [`Appender`]: a single writer task commits
 /// in groups, so a dispatch succeeds only after its line reached the operating system, and a
 /// write error fails the dispatches it concerns instead of vanishing.
@@ -50,12 +59,14 @@ impl JsonlFile {
 #[async_trait]
 impl Handler for JsonlFile {
     async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        let line = JsonlLine {
-            topic: message.topic.to_owned(),
+        // Serialized from borrowed data, in the same shape as [`JsonlLine`]: no envelope clone.
+        let line = JsonlLineRef {
+            topic: message.topic,
             category: message.category,
-            envelope: message.envelope.clone(),
+            envelope: message.envelope,
         };
-        let mut bytes = serde_json::to_vec(&line)?;
+        let mut bytes = Vec::with_capacity(256);
+        serde_json::to_writer(&mut bytes, &line)?;
         bytes.push(b'\n');
         self.file.append(bytes).await.map_err(|error| match error {
             AppendError::Closed => HandlerError::transient("the JSONL writer has shut down"),

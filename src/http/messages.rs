@@ -168,7 +168,7 @@ pub(super) async fn ingest(
     let status = status_code(&result);
     record_response(&span, status);
     drop(span);
-    if let Some(events) = &state.events {
+    if let Some(events) = state.events.as_ref().filter(|bus| bus.has_subscribers()) {
         // Under the sinks' `block` policy this waits for room: backpressure, not loss.
         events
             .publish(DispatchEvent::from_dispatch(

@@ -97,6 +97,37 @@ struct Queued {
     ack: Option<String>,
 }
 
+/// The batch being gathered: the events, and beside each its bus entry to acknowledge.
+struct Batch {
+    events: Vec<DispatchEvent>,
+    acks: Vec<Option<String>>,
+}
+
+impl Batch {
+    fn with_capacity(capacity: usize) -> Batch {
+        Batch {
+            events: Vec::with_capacity(capacity),
+            acks: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn extend(&mut self, items: impl Iterator<Item = Queued>) {
+        for Queued { event, ack } in items {
+            self.events.push(event);
+            self.acks.push(ack);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.acks.clear();
+    }
+}
+
 /// Where events are offered to a running driver. Cheap to clone.
 #[derive(Clone)]
 pub struct SinkHandle {
@@ -228,7 +259,10 @@ impl SinkDriver {
             tracing::error!(sink = %self.name, %error, "A sink failed to initialize; its batches will fail and be dead-lettered.");
         }
         let batch_size = self.config.batch_size.max(1);
-        let mut batch: Vec<Queued> = Vec::with_capacity(batch_size);
+        // Received into `received`, then moved into `batch`, which deliveries borrow: a batch
+        // is never copied, also when a delivery is retried or cut short by shutdown.
+        let mut received: Vec<Queued> = Vec::with_capacity(batch_size);
+        let mut batch = Batch::with_capacity(batch_size);
         let mut oldest: Option<Instant> = None;
         loop {
             let flush_at = oldest.map(|at| at + self.config.flush_interval);
@@ -237,10 +271,11 @@ impl SinkDriver {
                 biased;
                 () = shutdown.cancelled() => break,
                 () = sleep_until(flush_at) => true,
-                received = events.recv_many(&mut batch, room) => {
-                    if received == 0 {
+                count = events.recv_many(&mut received, room) => {
+                    if count == 0 {
                         break;
                     }
+                    batch.extend(received.drain(..));
                     oldest.get_or_insert_with(Instant::now);
                     batch.len() >= batch_size
                 }
@@ -252,7 +287,7 @@ impl SinkDriver {
                 let done = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => false,
-                    () = self.deliver(batch.clone()) => true,
+                    () = self.deliver(&batch.events, &batch.acks) => true,
                 };
                 if !done {
                     break;
@@ -267,17 +302,19 @@ impl SinkDriver {
         events.close();
         let deadline = Instant::now() + self.config.shutdown_deadline;
         while let Ok(item) = events.try_recv() {
-            batch.push(item);
+            batch.extend(std::iter::once(item));
         }
         let total = batch.len();
         let mut pending = batch;
         let flushed = tokio::time::timeout_at(deadline, async {
-            while !pending.is_empty() {
+            while !pending.events.is_empty() {
                 // The chunk leaves `pending` only once delivered, so a deadline that cuts a
                 // delivery short still finds it there.
                 let chunk = batch_size.min(pending.len());
-                self.deliver(pending[..chunk].to_vec()).await;
-                pending.drain(..chunk);
+                self.deliver(&pending.events[..chunk], &pending.acks[..chunk])
+                    .await;
+                pending.events.drain(..chunk);
+                pending.acks.drain(..chunk);
             }
         })
         .await;
@@ -288,9 +325,8 @@ impl SinkDriver {
             if self.acks.is_some() {
                 tracing::warn!(sink = %self.name, count, "Left events unacknowledged at the shutdown deadline; the bus will deliver them again.");
             } else {
-                let events: Vec<DispatchEvent> = pending.into_iter().map(|q| q.event).collect();
                 self.dead_letter(
-                    &events,
+                    &pending.events,
                     "shutdown",
                     0,
                     "the shutdown deadline passed before it was sent",
@@ -314,15 +350,13 @@ impl SinkDriver {
 
     /// Sends one batch until every event is sent or dead-lettered, then acknowledges its bus
     /// entries (unless a dead letter could not be written: those stay with the bus).
-    async fn deliver(&self, queued: Vec<Queued>) {
-        if queued.is_empty() {
+    async fn deliver(&self, batch: &[DispatchEvent], ids: &[Option<String>]) {
+        if batch.is_empty() {
             return;
         }
-        let (batch, ids): (Vec<DispatchEvent>, Vec<Option<String>>) =
-            queued.into_iter().map(|q| (q.event, q.ack)).unzip();
         let settled = self.send(batch).await;
         if let (true, Some(acks)) = (settled, &self.acks) {
-            let ids: Vec<String> = ids.into_iter().flatten().collect();
+            let ids: Vec<String> = ids.iter().flatten().cloned().collect();
             if !ids.is_empty() {
                 // A bounded channel: the driver waits for the acknowledger, so at most a
                 // batch or two are settled but unacknowledged at any moment, which bounds the
@@ -333,7 +367,7 @@ impl SinkDriver {
     }
 
     /// Sends one batch with its retries, in a span linked to each event's dispatch trace.
-    async fn send(&self, batch: Vec<DispatchEvent>) -> bool {
+    async fn send(&self, batch: &[DispatchEvent]) -> bool {
         let span = tracing::info_span!(
             target: "dispatchd::trace",
             "sink send",
@@ -343,7 +377,7 @@ impl SinkDriver {
             // An i64, so it is exported as an integer (a `usize` is recorded as text).
             dispatchd.batch_size = i64::try_from(batch.len()).unwrap_or(i64::MAX),
         );
-        for event in &batch {
+        for event in batch {
             if let Some(context) = event.metadata["traceparent"]
                 .as_str()
                 .and_then(crate::propagation::parse_traceparent)
@@ -355,11 +389,11 @@ impl SinkDriver {
     }
 
     /// Sends one batch with its retries; false when some event could not be settled.
-    async fn send_batch(&self, batch: Vec<DispatchEvent>) -> bool {
+    async fn send_batch(&self, batch: &[DispatchEvent]) -> bool {
         if let Some(observer) = &self.observer {
             observer.batch(&self.name, batch.len());
         }
-        let mut pending: &[DispatchEvent] = &batch;
+        let mut pending: &[DispatchEvent] = batch;
         let mut attempts = 0u32;
         loop {
             attempts += 1;

@@ -1,6 +1,8 @@
 //! The HTTP API's own metrics: `http_server_request_duration_seconds`, `http_auth_failures_total`,
 //! `http_requests_shed_total` and `http_connections_closed_total`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -8,7 +10,8 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{BoundHistogram, Counter, Histogram, Meter};
+use parking_lot::RwLock;
 
 use super::catalog::{self, label};
 use super::engine::{counter, histogram};
@@ -20,6 +23,17 @@ pub struct HttpMetrics {
     auth_failures: Counter<u64>,
     shed: Counter<u64>,
     connections_closed: Counter<u64>,
+    /// `duration` bound to each (route, method, status) seen, so a request records without
+    /// building attributes or the SDK looking its series up. Bounded: routes are the API's
+    /// templates, methods the ten of [`method_label`], statuses the few the API answers.
+    bound: Arc<RwLock<HashMap<String, Vec<BoundDuration>>>>,
+}
+
+/// `duration` bound to one route's method and status.
+struct BoundDuration {
+    method: &'static str,
+    status: u16,
+    histogram: BoundHistogram<f64>,
 }
 
 impl HttpMetrics {
@@ -29,6 +43,7 @@ impl HttpMetrics {
             auth_failures: counter(meter, catalog::HTTP_AUTH_FAILURES),
             shed: counter(meter, catalog::HTTP_REQUESTS_SHED),
             connections_closed: counter(meter, catalog::HTTP_CONNECTIONS_CLOSED),
+            bound: Arc::default(),
         }
     }
 
@@ -53,14 +68,31 @@ impl HttpMetrics {
     /// Records one request. `route` is the matched template (`/api/v1/messages/{topic}`),
     /// never the raw path, so a client cannot create series.
     pub fn request_finished(&self, route: &str, method: &Method, status: u16, seconds: f64) {
-        self.duration.record(
-            seconds,
-            &[
-                KeyValue::new(label::HTTP_ROUTE, route.to_owned()),
-                KeyValue::new(label::HTTP_REQUEST_METHOD, method_label(method)),
-                KeyValue::new(label::HTTP_RESPONSE_STATUS_CODE, i64::from(status)),
-            ],
-        );
+        let method = method_label(method);
+        let matches = |bound: &&BoundDuration| bound.method == method && bound.status == status;
+        if let Some(bound) = self.bound.read().get(route) {
+            if let Some(bound) = bound.iter().find(matches) {
+                bound.histogram.record(seconds);
+                return;
+            }
+        }
+        let mut routes = self.bound.write();
+        let bound = routes.entry(route.to_owned()).or_default();
+        if let Some(bound) = bound.iter().find(matches) {
+            bound.histogram.record(seconds);
+            return;
+        }
+        let histogram = self.duration.bind(&[
+            KeyValue::new(label::HTTP_ROUTE, route.to_owned()),
+            KeyValue::new(label::HTTP_REQUEST_METHOD, method),
+            KeyValue::new(label::HTTP_RESPONSE_STATUS_CODE, i64::from(status)),
+        ]);
+        histogram.record(seconds);
+        bound.push(BoundDuration {
+            method,
+            status,
+            histogram,
+        });
     }
 }
 
@@ -90,14 +122,12 @@ pub async fn record_http(
 ) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned());
+    // A reference-counted string: no copy of the template per request.
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let response = next.run(request).await;
     if let Some(route) = route {
         metrics.request_finished(
-            &route,
+            route.as_str(),
             &method,
             response.status().as_u16(),
             started.elapsed().as_secs_f64(),

@@ -228,3 +228,84 @@ async fn serve_repairs_torn_files_and_reopens_them_on_sighup() {
         "{log:#?}"
     );
 }
+
+/// Group commit over HTTP, both ways: requests in flight together have their lines committed in
+/// shared writes, and each one finds its own line in the file the moment its 200 arrives; a
+/// write that fails (ENOSPC on /dev/full) fails exactly the requests whose lines it carried,
+/// with a 502 naming the file, while the other file's writer keeps answering 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_see_their_line_before_their_answer_and_a_failed_write_fails_only_its_own()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.jsonl");
+    let toml = format!(
+        r#"
+[[dispatchers]]
+dispatcher_id = "good"
+kind = "jsonl"
+category = "event"
+path = "{}"
+
+[[dispatchers]]
+dispatcher_id = "full"
+kind = "jsonl"
+category = "event"
+path = "/dev/full"
+
+[[routes]]
+route_id = "good"
+topic_pattern = "shop.good.events"
+message_category = "event"
+dispatcher_id = "good"
+
+[[routes]]
+route_id = "full"
+topic_pattern = "shop.full.events"
+message_category = "event"
+dispatcher_id = "full"
+"#,
+        good.display()
+    );
+    let app = crate::network::app(&toml, &[]).await;
+    let requests = (0..96).map(|n| {
+        let app = &app;
+        let good = &good;
+        async move {
+            let topic = if n % 3 == 0 { "full" } else { "good" };
+            let id = format!("m-{n}");
+            let response = app
+                .post_message(
+                    &format!("shop.{topic}.events"),
+                    json!({"message_type": "order.placed", "message_id": id, "payload": {"n": n}}),
+                )
+                .await;
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            // Read at once: the answer came after the commit, not before.
+            let committed = lines(good)
+                .iter()
+                .any(|line| line["message_id"] == id.as_str());
+            (topic, status, body, committed)
+        }
+    });
+    for (topic, status, body, committed) in futures::future::join_all(requests).await {
+        if topic == "good" {
+            assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+            assert!(
+                committed,
+                "answered 200 before its line was in the file: {body}"
+            );
+        } else {
+            assert_eq!(status, reqwest::StatusCode::BAD_GATEWAY, "{body}");
+            assert!(!committed);
+            let error = body["dispatchers"][0]["error_message"].as_str().unwrap();
+            assert!(error.contains("/dev/full"), "{body}");
+        }
+    }
+    assert_eq!(
+        lines(&good).len(),
+        64,
+        "one line per accepted message, no more"
+    );
+    app.stop().await.unwrap();
+}

@@ -14,6 +14,9 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
+/// The longest key [`Redactor::is_sensitive`] checks without allocating.
+const SHORT_KEY: usize = 64;
+
 /// What a masked value becomes.
 pub const REDACTED: &str = "[REDACTED]";
 
@@ -75,6 +78,12 @@ impl Redactor {
 
     /// Whether the value under `key` must be masked.
     pub fn is_sensitive(&self, key: &str) -> bool {
+        self.is_sensitive_ascii(key)
+            .unwrap_or_else(|| self.is_sensitive_general(key))
+    }
+
+    /// [`is_sensitive`](Self::is_sensitive) for any key: splits it into words as strings.
+    fn is_sensitive_general(&self, key: &str) -> bool {
         let words = words(key);
         let denied = words.iter().any(|w| self.deny.contains(w))
             || words
@@ -86,6 +95,53 @@ impl Redactor {
                 .allow
                 .as_ref()
                 .is_some_and(|allow| !allow.contains(&normalize(key)))
+    }
+
+    /// [`is_sensitive`](Self::is_sensitive) without allocating, for ASCII keys of at most
+    /// [`SHORT_KEY`] bytes (nearly every key); `None` for the others, which take the general path.
+    /// Hand-written because it runs for every key of every payload: the key is lowercased into a
+    /// stack buffer without its separators, where each word, each pair of adjacent words written
+    /// together and the whole key are all substrings, looked up as `&str`.
+    fn is_sensitive_ascii(&self, key: &str) -> Option<bool> {
+        if key.len() > SHORT_KEY || !key.is_ascii() {
+            return None;
+        }
+        let mut joined = [0u8; SHORT_KEY];
+        let mut len = 0;
+        // Where each word starts in `joined`, and one past the end of the last.
+        let mut starts = [0u8; SHORT_KEY + 1];
+        let mut words = 0;
+        let mut in_word = false;
+        let mut previous_lower = false;
+        for &c in key.as_bytes() {
+            if !c.is_ascii_alphanumeric() {
+                in_word = false;
+                previous_lower = false;
+                continue;
+            }
+            if !in_word || (c.is_ascii_uppercase() && previous_lower) {
+                starts[words] = len as u8;
+                words += 1;
+                in_word = true;
+            }
+            previous_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+            joined[len] = c.to_ascii_lowercase();
+            len += 1;
+        }
+        starts[words] = len as u8;
+        // Only ASCII alphanumerics were copied.
+        let text = std::str::from_utf8(&joined[..len]).ok()?;
+        let part = |from: usize, to: usize| &text[starts[from] as usize..starts[to] as usize];
+        let denied = (0..words).any(|w| self.deny.contains(part(w, w + 1)))
+            || (1..words).any(|w| self.deny.contains(part(w - 1, w + 1)))
+            || self.deny.contains(text);
+        Some(
+            denied
+                || self
+                    .allow
+                    .as_ref()
+                    .is_some_and(|allow| !allow.contains(text)),
+        )
     }
 
     /// `value` with the values of sensitive keys replaced by [`REDACTED`], at any depth, and
@@ -360,6 +416,23 @@ mod tests {
                 prop_assert!(left.iter().all(|v| v == &Value::String(REDACTED.to_owned())));
                 let twice = redactor.redact(&once).into_owned();
                 prop_assert_eq!(twice, once);
+            }
+
+            /// The allocation-free check answers exactly what the general one does.
+            #[test]
+            fn the_fast_sensitive_key_check_agrees_with_the_general_one(
+                key in prop_oneof!["[ -~]{0,70}", "[a-zA-Z0-9_.-]{0,20}", "(api|Api|KEY|_|-|token|Tokens|iban|x|9){0,6}"],
+            ) {
+                for redactor in [
+                    Redactor::default(),
+                    Redactor::new(["iban", "x_9"], Some(["tokens_usage", "apikey", "x"])),
+                ] {
+                    let fast = redactor.is_sensitive_ascii(&key);
+                    prop_assert_eq!(fast.is_some(), key.len() <= SHORT_KEY, "{}", key);
+                    if let Some(fast) = fast {
+                        prop_assert_eq!(fast, redactor.is_sensitive_general(&key), "{}", key);
+                    }
+                }
             }
 
             #[test]
