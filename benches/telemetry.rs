@@ -75,6 +75,18 @@ fn render(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("{series}_series")),
             |b| b.iter(|| telemetry.render().unwrap()),
         );
+        // The same series with shared label values, as dispatchd makes its own (the SDK copies
+        // every series' attributes at each collect; a shared string is a reference count).
+        let shared = self::telemetry(series + 10);
+        let counter = shared.meter().unwrap().u64_counter("bench_series").build();
+        for n in 0..series {
+            let value = std::sync::Arc::<str>::from(n.to_string());
+            counter.add(1, &[KeyValue::new("shard", value)]);
+        }
+        group.bench_function(
+            BenchmarkId::new("shared_labels", format!("{series}_series")),
+            |b| b.iter(|| shared.render().unwrap()),
+        );
         group.bench_function(
             BenchmarkId::new("openmetrics", format!("{series}_series")),
             |b| b.iter(|| telemetry.render_as(Format::OpenMetrics).unwrap()),

@@ -92,10 +92,34 @@ pub struct MetricsStrategy {
     /// Indexed by category slot (event, command, intent, unknown), then status.
     outcomes: [[OnceLock<Outcome>; DispatchStatus::ALL.len()]; 4],
     dispatchers: Box<[DispatcherSlots]>,
-    commands: RwLock<HashMap<(String, String), BoundCounter<u64>>>,
+    commands: RwLock<Commands>,
     policies: RwLock<HashMap<String, BoundCounter<u64>>>,
     /// Where sampled dispatches leave their trace for OpenMetrics exemplars; `None` keeps none.
     exemplars: Option<Arc<ExemplarStore>>,
+}
+
+/// The label value that command types past [`MAX_COMMAND_TYPE_LABELS`] are counted under.
+const OTHER_COMMAND_TYPE: &str = "other";
+
+/// The bound `adapter_invocations` counters, by adapter then command type: looked up with the
+/// borrowed names, so a command that was seen before allocates nothing.
+#[derive(Default)]
+struct Commands {
+    by_adapter: HashMap<String, HashMap<String, BoundCounter<u64>>>,
+    /// (adapter, command type) pairs bound so far, `other` included.
+    pairs: usize,
+}
+
+impl Commands {
+    /// The counter for this command, or, once the cap is reached, its adapter's `other`.
+    fn find(&self, adapter: &str, command_type: &str) -> Option<&BoundCounter<u64>> {
+        let types = self.by_adapter.get(adapter)?;
+        types.get(command_type).or_else(|| {
+            (self.pairs >= MAX_COMMAND_TYPE_LABELS)
+                .then(|| types.get(OTHER_COMMAND_TYPE))
+                .flatten()
+        })
+    }
 }
 
 impl MetricsStrategy {
@@ -107,7 +131,7 @@ impl MetricsStrategy {
         let dispatchers = dispatcher_ids
             .into_iter()
             .map(|id| DispatcherSlots {
-                id: KeyValue::new(label::DISPATCHER_ID, id.to_owned()),
+                id: KeyValue::new(label::DISPATCHER_ID, super::shared(id)),
                 results: Default::default(),
                 duration: OnceLock::new(),
                 exemplars: None,
@@ -117,7 +141,7 @@ impl MetricsStrategy {
             metrics,
             outcomes: Default::default(),
             dispatchers,
-            commands: RwLock::new(HashMap::new()),
+            commands: RwLock::new(Commands::default()),
             policies: RwLock::new(HashMap::new()),
             exemplars: None,
         }
@@ -219,7 +243,7 @@ impl InstrumentationStrategy for MetricsStrategy {
         let Some(slots) = self.dispatchers.get(dispatcher.index) else {
             // An engine other than the one this strategy was built for: record unbound, still
             // with a dispatcher id the engine validated.
-            let id = KeyValue::new(label::DISPATCHER_ID, dispatcher.id.to_owned());
+            let id = KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher.id));
             self.metrics.executions.add(
                 1,
                 &[id.clone(), KeyValue::new(label::RESULT, result.as_str())],
@@ -266,24 +290,25 @@ impl InstrumentationStrategy for MetricsStrategy {
         command_type: &str,
         _: &serde_json::Value,
     ) {
-        let key = (adapter.to_owned(), command_type.to_owned());
-        if let Some(bound) = self.commands.read().get(&key) {
+        if let Some(bound) = self.commands.read().find(adapter, command_type) {
             bound.add(1);
             return;
         }
         let mut commands = self.commands.write();
-        let distinct_types = commands.len();
-        let key = if distinct_types < MAX_COMMAND_TYPE_LABELS {
-            key
+        let Commands { by_adapter, pairs } = &mut *commands;
+        let types = by_adapter.entry(adapter.to_owned()).or_default();
+        let command_type = if *pairs < MAX_COMMAND_TYPE_LABELS || types.contains_key(command_type) {
+            command_type
         } else {
-            (adapter.to_owned(), "other".to_owned())
+            OTHER_COMMAND_TYPE
         };
-        commands
-            .entry(key)
-            .or_insert_with_key(|(adapter, command_type)| {
+        types
+            .entry(command_type.to_owned())
+            .or_insert_with(|| {
+                *pairs += 1;
                 self.metrics.adapter_invocations.bind(&[
-                    KeyValue::new(label::ADAPTER, adapter.clone()),
-                    KeyValue::new(label::COMMAND_TYPE, command_type.clone()),
+                    KeyValue::new(label::ADAPTER, super::shared(adapter)),
+                    KeyValue::new(label::COMMAND_TYPE, super::shared(command_type)),
                 ])
             })
             .add(1);

@@ -426,6 +426,18 @@ mod tests {
         for n in 0..3000 {
             counter.add(n, &[KeyValue::new("shard", n.to_string())]);
         }
+        // Values that tie on their first eight bytes (and some that are prefixes of others), in
+        // series of one, two and three labels: the order's slow path.
+        let tied = meter.u64_counter("om_tied").build();
+        for n in (0..400).rev() {
+            let value = format!("tenant-0000{}", n % 40);
+            let labels = [
+                KeyValue::new("a", value.clone()),
+                KeyValue::new("b", format!("bucket-000{}", n / 40)),
+                KeyValue::new("c", format!("{}", n % 3)),
+            ];
+            tied.add(1, &labels[..1 + n % 3]);
+        }
         let gauge = meter.f64_gauge("om.level").with_unit("By").build();
         for (n, value) in [-0.0, 0.1, 1e21, -3.5, 1e-9, 123456789.0, f64::MAX]
             .into_iter()

@@ -38,7 +38,7 @@ impl LifecycleObserver for LifecycleMetrics {
         self.events.add(
             1,
             &[
-                KeyValue::new(label::DISPATCHER_ID, dispatcher_id.to_owned()),
+                KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher_id)),
                 KeyValue::new(label::EVENT, event.as_str()),
             ],
         );
@@ -49,7 +49,7 @@ impl LifecycleObserver for LifecycleMetrics {
             1,
             &[KeyValue::new(
                 label::DISPATCHER_ID,
-                dispatcher_id.to_owned(),
+                super::shared(dispatcher_id),
             )],
         );
     }
@@ -59,7 +59,7 @@ impl LifecycleObserver for LifecycleMetrics {
             delta,
             &[KeyValue::new(
                 label::DISPATCHER_ID,
-                dispatcher_id.to_owned(),
+                super::shared(dispatcher_id),
             )],
         );
     }
@@ -76,7 +76,7 @@ pub(super) fn observe(meter: &Meter, registry: &HealthRegistry) {
         (
             if h.healthy { 1.0 } else { 0.0 },
             Some([
-                KeyValue::new(label::IS_STALE, h.is_stale.to_string()),
+                KeyValue::new(label::IS_STALE, if h.is_stale { "true" } else { "false" }),
                 KeyValue::new(
                     label::ORIGIN,
                     match h.origin {

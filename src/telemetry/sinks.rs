@@ -41,7 +41,7 @@ impl SinkMetrics {
 }
 
 fn sink(name: &str) -> KeyValue {
-    KeyValue::new(label::SINK, name.to_owned())
+    KeyValue::new(label::SINK, super::shared(name))
 }
 
 impl SinkObserver for SinkMetrics {
@@ -61,7 +61,7 @@ impl SinkObserver for SinkMetrics {
             elapsed.as_secs_f64(),
             &[
                 sink(name),
-                KeyValue::new(label::STATUS_FAMILY, status_family.to_owned()),
+                KeyValue::new(label::STATUS_FAMILY, super::shared(status_family)),
             ],
         );
     }
@@ -151,8 +151,8 @@ impl BusMetrics {
 
 fn stream_group(stream: &str, group: &str) -> [KeyValue; 2] {
     [
-        KeyValue::new(label::STREAM, stream.to_owned()),
-        KeyValue::new(label::GROUP, group.to_owned()),
+        KeyValue::new(label::STREAM, super::shared(stream)),
+        KeyValue::new(label::GROUP, super::shared(group)),
     ]
 }
 
@@ -174,14 +174,14 @@ impl BusObserver for BusMetrics {
 
     fn reconnected(&self, stream: &str) {
         self.reconnects
-            .add(1, &[KeyValue::new(label::STREAM, stream.to_owned())]);
+            .add(1, &[KeyValue::new(label::STREAM, super::shared(stream))]);
     }
 
     fn published(&self, stream: &str, outcome: &'static str) {
         self.events.add(
             1,
             &[
-                KeyValue::new(label::STREAM, stream.to_owned()),
+                KeyValue::new(label::STREAM, super::shared(stream)),
                 KeyValue::new(label::OUTCOME, outcome),
             ],
         );

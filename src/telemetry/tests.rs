@@ -230,7 +230,18 @@ async fn command_type_labels_are_capped() {
             .dispatch("a.commands", &Envelope::new(format!("type{n}"), json!({})))
             .await;
     }
+    // A type seen before the cap keeps its own series after it.
+    engine
+        .dispatch("a.commands", &Envelope::new("type0", json!({})))
+        .await;
     let text = telemetry.render().unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            r#"dispatcher_adapter_invocations_total{adapter="ops",command_type="type0"}"#
+        ),
+        Some(2.0)
+    );
     let series = text
         .lines()
         .filter(|l| l.starts_with("dispatcher_adapter_invocations_total{"))
