@@ -19,8 +19,10 @@
 //!   starts after (and finds the path moved, and writes to a new file).
 //!
 //! [`Appender`] is the group-commit writer on top: one writer task owns the file, takes every
-//! line waiting, writes them in one blocking call (check, write, flush to the OS, and `fsync`
-//! when asked), then answers each caller. A caller's `append` returns only after its line reached
+//! line waiting, writes them in one call (check, write, flush to the OS, and `fsync` when
+//! asked), then answers each caller. Without `fsync`, on an open file whose last such call was
+//! fast, the call runs in place on the writer task (a few microseconds into the page cache);
+//! otherwise on tokio's blocking pool ([`commit_shared`] says when and why). A caller's `append` returns only after its line reached
 //! the operating system (or the disk), and a write error fails the lines it concerns instead of
 //! vanishing. Written here rather than taken from a crate: what it must do is specific (bounded
 //! queue as backpressure, one answer per line, commit at shutdown on a task tracker) and small.
@@ -32,6 +34,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +48,10 @@ const MAX_BATCH: usize = 256;
 const KEEP_BUFFER: usize = 1 << 20;
 /// Times an open retries when the path is replaced between opening and locking it.
 const OPEN_ATTEMPTS: usize = 8;
+/// A commit in place (see [`commit_shared`]) that took longer than this sends its file's next
+/// commits to the blocking pool for [`SLOW_BACKOFF`].
+const SLOW_IN_PLACE: Duration = Duration::from_millis(1);
+const SLOW_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Which file it is: the `file_kind` label of `file_torn_tails_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +169,8 @@ pub(crate) struct AppendFile {
     open: Option<OpenFile>,
     /// A write failed part way: the tail may be torn, and is repaired before the next write.
     suspect: bool,
+    /// Until when commits go to the blocking pool because one written in place was slow.
+    slow_until: Option<Instant>,
 }
 
 struct OpenFile {
@@ -184,6 +193,38 @@ impl AppendFile {
             reopen,
             open: None,
             suspect: false,
+            slow_until: None,
+        }
+    }
+
+    /// Whether a commit without `sync` may run in place, on the caller's thread: the file is
+    /// open, whole, not asked to reopen, and its last commit in place was fast. Reopening and
+    /// repairing read the file, and a disk that was slow once is given the blocking pool.
+    fn may_commit_in_place(&self, now: Instant) -> bool {
+        self.open.is_some()
+            && !self.suspect
+            && self.slow_until.is_none_or(|until| now >= until)
+            && !self
+                .reopen
+                .as_ref()
+                // Closed: nothing can ask any more (as `commit` reads it).
+                .is_some_and(|reopen| reopen.has_changed().unwrap_or(false))
+    }
+
+    /// Notes how long a commit in place took: past [`SLOW_IN_PLACE`], the next commits of this
+    /// file go to the blocking pool for [`SLOW_BACKOFF`].
+    fn note_in_place(&mut self, started: Instant) {
+        let now = Instant::now();
+        let took = now.duration_since(started);
+        if took > SLOW_IN_PLACE {
+            self.slow_until = Some(now + SLOW_BACKOFF);
+            tracing::debug!(
+                path = %self.path.display(),
+                took_us = took.as_micros() as u64,
+                "An append took long; the next ones go to the blocking pool for a while."
+            );
+        } else {
+            self.slow_until = None;
         }
     }
 
@@ -470,13 +511,32 @@ pub fn remove_if_empty(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Runs `commit` of a shared [`AppendFile`] on a blocking thread. Answers its result and gives
-/// `bytes` back (to reuse the buffer).
+/// Runs `commit` of a shared [`AppendFile`]. Answers its result and gives `bytes` back (to
+/// reuse the buffer).
+///
+/// Without `sync`, on an open and whole file that nobody else holds, the commit runs in place:
+/// its `flock`, `stat`, `write` and `flock` hand the bytes to the page cache in a few
+/// microseconds, which costs less than waking a blocking-pool thread and being woken by it (a
+/// profile of the default config at its ceiling had those wake-ups at a quarter of the CPU). A
+/// commit in place that takes longer than [`SLOW_IN_PLACE`] (a disk under writeback pressure, a
+/// network file system) sends the file's commits to the blocking pool for [`SLOW_BACKOFF`], so a
+/// slow disk stalls a runtime worker at most once per backoff. Opening, reopening, repairs and
+/// `fsync` always go to the blocking pool.
 pub(crate) async fn commit_shared(
     file: &Arc<Mutex<AppendFile>>,
     bytes: Vec<u8>,
     sync: bool,
 ) -> (io::Result<()>, Vec<u8>) {
+    if !sync {
+        if let Ok(mut held) = file.try_lock() {
+            let started = Instant::now();
+            if held.may_commit_in_place(started) {
+                let written = held.commit(&bytes, false);
+                held.note_in_place(started);
+                return (written, bytes);
+            }
+        }
+    }
     let file = file.clone();
     let done = tokio::task::spawn_blocking(move || {
         let written = file
@@ -681,6 +741,40 @@ mod tests {
         let mut numbers = parsed_lines(&path);
         numbers.sort_unstable();
         assert_eq!(numbers, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn commits_run_in_place_only_on_a_whole_open_file_that_was_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::default();
+        let mut file = files.file(&dir.path().join("m.jsonl"), FileKind::Messages);
+        let now = Instant::now();
+        assert!(!file.may_commit_in_place(now), "not open yet");
+        file.open().unwrap();
+        assert!(file.may_commit_in_place(now));
+
+        // One slow commit sends the next ones to the blocking pool for the backoff.
+        let slow_start = now.checked_sub(SLOW_IN_PLACE * 3).unwrap();
+        file.note_in_place(slow_start);
+        let after = Instant::now();
+        assert!(!file.may_commit_in_place(after));
+        assert!(file.may_commit_in_place(after + SLOW_BACKOFF));
+        file.note_in_place(Instant::now());
+        assert!(
+            file.may_commit_in_place(Instant::now()),
+            "a fast one clears it"
+        );
+
+        // A reopen asked for (SIGHUP), and a torn tail to repair, go to the blocking pool.
+        files.reopen();
+        assert!(!file.may_commit_in_place(Instant::now()));
+        file.commit(b"1\n", false).unwrap();
+        assert!(
+            file.may_commit_in_place(Instant::now()),
+            "the reopen was done"
+        );
+        file.suspect = true;
+        assert!(!file.may_commit_in_place(Instant::now()));
     }
 
     #[tokio::test]

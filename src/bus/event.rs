@@ -70,6 +70,33 @@ impl DispatchEvent {
         envelope: &Envelope,
         redactor: &Redactor,
     ) -> DispatchEvent {
+        let payload = redactor.redact(&envelope.payload).into_owned();
+        DispatchEvent::build(result, &envelope.headers, payload, redactor)
+    }
+
+    /// [`from_dispatch`](Self::from_dispatch) of an envelope the caller is done with: its payload
+    /// is redacted in place and moved into the event, where the borrowed form copies it.
+    pub fn from_dispatch_owned(
+        result: &DispatchResult,
+        envelope: Envelope,
+        redactor: &Redactor,
+    ) -> DispatchEvent {
+        let Envelope {
+            mut payload,
+            headers,
+            ..
+        } = envelope;
+        redactor.redact_in_place(&mut payload);
+        DispatchEvent::build(result, &headers, payload, redactor)
+    }
+
+    /// The event, with the payload already redacted.
+    fn build(
+        result: &DispatchResult,
+        headers: &std::collections::BTreeMap<String, String>,
+        payload: Value,
+        redactor: &Redactor,
+    ) -> DispatchEvent {
         let category = result.message_category.map_or("unknown", |c| c.as_str());
         let kind = if category == "command" {
             "tool"
@@ -77,7 +104,6 @@ impl DispatchEvent {
             "chain"
         };
         let text = |value: &str| sanitize(value).into_owned();
-        let payload = redactor.redact(&envelope.payload);
         let tokens_usage = payload
             .get("tokensUsage")
             .or_else(|| payload.get("usage"))
@@ -85,7 +111,7 @@ impl DispatchEvent {
             // an object would make them refuse the event, so there is no usage to report.
             .filter(|usage| usage.as_str() != Some(REDACTED))
             .cloned();
-        let user_id = envelope.headers.get("user_id").map(|user| {
+        let user_id = headers.get("user_id").map(|user| {
             if redactor.is_sensitive("user_id") {
                 REDACTED.to_owned()
             } else {
@@ -111,7 +137,7 @@ impl DispatchEvent {
             input: object([
                 ("message_type", Value::String(text(&result.message_type))),
                 ("message_id", Value::String(text(&result.message_id))),
-                ("payload", payload.into_owned()),
+                ("payload", payload),
             ]),
             output: object([
                 ("status", Value::String(result.status.as_str().to_owned())),
@@ -215,6 +241,29 @@ mod tests {
             ),
             ("helicone", HeliconeSink::body(event).to_string()),
         ]
+    }
+
+    #[test]
+    fn an_owned_envelope_gives_the_same_event() {
+        let envelope = Envelope::new(
+            "t\u{7}",
+            json!({
+                "usage": {"api_key": "S3CRET", "prompt_tokens": 3},
+                "items": [{"password": "p"}, "postgres://u:pw@h/db", 7],
+                "note": "Bearer abc.def",
+            }),
+        )
+        .with_header("user_id", "u-42");
+        for status in [DispatchStatus::Success, DispatchStatus::DispatcherError] {
+            let result = result_of("a.events", &envelope, status);
+            let redactor = Redactor::new(["note"], None::<[&str; 0]>);
+            let borrowed = DispatchEvent::from_dispatch(&result, &envelope, &redactor);
+            let mut owned =
+                DispatchEvent::from_dispatch_owned(&result, envelope.clone(), &redactor);
+            owned.timestamp = borrowed.timestamp;
+            assert_eq!(owned, borrowed);
+            assert!(!serde_json::to_string(&owned).unwrap().contains("S3CRET"));
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use utoipa::ToSchema;
 
 use super::error::Body;
@@ -71,7 +72,7 @@ struct BusView {
         (status = 503, description = "`not_ready` (a critical dispatcher is unhealthy) or `shutting_down`", body = Readiness),
     )
 )]
-pub(super) async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
+pub(super) async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, Json<Readiness>) {
     // Without waiting on a shared registry: the workers as of its last snapshot.
     let all = state.health.all();
     let unhealthy = all
@@ -152,7 +153,9 @@ pub(super) struct DispatcherList {
         (status = 503, description = "`registry_unavailable`, `overloaded` or `request_timeout`", body = ErrorBody),
     )
 )]
-pub(super) async fn list(State(state): State<ApiState>) -> Result<Json<DispatcherList>, ApiError> {
+pub(super) async fn list(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<DispatcherList>, ApiError> {
     let dispatchers = state.health.list().await.map_err(unavailable)?;
     Ok(Json(DispatcherList {
         total: dispatchers.len(),
@@ -199,7 +202,7 @@ struct DispatcherId {
     )
 )]
 pub(super) async fn one(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
 ) -> Result<Json<DispatcherDetail>, ApiError> {
     let health = state
@@ -244,7 +247,7 @@ pub(super) struct RouteList {
         (status = 503, description = "`overloaded` or `request_timeout`", body = ErrorBody),
     )
 )]
-pub(super) async fn routes(State(state): State<ApiState>) -> Json<RouteList> {
+pub(super) async fn routes(State(state): State<Arc<ApiState>>) -> Json<RouteList> {
     let routes: Vec<RouteView> = state
         .engine
         .routes()
@@ -309,7 +312,7 @@ pub(super) struct RegisterBody {
     )
 )]
 pub(super) async fn register(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -388,7 +391,7 @@ fn endpoint(text: &str) -> Result<reqwest::Url, ApiError> {
     )
 )]
 pub(super) async fn heartbeat(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
 ) -> Result<Json<DispatcherHealth>, ApiError> {
     valid_id(&id)?;
@@ -429,7 +432,7 @@ pub(super) struct Unregistered {
     )
 )]
 pub(super) async fn unregister(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Unregistered>, ApiError> {
     valid_id(&id)?;

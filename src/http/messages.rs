@@ -1,6 +1,7 @@
 //! `POST /api/v1/messages/{topic}`: one message in, its `DispatchResult` out.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
@@ -121,7 +122,7 @@ struct Topic {
     )
 )]
 pub(super) async fn ingest(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     PathParam(topic): PathParam,
     uri: Uri,
     headers: HeaderMap,
@@ -171,9 +172,9 @@ pub(super) async fn ingest(
     if let Some(events) = state.events.as_ref().filter(|bus| bus.has_subscribers()) {
         // Under the sinks' `block` policy this waits for room: backpressure, not loss.
         events
-            .publish(DispatchEvent::from_dispatch(
+            .publish(DispatchEvent::from_dispatch_owned(
                 &result,
-                &envelope,
+                envelope,
                 state.engine.redactor(),
             ))
             .await;

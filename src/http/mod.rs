@@ -104,7 +104,7 @@ pub fn guarded_router(state: ApiState, max_body_bytes: usize, guard: Guard) -> R
 /// OpenAPI description (`routes!` takes the path and method from the handler's
 /// `#[utoipa::path]`). A route added anywhere else needs the `admin` scope (see [`guard`]) and is
 /// missing from `/api/v1/openapi.json`, which a test catches.
-fn api_routes() -> Routes<ApiState> {
+fn api_routes() -> Routes<Arc<ApiState>> {
     use guard::Access::{Metrics, Open, Scope as Needs};
     use guard::Load::{Bounded, Exempt};
     use utoipa::OpenApi;
@@ -142,7 +142,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The router of `routes` behind `guard`, which reads their declared policies.
 fn assemble(
-    routes: Routes<ApiState>,
+    routes: Routes<Arc<ApiState>>,
     state: ApiState,
     max_body_bytes: usize,
     guard: Guard,
@@ -164,7 +164,9 @@ fn assemble(
             guard.bind(policies, max_body_bytes),
             guard::guard,
         ))
-        .with_state(state)
+        // One `Arc` for the request to clone: the state's own clone takes two cancellation
+        // tokens' locks and copies a string.
+        .with_state(Arc::new(state))
 }
 
 /// The API of a process that only forwards events (`dispatchd sink`): `/health` and `/metrics`.
@@ -205,7 +207,7 @@ struct Liveness {
     security(()),
     responses((status = 200, description = "The process serves", body = Liveness))
 )]
-async fn health(State(state): State<ApiState>) -> Json<Liveness> {
+async fn health(State(state): State<Arc<ApiState>>) -> Json<Liveness> {
     Json(Liveness {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),

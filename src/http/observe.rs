@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
 
 use super::openapi::ErrorBody;
 use super::{ApiError, ApiState};
@@ -32,7 +33,7 @@ use crate::telemetry::{Format, RenderError, stats};
     )
 )]
 pub(super) async fn metrics(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     metrics_of(State(state.telemetry.clone()), headers).await
@@ -80,7 +81,9 @@ pub(super) async fn metrics_of(
         (status = 503, description = "`metrics_unavailable`, `overloaded` or `request_timeout`", body = ErrorBody),
     )
 )]
-pub(super) async fn stats(State(state): State<ApiState>) -> Result<Json<stats::Stats>, ApiError> {
+pub(super) async fn stats(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<stats::Stats>, ApiError> {
     let telemetry = state.telemetry.clone();
     let engine = state.engine.clone();
     tokio::task::spawn_blocking(move || {

@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -177,7 +178,9 @@ impl RecentCalls {
         (status = 503, description = "`overloaded` or `request_timeout`", body = ErrorBody),
     )
 )]
-pub(super) async fn json(State(state): State<ApiState>) -> Result<Json<StatusReport>, ApiError> {
+pub(super) async fn json(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<StatusReport>, ApiError> {
     report(state).await.map(Json)
 }
 
@@ -195,7 +198,7 @@ pub(super) async fn json(State(state): State<ApiState>) -> Result<Json<StatusRep
         (status = 503, description = "`overloaded` or `request_timeout`", body = ErrorBody),
     )
 )]
-pub(super) async fn page(State(state): State<ApiState>) -> Result<Response, ApiError> {
+pub(super) async fn page(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let report = report(state).await?;
     Ok((
         [(header::CACHE_CONTROL, "no-store")],
@@ -206,7 +209,7 @@ pub(super) async fn page(State(state): State<ApiState>) -> Result<Response, ApiE
 
 /// Builds the report now. Reading the metric families is CPU work proportional to the series,
 /// so it runs on the blocking pool, as `/api/v1/stats` does.
-async fn report(state: ApiState) -> Result<StatusReport, ApiError> {
+async fn report(state: Arc<ApiState>) -> Result<StatusReport, ApiError> {
     let telemetry = state.telemetry.clone();
     let families = tokio::task::spawn_blocking(move || telemetry.gather().ok())
         .await

@@ -71,7 +71,7 @@ pub struct Telemetry {
 enum State {
     Disabled,
     Failed(String),
-    Enabled(Enabled),
+    Enabled(Box<Enabled>),
 }
 
 struct Enabled {
@@ -122,7 +122,7 @@ impl Telemetry {
             };
         }
         let state = match Enabled::new(config, otlp, instance_id, None) {
-            Ok(enabled) => State::Enabled(enabled),
+            Ok(enabled) => State::Enabled(Box::new(enabled)),
             Err(error) => {
                 tracing::error!(%error, "The metrics exporter could not be built; /metrics will answer 503.");
                 State::Failed(error)
@@ -512,7 +512,7 @@ pub(crate) fn with_reference(config: &MetricsConfig) -> (Telemetry, prometheus::
     let enabled = Enabled::new(config, None, None, Some(registry.clone())).unwrap();
     (
         Telemetry {
-            state: Arc::new(State::Enabled(enabled)),
+            state: Arc::new(State::Enabled(Box::new(enabled))),
         },
         registry,
     )

@@ -47,12 +47,27 @@ static KEY_VALUE: LazyLock<Regex> = LazyLock::new(|| {
 /// Masks secrets and caps the text at [`MAX_ERROR_CHARS`] characters. Allocates only when the
 /// text changes.
 pub fn sanitize(text: &str) -> Cow<'_, str> {
+    if !may_hold_a_secret(text) {
+        return truncate(Cow::Borrowed(text));
+    }
     let mut text = Cow::Borrowed(text);
     replace(&mut text, &PEM_BLOCK, "[REDACTED PEM BLOCK]");
     replace(&mut text, &URL_USERINFO, "${scheme}***@");
     replace(&mut text, &BEARER, "${word} ***");
     replace(&mut text, &KEY_VALUE, "${key}${sep}***");
     truncate(text)
+}
+
+/// Whether any pattern could match: each needs a `:` or `=` (a key's separator, a URL's
+/// scheme), `-----BEGIN ` or the word `bearer` in some case. Most strings (payload values run
+/// through here one by one) have none of them, and this scan is what they cost instead of four
+/// regex searches with captures (measured: about 1 µs for a typical payload). Held equal to the
+/// full path by a property test.
+fn may_hold_a_secret(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.iter().any(|&b| b == b':' || b == b'=')
+        || text.contains("-----BEGIN ")
+        || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"bearer"))
 }
 
 fn replace(text: &mut Cow<'_, str>, pattern: &Regex, with: &str) {
@@ -74,6 +89,45 @@ fn truncate(text: Cow<'_, str>) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The full path, without the prefilter.
+    fn sanitize_slow(text: &str) -> Cow<'_, str> {
+        let mut text = Cow::Borrowed(text);
+        replace(&mut text, &PEM_BLOCK, "[REDACTED PEM BLOCK]");
+        replace(&mut text, &URL_USERINFO, "${scheme}***@");
+        replace(&mut text, &BEARER, "${word} ***");
+        replace(&mut text, &KEY_VALUE, "${key}${sep}***");
+        truncate(text)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::proptest_cases(2000)))]
+
+        /// Whatever the prefilter skips, the patterns would not have changed.
+        #[test]
+        fn the_prefilter_skips_only_text_no_pattern_changes(
+            text in r"(?s)(bearer|BeArEr|token|password|-----BEGIN [A-Z]+-----|://|[:= @/a-zA-Z0-9_.\n-]|.){0,40}"
+        ) {
+            proptest::prop_assert_eq!(sanitize(&text), sanitize_slow(&text));
+        }
+    }
+
+    #[test]
+    fn the_prefilter_keeps_every_pattern_reachable() {
+        for text in [
+            "-----BEGIN KEY-----abc",
+            "https://u:p@h",
+            "Bearer abc",
+            "BEARER abc",
+            "password=x",
+            "token: y",
+        ] {
+            assert!(may_hold_a_secret(text), "{text}");
+            assert_ne!(sanitize(text), text, "{text}");
+        }
+        assert!(!may_hold_a_secret("EUR"));
+        assert!(!may_hold_a_secret("ana@example.com"));
+    }
 
     #[test]
     fn masks_url_userinfo() {
