@@ -1,9 +1,12 @@
 //! The protections' metrics, fed through `ResilienceObserver`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+use opentelemetry::metrics::{BoundCounter, BoundGauge, Counter, Gauge, Histogram, Meter};
+use parking_lot::RwLock;
 
 use super::catalog::{self, InstrumentSpec, label};
 use super::engine::{counter, histogram};
@@ -12,7 +15,8 @@ use crate::resilience::{
 };
 
 /// Breaker, rate limiter, retry and cache metrics. State changes are rare next to dispatches, so
-/// these record unbound, with attributes in the catalog's fixed order.
+/// these record unbound, with attributes in the catalog's fixed order; the caches' metrics,
+/// recorded twice per dispatch through a dedup cache, are bound once per cache name.
 pub struct ResilienceMetrics {
     breaker_state: Gauge<f64>,
     breaker_trips: Counter<u64>,
@@ -21,7 +25,24 @@ pub struct ResilienceMetrics {
     cluster_fallbacks: Counter<u64>,
     cache_operations: Counter<u64>,
     cache_hit_ratio: Gauge<f64>,
+    caches: RwLock<HashMap<String, Arc<CacheInstruments>>>,
 }
+
+/// One cache's bound instruments: `dispatcher_cache_operations_total` by (operation, result),
+/// in [`OPERATIONS`]' order, and its hit ratio.
+struct CacheInstruments {
+    operations: [BoundCounter<u64>; OPERATIONS.len()],
+    hit_ratio: BoundGauge<f64>,
+}
+
+/// Every (operation, result) a cache reports.
+const OPERATIONS: [(CacheOperation, CacheResult); 5] = [
+    (CacheOperation::Get, CacheResult::Hit),
+    (CacheOperation::Get, CacheResult::Miss),
+    (CacheOperation::Set, CacheResult::None),
+    (CacheOperation::Invalidate, CacheResult::None),
+    (CacheOperation::Expire, CacheResult::None),
+];
 
 fn gauge(meter: &Meter, spec: InstrumentSpec) -> Gauge<f64> {
     meter
@@ -41,7 +62,32 @@ impl ResilienceMetrics {
             cluster_fallbacks: counter(meter, catalog::DISPATCHER_CLUSTER_FALLBACKS),
             cache_operations: counter(meter, catalog::DISPATCHER_CACHE_OPERATIONS),
             cache_hit_ratio: gauge(meter, catalog::DISPATCHER_CACHE_HIT_RATIO),
+            caches: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// `cache`'s bound instruments, bound on first use.
+    fn cache(&self, cache: &str) -> Arc<CacheInstruments> {
+        if let Some(found) = self.caches.read().get(cache) {
+            return found.clone();
+        }
+        let name = KeyValue::new(label::CACHE, super::shared(cache));
+        self.caches
+            .write()
+            .entry(cache.to_owned())
+            .or_insert_with(|| {
+                Arc::new(CacheInstruments {
+                    operations: OPERATIONS.map(|(operation, result)| {
+                        self.cache_operations.bind(&[
+                            name.clone(),
+                            KeyValue::new(label::OPERATION, operation.as_str()),
+                            KeyValue::new(label::RESULT, result.as_str()),
+                        ])
+                    }),
+                    hit_ratio: self.cache_hit_ratio.bind(std::slice::from_ref(&name)),
+                })
+            })
+            .clone()
     }
 }
 
@@ -82,18 +128,21 @@ impl ResilienceObserver for ResilienceMetrics {
     }
 
     fn cache_operation(&self, cache: &str, operation: CacheOperation, result: CacheResult) {
-        self.cache_operations.add(
-            1,
-            &[
-                KeyValue::new(label::CACHE, cache.to_owned()),
-                KeyValue::new(label::OPERATION, operation.as_str()),
-                KeyValue::new(label::RESULT, result.as_str()),
-            ],
-        );
+        match OPERATIONS.iter().position(|o| *o == (operation, result)) {
+            Some(index) => self.cache(cache).operations[index].add(1),
+            // A pair no cache reports today: recorded unbound all the same.
+            None => self.cache_operations.add(
+                1,
+                &[
+                    KeyValue::new(label::CACHE, super::shared(cache)),
+                    KeyValue::new(label::OPERATION, operation.as_str()),
+                    KeyValue::new(label::RESULT, result.as_str()),
+                ],
+            ),
+        }
     }
 
     fn cache_hit_ratio(&self, cache: &str, ratio: f64) {
-        self.cache_hit_ratio
-            .record(ratio, &[KeyValue::new(label::CACHE, cache.to_owned())]);
+        self.cache(cache).hit_ratio.record(ratio);
     }
 }

@@ -321,3 +321,33 @@ fn passing_the_cardinality_limit_is_reported() {
     );
     assert!(text.contains("# TYPE metric_cardinality_overflow gauge"));
 }
+
+#[test]
+fn cache_metrics_are_bound_per_cache_and_count_every_operation() {
+    use crate::resilience::{CacheOperation, CacheResult, ResilienceObserver};
+    let telemetry = Telemetry::new(&config("", 2000));
+    let metrics = ResilienceMetrics::new(telemetry.meter().unwrap());
+    for cache in ["dedup.a", "dedup.b"] {
+        metrics.cache_operation(cache, CacheOperation::Get, CacheResult::Hit);
+        metrics.cache_operation(cache, CacheOperation::Get, CacheResult::Hit);
+        for _ in 0..41 {
+            metrics.cache_operation(cache, CacheOperation::Expire, CacheResult::None);
+        }
+    }
+    metrics.cache_hit_ratio("dedup.a", 0.25);
+    metrics.cache_hit_ratio("dedup.a", 0.5);
+    let text = telemetry.render().unwrap();
+    for cache in ["dedup.a", "dedup.b"] {
+        let series = |operation: &str, result: &str| {
+            format!(
+                r#"dispatcher_cache_operations_total{{cache="{cache}",operation="{operation}",result="{result}"}}"#
+            )
+        };
+        assert_eq!(sample(&text, &series("get", "hit")), Some(2.0), "{text}");
+        assert_eq!(sample(&text, &series("expire", "none")), Some(41.0));
+    }
+    assert_eq!(
+        sample(&text, r#"dispatcher_cache_hit_ratio{cache="dedup.a"}"#),
+        Some(0.5)
+    );
+}
