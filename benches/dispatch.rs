@@ -204,10 +204,36 @@ fn protections(c: &mut Criterion) {
     let without_dedup = build(&without_dedup);
     let only_dedup = build(&only_dedup);
     let mut group = c.benchmark_group("protections");
+    // The cache alone, as a dispatch uses it for a fresh id (a miss, then remembered), at
+    // capacity: what `dedup` costs beyond the protected call path it also brings.
+    let cache =
+        dispatchd::resilience::DedupCache::new("dedup.d0".into(), config.dedup.unwrap(), None);
+    let ids: Vec<String> = (0..200_000).map(|n| format!("m{n}")).collect();
+    let mut next = 0usize;
+    group.bench_function("dedup_cache_alone", |b| {
+        b.iter(|| {
+            let id = &ids[next % ids.len()];
+            next += 1;
+            let seen = cache.contains(id);
+            cache.remember(id);
+            seen
+        });
+    });
+    // The protected call path with a protection that does nothing: a retry policy of one
+    // attempt.
+    let path_only = build(&ResilienceConfig {
+        retry: Some(RetryPolicy {
+            attempts: 1,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        }),
+        ..ResilienceConfig::default()
+    });
     let mut n = 0u64;
     for (label, engine) in [
         ("bare", bare),
         ("retry_breaker_rate_limit", without_dedup),
+        ("protected_path_only", path_only),
         ("dedup", only_dedup),
         ("retry_breaker_rate_limit_dedup", protected),
     ] {
