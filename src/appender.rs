@@ -81,6 +81,9 @@ impl FileKind {
 pub trait FileObserver: Send + Sync + 'static {
     /// A torn last line of `bytes` bytes was moved aside.
     fn torn_tail(&self, kind: FileKind, bytes: u64);
+    /// An append written in place took longer than 1 ms; the file's next ones go to the
+    /// blocking pool for 10 s.
+    fn slow_write(&self, _kind: FileKind) {}
 }
 
 /// What every appended file of a process shares: the reopen signal and the observer of repairs.
@@ -218,11 +221,16 @@ impl AppendFile {
         let took = now.duration_since(started);
         if took > SLOW_IN_PLACE {
             self.slow_until = Some(now + SLOW_BACKOFF);
-            tracing::debug!(
+            // At most once per backoff per file: the next commits do not run in place.
+            tracing::warn!(
                 path = %self.path.display(),
-                took_us = took.as_micros() as u64,
-                "An append took long; the next ones go to the blocking pool for a while."
+                took_ms = took.as_secs_f64() * 1e3,
+                backoff_s = SLOW_BACKOFF.as_secs(),
+                "An append took longer than 1 ms (a slow or saturated disk); this file's writes go to the blocking pool for a while."
             );
+            if let Some(observer) = &self.observer {
+                observer.slow_write(self.kind);
+            }
         } else {
             self.slow_until = None;
         }
@@ -702,13 +710,17 @@ mod tests {
         .unwrap()
     }
 
-    /// Counts repairs by kind.
+    /// Counts repairs by kind, and slow writes.
     #[derive(Default)]
-    struct Repairs(Mutex<Vec<(FileKind, u64)>>);
+    struct Repairs(Mutex<Vec<(FileKind, u64)>>, Mutex<Vec<FileKind>>);
 
     impl FileObserver for Repairs {
         fn torn_tail(&self, kind: FileKind, bytes: u64) {
             self.0.lock().unwrap().push((kind, bytes));
+        }
+
+        fn slow_write(&self, kind: FileKind) {
+            self.1.lock().unwrap().push(kind);
         }
     }
 
@@ -746,7 +758,7 @@ mod tests {
     #[test]
     fn commits_run_in_place_only_on_a_whole_open_file_that_was_fast() {
         let dir = tempfile::tempdir().unwrap();
-        let files = Files::default();
+        let (files, observed) = observed();
         let mut file = files.file(&dir.path().join("m.jsonl"), FileKind::Messages);
         let now = Instant::now();
         assert!(!file.may_commit_in_place(now), "not open yet");
@@ -758,11 +770,21 @@ mod tests {
         file.note_in_place(slow_start);
         let after = Instant::now();
         assert!(!file.may_commit_in_place(after));
+        assert_eq!(
+            *observed.1.lock().unwrap(),
+            [FileKind::Messages],
+            "counted once"
+        );
         assert!(file.may_commit_in_place(after + SLOW_BACKOFF));
         file.note_in_place(Instant::now());
         assert!(
             file.may_commit_in_place(Instant::now()),
             "a fast one clears it"
+        );
+        assert_eq!(
+            observed.1.lock().unwrap().len(),
+            1,
+            "a fast one is not counted"
         );
 
         // A reopen asked for (SIGHUP), and a torn tail to repair, go to the blocking pool.

@@ -524,6 +524,15 @@ pub const FILE_TORN_TAILS: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const FILE_SLOW_WRITES: InstrumentSpec = InstrumentSpec {
+    name: "file_slow_writes",
+    kind: Kind::Counter,
+    unit: "{write}",
+    description: "Appends written in place that took longer than 1 ms, by file kind; each sends that file's writes to the blocking pool for 10 s (a slow or saturated disk).",
+    labels: &[label::FILE_KIND],
+    buckets: &[],
+};
+
 /// Every instrument, in the order of PRODUCT.md's table.
 pub const ALL: &[InstrumentSpec] = &[
     DISPATCHER_ACTIVE,
@@ -566,6 +575,7 @@ pub const ALL: &[InstrumentSpec] = &[
     METRIC_CARDINALITY_OVERFLOW,
     FILE_TORN_TAILS,
     DISPATCHER_CLUSTER_FALLBACKS,
+    FILE_SLOW_WRITES,
 ];
 
 #[cfg(test)]
@@ -618,6 +628,7 @@ mod tests {
                 "metric_cardinality_overflow",
                 "file_torn_tails_total",
                 "dispatcher_cluster_fallbacks_total",
+                "file_slow_writes_total",
             ]
         );
         assert_eq!(

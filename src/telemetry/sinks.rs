@@ -75,15 +75,17 @@ impl SinkObserver for SinkMetrics {
     }
 }
 
-/// `file_torn_tails_total`.
+/// `file_torn_tails_total` and `file_slow_writes_total`.
 pub struct FileMetrics {
     torn_tails: Counter<u64>,
+    slow_writes: Counter<u64>,
 }
 
 impl FileMetrics {
     pub fn new(meter: &Meter) -> FileMetrics {
         FileMetrics {
             torn_tails: counter(meter, catalog::FILE_TORN_TAILS),
+            slow_writes: counter(meter, catalog::FILE_SLOW_WRITES),
         }
     }
 }
@@ -91,6 +93,11 @@ impl FileMetrics {
 impl FileObserver for FileMetrics {
     fn torn_tail(&self, kind: FileKind, _bytes: u64) {
         self.torn_tails
+            .add(1, &[KeyValue::new(label::FILE_KIND, kind.as_str())]);
+    }
+
+    fn slow_write(&self, kind: FileKind) {
+        self.slow_writes
             .add(1, &[KeyValue::new(label::FILE_KIND, kind.as_str())]);
     }
 }
