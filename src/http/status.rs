@@ -31,6 +31,7 @@ use super::openapi::ErrorBody;
 use super::{ApiError, ApiState};
 use crate::health::{DispatcherHealth, State as Lifecycle};
 use crate::telemetry::catalog::{self, label};
+use crate::telemetry::stats::label_value;
 
 /// How often the page reloads itself, in seconds.
 pub(super) const REFRESH_SECONDS: u32 = 5;
@@ -346,14 +347,6 @@ fn family<'f>(
         .find(|f| f.name() == name)
         .map(|f| f.get_metric())
         .unwrap_or_default()
-}
-
-fn label_value<'m>(metric: &'m Metric, name: &str) -> Option<&'m str> {
-    metric
-        .get_label()
-        .iter()
-        .find(|l| l.name() == name)
-        .map(|l| l.value())
 }
 
 fn breaker_states(families: &[MetricFamily], namespace: &str) -> HashMap<String, f64> {

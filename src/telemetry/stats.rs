@@ -168,7 +168,8 @@ pub fn compute<'a>(
     }
 }
 
-fn label_value<'m>(metric: &'m Metric, name: &str) -> Option<&'m str> {
+/// The value of label `name` of a gathered series (the stats API and the status page read them).
+pub fn label_value<'m>(metric: &'m Metric, name: &str) -> Option<&'m str> {
     metric
         .get_label()
         .iter()
