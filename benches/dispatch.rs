@@ -204,21 +204,37 @@ fn protections(c: &mut Criterion) {
     let without_dedup = build(&without_dedup);
     let only_dedup = build(&only_dedup);
     let mut group = c.benchmark_group("protections");
-    // The cache alone, as a dispatch uses it for a fresh id (a miss, then remembered), at
-    // capacity: what `dedup` costs beyond the protected call path it also brings.
-    let cache =
-        dispatchd::resilience::DedupCache::new("dedup.d0".into(), config.dedup.unwrap(), None);
-    let ids: Vec<String> = (0..200_000).map(|n| format!("m{n}")).collect();
-    let mut next = 0usize;
-    group.bench_function("dedup_cache_alone", |b| {
-        b.iter(|| {
-            let id = &ids[next % ids.len()];
-            next += 1;
-            let seen = cache.contains(id);
-            cache.remember(id);
-            seen
+    // The cache alone, as a dispatch uses it for a fresh id (one key, a miss, then remembered),
+    // full: what `dedup` costs beyond the protected call path it also brings. At 1,000 ids its
+    // table (64 KiB) stays in the core's cache; at 100,000 (8 MiB) each fresh id's bucket is a
+    // trip to memory.
+    let ids: Vec<String> = (0..1_000_000).map(|n| format!("m{n}")).collect();
+    for capacity in [1_000u64, 100_000] {
+        let cache = dispatchd::resilience::DedupCache::new(
+            "dedup.d0".into(),
+            DedupConfig {
+                capacity,
+                ..config.dedup.unwrap()
+            },
+            None,
+        );
+        let mut next = 0usize;
+        let label = if capacity == 100_000 {
+            "dedup_cache_alone".to_owned()
+        } else {
+            format!("dedup_cache_alone/capacity_{capacity}")
+        };
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                let id = &ids[next % ids.len()];
+                next += 1;
+                let key = cache.key(id);
+                let seen = cache.contains_key(key);
+                cache.remember_key(key);
+                seen
+            });
         });
-    });
+    }
     // The protected call path with a protection that does nothing: a retry policy of one
     // attempt.
     let path_only = build(&ResilienceConfig {

@@ -1963,6 +1963,11 @@ fn validate_resilience(
     }
     if let Some(c) = &d.dedup {
         check(c.capacity != 0, "dedup.capacity", "must be at least 1");
+        check(
+            c.capacity <= crate::resilience::MAX_CAPACITY,
+            "dedup.capacity",
+            "must be at most 16777216 (its table would take more than 1 GiB)",
+        );
     }
     let scopes = [
         ("rate_limit.scope", d.rate_limit.as_ref().map(|r| &r.scope)),

@@ -367,6 +367,9 @@ mode = "sometimes"
 [dispatchers.retry]
 attempts = 1000
 initial_backoff = "20s"
+
+[dispatchers.dedup]
+capacity = 100000000
 "#,
     );
     assert_eq!(
@@ -377,6 +380,7 @@ initial_backoff = "20s"
             "FILE:12: `dispatchers[0].rate_limit.mode`: must be \"wait\" or \"reject\"",
             "FILE:15: `dispatchers[0].retry.attempts`: must be at most 100",
             "FILE:16: `dispatchers[0].retry.initial_backoff`: must not be longer than retry.max_backoff",
+            "FILE:19: `dispatchers[0].dedup.capacity`: must be at most 16777216 (its table would take more than 1 GiB)",
         ]
     );
 }

@@ -497,8 +497,8 @@ impl Engine {
                 .await;
         };
         let message_id = message.envelope.message_id.as_str();
-        let held = match protections.claim(message_id).await {
-            Claim::Run(held) => held,
+        let claimed = match protections.claim(message_id).await {
+            Claim::Run(claimed) => claimed,
             Claim::Duplicate => {
                 return Err(Failure::new(ExecutionResult::Skipped, String::new()));
             }
@@ -512,8 +512,8 @@ impl Engine {
         let admitted = match protections.admit().await {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                if let Some(held) = held {
-                    protections.settle(held, message_id, false).await;
+                if claimed.holds_cluster_claim() {
+                    protections.settle(claimed, message_id, false).await;
                 }
                 return Err(Failure::new(ExecutionResult::Rejected, refusal.to_string()));
             }
@@ -524,10 +524,10 @@ impl Engine {
         match &run {
             // Nothing was called: the breaker learns nothing about the other side.
             Err(failure) if failure.unavailable => protections.release(admitted),
-            _ => protections.finish(admitted, run.is_ok(), message_id),
+            _ => protections.finish(admitted, run.is_ok(), &claimed),
         }
-        if let Some(held) = held {
-            protections.settle(held, message_id, run.is_ok()).await;
+        if claimed.holds_cluster_claim() {
+            protections.settle(claimed, message_id, run.is_ok()).await;
         }
         run
     }

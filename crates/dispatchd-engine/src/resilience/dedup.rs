@@ -1,10 +1,10 @@
 use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
+use siphasher::sip128::{Hasher128, SipHasher13};
 use tokio::time::Instant;
 
 use super::ResilienceObserver;
@@ -13,7 +13,8 @@ use super::ResilienceObserver;
 pub struct DedupConfig {
     /// How long a handled message id is remembered.
     pub ttl: Duration,
-    /// Ids remembered at most; past it the least useful are evicted (S3-FIFO).
+    /// Ids the table is sized for (at most [`MAX_CAPACITY`]): each is remembered for the TTL
+    /// until about this many newer ids have arrived (see [`DedupCache`]).
     pub capacity: u64,
     /// Cluster: also shared with every instance (see [`super::DedupStore`]).
     pub scope: super::Scope,
@@ -59,134 +60,277 @@ impl CacheResult {
     }
 }
 
-/// The message ids a dispatcher handled successfully, for a TTL, bounded in number.
+/// The most ids one dedup cache can be sized for (`dedup.capacity`): its table is then 1 GiB.
+pub const MAX_CAPACITY: u64 = 1 << 24;
+
+/// Slots in one bucket: a bucket is 128 bytes, the pair of cache lines that x86 cores fetch
+/// together, so a lookup or an insert touches one place in memory.
+const WAYS: usize = 8;
+/// Slots per id the table is sized for: with four, an id is pushed out early by ids landing in
+/// its bucket only with a probability of about 2 in 10,000 (see [`DedupCache`]).
+const SLOTS_PER_ID: u64 = 4;
+/// A slot's `meta`: the time it was remembered (milliseconds since the cache was made, plus
+/// one, so that zero is an empty slot) in the high 40 bits (34 years), and 24 more bits of the
+/// id's hash in the low ones.
+const CHECK_BITS: u32 = 24;
+const CHECK_MASK: u64 = (1 << CHECK_BITS) - 1;
+const MAX_STAMP: u64 = (1 << (64 - CHECK_BITS)) - 1;
+/// Tries of an insert whose slot another insert took first; past them the id is not
+/// remembered (a duplicate of it would run: at-least-once, never a message skipped).
+const INSERT_TRIES: usize = 4;
+
+/// One remembered id. The two words are written without a lock, `meta` first (by a
+/// compare-and-swap, which claims the slot) and `tag` second; a reader that sees one word of
+/// an insert and not the other finds no match, since a match needs both the tag (64 bits) and
+/// the check bits of `meta` (24 more) of the same id.
+#[derive(Default)]
+struct Slot {
+    tag: AtomicU64,
+    meta: AtomicU64,
+}
+
+fn remembered_at(meta: u64) -> u64 {
+    (meta >> CHECK_BITS).saturating_sub(1)
+}
+
+#[derive(Default)]
+#[repr(C, align(128))]
+struct Bucket([Slot; WAYS]);
+
+impl Bucket {
+    /// The slot holding `key`, with its `meta`.
+    fn find(&self, key: DedupKey) -> Option<(&Slot, u64)> {
+        let check = key.check();
+        self.0.iter().find_map(|slot| {
+            let meta = slot.meta.load(Ordering::Relaxed);
+            (meta != 0 && meta & CHECK_MASK == check && slot.tag.load(Ordering::Relaxed) == key.tag)
+                .then_some((slot, meta))
+        })
+    }
+}
+
+/// A message id as the cache knows it: 128 bits of a keyed SipHash-1-3 of the id. Made once per
+/// message with [`DedupCache::key`], for both the lookup and the insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupKey {
+    tag: u64,
+    /// Picks the bucket (low bits) and is checked (high 24 bits).
+    spread: u64,
+}
+
+impl DedupKey {
+    fn check(self) -> u64 {
+        self.spread >> (64 - CHECK_BITS)
+    }
+}
+
+/// What an insert pushed out of its slot.
+enum Displaced {
+    Nothing,
+    /// An id past its TTL.
+    Expired,
+    /// An id still within its TTL: its bucket was full.
+    Live,
+}
+
+/// The message ids a dispatcher handled successfully, for a TTL, in a table of bounded size.
 ///
-/// Storage and eviction are `quick_cache`'s (sharded, S3-FIFO, bounded by `capacity`); the TTL is
-/// checked against tokio's clock on every read, so an id is never reported as seen past its TTL,
-/// and paused-time tests drive expiry. An id past its TTL is dropped when it is next read or
-/// when capacity evicts it, and either way counted as `expire`; an id evicted for capacity
-/// before its TTL is counted as `invalidate`.
+/// The table is a set-associative hash table, written here rather than taken from a cache crate
+/// because a dedup set needs so little of one: a message id is looked up once, when it arrives,
+/// and remembered once, when it succeeded; it is never read again unless a duplicate comes. Each
+/// id is a 128-bit keyed hash (SipHash-1-3 with keys random per process, so no sender can craft
+/// ids that collide), and lives in one of the eight slots of the 128-byte bucket its hash picks:
+/// a lookup and an insert each touch one bucket, one place in memory, with no lock (atomic
+/// loads, and one compare-and-swap to insert). A general cache spends three or four scattered
+/// memory accesses per fresh id (its hash table, its eviction queues), each a cache miss in a
+/// table of 100,000 random keys, and takes a shard lock for each.
+///
+/// The table has four slots for each id of `capacity` (rounded up to a power of two), 16 bytes
+/// each. An insert takes a free slot, or else the bucket's oldest id: so an id is remembered for
+/// its TTL unless eight newer ids land in its bucket first. Until `capacity` newer ids have
+/// arrived that happens to about 2 in 10,000 ids (a Poisson tail: at most two newer ids per
+/// bucket on average); past `capacity` it becomes likelier, and ids older than the TTL are gone
+/// whatever the room. A cache crate was used before this one: its S3-FIFO policy put a fresh id
+/// in a small queue of 3 % of the capacity that no id ever leaves by being read again, so a
+/// cache of 100,000 remembered only the last 3,000 ids (`remembers_the_last_capacity_ids`).
+///
+/// The TTL is checked against tokio's clock, so paused-time tests drive expiry. An id found past
+/// its TTL is dropped and counted as `expire`; an insert that takes the slot of an id past its
+/// TTL counts `expire`, and of an id within it `invalidate`.
 pub struct DedupCache {
     name: Arc<str>,
-    ttl: Duration,
-    /// Keyed by a 128-bit keyed hash of the id, not the id: no allocation per message, and the
-    /// two SipHash keys are random per process, so no sender can craft a colliding id.
-    cache: quick_cache::sync::Cache<u128, Instant, UnitWeighter, DefaultHashBuilder, Evictions>,
-    keys: (RandomState, RandomState),
+    ttl_ms: u64,
+    epoch: Instant,
+    buckets: Box<[Bucket]>,
+    hasher: SipHasher13,
+    /// Gets and hits, for `dispatcher_cache_hit_ratio`; kept only with an observer.
     gets: AtomicU64,
     hits: AtomicU64,
     observer: Option<Arc<dyn ResilienceObserver>>,
 }
 
-/// Counts what capacity evicts, as `expire` or `invalidate`.
-#[derive(Clone)]
-struct Evictions {
-    name: Arc<str>,
-    ttl: Duration,
-    observer: Option<Arc<dyn ResilienceObserver>>,
-}
-
-impl Lifecycle<u128, Instant> for Evictions {
-    type RequestState = ();
-
-    fn begin_request(&self) {}
-
-    fn on_evict(&self, _: &mut (), _: u128, remembered: Instant) {
-        if let Some(observer) = &self.observer {
-            let operation = if remembered.elapsed() > self.ttl {
-                CacheOperation::Expire
-            } else {
-                CacheOperation::Invalidate
-            };
-            observer.cache_operation(&self.name, operation, CacheResult::None);
-        }
-    }
-}
-
 impl DedupCache {
-    /// `name` is the `cache` label (`dedup.<dispatcher_id>`).
+    /// `name` is the `cache` label (`dedup.<dispatcher_id>`). `config.capacity` is taken as at
+    /// most [`MAX_CAPACITY`].
     pub fn new(
         name: String,
         config: DedupConfig,
         observer: Option<Arc<dyn ResilienceObserver>>,
     ) -> DedupCache {
-        let name: Arc<str> = name.into();
-        let capacity = usize::try_from(config.capacity).unwrap_or(usize::MAX);
-        let evictions = Evictions {
-            name: name.clone(),
-            ttl: config.ttl,
-            observer: observer.clone(),
-        };
-        let cache = quick_cache::sync::Cache::with(
-            capacity,
-            config.capacity,
-            UnitWeighter,
-            DefaultHashBuilder::default(),
-            evictions,
-        );
+        let capacity = config.capacity.clamp(1, MAX_CAPACITY);
+        let buckets = (capacity * SLOTS_PER_ID)
+            .next_power_of_two()
+            .max(WAYS as u64)
+            / WAYS as u64;
+        // Two draws of std's per-process random SipHash keys, as the keys of ours.
+        let random = || RandomState::new().hash_one(0u64);
         DedupCache {
-            name,
-            ttl: config.ttl,
-            cache,
-            keys: (RandomState::new(), RandomState::new()),
+            name: name.into(),
+            ttl_ms: u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX),
+            epoch: Instant::now(),
+            buckets: (0..buckets).map(|_| Bucket::default()).collect(),
+            hasher: SipHasher13::new_with_keys(random(), random()),
             gets: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             observer,
         }
     }
 
+    /// How many ids the table has slots for (four per id of `capacity`, rounded up).
+    pub fn slots(&self) -> usize {
+        self.buckets.len() * WAYS
+    }
+
+    /// The key of `message_id`, for [`DedupCache::contains_key`] and
+    /// [`DedupCache::remember_key`]: hash an id once, use it twice.
+    pub fn key(&self, message_id: &str) -> DedupKey {
+        let mut hasher = self.hasher;
+        hasher.write(message_id.as_bytes());
+        let hash = hasher.finish128();
+        DedupKey {
+            tag: hash.h1,
+            spread: hash.h2,
+        }
+    }
+
     /// Whether `message_id` was remembered within the TTL. Counts a get (hit or miss), and an
     /// expiry when the id was there but too old.
     pub fn contains(&self, message_id: &str) -> bool {
-        let key = self.key(message_id);
-        let hit = match self.cache.get(&key) {
-            Some(remembered) if remembered.elapsed() <= self.ttl => true,
-            Some(_) => {
-                self.cache.remove(&key);
-                self.observe(CacheOperation::Expire, CacheResult::None);
-                false
+        self.contains_key(self.key(message_id))
+    }
+
+    /// [`DedupCache::contains`] for a key made with [`DedupCache::key`].
+    pub fn contains_key(&self, key: DedupKey) -> bool {
+        let (hit, expired) = match self.bucket(key).find(key) {
+            None => (false, false),
+            Some((_, meta)) if self.now_ms().saturating_sub(remembered_at(meta)) <= self.ttl_ms => {
+                (true, false)
             }
-            None => false,
+            Some((slot, meta)) => {
+                // Unless an insert took the slot meanwhile.
+                let _ = slot
+                    .meta
+                    .compare_exchange(meta, 0, Ordering::Relaxed, Ordering::Relaxed);
+                (false, true)
+            }
         };
-        let gets = self.gets.fetch_add(1, Ordering::Relaxed) + 1;
-        let hits = if hit {
-            self.hits.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            self.hits.load(Ordering::Relaxed)
-        };
-        self.observe(
-            CacheOperation::Get,
-            if hit {
+        if let Some(observer) = &self.observer {
+            if expired {
+                observer.cache_operation(&self.name, CacheOperation::Expire, CacheResult::None);
+            }
+            let gets = self.gets.fetch_add(1, Ordering::Relaxed) + 1;
+            let hits = if hit {
+                self.hits.fetch_add(1, Ordering::Relaxed) + 1
+            } else {
+                self.hits.load(Ordering::Relaxed)
+            };
+            let result = if hit {
                 CacheResult::Hit
             } else {
                 CacheResult::Miss
-            },
-        );
-        if let Some(observer) = &self.observer {
+            };
+            observer.cache_operation(&self.name, CacheOperation::Get, result);
             observer.cache_hit_ratio(&self.name, hits as f64 / gets as f64);
-        }
-        if hit {
-            tracing::debug!(cache = %self.name, message_id, "Skipped a duplicate message.");
         }
         hit
     }
 
     /// Remembers `message_id` from now.
     pub fn remember(&self, message_id: &str) {
-        self.cache.insert(self.key(message_id), Instant::now());
-        self.observe(CacheOperation::Set, CacheResult::None);
+        self.remember_key(self.key(message_id));
     }
 
-    fn key(&self, message_id: &str) -> u128 {
-        let high = self.keys.0.hash_one(message_id);
-        let low = self.keys.1.hash_one(message_id);
-        (u128::from(high) << 64) | u128::from(low)
-    }
-
-    fn observe(&self, operation: CacheOperation, result: CacheResult) {
-        if let Some(observer) = &self.observer {
-            observer.cache_operation(&self.name, operation, result);
+    /// [`DedupCache::remember`] for a key made with [`DedupCache::key`].
+    pub fn remember_key(&self, key: DedupKey) {
+        let now = self.now_ms();
+        let fresh = ((now + 1).min(MAX_STAMP) << CHECK_BITS) | key.check();
+        let bucket = self.bucket(key);
+        let mut displaced = None;
+        for _ in 0..INSERT_TRIES {
+            // One pass: the slot already holding this id, or else the first empty one, or else
+            // the oldest (`meta` orders by time, and an empty slot's is zero).
+            let mut at = 0;
+            let mut old = u64::MAX;
+            let mut same = false;
+            for (n, slot) in bucket.0.iter().enumerate() {
+                let meta = slot.meta.load(Ordering::Relaxed);
+                if meta != 0
+                    && meta & CHECK_MASK == key.check()
+                    && slot.tag.load(Ordering::Relaxed) == key.tag
+                {
+                    (at, old, same) = (n, meta, true);
+                    break;
+                }
+                if meta < old {
+                    (at, old) = (n, meta);
+                }
+            }
+            let slot = &bucket.0[at];
+            if slot
+                .meta
+                .compare_exchange(old, fresh, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            if !same {
+                slot.tag.store(key.tag, Ordering::Relaxed);
+            }
+            displaced = Some(if old == 0 || same {
+                Displaced::Nothing
+            } else if now.saturating_sub(remembered_at(old)) > self.ttl_ms {
+                Displaced::Expired
+            } else {
+                Displaced::Live
+            });
+            break;
         }
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        match displaced {
+            None => {
+                tracing::debug!(cache = %self.name, "An id was not remembered: its bucket was busy.")
+            }
+            Some(Displaced::Nothing) => {}
+            Some(Displaced::Expired) => {
+                observer.cache_operation(&self.name, CacheOperation::Expire, CacheResult::None);
+            }
+            Some(Displaced::Live) => {
+                observer.cache_operation(&self.name, CacheOperation::Invalidate, CacheResult::None);
+            }
+        }
+        observer.cache_operation(&self.name, CacheOperation::Set, CacheResult::None);
+    }
+
+    fn bucket(&self, key: DedupKey) -> &Bucket {
+        // `buckets.len()` is a power of two.
+        &self.buckets[(key.spread as usize) & (self.buckets.len() - 1)]
+    }
+
+    /// Milliseconds since the cache was made, on tokio's clock.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -220,6 +364,11 @@ mod tests {
             },
             Some(counts.clone()),
         );
+        assert_eq!(
+            cache.slots(),
+            64,
+            "four slots per id, rounded up to a power of two"
+        );
         for n in 0..100 {
             cache.remember(&format!("m{n}"));
         }
@@ -231,8 +380,8 @@ mod tests {
             .filter(|c| **c == ("invalidate", "none"))
             .count();
         assert!(
-            invalidated >= 80,
-            "bounded by capacity: {invalidated} evicted"
+            invalidated >= 100 - cache.slots(),
+            "bounded by its slots: {invalidated} evicted"
         );
         counts.0.lock().unwrap().clear();
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -279,5 +428,138 @@ mod tests {
                 ("get", "miss")
             ]
         );
+    }
+
+    fn cache(capacity: u64, ttl: Duration) -> DedupCache {
+        let config = DedupConfig {
+            scope: Default::default(),
+            ttl,
+            capacity,
+        };
+        DedupCache::new("dedup.d".into(), config, None)
+    }
+
+    /// The promise of `capacity`: an id is still known after `capacity` newer ids. The cache
+    /// crate this replaced remembered 3,000 of them.
+    #[test]
+    fn remembers_the_last_capacity_ids() {
+        let capacity = 100_000;
+        let cache = cache(capacity, Duration::from_secs(600));
+        let total = 3 * capacity as usize;
+        for n in 0..total {
+            cache.remember(&format!("m{n}"));
+        }
+        let known = |from: usize| {
+            (from..total)
+                .filter(|n| cache.contains(&format!("m{n}")))
+                .count()
+        };
+        assert_eq!(
+            known(total - 10_000),
+            10_000,
+            "every one of the last 10,000"
+        );
+        let last = known(total - capacity as usize);
+        assert!(
+            last >= 99_900,
+            "all but 1 in 1,000 of the last {capacity}: {last}"
+        );
+        let never = (0..100_000)
+            .filter(|n| cache.contains(&format!("x{n}")))
+            .count();
+        assert_eq!(never, 0, "no id that was never remembered is reported");
+    }
+
+    /// Threads remembering their own ids at once: none is lost to another's insert.
+    #[test]
+    fn remembers_from_many_threads() {
+        let cache = Arc::new(cache(100_000, Duration::from_secs(600)));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    for n in 0..5_000 {
+                        let id = format!("t{t}-m{n}");
+                        assert!(!cache.contains(&id));
+                        cache.remember(&id);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        for t in 0..4 {
+            for n in 0..5_000 {
+                assert!(cache.contains(&format!("t{t}-m{n}")), "t{t}-m{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_made_once_serves_both_calls() {
+        let cache = cache(1_000, Duration::from_secs(60));
+        let key = cache.key("m1");
+        assert_eq!(key, cache.key("m1"));
+        assert_ne!(key, cache.key("m2"));
+        assert!(!cache.contains_key(key));
+        cache.remember_key(key);
+        assert!(cache.contains("m1"));
+        assert!(!cache.contains("m2"));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Remember(u8),
+        Contains(u8),
+        Advance(u16),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u8..32).prop_map(Op::Remember),
+            (0u8..32).prop_map(Op::Contains),
+            (0u16..2_000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Below its capacity the cache is exactly a set with a TTL: a model of a map from id to
+        /// the time it was remembered agrees with every answer.
+        #[test]
+        fn below_capacity_it_is_a_set_with_a_ttl(ops in proptest::collection::vec(op(), 1..200)) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let ttl = Duration::from_millis(5_000);
+                let cache = cache(1_000, ttl);
+                let mut model = std::collections::HashMap::new();
+                let mut now = Duration::ZERO;
+                for op in ops {
+                    match op {
+                        Op::Remember(id) => {
+                            cache.remember(&format!("m{id}"));
+                            model.insert(id, now);
+                        }
+                        Op::Contains(id) => {
+                            let expected = model.get(&id).is_some_and(|at| now - *at <= ttl);
+                            proptest::prop_assert_eq!(cache.contains(&format!("m{id}")), expected, "m{} at {:?}", id, now);
+                            if !expected {
+                                model.remove(&id);
+                            }
+                        }
+                        Op::Advance(ms) => {
+                            tokio::time::advance(Duration::from_millis(u64::from(ms))).await;
+                            now += Duration::from_millis(u64::from(ms));
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
     }
 }

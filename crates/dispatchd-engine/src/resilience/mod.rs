@@ -50,7 +50,7 @@ use std::time::Duration;
 pub use breaker::{BreakerConfig, BreakerState, BreakerTicket, CircuitBreaker, Trip};
 pub use cluster::{ClusterProtection, DedupClaim, DedupStore, RateLimitStore, Scope, StoreError};
 pub use concurrency::{ConcurrencyConfig, ConcurrencyLimit};
-pub use dedup::{CacheOperation, CacheResult, DedupCache, DedupConfig};
+pub use dedup::{CacheOperation, CacheResult, DedupCache, DedupConfig, DedupKey, MAX_CAPACITY};
 pub use rate_limit::{RateLimitConfig, RateLimitMode, RateLimiter};
 pub use retry::RetryPolicy;
 
@@ -171,17 +171,29 @@ pub struct Protections {
 /// What [`Protections::claim`] decided about a message id.
 #[must_use]
 pub enum Claim {
-    /// Run it; with a [`Held`] claim on the cluster store to hand to [`Protections::settle`].
-    Run(Option<Held>),
+    /// Run it; hand the [`Claimed`] to [`Protections::finish`] and [`Protections::settle`].
+    Run(Claimed),
     /// Already handled successfully within the TTL (here, or on another instance).
     Duplicate,
     /// Another instance is running it now.
     InProgress,
 }
 
-/// A cluster dedup claim this instance holds: give it back with [`Protections::settle`].
+/// A message id [`Protections::claim`] let run: its dedup key, made once, and whether this
+/// instance holds its claim on the cluster store.
 #[must_use]
-pub struct Held(());
+pub struct Claimed {
+    key: Option<DedupKey>,
+    held: bool,
+}
+
+impl Claimed {
+    /// Whether this instance holds the id's claim on the cluster dedup store, to give back with
+    /// [`Protections::settle`].
+    pub fn holds_cluster_claim(&self) -> bool {
+        self.held
+    }
+}
 
 /// A call that passed every protection: hold it while the call runs, then hand it back to
 /// [`Protections::finish`].
@@ -232,14 +244,18 @@ impl Protections {
     /// Dedup, with the cluster store when there is one: the local cache answers first; then the
     /// store claims the id for this run. A store that cannot answer lets the call run.
     pub async fn claim(&self, message_id: &str) -> Claim {
-        if self.is_duplicate(message_id) {
-            return Claim::Duplicate;
+        let key = self.dedup.as_ref().map(|dedup| dedup.key(message_id));
+        if let (Some(dedup), Some(key)) = (&self.dedup, key) {
+            if dedup.contains_key(key) {
+                tracing::debug!(dispatcher_id = %self.dispatcher_id, message_id, "Skipped a duplicate message.");
+                return Claim::Duplicate;
+            }
         }
         let Some(store) = &self.cluster_dedup else {
-            return Claim::Run(None);
+            return Claim::Run(Claimed { key, held: false });
         };
         match store.claim(message_id).await {
-            Ok(DedupClaim::Claimed) => Claim::Run(Some(Held(()))),
+            Ok(DedupClaim::Claimed) => Claim::Run(Claimed { key, held: true }),
             Ok(DedupClaim::Done) => {
                 tracing::debug!(dispatcher_id = %self.dispatcher_id, message_id, "Skipped a message another instance handled.");
                 Claim::Duplicate
@@ -248,15 +264,18 @@ impl Protections {
             Err(error) => {
                 tracing::warn!(dispatcher_id = %self.dispatcher_id, %error, "The cluster dedup store did not answer; running the call (at-least-once).");
                 self.fallback(ClusterProtection::Dedup);
-                Claim::Run(None)
+                Claim::Run(Claimed { key, held: false })
             }
         }
     }
 
     /// Gives a cluster claim back: kept for the dedup TTL when the call succeeded, forgotten
-    /// otherwise (refused or failed), so that a retry may run anywhere.
-    pub async fn settle(&self, held: Held, message_id: &str, succeeded: bool) {
-        let Held(()) = held;
+    /// otherwise (refused or failed), so that a retry may run anywhere. Nothing to do when this
+    /// instance holds no claim.
+    pub async fn settle(&self, claimed: Claimed, message_id: &str, succeeded: bool) {
+        if !claimed.held {
+            return;
+        }
         let Some(store) = &self.cluster_dedup else {
             return;
         };
@@ -384,14 +403,12 @@ impl Protections {
 
     /// Records the call's outcome with the breaker, and remembers the message for dedup when it
     /// succeeded.
-    pub fn finish(&self, admitted: Admitted, succeeded: bool, message_id: &str) {
+    pub fn finish(&self, admitted: Admitted, succeeded: bool, claimed: &Claimed) {
         if let (Some(breaker), Some(ticket)) = (&self.breaker, admitted.ticket) {
             breaker.record(ticket, succeeded);
         }
-        if succeeded {
-            if let Some(dedup) = &self.dedup {
-                dedup.remember(message_id);
-            }
+        if let (true, Some(dedup), Some(key)) = (succeeded, &self.dedup, claimed.key) {
+            dedup.remember_key(key);
         }
     }
 
