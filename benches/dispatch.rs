@@ -245,9 +245,19 @@ fn protections(c: &mut Criterion) {
         }),
         ..ResilienceConfig::default()
     });
+    // Dedup whose table (64 KiB) stays in the core's cache: the instructions without the trip to
+    // memory.
+    let small_dedup = build(&ResilienceConfig {
+        dedup: Some(DedupConfig {
+            capacity: 1_000,
+            ..config.dedup.unwrap()
+        }),
+        ..ResilienceConfig::default()
+    });
     let mut n = 0u64;
     for (label, engine) in [
         ("bare", bare),
+        ("dedup_capacity_1000", small_dedup),
         ("retry_breaker_rate_limit", without_dedup),
         ("protected_path_only", path_only),
         ("dedup", only_dedup),
