@@ -2,8 +2,8 @@
 //!
 //! Owns: retry with exponential backoff and full jitter ([`RetryPolicy`]), the circuit breaker
 //! ([`CircuitBreaker`]), the token-bucket rate limiter ([`RateLimiter`], on `governor`), the
-//! concurrency limit ([`ConcurrencyLimit`]) and the de-duplication cache ([`DedupCache`], on
-//! `quick_cache`), bundled per dispatcher as [`Protections`].
+//! concurrency limit ([`ConcurrencyLimit`]) and the de-duplication cache ([`DedupCache`], a
+//! lock-free table of keyed hashes written for it), bundled per dispatcher as [`Protections`].
 //!
 //! Composition, in the order a call meets them (the engine applies them in this order, and a
 //! test holds it there):
