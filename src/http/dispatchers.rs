@@ -28,10 +28,28 @@ pub(super) struct Readiness {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-enum Verdict {
+pub(super) enum Verdict {
     Ready,
     NotReady,
     ShuttingDown,
+}
+
+impl Verdict {
+    /// As `/ready` writes it.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ready => "ready",
+            Verdict::NotReady => "not_ready",
+            Verdict::ShuttingDown => "shutting_down",
+        }
+    }
+
+    pub(super) fn http_status(self) -> StatusCode {
+        match self {
+            Verdict::Ready => StatusCode::OK,
+            Verdict::NotReady | Verdict::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -90,11 +108,8 @@ pub(super) async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, Js
         healthy: all.iter().filter(|h| h.healthy).count(),
         stale: all.iter().filter(|h| h.is_stale).count(),
     };
-    let (verdict, status) = match verdict(&state, &all) {
-        ("shutting_down", status) => (Verdict::ShuttingDown, status),
-        ("not_ready", status) => (Verdict::NotReady, status),
-        (_, status) => (Verdict::Ready, status),
-    };
+    let verdict = verdict(&state, &all);
+    let status = verdict.http_status();
     // Reported, never a reason to be unready: every instance shares the bus, so failing
     // readiness on it would take all of them out of rotation while dispatch still works.
     let bus = state.events.as_ref().map(|bus| {
@@ -115,18 +130,17 @@ pub(super) async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, Js
     )
 }
 
-/// `/ready`'s verdict on `all` (the registry's dispatchers now), and its HTTP status; the status
-/// page shows the same.
-pub(super) fn verdict(state: &ApiState, all: &[DispatcherHealth]) -> (&'static str, StatusCode) {
+/// `/ready`'s verdict on `all` (the registry's dispatchers now); the status page shows the same.
+pub(super) fn verdict(state: &ApiState, all: &[DispatcherHealth]) -> Verdict {
     if state.draining.is_cancelled() {
-        ("shutting_down", StatusCode::SERVICE_UNAVAILABLE)
+        Verdict::ShuttingDown
     } else if all
         .iter()
         .any(|h| h.origin == Origin::InProcess && h.critical && !h.healthy)
     {
-        ("not_ready", StatusCode::SERVICE_UNAVAILABLE)
+        Verdict::NotReady
     } else {
-        ("ready", StatusCode::OK)
+        Verdict::Ready
     }
 }
 

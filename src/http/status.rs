@@ -218,7 +218,7 @@ async fn report(state: Arc<ApiState>) -> Result<StatusReport, ApiError> {
         .unwrap_or_default();
     let namespace = state.telemetry.namespace().to_owned();
     let all = state.health.all();
-    let (status, _) = super::dispatchers::verdict(&state, &all);
+    let status = super::dispatchers::verdict(&state, &all).as_str();
     let mut reasons: Vec<(bool, String)> = all
         .iter()
         .filter(|h| !h.healthy)
