@@ -79,6 +79,10 @@ impl FileKind {
 
 /// Told about repairs (the metrics implement it).
 pub trait FileObserver: Send + Sync + 'static {
+    /// A file of `kind` will be appended to: its counters can start at zero, so that the first
+    /// repair or slow write is an increase (Prometheus's `increase` does not see a series that
+    /// appears at 1).
+    fn appending(&self, _kind: FileKind) {}
     /// A torn last line of `bytes` bytes was moved aside.
     fn torn_tail(&self, kind: FileKind, bytes: u64);
     /// An append written in place took longer than 1 ms; the file's next ones go to the
@@ -189,6 +193,9 @@ impl AppendFile {
         observer: Option<Arc<dyn FileObserver>>,
         reopen: Option<watch::Receiver<u64>>,
     ) -> AppendFile {
+        if let Some(observer) = &observer {
+            observer.appending(kind);
+        }
         AppendFile {
             path: path.to_owned(),
             kind,

@@ -91,6 +91,12 @@ impl FileMetrics {
 }
 
 impl FileObserver for FileMetrics {
+    fn appending(&self, kind: FileKind) {
+        let kind = [KeyValue::new(label::FILE_KIND, kind.as_str())];
+        self.torn_tails.add(0, &kind);
+        self.slow_writes.add(0, &kind);
+    }
+
     fn torn_tail(&self, kind: FileKind, _bytes: u64) {
         self.torn_tails
             .add(1, &[KeyValue::new(label::FILE_KIND, kind.as_str())]);

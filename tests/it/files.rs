@@ -87,6 +87,22 @@ async fn torn_last_lines_are_moved_aside_at_start_so_every_line_parses() {
     app.stop().await.unwrap();
 }
 
+/// The repair and slow-write counters of every appended file exist at zero from the start, so
+/// that the first torn tail or slow write is an increase to Prometheus (a series that appears
+/// at 1 is not one) and the dashboard's panel has its lines.
+#[tokio::test]
+async fn file_counters_start_at_zero_for_each_appended_file() {
+    let app = TestApp::start().await;
+    let metrics = app.scrape().await;
+    for family in ["file_torn_tails_total", "file_slow_writes_total"] {
+        for kind in ["messages", "sink_events"] {
+            let series = format!(r#"{family}{{file_kind="{kind}"}}"#);
+            assert_eq!(sample(&metrics, &series), Some(0.0), "{series}: {metrics}");
+        }
+    }
+    app.stop().await.unwrap();
+}
+
 /// Kills the child if a test fails before it stopped it.
 struct Running(Child);
 
