@@ -8,6 +8,7 @@
 //! docs/pipeline.md says; every instance answers the same for every worker and stays ready; the
 //! stale worker's alert fires once for the fleet, the killed instance's alert is on its way, and no
 //! other alert fires; the dashboards count each dispatcher and worker once, not once per instance.
+//! And the page's nginx snippet, run by nginx in front of one instance and a dead address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -583,4 +584,94 @@ async fn three_instances_and_two_sinks_behave_as_one_service_through_kills_and_a
         (Some(4.0), Some(1.0)),
         "the dashboards' active dispatchers and stale workers, over three instances"
     );
+}
+
+/// docs/cluster.md's nginx snippet, run by nginx itself, in front of a dispatchd and an address
+/// where nothing listens: nginx accepts the configuration, and every POST is answered by the live
+/// instance, the refused connections retried there (`proxy_next_upstream error`) and the dead
+/// address then skipped (`max_fails=1`).
+#[tokio::test]
+async fn nginx_from_the_docs_sends_every_post_past_an_instance_that_refuses() {
+    let Some(nginx) = required_tool("nginx") else {
+        return;
+    };
+    let app = crate::support::TestApp::start().await;
+    let dead = free_port();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstreams = snippet("nginx");
+    for (documented, ours) in [
+        (
+            "listen 9000;".to_owned(),
+            format!("listen 127.0.0.1:{port};"),
+        ),
+        ("10.0.0.11:9000".to_owned(), format!("127.0.0.1:{dead}")),
+        ("10.0.0.12:9000".to_owned(), app.addr.to_string()),
+        ("10.0.0.13:9000".to_owned(), format!("127.0.0.1:{dead}")),
+    ] {
+        assert!(upstreams.contains(&documented), "{documented}: {upstreams}");
+        upstreams = upstreams.replace(&documented, &ours);
+    }
+    // What a distribution's nginx.conf around the snippet provides, in our directory.
+    let root = dir.path().display();
+    let config = format!(
+        "pid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{}}\nhttp {{\n\
+         access_log off;\nclient_body_temp_path {root}/body;\nproxy_temp_path {root}/proxy;\n\
+         fastcgi_temp_path {root}/fastcgi;\nuwsgi_temp_path {root}/uwsgi;\n\
+         scgi_temp_path {root}/scgi;\n{upstreams}}}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let checked = Command::new(&nginx)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&path)
+        .arg("-t")
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "nginx -t accepts docs/cluster.md's configuration: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let _nginx = Running(
+        Command::new(&nginx)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .args(["-g", "daemon off; master_process off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nginx starts"),
+    );
+    let balancer = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_for_async("nginx to listen", || {
+        let client = client.clone();
+        let url = format!("{balancer}/health");
+        async move { client.get(url).send().await.is_ok() }
+    })
+    .await;
+    for n in 0..9 {
+        let response = client
+            .post(format!("{balancer}/api/v1/messages/shop.orders.events"))
+            .json(&json!({"message_type": "order.placed", "payload": {"n": n}}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::OK, "message {n} through nginx: {body}");
+        assert_eq!(body["status"], "success", "message {n}: {body}");
+    }
+    let dispatched = app
+        .jsonl_lines()
+        .iter()
+        .filter(|line| line["topic"] == "shop.orders.events")
+        .count();
+    assert_eq!(dispatched, 9, "each POST ran once, none twice");
+    app.stop().await.unwrap();
 }

@@ -195,7 +195,7 @@ pub(crate) fn required_tool(name: &str) -> Option<std::path::PathBuf> {
     if found.is_none() {
         assert!(
             std::env::var("DISPATCHD_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "{name} is required (DISPATCHD_REQUIRE_TOOLS=1) but not on PATH: install the Debian package that provides it (prometheus, redis-server, nats-server, haproxy)"
+            "{name} is required (DISPATCHD_REQUIRE_TOOLS=1) but not on PATH: install the Debian package that provides it (prometheus, redis-server, nats-server, haproxy, nginx-light)"
         );
         eprintln!(
             "SKIPPED: {name} is not on PATH (install the Debian package that provides it to run this test)"
