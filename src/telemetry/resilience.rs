@@ -117,6 +117,16 @@ impl ResilienceObserver for ResilienceMetrics {
         self.retries.add(1, &id(dispatcher_id));
     }
 
+    fn cluster_scoped(&self, dispatcher_id: &str, protection: ClusterProtection) {
+        self.cluster_fallbacks.add(
+            0,
+            &[
+                KeyValue::new(label::DISPATCHER_ID, dispatcher_id.to_owned()),
+                KeyValue::new(label::PROTECTION, protection.as_str()),
+            ],
+        );
+    }
+
     fn cluster_fallback(&self, dispatcher_id: &str, protection: ClusterProtection) {
         self.cluster_fallbacks.add(
             1,

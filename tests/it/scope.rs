@@ -292,6 +292,14 @@ async fn with_redis_gone_dedup_runs_and_the_limiter_decides_locally_without_hang
     resilience.dedup = dedup(Scope::Cluster).dedup;
     let app = instance(&url, &unique("scope-down"), 1, &id, &probe, resilience).await;
     assert_eq!(send(&app, "before", json!({})).await.1["status"], "success");
+    // From the start at zero, so that the first fallback is an increase to Prometheus.
+    let text = app.scrape().await;
+    for protection in ["dedup", "rate_limit"] {
+        let series = format!(
+            "dispatcher_cluster_fallbacks_total{{dispatcher_id=\"{id}\",protection=\"{protection}\"}}"
+        );
+        assert_eq!(sample(&text, &series), Some(0.0), "{series} in\n{text}");
+    }
     drop(own);
 
     let started = Instant::now();

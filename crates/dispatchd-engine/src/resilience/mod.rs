@@ -65,6 +65,10 @@ pub trait ResilienceObserver: Send + Sync + 'static {
     fn cache_hit_ratio(&self, _cache: &str, _ratio: f64) {}
     /// A cluster-scoped protection's store did not answer and the instance decided alone.
     fn cluster_fallback(&self, _dispatcher_id: &str, _protection: ClusterProtection) {}
+    /// This dispatcher's protection is cluster-scoped: its fallbacks can be counted from zero, so
+    /// that the first one is an increase (Prometheus's `increase` does not see a series that
+    /// appears at 1).
+    fn cluster_scoped(&self, _dispatcher_id: &str, _protection: ClusterProtection) {}
 }
 
 /// Several observers as one.
@@ -91,6 +95,9 @@ impl ResilienceObserver for Observers {
     }
     fn cache_hit_ratio(&self, cache: &str, ratio: f64) {
         self.0.iter().for_each(|o| o.cache_hit_ratio(cache, ratio));
+    }
+    fn cluster_scoped(&self, id: &str, protection: ClusterProtection) {
+        self.0.iter().for_each(|o| o.cluster_scoped(id, protection));
     }
     fn cluster_fallback(&self, id: &str, protection: ClusterProtection) {
         self.0
@@ -230,6 +237,9 @@ impl Protections {
     /// Shares dedup with every instance on `store` (`dedup.scope = "cluster"`); the local cache
     /// stays in front of it.
     pub fn with_cluster_dedup(mut self, store: Arc<dyn DedupStore>) -> Protections {
+        if let Some(observer) = &self.observer {
+            observer.cluster_scoped(&self.dispatcher_id, ClusterProtection::Dedup);
+        }
         self.cluster_dedup = Some(store);
         self
     }
@@ -237,6 +247,9 @@ impl Protections {
     /// Shares the rate limit with every instance on `store` (`rate_limit.scope = "cluster"`);
     /// the local limiter is the fallback while the store cannot answer.
     pub fn with_cluster_rate_limit(mut self, store: Arc<dyn RateLimitStore>) -> Protections {
+        if let Some(observer) = &self.observer {
+            observer.cluster_scoped(&self.dispatcher_id, ClusterProtection::RateLimit);
+        }
         self.cluster_rate_limit = Some(store);
         self
     }
