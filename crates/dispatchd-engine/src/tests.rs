@@ -804,23 +804,25 @@ mod protections {
         assert_eq!(dropped.load(Ordering::SeqCst), 3);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_duplicate_is_skipped_only_after_a_success() {
+    /// An engine of one scripted dispatcher with only dedup, and the dispatcher's call count.
+    fn deduplicating(failures: usize, ttl: Duration, capacity: u64) -> (Engine, Arc<AtomicUsize>) {
         let seen = Arc::new(Seen::default());
-        let (handler, calls) = scripted(1, ErrorKind::Permanent);
+        let (handler, calls) = scripted(failures, ErrorKind::Permanent);
         let dedup = Some(DedupConfig {
             scope: Default::default(),
-            ttl: Duration::from_secs(60),
-            capacity: 100,
+            ttl,
+            capacity,
         });
-        let engine = protected(
-            handler,
-            ResilienceConfig {
-                dedup,
-                ..Default::default()
-            },
-            &seen,
-        );
+        let config = ResilienceConfig {
+            dedup,
+            ..Default::default()
+        };
+        (protected(handler, config, &seen), calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duplicate_is_skipped_only_after_a_success() {
+        let (engine, calls) = deduplicating(1, Duration::from_secs(60), 100);
         let message = event("t").with_message_id("order-7");
 
         let first = engine.dispatch("a.events", &message).await;
@@ -852,21 +854,7 @@ mod protections {
     /// 3 % of its capacity: here, after 30 other messages.)
     #[tokio::test]
     async fn a_duplicate_after_many_other_messages_is_still_skipped() {
-        let seen = Arc::new(Seen::default());
-        let (handler, calls) = scripted(0, ErrorKind::Permanent);
-        let dedup = Some(DedupConfig {
-            scope: Default::default(),
-            ttl: Duration::from_secs(600),
-            capacity: 1_000,
-        });
-        let engine = protected(
-            handler,
-            ResilienceConfig {
-                dedup,
-                ..Default::default()
-            },
-            &seen,
-        );
+        let (engine, calls) = deduplicating(0, Duration::from_secs(600), 1_000);
         let first = event("t").with_message_id("order-0");
         assert_eq!(
             engine.dispatch("a.events", &first).await.status,
