@@ -66,8 +66,8 @@ pub const MAX_CAPACITY: u64 = 1 << 24;
 /// Slots in one bucket: a bucket is 128 bytes, the pair of cache lines that x86 cores fetch
 /// together, so a lookup or an insert touches one place in memory.
 const WAYS: usize = 8;
-/// Slots per id the table is sized for: with four, an id is pushed out early by ids landing in
-/// its bucket only with a probability of about 2 in 10,000 (see [`DedupCache`]).
+/// Slots per id the table is sized for: with four, an id is rarely pushed out early by ids
+/// landing in its bucket (see [`DedupCache`]).
 const SLOTS_PER_ID: u64 = 4;
 /// A slot's `meta`: the time it was remembered (milliseconds since the cache was made, plus
 /// one, so that zero is an empty slot) in the high 40 bits (34 years), and 24 more bits of the
@@ -147,9 +147,12 @@ enum Displaced {
 ///
 /// The table has four slots for each id of `capacity` (rounded up to a power of two), 16 bytes
 /// each. An insert takes a free slot, or else the bucket's oldest id: so an id is remembered for
-/// its TTL unless eight newer ids land in its bucket first. Until `capacity` newer ids have
-/// arrived that happens to about 2 in 10,000 ids (a Poisson tail: at most two newer ids per
-/// bucket on average); past `capacity` it becomes likelier, and ids older than the TTL are gone
+/// its TTL unless eight newer ids land in its bucket first: a Poisson tail, at most two newer
+/// ids per bucket on average by the time `capacity` newer ids have arrived. Measured with 4 ×
+/// `capacity` ids sent: at `capacity = 100000`, 1 of the last 100,000 was forgotten; at 131,072
+/// (4 × capacity a power of two, so no rounding up: the tightest case), 16 of the last 131,072,
+/// 12 of them among the oldest tenth. Past `capacity` newer ids forgetting becomes likelier, and
+/// ids older than the TTL are gone
 /// whatever the room. A cache crate was used before this one: its S3-FIFO policy put a fresh id
 /// in a small queue of 3 % of the capacity that no id ever leaves by being read again, so a
 /// cache of 100,000 remembered only the last 3,000 ids (`remembers_the_last_capacity_ids`).
