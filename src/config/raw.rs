@@ -1963,10 +1963,11 @@ fn validate_resilience(
     }
     if let Some(c) = &d.dedup {
         check(c.capacity != 0, "dedup.capacity", "must be at least 1");
+        let max = crate::resilience::MAX_CAPACITY;
         check(
-            c.capacity <= crate::resilience::MAX_CAPACITY,
+            c.capacity <= max,
             "dedup.capacity",
-            "must be at most 16777216 (its table would take more than 1 GiB)",
+            &format!("must be at most {max} (its table would take more than 1 GiB)"),
         );
     }
     let scopes = [
