@@ -11,7 +11,7 @@ use parking_lot::RwLock;
 use super::catalog::{self, InstrumentSpec, label};
 use super::engine::{counter, histogram};
 use crate::resilience::{
-    BreakerState, CacheOperation, CacheResult, ClusterProtection, ResilienceObserver,
+    BreakerState, CacheObserver, CacheOperation, CacheResult, ClusterProtection, ResilienceObserver,
 };
 
 /// Breaker, rate limiter, retry and cache metrics. State changes are rare next to dispatches, so
@@ -33,6 +33,30 @@ pub struct ResilienceMetrics {
 struct CacheInstruments {
     operations: [BoundCounter<u64>; OPERATIONS.len()],
     hit_ratio: BoundGauge<f64>,
+    /// For a pair [`OPERATIONS`] lacks: the unbound counter and this cache's label.
+    unbound: Counter<u64>,
+    name: KeyValue,
+}
+
+impl CacheObserver for CacheInstruments {
+    fn operation(&self, operation: CacheOperation, result: CacheResult) {
+        match OPERATIONS.iter().position(|o| *o == (operation, result)) {
+            Some(index) => self.operations[index].add(1),
+            // A pair no cache reports today: recorded unbound all the same.
+            None => self.unbound.add(
+                1,
+                &[
+                    self.name.clone(),
+                    KeyValue::new(label::OPERATION, operation.as_str()),
+                    KeyValue::new(label::RESULT, result.as_str()),
+                ],
+            ),
+        }
+    }
+
+    fn hit_ratio(&self, ratio: f64) {
+        self.hit_ratio.record(ratio);
+    }
 }
 
 /// Every (operation, result) a cache reports.
@@ -67,7 +91,7 @@ impl ResilienceMetrics {
     }
 
     /// `cache`'s bound instruments, bound on first use.
-    fn cache(&self, cache: &str) -> Arc<CacheInstruments> {
+    fn instruments(&self, cache: &str) -> Arc<CacheInstruments> {
         if let Some(found) = self.caches.read().get(cache) {
             return found.clone();
         }
@@ -85,6 +109,8 @@ impl ResilienceMetrics {
                         ])
                     }),
                     hit_ratio: self.cache_hit_ratio.bind(std::slice::from_ref(&name)),
+                    unbound: self.cache_operations.clone(),
+                    name,
                 })
             })
             .clone()
@@ -138,21 +164,16 @@ impl ResilienceObserver for ResilienceMetrics {
     }
 
     fn cache_operation(&self, cache: &str, operation: CacheOperation, result: CacheResult) {
-        match OPERATIONS.iter().position(|o| *o == (operation, result)) {
-            Some(index) => self.cache(cache).operations[index].add(1),
-            // A pair no cache reports today: recorded unbound all the same.
-            None => self.cache_operations.add(
-                1,
-                &[
-                    KeyValue::new(label::CACHE, super::shared(cache)),
-                    KeyValue::new(label::OPERATION, operation.as_str()),
-                    KeyValue::new(label::RESULT, result.as_str()),
-                ],
-            ),
-        }
+        self.instruments(cache).operation(operation, result);
     }
 
     fn cache_hit_ratio(&self, cache: &str, ratio: f64) {
-        self.cache(cache).hit_ratio.record(ratio);
+        self.instruments(cache).hit_ratio(ratio);
+    }
+
+    /// The cache's bound instruments themselves: a dedup cache records through them with no
+    /// lookup by name.
+    fn cache(&self, cache: &str) -> Option<Arc<dyn CacheObserver>> {
+        Some(self.instruments(cache))
     }
 }

@@ -351,3 +351,46 @@ fn cache_metrics_are_bound_per_cache_and_count_every_operation() {
         Some(0.5)
     );
 }
+
+/// A dedup cache records through the instruments its observer handed it when it was built, also
+/// behind several observers at once, and the counts are the same as by name.
+#[test]
+fn a_dedup_cache_records_through_its_own_bound_instruments() {
+    use std::sync::Arc;
+
+    use crate::resilience::{DedupCache, DedupConfig, Observers, ResilienceObserver};
+    let telemetry = Telemetry::new(&config("", 2000));
+    let metrics: Arc<dyn ResilienceObserver> =
+        Arc::new(ResilienceMetrics::new(telemetry.meter().unwrap()));
+    let config = DedupConfig {
+        scope: Default::default(),
+        ttl: std::time::Duration::from_secs(60),
+        capacity: 100,
+    };
+    let direct = DedupCache::new("dedup.a".into(), config, Some(metrics.clone()));
+    let both = Observers(vec![metrics.clone(), Arc::new(Observers::default())]);
+    let behind = DedupCache::new("dedup.b".into(), config, Some(Arc::new(both)));
+    for cache in [&direct, &behind] {
+        assert!(!cache.contains("m1"));
+        cache.remember("m1");
+        assert!(cache.contains("m1"));
+        assert!(cache.contains("m1"));
+    }
+    let text = telemetry.render().unwrap();
+    for cache in ["dedup.a", "dedup.b"] {
+        let series = |operation: &str, result: &str| {
+            format!(
+                r#"dispatcher_cache_operations_total{{cache="{cache}",operation="{operation}",result="{result}"}}"#
+            )
+        };
+        assert_eq!(sample(&text, &series("get", "miss")), Some(1.0), "{text}");
+        assert_eq!(sample(&text, &series("get", "hit")), Some(2.0), "{text}");
+        assert_eq!(sample(&text, &series("set", "none")), Some(1.0), "{text}");
+        let ratio = format!(r#"dispatcher_cache_hit_ratio{{cache="{cache}"}}"#);
+        let expected = 2.0 / 3.0;
+        assert!(
+            sample(&text, &ratio).is_some_and(|r| (r - expected).abs() < 1e-9),
+            "{ratio}: {text}"
+        );
+    }
+}

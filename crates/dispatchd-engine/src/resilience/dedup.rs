@@ -7,7 +7,7 @@ use std::time::Duration;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use tokio::time::Instant;
 
-use super::ResilienceObserver;
+use super::{CacheObserver, ResilienceObserver};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupConfig {
@@ -169,7 +169,7 @@ pub struct DedupCache {
     /// Gets and hits, for `dispatcher_cache_hit_ratio`; kept only with an observer.
     gets: AtomicU64,
     hits: AtomicU64,
-    observer: Option<Arc<dyn ResilienceObserver>>,
+    observer: Option<Arc<dyn CacheObserver>>,
 }
 
 impl DedupCache {
@@ -187,8 +187,10 @@ impl DedupCache {
             / WAYS as u64;
         // Two draws of std's per-process random SipHash keys, as the keys of ours.
         let random = || RandomState::new().hash_one(0u64);
+        let name: Arc<str> = name.into();
+        let observer = observer.map(|observer| super::cache_observer(&observer, &name));
         DedupCache {
-            name: name.into(),
+            name,
             ttl_ms: u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX),
             epoch: Instant::now(),
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
@@ -239,7 +241,7 @@ impl DedupCache {
         };
         if let Some(observer) = &self.observer {
             if expired {
-                observer.cache_operation(&self.name, CacheOperation::Expire, CacheResult::None);
+                observer.operation(CacheOperation::Expire, CacheResult::None);
             }
             let gets = self.gets.fetch_add(1, Ordering::Relaxed) + 1;
             let hits = if hit {
@@ -252,8 +254,8 @@ impl DedupCache {
             } else {
                 CacheResult::Miss
             };
-            observer.cache_operation(&self.name, CacheOperation::Get, result);
-            observer.cache_hit_ratio(&self.name, hits as f64 / gets as f64);
+            observer.operation(CacheOperation::Get, result);
+            observer.hit_ratio(hits as f64 / gets as f64);
         }
         hit
     }
@@ -317,13 +319,13 @@ impl DedupCache {
             }
             Some(Displaced::Nothing) => {}
             Some(Displaced::Expired) => {
-                observer.cache_operation(&self.name, CacheOperation::Expire, CacheResult::None);
+                observer.operation(CacheOperation::Expire, CacheResult::None)
             }
             Some(Displaced::Live) => {
-                observer.cache_operation(&self.name, CacheOperation::Invalidate, CacheResult::None);
+                observer.operation(CacheOperation::Invalidate, CacheResult::None);
             }
         }
-        observer.cache_operation(&self.name, CacheOperation::Set, CacheResult::None);
+        observer.operation(CacheOperation::Set, CacheResult::None);
     }
 
     fn bucket(&self, key: DedupKey) -> &Bucket {

@@ -63,12 +63,65 @@ pub trait ResilienceObserver: Send + Sync + 'static {
     fn retried(&self, _dispatcher_id: &str) {}
     fn cache_operation(&self, _cache: &str, _operation: CacheOperation, _result: CacheResult) {}
     fn cache_hit_ratio(&self, _cache: &str, _ratio: f64) {}
+    /// The observer of the cache named `cache`, asked once when the cache is built, so that its
+    /// calls on the dispatch path look nothing up by name. `None` (the default) has the cache
+    /// call [`cache_operation`](Self::cache_operation) and
+    /// [`cache_hit_ratio`](Self::cache_hit_ratio) with its name instead.
+    fn cache(&self, _cache: &str) -> Option<Arc<dyn CacheObserver>> {
+        None
+    }
     /// A cluster-scoped protection's store did not answer and the instance decided alone.
     fn cluster_fallback(&self, _dispatcher_id: &str, _protection: ClusterProtection) {}
     /// This dispatcher's protection is cluster-scoped: its fallbacks can be counted from zero, so
     /// that the first one is an increase (Prometheus's `increase` does not see a series that
     /// appears at 1).
     fn cluster_scoped(&self, _dispatcher_id: &str, _protection: ClusterProtection) {}
+}
+
+/// One cache's observer: see [`ResilienceObserver::cache`].
+pub trait CacheObserver: Send + Sync + 'static {
+    fn operation(&self, operation: CacheOperation, result: CacheResult);
+    fn hit_ratio(&self, ratio: f64);
+}
+
+/// The observer of the cache `name` from `observer`: its own, or the by-name calls.
+pub(crate) fn cache_observer(
+    observer: &Arc<dyn ResilienceObserver>,
+    name: &Arc<str>,
+) -> Arc<dyn CacheObserver> {
+    observer.cache(name).unwrap_or_else(|| {
+        Arc::new(ByName {
+            observer: observer.clone(),
+            name: name.clone(),
+        })
+    })
+}
+
+/// A [`ResilienceObserver`] without a cache observer of its own, called with the cache's name.
+struct ByName {
+    observer: Arc<dyn ResilienceObserver>,
+    name: Arc<str>,
+}
+
+impl CacheObserver for ByName {
+    fn operation(&self, operation: CacheOperation, result: CacheResult) {
+        self.observer.cache_operation(&self.name, operation, result);
+    }
+    fn hit_ratio(&self, ratio: f64) {
+        self.observer.cache_hit_ratio(&self.name, ratio);
+    }
+}
+
+/// Several cache observers as one.
+struct CacheObservers(Vec<Arc<dyn CacheObserver>>);
+
+impl CacheObserver for CacheObservers {
+    fn operation(&self, operation: CacheOperation, result: CacheResult) {
+        self.0.iter().for_each(|o| o.operation(operation, result));
+    }
+    fn hit_ratio(&self, ratio: f64) {
+        self.0.iter().for_each(|o| o.hit_ratio(ratio));
+    }
 }
 
 /// Several observers as one.
@@ -95,6 +148,12 @@ impl ResilienceObserver for Observers {
     }
     fn cache_hit_ratio(&self, cache: &str, ratio: f64) {
         self.0.iter().for_each(|o| o.cache_hit_ratio(cache, ratio));
+    }
+    fn cache(&self, cache: &str) -> Option<Arc<dyn CacheObserver>> {
+        let name: Arc<str> = cache.into();
+        Some(Arc::new(CacheObservers(
+            self.0.iter().map(|o| cache_observer(o, &name)).collect(),
+        )))
     }
     fn cluster_scoped(&self, id: &str, protection: ClusterProtection) {
         self.0.iter().for_each(|o| o.cluster_scoped(id, protection));
