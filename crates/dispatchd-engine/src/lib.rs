@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use crate::resilience::{Claim, Protections, Refusal};
+use crate::resilience::{Claim, Prepared, Protections, Refusal};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -141,24 +141,24 @@ impl Engine {
 
     /// [`Engine::select`], each dispatcher with the ids of the routes that selected it, in route
     /// registration order.
-    fn select_with_routes(
-        &self,
-        topic: &Topic<'_>,
-        message_type: &str,
-    ) -> Vec<(usize, Vec<Arc<str>>)> {
+    fn select_with_routes(&self, topic: &Topic<'_>, message_type: &str) -> Vec<Selected> {
         let routes = &self.inner.routes_by_category[category_slot(topic.category)];
-        let mut selected: Vec<(usize, Vec<Arc<str>>)> = Vec::new();
+        let mut selected: Vec<Selected> = Vec::new();
         for route in routes.iter() {
             if route.matches(&topic.segments, message_type)
                 && self.inner.dispatchers[route.dispatcher].accepts_type(message_type)
             {
-                match selected.iter_mut().find(|(d, _)| *d == route.dispatcher) {
-                    Some((_, ids)) => ids.push(route.route_id.clone()),
-                    None => selected.push((route.dispatcher, vec![route.route_id.clone()])),
+                match selected.iter_mut().find(|s| s.index == route.dispatcher) {
+                    Some(s) => s.route_ids.push(route.route_id.clone()),
+                    None => selected.push(Selected {
+                        index: route.dispatcher,
+                        route_ids: vec![route.route_id.clone()],
+                        prepared: Prepared::default(),
+                    }),
                 }
             }
         }
-        selected.sort_unstable_by_key(|(dispatcher, _)| *dispatcher);
+        selected.sort_unstable_by_key(|s| s.index);
         selected
     }
 
@@ -208,13 +208,23 @@ impl Engine {
         span: Option<&dyn TraceSpan>,
     ) -> DispatchResult {
         let started = Instant::now();
+        // Routed first, before the result and the hooks: the dedup keys of the dispatchers it
+        // picked are made now and their places in memory fetched while the rest is set up
+        // (`DedupCache::prefetch`). Routing has no side effect, so nothing else sees the order.
+        let mut category = None;
+        let routed = match Topic::parse(topic) {
+            Err(error) => Err(error.to_string()),
+            Ok(parsed) => {
+                category = Some(parsed.category);
+                validate(envelope).map(|()| (parsed.category, self.route(&parsed, envelope)))
+            }
+        };
         let dispatch_id = Uuid::new_v4();
         let hooks = &self.inner.hooks;
-        let parsed = Topic::parse(topic);
         let info = DispatchInfo {
             dispatch_id,
             topic,
-            category: parsed.as_ref().ok().map(Topic::category),
+            category,
             message_type: &envelope.message_type,
             message_id: &envelope.message_id,
             correlation_id: envelope.correlation_id.as_deref(),
@@ -226,22 +236,18 @@ impl Engine {
         let mut result = DispatchResult::new(dispatch_id, topic, envelope);
         result.message_category = info.category;
 
-        match parsed
-            .map_err(|e| e.to_string())
-            .and_then(|t| validate(envelope).map(|()| t))
-        {
+        match routed {
             Err(reason) => fail(
                 &mut result,
                 DispatchStatus::InvalidMessage,
                 ErrorCode::InvalidMessage,
                 &reason,
             ),
-            Ok(parsed) => {
-                let selected = self.select_with_routes(&parsed, &envelope.message_type);
+            Ok((category, selected)) => {
                 if selected.is_empty() {
                     let reason = format!(
-                        "no enabled route sends {} messages of type `{}` on this topic to a dispatcher",
-                        parsed.category, envelope.message_type
+                        "no enabled route sends {category} messages of type `{}` on this topic to a dispatcher",
+                        envelope.message_type
                     );
                     fail(
                         &mut result,
@@ -252,7 +258,7 @@ impl Engine {
                 } else {
                     let message = Message {
                         topic,
-                        category: parsed.category,
+                        category,
                         envelope,
                         dispatch_id,
                         trace: None,
@@ -306,20 +312,32 @@ impl Engine {
         result
     }
 
+    /// The dispatchers `envelope` goes to, each with its dedup key made and its place in the
+    /// table being fetched.
+    fn route(&self, topic: &Topic<'_>, envelope: &Envelope) -> Vec<Selected> {
+        let mut selected = self.select_with_routes(topic, &envelope.message_type);
+        for s in &mut selected {
+            if let Some(protections) = &self.inner.dispatchers[s.index].protections {
+                s.prepared = protections.prepare(&envelope.message_id);
+            }
+        }
+        selected
+    }
+
     async fn run_selected(
         &self,
-        selected: Vec<(usize, Vec<Arc<str>>)>,
+        selected: Vec<Selected>,
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
         result: &mut DispatchResult,
     ) {
-        let runs: Vec<Run> = if let [(only, _)] = selected[..] {
-            vec![self.run_one(only, message, info).await]
+        let runs: Vec<Run> = if let [only] = &selected[..] {
+            vec![self.run_one(only.index, only.prepared, message, info).await]
         } else {
             futures::future::join_all(
                 selected
                     .iter()
-                    .map(|&(i, _)| self.run_one(i, message, info)),
+                    .map(|s| self.run_one(s.index, s.prepared, message, info)),
             )
             .await
         };
@@ -328,8 +346,8 @@ impl Engine {
         // `worker_unavailable` only when every refusal was a worker no one could call.
         let mut unavailable = false;
         let mut other_refusal = false;
-        for ((mut outcome, outputs, no_worker), (_, route_ids)) in runs.into_iter().zip(selected) {
-            outcome.route_ids = route_ids;
+        for ((mut outcome, outputs, no_worker), selected) in runs.into_iter().zip(selected) {
+            outcome.route_ids = selected.route_ids;
             if outcome.result == ExecutionResult::Rejected {
                 unavailable |= no_worker;
                 other_refusal |= !no_worker;
@@ -361,9 +379,15 @@ impl Engine {
         }
     }
 
-    async fn run_one(&self, index: usize, message: &Message<'_>, info: &DispatchInfo<'_>) -> Run {
+    async fn run_one(
+        &self,
+        index: usize,
+        prepared: Prepared,
+        message: &Message<'_>,
+        info: &DispatchInfo<'_>,
+    ) -> Run {
         let Some(parent) = info.span else {
-            return self.run_one_traced(index, message, info).await;
+            return self.run_one_traced(index, prepared, message, info).await;
         };
         let dispatcher = &self.inner.dispatchers[index];
         let mut span = parent.child(
@@ -379,7 +403,9 @@ impl Engine {
             trace: Some(&*span),
             ..*message
         };
-        let (outcome, outputs, unavailable) = self.run_one_traced(index, &message, &inside).await;
+        let (outcome, outputs, unavailable) = self
+            .run_one_traced(index, prepared, &message, &inside)
+            .await;
         span.set_attributes(&[
             (
                 "dispatchd.outcome",
@@ -406,6 +432,7 @@ impl Engine {
     async fn run_one_traced(
         &self,
         index: usize,
+        prepared: Prepared,
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
     ) -> Run {
@@ -435,7 +462,7 @@ impl Engine {
                 ))
             }
             None => {
-                self.protected(dispatcher, message, info, &mut attempts)
+                self.protected(dispatcher, prepared, message, info, &mut attempts)
                     .await
             }
         };
@@ -487,6 +514,7 @@ impl Engine {
     async fn protected(
         &self,
         dispatcher: &Dispatcher,
+        prepared: Prepared,
         message: &Message<'_>,
         info: &DispatchInfo<'_>,
         attempts: &mut u32,
@@ -497,7 +525,7 @@ impl Engine {
                 .await;
         };
         let message_id = message.envelope.message_id.as_str();
-        let claimed = match protections.claim(message_id).await {
+        let claimed = match protections.claim_prepared(message_id, prepared).await {
             Claim::Run(claimed) => claimed,
             Claim::Duplicate => {
                 return Err(Failure::new(ExecutionResult::Skipped, String::new()));
@@ -636,6 +664,14 @@ impl Engine {
             }
         }
     }
+}
+
+/// A dispatcher routing picked: the ids of the routes that picked it, and its dedup key made
+/// ahead of its run.
+struct Selected {
+    index: usize,
+    route_ids: Vec<Arc<str>>,
+    prepared: Prepared,
 }
 
 /// One dispatcher's outcome, its outputs, and whether it was refused because its worker could

@@ -245,6 +245,11 @@ pub enum Claim {
     InProgress,
 }
 
+/// A message id's dedup key made ahead of its claim ([`Protections::prepare`]); empty for
+/// protections without a local dedup cache.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Prepared(Option<DedupKey>);
+
 /// A message id [`Protections::claim`] let run: its dedup key, made once, and whether this
 /// instance holds its claim on the cluster store.
 #[must_use]
@@ -316,7 +321,28 @@ impl Protections {
     /// Dedup, with the cluster store when there is one: the local cache answers first; then the
     /// store claims the id for this run. A store that cannot answer lets the call run.
     pub async fn claim(&self, message_id: &str) -> Claim {
-        let key = self.dedup.as_ref().map(|dedup| dedup.key(message_id));
+        self.claim_prepared(message_id, self.prepare(message_id))
+            .await
+    }
+
+    /// `message_id`'s dedup key, made once for the whole call, with its place in the local
+    /// cache's table already being fetched from memory (see [`DedupCache::prefetch`]). The
+    /// engine prepares as soon as routing picked this dispatcher, and claims later.
+    pub(crate) fn prepare(&self, message_id: &str) -> Prepared {
+        Prepared(self.dedup.as_ref().map(|dedup| {
+            let key = dedup.key(message_id);
+            dedup.prefetch(key);
+            key
+        }))
+    }
+
+    /// [`Protections::claim`] with the key [`Protections::prepare`] made for `message_id`, on
+    /// these protections.
+    pub(crate) async fn claim_prepared(&self, message_id: &str, prepared: Prepared) -> Claim {
+        // A key is always prepared where there is a local cache; made here should one not be.
+        let key = prepared
+            .0
+            .or_else(|| self.dedup.as_ref().map(|dedup| dedup.key(message_id)));
         if let (Some(dedup), Some(key)) = (&self.dedup, key) {
             if dedup.contains_key(key) {
                 tracing::debug!(dispatcher_id = %self.dispatcher_id, message_id, "Skipped a duplicate message.");
