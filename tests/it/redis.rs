@@ -423,11 +423,19 @@ pub(crate) async fn own_redis() -> Option<(OwnRedis, String)> {
 }
 
 /// Waits, bounded, until the Redis at `url` answers.
+/// Waits until Redis answers a `PING`: a server still loading its append-only file accepts
+/// connections but answers every command with `LOADING`.
 pub(crate) async fn answers(url: &str) {
     wait_for_async("redis to answer", || async {
-        redis::Client::open(url)
+        let Ok(mut connection) = redis::Client::open(url)
             .unwrap()
             .get_multiplexed_async_connection()
+            .await
+        else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
             .await
             .is_ok()
     })
