@@ -1,6 +1,7 @@
 //! The engine's metrics, fed by an instrumentation strategy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 // parking_lot's locks do not poison: a panicking strategy elsewhere cannot wedge the metrics.
@@ -24,28 +25,133 @@ pub const MAX_COMMAND_TYPE_LABELS: usize = 64;
 /// The label value for a topic whose category could not be parsed.
 const UNKNOWN_CATEGORY: &str = "unknown";
 
-/// The engine's instruments, created once.
+/// The engine's instruments, created once per meter.
 #[derive(Clone)]
 pub struct EngineMetrics {
-    messages: Counter<u64>,
     duration: Histogram<f64>,
-    executions: Counter<u64>,
     execution_duration: Histogram<f64>,
     adapter_invocations: Counter<u64>,
     policy_denials: Counter<u64>,
+    /// What `dispatch_messages_total` and `dispatcher_executions_total` report.
+    counts: Arc<EngineCounts>,
 }
 
 impl EngineMetrics {
+    /// The engine's instruments on `meter`. Make them once per meter and clone them
+    /// ([`super::Telemetry::engine_strategy`] does): `dispatch_messages_total` and
+    /// `dispatcher_executions_total` are observed from counts these instruments own, and a
+    /// second set on the same meter would report the same series twice.
     pub fn new(meter: &Meter) -> EngineMetrics {
+        let counts = Arc::new(EngineCounts::default());
+        let messages = counts.clone();
+        observed_counter(meter, catalog::DISPATCH_MESSAGES, move |observe| {
+            for (slot, statuses) in messages.messages.iter().enumerate() {
+                for (status, count) in DispatchStatus::ALL.iter().zip(statuses) {
+                    let count = count.load(Ordering::Relaxed);
+                    if count > 0 {
+                        observe(
+                            count,
+                            &[
+                                KeyValue::new(label::CATEGORY, category_label(slot)),
+                                KeyValue::new(label::STATUS, status.as_str()),
+                            ],
+                        );
+                    }
+                }
+            }
+        });
+        let duration = histogram(meter, catalog::DISPATCH_DURATION);
+        let executions = counts.clone();
+        observed_counter(meter, catalog::DISPATCHER_EXECUTIONS, move |observe| {
+            for row in executions.executions.read().values() {
+                for (result, count) in ExecutionResult::ALL.iter().zip(row.counts.iter()) {
+                    let count = count.load(Ordering::Relaxed);
+                    if count > 0 {
+                        observe(
+                            count,
+                            &[
+                                row.id.clone(),
+                                KeyValue::new(label::RESULT, result.as_str()),
+                            ],
+                        );
+                    }
+                }
+            }
+        });
         EngineMetrics {
-            messages: counter(meter, catalog::DISPATCH_MESSAGES),
-            duration: histogram(meter, catalog::DISPATCH_DURATION),
-            executions: counter(meter, catalog::DISPATCHER_EXECUTIONS),
+            duration,
             execution_duration: histogram(meter, catalog::DISPATCHER_EXECUTION_DURATION),
             adapter_invocations: counter(meter, catalog::DISPATCHER_ADAPTER_INVOCATIONS),
             policy_denials: counter(meter, catalog::DISPATCHER_POLICY_DENIALS),
+            counts,
         }
     }
+}
+
+/// The two counters every dispatch adds to, kept here as atomics and read by the SDK at each
+/// collection (observable counters), for `/metrics` and OTLP alike. A dispatch adds with one
+/// relaxed atomic instruction each, where the SDK's bound counter is a call through its list
+/// of measures (about 40 instructions). Only counts above zero are reported, so a series
+/// appears with its first message, as a counter bound on first use did.
+#[derive(Default)]
+struct EngineCounts {
+    /// `dispatch_messages_total`, by category slot (see [`category_label`]), then status.
+    messages: [[AtomicU64; DispatchStatus::ALL.len()]; 4],
+    /// `dispatcher_executions_total`, by dispatcher id. A row is never removed: the counts of
+    /// an engine that was replaced carry on in the next one's, so the counters never go back.
+    executions: RwLock<HashMap<String, ExecutionRow>>,
+}
+
+type ResultCounts = [AtomicU64; ExecutionResult::ALL.len()];
+
+struct ExecutionRow {
+    id: KeyValue,
+    counts: Arc<ResultCounts>,
+}
+
+impl EngineCounts {
+    /// `dispatcher_id`'s counts by result, made on first use.
+    fn row(&self, dispatcher_id: &str) -> Arc<ResultCounts> {
+        if let Some(row) = self.executions.read().get(dispatcher_id) {
+            return row.counts.clone();
+        }
+        self.executions
+            .write()
+            .entry(dispatcher_id.to_owned())
+            .or_insert_with(|| ExecutionRow {
+                id: KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher_id)),
+                counts: Arc::default(),
+            })
+            .counts
+            .clone()
+    }
+}
+
+/// The `category` label of a category slot: event, command, intent, then topics whose category
+/// could not be parsed.
+fn category_label(slot: usize) -> &'static str {
+    match slot {
+        0 => Category::Event.as_str(),
+        1 => Category::Command.as_str(),
+        2 => Category::Intent.as_str(),
+        _ => UNKNOWN_CATEGORY,
+    }
+}
+
+/// An observable `u64` counter whose callback reports through `observe(count, attributes)`.
+fn observed_counter(
+    meter: &Meter,
+    spec: InstrumentSpec,
+    report: impl Fn(&mut dyn FnMut(u64, &[KeyValue])) + Send + Sync + 'static,
+) {
+    meter
+        .u64_observable_counter(spec.name)
+        .with_description(spec.description)
+        .with_unit(spec.unit)
+        .with_callback(move |observer| {
+            report(&mut |count, attributes| observer.observe(count, attributes))
+        })
+        .build();
 }
 
 pub(super) fn counter(meter: &Meter, spec: InstrumentSpec) -> Counter<u64> {
@@ -65,17 +171,11 @@ pub(super) fn histogram(meter: &Meter, spec: InstrumentSpec) -> Histogram<f64> {
         .build()
 }
 
-/// A counter and a histogram bound to one (category, status) pair.
-struct Outcome {
-    messages: BoundCounter<u64>,
-    duration: BoundHistogram<f64>,
-}
-
-/// One dispatcher's bound instruments, bound on first use so that dispatchers that never ran
-/// export no empty series.
+/// One dispatcher's counts and latency histogram, the histogram bound on first use so that
+/// dispatchers that never ran export no empty series.
 struct DispatcherSlots {
     id: KeyValue,
-    results: [OnceLock<BoundCounter<u64>>; ExecutionResult::ALL.len()],
+    results: Arc<ResultCounts>,
     duration: OnceLock<BoundHistogram<f64>>,
     exemplars: Option<Arc<SeriesExemplars>>,
 }
@@ -83,14 +183,15 @@ struct DispatcherSlots {
 /// Records `dispatch_*` and `dispatcher_*` metrics from the engine's hooks.
 ///
 /// Every label set on the dispatch path is known when the engine is built (categories, statuses,
-/// dispatcher ids, results), so each is bound once, on first use, and later recordings skip the
-/// SDK's attribute hashing: a `OnceLock` load and an atomic add. Command types and policy names
+/// dispatcher ids, results): the two counters are atomics indexed by them ([`EngineCounts`]),
+/// and each latency histogram is bound once, on first use, so later recordings skip the SDK's
+/// attribute hashing. Command types and policy names
 /// are interned in a map (a read lock on the command path only), with command types capped at
 /// [`MAX_COMMAND_TYPE_LABELS`].
 pub struct MetricsStrategy {
     metrics: EngineMetrics,
-    /// Indexed by category slot (event, command, intent, unknown), then status.
-    outcomes: [[OnceLock<Outcome>; DispatchStatus::ALL.len()]; 4],
+    /// `dispatch_duration_seconds`, by category slot (see [`category_label`]), then status.
+    outcomes: [[OnceLock<BoundHistogram<f64>>; DispatchStatus::ALL.len()]; 4],
     dispatchers: Box<[DispatcherSlots]>,
     commands: RwLock<Commands>,
     policies: RwLock<HashMap<String, BoundCounter<u64>>>,
@@ -132,7 +233,7 @@ impl MetricsStrategy {
             .into_iter()
             .map(|id| DispatcherSlots {
                 id: KeyValue::new(label::DISPATCHER_ID, super::shared(id)),
-                results: Default::default(),
+                results: metrics.counts.row(id),
                 duration: OnceLock::new(),
                 exemplars: None,
             })
@@ -164,26 +265,23 @@ impl MetricsStrategy {
         elapsed: Duration,
     ) {
         let status = result.status;
-        let (slot, category) = match dispatch.category {
-            Some(Category::Event) => (0, Category::Event.as_str()),
-            Some(Category::Command) => (1, Category::Command.as_str()),
-            Some(Category::Intent) => (2, Category::Intent.as_str()),
-            None => (3, UNKNOWN_CATEGORY),
+        let slot = match dispatch.category {
+            Some(Category::Event) => 0,
+            Some(Category::Command) => 1,
+            Some(Category::Intent) => 2,
+            None => 3,
         };
-        let index = status_index(status);
-        let outcome = self.outcomes[slot][index].get_or_init(|| {
-            let attributes = [
-                KeyValue::new(label::CATEGORY, category),
-                KeyValue::new(label::STATUS, status.as_str()),
-            ];
-            Outcome {
-                messages: self.metrics.messages.bind(&attributes),
-                duration: self.metrics.duration.bind(&attributes),
-            }
-        });
-        outcome.messages.add(1);
+        let index = status.index();
+        self.metrics.counts.messages[slot][index].fetch_add(1, Ordering::Relaxed);
         let seconds = elapsed.as_secs_f64();
-        outcome.duration.record(seconds);
+        self.outcomes[slot][index]
+            .get_or_init(|| {
+                self.metrics.duration.bind(&[
+                    KeyValue::new(label::CATEGORY, category_label(slot)),
+                    KeyValue::new(label::STATUS, status.as_str()),
+                ])
+            })
+            .record(seconds);
         if let (Some(store), true, true, Some(trace_id), Some(span_id)) = (
             &self.exemplars,
             dispatch.traced,
@@ -196,20 +294,6 @@ impl MetricsStrategy {
                 .record(seconds, trace_id, span_id);
         }
     }
-}
-
-fn status_index(status: DispatchStatus) -> usize {
-    DispatchStatus::ALL
-        .iter()
-        .position(|s| *s == status)
-        .unwrap_or(0)
-}
-
-fn result_index(result: ExecutionResult) -> usize {
-    ExecutionResult::ALL
-        .iter()
-        .position(|r| *r == result)
-        .unwrap_or(0)
 }
 
 impl InstrumentationStrategy for MetricsStrategy {
@@ -243,11 +327,8 @@ impl InstrumentationStrategy for MetricsStrategy {
         let Some(slots) = self.dispatchers.get(dispatcher.index) else {
             // An engine other than the one this strategy was built for: record unbound, still
             // with a dispatcher id the engine validated.
+            self.metrics.counts.row(dispatcher.id)[result.index()].fetch_add(1, Ordering::Relaxed);
             let id = KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher.id));
-            self.metrics.executions.add(
-                1,
-                &[id.clone(), KeyValue::new(label::RESULT, result.as_str())],
-            );
             if result.ran() {
                 self.metrics
                     .execution_duration
@@ -255,14 +336,7 @@ impl InstrumentationStrategy for MetricsStrategy {
             }
             return;
         };
-        slots.results[result_index(result)]
-            .get_or_init(|| {
-                self.metrics.executions.bind(&[
-                    slots.id.clone(),
-                    KeyValue::new(label::RESULT, result.as_str()),
-                ])
-            })
-            .add(1);
+        slots.results[result.index()].fetch_add(1, Ordering::Relaxed);
         if result.ran() {
             let seconds = elapsed.as_secs_f64();
             slots

@@ -9,7 +9,8 @@
 //! and its overflow signal, and the structured [`stats`] view.
 //!
 //! Invariants: instruments are created once, at build; recording goes through named methods
-//! with attributes in a fixed order, and the dispatch path records through bound instruments.
+//! with attributes in a fixed order, and the dispatch path records through bound histograms
+//! and atomic counts that observable counters report.
 //! Label values come from configuration or closed enums, never from a request.
 //!
 //! Must not: be required. With `metrics.enabled = false` no provider is built, no strategy is
@@ -80,6 +81,8 @@ struct Enabled {
     meter: Meter,
     namespace: String,
     bus: std::sync::OnceLock<Arc<BusMetrics>>,
+    /// Made once (see [`EngineMetrics::new`]) and shared by every engine strategy.
+    engine: std::sync::OnceLock<EngineMetrics>,
     exemplars: Arc<exemplars::ExemplarStore>,
     /// The length of the last page rendered, to size the next one's buffer: growing a page of
     /// hundreds of KiB by doubling copies it several times and faults in fresh pages each time.
@@ -173,9 +176,12 @@ impl Telemetry {
         dispatcher_ids: impl IntoIterator<Item = &'a str>,
     ) -> Option<MetricsStrategy> {
         let enabled = self.enabled()?;
+        let metrics = enabled
+            .engine
+            .get_or_init(|| EngineMetrics::new(&enabled.meter))
+            .clone();
         Some(
-            MetricsStrategy::new(EngineMetrics::new(&enabled.meter), dispatcher_ids)
-                .with_exemplars(enabled.exemplars.clone()),
+            MetricsStrategy::new(metrics, dispatcher_ids).with_exemplars(enabled.exemplars.clone()),
         )
     }
 
@@ -407,6 +413,7 @@ impl Enabled {
             meter,
             namespace: config.namespace.clone(),
             bus: std::sync::OnceLock::new(),
+            engine: std::sync::OnceLock::new(),
             exemplars: Arc::new(exemplars::ExemplarStore::new(&config.namespace)),
             last_len: std::sync::atomic::AtomicUsize::new(0),
         })

@@ -153,6 +153,63 @@ async fn dispatches_are_counted_by_category_status_dispatcher_and_result() {
     assert!(text.contains(r#"target_info{service_name="dispatchd",service_version=""#));
 }
 
+/// The two dispatch counters are atomics the SDK observes at each scrape: an engine built again
+/// on the same telemetry (a second strategy) adds to the same series, each message once, and the
+/// counts of a dropped engine stay, so the counters never go back.
+#[tokio::test]
+async fn engines_built_again_count_into_the_same_series_and_never_go_back() {
+    let telemetry = Telemetry::new(&config("", 2000));
+    let first = instrumented(&telemetry);
+    for _ in 0..3 {
+        first
+            .dispatch("a.events", &Envelope::new("t", json!({})))
+            .await;
+    }
+    let text = telemetry.render().unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            r#"dispatch_messages_total{category="event",status="success"}"#
+        ),
+        Some(3.0)
+    );
+    assert!(
+        !text.contains(r#"dispatch_messages_total{category="intent""#),
+        "a series appears with its first message"
+    );
+    let second = instrumented(&telemetry);
+    drop(first);
+    for _ in 0..2 {
+        second
+            .dispatch("a.events", &Envelope::new("t", json!({})))
+            .await;
+    }
+    second
+        .dispatch("a.intents", &Envelope::new("t", json!({})))
+        .await;
+    let text = telemetry.render().unwrap();
+    let at = |series: &str| sample(&text, series);
+    assert_eq!(
+        at(r#"dispatch_messages_total{category="event",status="success"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_executions_total{dispatcher_id="ok",result="success"}"#),
+        Some(5.0)
+    );
+    assert_eq!(
+        at(r#"dispatch_messages_total{category="intent",status="dispatcher_error"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        text.matches("dispatch_messages_total{").count(),
+        2,
+        "each series once: {text}"
+    );
+    assert!(text.contains("# TYPE dispatch_messages_total counter"));
+    assert!(text.contains("# TYPE dispatcher_executions_total counter"));
+}
+
 /// A dispatcher with de-duplication and a rate limiter of one token (never refilled on paused
 /// time): a new message runs, its duplicate skips, another new message is rejected.
 #[tokio::test(start_paused = true)]

@@ -78,6 +78,11 @@ impl DispatchStatus {
         DispatchStatus::Denied,
     ];
 
+    /// Its position in [`DispatchStatus::ALL`], for tables indexed by status.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DispatchStatus::Success => "success",
@@ -232,6 +237,11 @@ impl ExecutionResult {
         ExecutionResult::Denied,
         ExecutionResult::Skipped,
     ];
+
+    /// Its position in [`ExecutionResult::ALL`], for tables indexed by result.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -635,6 +645,16 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn index_is_the_position_in_all() {
+        for (n, status) in DispatchStatus::ALL.into_iter().enumerate() {
+            assert_eq!(status.index(), n, "{status:?}");
+        }
+        for (n, result) in ExecutionResult::ALL.into_iter().enumerate() {
+            assert_eq!(result.index(), n, "{result:?}");
         }
     }
 }
