@@ -329,14 +329,15 @@ impl DedupCache {
             });
             break;
         }
+        if displaced.is_none() {
+            // Whether or not metrics observe this cache: a duplicate of this id would run.
+            tracing::debug!(cache = %self.name, "An id was not remembered: its bucket was busy.");
+        }
         let Some(observer) = &self.observer else {
             return;
         };
         match displaced {
-            None => {
-                tracing::debug!(cache = %self.name, "An id was not remembered: its bucket was busy.")
-            }
-            Some(Displaced::Nothing) => {}
+            None | Some(Displaced::Nothing) => {}
             Some(Displaced::Expired) => {
                 observer.operation(CacheOperation::Expire, CacheResult::None)
             }
