@@ -350,7 +350,11 @@ async fn receive(
             Some(rate) => {
                 let owed = Duration::from_secs_f64(received as f64 / rate.bytes_per_second as f64);
                 let deadline = started + rate.grace + owed;
+                // Biased: the body first, so a chunk already received never registers the
+                // deadline's timer (a timer earlier than the runtime's next wake-up writes to
+                // its eventfd: a system call per request, for a body that was all there).
                 tokio::select! {
+                    biased;
                     next = stream.next() => next,
                     () = tokio::time::sleep_until(deadline) => return Err(Refusal::TooSlow),
                 }

@@ -158,7 +158,10 @@ pub(super) async fn ingest(
         span.record("trace_id", trace_id.as_str());
         span.record("span_id", span_id.as_str());
     }
+    // Biased: the dispatch first, so one that finishes on its first poll (most do) never
+    // registers a waker with the shutdown token (a lock in its tree).
     let result = tokio::select! {
+        biased;
         result = state.engine.dispatch(&topic, &envelope).instrument(span.clone()) => result,
         () = state.abandon.cancelled() => {
             let error = ApiError::ShuttingDown;
