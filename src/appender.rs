@@ -48,9 +48,13 @@ const MAX_BATCH: usize = 256;
 const KEEP_BUFFER: usize = 1 << 20;
 /// Times an open retries when the path is replaced between opening and locking it.
 const OPEN_ATTEMPTS: usize = 8;
-/// A commit in place (see [`commit_shared`]) that took longer than this sends its file's next
-/// commits to the blocking pool for [`SLOW_BACKOFF`].
+/// A commit in place (see [`commit_shared`]) that took longer than this is a slow write:
+/// counted, and a second one within [`SLOW_WINDOW`] sends the file's next commits to the
+/// blocking pool for [`SLOW_BACKOFF`].
 const SLOW_IN_PLACE: Duration = Duration::from_millis(1);
+/// A commit in place that took longer than this sends the file to the blocking pool at once.
+const STALL_IN_PLACE: Duration = Duration::from_millis(10);
+const SLOW_WINDOW: Duration = Duration::from_secs(1);
 const SLOW_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Which file it is: the `file_kind` label of `file_torn_tails_total`.
@@ -85,8 +89,8 @@ pub trait FileObserver: Send + Sync + 'static {
     fn appending(&self, _kind: FileKind) {}
     /// A torn last line of `bytes` bytes was moved aside.
     fn torn_tail(&self, kind: FileKind, bytes: u64);
-    /// An append written in place took longer than 1 ms; the file's next ones go to the
-    /// blocking pool for 10 s.
+    /// An append written in place took longer than 1 ms (see [`commit_shared`] for when the
+    /// file's next ones go to the blocking pool).
     fn slow_write(&self, _kind: FileKind) {}
 }
 
@@ -176,8 +180,10 @@ pub(crate) struct AppendFile {
     open: Option<OpenFile>,
     /// A write failed part way: the tail may be torn, and is repaired before the next write.
     suspect: bool,
-    /// Until when commits go to the blocking pool because one written in place was slow.
+    /// Until when commits go to the blocking pool because those written in place were slow.
     slow_until: Option<Instant>,
+    /// When the last slow commit in place ended.
+    last_slow: Option<Instant>,
 }
 
 struct OpenFile {
@@ -204,12 +210,13 @@ impl AppendFile {
             open: None,
             suspect: false,
             slow_until: None,
+            last_slow: None,
         }
     }
 
     /// Whether a commit without `sync` may run in place, on the caller's thread: the file is
-    /// open, whole, not asked to reopen, and its last commit in place was fast. Reopening and
-    /// repairing read the file, and a disk that was slow once is given the blocking pool.
+    /// open, whole, not asked to reopen, and not sent to the blocking pool by slow commits.
+    /// Reopening and repairing read the file.
     fn may_commit_in_place(&self, now: Instant) -> bool {
         self.open.is_some()
             && !self.suspect
@@ -221,25 +228,40 @@ impl AppendFile {
                 .is_some_and(|reopen| reopen.has_changed().unwrap_or(false))
     }
 
-    /// Notes how long a commit in place took: past [`SLOW_IN_PLACE`], the next commits of this
-    /// file go to the blocking pool for [`SLOW_BACKOFF`].
+    /// Notes how long a commit in place took. Past [`SLOW_IN_PLACE`] it is counted; past
+    /// [`STALL_IN_PLACE`], or when it is the second slow one within [`SLOW_WINDOW`], the next
+    /// commits of this file go to the blocking pool for [`SLOW_BACKOFF`]. One write of a few
+    /// milliseconds alone is more often the machine than the disk (a virtual CPU descheduled
+    /// mid-write), and the blocking pool would not spare it.
     fn note_in_place(&mut self, started: Instant) {
         let now = Instant::now();
         let took = now.duration_since(started);
-        if took > SLOW_IN_PLACE {
+        if took <= SLOW_IN_PLACE {
+            self.slow_until = None;
+            return;
+        }
+        if let Some(observer) = &self.observer {
+            observer.slow_write(self.kind);
+        }
+        let again = self
+            .last_slow
+            .is_some_and(|at| now.duration_since(at) <= SLOW_WINDOW);
+        self.last_slow = Some(now);
+        if took > STALL_IN_PLACE || again {
             self.slow_until = Some(now + SLOW_BACKOFF);
             // At most once per backoff per file: the next commits do not run in place.
             tracing::warn!(
                 path = %self.path.display(),
                 took_ms = took.as_secs_f64() * 1e3,
                 backoff_s = SLOW_BACKOFF.as_secs(),
-                "An append took longer than 1 ms (a slow or saturated disk); this file's writes go to the blocking pool for a while."
+                "Appends were slow (one over 10 ms, or two over 1 ms within a second): this file's writes go to the blocking pool for a while."
             );
-            if let Some(observer) = &self.observer {
-                observer.slow_write(self.kind);
-            }
         } else {
-            self.slow_until = None;
+            tracing::debug!(
+                path = %self.path.display(),
+                took_ms = took.as_secs_f64() * 1e3,
+                "An append written in place took longer than 1 ms."
+            );
         }
     }
 
@@ -533,10 +555,11 @@ pub fn remove_if_empty(path: &Path) -> io::Result<bool> {
 /// its `flock`, `stat`, `write` and `flock` hand the bytes to the page cache in a few
 /// microseconds, which costs less than waking a blocking-pool thread and being woken by it (a
 /// profile of the default config at its ceiling had those wake-ups at a quarter of the CPU). A
-/// commit in place that takes longer than [`SLOW_IN_PLACE`] (a disk under writeback pressure, a
-/// network file system) sends the file's commits to the blocking pool for [`SLOW_BACKOFF`], so a
-/// slow disk stalls a runtime worker at most once per backoff. Opening, reopening, repairs and
-/// `fsync` always go to the blocking pool.
+/// commit in place that takes longer than [`STALL_IN_PLACE`], or two longer than
+/// [`SLOW_IN_PLACE`] within [`SLOW_WINDOW`] (a disk under writeback pressure, a network file
+/// system), send the file's commits to the blocking pool for [`SLOW_BACKOFF`]: a slow disk
+/// stalls a runtime worker for at most 10 ms at a time, at most once a second, or twice before
+/// each backoff. Opening, reopening, repairs and `fsync` always go to the blocking pool.
 pub(crate) async fn commit_shared(
     file: &Arc<Mutex<AppendFile>>,
     bytes: Vec<u8>,
@@ -772,15 +795,19 @@ mod tests {
         file.open().unwrap();
         assert!(file.may_commit_in_place(now));
 
-        // One slow commit sends the next ones to the blocking pool for the backoff.
-        let slow_start = now.checked_sub(SLOW_IN_PLACE * 3).unwrap();
-        file.note_in_place(slow_start);
+        // One slow commit alone is counted and stays in place; a second within the window
+        // sends the next ones to the blocking pool for the backoff.
+        let slow = |took: Duration| Instant::now().checked_sub(took).unwrap();
+        file.note_in_place(slow(SLOW_IN_PLACE * 3));
+        assert!(file.may_commit_in_place(Instant::now()), "one slow write");
+        assert_eq!(*observed.1.lock().unwrap(), [FileKind::Messages]);
+        file.note_in_place(slow(SLOW_IN_PLACE * 3));
         let after = Instant::now();
-        assert!(!file.may_commit_in_place(after));
+        assert!(!file.may_commit_in_place(after), "two within a second");
         assert_eq!(
             *observed.1.lock().unwrap(),
-            [FileKind::Messages],
-            "counted once"
+            [FileKind::Messages, FileKind::Messages],
+            "each slow write counted"
         );
         assert!(file.may_commit_in_place(after + SLOW_BACKOFF));
         file.note_in_place(Instant::now());
@@ -790,9 +817,21 @@ mod tests {
         );
         assert_eq!(
             observed.1.lock().unwrap().len(),
-            1,
+            2,
             "a fast one is not counted"
         );
+        // Slow writes further apart than the window each stay in place; one stall does not.
+        file.last_slow = Instant::now().checked_sub(SLOW_WINDOW * 2);
+        file.note_in_place(slow(SLOW_IN_PLACE * 3));
+        assert!(
+            file.may_commit_in_place(Instant::now()),
+            "the last was long ago"
+        );
+        file.last_slow = None;
+        file.note_in_place(slow(STALL_IN_PLACE * 2));
+        assert!(!file.may_commit_in_place(Instant::now()), "one stall");
+        assert!(file.may_commit_in_place(Instant::now() + SLOW_BACKOFF));
+        file.slow_until = None;
 
         // A reopen asked for (SIGHUP), and a torn tail to repair, go to the blocking pool.
         files.reopen();
