@@ -525,8 +525,8 @@ fn cluster_protections(c: &mut Criterion) {
 /// The exemplar record on the dispatch path: sampled dispatches (a tracer with no exporter),
 /// the metrics strategy with and without exemplars. Unsampled dispatches skip it on one branch.
 fn exemplars(c: &mut Criterion) {
+    use dispatchd::telemetry::MetricsStrategy;
     use dispatchd::telemetry::traces::{LogFormat, Traces, TracingConfig};
-    use dispatchd::telemetry::{EngineMetrics, MetricsStrategy};
     use opentelemetry::trace::TracerProvider;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -555,7 +555,7 @@ fn exemplars(c: &mut Criterion) {
         let strategy = if keep {
             telemetry.engine_strategy(["d0"]).unwrap()
         } else {
-            MetricsStrategy::new(EngineMetrics::new(telemetry.meter().unwrap()), ["d0"])
+            MetricsStrategy::new(telemetry.engine_metrics().unwrap(), ["d0"])
         };
         let engine = EngineBuilder::new()
             .dispatcher(Dispatcher::new("d0", Category::Event, Noop))

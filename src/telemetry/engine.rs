@@ -37,11 +37,12 @@ pub struct EngineMetrics {
 }
 
 impl EngineMetrics {
-    /// The engine's instruments on `meter`. Make them once per meter and clone them
-    /// ([`super::Telemetry::engine_strategy`] does): `dispatch_messages_total` and
-    /// `dispatcher_executions_total` are observed from counts these instruments own, and a
-    /// second set on the same meter would report the same series twice.
-    pub fn new(meter: &Meter) -> EngineMetrics {
+    /// The engine's instruments on `meter`. Only [`super::Telemetry`] makes them, once per
+    /// meter, and hands out clones ([`super::Telemetry::engine_metrics`]):
+    /// `dispatch_messages_total` and `dispatcher_executions_total` are observed from counts
+    /// these instruments own, and of two sets on one meter the SDK would keep one set's
+    /// observations and drop the other's counts.
+    pub(super) fn new(meter: &Meter) -> EngineMetrics {
         let counts = Arc::new(EngineCounts::default());
         let messages = counts.clone();
         observed_counter(meter, catalog::DISPATCH_MESSAGES, move |observe| {

@@ -176,12 +176,21 @@ impl Telemetry {
         dispatcher_ids: impl IntoIterator<Item = &'a str>,
     ) -> Option<MetricsStrategy> {
         let enabled = self.enabled()?;
-        let metrics = enabled
-            .engine
-            .get_or_init(|| EngineMetrics::new(&enabled.meter))
-            .clone();
         Some(
-            MetricsStrategy::new(metrics, dispatcher_ids).with_exemplars(enabled.exemplars.clone()),
+            MetricsStrategy::new(self.engine_metrics()?, dispatcher_ids)
+                .with_exemplars(enabled.exemplars.clone()),
+        )
+    }
+
+    /// The engine's instruments, made once and shared: every strategy built from them, for any
+    /// engine, counts into the same series. `None` when metrics are off.
+    pub fn engine_metrics(&self) -> Option<EngineMetrics> {
+        let enabled = self.enabled()?;
+        Some(
+            enabled
+                .engine
+                .get_or_init(|| EngineMetrics::new(&enabled.meter))
+                .clone(),
         )
     }
 

@@ -179,6 +179,19 @@ async fn engines_built_again_count_into_the_same_series_and_never_go_back() {
     );
     let second = instrumented(&telemetry);
     drop(first);
+    // A strategy made from the shared instruments directly, as an embedder would.
+    let third = Engine::builder()
+        .dispatcher(Dispatcher::new("ok", Category::Event, Ok1))
+        .route(Route::new("r1", "**", Category::Event, "ok"))
+        .instrumentation(Arc::new(MetricsStrategy::new(
+            telemetry.engine_metrics().unwrap(),
+            ["ok"],
+        )))
+        .build()
+        .unwrap();
+    third
+        .dispatch("a.events", &Envelope::new("t", json!({})))
+        .await;
     for _ in 0..2 {
         second
             .dispatch("a.events", &Envelope::new("t", json!({})))
@@ -191,11 +204,11 @@ async fn engines_built_again_count_into_the_same_series_and_never_go_back() {
     let at = |series: &str| sample(&text, series);
     assert_eq!(
         at(r#"dispatch_messages_total{category="event",status="success"}"#),
-        Some(5.0)
+        Some(6.0)
     );
     assert_eq!(
         at(r#"dispatcher_executions_total{dispatcher_id="ok",result="success"}"#),
-        Some(5.0)
+        Some(6.0)
     );
     assert_eq!(
         at(r#"dispatch_messages_total{category="intent",status="dispatcher_error"}"#),
