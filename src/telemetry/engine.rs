@@ -14,16 +14,13 @@ use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, M
 use super::catalog::{self, InstrumentSpec, label};
 use super::exemplars::{self, ExemplarStore, SeriesExemplars};
 use crate::engine::{
-    Category, DispatchInfo, DispatchResult, DispatchStatus, DispatcherRef, ExecutionResult,
+    DispatchInfo, DispatchResult, DispatchStatus, DispatcherRef, ExecutionResult,
     InstrumentationStrategy,
 };
 
 /// How many distinct command types become `command_type` label values before the rest are
 /// counted as `other`. Command types come from requests, so they must be bounded.
 pub const MAX_COMMAND_TYPE_LABELS: usize = 64;
-
-/// The label value for a topic whose category could not be parsed.
-const UNKNOWN_CATEGORY: &str = "unknown";
 
 /// The engine's instruments, created once per meter.
 #[derive(Clone)]
@@ -53,7 +50,7 @@ impl EngineMetrics {
                         observe(
                             count,
                             &[
-                                KeyValue::new(label::CATEGORY, category_label(slot)),
+                                KeyValue::new(label::CATEGORY, exemplars::CATEGORIES[slot]),
                                 KeyValue::new(label::STATUS, status.as_str()),
                             ],
                         );
@@ -96,8 +93,8 @@ impl EngineMetrics {
 /// appears with its first message, as a counter bound on first use did.
 #[derive(Default)]
 struct EngineCounts {
-    /// `dispatch_messages_total`, by category slot (see [`category_label`]), then status.
-    messages: [[AtomicU64; DispatchStatus::ALL.len()]; 4],
+    /// `dispatch_messages_total`, by category slot (see [`exemplars::category_slot`]), then status.
+    messages: [[AtomicU64; DispatchStatus::ALL.len()]; exemplars::CATEGORY_SLOTS],
     /// `dispatcher_executions_total`, by dispatcher id. A row is never removed: the counts of
     /// an engine that was replaced carry on in the next one's, so the counters never go back.
     executions: RwLock<HashMap<String, ExecutionRow>>,
@@ -125,17 +122,6 @@ impl EngineCounts {
             })
             .counts
             .clone()
-    }
-}
-
-/// The `category` label of a category slot: event, command, intent, then topics whose category
-/// could not be parsed.
-fn category_label(slot: usize) -> &'static str {
-    match slot {
-        0 => Category::Event.as_str(),
-        1 => Category::Command.as_str(),
-        2 => Category::Intent.as_str(),
-        _ => UNKNOWN_CATEGORY,
     }
 }
 
@@ -191,8 +177,9 @@ struct DispatcherSlots {
 /// [`MAX_COMMAND_TYPE_LABELS`].
 pub struct MetricsStrategy {
     metrics: EngineMetrics,
-    /// `dispatch_duration_seconds`, by category slot (see [`category_label`]), then status.
-    outcomes: [[OnceLock<BoundHistogram<f64>>; DispatchStatus::ALL.len()]; 4],
+    /// `dispatch_duration_seconds`, by category slot (see [`exemplars::category_slot`]), then status.
+    outcomes:
+        [[OnceLock<BoundHistogram<f64>>; DispatchStatus::ALL.len()]; exemplars::CATEGORY_SLOTS],
     dispatchers: Box<[DispatcherSlots]>,
     commands: RwLock<Commands>,
     policies: RwLock<HashMap<String, BoundCounter<u64>>>,
@@ -266,19 +253,14 @@ impl MetricsStrategy {
         elapsed: Duration,
     ) {
         let status = result.status;
-        let slot = match dispatch.category {
-            Some(Category::Event) => 0,
-            Some(Category::Command) => 1,
-            Some(Category::Intent) => 2,
-            None => 3,
-        };
+        let slot = exemplars::category_slot(dispatch.category);
         let index = status.index();
         self.metrics.counts.messages[slot][index].fetch_add(1, Ordering::Relaxed);
         let seconds = elapsed.as_secs_f64();
         self.outcomes[slot][index]
             .get_or_init(|| {
                 self.metrics.duration.bind(&[
-                    KeyValue::new(label::CATEGORY, category_label(slot)),
+                    KeyValue::new(label::CATEGORY, exemplars::CATEGORIES[slot]),
                     KeyValue::new(label::STATUS, status.as_str()),
                 ])
             })
@@ -291,7 +273,7 @@ impl MetricsStrategy {
             &result.span_id,
         ) {
             store
-                .dispatch(exemplars::category_slot(dispatch.category), index)
+                .dispatch(slot, index)
                 .record(seconds, trace_id, span_id);
         }
     }

@@ -159,9 +159,9 @@ fn parse_hex_u64(hex: &str) -> Option<u64> {
         .filter(|id| *id != 0)
 }
 
-const CATEGORY_SLOTS: usize = 4;
+pub(crate) const CATEGORY_SLOTS: usize = 4;
 /// The `category` label of each category slot; the last is a topic that did not parse.
-const CATEGORIES: [&str; CATEGORY_SLOTS] = ["event", "command", "intent", "unknown"];
+pub(crate) const CATEGORIES: [&str; CATEGORY_SLOTS] = ["event", "command", "intent", "unknown"];
 
 /// The category slot of a dispatch, as [`CATEGORIES`] names them.
 pub(crate) fn category_slot(category: Option<Category>) -> usize {
