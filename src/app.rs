@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use opentelemetry::trace::SpanKind;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,6 +44,7 @@ use crate::health::{
 };
 use crate::http::{self, ApiState};
 use crate::instrumentation::{Composite, TracingStrategy};
+use crate::propagation::Unexported;
 use crate::resilience::{Observers, Protections, ResilienceConfig, ResilienceObserver, Scope};
 use crate::resilience_redis::{ClusterRedis, RedisDedup, RedisRateLimit};
 use crate::sinks::DispatchEvent;
@@ -416,11 +418,17 @@ impl AppBuilder {
             engine = engine.publisher(outputs);
         }
         // Trace ids in results and traceparent in outputs, from the dispatch span.
-        // Without an exporter the engine's spans would go nowhere: ids only.
+        // Without an exporter the engine's spans would go nowhere: ids only, and the ingest
+        // and source spans give way to contexts made directly.
         let mut trace = crate::propagation::SpanTraceContext::new(config.tracing.sampling_ratio);
         if let (Some(tracer), Some(_)) = (self.tracer, &config.tracing.otlp_endpoint) {
             trace = trace.with_tracer(tracer);
         }
+        let unexported = config
+            .tracing
+            .otlp_endpoint
+            .is_none()
+            .then(|| Arc::new(Unexported::new(config.tracing.sampling_ratio)));
         engine = engine.trace_context(Arc::new(trace));
         let engine = engine
             .redactor(config.redaction.clone())
@@ -443,6 +451,7 @@ impl AppBuilder {
             stats,
             health,
             telemetry,
+            unexported,
             bus,
             sinks,
             stop_sinks,
@@ -470,6 +479,8 @@ pub struct App {
     stats: Arc<DispatcherStats>,
     health: HealthRegistry,
     telemetry: Telemetry,
+    /// Set when nothing exports spans (no OTLP endpoint): trace context without spans.
+    unexported: Option<Arc<Unexported>>,
     bus: Arc<dyn EventBus>,
     sinks: TaskTracker,
     stop_sinks: CancellationToken,
@@ -559,6 +570,7 @@ impl App {
         state.events = Some(self.bus.clone());
         state.stats = Some(self.stats.clone());
         state.instance_id = Some(self.instance_id.clone());
+        state.unexported = self.unexported.clone();
 
         // Inbound sources: consumers, stopped first at shutdown.
         let sources = TaskTracker::new();
@@ -583,6 +595,7 @@ impl App {
                     redis.url.clone(),
                     group,
                     self.engine.clone(),
+                    self.unexported.clone(),
                     self.bus.clone(),
                     self.telemetry
                         .bus_metrics()
@@ -720,6 +733,7 @@ async fn consume_source(
     url: String,
     config: ConsumerConfig,
     engine: Engine,
+    unexported: Option<Arc<Unexported>>,
     bus: Arc<dyn EventBus>,
     observer: Option<Arc<dyn BusObserver>>,
     stop: CancellationToken,
@@ -755,6 +769,7 @@ async fn consume_source(
         .run(
             |_| ToEngine {
                 engine,
+                unexported,
                 bus,
                 stream,
             },
@@ -766,6 +781,8 @@ async fn consume_source(
 /// A source's side of the consume loop: each entry is dispatched in turn.
 struct ToEngine {
     engine: Engine,
+    /// Set when nothing exports spans (see [`ApiState::unexported`]).
+    unexported: Option<Arc<Unexported>>,
     bus: Arc<dyn EventBus>,
     stream: String,
 }
@@ -781,14 +798,30 @@ impl Deliver for ToEngine {
         let terminal = match message {
             Some(OutputMessage { topic, envelope }) => {
                 // The sender's trace, from the envelope's headers, is the dispatch's parent.
-                let span = tracing::info_span!(
-                    target: "dispatchd::trace",
-                    "source",
-                    otel.name = %format_args!("{stream} receive"),
-                    otel.kind = "consumer",
-                );
-                let _ = span.set_parent(crate::propagation::extract_map(&envelope.headers));
-                let result = engine.dispatch(&topic, &envelope).instrument(span).await;
+                let parent = crate::propagation::extract_map(&envelope.headers);
+                let result = match &self.unexported {
+                    None => {
+                        let span = tracing::info_span!(
+                            target: "dispatchd::trace",
+                            "source",
+                            otel.name = %format_args!("{stream} receive"),
+                            otel.kind = "consumer",
+                        );
+                        let _ = span.set_parent(parent);
+                        engine.dispatch(&topic, &envelope).instrument(span).await
+                    }
+                    Some(unexported) => {
+                        let context = unexported.child(&parent, "receive", SpanKind::Consumer);
+                        let span = tracing::info_span!(
+                            target: "dispatchd::source",
+                            "source",
+                            otel.name = %format_args!("{stream} receive"),
+                            otel.kind = "consumer",
+                        );
+                        let dispatch = engine.dispatch(&topic, &envelope).instrument(span);
+                        opentelemetry::context::FutureExt::with_context(dispatch, context).await
+                    }
+                };
                 self.bus
                     .publish(DispatchEvent::from_dispatch(
                         &result,

@@ -19,7 +19,9 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracer;
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, ShouldSample,
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::engine::{DispatchSpan, SpanValue, TraceContext, TraceSpan};
@@ -280,19 +282,30 @@ pub fn inject_context(context: &Context, headers: &mut BTreeMap<String, String>)
     }
 }
 
+/// The current trace context: the one an [`Unexported`] context attached to the running future
+/// (`FutureExt::with_context`), else the current `tracing` span's.
+pub fn current_context() -> Context {
+    let attached = Context::current();
+    if attached.has_active_span() {
+        attached
+    } else {
+        tracing::Span::current().context()
+    }
+}
+
 /// Writes the current span's context as `traceparent` (and `tracestate`) into `headers`.
 pub fn inject_current(headers: &mut BTreeMap<String, String>) {
-    inject_context(&tracing::Span::current().context(), headers);
+    inject_context(&current_context(), headers);
 }
 
 /// The current span's trace id and span id, lowercase hex, when it is part of a trace.
 pub fn current_ids() -> Option<(String, String)> {
-    ids(&tracing::Span::current().context())
+    ids(&current_context())
 }
 
 /// [`current_ids`] and whether that trace is sampled, from one look at the current context.
 pub fn current_trace() -> Option<(String, String, bool)> {
-    let context = tracing::Span::current().context();
+    let context = current_context();
     let sampled = context.span().span_context().is_sampled();
     ids(&context).map(|(trace_id, span_id)| (trace_id, span_id, sampled))
 }
@@ -317,6 +330,62 @@ fn hex(bytes: &[u8]) -> String {
         text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
     }
     text
+}
+
+/// Trace context without spans, for when nothing exports them (`serve` without an OTLP
+/// endpoint).
+///
+/// [`Unexported::child`] makes the context a span would have had: the parent's trace or a new
+/// one, a new span id, the sampler's decision (the same parent-based ratio sampler as the tracer
+/// provider's) and the parent's `tracestate`, built the way the SDK's tracer builds it. The
+/// caller attaches it to the dispatch with `opentelemetry::context::FutureExt::with_context`;
+/// [`current_context`] reads it there, so results, outputs, dispatch events and outgoing
+/// requests carry it as they would the span's.
+///
+/// Why: through `tracing-opentelemetry` the ingest span cost about 12,000 instructions per
+/// request (its attributes owned in the registry, the SDK span built and dropped at close) for
+/// a span nobody reads; this costs its two random ids and the sampling decision
+/// (docs/benchmarks.md).
+#[derive(Debug)]
+pub struct Unexported {
+    sampler: Sampler,
+    ids: RandomIdGenerator,
+}
+
+impl Unexported {
+    /// Sampling as the tracer provider samples: parent-based, new traces kept at `ratio`.
+    pub fn new(ratio: f64) -> Unexported {
+        Unexported {
+            sampler: crate::telemetry::traces::sampler(ratio),
+            ids: RandomIdGenerator::default(),
+        }
+    }
+
+    /// The context of a span named `name` of `kind`, a child of `parent`'s span (a new trace
+    /// when it has no valid one), on top of `parent` (its other values, such as a `tracestate`
+    /// the SDK refused, stay).
+    pub fn child(&self, parent: &Context, name: &str, kind: SpanKind) -> Context {
+        let parent_span = parent.span();
+        let parent_context = parent_span.span_context();
+        let (trace_id, flags) = if parent_context.is_valid() {
+            (parent_context.trace_id(), parent_context.trace_flags())
+        } else {
+            (self.ids.new_trace_id(), TraceFlags::default())
+        };
+        let span_id = self.ids.new_span_id();
+        let sampling = self
+            .sampler
+            .should_sample(Some(parent), trace_id, name, &kind, &[], &[]);
+        let sampled = sampling.decision == SamplingDecision::RecordAndSample;
+        let span_context = SpanContext::new(
+            trace_id,
+            span_id,
+            flags.with_sampled(sampled),
+            false,
+            sampling.trace_state,
+        );
+        parent.with_remote_span_context(span_context)
+    }
 }
 
 /// The engine's view of trace context: the parent is the current `tracing` span's context (the
@@ -394,7 +463,7 @@ impl TraceContext for SpanTraceContext {
 
     fn start_dispatch(&self, span: &DispatchSpan<'_>) -> Option<Box<dyn TraceSpan>> {
         let tracer = self.tracer.as_ref()?;
-        let parent = tracing::Span::current().context();
+        let parent = current_context();
         if !self.keeps(&parent) {
             return None;
         }
@@ -554,6 +623,80 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// What `Unexported` makes is what the SDK's tracer makes for the same parent: the parent's
+    /// trace (or a new, valid one), a new span id, the parent-based ratio decision and the
+    /// parent's `tracestate`; and, attached to a future, it is the current context there.
+    #[tokio::test]
+    async fn unexported_contexts_match_what_the_tracer_would_make() {
+        let none = Context::new();
+        let parent = |flags: &str, tracestate: Option<&str>| {
+            let mut headers = BTreeMap::from([(
+                TRACEPARENT.to_owned(),
+                format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"),
+            )]);
+            if let Some(state) = tracestate {
+                headers.insert(TRACESTATE.to_owned(), state.to_owned());
+            }
+            extract_map(&headers)
+        };
+        let made = |ratio: f64, parent: &Context| {
+            let context = Unexported::new(ratio).child(parent, "ingest", SpanKind::Server);
+            let span = context.span();
+            let span_context = span.span_context().clone();
+            (context, span_context)
+        };
+        let the_tracer = |ratio: f64, parent: &Context| {
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_sampler(crate::telemetry::traces::sampler(ratio))
+                .build();
+            let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+            let span = tracer.start_with_context("ingest", parent);
+            opentelemetry::trace::Span::span_context(&span).clone()
+        };
+        for ratio in [0.0, 1.0] {
+            // New traces: valid, new ids; the ratio decides.
+            let (_, fresh) = made(ratio, &none);
+            assert!(fresh.is_valid());
+            assert_eq!(fresh.is_sampled(), ratio == 1.0);
+            assert_eq!(fresh.is_sampled(), the_tracer(ratio, &none).is_sampled());
+            assert_ne!(fresh.trace_id(), made(ratio, &none).1.trace_id());
+            // A caller's trace: its id and decision, whatever the ratio; a span id of our own.
+            for flags in ["00", "01"] {
+                let caller = parent(flags, Some("congo=t61rcWkgMzE"));
+                let (_, child) = made(ratio, &caller);
+                let tracer = the_tracer(ratio, &caller);
+                assert_eq!(child.trace_id(), tracer.trace_id());
+                assert_eq!(child.is_sampled(), flags == "01");
+                assert_eq!(child.is_sampled(), tracer.is_sampled());
+                assert_eq!(child.trace_state(), tracer.trace_state());
+                assert_eq!(child.trace_state().header(), "congo=t61rcWkgMzE");
+                assert_ne!(
+                    child.span_id(),
+                    SpanId::from_hex("b7ad6b7169203331").unwrap()
+                );
+            }
+        }
+        // A tracestate the SDK refuses still leaves with the trace.
+        let refused = "a-fourteen-chr@sys=v";
+        let (context, child) = made(1.0, &parent("01", Some(refused)));
+        let mut out = BTreeMap::new();
+        inject_context(&context, &mut out);
+        assert_eq!(out[TRACESTATE], refused);
+        // Attached to a future, it is what the dispatch reads.
+        let ids = opentelemetry::context::FutureExt::with_context(
+            async { (current_ids(), current_trace()) },
+            context,
+        )
+        .await;
+        let expected = (
+            hex(&child.trace_id().to_bytes()),
+            hex(&child.span_id().to_bytes()),
+        );
+        assert_eq!(ids.0, Some(expected.clone()));
+        assert_eq!(ids.1, Some((expected.0, expected.1, true)));
+        assert_eq!(current_ids(), None, "nothing is attached outside it");
+    }
 
     /// Text of a length in `length`, drawn from `alphabet` (cheaper than a regex strategy).
     fn text(alphabet: &str, length: std::ops::Range<usize>) -> impl Strategy<Value = String> {

@@ -64,6 +64,11 @@ pub struct ApiState {
     pub instance_id: Option<String>,
     /// Earlier call counts, for the status page's recent rates.
     pub recent: Arc<status::RecentCalls>,
+    /// When nothing exports spans: each dispatch's trace context is made by this instead of by
+    /// an ingest span through `tracing-opentelemetry` (the same ids, sampling and propagation;
+    /// the `ingest` span is then only a log span, target `dispatchd::ingest`). `None`, the
+    /// default, opens the `dispatchd::trace` ingest span.
+    pub unexported: Option<Arc<crate::propagation::Unexported>>,
 }
 
 impl ApiState {
@@ -84,6 +89,7 @@ impl ApiState {
             stats: None,
             instance_id: None,
             recent: Arc::default(),
+            unexported: None,
         }
     }
 }

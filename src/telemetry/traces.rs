@@ -113,6 +113,12 @@ where
         .with_context_activation(false)
 }
 
+/// The sampler of dispatchd's traces: parent-based (a caller's decision is followed), new traces
+/// kept at `ratio`. The tracer provider and [`crate::propagation::Unexported`] share it.
+pub fn sampler(ratio: f64) -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+}
+
 /// Keeps the tracer provider; [`Traces::shutdown`] flushes what is queued.
 pub struct Traces {
     provider: SdkTracerProvider,
@@ -123,9 +129,7 @@ impl Traces {
     pub fn provider(config: &TracingConfig) -> Result<SdkTracerProvider, String> {
         let mut builder = SdkTracerProvider::builder()
             .with_resource(resource(config.instance_id.as_deref()))
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                config.sampling_ratio,
-            ))));
+            .with_sampler(sampler(config.sampling_ratio));
         if let Some(endpoint) = &config.otlp_endpoint {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
