@@ -1,11 +1,27 @@
 //! Reading an ingest body (`POST /api/v1/messages/{topic}`) into an envelope: the parse every
 //! ingested message pays before dispatch, without and with the optional ids and timestamp (a
 //! UTC one is read by humantime; one with an offset falls back to `time`'s RFC 3339 reader).
+//! Then the two other per-message costs of the ingest path that grow with the message: redacting
+//! its payload (the default deny-list, as the dispatch event and logs get it) and writing its
+//! result as the JSON answer.
 
 #![allow(clippy::unwrap_used)]
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use async_trait::async_trait;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use dispatchd::engine::{
+    Category, Dispatcher, Engine, Handler, HandlerError, Message, OutputMessage, Route,
+};
 use dispatchd::http::parse_envelope;
+
+struct Noop;
+
+#[async_trait]
+impl Handler for Noop {
+    async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+        Ok(Vec::new())
+    }
+}
 
 const BODIES: [(&str, &str); 4] = [
     (
@@ -36,5 +52,43 @@ fn parse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse);
+/// The payload of `scripts/http-bench.sh`: thirteen keys, one of them a secret.
+const PAYLOAD: &str = r#"{"order_id":"o-1842","amount":129.5,"currency":"EUR","items":[{"sku":"A-7","qty":2},{"sku":"B-3","qty":1}],"customer":{"id":"c-77","email":"ana@example.com","api_key":"sk_live_abc123"}}"#;
+
+fn redact(c: &mut Criterion) {
+    let redactor = dispatchd::engine::Redactor::default();
+    let payload: serde_json::Value = serde_json::from_str(PAYLOAD).unwrap();
+    c.bench_function("ingest/redact_payload", |b| {
+        b.iter_batched_ref(
+            || payload.clone(),
+            |payload| redactor.redact_in_place(payload),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// The answer of a one-dispatcher dispatch, as `POST /api/v1/messages/{topic}` writes it.
+fn answer(c: &mut Criterion) {
+    let body = format!(r#"{{"message_type":"order.placed","payload":{PAYLOAD}}}"#);
+    let envelope = parse_envelope(body.as_bytes()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("log", Category::Event, Noop))
+        .route(Route::new("events-to-log", "**", Category::Event, "log"))
+        .build()
+        .unwrap();
+    let result = runtime.block_on(engine.dispatch("bench.events", &envelope));
+    c.bench_function("ingest/answer_json", |b| {
+        b.iter(|| {
+            let mut body = Vec::with_capacity(1024);
+            serde_json::to_writer(&mut body, std::hint::black_box(&result)).unwrap();
+            body
+        })
+    });
+}
+
+criterion_group!(benches, parse, redact, answer);
 criterion_main!(benches);
