@@ -650,8 +650,15 @@ async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
         .unwrap();
     assert_eq!(outputs, 1);
 
-    // A message on the source stream is dispatched and acknowledged.
-    let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({"from": "redis"}))});
+    // A message on the source stream is dispatched and acknowledged, in its sender's trace: a
+    // sender that does not sample (`-00`) gets no sampled trace back, though new traces are kept.
+    let sender_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut envelope = dispatchd::engine::Envelope::new("order.placed", json!({"from": "redis"}));
+    envelope.headers.insert(
+        "traceparent".into(),
+        format!("00-{sender_trace}-00f067aa0ba902b7-00"),
+    );
+    let message = json!({"topic": "shop.orders.events", "envelope": envelope});
     let _: String = redis::cmd("XADD")
         .arg(&source_stream)
         .arg("*")
@@ -666,6 +673,26 @@ async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
             .any(|line| line["payload"]["from"] == "redis")
     })
     .await;
+    let from_source = || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| event["input"]["payload"]["from"] == "redis")
+    };
+    wait_for_async("the source message's event", || async {
+        from_source().is_some()
+    })
+    .await;
+    let from_source = from_source().unwrap();
+    let traceparent = from_source["metadata"]["traceparent"].as_str().unwrap();
+    let fields: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(fields[1], sender_trace, "{traceparent}");
+    assert_ne!(
+        fields[2], "00f067aa0ba902b7",
+        "a span of its own: {traceparent}"
+    );
+    assert_eq!(fields[3], "00", "the sender's decision: {traceparent}");
     wait_for_async("the source entry to be acknowledged", || {
         let mut connection = connection.clone();
         let stream = source_stream.clone();
