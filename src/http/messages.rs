@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures::future::Either;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanKind, TraceContextExt};
 use serde::Deserialize;
@@ -182,7 +183,7 @@ pub(super) async fn ingest(
             record_ids(&span, &context);
             // Not attached: inside, the current `tracing` span is the one to follow (an
             // adapter's, when the engine traces).
-            (span, opentelemetry::Context::current())
+            (span, None)
         }
         Some(unexported) => {
             let span = ingest_span!("dispatchd::ingest", uri);
@@ -190,7 +191,7 @@ pub(super) async fn ingest(
             if !span.is_disabled() {
                 record_ids(&span, &context);
             }
-            (span, context)
+            (span, Some(context))
         }
     };
     // Biased: the dispatch first, so one that finishes on its first poll (most do) never
@@ -198,8 +199,11 @@ pub(super) async fn ingest(
     let dispatch = state
         .engine
         .dispatch(&topic, &envelope)
-        .instrument(span.clone())
-        .with_context(context);
+        .instrument(span.clone());
+    let dispatch = match context {
+        None => Either::Left(dispatch),
+        Some(context) => Either::Right(dispatch.with_context(context)),
+    };
     let result = tokio::select! {
         biased;
         result = dispatch => result,
