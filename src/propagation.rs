@@ -342,10 +342,10 @@ fn hex(bytes: &[u8]) -> String {
 /// [`current_context`] reads it there, so results, outputs, dispatch events and outgoing
 /// requests carry it as they would the span's.
 ///
-/// Why: through `tracing-opentelemetry` the ingest span cost about 12,000 instructions per
-/// request (its attributes owned in the registry, the SDK span built and dropped at close) for
-/// a span nobody reads; this costs its two random ids and the sampling decision
-/// (docs/benchmarks.md).
+/// Why: through `tracing-opentelemetry` the ingest span cost about 13,500 instructions per
+/// request (its attributes owned in the registry, its context read back, the SDK span built
+/// and dropped at close) for a span nobody reads; this costs about 540: two random ids and the
+/// sampling decision (docs/benchmarks.md, "Fifth round").
 #[derive(Debug)]
 pub struct Unexported {
     sampler: Sampler,
