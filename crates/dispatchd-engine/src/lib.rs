@@ -25,6 +25,7 @@ mod instrument;
 mod pattern;
 mod redact;
 mod result;
+mod result_json;
 mod route;
 mod sanitize;
 mod topic;

@@ -345,13 +345,13 @@ impl Serialize for Timestamp {
 
 /// Room for `YYYY-MM-DDTHH:MM:SS.mmmZ` (24 bytes).
 #[derive(Default)]
-struct Rfc3339Buffer {
+pub(crate) struct Rfc3339Buffer {
     bytes: [u8; 24],
     len: usize,
 }
 
 impl Rfc3339Buffer {
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only whole `&str`s are copied in.
         std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
     }
