@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -112,6 +112,9 @@ pub struct Guard {
     in_flight: Arc<Semaphore>,
     request_timeout: Duration,
     metrics: Option<HttpMetrics>,
+    /// Where each request that reaches its route's handler is timed
+    /// (`http_server_request_duration_seconds`): the API's telemetry, set by [`bind`](Self::bind).
+    durations: Option<HttpMetrics>,
     min_body_rate: Option<BodyRate>,
     max_body_bytes: usize,
     /// The request line and headers, at most (431 as JSON past it).
@@ -138,6 +141,7 @@ impl Guard {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             request_timeout,
             metrics,
+            durations: None,
             min_body_rate: None,
             max_body_bytes: usize::MAX,
             max_head_bytes: usize::MAX,
@@ -174,20 +178,22 @@ impl Guard {
         )
     }
 
-    /// The guard of one router: its routes' policies and its body limit.
+    /// The guard of one router: its routes' policies, its body limit and where it times requests.
     pub(super) fn bind(
         mut self,
         policies: HashMap<String, Policy>,
         max_body_bytes: usize,
+        durations: Option<HttpMetrics>,
     ) -> Guard {
         self.policies = Arc::new(policies);
         self.max_body_bytes = max_body_bytes;
+        self.durations = durations;
         self
     }
 
     /// The policy of the route a request matched.
-    fn policy(&self, request: &Request) -> Policy {
-        match request.extensions().get::<MatchedPath>() {
+    fn policy(&self, route: Option<&MatchedPath>) -> Policy {
+        match route {
             Some(path) => self
                 .policies
                 .get(path.as_str())
@@ -219,7 +225,33 @@ impl Guard {
     }
 
     /// The body (within its limits), then a permit, then the handler.
-    async fn bounded(&self, request: Request, next: Next) -> Response {
+    /// Runs the route's handler; with `durations`, times it into
+    /// `http_server_request_duration_seconds` by the matched route's template (never the raw
+    /// path, so a client cannot create series). Measured from here, once the guard let the
+    /// request through, to the response; requests the guard refused are counted by their own
+    /// metrics instead. Here rather than in a middleware layer of its own: each `from_fn` layer
+    /// clones the service below it and boxes two futures per request.
+    async fn run(&self, route: Option<MatchedPath>, request: Request, next: Next) -> Response {
+        let (Some(durations), Some(route)) = (&self.durations, route) else {
+            return next.run(request).await;
+        };
+        let started = std::time::Instant::now();
+        let method = request.method().clone();
+        let response = next.run(request).await;
+        // A method the path does not have is the client's, like a path that matches no route:
+        // not recorded (its answer comes from the router, not from a handler).
+        if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+            durations.request_finished(
+                route.as_str(),
+                &method,
+                response.status().as_u16(),
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        response
+    }
+
+    async fn bounded(&self, route: Option<MatchedPath>, request: Request, next: Next) -> Response {
         let (parts, body) = request.into_parts();
         // While the body arrives the connection may be evicted to make room (`serve`).
         let mut upload = parts
@@ -251,7 +283,8 @@ impl Guard {
                 "dispatchd is handling as many requests as it allows; retry shortly",
             );
         };
-        next.run(Request::from_parts(parts, Body::from(body))).await
+        self.run(route, Request::from_parts(parts, Body::from(body)), next)
+            .await
     }
 }
 
@@ -259,7 +292,9 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     if head_bytes(&request) > guard.max_head_bytes {
         return ApiError::HeadTooLarge.into_response();
     }
-    let policy = guard.policy(&request);
+    // A reference-counted string: no copy of the template per request.
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let policy = guard.policy(route.as_ref());
     if let Some(scope) = guard.scope(policy.access) {
         let authorization = request
             .headers()
@@ -277,9 +312,9 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         return Refusal::TooLarge.into_response();
     }
     if policy.load == Load::Exempt {
-        return next.run(request).await;
+        return guard.run(route, request, next).await;
     }
-    match tokio::time::timeout(guard.request_timeout, guard.bounded(request, next)).await {
+    match tokio::time::timeout(guard.request_timeout, guard.bounded(route, request, next)).await {
         Ok(response) => response,
         Err(_) => {
             guard.shed("timeout");

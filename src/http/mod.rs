@@ -35,7 +35,7 @@ use crate::auth::Scope;
 use crate::bus::EventBus;
 use crate::engine::Engine;
 use crate::health::{DispatcherStats, HealthRegistry};
-use crate::telemetry::{Telemetry, record_http};
+use crate::telemetry::Telemetry;
 pub use error::ApiError;
 pub use guard::Guard;
 use guard::Routes;
@@ -156,18 +156,16 @@ fn assemble(
     let Routes { router, policies } = routes;
     let (router, description) = router.split_for_parts();
     let document = openapi::Document::new(&description, state.health.config().max_stale_threshold);
-    let mut router = router.layer(axum::Extension(document));
-    if let Some(metrics) = state.telemetry.http_metrics() {
-        // A route layer sees the matched route template, never the raw path.
-        router = router.route_layer(middleware::from_fn_with_state(metrics, record_http));
-    }
-    // `layer` runs after routing, so the guard sees the matched route's template.
+    let durations = state.telemetry.http_metrics();
+    // `layer` runs after routing, so the guard sees the matched route's template; it also times
+    // the requests it lets through.
     router
+        .layer(axum::Extension(document))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(
-            guard.bind(policies, max_body_bytes),
+            guard.bind(policies, max_body_bytes, durations),
             guard::guard,
         ))
         // One `Arc` for the request to clone: the state's own clone takes two cancellation

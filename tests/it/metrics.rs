@@ -154,6 +154,23 @@ pub(crate) fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>
 async fn n_messages_show_as_exactly_n_on_their_series() {
     let app = canonical_app(|_| {}).await;
     canonical_traffic(&app, 7).await;
+    // A path no route has, and a method the ingest path does not have: the client's, not timed.
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/api/v1/no-such-thing", 404),
+        (
+            reqwest::Method::GET,
+            "/api/v1/messages/shop.orders.events",
+            405,
+        ),
+    ] {
+        let response = app
+            .client
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{path}");
+    }
     let text = scrape(&app).await;
     let at = |series: &str| sample(&text, series);
 
@@ -207,8 +224,18 @@ async fn n_messages_show_as_exactly_n_on_their_series() {
     let route = r#"http_server_request_duration_seconds_count{http_request_method="POST",http_response_status_code="200",http_route="/api/v1/messages/{topic}"}"#;
     assert_eq!(at(route), Some(8.0));
     assert!(
-        !text.contains("shop.orders.events"),
+        !text.contains("shop.orders.events") && !text.contains("no-such-thing"),
         "no raw path or topic becomes a label"
+    );
+    let statuses: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("http_server_request_duration_seconds_count{"))
+        .collect();
+    assert!(
+        statuses
+            .iter()
+            .all(|line| !line.contains("\"404\"") && !line.contains("\"405\"")),
+        "{statuses:#?}"
     );
     app.stop().await.unwrap();
 }
