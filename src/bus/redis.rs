@@ -651,7 +651,10 @@ const OUTPUTS_TIMEOUT: Duration = Duration::from_secs(2);
 #[async_trait::async_trait]
 impl crate::bus::EventBus for RedisPublisher {
     async fn publish(&self, event: crate::bus::DispatchEvent) -> usize {
-        let data = match serde_json::to_string(&event) {
+        let mut bytes = Vec::with_capacity(1024);
+        event.write_json(&mut bytes);
+        // Always UTF-8: it is made of `str`s and ASCII.
+        let data = match String::from_utf8(bytes) {
             Ok(data) => data,
             Err(error) => {
                 tracing::error!(%error, "A dispatch event could not be serialized.");

@@ -15,6 +15,7 @@
 //! runtime with time enabled.
 
 pub mod instrumentation;
+pub mod json;
 pub mod resilience;
 
 mod builder;
@@ -25,7 +26,6 @@ mod instrument;
 mod pattern;
 mod redact;
 mod result;
-mod result_json;
 mod route;
 mod sanitize;
 mod topic;
