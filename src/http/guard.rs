@@ -10,7 +10,7 @@
 //! a slot), the declared body length (413 before a byte of the body is read), then for routes
 //! under the load bounds, within the request deadline: the body is received (size, minimum rate),
 //! then the in-flight bound (a full server answers at once instead of queueing), then the
-//! handler. The body is received before the in-flight permit is taken, so a client that trickles
+//! handler, timed into `http_server_request_duration_seconds` by its route template. The body is received before the in-flight permit is taken, so a client that trickles
 //! its body holds a connection, never one of the permits dispatching needs. `/health`, `/ready`
 //! and `/metrics` are never shed or timed out: they are how an operator sees an overloaded
 //! process.

@@ -115,6 +115,9 @@ fn method_label(method: &Method) -> &'static str {
 
 /// Middleware (installed with `route_layer`, so it sees the matched route) that times each
 /// request. Requests that match no route are not recorded: their paths are the client's.
+///
+/// For an embedder's own router: dispatchd's API times its requests in its guard instead (one
+/// layer less per request), by the same rules.
 pub async fn record_http(
     State(metrics): State<HttpMetrics>,
     request: Request,
