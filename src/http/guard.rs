@@ -10,10 +10,10 @@
 //! a slot), the declared body length (413 before a byte of the body is read), then for routes
 //! under the load bounds, within the request deadline: the body is received (size, minimum rate),
 //! then the in-flight bound (a full server answers at once instead of queueing), then the
-//! handler, timed into `http_server_request_duration_seconds` by its route template. The body is received before the in-flight permit is taken, so a client that trickles
-//! its body holds a connection, never one of the permits dispatching needs. `/health`, `/ready`
-//! and `/metrics` are never shed or timed out: they are how an operator sees an overloaded
-//! process.
+//! handler, timed into `http_server_request_duration_seconds` by its route template. The body is
+//! received before the in-flight permit is taken, so a client that trickles its body holds a
+//! connection, never one of the permits dispatching needs. `/health`, `/ready` and `/metrics` are
+//! never shed or timed out: they are how an operator sees an overloaded process.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -224,7 +224,6 @@ impl Guard {
         }
     }
 
-    /// The body (within its limits), then a permit, then the handler.
     /// Runs the route's handler; with `durations`, times it into
     /// `http_server_request_duration_seconds` by the matched route's template (never the raw
     /// path, so a client cannot create series). Measured from here, once the guard let the
@@ -251,6 +250,7 @@ impl Guard {
         response
     }
 
+    /// The body (within its limits), then a permit, then the handler.
     async fn bounded(&self, route: Option<MatchedPath>, request: Request, next: Next) -> Response {
         let (parts, body) = request.into_parts();
         // While the body arrives the connection may be evicted to make room (`serve`).
