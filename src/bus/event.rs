@@ -185,9 +185,10 @@ impl DispatchEvent {
 
 impl DispatchEvent {
     /// Appends this event to `out` as JSON, byte for byte what `serde_json::to_writer(out, self)`
-    /// writes (a property test compares them), at about half the cost: the keys are literals and
-    /// strings are copied whole unless they need escaping ([`json::write_value`]). The file sink
-    /// writes every event this way, and the Redis bus publishes it.
+    /// writes (a property test compares them), at a sixth less (15,700 instructions against
+    /// 18,700 for the bench's event): the keys are literals and strings are copied whole unless
+    /// they need escaping ([`json::write_value`]). The file sink writes every event this way, and
+    /// the Redis bus publishes it.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         // Every field by name: one added to the event does not compile until it is written here.
         let DispatchEvent {
@@ -247,7 +248,7 @@ impl DispatchEvent {
 }
 
 /// `time` as `humantime_serde` writes it (RFC 3339 in UTC, nanoseconds when not whole), through
-/// a buffer on the stack rather than serde's escaping writer.
+/// a buffer on the stack rather than a `String` and serde's escaping writer.
 fn write_rfc3339(out: &mut Vec<u8>, time: SystemTime) {
     use std::io::Write as _;
     // `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` is 30 bytes.

@@ -3,12 +3,15 @@
 //! event's).
 //!
 //! Each writes byte for byte what `serde_json::to_writer` writes (property tests compare them on
-//! arbitrary input), in less than half the instructions: serde_json sends every key and string
-//! through its escaping loop one byte at a time, where the keys here are literals and a string
-//! is copied whole once a scan the compiler vectorizes found nothing to escape. Anything rarer (a
-//! string that needs escaping, a number, the outputs of a result) is still written by serde_json
-//! itself. The destructuring in [`DispatchResult::write_json`] names every field, so a field
-//! added to the result does not compile until it is written there too.
+//! arbitrary input), in fewer instructions: serde_json sends every key and string through its
+//! escaping loop one byte at a time, where the keys here are literals and a string is copied
+//! whole once a scan of eight bytes at a time found nothing to escape. The answer of a
+//! one-dispatcher dispatch costs 5,100 instructions instead of 11,600; a `Value` tree gains less
+//! (walking it costs as much as before). Anything rarer (a string that needs escaping, a number,
+//! the outputs of a result) is still written by serde_json itself. The destructuring in
+//! [`DispatchResult::write_json`] names every field, so a field added to the result does not
+//! compile until it is written there too. Written here rather than taken from a crate: what
+//! matters is the same bytes as serde_json's, which the tests hold it to.
 
 use std::fmt;
 
