@@ -219,7 +219,7 @@ impl DispatchEvent {
         out.extend_from_slice(b",\"name\":");
         json::write_str(out, name);
         out.extend_from_slice(b",\"timestamp\":");
-        write_rfc3339(out, *timestamp);
+        json::write_rfc3339(out, *timestamp);
         out.extend_from_slice(b",\"input\":");
         json::write_value(out, input);
         out.extend_from_slice(b",\"output\":");
@@ -244,24 +244,6 @@ impl DispatchEvent {
         out.extend_from_slice(b"],\"log_id\":");
         json::write_str(out, log_id);
         out.push(b'}');
-    }
-}
-
-/// `time` as `humantime_serde` writes it (RFC 3339 in UTC, nanoseconds when not whole), through
-/// a buffer on the stack rather than a `String` and serde's escaping writer.
-fn write_rfc3339(out: &mut Vec<u8>, time: SystemTime) {
-    use std::io::Write as _;
-    // `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` is 30 bytes.
-    let mut buffer = [0u8; 32];
-    let mut rest = &mut buffer[..];
-    if write!(rest, "{}", humantime::format_rfc3339(time)).is_ok() {
-        let len = 32 - rest.len();
-        out.push(b'"');
-        out.extend_from_slice(&buffer[..len]);
-        out.push(b'"');
-    } else {
-        // Longer than any time humantime writes; serde's way all the same.
-        let _ = serde_json::to_writer(&mut *out, &humantime_serde::Serde::from(time));
     }
 }
 

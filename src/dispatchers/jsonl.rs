@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::appender::{AppendError, Appender, FileKind, Files};
-use crate::engine::{Category, Envelope, Handler, HandlerError, Message, OutputMessage};
+use crate::engine::{Category, Envelope, Handler, HandlerError, Message, OutputMessage, json};
 
 /// One line of the file: the topic and category, then the envelope's fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,13 +18,17 @@ pub struct JsonlLine {
     pub envelope: Envelope,
 }
 
-/// [`JsonlLine`] borrowing what it writes.
-#[derive(Serialize)]
-struct JsonlLineRef<'a> {
-    topic: &'a str,
-    category: Category,
-    #[serde(flatten)]
-    envelope: &'a Envelope,
+/// Appends the line of `envelope` on `topic`, newline included: what serde writes of a
+/// [`JsonlLine`] (a test compares them), from borrowed data and without serde's flattening
+/// (which buffers the envelope's fields through a map serializer).
+fn write_line(out: &mut Vec<u8>, topic: &str, category: Category, envelope: &Envelope) {
+    out.extend_from_slice(b"{\"topic\":");
+    json::write_str(out, topic);
+    out.extend_from_slice(b",\"category\":\"");
+    out.extend_from_slice(category.as_str().as_bytes());
+    out.extend_from_slice(b"\",");
+    envelope.write_json_fields(out);
+    out.extend_from_slice(b"}\n");
 }
 
 /// Appends each message as one JSON line, through an [`Appender`]: a single writer task commits
@@ -59,15 +63,13 @@ impl JsonlFile {
 #[async_trait]
 impl Handler for JsonlFile {
     async fn handle(&self, message: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
-        // Serialized from borrowed data, in the same shape as [`JsonlLine`]: no envelope clone.
-        let line = JsonlLineRef {
-            topic: message.topic,
-            category: message.category,
-            envelope: message.envelope,
-        };
         let mut bytes = Vec::with_capacity(256);
-        serde_json::to_writer(&mut bytes, &line)?;
-        bytes.push(b'\n');
+        write_line(
+            &mut bytes,
+            message.topic,
+            message.category,
+            message.envelope,
+        );
         self.file.append(bytes).await.map_err(|error| match error {
             AppendError::Closed => HandlerError::transient("the JSONL writer has shut down"),
             AppendError::Lost => {
@@ -139,6 +141,35 @@ mod tests {
         tracker.wait().await;
         let error = file.handle(&message(&envelopes[0])).await.unwrap_err();
         assert_eq!(error.message(), "the JSONL writer has shut down");
+    }
+
+    /// The line written by hand is what serde writes of a [`JsonlLine`], for every category,
+    /// with and without the envelope's optional fields, with text that needs escaping.
+    #[test]
+    fn the_line_is_what_serde_writes_of_a_jsonl_line() {
+        let plain = Envelope::new("order.placed", serde_json::json!({ "n": 1 }));
+        let full = Envelope::new(
+            "order.\"placed\"",
+            serde_json::json!({ "a\nb": ["\\", 1.5, null, { "é": "\u{1}" }] }),
+        )
+        .with_correlation_id("c-\t1")
+        .with_header("user_id", "u\"42")
+        .with_header("x-trace", "");
+        for envelope in [plain, full] {
+            for category in Category::ALL {
+                for topic in ["shop.orders.events", "a.\"b\".cmd"] {
+                    let mut ours = Vec::new();
+                    write_line(&mut ours, topic, category, &envelope);
+                    let theirs = serde_json::to_string(&JsonlLine {
+                        topic: topic.into(),
+                        category,
+                        envelope: envelope.clone(),
+                    })
+                    .unwrap();
+                    assert_eq!(String::from_utf8(ours).unwrap(), format!("{theirs}\n"));
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! JSON written by hand where dispatchd writes it per message: [`DispatchResult::write_json`]
-//! (the HTTP answer), and [`write_str`] and [`write_value`] for writers elsewhere (the dispatch
+//! (the HTTP answer), [`Envelope::write_json_fields`] (the JSONL dispatcher's line), and
+//! [`write_str`], [`write_value`] and [`write_rfc3339`] for writers elsewhere (the dispatch
 //! event's).
 //!
 //! Each writes byte for byte what `serde_json::to_writer` writes (property tests compare them on
@@ -14,10 +15,12 @@
 //! matters is the same bytes as serde_json's, which the tests hold it to.
 
 use std::fmt;
+use std::time::SystemTime;
 
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::envelope::Envelope;
 use crate::result::{DispatchResult, DispatcherOutcome, Rfc3339Buffer, Timestamp};
 
 impl DispatchResult {
@@ -92,6 +95,64 @@ impl DispatchResult {
         timestamp(out, completed_at)?;
         out.push(b'}');
         Ok(())
+    }
+}
+
+impl Envelope {
+    /// Appends this envelope's fields to `out`, as `serde_json` writes them inside an object
+    /// (`"message_id":…,…,"timestamp":…`, no braces), for a writer that puts fields of its own
+    /// beside them (the JSONL dispatcher's line, which flattens the envelope).
+    pub fn write_json_fields(&self, out: &mut Vec<u8>) {
+        let Envelope {
+            message_id,
+            correlation_id,
+            message_type,
+            payload,
+            headers,
+            timestamp,
+        } = self;
+        out.extend_from_slice(b"\"message_id\":");
+        write_str(out, message_id);
+        // `skip_serializing_if = "Option::is_none"`.
+        if let Some(correlation_id) = correlation_id {
+            out.extend_from_slice(b",\"correlation_id\":");
+            write_str(out, correlation_id);
+        }
+        out.extend_from_slice(b",\"message_type\":");
+        write_str(out, message_type);
+        out.extend_from_slice(b",\"payload\":");
+        write_value(out, payload);
+        // `skip_serializing_if = "BTreeMap::is_empty"`.
+        if !headers.is_empty() {
+            out.extend_from_slice(b",\"headers\":{");
+            for (i, (name, value)) in headers.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, name);
+                out.push(b':');
+                write_str(out, value);
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b",\"timestamp\":");
+        write_rfc3339(out, *timestamp);
+    }
+}
+
+/// Writes `time` as `humantime_serde` does (RFC 3339 in UTC, nanoseconds when not whole),
+/// through a buffer on the stack rather than a `String` and serde's escaping writer.
+pub fn write_rfc3339(out: &mut Vec<u8>, time: SystemTime) {
+    use std::io::Write as _;
+    // `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` is 30 bytes.
+    let mut buffer = [0u8; 32];
+    let mut rest = &mut buffer[..];
+    if write!(rest, "{}", humantime::format_rfc3339(time)).is_ok() {
+        let len = 32 - rest.len();
+        plain_owned(out, std::str::from_utf8(&buffer[..len]).unwrap_or_default());
+    } else {
+        // Longer than any time humantime writes; serde's way all the same.
+        let _ = serde_json::to_writer(&mut *out, &humantime_serde::Serde::from(time));
     }
 }
 
@@ -488,6 +549,32 @@ mod tests {
             }
         }
         assert!(!super::needs_escaping(b""));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// An envelope's fields, in braces, are what serde writes of the envelope.
+        #[test]
+        fn an_envelopes_fields_are_what_serde_writes(
+            (message_id, correlation_id, message_type) in (text(), prop::option::of(text()), text()),
+            payload in value(),
+            headers in prop::collection::btree_map(text(), text(), 0..3),
+            nanos in 0u64..300_000_000_000_000_000,
+        ) {
+            let mut envelope = Envelope::new(message_type, payload);
+            envelope.message_id = message_id;
+            envelope.correlation_id = correlation_id;
+            envelope.headers = headers;
+            envelope.timestamp = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
+            let mut ours = vec![b'{'];
+            envelope.write_json_fields(&mut ours);
+            ours.push(b'}');
+            prop_assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&envelope).unwrap()
+            );
+        }
     }
 
     /// Every status, category, error code and outcome name is written as serde names it.
