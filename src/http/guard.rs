@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -231,23 +231,10 @@ impl Guard {
     /// metrics instead. Here rather than in a middleware layer of its own: each `from_fn` layer
     /// clones the service below it and boxes two futures per request.
     async fn run(&self, route: Option<MatchedPath>, request: Request, next: Next) -> Response {
-        let (Some(durations), Some(route)) = (&self.durations, route) else {
-            return next.run(request).await;
-        };
-        let started = std::time::Instant::now();
-        let method = request.method().clone();
-        let response = next.run(request).await;
-        // A method the path does not have is the client's, like a path that matches no route:
-        // not recorded (its answer comes from the router, not from a handler).
-        if response.status() != StatusCode::METHOD_NOT_ALLOWED {
-            durations.request_finished(
-                route.as_str(),
-                &method,
-                response.status().as_u16(),
-                started.elapsed().as_secs_f64(),
-            );
+        match (&self.durations, route) {
+            (Some(durations), Some(route)) => durations.time(route.as_str(), request, next).await,
+            _ => next.run(request).await,
         }
-        response
     }
 
     /// The body (within its limits), then a permit, then the handler.

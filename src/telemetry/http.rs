@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::KeyValue;
@@ -65,6 +65,24 @@ impl HttpMetrics {
             .add(1, &[KeyValue::new(label::REASON, reason)]);
     }
 
+    /// Runs `next` for `request`, then records how long it took under `route`, the matched
+    /// template. A 405 is not recorded: it is the router's answer to a method the path does not
+    /// have (the client's, like a path that matches no route), not a handler's.
+    pub async fn time(&self, route: &str, request: Request, next: Next) -> Response {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let response = next.run(request).await;
+        if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+            self.request_finished(
+                route,
+                &method,
+                response.status().as_u16(),
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        response
+    }
+
     /// Records one request. `route` is the matched template (`/api/v1/messages/{topic}`),
     /// never the raw path, so a client cannot create series.
     pub fn request_finished(&self, route: &str, method: &Method, status: u16, seconds: f64) {
@@ -114,27 +132,19 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Middleware (installed with `route_layer`, so it sees the matched route) that times each
-/// request. Requests that match no route are not recorded: their paths are the client's.
+/// request ([`HttpMetrics::time`]). Requests that match no route are not recorded: their paths
+/// are the client's.
 ///
 /// For an embedder's own router: dispatchd's API times its requests in its guard instead (one
-/// layer less per request), by the same rules.
+/// layer less per request), through the same [`HttpMetrics::time`].
 pub async fn record_http(
     State(metrics): State<HttpMetrics>,
     request: Request,
     next: Next,
 ) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
     // A reference-counted string: no copy of the template per request.
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let response = next.run(request).await;
-    if let Some(route) = route {
-        metrics.request_finished(
-            route.as_str(),
-            &method,
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
+    match request.extensions().get::<MatchedPath>().cloned() {
+        Some(route) => metrics.time(route.as_str(), request, next).await,
+        None => next.run(request).await,
     }
-    response
 }
