@@ -234,14 +234,9 @@ impl DispatchEvent {
         }
         out.extend_from_slice(b",\"metadata\":");
         json::write_value(out, metadata);
-        out.extend_from_slice(b",\"tags\":[");
-        for (i, tag) in tags.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json::write_str(out, tag);
-        }
-        out.extend_from_slice(b"],\"log_id\":");
+        out.extend_from_slice(b",\"tags\":");
+        json::write_str_array(out, tags);
+        out.extend_from_slice(b",\"log_id\":");
         json::write_str(out, log_id);
         out.push(b'}');
     }
@@ -293,10 +288,7 @@ mod tests {
         let batch = std::slice::from_ref(event);
         vec![
             ("event", serde_json::to_string(event).unwrap()),
-            (
-                "file",
-                String::from_utf8(FileSink::lines(batch).unwrap()).unwrap(),
-            ),
+            ("file", String::from_utf8(FileSink::lines(batch)).unwrap()),
             (
                 "http",
                 String::from_utf8(HttpSink::body(batch).unwrap()).unwrap(),

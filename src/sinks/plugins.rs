@@ -164,7 +164,7 @@ impl FileSink {
 
 impl FileSink {
     /// What one batch appends: a JSON line per event.
-    pub(crate) fn lines(batch: &[DispatchEvent]) -> Result<Vec<u8>, SinkError> {
+    pub(crate) fn lines(batch: &[DispatchEvent]) -> Vec<u8> {
         // An event with a small payload is ~1 KiB: room for the usual batch without regrowing
         // (each regrowth copies every line before it).
         let mut lines = Vec::with_capacity(batch.len() * 1024);
@@ -173,7 +173,7 @@ impl FileSink {
             event.write_json(&mut lines);
             lines.push(b'\n');
         }
-        Ok(lines)
+        lines
     }
 }
 
@@ -194,7 +194,7 @@ impl Sink for FileSink {
     }
 
     async fn send_events(&self, batch: &[DispatchEvent]) -> Result<Delivery, SendError> {
-        let lines = FileSink::lines(batch)?;
+        let lines = FileSink::lines(batch);
         let file = self
             .file
             .as_ref()

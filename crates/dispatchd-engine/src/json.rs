@@ -1,7 +1,7 @@
 //! JSON written by hand where dispatchd writes it per message: [`DispatchResult::write_json`]
 //! (the HTTP answer), [`Envelope::write_json_fields`] (the JSONL dispatcher's line), and
-//! [`write_str`], [`write_value`] and [`write_rfc3339`] for writers elsewhere (the dispatch
-//! event's).
+//! [`write_str`], [`write_str_array`], [`write_value`] and [`write_rfc3339`] for writers
+//! elsewhere (the dispatch event's).
 //!
 //! Each writes byte for byte what `serde_json::to_writer` writes (property tests compare them on
 //! arbitrary input), in fewer instructions: serde_json sends every key and string through its
@@ -125,14 +125,11 @@ impl Envelope {
         // `skip_serializing_if = "BTreeMap::is_empty"`.
         if !headers.is_empty() {
             out.extend_from_slice(b",\"headers\":{");
-            for (i, (name, value)) in headers.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+            comma_separated(out, headers, |out, (name, value)| {
                 write_str(out, name);
                 out.push(b':');
                 write_str(out, value);
-            }
+            });
             out.push(b'}');
         }
         out.extend_from_slice(b",\"timestamp\":");
@@ -186,14 +183,9 @@ fn write_outcome(out: &mut Vec<u8>, outcome: &DispatcherOutcome) -> Result<(), s
         out.extend_from_slice(b",\"policy\":");
         write_str(out, policy);
     }
-    out.extend_from_slice(b",\"route_ids\":[");
-    for (i, route) in route_ids.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(out, route);
-    }
-    out.extend_from_slice(b"]}");
+    out.extend_from_slice(b",\"route_ids\":");
+    write_str_array(out, route_ids);
+    out.push(b'}');
     Ok(())
 }
 
@@ -263,26 +255,39 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
         Value::String(text) => write_str(out, text),
         Value::Array(items) => {
             out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_value(out, item);
-            }
+            comma_separated(out, items, write_value);
             out.push(b']');
         }
         Value::Object(fields) => {
             out.push(b'{');
-            for (i, (key, item)) in fields.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+            comma_separated(out, fields, |out, (key, item)| {
                 write_str(out, key);
                 out.push(b':');
                 write_value(out, item);
-            }
+            });
             out.push(b'}');
         }
+    }
+}
+
+/// Writes `items` as a JSON array of strings, as serde_json writes a `Vec<String>`.
+pub fn write_str_array<S: AsRef<str>>(out: &mut Vec<u8>, items: impl IntoIterator<Item = S>) {
+    out.push(b'[');
+    comma_separated(out, items, |out, item| write_str(out, item.as_ref()));
+    out.push(b']');
+}
+
+/// Writes each of `items` with `write`, a comma between two.
+fn comma_separated<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut write: impl FnMut(&mut Vec<u8>, T),
+) {
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
     }
 }
 
