@@ -48,8 +48,8 @@ const MAX_BATCH: usize = 256;
 const KEEP_BUFFER: usize = 1 << 20;
 /// Times an open retries when the path is replaced between opening and locking it.
 const OPEN_ATTEMPTS: usize = 8;
-/// A commit in place (see [`commit_shared`]) that took longer than this is a slow write:
-/// counted, and a second one within [`SLOW_WINDOW`] sends the file's next commits to the
+/// A commit in place (see [`commit_shared`]) that took longer than this, and slept, is a slow
+/// write: counted, and a second one within [`SLOW_WINDOW`] sends the file's next commits to the
 /// blocking pool for [`SLOW_BACKOFF`].
 const SLOW_IN_PLACE: Duration = Duration::from_millis(1);
 /// A commit in place that took longer than this sends the file to the blocking pool at once.
@@ -89,8 +89,8 @@ pub trait FileObserver: Send + Sync + 'static {
     fn appending(&self, _kind: FileKind) {}
     /// A torn last line of `bytes` bytes was moved aside.
     fn torn_tail(&self, kind: FileKind, bytes: u64);
-    /// An append written in place took longer than 1 ms (see [`commit_shared`] for when the
-    /// file's next ones go to the blocking pool).
+    /// An append written in place took longer than 1 ms and slept during it: it waited on the
+    /// file (see [`commit_shared`] for when the file's next ones go to the blocking pool).
     fn slow_write(&self, _kind: FileKind) {}
 }
 
@@ -228,16 +228,29 @@ impl AppendFile {
                 .is_some_and(|reopen| reopen.has_changed().unwrap_or(false))
     }
 
-    /// Notes how long a commit in place took. Past [`SLOW_IN_PLACE`] it is counted; past
-    /// [`STALL_IN_PLACE`], or when it is the second slow one within [`SLOW_WINDOW`], the next
-    /// commits of this file go to the blocking pool for [`SLOW_BACKOFF`]. One write of a few
-    /// milliseconds alone is more often the machine than the disk (a virtual CPU descheduled
-    /// mid-write), and the blocking pool would not spare it.
-    fn note_in_place(&mut self, started: Instant) {
+    /// Notes how long a commit in place took, `waited` telling whether its thread slept during
+    /// it (asked only of a commit past [`SLOW_IN_PLACE`]). A slow commit that slept (writeback
+    /// throttling, a lock, a network file system) is counted; past [`STALL_IN_PLACE`], or when it
+    /// is the second within [`SLOW_WINDOW`], the next commits of this file go to the blocking
+    /// pool for [`SLOW_BACKOFF`]. One that never slept was slow because its CPU was taken away
+    /// (another thread, a virtual CPU descheduled), not because of the file: the blocking pool
+    /// would not spare it (it needs the same CPU, and two thread switches per commit), so it is
+    /// neither counted nor acted on. On a loaded host such commits used to send the files of the
+    /// default config to the blocking pool under every benchmark run (two context switches per
+    /// request); they now stay in place.
+    fn note_in_place(&mut self, started: Instant, waited: impl FnOnce() -> bool) {
         let now = Instant::now();
         let took = now.duration_since(started);
         if took <= SLOW_IN_PLACE {
             self.slow_until = None;
+            return;
+        }
+        if !waited() {
+            tracing::debug!(
+                path = %self.path.display(),
+                took_ms = took.as_secs_f64() * 1e3,
+                "An append written in place took longer than 1 ms without waiting on the file: its CPU was taken."
+            );
             return;
         }
         if let Some(observer) = &self.observer {
@@ -548,6 +561,42 @@ pub fn remove_if_empty(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// How many times the calling thread has slept (its voluntary context switches, from
+/// `getrusage(RUSAGE_THREAD)`): what tells a commit that waited on its file from one whose CPU
+/// was taken away, which is an involuntary switch, or no switch at all when the hypervisor
+/// deschedules the virtual CPU. One system call; read before every commit in place, and after
+/// one only when it was slow. `None` where it cannot be read (not Linux): every slow commit then
+/// counts as waiting, the rule by the clock alone.
+#[derive(Debug, Clone, Copy)]
+struct Sleeps(Option<i64>);
+
+impl Sleeps {
+    fn now() -> Sleeps {
+        #[cfg(target_os = "linux")]
+        {
+            use nix::sys::resource::{UsageWho, getrusage};
+            Sleeps(
+                getrusage(UsageWho::RUSAGE_THREAD)
+                    .ok()
+                    .map(|usage| i64::from(usage.voluntary_context_switches())),
+            )
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Sleeps(None)
+        }
+    }
+
+    /// Whether the thread slept since `before` (read on the same thread); when either reading
+    /// is missing, yes.
+    fn since(self, before: Sleeps) -> bool {
+        match (before.0, self.0) {
+            (Some(before), Some(now)) => now > before,
+            _ => true,
+        }
+    }
+}
+
 /// Runs `commit` of a shared [`AppendFile`]. Answers its result and gives `bytes` back (to
 /// reuse the buffer).
 ///
@@ -556,8 +605,9 @@ pub fn remove_if_empty(path: &Path) -> io::Result<bool> {
 /// microseconds, which costs less than waking a blocking-pool thread and being woken by it (a
 /// profile of the default config at its ceiling had those wake-ups at a quarter of the CPU). A
 /// commit in place that takes longer than [`STALL_IN_PLACE`], or two longer than
-/// [`SLOW_IN_PLACE`] within [`SLOW_WINDOW`] (a disk under writeback pressure, a network file
-/// system), send the file's commits to the blocking pool for [`SLOW_BACKOFF`]: a slow disk
+/// [`SLOW_IN_PLACE`] within [`SLOW_WINDOW`], while its thread slept ([`Sleeps`]: a disk under
+/// writeback pressure, a network file system, not a CPU taken away), send the file's commits to
+/// the blocking pool for [`SLOW_BACKOFF`]: a slow disk
 /// stalls a runtime worker for at most 10 ms at a time, at most once a second, or twice before
 /// each backoff. Opening, reopening, repairs and `fsync` always go to the blocking pool.
 pub(crate) async fn commit_shared(
@@ -569,8 +619,9 @@ pub(crate) async fn commit_shared(
         if let Ok(mut held) = file.try_lock() {
             let started = Instant::now();
             if held.may_commit_in_place(started) {
+                let sleeps = Sleeps::now();
                 let written = held.commit(&bytes, false);
-                held.note_in_place(started);
+                held.note_in_place(started, || Sleeps::now().since(sleeps));
                 return (written, bytes);
             }
         }
@@ -798,10 +849,10 @@ mod tests {
         // One slow commit alone is counted and stays in place; a second within the window
         // sends the next ones to the blocking pool for the backoff.
         let slow = |took: Duration| Instant::now().checked_sub(took).unwrap();
-        file.note_in_place(slow(SLOW_IN_PLACE * 3));
+        file.note_in_place(slow(SLOW_IN_PLACE * 3), || true);
         assert!(file.may_commit_in_place(Instant::now()), "one slow write");
         assert_eq!(*observed.1.lock().unwrap(), [FileKind::Messages]);
-        file.note_in_place(slow(SLOW_IN_PLACE * 3));
+        file.note_in_place(slow(SLOW_IN_PLACE * 3), || true);
         let after = Instant::now();
         assert!(!file.may_commit_in_place(after), "two within a second");
         assert_eq!(
@@ -810,7 +861,7 @@ mod tests {
             "each slow write counted"
         );
         assert!(file.may_commit_in_place(after + SLOW_BACKOFF));
-        file.note_in_place(Instant::now());
+        file.note_in_place(Instant::now(), || true);
         assert!(
             file.may_commit_in_place(Instant::now()),
             "a fast one clears it"
@@ -820,15 +871,25 @@ mod tests {
             2,
             "a fast one is not counted"
         );
+        // A slow commit that never slept lost its CPU, not its file: not counted, kept in place,
+        // whether slow or a stall, however many.
+        for took in [SLOW_IN_PLACE * 3, SLOW_IN_PLACE * 3, STALL_IN_PLACE * 2] {
+            file.note_in_place(slow(took), || false);
+            assert!(
+                file.may_commit_in_place(Instant::now()),
+                "preempted for {took:?}"
+            );
+        }
+        assert_eq!(observed.1.lock().unwrap().len(), 2, "preemptions not counted");
         // Slow writes further apart than the window each stay in place; one stall does not.
         file.last_slow = Instant::now().checked_sub(SLOW_WINDOW * 2);
-        file.note_in_place(slow(SLOW_IN_PLACE * 3));
+        file.note_in_place(slow(SLOW_IN_PLACE * 3), || true);
         assert!(
             file.may_commit_in_place(Instant::now()),
             "the last was long ago"
         );
         file.last_slow = None;
-        file.note_in_place(slow(STALL_IN_PLACE * 2));
+        file.note_in_place(slow(STALL_IN_PLACE * 2), || true);
         assert!(!file.may_commit_in_place(Instant::now()), "one stall");
         assert!(file.may_commit_in_place(Instant::now() + SLOW_BACKOFF));
         file.slow_until = None;
@@ -843,6 +904,23 @@ mod tests {
         );
         file.suspect = true;
         assert!(!file.may_commit_in_place(Instant::now()));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn sleeps_tell_a_wait_from_work() {
+        let before = Sleeps::now();
+        // Work without a system call or a lock: the thread may be preempted, never asleep.
+        let mut sum = 0u64;
+        for i in 0..2_000_000u64 {
+            sum = std::hint::black_box(sum.wrapping_add(i ^ (sum >> 3)));
+        }
+        std::hint::black_box(sum);
+        assert!(!Sleeps::now().since(before), "work is not a wait");
+        let before = Sleeps::now();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(Sleeps::now().since(before), "a sleep is a wait");
+        assert!(Sleeps::now().since(Sleeps(None)), "unknown counts as a wait");
     }
 
     #[tokio::test]

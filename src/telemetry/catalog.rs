@@ -528,7 +528,7 @@ pub const FILE_SLOW_WRITES: InstrumentSpec = InstrumentSpec {
     name: "file_slow_writes",
     kind: Kind::Counter,
     unit: "{write}",
-    description: "Appends written in place that took longer than 1 ms, by file kind (a slow or saturated disk); one over 10 ms, or two within a second, send that file's writes to the blocking pool for 10 s.",
+    description: "Appends written in place that took longer than 1 ms waiting on the file, by file kind (a slow or saturated disk; not a CPU taken away); one over 10 ms, or two within a second, send that file's writes to the blocking pool for 10 s.",
     labels: &[label::FILE_KIND],
     buckets: &[],
 };
