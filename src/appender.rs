@@ -568,7 +568,7 @@ pub fn remove_if_empty(path: &Path) -> io::Result<bool> {
 /// one only when it was slow. `None` where it cannot be read (not Linux): every slow commit then
 /// counts as waiting, the rule by the clock alone.
 #[derive(Debug, Clone, Copy)]
-struct Sleeps(Option<i64>);
+struct Sleeps(Option<std::ffi::c_long>);
 
 impl Sleeps {
     fn now() -> Sleeps {
@@ -578,7 +578,7 @@ impl Sleeps {
             Sleeps(
                 getrusage(UsageWho::RUSAGE_THREAD)
                     .ok()
-                    .map(|usage| i64::from(usage.voluntary_context_switches())),
+                    .map(|usage| usage.voluntary_context_switches()),
             )
         }
         #[cfg(not(target_os = "linux"))]
@@ -880,7 +880,11 @@ mod tests {
                 "preempted for {took:?}"
             );
         }
-        assert_eq!(observed.1.lock().unwrap().len(), 2, "preemptions not counted");
+        assert_eq!(
+            observed.1.lock().unwrap().len(),
+            2,
+            "preemptions not counted"
+        );
         // Slow writes further apart than the window each stay in place; one stall does not.
         file.last_slow = Instant::now().checked_sub(SLOW_WINDOW * 2);
         file.note_in_place(slow(SLOW_IN_PLACE * 3), || true);
@@ -920,7 +924,10 @@ mod tests {
         let before = Sleeps::now();
         std::thread::sleep(Duration::from_millis(2));
         assert!(Sleeps::now().since(before), "a sleep is a wait");
-        assert!(Sleeps::now().since(Sleeps(None)), "unknown counts as a wait");
+        assert!(
+            Sleeps::now().since(Sleeps(None)),
+            "unknown counts as a wait"
+        );
     }
 
     #[tokio::test]
