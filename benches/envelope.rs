@@ -2,8 +2,9 @@
 //! ingested message pays before dispatch, without and with the optional ids and timestamp (a
 //! UTC one is read by humantime; one with an offset falls back to `time`'s RFC 3339 reader).
 //! Then the two other per-message costs of the ingest path that grow with the message: redacting
-//! its payload (the default deny-list, as the dispatch event and logs get it) and writing its
-//! result as the JSON answer.
+//! its payload (the default deny-list, as the dispatch event and logs get it), writing its
+//! result as the JSON answer, and its dispatch event: built from the result and the envelope
+//! (redacting the payload), written as the file sink writes it, and dropped.
 
 #![allow(clippy::unwrap_used)]
 
@@ -99,5 +100,41 @@ fn answer(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, redact, answer);
+/// The dispatch event of the same dispatch, whole: what the default config pays per message for
+/// its file sink.
+fn event(c: &mut Criterion) {
+    let body = format!(
+        r#"{{"message_type":"order.placed","payload":{PAYLOAD},"headers":{{"user_id":"c-77"}}}}"#
+    );
+    let envelope = parse_envelope(body.as_bytes()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = Engine::builder()
+        .dispatcher(Dispatcher::new("log", Category::Event, Noop))
+        .route(Route::new("events-to-log", "**", Category::Event, "log"))
+        .build()
+        .unwrap();
+    let result = runtime.block_on(engine.dispatch("bench.events", &envelope));
+    let redactor = dispatchd::engine::Redactor::default();
+    c.bench_function("ingest/dispatch_event", |b| {
+        b.iter_batched(
+            || envelope.clone(),
+            |envelope| {
+                let event = dispatchd::bus::DispatchEvent::from_dispatch_owned(
+                    std::hint::black_box(&result),
+                    envelope,
+                    &redactor,
+                );
+                let mut line = Vec::with_capacity(1024);
+                event.write_json(&mut line);
+                line
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, parse, redact, answer, event);
 criterion_main!(benches);

@@ -12,7 +12,8 @@ use dispatchd::bus::redis::{ConsumerConfig, RedisPublisher};
 use dispatchd::bus::{EventBus, MemoryBus};
 use dispatchd::resilience::RetryPolicy;
 use dispatchd::sinks::{
-    DispatchEvent, DriverConfig, FileSink, FullPolicy, Outcome, SinkDriver, SinkObserver,
+    DispatchEvent, DriverConfig, EventInput, EventMetadata, EventOutput, FileSink, FullPolicy,
+    Outcome, SinkDriver, SinkObserver,
 };
 use serde_json::json;
 use tokio::sync::Notify;
@@ -51,11 +52,23 @@ fn event(n: u64) -> DispatchEvent {
         parent_run_id: None,
         name: "shop.orders.events".into(),
         timestamp: SystemTime::now(),
-        input: json!({"message_type": "order.placed", "payload": {"order": n}}),
-        output: json!({"status": "success", "output_count": 0}),
+        input: EventInput {
+            message_type: "order.placed".into(),
+            payload: json!({"order": n}),
+            ..EventInput::default()
+        },
+        output: EventOutput {
+            status: "success".into(),
+            ..EventOutput::default()
+        },
         user_id: None,
         tokens_usage: None,
-        metadata: json!({"category": "event", "status": "success", "duration_ms": 0.4}),
+        metadata: EventMetadata {
+            category: "event".into(),
+            status: "success".into(),
+            duration_ms: 0.4,
+            ..EventMetadata::default()
+        },
         tags: vec!["event".into(), "success".into()],
         log_id: format!("run-{n}"),
     }

@@ -1,11 +1,14 @@
 //! The dispatch event: what every dispatch becomes on the events stream and in every sink.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
-use crate::engine::{DispatchResult, Envelope, REDACTED, Redactor, json, sanitize};
+use crate::engine::{
+    DispatchResult, DispatcherOutcome, Envelope, REDACTED, Redactor, json, sanitize,
+};
 
 /// One dispatch, in the payload schema the original service defined (`type`, `event`, `runId`,
 /// `parentRunId`, `name`, `timestamp`, `input`, `output`, `userId`, `tokensUsage`, `metadata`,
@@ -14,10 +17,10 @@ use crate::engine::{DispatchResult, Envelope, REDACTED, Redactor, json, sanitize
 pub struct DispatchEvent {
     /// `tool` for commands, `chain` for events and intents.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     /// `error` when the dispatch status is an error; `end` otherwise: a success, a skip, or a
     /// refusal (`rejected`, `denied`), whose status `output` and `metadata` carry.
-    pub event: String,
+    pub event: Cow<'static, str>,
     /// The dispatch id.
     #[serde(rename = "runId")]
     pub run_id: String,
@@ -34,9 +37,9 @@ pub struct DispatchEvent {
     #[serde(with = "humantime_serde")]
     pub timestamp: SystemTime,
     /// `message_type`, `message_id` and the payload.
-    pub input: Value,
+    pub input: EventInput,
     /// The status, the outputs' count and each dispatcher's outcome.
-    pub output: Value,
+    pub output: EventOutput,
     /// From the envelope's `user_id` header, when it has one (sanitized; masked when the
     /// redactor counts `user_id` as sensitive).
     #[serde(rename = "userId", default, skip_serializing_if = "Option::is_none")]
@@ -49,10 +52,70 @@ pub struct DispatchEvent {
     )]
     pub tokens_usage: Option<Value>,
     /// Category, status, duration, error code and (sanitized) error message.
-    pub metadata: Value,
-    pub tags: Vec<String>,
+    pub metadata: EventMetadata,
+    /// The category and the status.
+    pub tags: Vec<Cow<'static, str>>,
     /// Unique per event: sinks and services de-duplicate on it.
     pub log_id: String,
+}
+
+/// The event's `input`: the message. Its fields are in the order earlier versions wrote them
+/// (those wrote a map, in key order), so its JSON is theirs byte for byte; a field missing from
+/// an event read back takes its default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EventInput {
+    /// Sanitized.
+    pub message_id: String,
+    /// Sanitized.
+    pub message_type: String,
+    /// Redacted.
+    pub payload: Value,
+}
+
+/// The event's `output`: how the dispatch ended (fields in key order, as [`EventInput`]'s).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EventOutput {
+    /// Each dispatcher's outcome, as the HTTP answer has them.
+    pub dispatchers: Vec<DispatcherOutcome>,
+    pub output_count: usize,
+    /// The dispatch status (`success`, `dispatcher_error`...).
+    pub status: Cow<'static, str>,
+}
+
+/// The event's `metadata` (fields in key order, as [`EventInput`]'s). What is absent is written
+/// as `null`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EventMetadata {
+    /// The message category, or `unknown`.
+    pub category: Cow<'static, str>,
+    /// Written as `null` when not finite, as earlier versions did, and read back from it.
+    #[serde(deserialize_with = "f64_or_null")]
+    pub duration_ms: f64,
+    pub error_code: Option<Cow<'static, str>>,
+    /// Sanitized.
+    pub error_message: Option<String>,
+    pub status: Cow<'static, str>,
+    /// The dispatch's W3C trace context, when it has one.
+    pub traceparent: Option<String>,
+}
+
+impl EventMetadata {
+    /// `duration_ms`, or 0 when it is not finite (what reading earlier versions' `null` gave).
+    pub fn finite_duration_ms(&self) -> f64 {
+        if self.duration_ms.is_finite() {
+            self.duration_ms
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A number, or `NaN` for `null`: what serde_json writes of a number that is not finite.
+fn f64_or_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 impl DispatchEvent {
@@ -119,66 +182,49 @@ impl DispatchEvent {
             }
         });
         let run_id = result.dispatch_id.to_string();
+        let status = result.status.as_str();
         DispatchEvent {
-            kind: kind.to_owned(),
+            kind: Cow::Borrowed(kind),
             // A refusal is an outcome, not an error: `end`, with its status in `output` and
             // `metadata`.
-            event: if result.status.is_error() {
+            event: Cow::Borrowed(if result.status.is_error() {
                 "error"
             } else {
                 "end"
-            }
-            .to_owned(),
+            }),
             // The same text twice: formatted once.
             log_id: run_id.clone(),
             run_id,
             parent_run_id: result.correlation_id.as_deref().map(text),
             name: text(&result.topic),
             timestamp: SystemTime::now(),
-            // Built field by field rather than with `json!`, which would serialize the payload
-            // into a new `Value` (a deep copy) even when redaction already made an owned one.
-            input: object([
-                ("message_type", Value::String(text(&result.message_type))),
-                ("message_id", Value::String(text(&result.message_id))),
-                ("payload", payload),
-            ]),
-            output: object([
-                ("status", Value::String(result.status.as_str().to_owned())),
-                ("output_count", Value::from(result.output_count)),
-                (
-                    "dispatchers",
-                    serde_json::to_value(&result.dispatchers).unwrap_or(Value::Null),
-                ),
-            ]),
+            input: EventInput {
+                message_id: text(&result.message_id),
+                message_type: text(&result.message_type),
+                payload,
+            },
+            output: EventOutput {
+                dispatchers: result.dispatchers.clone(),
+                output_count: result.output_count,
+                status: Cow::Borrowed(status),
+            },
             user_id,
             tokens_usage,
-            metadata: object([
-                (
-                    "traceparent",
-                    match (&result.trace_id, &result.span_id) {
-                        (Some(trace), Some(span)) => {
-                            let flags = if result.trace_sampled { "01" } else { "00" };
-                            Value::String(format!("00-{trace}-{span}-{flags}"))
-                        }
-                        _ => Value::Null,
-                    },
-                ),
-                ("category", Value::String(category.to_owned())),
-                ("status", Value::String(result.status.as_str().to_owned())),
-                ("duration_ms", Value::from(result.duration_ms)),
-                (
-                    "error_code",
-                    result.error_code.map_or(Value::Null, |code| json!(code)),
-                ),
-                (
-                    "error_message",
-                    result
-                        .error_message
-                        .clone()
-                        .map_or(Value::Null, Value::String),
-                ),
-            ]),
-            tags: vec![category.to_owned(), result.status.as_str().to_owned()],
+            metadata: EventMetadata {
+                category: Cow::Borrowed(category),
+                duration_ms: result.duration_ms,
+                error_code: result.error_code.map(|code| Cow::Borrowed(code.as_str())),
+                error_message: result.error_message.clone(),
+                status: Cow::Borrowed(status),
+                traceparent: match (&result.trace_id, &result.span_id) {
+                    (Some(trace), Some(span)) => {
+                        let flags = if result.trace_sampled { "01" } else { "00" };
+                        Some(format!("00-{trace}-{span}-{flags}"))
+                    }
+                    _ => None,
+                },
+            },
+            tags: vec![Cow::Borrowed(category), Cow::Borrowed(status)],
         }
     }
 }
@@ -221,9 +267,9 @@ impl DispatchEvent {
         out.extend_from_slice(b",\"timestamp\":");
         json::write_rfc3339(out, *timestamp);
         out.extend_from_slice(b",\"input\":");
-        json::write_value(out, input);
+        input.write_json(out);
         out.extend_from_slice(b",\"output\":");
-        json::write_value(out, output);
+        output.write_json(out);
         if let Some(user) = user_id {
             out.extend_from_slice(b",\"userId\":");
             json::write_str(out, user);
@@ -233,7 +279,7 @@ impl DispatchEvent {
             json::write_value(out, usage);
         }
         out.extend_from_slice(b",\"metadata\":");
-        json::write_value(out, metadata);
+        metadata.write_json(out);
         out.extend_from_slice(b",\"tags\":");
         json::write_str_array(out, tags);
         out.extend_from_slice(b",\"log_id\":");
@@ -242,14 +288,77 @@ impl DispatchEvent {
     }
 }
 
-/// A JSON object of these fields.
-fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
-    Value::Object(
-        fields
-            .into_iter()
-            .map(|(key, value)| (key.to_owned(), value))
-            .collect(),
-    )
+impl EventInput {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let EventInput {
+            message_id,
+            message_type,
+            payload,
+        } = self;
+        out.extend_from_slice(b"{\"message_id\":");
+        json::write_str(out, message_id);
+        out.extend_from_slice(b",\"message_type\":");
+        json::write_str(out, message_type);
+        out.extend_from_slice(b",\"payload\":");
+        json::write_value(out, payload);
+        out.push(b'}');
+    }
+}
+
+impl EventOutput {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let EventOutput {
+            dispatchers,
+            output_count,
+            status,
+        } = self;
+        out.extend_from_slice(b"{\"dispatchers\":");
+        json::write_outcomes(out, dispatchers);
+        out.extend_from_slice(b",\"output_count\":");
+        write_number(out, output_count);
+        out.extend_from_slice(b",\"status\":");
+        json::write_str(out, status);
+        out.push(b'}');
+    }
+}
+
+impl EventMetadata {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let EventMetadata {
+            category,
+            duration_ms,
+            error_code,
+            error_message,
+            status,
+            traceparent,
+        } = self;
+        out.extend_from_slice(b"{\"category\":");
+        json::write_str(out, category);
+        out.extend_from_slice(b",\"duration_ms\":");
+        write_number(out, duration_ms);
+        out.extend_from_slice(b",\"error_code\":");
+        write_optional(out, error_code.as_deref());
+        out.extend_from_slice(b",\"error_message\":");
+        write_optional(out, error_message.as_deref());
+        out.extend_from_slice(b",\"status\":");
+        json::write_str(out, status);
+        out.extend_from_slice(b",\"traceparent\":");
+        write_optional(out, traceparent.as_deref());
+        out.push(b'}');
+    }
+}
+
+/// A number as serde_json writes it (`null` for a float that is not finite).
+fn write_number(out: &mut Vec<u8>, number: &impl Serialize) {
+    // Writing a number into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, number);
+}
+
+fn write_optional(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(text) => json::write_str(out, text),
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 #[cfg(test)]
@@ -348,8 +457,8 @@ mod tests {
         let result = result_of("a.events", &envelope, DispatchStatus::Success);
         let strict = Redactor::new(std::iter::empty::<&str>(), Some(["order_id"]));
         let event = DispatchEvent::from_dispatch(&result, &envelope, &strict);
-        assert_eq!(event.input["payload"]["order_id"], 7);
-        assert_eq!(event.input["payload"]["tokensUsage"], REDACTED);
+        assert_eq!(event.input.payload["order_id"], 7);
+        assert_eq!(event.input.payload["tokensUsage"], REDACTED);
         assert_eq!(
             event.tokens_usage, None,
             "no usage rather than a masked string"
@@ -359,6 +468,41 @@ mod tests {
         let open = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
         assert_eq!(open.user_id.as_deref(), Some("u-42"));
         assert_eq!(open.tokens_usage, Some(json!({"prompt": 3})));
+    }
+
+    /// An event as dispatchd 0.x wrote it before the event had types of its own (`input`,
+    /// `output` and `metadata` were maps), taken from a default-config `events.jsonl`: a newer
+    /// instance reads it (from the Redis stream, a dead-letter file) as it was written, and what
+    /// it writes of it is the same JSON. The one difference in bytes: each dispatcher's keys
+    /// come in the answer's order now, where the map sorted them.
+    const EARLIER_EVENT: &str = r#"{"type":"chain","event":"end","runId":"345e4bce-d995-490e-9bd7-417366ce5a7a","parentRunId":"c-9","name":"shop.orders.events","timestamp":"2026-12-03T21:44:38.140919375Z","input":{"message_id":"m-1","message_type":"order.placed","payload":{"api_key":"[REDACTED]","order_id":"o-1","usage":{"prompt_tokens":3}}},"output":{"dispatchers":[{"attempts":1,"dispatcher_id":"log","duration_ms":0.009097,"output_count":0,"result":"success","route_ids":["events-to-log"]},{"attempts":1,"dispatcher_id":"jsonl","duration_ms":0.152796,"output_count":0,"result":"success","route_ids":["events-to-jsonl"]}],"output_count":0,"status":"success"},"userId":"u-1","tokensUsage":{"prompt_tokens":3},"metadata":{"category":"event","duration_ms":0.193661,"error_code":null,"error_message":null,"status":"success","traceparent":"00-0af7651916cd43dd8448eb211c80319c-21e15cb05f90f012-01"},"tags":["event","success"],"log_id":"345e4bce-d995-490e-9bd7-417366ce5a7a"}"#;
+
+    #[test]
+    fn an_event_written_before_the_types_reads_and_writes_the_same() {
+        let event: DispatchEvent = serde_json::from_str(EARLIER_EVENT).unwrap();
+        assert_eq!(event.output.dispatchers.len(), 2);
+        assert_eq!(&*event.output.dispatchers[1].dispatcher_id, "jsonl");
+        assert_eq!(event.metadata.error_code, None);
+        assert_eq!(event.input.payload["order_id"], "o-1");
+        let mut written = Vec::new();
+        event.write_json(&mut written);
+        let again: Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(again, serde_json::from_str::<Value>(EARLIER_EVENT).unwrap());
+
+        // What earlier versions wrote for a duration that was not finite, and fields an event
+        // from elsewhere may lack, read without failing the entry.
+        let mut sparse: Value = serde_json::from_str(EARLIER_EVENT).unwrap();
+        sparse["metadata"] = json!({"duration_ms": null, "status": "timeout"});
+        sparse["output"] = json!({});
+        let event: DispatchEvent = serde_json::from_value(sparse).unwrap();
+        assert!(event.metadata.duration_ms.is_nan());
+        assert_eq!(event.metadata.finite_duration_ms(), 0.0);
+        assert_eq!(event.metadata.status, "timeout");
+        assert!(event.output.dispatchers.is_empty());
+        let mut written = Vec::new();
+        event.write_json(&mut written);
+        let again: Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(again["metadata"]["duration_ms"], Value::Null);
     }
 
     #[test]
@@ -371,7 +515,7 @@ mod tests {
             result.trace_sampled = sampled;
             let event = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
             assert_eq!(
-                event.metadata["traceparent"],
+                event.metadata.traceparent.unwrap(),
                 format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}")
             );
         }
@@ -394,7 +538,8 @@ mod tests {
             let result = result_of("a.events", &envelope, status);
             let built = DispatchEvent::from_dispatch(&result, &envelope, &Redactor::default());
             assert_eq!(built.event, event, "{status}");
-            assert_eq!(built.metadata["status"], status.as_str());
+            assert_eq!(built.metadata.status, status.as_str());
+            assert_eq!(built.output.status, status.as_str());
         }
     }
 
@@ -569,8 +714,8 @@ mod tests {
                 prop_assert!(!body.contains(&secret), "{} carries the secret: {}", sink, body);
             }
             // Still the event of this message.
-            prop_assert_eq!(&event.input["payload"]["order_id"], &json!(7));
-            prop_assert_eq!(&event.metadata["status"], &json!(status.as_str()));
+            prop_assert_eq!(&event.input.payload["order_id"], &json!(7));
+            prop_assert_eq!(&event.metadata.status, status.as_str());
         }
     }
 
@@ -611,6 +756,82 @@ mod tests {
         })
     }
 
+    fn any_duration() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            any::<f64>(),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            0.0..10_000.0
+        ]
+    }
+
+    fn any_outcome() -> impl Strategy<Value = DispatcherOutcome> {
+        (
+            any_text(),
+            prop::sample::select(crate::engine::ExecutionResult::ALL.to_vec()),
+            0.0..10_000.0f64,
+            any::<usize>(),
+            any::<u32>(),
+            prop::option::of(any_text()),
+            prop::option::of(any_text()),
+            prop::collection::vec(any_text(), 0..3),
+        )
+            .prop_map(
+                |(id, result, duration_ms, output_count, attempts, error, policy, routes)| {
+                    let mut outcome = DispatcherOutcome::new(id, result);
+                    outcome.duration_ms = duration_ms;
+                    outcome.output_count = output_count;
+                    outcome.attempts = attempts;
+                    outcome.error_message = error;
+                    outcome.policy = policy;
+                    outcome.route_ids = routes.into_iter().map(Into::into).collect();
+                    outcome
+                },
+            )
+    }
+
+    fn any_parts() -> impl Strategy<Value = (EventInput, EventOutput, EventMetadata)> {
+        (
+            (any_text(), any_text(), any_value()).prop_map(
+                |(message_id, message_type, payload)| EventInput {
+                    message_id,
+                    message_type,
+                    payload,
+                },
+            ),
+            (
+                prop::collection::vec(any_outcome(), 0..3),
+                any::<usize>(),
+                any_text(),
+            )
+                .prop_map(|(dispatchers, output_count, status)| EventOutput {
+                    dispatchers,
+                    output_count,
+                    status: status.into(),
+                }),
+            (
+                any_text(),
+                any_duration(),
+                prop::option::of(any_text()),
+                prop::option::of(any_text()),
+                any_text(),
+                prop::option::of(any_text()),
+            )
+                .prop_map(
+                    |(category, duration_ms, error_code, error_message, status, traceparent)| {
+                        EventMetadata {
+                            category: category.into(),
+                            duration_ms,
+                            error_code: error_code.map(Into::into),
+                            error_message,
+                            status: status.into(),
+                            traceparent,
+                        }
+                    },
+                ),
+        )
+    }
+
     fn any_event() -> impl Strategy<Value = DispatchEvent> {
         (
             (
@@ -622,11 +843,9 @@ mod tests {
                 0u64..300_000_000_000_000,
             ),
             (
-                any_value(),
-                any_value(),
+                any_parts(),
                 prop::option::of(any_text()),
                 prop::option::of(any_value()),
-                any_value(),
                 prop::collection::vec(any_text(), 0..3),
                 any_text(),
             ),
@@ -634,10 +853,10 @@ mod tests {
             .prop_map(
                 |(
                     (kind, event, run_id, parent_run_id, name, micros),
-                    (input, output, user_id, tokens_usage, metadata, tags, log_id),
+                    ((input, output, metadata), user_id, tokens_usage, tags, log_id),
                 )| DispatchEvent {
-                    kind,
-                    event,
+                    kind: kind.into(),
+                    event: event.into(),
                     run_id,
                     parent_run_id,
                     name,
@@ -647,7 +866,7 @@ mod tests {
                     user_id,
                     tokens_usage,
                     metadata,
-                    tags,
+                    tags: tags.into_iter().map(Into::into).collect(),
                     log_id,
                 },
             )

@@ -23,7 +23,7 @@ mod event;
 pub mod redis;
 pub mod registry;
 
-pub use event::DispatchEvent;
+pub use event::{DispatchEvent, EventInput, EventMetadata, EventOutput};
 
 use async_trait::async_trait;
 

@@ -378,8 +378,10 @@ impl SinkDriver {
             dispatchd.batch_size = i64::try_from(batch.len()).unwrap_or(i64::MAX),
         );
         for event in batch {
-            if let Some(context) = event.metadata["traceparent"]
-                .as_str()
+            if let Some(context) = event
+                .metadata
+                .traceparent
+                .as_deref()
                 .and_then(crate::propagation::parse_traceparent)
             {
                 span.add_link(context);

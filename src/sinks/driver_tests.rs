@@ -3,7 +3,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -81,11 +80,14 @@ pub(crate) fn event(n: usize) -> DispatchEvent {
         parent_run_id: None,
         name: "shop.orders.events".into(),
         timestamp: SystemTime::now(),
-        input: json!({}),
-        output: json!({}),
+        input: EventInput::default(),
+        output: EventOutput::default(),
         user_id: None,
         tokens_usage: None,
-        metadata: json!({"duration_ms": 1.0}),
+        metadata: EventMetadata {
+            duration_ms: 1.0,
+            ..EventMetadata::default()
+        },
         tags: vec![],
         log_id: format!("run-{n}"),
     }

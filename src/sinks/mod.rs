@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use crate::bus::DispatchEvent;
 /// The dead-letter file format and files (the bus writes the same format).
 pub use crate::bus::dead_letter;
+pub use crate::bus::{DispatchEvent, EventInput, EventMetadata, EventOutput};
 pub use driver::{
     DriverConfig, FullPolicy, Outcome, SEND_TIMEOUT_MARGIN, SinkDriver, SinkHandle, SinkObserver,
 };

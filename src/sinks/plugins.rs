@@ -394,12 +394,12 @@ pub struct LunaryTransform;
 
 impl LunaryTransform {
     pub fn events(&self, event: &DispatchEvent) -> [Value; 2] {
-        let duration_ms = event.metadata["duration_ms"].as_f64().unwrap_or(0.0);
+        let duration_ms = event.metadata.finite_duration_ms();
         let started = event
             .timestamp
             .checked_sub(Duration::from_secs_f64(duration_ms.max(0.0) / 1000.0))
             .unwrap_or(event.timestamp);
-        let mut metadata = event.metadata.clone();
+        let mut metadata = serde_json::to_value(&event.metadata).unwrap_or_default();
         if let (Some(correlation_id), Value::Object(fields)) = (&event.parent_run_id, &mut metadata)
         {
             fields.insert("correlation_id".into(), json!(correlation_id));
@@ -432,7 +432,7 @@ impl LunaryTransform {
             end["tokensUsage"] = usage;
         }
         if event.event == "error" {
-            end["error"] = json!({ "message": event.metadata["error_message"] });
+            end["error"] = json!({ "message": event.metadata.error_message });
         }
         [start, end]
     }
@@ -650,11 +650,11 @@ impl HeliconeTransform {
             set("Helicone-User-Id", user);
         }
         for (property, field) in [
-            ("Category", "category"),
-            ("Status", "status"),
-            ("Error-Code", "error_code"),
+            ("Category", Some(&event.metadata.category)),
+            ("Status", Some(&event.metadata.status)),
+            ("Error-Code", event.metadata.error_code.as_ref()),
         ] {
-            if let Some(value) = event.metadata[field].as_str() {
+            if let Some(value) = field {
                 set(&format!("Helicone-Property-{property}"), value);
             }
         }
@@ -670,7 +670,7 @@ impl HeliconeTransform {
 
 impl Transform for HeliconeTransform {
     fn transform(&self, event: &DispatchEvent) -> Value {
-        let duration_ms = event.metadata["duration_ms"].as_f64().unwrap_or(0.0);
+        let duration_ms = event.metadata.finite_duration_ms();
         let started = event
             .timestamp
             .checked_sub(Duration::from_secs_f64(duration_ms.max(0.0) / 1000.0))

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use dispatchd::resilience::RetryPolicy;
 use dispatchd::sinks::{
-    Delivery, DispatchEvent, DriverConfig, FullPolicy, Outcome, Retry, Sink, SinkConfig,
-    SinkDriver, SinkHandle, SinkObserver, build,
+    Delivery, DispatchEvent, DriverConfig, EventInput, EventMetadata, EventOutput, FullPolicy,
+    Outcome, Retry, Sink, SinkConfig, SinkDriver, SinkHandle, SinkObserver, build,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -157,16 +157,27 @@ fn event(n: usize, failed: bool) -> DispatchEvent {
         parent_run_id: Some("corr-1".into()),
         name: "shop.orders.events".into(),
         timestamp: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
-        input: json!({"message_type": "order.placed"}),
-        output: json!({"status": "success"}),
+        input: EventInput {
+            message_type: "order.placed".into(),
+            ..EventInput::default()
+        },
+        output: EventOutput {
+            status: "success".into(),
+            ..EventOutput::default()
+        },
         user_id: Some("user-7".into()),
         tokens_usage: Some(json!({"prompt": 10, "completion": 5})),
-        metadata: json!({
-            "duration_ms": 250.0,
-            "category": "event",
-            "status": if failed { "dispatcher_error" } else { "success" },
-            "error_message": null,
-        }),
+        metadata: EventMetadata {
+            duration_ms: 250.0,
+            category: "event".into(),
+            status: if failed {
+                "dispatcher_error"
+            } else {
+                "success"
+            }
+            .into(),
+            ..EventMetadata::default()
+        },
         tags: vec!["event".into(), "success".into()],
         log_id: format!("00000000-0000-4000-9000-00000000000{n}"),
     }
@@ -669,8 +680,11 @@ async fn lunary_gets_no_correlation_id_as_a_parent_run_and_the_token_usage_it_re
 /// An event whose payload is `bytes` long.
 fn large_event(n: usize, bytes: usize) -> DispatchEvent {
     let mut event = event(n, false);
-    event.input =
-        json!({"message_type": "document.indexed", "payload": {"text": "x".repeat(bytes)}});
+    event.input = EventInput {
+        message_type: "document.indexed".into(),
+        payload: json!({"text": "x".repeat(bytes)}),
+        ..EventInput::default()
+    };
     event
 }
 

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use dispatchd::bus::redis::{ConsumerConfig, RedisPublisher};
-use dispatchd::sinks::{DispatchEvent, DriverConfig, FileSink, FullPolicy};
+use dispatchd::sinks::{
+    DispatchEvent, DriverConfig, EventInput, EventMetadata, EventOutput, FileSink, FullPolicy,
+};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -46,11 +48,14 @@ pub(crate) fn event(n: usize) -> DispatchEvent {
         parent_run_id: None,
         name: "shop.orders.events".into(),
         timestamp: SystemTime::now(),
-        input: json!({"n": n}),
-        output: json!({}),
+        input: EventInput {
+            payload: json!({"n": n}),
+            ..EventInput::default()
+        },
+        output: EventOutput::default(),
         user_id: None,
         tokens_usage: None,
-        metadata: json!({}),
+        metadata: EventMetadata::default(),
         tags: vec![],
         log_id: format!("run-{n:05}"),
     }

@@ -1,7 +1,7 @@
 //! JSON written by hand where dispatchd writes it per message: [`DispatchResult::write_json`]
 //! (the HTTP answer), [`Envelope::write_json_fields`] (the JSONL dispatcher's line), and
-//! [`write_str`], [`write_str_array`], [`write_value`] and [`write_rfc3339`] for writers
-//! elsewhere (the dispatch event's).
+//! [`write_str`], [`write_str_array`], [`write_value`], [`write_outcomes`] and [`write_rfc3339`]
+//! for writers elsewhere (the dispatch event's).
 //!
 //! Each writes byte for byte what `serde_json::to_writer` writes (property tests compare them on
 //! arbitrary input), in fewer instructions: serde_json sends every key and string through its
@@ -151,6 +151,17 @@ pub fn write_rfc3339(out: &mut Vec<u8>, time: SystemTime) {
         // Longer than any time humantime writes; serde's way all the same.
         let _ = serde_json::to_writer(&mut *out, &humantime_serde::Serde::from(time));
     }
+}
+
+/// Writes `outcomes` as serde_json writes a `Vec<DispatcherOutcome>` (the dispatch event's
+/// `output.dispatchers`).
+pub fn write_outcomes(out: &mut Vec<u8>, outcomes: &[DispatcherOutcome]) {
+    out.push(b'[');
+    comma_separated(out, outcomes, |out, outcome| {
+        // Writing numbers into a `Vec` cannot fail.
+        let _ = write_outcome(out, outcome);
+    });
+    out.push(b']');
 }
 
 fn write_outcome(out: &mut Vec<u8>, outcome: &DispatcherOutcome) -> Result<(), serde_json::Error> {
