@@ -6,6 +6,14 @@
 //! round to sending it. A closed-loop generator (send, wait, send) slows down with the server and
 //! hides exactly the queueing a load test is for ("coordinated omission").
 //!
+//! One exception, the client's own clock: a connection that is idle when its next request is due
+//! sleeps until then, and tokio's timer wakes it up to two milliseconds late (its wheel ticks
+//! every millisecond and rounds up). That delay is the load generator's, so such a request's
+//! latency starts when the connection woke. A request whose connection was still waiting for the
+//! previous answer when it fell due (a slow server) is timed from when it was due, as before.
+//! Measured against the floor server at 5,000/s, timing every request from its due time gave a
+//! p50 of 1.43 ms for a server that answers in tens of microseconds.
+//!
 //! Bounded: every step lasts `step`; at most `connections` requests are in flight.
 
 use std::time::Duration;
@@ -48,7 +56,8 @@ pub struct Step {
     pub first_error: Option<String>,
     /// Answers per second over the step.
     pub throughput: f64,
-    /// Latency percentiles in microseconds, from when each request was due.
+    /// Latency percentiles in microseconds, from when each request was due (or, when its
+    /// connection was idle and slept until then, from when the timer woke it).
     pub p50_us: u64,
     pub p90_us: u64,
     pub p99_us: u64,
@@ -183,7 +192,14 @@ async fn one_step(
             let mut i = worker;
             while i < total {
                 let due = start + Duration::from_secs_f64(i as f64 * interval);
-                tokio::time::sleep_until(due).await;
+                let sent = if tokio::time::Instant::now() >= due {
+                    // Late already: the previous answer came after this request was due.
+                    due
+                } else {
+                    tokio::time::sleep_until(due).await;
+                    // The timer's lateness is the client's, not the server's.
+                    tokio::time::Instant::now()
+                };
                 let body = format!(
                     "{{\"message_type\":\"load.test\",\"payload\":{{\"worker\":{worker},\"n\":{i}}}}}"
                 );
@@ -221,7 +237,7 @@ async fn one_step(
                         }
                     }
                 }
-                let latency = due.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+                let latency = sent.elapsed().as_micros().clamp(1, 60_000_000) as u64;
                 let _ = latencies.record(latency);
                 i += connections;
             }
