@@ -68,10 +68,8 @@ fn redact(c: &mut Criterion) {
     });
 }
 
-/// The answer of a one-dispatcher dispatch, as `POST /api/v1/messages/{topic}` writes it.
-fn answer(c: &mut Criterion) {
-    let body = format!(r#"{{"message_type":"order.placed","payload":{PAYLOAD}}}"#);
-    let envelope = parse_envelope(body.as_bytes()).unwrap();
+/// The result of dispatching `envelope` to one no-op `log` dispatcher.
+fn one_dispatch(envelope: &dispatchd::engine::Envelope) -> dispatchd::engine::DispatchResult {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,7 +79,14 @@ fn answer(c: &mut Criterion) {
         .route(Route::new("events-to-log", "**", Category::Event, "log"))
         .build()
         .unwrap();
-    let result = runtime.block_on(engine.dispatch("bench.events", &envelope));
+    runtime.block_on(engine.dispatch("bench.events", envelope))
+}
+
+/// The answer of a one-dispatcher dispatch, as `POST /api/v1/messages/{topic}` writes it.
+fn answer(c: &mut Criterion) {
+    let body = format!(r#"{{"message_type":"order.placed","payload":{PAYLOAD}}}"#);
+    let envelope = parse_envelope(body.as_bytes()).unwrap();
+    let result = one_dispatch(&envelope);
     // What the ingest answers with (`DispatchResult::write_json`), and serde_json's derived
     // writer it replaced, which writes the same bytes.
     c.bench_function("ingest/answer_json", |b| {
@@ -107,16 +112,7 @@ fn event(c: &mut Criterion) {
         r#"{{"message_type":"order.placed","payload":{PAYLOAD},"headers":{{"user_id":"c-77"}}}}"#
     );
     let envelope = parse_envelope(body.as_bytes()).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let engine = Engine::builder()
-        .dispatcher(Dispatcher::new("log", Category::Event, Noop))
-        .route(Route::new("events-to-log", "**", Category::Event, "log"))
-        .build()
-        .unwrap();
-    let result = runtime.block_on(engine.dispatch("bench.events", &envelope));
+    let result = one_dispatch(&envelope);
     let redactor = dispatchd::engine::Redactor::default();
     c.bench_function("ingest/dispatch_event", |b| {
         b.iter_batched(
