@@ -15,8 +15,9 @@ use crate::engine::sanitize;
 pub struct DeadLetter {
     pub sink: String,
     /// `permanent` (the service refused it, or could not take it: one alone over its body
-    /// limit), `retries_exhausted`, `refused_by_service` or `shutdown` (still queued when the
-    /// deadline passed).
+    /// limit), `retries_exhausted`, `refused_by_service`, `shutdown` (still queued when the
+    /// deadline passed) or `unreadable` (a bus entry this version could not read; see
+    /// [`DeadLetterFile::append_unreadable`]).
     pub reason: String,
     pub attempts: u32,
     /// Sanitized and capped.
@@ -70,6 +71,33 @@ impl DeadLetterFile {
         for event in events {
             write_line(&mut lines, sink, reason, attempts, last_error, event)?;
         }
+        self.commit(lines).await
+    }
+
+    /// Keeps a bus entry that is not a dispatch event this version can read (`data`, or `None`
+    /// when the entry has no `data` field), with why (`error`): reason `unreadable`, 0 attempts,
+    /// and as its `event` the entry's JSON as it was, or its text as a JSON string when it is not
+    /// JSON. An event written by a newer version (a result this one does not know) is kept for
+    /// that version's replay or republish; this version's refuses the file, naming the line.
+    pub async fn append_unreadable(
+        &self,
+        sink: &str,
+        data: Option<&str>,
+        error: &str,
+    ) -> std::io::Result<()> {
+        // Read back into a value and written compactly, so that a JSON spread over several lines
+        // stays one line of the file.
+        let event = match data {
+            Some(text) => serde_json::from_str::<serde_json::Value>(text)
+                .unwrap_or_else(|_| serde_json::Value::String(text.to_owned())),
+            None => serde_json::Value::Null,
+        };
+        let mut line = Vec::new();
+        write_letter(&mut line, sink, UNREADABLE, 0, error, &event)?;
+        self.commit(line).await
+    }
+
+    async fn commit(&self, lines: Vec<u8>) -> std::io::Result<()> {
         let mut file = AppendFile::new(
             &self.path,
             FileKind::SinkDeadLetters,
@@ -82,6 +110,10 @@ impl DeadLetterFile {
     }
 }
 
+/// The reason of a dead letter kept from the bus because it is not a dispatch event this
+/// version can read ([`DeadLetterFile::append_unreadable`]).
+pub const UNREADABLE: &str = "unreadable";
+
 /// Appends one dead letter, as a JSON line, to `out`: the format every dead-letter file shares
 /// (the sinks' and the Redis bus's).
 pub fn write_line(
@@ -92,15 +124,26 @@ pub fn write_line(
     last_error: &str,
     event: &DispatchEvent,
 ) -> serde_json::Result<()> {
+    write_letter(out, sink, reason, attempts, last_error, event)
+}
+
+fn write_letter<E: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    sink: &str,
+    reason: &str,
+    attempts: u32,
+    last_error: &str,
+    event: &E,
+) -> serde_json::Result<()> {
     #[derive(Serialize)]
-    struct Letter<'a> {
+    struct Letter<'a, E: ?Sized> {
         sink: &'a str,
         reason: &'a str,
         attempts: u32,
         last_error: &'a str,
         #[serde(with = "humantime_serde")]
         failed_at: SystemTime,
-        event: &'a DispatchEvent,
+        event: &'a E,
     }
     serde_json::to_writer(
         &mut *out,
@@ -195,6 +238,67 @@ mod tests {
             *repairs.0.lock().unwrap(),
             [(FileKind::SinkDeadLetters, fragment.len() as u64)]
         );
+    }
+
+    /// An entry this version cannot read is kept whole, one line each: its JSON as it was (even
+    /// spread over lines), or its text. A version that can read it gets the event back; this
+    /// one refuses the file, naming the line, rather than dropping what it cannot read.
+    #[tokio::test]
+    async fn an_unreadable_entry_is_kept_whole_and_read_back_by_a_version_that_knows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.dead-letters.jsonl");
+        let file = DeadLetterFile::new(&path);
+        let mut newer = serde_json::to_value(event(7)).unwrap();
+        newer["output"]["dispatchers"] = serde_json::json!([{
+            "dispatcher_id": "jsonl", "result": "cancelled", "duration_ms": 1.5,
+            "output_count": 0, "attempts": 1, "route_ids": ["r"]
+        }]);
+        let spread = serde_json::to_string_pretty(&newer).unwrap();
+        let error = serde_json::from_str::<DispatchEvent>(&spread)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cancelled"), "{error}");
+        file.append_unreadable("events", Some(&spread), &error)
+            .await
+            .unwrap();
+        file.append_unreadable("events", Some("not json"), "expected value")
+            .await
+            .unwrap();
+        file.append_unreadable("events", None, "the entry has no `data` field")
+            .await
+            .unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let letters: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(letters.len(), 3, "{text}");
+        for letter in &letters {
+            assert_eq!(letter["sink"], "events");
+            assert_eq!(letter["reason"], UNREADABLE);
+            assert_eq!(letter["attempts"], 0);
+        }
+        assert_eq!(letters[0]["event"], newer);
+        assert_eq!(letters[0]["last_error"], error.as_str());
+        assert_eq!(letters[1]["event"], "not json");
+        assert_eq!(letters[2]["event"], serde_json::Value::Null);
+
+        // This version names the line it cannot read, and leaves the file where it is.
+        let refused = take(&path, "replayed").unwrap_err();
+        assert!(
+            refused.contains("events.dead-letters.jsonl:1: not a dead letter"),
+            "{refused}"
+        );
+        assert!(path.exists());
+        // A version that knows the result reads the event as it was written.
+        let known = text
+            .lines()
+            .next()
+            .unwrap()
+            .replace("\"cancelled\"", "\"error\"");
+        let letter: DeadLetter = serde_json::from_str(&known).unwrap();
+        assert_eq!(letter.event.run_id, "run-7");
     }
 
     #[tokio::test]

@@ -135,6 +135,7 @@ pub struct SinkHandle {
     queue: mpsc::Sender<Queued>,
     full: FullPolicy,
     observer: Option<Arc<dyn SinkObserver>>,
+    dead_letters: DeadLetterFile,
 }
 
 impl SinkHandle {
@@ -175,6 +176,33 @@ impl SinkHandle {
     fn count(&self, outcome: Outcome, count: u64) {
         if let Some(observer) = &self.observer {
             observer.events(&self.name, outcome, count);
+        }
+    }
+
+    /// Keeps a bus entry that is not a dispatch event this version can read in the sink's
+    /// dead-letter file ([`DeadLetterFile::append_unreadable`]): counted as received, then as
+    /// dead-lettered. Answers whether it was written; when not (the file cannot be written), it
+    /// is counted as received only, and the caller should leave the entry to the bus.
+    pub async fn dead_letter_unreadable(&self, data: Option<&str>, error: &str) -> bool {
+        self.count(Outcome::Received, 1);
+        match self
+            .dead_letters
+            .append_unreadable(&self.name, data, error)
+            .await
+        {
+            Ok(()) => {
+                self.count(Outcome::DeadLettered, 1);
+                true
+            }
+            Err(io) => {
+                tracing::error!(
+                    sink = %self.name,
+                    path = %self.dead_letters.path().display(),
+                    error = %io,
+                    "Could not write the dead letter of an unreadable entry."
+                );
+                false
+            }
         }
     }
 
@@ -229,15 +257,17 @@ impl SinkDriver {
     ) -> SinkHandle {
         let name: Arc<str> = sink.name().into();
         let (queue, events) = mpsc::channel(config.buffer.max(1));
+        let dead_letters = DeadLetterFile::new(config.dead_letter.clone())
+            .with_observer(observer.as_ref().and_then(|o| o.file_observer()));
         let handle = SinkHandle {
             name: name.clone(),
             queue,
             full: config.full,
             observer: observer.clone(),
+            dead_letters: dead_letters.clone(),
         };
         let driver = SinkDriver {
-            dead_letters: DeadLetterFile::new(config.dead_letter.clone())
-                .with_observer(observer.as_ref().and_then(|o| o.file_observer())),
+            dead_letters,
             sink,
             name,
             config,

@@ -66,23 +66,32 @@ struct ToDriver {
 #[async_trait]
 impl Deliver for ToDriver {
     async fn deliver(&mut self, entry: Entry, acks: &Acks) {
-        let event = entry
-            .data
-            .as_deref()
-            .and_then(|data| serde_json::from_str::<DispatchEvent>(data).ok());
+        let event = match entry.data.as_deref() {
+            Some(data) => serde_json::from_str::<DispatchEvent>(data).map_err(|e| e.to_string()),
+            None => Err("the entry has no `data` field".to_owned()),
+        };
         match event {
-            Some(event) => {
+            Ok(event) => {
                 if !self.handle.offer_acked(event, entry.id.clone()).await {
                     // Dropped by the queue's policy: left pending, it is delivered again after
                     // `claim_idle`.
                     acks.release(&entry.id);
                 }
             }
-            None => {
-                // It can never be processed: acknowledge it so it cannot block the group, and say
-                // so.
-                tracing::error!(stream = %self.stream, id = %entry.id, "An entry is not a dispatch event; acknowledging it without sending.");
-                acks.ack(vec![entry.id]).await;
+            Err(error) => {
+                // This version cannot send it (an event from a newer version, or something else
+                // written to the stream): kept in the dead letters, then acknowledged, so it
+                // neither blocks the group nor is lost. If even that fails it stays pending.
+                tracing::error!(stream = %self.stream, id = %entry.id, %error, "An entry is not a dispatch event this version can read; keeping it as a dead letter.");
+                if self
+                    .handle
+                    .dead_letter_unreadable(entry.data.as_deref(), &error)
+                    .await
+                {
+                    acks.ack(vec![entry.id]).await;
+                } else {
+                    acks.release(&entry.id);
+                }
             }
         }
     }

@@ -495,6 +495,84 @@ async fn the_sink_service_is_built_then_run_by_the_app_layer() {
     assert_eq!(running.await.unwrap().unwrap(), None);
 }
 
+/// An entry the sink cannot read (an event from a newer version with a result this one does not
+/// know; text that is not JSON) is neither sent nor lost: it lands in the sink's dead letters,
+/// counted as dead-lettered, and is acknowledged, while the events around it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_sink_cannot_read_becomes_a_dead_letter_and_is_acknowledged() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("sink-unreadable");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let dead = out.with_file_name("dead.jsonl");
+    let service = SinkService::build(sink_service_config(&url, &stream, &out))
+        .await
+        .unwrap();
+    let addr = service.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(service.run(shutdown.clone()));
+
+    let mut redis = connection(&url).await;
+    let mut newer = serde_json::to_value(event(100)).unwrap();
+    newer["output"]["dispatchers"] = json!([{
+        "dispatcher_id": "jsonl", "result": "cancelled", "duration_ms": 1.5,
+        "output_count": 0, "attempts": 1, "route_ids": ["r"]
+    }]);
+    crate::redis::publish(&url, &stream, 0..2).await;
+    for data in [newer.to_string(), "not json".to_owned()] {
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("data")
+            .arg(data)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    crate::redis::publish(&url, &stream, 2..4).await;
+
+    wait_for_async("the events and the two dead letters", || async {
+        delivered(&out).len() == 4
+            && std::fs::read_to_string(&dead).is_ok_and(|text| text.lines().count() == 2)
+    })
+    .await;
+    let letters: Vec<serde_json::Value> = std::fs::read_to_string(&dead)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(letters[0]["reason"], "unreadable");
+    assert_eq!(letters[0]["event"], newer, "kept as it was written");
+    assert!(
+        letters[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{}",
+        letters[0]
+    );
+    assert_eq!(letters[1]["event"], "not json");
+    wait_for_async("every entry to be acknowledged", || {
+        let mut redis = redis.clone();
+        let stream = stream.clone();
+        async move { pending(&mut redis, &stream, "dispatchd-sink-file").await == 0 }
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("sink_events_total{") && l.contains("outcome=\"dead_lettered\""))
+        .unwrap_or_else(|| panic!("no dead_lettered count in {metrics}"));
+    assert!(line.ends_with(" 2"), "{line}");
+    shutdown.cancel();
+    assert_eq!(running.await.unwrap().unwrap(), None);
+}
+
 /// Holds every entry it is given and settles them all when it finishes: a sink flushing at
 /// shutdown.
 struct SettlingAtTheEnd(Arc<Mutex<Vec<String>>>, Option<Acks>);
