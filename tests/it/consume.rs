@@ -72,6 +72,16 @@ async fn create_group(connection: &mut MultiplexedConnection, stream: &str, grou
         .unwrap();
 }
 
+/// The `/metrics` text of a sink service.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// `XPENDING <stream> <group>`: how many entries are pending.
 async fn pending(connection: &mut MultiplexedConnection, stream: &str, group: &str) -> i64 {
     let summary: redis::Value = redis::cmd("XPENDING")
@@ -484,12 +494,7 @@ async fn the_sink_service_is_built_then_run_by_the_app_layer() {
         delivered(&out).len() == 5
     })
     .await;
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(addr).await;
     assert!(metrics.contains("sink_events_total"), "{metrics}");
     shutdown.cancel();
     assert_eq!(running.await.unwrap().unwrap(), None);
@@ -558,12 +563,7 @@ async fn an_entry_the_sink_cannot_read_becomes_a_dead_letter_and_is_acknowledged
         async move { pending(&mut redis, &stream, "dispatchd-sink-file").await == 0 }
     })
     .await;
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(addr).await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("sink_events_total{") && l.contains("outcome=\"dead_lettered\""))
