@@ -726,7 +726,8 @@ fn open_beyond_loopback(listen: SocketAddr, tokens: &crate::auth::Tokens) -> boo
 /// `data` is an [`OutputMessage`] (`{"topic": …, "envelope": {…}}`); it is acknowledged once its
 /// dispatch reached a terminal status (else released, and dispatched again after `claim_idle`),
 /// and its dispatch event is published like any other. An entry that is not a message is
-/// acknowledged with an error log, so it cannot block the group. Like a sink's consumer, it reads
+/// copied to `<stream>:unreadable` (see [`ToEngine::keep_unreadable`]) and acknowledged, so it
+/// cannot block the group and is not lost. Like a sink's consumer, it reads
 /// its own pending entries first, reclaims what dead consumers left, creates its group again when
 /// Redis lost it, counts failed reads, and reports its backlog.
 async fn consume_source(
@@ -772,6 +773,7 @@ async fn consume_source(
                 unexported,
                 bus,
                 stream,
+                url,
             },
             stop,
         )
@@ -785,18 +787,65 @@ struct ToEngine {
     unexported: Option<Arc<Unexported>>,
     bus: Arc<dyn EventBus>,
     stream: String,
+    /// The Redis that holds the stream: where an entry that is not a message is kept.
+    url: String,
+}
+
+/// How many entries a source keeps in `<stream>:unreadable` at most (`MAXLEN ~`): the newest.
+const UNREADABLE_KEPT: usize = 10_000;
+
+impl ToEngine {
+    /// Keeps an entry that is not a message in the stream `<stream>:unreadable`, with its
+    /// `data` (when it has one), the reason it could not be read (`error`) and the id it had
+    /// (`entry_id`), so that it is not lost: an envelope from a newer version, or a producer's
+    /// mistake, can be read there (`XRANGE`) and posted again. Answers whether Redis took it,
+    /// within 2 s; on a new connection, since this is rare.
+    async fn keep_unreadable(&self, entry: &Entry, error: &str) -> bool {
+        let key = format!("{}:unreadable", self.stream);
+        let kept = async {
+            let client = redis::Client::open(self.url.as_str())?;
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            let mut command = redis::cmd("XADD");
+            command
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(UNREADABLE_KEPT)
+                .arg("*");
+            if let Some(data) = &entry.data {
+                command.arg("data").arg(data);
+            }
+            command
+                .arg("error")
+                .arg(error)
+                .arg("entry_id")
+                .arg(&entry.id);
+            command.query_async::<String>(&mut connection).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), kept).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(redis_error)) => {
+                tracing::error!(stream = %key, id = %entry.id, error = %redis_error, "Could not keep an unreadable source entry; it stays pending.");
+                false
+            }
+            Err(_) => {
+                tracing::error!(stream = %key, id = %entry.id, "Could not keep an unreadable source entry within 2 s; it stays pending.");
+                false
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl Deliver for ToEngine {
     async fn deliver(&mut self, entry: Entry, acks: &Acks) {
         let (engine, stream) = (&self.engine, &self.stream);
-        let message = entry
-            .data
-            .as_deref()
-            .and_then(|data| serde_json::from_str::<OutputMessage>(data).ok());
+        let message = match entry.data.as_deref() {
+            Some(data) => serde_json::from_str::<OutputMessage>(data).map_err(|e| e.to_string()),
+            None => Err("the entry has no `data` field".to_owned()),
+        };
         let terminal = match message {
-            Some(OutputMessage { topic, envelope }) => {
+            Ok(OutputMessage { topic, envelope }) => {
                 // The sender's trace, from the envelope's headers, is the dispatch's parent.
                 let parent = crate::propagation::extract_map(&envelope.headers);
                 let result = match &self.unexported {
@@ -831,9 +880,11 @@ impl Deliver for ToEngine {
                     .await;
                 result.status.is_terminal()
             }
-            None => {
-                tracing::error!(stream = %stream, id = %entry.id, "A source entry is not a message; acknowledging it without dispatching.");
-                true
+            Err(error) => {
+                // Never dispatched, but not lost: kept beside the stream, then acknowledged so
+                // that it cannot block the group. If Redis does not take it, it stays pending.
+                tracing::error!(stream = %stream, id = %entry.id, %error, "A source entry is not a message this version can read; keeping it in <stream>:unreadable.");
+                self.keep_unreadable(&entry, &error).await
             }
         };
         if terminal {

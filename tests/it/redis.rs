@@ -1437,7 +1437,8 @@ async fn consumers_create_their_groups_again_when_redis_restarts_empty() {
 
 /// A `[[sources]]` stream whose key holds something else (`WRONGTYPE`) cannot be read: serve
 /// keeps trying and counts each failure (`bus_redis_read_errors_total`, which alerts), instead of
-/// giving the source up after one log line; once the key is a stream, its messages are dispatched.
+/// giving the source up after one log line; once the key is a stream, its messages are dispatched,
+/// and an entry that is not a message is kept in `<stream>:unreadable` rather than dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_cannot_start_is_counted_and_retried() {
     let Some(url) = redis_url().await else { return };
@@ -1481,6 +1482,58 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
         app.jsonl_lines()
             .iter()
             .any(|line| line["payload"]["from"] == "fixed")
+    })
+    .await;
+
+    // An entry that is not a message is not dispatched, and not lost either: it is kept in
+    // `<stream>:unreadable` with why and the id it had, and acknowledged.
+    let bad: String = redis::cmd("XADD")
+        .arg(&source)
+        .arg("*")
+        .arg("data")
+        .arg("{\"topic\": 7}")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    post_to_source(&url, &source, "after the bad one").await;
+    crate::support::wait_for("the message after the bad one", || {
+        app.jsonl_lines()
+            .iter()
+            .any(|line| line["payload"]["from"] == "after the bad one")
+    })
+    .await;
+    let kept: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{source}:unreadable"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(kept.ids.len(), 1, "{kept:?}");
+    let field = |name: &str| -> String { kept.ids[0].get(name).unwrap() };
+    assert_eq!(field("data"), "{\"topic\": 7}");
+    assert_eq!(field("entry_id"), bad);
+    assert!(
+        field("error").contains("invalid type"),
+        "{}",
+        field("error")
+    );
+    // Acknowledgements are sent in batches, after the deliveries.
+    wait_for_async("every entry to be acknowledged", || {
+        let mut connection = connection.clone();
+        let source = source.clone();
+        async move {
+            let pending: redis::Value = redis::cmd("XPENDING")
+                .arg(&source)
+                .arg("dispatchd")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let redis::Value::Array(summary) = pending else {
+                panic!("XPENDING answered {pending:?}")
+            };
+            redis::from_redis_value_ref::<i64>(&summary[0]).unwrap() == 0
+        }
     })
     .await;
     app.stop().await.unwrap();
