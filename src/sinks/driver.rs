@@ -180,17 +180,18 @@ impl SinkHandle {
     }
 
     /// Keeps a bus entry that is not a dispatch event this version can read in the sink's
-    /// dead-letter file ([`DeadLetterFile::append_unreadable`]): counted as received, then as
-    /// dead-lettered. Answers whether it was written; when not (the file cannot be written), it
-    /// is counted as received only, and the caller should leave the entry to the bus.
+    /// dead-letter file ([`DeadLetterFile::append_unreadable`]): counted as received and
+    /// dead-lettered once written. Answers whether it was; when not (the file cannot be
+    /// written), nothing is counted here and the caller leaves the entry to the bus, which
+    /// delivers it again (counting it then would count one entry as received again and again).
     pub async fn dead_letter_unreadable(&self, data: Option<&str>, error: &str) -> bool {
-        self.count(Outcome::Received, 1);
         match self
             .dead_letters
             .append_unreadable(&self.name, data, error)
             .await
         {
             Ok(()) => {
+                self.count(Outcome::Received, 1);
                 self.count(Outcome::DeadLettered, 1);
                 true
             }

@@ -426,3 +426,37 @@ async fn a_full_queue_drops_the_newest_under_drop_newest_and_counts_it() {
         counts.get("sent") + counts.get("dead_lettered") + counts.get("dropped")
     );
 }
+
+/// An unreadable bus entry is counted once it is in the dead letters, and not at all while
+/// they cannot be written: the bus delivers it again then, and counting each try would count
+/// one entry as received again and again.
+#[tokio::test]
+async fn an_unreadable_entry_counts_once_it_is_a_dead_letter() {
+    let running = start(Scripted::default(), 10, FullPolicy::Block, 10);
+    // A directory where the file should be: the dead letter cannot be written.
+    std::fs::create_dir(&running.dead_letters).unwrap();
+    assert!(
+        !running
+            .handle
+            .dead_letter_unreadable(Some("not json"), "expected value")
+            .await
+    );
+    assert!(!running.handle.dead_letter_unreadable(None, "no data").await);
+    assert_eq!(running.counts.get("received"), 0);
+    assert_eq!(running.counts.get("dead_lettered"), 0);
+
+    std::fs::remove_dir(&running.dead_letters).unwrap();
+    assert!(
+        running
+            .handle
+            .dead_letter_unreadable(Some("not json"), "expected value")
+            .await
+    );
+    assert_eq!(running.counts.get("received"), 1);
+    assert_eq!(running.counts.get("dead_lettered"), 1);
+    let text = std::fs::read_to_string(&running.dead_letters).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    running.shutdown.cancel();
+    running.tracker.close();
+    running.tracker.wait().await;
+}
