@@ -774,6 +774,9 @@ async fn consume_source(
                 bus,
                 stream,
                 url,
+                group: config.group.clone(),
+                observer,
+                unreadable: None,
             },
             stop,
         )
@@ -789,6 +792,12 @@ struct ToEngine {
     stream: String,
     /// The Redis that holds the stream: where an entry that is not a message is kept.
     url: String,
+    group: String,
+    /// Counts entries that are not messages (`bus_redis_unreadable_entries_total`).
+    observer: Option<Arc<dyn BusObserver>>,
+    /// Where they are kept: opened at the first one and kept, so that a producer writing many
+    /// costs no connection per entry; dropped after a failure and opened again at the next.
+    unreadable: Option<redis::aio::MultiplexedConnection>,
 }
 
 /// How many entries a source keeps in `<stream>:unreadable` at most (`MAXLEN ~`): the newest.
@@ -799,12 +808,19 @@ impl ToEngine {
     /// `data` (when it has one), the reason it could not be read (`error`) and the id it had
     /// (`entry_id`), so that it is not lost: an envelope from a newer version, or a producer's
     /// mistake, can be read there (`XRANGE`) and posted again. Answers whether Redis took it,
-    /// within 2 s; on a new connection, since this is rare.
-    async fn keep_unreadable(&self, entry: &Entry, error: &str) -> bool {
+    /// within 2 s.
+    async fn keep_unreadable(&mut self, entry: &Entry, error: &str) -> bool {
         let key = format!("{}:unreadable", self.stream);
+        let (url, cached) = (&self.url, &mut self.unreadable);
         let kept = async {
-            let client = redis::Client::open(self.url.as_str())?;
-            let mut connection = client.get_multiplexed_async_connection().await?;
+            let mut connection = match cached.take() {
+                Some(connection) => connection,
+                None => {
+                    redis::Client::open(url.as_str())?
+                        .get_multiplexed_async_connection()
+                        .await?
+                }
+            };
             let mut command = redis::cmd("XADD");
             command
                 .arg(&key)
@@ -820,7 +836,9 @@ impl ToEngine {
                 .arg(error)
                 .arg("entry_id")
                 .arg(&entry.id);
-            command.query_async::<String>(&mut connection).await
+            let id = command.query_async::<String>(&mut connection).await?;
+            *cached = Some(connection);
+            Ok::<_, redis::RedisError>(id)
         };
         match tokio::time::timeout(Duration::from_secs(2), kept).await {
             Ok(Ok(_)) => true,
@@ -884,6 +902,9 @@ impl Deliver for ToEngine {
                 // Never dispatched, but not lost: kept beside the stream, then acknowledged so
                 // that it cannot block the group. If Redis does not take it, it stays pending.
                 tracing::error!(stream = %stream, id = %entry.id, %error, "A source entry is not a message this version can read; keeping it in <stream>:unreadable.");
+                if let Some(observer) = &self.observer {
+                    observer.unreadable(stream, &self.group);
+                }
                 self.keep_unreadable(&entry, &error).await
             }
         };

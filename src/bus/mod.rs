@@ -43,6 +43,9 @@ pub trait BusObserver: Send + Sync + 'static {
     /// Redis answered `NOGROUP` and the consumer created the group again: Redis lost state, and
     /// possibly events.
     fn group_recreated(&self, stream: &str, group: &str);
+    /// A consumer of `group` read an entry that is not what it consumes (a sink: a dispatch
+    /// event; a source: a message) and kept it aside instead of processing it.
+    fn unreadable(&self, stream: &str, group: &str);
 }
 
 /// Where dispatch events are published.

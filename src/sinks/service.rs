@@ -27,7 +27,8 @@ pub async fn run_from_redis(
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let stream = consumer.stream.clone();
-    let consumer = Consumer::connect(&url, consumer, bus_observer).await?;
+    let group = consumer.group.clone();
+    let consumer = Consumer::connect(&url, consumer, bus_observer.clone()).await?;
     consumer
         .run(
             |acks| {
@@ -47,6 +48,8 @@ pub async fn run_from_redis(
                     drivers,
                     stop,
                     stream,
+                    group,
+                    bus_observer,
                 }
             },
             shutdown,
@@ -61,6 +64,8 @@ struct ToDriver {
     drivers: TaskTracker,
     stop: CancellationToken,
     stream: String,
+    group: String,
+    bus_observer: Option<Arc<dyn BusObserver>>,
 }
 
 #[async_trait]
@@ -83,6 +88,9 @@ impl Deliver for ToDriver {
                 // written to the stream): kept in the dead letters, then acknowledged, so it
                 // neither blocks the group nor is lost. If even that fails it stays pending.
                 tracing::error!(stream = %self.stream, id = %entry.id, %error, "An entry is not a dispatch event this version can read; keeping it as a dead letter.");
+                if let Some(observer) = &self.bus_observer {
+                    observer.unreadable(&self.stream, &self.group);
+                }
                 if self
                     .handle
                     .dead_letter_unreadable(entry.data.as_deref(), &error)

@@ -486,6 +486,15 @@ pub const BUS_GROUP_RECREATED: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const BUS_UNREADABLE: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_unreadable_entries",
+    kind: Kind::Counter,
+    unit: "{entry}",
+    description: "Entries of a Redis stream that a consumer group could not read as what it consumes (a sink: a dispatch event; a source: a message), kept rather than processed: in the sink's dead-letter file, or in the stream <stream>:unreadable.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
 pub const OTLP_EXPORTS_FAILED: InstrumentSpec = InstrumentSpec {
     name: "otlp_exports_failed",
     kind: Kind::ObservableCounter,
@@ -565,6 +574,7 @@ pub const ALL: &[InstrumentSpec] = &[
     BUS_EVENTS,
     BUS_READ_ERRORS,
     BUS_GROUP_RECREATED,
+    BUS_UNREADABLE,
     HTTP_SERVER_REQUEST_DURATION,
     HTTP_AUTH_FAILURES,
     HTTP_REQUESTS_SHED,
@@ -618,6 +628,7 @@ mod tests {
                 "bus_redis_events_total",
                 "bus_redis_read_errors_total",
                 "bus_redis_group_recreated_total",
+                "bus_redis_unreadable_entries_total",
                 "http_server_request_duration_seconds",
                 "http_auth_failures_total",
                 "http_requests_shed_total",

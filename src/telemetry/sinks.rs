@@ -113,8 +113,8 @@ impl FileObserver for FileMetrics {
 type Backlogs = Arc<Mutex<BTreeMap<(String, String), Backlog>>>;
 
 /// `bus_redis_pending_entries`, `bus_redis_consumer_lag`, `bus_redis_reconnects_total`,
-/// `bus_redis_events_total`, `bus_redis_read_errors_total` and
-/// `bus_redis_group_recreated_total`.
+/// `bus_redis_events_total`, `bus_redis_read_errors_total`,
+/// `bus_redis_group_recreated_total` and `bus_redis_unreadable_entries_total`.
 ///
 /// The backlog gauges are observable: each scrape reads the values the consumers' backlog tasks
 /// last stored (at most about a second old), never Redis itself, so a scrape never waits for
@@ -126,6 +126,7 @@ pub struct BusMetrics {
     events: Counter<u64>,
     read_errors: Counter<u64>,
     recreated: Counter<u64>,
+    unreadable: Counter<u64>,
 }
 
 impl BusMetrics {
@@ -158,6 +159,7 @@ impl BusMetrics {
             events: counter(meter, catalog::BUS_EVENTS),
             read_errors: counter(meter, catalog::BUS_READ_ERRORS),
             recreated: counter(meter, catalog::BUS_GROUP_RECREATED),
+            unreadable: counter(meter, catalog::BUS_UNREADABLE),
         }
     }
 }
@@ -204,6 +206,7 @@ impl BusObserver for BusMetrics {
         let labels = stream_group(stream, group);
         self.read_errors.add(0, &labels);
         self.recreated.add(0, &labels);
+        self.unreadable.add(0, &labels);
     }
 
     fn read_failed(&self, stream: &str, group: &str) {
@@ -212,5 +215,9 @@ impl BusObserver for BusMetrics {
 
     fn group_recreated(&self, stream: &str, group: &str) {
         self.recreated.add(1, &stream_group(stream, group));
+    }
+
+    fn unreadable(&self, stream: &str, group: &str) {
+        self.unreadable.add(1, &stream_group(stream, group));
     }
 }

@@ -569,6 +569,10 @@ async fn an_entry_the_sink_cannot_read_becomes_a_dead_letter_and_is_acknowledged
         .find(|l| l.starts_with("sink_events_total{") && l.contains("outcome=\"dead_lettered\""))
         .unwrap_or_else(|| panic!("no dead_lettered count in {metrics}"));
     assert!(line.ends_with(" 2"), "{line}");
+    let counted = format!(
+        r#"bus_redis_unreadable_entries_total{{group="dispatchd-sink-file",stream="{stream}"}} 2"#
+    );
+    assert!(metrics.lines().any(|l| l == counted), "{metrics}");
     shutdown.cancel();
     assert_eq!(running.await.unwrap().unwrap(), None);
 }

@@ -1518,6 +1518,9 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
         "{}",
         field("error")
     );
+    let counted =
+        format!(r#"bus_redis_unreadable_entries_total{{group="dispatchd",stream="{source}"}}"#);
+    assert_eq!(value(&app.scrape().await, &counted), 1.0);
     // Acknowledgements are sent in batches, after the deliveries.
     wait_for_async("every entry to be acknowledged", || {
         let mut connection = connection.clone();
