@@ -32,6 +32,8 @@ enum Observer {
     None,
     Noop,
     Metrics,
+    /// The metrics strategy with OTLP on: the SDK's latency histograms are recorded too.
+    MetricsOtlp,
     /// The per-dispatcher statistics of `GET /api/v1/dispatchers/{id}`.
     Stats,
 }
@@ -52,17 +54,29 @@ fn engine(fan_out: usize, observer: Observer) -> Engine {
     match observer {
         Observer::None => {}
         Observer::Noop => builder = builder.instrumentation(Arc::new(NoopStrategy)),
-        Observer::Metrics => {
-            let telemetry = Telemetry::new(&MetricsConfig {
+        Observer::Metrics | Observer::MetricsOtlp => {
+            let config = MetricsConfig {
                 enabled: true,
                 namespace: String::new(),
                 cardinality_limit: 2000,
-            });
+            };
+            let telemetry = if matches!(observer, Observer::Metrics) {
+                Telemetry::new(&config)
+            } else {
+                // Nothing listens there, and nothing is pushed within a benchmark's hour.
+                Telemetry::with_otlp(
+                    &config,
+                    "http://127.0.0.1:9",
+                    std::time::Duration::from_secs(3600),
+                )
+            };
             let ids: Vec<String> = builder.dispatcher_ids().map(str::to_owned).collect();
             let strategy = telemetry
                 .engine_strategy(ids.iter().map(String::as_str))
                 .unwrap();
             builder = builder.instrumentation(Arc::new(strategy));
+            // Kept for the process's life: the OTLP reader's thread, as in the service.
+            std::mem::forget(telemetry);
         }
         Observer::Stats => {
             let stats = dispatchd::health::DispatcherStats::new(builder.dispatcher_ids());
@@ -84,6 +98,7 @@ fn dispatch(c: &mut Criterion) {
             ("no_strategy", Observer::None),
             ("noop_strategy", Observer::Noop),
             ("metrics_strategy", Observer::Metrics),
+            ("metrics_strategy_otlp", Observer::MetricsOtlp),
             ("stats_strategy", Observer::Stats),
         ] {
             let engine = engine(fan_out, observer);
@@ -584,9 +599,76 @@ fn exemplars(c: &mut Criterion) {
     group.finish();
 }
 
+/// The metrics strategy alone: the three hooks one dispatch to one dispatcher calls (start, the
+/// dispatcher's completion, the outcome), with no engine around them, so that what is measured
+/// is the strategy and not the dispatch's own variation.
+fn strategy_hooks(c: &mut Criterion) {
+    use dispatchd::engine::{
+        DispatchInfo, DispatchResult, DispatchStatus, DispatcherRef, ExecutionResult,
+    };
+    use std::hint::black_box;
+    use std::time::Duration;
+
+    let envelope = Envelope::new("order.placed", serde_json::json!({"order_id": 42}));
+    let mut result = DispatchResult::new(uuid::Uuid::nil(), "shop.orders.events", &envelope);
+    result.status = DispatchStatus::Success;
+    result.message_category = Some(Category::Event);
+    let info = DispatchInfo {
+        dispatch_id: uuid::Uuid::nil(),
+        topic: "shop.orders.events",
+        category: Some(Category::Event),
+        message_type: "order.placed",
+        message_id: "m-1",
+        correlation_id: None,
+        traced: false,
+        span: None,
+    };
+    let telemetry = Telemetry::new(&MetricsConfig {
+        enabled: true,
+        namespace: String::new(),
+        cardinality_limit: 2000,
+    });
+    let strategy = telemetry.engine_strategy(["d0"]).unwrap();
+    let dispatcher = DispatcherRef { index: 0, id: "d0" };
+    c.bench_function("metrics_strategy/hooks_of_one_dispatch", |b| {
+        b.iter(|| {
+            let elapsed = black_box(Duration::from_micros(12));
+            strategy.on_dispatch_start(black_box(&info));
+            strategy.on_dispatcher_complete(&info, dispatcher, ExecutionResult::Success, elapsed);
+            strategy.on_dispatch_success(&info, black_box(&result), elapsed);
+        });
+    });
+    // The same from two threads at once, as the service's workers record: per dispatch, each
+    // thread's time (shared counters move between the cores' caches here).
+    c.bench_function("metrics_strategy/hooks_of_one_dispatch_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        for _ in 0..iters {
+                            let elapsed = black_box(Duration::from_micros(12));
+                            strategy.on_dispatch_start(black_box(&info));
+                            strategy.on_dispatcher_complete(
+                                &info,
+                                dispatcher,
+                                ExecutionResult::Success,
+                                elapsed,
+                            );
+                            strategy.on_dispatch_success(&info, black_box(&result), elapsed);
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        });
+    });
+}
+
 criterion_group!(
     benches,
     dispatch,
+    strategy_hooks,
     exemplars,
     routing,
     protections,

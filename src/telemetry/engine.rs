@@ -1,7 +1,8 @@
 //! The engine's metrics, fed by an instrumentation strategy.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 // parking_lot's locks do not poison: a panicking strategy elsewhere cannot wedge the metrics.
@@ -13,6 +14,8 @@ use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, M
 
 use super::catalog::{self, InstrumentSpec, label};
 use super::exemplars::{self, ExemplarStore, SeriesExemplars};
+use super::scrape::{OwnFamily, Point, Series};
+use super::striped::{Counts, LatencyHistogram};
 use crate::engine::{
     DispatchInfo, DispatchResult, DispatchStatus, DispatcherRef, ExecutionResult,
     InstrumentationStrategy,
@@ -25,12 +28,17 @@ pub const MAX_COMMAND_TYPE_LABELS: usize = 64;
 /// The engine's instruments, created once per meter.
 #[derive(Clone)]
 pub struct EngineMetrics {
+    /// The SDK's copies of the two latency histograms, recorded only when `sdk_histograms`.
     duration: Histogram<f64>,
     execution_duration: Histogram<f64>,
     adapter_invocations: Counter<u64>,
     policy_denials: Counter<u64>,
-    /// What `dispatch_messages_total` and `dispatcher_executions_total` report.
+    /// What `dispatch_messages_total`, `dispatcher_executions_total` and the two latency
+    /// histograms report.
     counts: Arc<EngineCounts>,
+    /// Whether a reader other than `/metrics` (OTLP) reads the SDK: then the latency histograms
+    /// are recorded into the SDK's instruments too, which is the only way to hand them to it.
+    sdk_histograms: bool,
 }
 
 impl EngineMetrics {
@@ -39,13 +47,28 @@ impl EngineMetrics {
     /// `dispatch_messages_total` and `dispatcher_executions_total` are observed from counts
     /// these instruments own, and of two sets on one meter the SDK would keep one set's
     /// observations and drop the other's counts.
-    pub(super) fn new(meter: &Meter) -> EngineMetrics {
-        let counts = Arc::new(EngineCounts::default());
+    ///
+    /// `cardinality_limit` bounds the dispatcher series of the latency histogram of our own as
+    /// the SDK bounds its own; `sdk_histograms` is [`EngineMetrics::sdk_histograms`].
+    pub(super) fn new(
+        meter: &Meter,
+        cardinality_limit: usize,
+        sdk_histograms: bool,
+    ) -> EngineMetrics {
+        let counts = Arc::new(EngineCounts {
+            durations: Default::default(),
+            executions: RwLock::default(),
+            execution_series: AtomicUsize::new(0),
+            cardinality_limit,
+            execution_overflow: OnceLock::new(),
+        });
         let messages = counts.clone();
+        // Every outcome is one observation of `dispatch_duration_seconds` with the same labels:
+        // the counter is that histogram's count, and a dispatch adds to one of them, not two.
         observed_counter(meter, catalog::DISPATCH_MESSAGES, move |observe| {
-            for (slot, statuses) in messages.messages.iter().enumerate() {
-                for (status, count) in DispatchStatus::ALL.iter().zip(statuses) {
-                    let count = count.load(Ordering::Relaxed);
+            for (slot, statuses) in messages.durations.iter().enumerate() {
+                for (status, histogram) in DispatchStatus::ALL.iter().zip(statuses) {
+                    let count = histogram.get().map_or(0, LatencyHistogram::count);
                     if count > 0 {
                         observe(
                             count,
@@ -62,8 +85,8 @@ impl EngineMetrics {
         let executions = counts.clone();
         observed_counter(meter, catalog::DISPATCHER_EXECUTIONS, move |observe| {
             for row in executions.executions.read().values() {
-                for (result, count) in ExecutionResult::ALL.iter().zip(row.counts.iter()) {
-                    let count = count.load(Ordering::Relaxed);
+                let totals = row.execution.results.totals();
+                for (result, &count) in ExecutionResult::ALL.iter().zip(&totals) {
                     if count > 0 {
                         observe(
                             count,
@@ -82,46 +105,140 @@ impl EngineMetrics {
             adapter_invocations: counter(meter, catalog::DISPATCHER_ADAPTER_INVOCATIONS),
             policy_denials: counter(meter, catalog::DISPATCHER_POLICY_DENIALS),
             counts,
+            sdk_histograms,
         }
+    }
+
+    /// The latency histograms of our own, as the scrape writes them.
+    pub(super) fn own_families(&self) -> Vec<OwnFamily> {
+        self.counts.own_families()
     }
 }
 
-/// The two counters every dispatch adds to, kept here as atomics and read by the SDK at each
-/// collection (observable counters), for `/metrics` and OTLP alike. A dispatch adds with one
-/// relaxed atomic instruction each, where the SDK's bound counter is a call through its list
-/// of measures (about 40 instructions). Only counts above zero are reported, so a series
-/// appears with its first message, as a counter bound on first use did.
-#[derive(Default)]
+/// What every dispatch adds to, kept here per thread ([`super::striped`]) and read at each
+/// collection: `dispatch_messages_total` (the count of `dispatch_duration_seconds`) and
+/// `dispatcher_executions_total` by the SDK (observable counters), for `/metrics` and OTLP alike.
+/// A dispatch adds with a load and a store each, where the SDK's bound counter is a call through
+/// its list of measures (about 40 instructions) and an atomic add a locked instruction. Only counts above zero are reported, so a series
+/// appears with its first message, as a counter bound on first use did. And the two latency
+/// histograms ([`LatencyHistogram`]), each series made on its first observation.
+///
+/// Shared by every strategy made from one [`EngineMetrics`]: the series of an engine that was
+/// replaced carry on in the next one's, so nothing on `/metrics` goes back.
 struct EngineCounts {
-    /// `dispatch_messages_total`, by category slot (see [`exemplars::category_slot`]), then status.
-    messages: [[AtomicU64; DispatchStatus::ALL.len()]; exemplars::CATEGORY_SLOTS],
-    /// `dispatcher_executions_total`, by dispatcher id. A row is never removed: the counts of
-    /// an engine that was replaced carry on in the next one's, so the counters never go back.
+    /// `dispatch_duration_seconds` and, by its count, `dispatch_messages_total`, by category slot
+    /// (see [`exemplars::category_slot`]), then status.
+    durations: [[OnceLock<LatencyHistogram>; DispatchStatus::ALL.len()]; exemplars::CATEGORY_SLOTS],
+    /// `dispatcher_executions_total` and `dispatcher_execution_duration_seconds`, by dispatcher
+    /// id. A row is never removed.
     executions: RwLock<HashMap<String, ExecutionRow>>,
+    /// Dispatcher series of `dispatcher_execution_duration_seconds` made so far (and attempts
+    /// past the limit).
+    execution_series: AtomicUsize,
+    cardinality_limit: usize,
+    /// Where dispatchers past the cardinality limit record, labelled as the SDK labels its
+    /// overflow series (which `metric_cardinality_overflow` then reports).
+    execution_overflow: OnceLock<Arc<LatencyHistogram>>,
 }
 
-type ResultCounts = [AtomicU64; ExecutionResult::ALL.len()];
+type ResultCounts = Counts<{ ExecutionResult::ALL.len() }>;
+
+/// One dispatcher's counts by result and its latency histogram.
+#[derive(Default)]
+struct Execution {
+    results: ResultCounts,
+    duration: OnceLock<Arc<LatencyHistogram>>,
+}
 
 struct ExecutionRow {
     id: KeyValue,
-    counts: Arc<ResultCounts>,
+    execution: Arc<Execution>,
 }
 
 impl EngineCounts {
-    /// `dispatcher_id`'s counts by result, made on first use.
-    fn row(&self, dispatcher_id: &str) -> Arc<ResultCounts> {
+    /// `dispatcher_id`'s counts, made on first use.
+    fn row(&self, dispatcher_id: &str) -> Arc<Execution> {
         if let Some(row) = self.executions.read().get(dispatcher_id) {
-            return row.counts.clone();
+            return row.execution.clone();
         }
         self.executions
             .write()
             .entry(dispatcher_id.to_owned())
             .or_insert_with(|| ExecutionRow {
                 id: KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher_id)),
-                counts: Arc::default(),
+                execution: Arc::default(),
             })
-            .counts
+            .execution
             .clone()
+    }
+
+    /// The latency histogram of a dispatcher's row, made on first use: its own while there are
+    /// fewer than the cardinality limit, the overflow series after.
+    #[inline]
+    fn execution_duration<'a>(&'a self, execution: &'a Execution) -> &'a LatencyHistogram {
+        execution.duration.get_or_init(|| {
+            if self.execution_series.fetch_add(1, Ordering::Relaxed) < self.cardinality_limit {
+                Arc::default()
+            } else {
+                self.execution_overflow.get_or_init(Arc::default).clone()
+            }
+        })
+    }
+
+    /// `dispatch_duration_seconds` and `dispatcher_execution_duration_seconds` as they stand.
+    fn own_families(&self) -> Vec<OwnFamily> {
+        let mut outcomes = Vec::new();
+        for (slot, statuses) in self.durations.iter().enumerate() {
+            for (status, histogram) in DispatchStatus::ALL.iter().zip(statuses) {
+                if let Some(histogram) = histogram.get() {
+                    outcomes.push(Series {
+                        labels: vec![
+                            (
+                                Cow::Borrowed(label::CATEGORY),
+                                Cow::Borrowed(exemplars::CATEGORIES[slot]),
+                            ),
+                            (Cow::Borrowed(label::STATUS), Cow::Borrowed(status.as_str())),
+                        ],
+                        value: Point::Histogram(Box::new(histogram.point())),
+                    });
+                }
+            }
+        }
+        let overflow = self.execution_overflow.get();
+        let mut executions: Vec<Series<'static>> = self
+            .executions
+            .read()
+            .values()
+            .filter_map(|row| {
+                let histogram = row.execution.duration.get()?;
+                if overflow.is_some_and(|overflow| Arc::ptr_eq(overflow, histogram)) {
+                    return None;
+                }
+                Some(Series {
+                    labels: vec![(
+                        Cow::Borrowed(label::DISPATCHER_ID),
+                        Cow::Owned(row.id.value.as_str().into_owned()),
+                    )],
+                    value: Point::Histogram(Box::new(histogram.point())),
+                })
+            })
+            .collect();
+        if let Some(overflow) = overflow {
+            executions.push(Series {
+                labels: vec![(Cow::Borrowed(super::OVERFLOW_LABEL), Cow::Borrowed("true"))],
+                value: Point::Histogram(Box::new(overflow.point())),
+            });
+        }
+        vec![
+            OwnFamily {
+                spec: catalog::DISPATCH_DURATION,
+                series: outcomes,
+            },
+            OwnFamily {
+                spec: catalog::DISPATCHER_EXECUTION_DURATION,
+                series: executions,
+            },
+        ]
     }
 }
 
@@ -158,12 +275,13 @@ pub(super) fn histogram(meter: &Meter, spec: InstrumentSpec) -> Histogram<f64> {
         .build()
 }
 
-/// One dispatcher's counts and latency histogram, the histogram bound on first use so that
-/// dispatchers that never ran export no empty series.
+/// One dispatcher's counts and latency histogram, and the SDK's copy of the histogram (when
+/// [`EngineMetrics::sdk_histograms`]) bound on first use so that dispatchers that never ran
+/// export no empty series.
 struct DispatcherSlots {
     id: KeyValue,
-    results: Arc<ResultCounts>,
-    duration: OnceLock<BoundHistogram<f64>>,
+    execution: Arc<Execution>,
+    sdk_duration: OnceLock<BoundHistogram<f64>>,
     exemplars: Option<Arc<SeriesExemplars>>,
 }
 
@@ -171,13 +289,15 @@ struct DispatcherSlots {
 ///
 /// Every label set on the dispatch path is known when the engine is built (categories, statuses,
 /// dispatcher ids, results): the two counters are atomics indexed by them ([`EngineCounts`]),
-/// and each latency histogram is bound once, on first use, so later recordings skip the SDK's
-/// attribute hashing. Command types and policy names
+/// and so are the two latency histograms ([`LatencyHistogram`]); when OTLP reads the SDK, the
+/// SDK's copies are bound once, on first use, so later recordings skip its attribute hashing.
+/// Command types and policy names
 /// are interned in a map (a read lock on the command path only), with command types capped at
 /// [`MAX_COMMAND_TYPE_LABELS`].
 pub struct MetricsStrategy {
     metrics: EngineMetrics,
-    /// `dispatch_duration_seconds`, by category slot (see [`exemplars::category_slot`]), then status.
+    /// The SDK's copy of `dispatch_duration_seconds`, by category slot (see
+    /// [`exemplars::category_slot`]), then status.
     outcomes:
         [[OnceLock<BoundHistogram<f64>>; DispatchStatus::ALL.len()]; exemplars::CATEGORY_SLOTS],
     dispatchers: Box<[DispatcherSlots]>,
@@ -221,8 +341,8 @@ impl MetricsStrategy {
             .into_iter()
             .map(|id| DispatcherSlots {
                 id: KeyValue::new(label::DISPATCHER_ID, super::shared(id)),
-                results: metrics.counts.row(id),
-                duration: OnceLock::new(),
+                execution: metrics.counts.row(id),
+                sdk_duration: OnceLock::new(),
                 exemplars: None,
             })
             .collect();
@@ -255,16 +375,21 @@ impl MetricsStrategy {
         let status = result.status;
         let slot = exemplars::category_slot(dispatch.category);
         let index = status.index();
-        self.metrics.counts.messages[slot][index].fetch_add(1, Ordering::Relaxed);
+        let counts = &*self.metrics.counts;
         let seconds = elapsed.as_secs_f64();
-        self.outcomes[slot][index]
-            .get_or_init(|| {
-                self.metrics.duration.bind(&[
-                    KeyValue::new(label::CATEGORY, exemplars::CATEGORIES[slot]),
-                    KeyValue::new(label::STATUS, status.as_str()),
-                ])
-            })
+        counts.durations[slot][index]
+            .get_or_init(LatencyHistogram::new)
             .record(seconds);
+        if self.metrics.sdk_histograms {
+            self.outcomes[slot][index]
+                .get_or_init(|| {
+                    self.metrics.duration.bind(&[
+                        KeyValue::new(label::CATEGORY, exemplars::CATEGORIES[slot]),
+                        KeyValue::new(label::STATUS, status.as_str()),
+                    ])
+                })
+                .record(seconds);
+        }
         if let (Some(store), true, true, Some(trace_id), Some(span_id)) = (
             &self.exemplars,
             dispatch.traced,
@@ -310,26 +435,36 @@ impl InstrumentationStrategy for MetricsStrategy {
         let Some(slots) = self.dispatchers.get(dispatcher.index) else {
             // An engine other than the one this strategy was built for: record unbound, still
             // with a dispatcher id the engine validated.
-            self.metrics.counts.row(dispatcher.id)[result.index()].fetch_add(1, Ordering::Relaxed);
-            let id = KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher.id));
+            let counts = &*self.metrics.counts;
+            let execution = counts.row(dispatcher.id);
+            execution.results.add_one(result.index());
             if result.ran() {
-                self.metrics
-                    .execution_duration
-                    .record(elapsed.as_secs_f64(), &[id]);
+                let seconds = elapsed.as_secs_f64();
+                counts.execution_duration(&execution).record(seconds);
+                if self.metrics.sdk_histograms {
+                    let id = KeyValue::new(label::DISPATCHER_ID, super::shared(dispatcher.id));
+                    self.metrics.execution_duration.record(seconds, &[id]);
+                }
             }
             return;
         };
-        slots.results[result.index()].fetch_add(1, Ordering::Relaxed);
+        slots.execution.results.add_one(result.index());
         if result.ran() {
             let seconds = elapsed.as_secs_f64();
-            slots
-                .duration
-                .get_or_init(|| {
-                    self.metrics
-                        .execution_duration
-                        .bind(std::slice::from_ref(&slots.id))
-                })
+            self.metrics
+                .counts
+                .execution_duration(&slots.execution)
                 .record(seconds);
+            if self.metrics.sdk_histograms {
+                slots
+                    .sdk_duration
+                    .get_or_init(|| {
+                        self.metrics
+                            .execution_duration
+                            .bind(std::slice::from_ref(&slots.id))
+                    })
+                    .record(seconds);
+            }
             // The dispatch span's ids: the run's own span is its child, in the same trace.
             if let (Some(exemplars), Some(span)) = (&slots.exemplars, dispatch.span) {
                 if span.sampled() {

@@ -388,6 +388,7 @@ mod tests {
     use super::*;
     use crate::config::MetricsConfig;
     use crate::telemetry::{Telemetry, with_reference};
+    use serde_json::json;
 
     fn reference(registry: &prometheus::Registry) -> String {
         let mut buffer = Vec::new();
@@ -524,6 +525,115 @@ mod tests {
                 .build()
                 .add(1, &[KeyValue::new("shard", "late")]);
             assert_eq!(steady(&telemetry.render().unwrap()), reference(&registry));
+        }
+    }
+
+    /// The engine's latency histograms are ours ([`crate::telemetry::striped`]); with the
+    /// reference exporter reading the SDK, the strategy records into the SDK's copies as well,
+    /// so opentelemetry-prometheus writes the same observations from the SDK's aggregation.
+    /// Six dispatchers under a cardinality limit of three: three series and the overflow one.
+    #[test]
+    fn the_engine_latency_histograms_are_byte_for_byte_the_reference_exporters() {
+        use crate::engine::{Category, Dispatcher, Engine, Envelope, Route};
+        use std::sync::Arc;
+
+        use crate::engine::{Handler, HandlerError, Message, OutputMessage};
+
+        struct Fails;
+        #[async_trait::async_trait]
+        impl Handler for Fails {
+            async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+                Err(HandlerError::permanent("no"))
+            }
+        }
+        struct Succeeds;
+        #[async_trait::async_trait]
+        impl Handler for Succeeds {
+            async fn handle(&self, _: &Message<'_>) -> Result<Vec<OutputMessage>, HandlerError> {
+                Ok(Vec::new())
+            }
+        }
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for namespace in ["", "ns"] {
+            let (telemetry, registry) = with_reference(&MetricsConfig {
+                enabled: true,
+                namespace: namespace.into(),
+                cardinality_limit: 3,
+            });
+            let mut builder = Engine::builder()
+                .dispatcher(Dispatcher::new("fails", Category::Intent, Fails))
+                .route(Route::new("r-fails", "**", Category::Intent, "fails"));
+            for n in 0..6 {
+                builder = builder
+                    .dispatcher(Dispatcher::new(format!("d{n}"), Category::Event, Succeeds))
+                    .route(Route::new(
+                        format!("r{n}"),
+                        format!("t{n}.**"),
+                        Category::Event,
+                        format!("d{n}"),
+                    ));
+            }
+            let ids: Vec<String> = builder.dispatcher_ids().map(str::to_owned).collect();
+            let strategy = telemetry
+                .engine_strategy(ids.iter().map(String::as_str))
+                .unwrap();
+            let engine = builder.instrumentation(Arc::new(strategy)).build().unwrap();
+            runtime.block_on(async {
+                for round in 0..5 {
+                    for n in 0..6 {
+                        if n <= round {
+                            let topic = format!("t{n}.orders.events");
+                            engine
+                                .dispatch(&topic, &Envelope::new("t", json!({})))
+                                .await;
+                        }
+                    }
+                    engine
+                        .dispatch("a.b.intents", &Envelope::new("t", json!({})))
+                        .await;
+                    engine
+                        .dispatch("nowhere.events", &Envelope::new("t", json!({})))
+                        .await;
+                }
+            });
+            let ours: String = steady(&telemetry.render().unwrap())
+                .lines()
+                .filter(|line| !line.contains("metric_cardinality_overflow"))
+                .map(|line| format!("{line}\n"))
+                .collect();
+            let expected = reference(&registry);
+            let duration = format!(
+                "{}dispatcher_execution_duration_seconds",
+                if namespace.is_empty() { "" } else { "ns_" }
+            );
+            assert!(
+                expected.contains(&format!("{duration}_count{{dispatcher_id=\"d0\"}} 5\n")),
+                "{expected}"
+            );
+            assert!(
+                expected.contains(&format!(
+                    "{duration}_count{{otel_metric_overflow=\"true\"}}"
+                )),
+                "{expected}"
+            );
+            assert!(
+                expected.contains("status=\"dispatcher_error\""),
+                "{expected}"
+            );
+            for (n, (a, b)) in ours.lines().zip(expected.lines()).enumerate() {
+                assert_eq!(a, b, "line {n}");
+            }
+            assert_eq!(ours, expected);
+            assert!(
+                telemetry
+                    .render()
+                    .unwrap()
+                    .contains(&format!("overflow{{metric=\"{duration}\"}} 1\n"))
+            );
         }
     }
 

@@ -9,8 +9,10 @@
 //! and its overflow signal, and the structured [`stats`] view.
 //!
 //! Invariants: instruments are created once, at build; recording goes through named methods
-//! with attributes in a fixed order, and the dispatch path records through bound histograms
-//! and atomic counts that observable counters report.
+//! with attributes in a fixed order, and the dispatch path records into per-thread counts that
+//! observable counters report and into latency histograms of our own ([`striped`]) that the
+//! scrape writes beside the SDK's families (and, only when OTLP reads the SDK, into the SDK's
+//! copies of them too).
 //! Label values come from configuration or closed enums, never from a request.
 //!
 //! Must not: be required. With `metrics.enabled = false` no provider is built, no strategy is
@@ -28,6 +30,7 @@ mod resilience;
 pub mod scrape;
 mod sinks;
 pub mod stats;
+mod striped;
 pub mod traces;
 
 use std::sync::Arc;
@@ -83,6 +86,10 @@ struct Enabled {
     bus: std::sync::OnceLock<Arc<BusMetrics>>,
     /// Made once (see [`EngineMetrics::new`]) and shared by every engine strategy.
     engine: std::sync::OnceLock<EngineMetrics>,
+    cardinality_limit: usize,
+    /// Whether a reader other than `/metrics`' reads the SDK (OTLP, or the reference exporter
+    /// in tests), so that the engine's latency histograms must be recorded into it as well.
+    sdk_histograms: bool,
     exemplars: Arc<exemplars::ExemplarStore>,
     /// The length of the last page rendered, to size the next one's buffer: growing a page of
     /// hundreds of KiB by doubling copies it several times and faults in fresh pages each time.
@@ -189,7 +196,13 @@ impl Telemetry {
         Some(
             enabled
                 .engine
-                .get_or_init(|| EngineMetrics::new(&enabled.meter))
+                .get_or_init(|| {
+                    EngineMetrics::new(
+                        &enabled.meter,
+                        enabled.cardinality_limit,
+                        enabled.sdk_histograms,
+                    )
+                })
                 .clone(),
         )
     }
@@ -262,9 +275,14 @@ impl Telemetry {
             State::Failed(reason) => return Err(RenderError::Unavailable(reason.clone())),
             State::Enabled(enabled) => enabled,
         };
+        let own = enabled
+            .engine
+            .get()
+            .map(EngineMetrics::own_families)
+            .unwrap_or_default();
         enabled
             .scraper
-            .scrape(|mut families| {
+            .scrape(own, |mut families| {
                 // A family with no series is not written; no overflow, no family.
                 if let Some(overflow) = overflow_family(&families, &enabled.namespace) {
                     families.push(overflow);
@@ -333,10 +351,11 @@ impl Enabled {
         config: &MetricsConfig,
         otlp: Option<(&str, Duration)>,
         instance_id: Option<&str>,
-        #[cfg_attr(not(test), allow(unused_variables))] reference: Option<prometheus::Registry>,
+        reference: Option<prometheus::Registry>,
     ) -> Result<Enabled, String> {
         let reader = scrape::Reader::new();
         let limit = config.cardinality_limit;
+        let sdk_histograms = otlp.is_some() || reference.is_some();
         let mut builder = SdkMeterProvider::builder()
             .with_resource(traces::resource(instance_id))
             .with_reader(reader.clone());
@@ -423,6 +442,8 @@ impl Enabled {
             namespace: config.namespace.clone(),
             bus: std::sync::OnceLock::new(),
             engine: std::sync::OnceLock::new(),
+            cardinality_limit: limit,
+            sdk_histograms,
             exemplars: Arc::new(exemplars::ExemplarStore::new(&config.namespace)),
             last_len: std::sync::atomic::AtomicUsize::new(0),
         })

@@ -25,6 +25,8 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, Temporality};
 use parking_lot::Mutex;
 
+use super::catalog::InstrumentSpec;
+
 /// A family's type, as both text formats name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -145,8 +147,14 @@ impl Scraper {
         }
     }
 
-    /// Collects now and hands `f` the families, in the order `/metrics` writes them.
-    pub(crate) fn scrape<R>(&self, f: impl FnOnce(Vec<Family<'_>>) -> R) -> Result<R, String> {
+    /// Collects now and hands `f` the families, in the order `/metrics` writes them: the SDK's,
+    /// and `own`, which take the place of any SDK instrument of the same name (the SDK's copy of
+    /// them is there only for OTLP; see [`super::striped`]).
+    pub(crate) fn scrape<R>(
+        &self,
+        own: Vec<OwnFamily>,
+        f: impl FnOnce(Vec<Family<'_>>) -> R,
+    ) -> Result<R, String> {
         let mut collected = self.collected.lock();
         self.reader
             .collect(&mut collected)
@@ -178,37 +186,32 @@ impl Scraper {
         let mut known = self.known.lock();
         for scope in collected.scope_metrics() {
             for metric in scope.metrics() {
+                if own.iter().any(|family| family.spec.name == metric.name()) {
+                    continue;
+                }
                 let Some((kind, name)) = self.kind_and_name(metric) else {
                     continue;
                 };
-                let help: Cow<'_, str> = match known.get(name.as_ref()) {
-                    Some((first, _)) if *first != kind => continue,
-                    Some((_, help)) if help != metric.description() => Cow::Owned(help.clone()),
-                    Some(_) => Cow::Borrowed(metric.description()),
-                    None => {
-                        known.insert(
-                            name.clone().into_owned(),
-                            (kind, metric.description().to_owned()),
-                        );
-                        Cow::Borrowed(metric.description())
-                    }
-                };
                 let mut series = Vec::new();
                 push_series(metric.data(), &mut series);
-                if series.is_empty() {
-                    continue;
-                }
-                families
-                    .entry(name.clone())
-                    .or_insert_with(|| Family {
-                        name,
-                        help,
-                        kind,
-                        series: Vec::new(),
-                    })
-                    .series
-                    .append(&mut series);
+                add(
+                    &mut families,
+                    &mut known,
+                    (kind, name),
+                    metric.description(),
+                    series,
+                );
             }
+        }
+        for family in own {
+            let name = self.exported_name(family.spec.name, family.spec.unit, false);
+            add(
+                &mut families,
+                &mut known,
+                (Kind::Histogram, name),
+                family.spec.description,
+                family.series,
+            );
         }
         drop(known);
 
@@ -225,8 +228,16 @@ impl Scraper {
             AggregatedMetrics::U64(data) => shape(data),
             AggregatedMetrics::I64(data) => shape(data),
         }?;
-        let name = sanitize_name(metric.name());
-        let suffix = unit_suffix(metric.unit());
+        Some((
+            kind,
+            self.exported_name(metric.name(), metric.unit(), monotonic),
+        ))
+    }
+
+    /// An instrument's name on `/metrics`, as the exporter makes it.
+    fn exported_name(&self, name: &str, unit: &str, monotonic: bool) -> Cow<'static, str> {
+        let name = sanitize_name(name);
+        let suffix = unit_suffix(unit);
         let mut name: Cow<'static, str> = match (&self.namespace, suffix) {
             (Some(namespace), Some(suffix)) => Cow::Owned(format!("{namespace}{name}_{suffix}")),
             (Some(namespace), None) => Cow::Owned(format!("{namespace}{name}")),
@@ -236,8 +247,47 @@ impl Scraper {
         if monotonic {
             name.to_mut().push_str("_total");
         }
-        Some((kind, name))
+        name
     }
+}
+
+/// A histogram family dispatchd keeps itself ([`super::striped`]), for [`Scraper::scrape`].
+pub(crate) struct OwnFamily {
+    pub(crate) spec: InstrumentSpec,
+    pub(crate) series: Vec<Series<'static>>,
+}
+
+/// Adds an instrument's series to its family, by the exporter's rules: a name first seen with
+/// another type is dropped, the first description seen is kept, no series writes nothing.
+fn add<'a>(
+    families: &mut BTreeMap<Cow<'a, str>, Family<'a>>,
+    known: &mut HashMap<String, (Kind, String)>,
+    (kind, name): (Kind, Cow<'static, str>),
+    description: &'a str,
+    mut series: Vec<Series<'a>>,
+) {
+    let help: Cow<'a, str> = match known.get(name.as_ref()) {
+        Some((first, _)) if *first != kind => return,
+        Some((_, help)) if help != description => Cow::Owned(help.clone()),
+        Some(_) => Cow::Borrowed(description),
+        None => {
+            known.insert(name.clone().into_owned(), (kind, description.to_owned()));
+            Cow::Borrowed(description)
+        }
+    };
+    if series.is_empty() {
+        return;
+    }
+    families
+        .entry(name.clone())
+        .or_insert_with(|| Family {
+            name,
+            help,
+            kind,
+            series: Vec::new(),
+        })
+        .series
+        .append(&mut series);
 }
 
 /// Orders series as `Registry::gather` does: stable, by label count, then label values in

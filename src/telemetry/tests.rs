@@ -214,6 +214,20 @@ async fn engines_built_again_count_into_the_same_series_and_never_go_back() {
         at(r#"dispatch_messages_total{category="intent",status="dispatcher_error"}"#),
         Some(1.0)
     );
+    // The latency histograms are ours, shared the same way.
+    assert_eq!(
+        at(r#"dispatch_duration_seconds_count{category="event",status="success"}"#),
+        Some(6.0)
+    );
+    assert_eq!(
+        at(r#"dispatcher_execution_duration_seconds_count{dispatcher_id="ok"}"#),
+        Some(6.0)
+    );
+    assert_eq!(
+        text.matches("dispatch_duration_seconds_count{").count(),
+        2,
+        "each series once: {text}"
+    );
     assert_eq!(
         text.matches("dispatch_messages_total{").count(),
         2,
@@ -462,5 +476,65 @@ fn a_dedup_cache_records_through_its_own_bound_instruments() {
             sample(&text, &ratio).is_some_and(|r| (r - expected).abs() < 1e-9),
             "{ratio}: {text}"
         );
+    }
+}
+
+/// The SDK's copies of the latency histograms cost a dispatch about 30 ns each: they are
+/// recorded only when a reader other than `/metrics` (OTLP) reads the SDK.
+#[tokio::test]
+async fn the_sdk_histograms_are_recorded_only_for_a_reader_of_their_own() {
+    use opentelemetry::metrics::MeterProvider;
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+    use opentelemetry_sdk::metrics::reader::MetricReader;
+
+    for sdk_histograms in [false, true] {
+        let reader = scrape::Reader::new();
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_reader(reader.clone())
+            .build();
+        let metrics = EngineMetrics::new(&provider.meter("t"), 2000, sdk_histograms);
+        let engine = Engine::builder()
+            .dispatcher(Dispatcher::new("ok", Category::Event, Ok1))
+            .route(Route::new("r1", "**", Category::Event, "ok"))
+            .instrumentation(Arc::new(MetricsStrategy::new(metrics.clone(), ["ok"])))
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            engine
+                .dispatch("a.events", &Envelope::new("t", json!({})))
+                .await;
+        }
+        let mut collected = ResourceMetrics::default();
+        reader.collect(&mut collected).unwrap();
+        let counts: Vec<(String, u64)> = collected
+            .scope_metrics()
+            .flat_map(|scope| scope.metrics())
+            .filter_map(|metric| match metric.data() {
+                AggregatedMetrics::F64(MetricData::Histogram(histogram)) => Some((
+                    metric.name().to_owned(),
+                    histogram.data_points().map(|point| point.count()).sum(),
+                )),
+                _ => None,
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        if sdk_histograms {
+            assert_eq!(
+                counts,
+                [
+                    ("dispatch_duration".to_owned(), 3),
+                    ("dispatcher_execution_duration".to_owned(), 3)
+                ]
+            );
+        } else {
+            assert!(counts.is_empty(), "{counts:?}");
+        }
+        // Ours count either way.
+        let own = metrics.own_families();
+        let count = |n: usize| match &own[n].series[0].value {
+            scrape::Point::Histogram(point) => point.count,
+            scrape::Point::Number(_) => 0,
+        };
+        assert_eq!((count(0), count(1)), (3, 3));
     }
 }

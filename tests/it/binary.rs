@@ -403,17 +403,24 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
         let dispatched = spans.iter().any(|(_, span)| {
             span.name == "process shop.orders.events" && hex(&span.trace_id) == trace_id
         });
-        let pushed = crate::support::otlp_metrics(&received)
-            .iter()
-            .any(|request| {
-                request
-                    .resource_metrics
-                    .iter()
-                    .flat_map(|r| &r.scope_metrics)
-                    .flat_map(|s| &s.metrics)
-                    .any(|m| m.name == "dispatch_messages")
-            });
-        dispatched && pushed
+        let pushed = |name: &str| {
+            crate::support::otlp_metrics(&received)
+                .iter()
+                .any(|request| {
+                    request
+                        .resource_metrics
+                        .iter()
+                        .flat_map(|r| &r.scope_metrics)
+                        .flat_map(|s| &s.metrics)
+                        .any(|m| m.name == name && otlp_count(m) > 0)
+                })
+        };
+        // The latency histograms are dispatchd's own on `/metrics`; with OTLP on, the SDK's
+        // copies are recorded too, and pushed.
+        dispatched
+            && pushed("dispatch_messages")
+            && pushed("dispatch_duration")
+            && pushed("dispatcher_execution_duration")
     })
     .await;
     let spans = crate::support::otlp_spans(&received);
@@ -838,4 +845,22 @@ fn defaults_of_a_file_are_checked_at_their_line_and_shown_on_each_element() {
         table["defaults"]["dispatchers"]["timeout"].as_str(),
         Some("5s")
     );
+}
+
+/// A pushed metric's total: a sum's values, a histogram's counts.
+fn otlp_count(metric: &opentelemetry_proto::tonic::metrics::v1::Metric) -> u64 {
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value};
+    match &metric.data {
+        Some(Data::Histogram(histogram)) => histogram.data_points.iter().map(|p| p.count).sum(),
+        Some(Data::Sum(sum)) => sum
+            .data_points
+            .iter()
+            .map(|p| match p.value {
+                Some(Value::AsInt(n)) => n as u64,
+                Some(Value::AsDouble(x)) => x as u64,
+                None => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
 }
