@@ -115,13 +115,14 @@ impl EngineMetrics {
     }
 }
 
-/// What every dispatch adds to, kept here per thread ([`super::striped`]) and read at each
-/// collection: `dispatch_messages_total` (the count of `dispatch_duration_seconds`) and
-/// `dispatcher_executions_total` by the SDK (observable counters), for `/metrics` and OTLP alike.
-/// A dispatch adds with a load and a store each, where the SDK's bound counter is a call through
-/// its list of measures (about 40 instructions) and an atomic add a locked instruction. Only counts above zero are reported, so a series
-/// appears with its first message, as a counter bound on first use did. And the two latency
-/// histograms ([`LatencyHistogram`]), each series made on its first observation.
+/// What every dispatch adds to, kept here per thread ([`super::striped`]): the two latency
+/// histograms ([`LatencyHistogram`], each series made on its first observation), which the
+/// scrape reads, and `dispatcher_executions_total`, which the SDK reads at each collection
+/// (observable counters) with `dispatch_messages_total` (the count of
+/// `dispatch_duration_seconds`), for `/metrics` and OTLP alike. A dispatch adds with a load and a
+/// store each, where the SDK's bound counter is a call through its list of measures (about 40
+/// instructions) and an atomic add a locked instruction. Only counts above zero are reported, so
+/// a series appears with its first message, as a counter bound on first use did.
 ///
 /// Shared by every strategy made from one [`EngineMetrics`]: the series of an engine that was
 /// replaced carry on in the next one's, so nothing on `/metrics` goes back.
@@ -204,13 +205,15 @@ impl EngineCounts {
                 }
             }
         }
-        let overflow = self.execution_overflow.get();
         let mut executions: Vec<Series<'static>> = self
             .executions
             .read()
             .values()
             .filter_map(|row| {
                 let histogram = row.execution.duration.get()?;
+                // Read after the row's: a row that holds the overflow series was given it after
+                // the overflow series was made, so this sees it.
+                let overflow = self.execution_overflow.get();
                 if overflow.is_some_and(|overflow| Arc::ptr_eq(overflow, histogram)) {
                     return None;
                 }
@@ -223,7 +226,7 @@ impl EngineCounts {
                 })
             })
             .collect();
-        if let Some(overflow) = overflow {
+        if let Some(overflow) = self.execution_overflow.get() {
             executions.push(Series {
                 labels: vec![(Cow::Borrowed(super::OVERFLOW_LABEL), Cow::Borrowed("true"))],
                 value: Point::Histogram(Box::new(overflow.point())),
