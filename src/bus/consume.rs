@@ -48,6 +48,75 @@ const RECONNECT: RetryPolicy = RetryPolicy {
 /// stays pending and is delivered again by the next consumer: duplicates, not loss.
 const FINAL_ACKS: Duration = Duration::from_secs(5);
 
+/// How many times one batch of acknowledgements is tried before it is given up (minutes, with
+/// [`RECONNECT`]'s backoff).
+const ACK_ATTEMPTS: u32 = 50;
+
+/// The acknowledging task of a consume loop: acknowledges each settled batch in order, retried
+/// with backoff, until the channel closes or `give_up` is cancelled (the consumer stops and Redis
+/// does not answer). A batch Redis refused [`ACK_ATTEMPTS`] times is given up and told to
+/// `observer`; what is left when it stops stays in `working`, for the loop to count.
+async fn acknowledge_settled(
+    mut acker: StreamConsumer,
+    mut settled: mpsc::Receiver<Vec<String>>,
+    working: Arc<Working>,
+    observer: Option<Arc<dyn BusObserver>>,
+    give_up: CancellationToken,
+) {
+    loop {
+        let ids = tokio::select! {
+            biased;
+            ids = settled.recv() => match ids {
+                Some(ids) => ids,
+                None => break,
+            },
+            () = give_up.cancelled() => break,
+        };
+        let acked = tokio::select! {
+            biased;
+            () = give_up.cancelled() => break,
+            acked = acknowledge(&mut acker, &ids, observer.as_deref()) => acked,
+        };
+        if !acked {
+            // They stay pending and will be delivered again: duplicates, not loss.
+            if let Some(observer) = &observer {
+                let config = acker.config();
+                observer.entries_abandoned(&config.stream, &config.group, ids.len() as u64);
+            }
+        }
+        working.with(|working| {
+            for id in &ids {
+                working.remove(id);
+            }
+        });
+    }
+}
+
+/// `XACK`s `ids`, tried up to [`ACK_ATTEMPTS`] times; `false` when Redis never took them.
+async fn acknowledge(
+    acker: &mut StreamConsumer,
+    ids: &[String],
+    observer: Option<&dyn BusObserver>,
+) -> bool {
+    let (stream, group) = (acker.config().stream.clone(), acker.config().group.clone());
+    for attempt in 1..=ACK_ATTEMPTS {
+        match acker.ack(ids).await {
+            Ok(_) => return true,
+            Err(error) => {
+                if let Some(observer) = observer {
+                    observer.ack_failed(&stream, &group);
+                }
+                tracing::warn!(%error, stream = %stream, group = %group, attempt, "Acknowledging entries failed; retrying.");
+                if attempt < ACK_ATTEMPTS {
+                    tokio::time::sleep(RECONNECT.ceiling(attempt)).await;
+                }
+            }
+        }
+    }
+    tracing::error!(stream = %stream, group = %group, entries = ids.len(), "Redis refused these acknowledgements {ACK_ATTEMPTS} times; the entries stay pending and are delivered again.");
+    false
+}
+
 /// Entries delivered and not yet settled: the owner keeps them (see the module doc).
 #[derive(Default)]
 struct Working(Mutex<BTreeSet<String>>);
@@ -131,7 +200,7 @@ impl Consumer {
     pub async fn run<D: Deliver>(self, make: impl FnOnce(&Acks) -> D, shutdown: CancellationToken) {
         let Consumer {
             mut reader,
-            mut acker,
+            acker,
             observer,
         } = self;
         let config = reader.config().clone();
@@ -149,7 +218,7 @@ impl Consumer {
 
         // Bounded to one batch in waiting: a crash re-sends at most what was settled and not yet
         // acknowledged.
-        let (sender, mut settled) = mpsc::channel::<Vec<String>>(1);
+        let (sender, settled) = mpsc::channel::<Vec<String>>(1);
         let acks = Acks {
             sender,
             working: working.clone(),
@@ -158,33 +227,14 @@ impl Consumer {
 
         // Acknowledgements: retried while Redis is away, so nothing settled is acknowledged twice
         // or forgotten; the channel closes when every `Acks` is dropped.
-        let stream = config.stream.clone();
-        let acked_working = working.clone();
-        let mut acking = tokio::spawn(async move {
-            while let Some(ids) = settled.recv().await {
-                let mut attempt = 0;
-                loop {
-                    match acker.ack(&ids).await {
-                        Ok(_) => break,
-                        Err(error) => {
-                            attempt += 1;
-                            tracing::warn!(%error, stream = %stream, "Acknowledging entries failed; retrying.");
-                            if attempt > 50 {
-                                // They stay pending and will be delivered again: duplicates, not
-                                // loss.
-                                break;
-                            }
-                            tokio::time::sleep(RECONNECT.ceiling(attempt)).await;
-                        }
-                    }
-                }
-                acked_working.with(|working| {
-                    for id in &ids {
-                        working.remove(id);
-                    }
-                });
-            }
-        });
+        let give_up = CancellationToken::new();
+        let mut acking = tokio::spawn(acknowledge_settled(
+            acker,
+            settled,
+            working.clone(),
+            observer.clone(),
+            give_up.clone(),
+        ));
 
         let claim_every = (config.claim_idle / 2).max(Duration::from_millis(100));
         let mut next_claim = tokio::time::Instant::now();
@@ -237,8 +287,24 @@ impl Consumer {
         deliver.finish().await;
         drop(acks);
         if tokio::time::timeout(FINAL_ACKS, &mut acking).await.is_err() {
-            acking.abort();
+            // It stops at once (nothing left to wait for) and counts what it abandons.
+            give_up.cancel();
+            if tokio::time::timeout(Duration::from_secs(1), &mut acking)
+                .await
+                .is_err()
+            {
+                acking.abort();
+            }
             tracing::warn!(stream = %config.stream, "Redis did not take the last acknowledgements; those entries stay pending and are delivered again.");
+        }
+        // Taken and neither acknowledged nor released: settled ones whose acknowledgement Redis
+        // did not take, and ones the deliverer left unfinished at its deadline.
+        let abandoned = working.with(|working| working.len());
+        if abandoned > 0 {
+            tracing::warn!(stream = %config.stream, group = %config.group, entries = abandoned, "A consumer stopped with entries it did not acknowledge; they stay pending and are delivered again.");
+            if let Some(observer) = &observer {
+                observer.entries_abandoned(&config.stream, &config.group, abandoned as u64);
+            }
         }
         stop_tasks.cancel();
         let _ = upkeep.await;

@@ -46,6 +46,13 @@ pub trait BusObserver: Send + Sync + 'static {
     /// A consumer of `group` read an entry that is not what it consumes (a sink: a dispatch
     /// event; a source: a message) and kept it aside instead of processing it.
     fn unreadable(&self, stream: &str, group: &str);
+    /// One acknowledgement (`XACK`) failed; it is tried again. The default does nothing.
+    fn ack_failed(&self, _stream: &str, _group: &str) {}
+    /// A consumer left `entries` entries it had taken unacknowledged: Redis refused their
+    /// acknowledgement 50 times, or the consumer stopped before it could acknowledge them (Redis
+    /// away, or its deliverer still working at its deadline). They stay pending and are delivered
+    /// again; the work of those that were settled is done twice. The default does nothing.
+    fn entries_abandoned(&self, _stream: &str, _group: &str, _entries: u64) {}
 }
 
 /// Where dispatch events are published.

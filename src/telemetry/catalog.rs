@@ -495,6 +495,24 @@ pub const BUS_UNREADABLE: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const BUS_ACK_ERRORS: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_ack_errors",
+    kind: Kind::Counter,
+    unit: "{acknowledgement}",
+    description: "Acknowledgements (XACK) of a Redis stream by a consumer group that failed (Redis unreachable, or refusing); each is tried again.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
+pub const BUS_ABANDONED: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_abandoned_entries",
+    kind: Kind::Counter,
+    unit: "{entry}",
+    description: "Entries of a Redis stream a consumer group took and left unacknowledged (Redis refused the acknowledgement 50 times, or the consumer stopped before it could acknowledge them): they stay pending and are delivered again, and the work of those already settled is done twice.",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
 pub const OTLP_EXPORTS_FAILED: InstrumentSpec = InstrumentSpec {
     name: "otlp_exports_failed",
     kind: Kind::ObservableCounter,
@@ -575,6 +593,8 @@ pub const ALL: &[InstrumentSpec] = &[
     BUS_READ_ERRORS,
     BUS_GROUP_RECREATED,
     BUS_UNREADABLE,
+    BUS_ACK_ERRORS,
+    BUS_ABANDONED,
     HTTP_SERVER_REQUEST_DURATION,
     HTTP_AUTH_FAILURES,
     HTTP_REQUESTS_SHED,
@@ -629,6 +649,8 @@ mod tests {
                 "bus_redis_read_errors_total",
                 "bus_redis_group_recreated_total",
                 "bus_redis_unreadable_entries_total",
+                "bus_redis_ack_errors_total",
+                "bus_redis_abandoned_entries_total",
                 "http_server_request_duration_seconds",
                 "http_auth_failures_total",
                 "http_requests_shed_total",

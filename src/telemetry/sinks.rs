@@ -114,7 +114,8 @@ type Backlogs = Arc<Mutex<BTreeMap<(String, String), Backlog>>>;
 
 /// `bus_redis_pending_entries`, `bus_redis_consumer_lag`, `bus_redis_reconnects_total`,
 /// `bus_redis_events_total`, `bus_redis_read_errors_total`,
-/// `bus_redis_group_recreated_total` and `bus_redis_unreadable_entries_total`.
+/// `bus_redis_group_recreated_total`, `bus_redis_unreadable_entries_total`,
+/// `bus_redis_ack_errors_total` and `bus_redis_abandoned_entries_total`.
 ///
 /// The backlog gauges are observable: each scrape reads the values the consumers' backlog tasks
 /// last stored (at most about a second old), never Redis itself, so a scrape never waits for
@@ -127,6 +128,8 @@ pub struct BusMetrics {
     read_errors: Counter<u64>,
     recreated: Counter<u64>,
     unreadable: Counter<u64>,
+    ack_errors: Counter<u64>,
+    abandoned: Counter<u64>,
 }
 
 impl BusMetrics {
@@ -160,6 +163,8 @@ impl BusMetrics {
             read_errors: counter(meter, catalog::BUS_READ_ERRORS),
             recreated: counter(meter, catalog::BUS_GROUP_RECREATED),
             unreadable: counter(meter, catalog::BUS_UNREADABLE),
+            ack_errors: counter(meter, catalog::BUS_ACK_ERRORS),
+            abandoned: counter(meter, catalog::BUS_ABANDONED),
         }
     }
 }
@@ -207,6 +212,8 @@ impl BusObserver for BusMetrics {
         self.read_errors.add(0, &labels);
         self.recreated.add(0, &labels);
         self.unreadable.add(0, &labels);
+        self.ack_errors.add(0, &labels);
+        self.abandoned.add(0, &labels);
     }
 
     fn read_failed(&self, stream: &str, group: &str) {
@@ -219,5 +226,13 @@ impl BusObserver for BusMetrics {
 
     fn unreadable(&self, stream: &str, group: &str) {
         self.unreadable.add(1, &stream_group(stream, group));
+    }
+
+    fn ack_failed(&self, stream: &str, group: &str) {
+        self.ack_errors.add(1, &stream_group(stream, group));
+    }
+
+    fn entries_abandoned(&self, stream: &str, group: &str, entries: u64) {
+        self.abandoned.add(entries, &stream_group(stream, group));
     }
 }

@@ -1185,6 +1185,138 @@ async fn a_deleted_group_is_created_again_and_later_events_arrive_once() {
         0.0,
         "NOGROUP is handled, not a failed read: {metrics}"
     );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("bus_redis_abandoned_entries_total{labels}")
+        ),
+        Some(0.0),
+        "a clean stop leaves nothing unacknowledged: {metrics}"
+    );
+}
+
+/// A Redis user that may do everything but `XACK`, removed when dropped.
+struct UserWithoutXack {
+    admin: String,
+    name: String,
+}
+
+impl UserWithoutXack {
+    /// Creates it through `url` (the default user); answers it and its URL.
+    async fn create(url: &str) -> (UserWithoutXack, String) {
+        let name = format!("dispatchd-test-noack-{}", uuid::Uuid::new_v4().simple());
+        let mut admin = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&name)
+            .arg("on")
+            .arg(">secret")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg("-xack")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let user_url = url.replacen("redis://", &format!("redis://{name}:secret@"), 1);
+        let user = UserWithoutXack {
+            admin: url.to_owned(),
+            name,
+        };
+        (user, user_url)
+    }
+}
+
+impl Drop for UserWithoutXack {
+    fn drop(&mut self) {
+        if let Ok(mut admin) =
+            redis::Client::open(self.admin.as_str()).and_then(|client| client.get_connection())
+        {
+            let _: Result<u64, _> = redis::cmd("ACL")
+                .arg("DELUSER")
+                .arg(&self.name)
+                .query(&mut admin);
+        }
+    }
+}
+
+/// Redis refuses a consumer's acknowledgements (an ACL without `XACK`) while it reads: the events
+/// still reach the sink, every failed `XACK` is counted, the entries stay pending, and when the
+/// consumer stops it gives them up within a bound and counts them as work that will be done
+/// again, instead of hanging or saying nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_acknowledgements_are_counted_and_the_entries_stay_pending() {
+    let Some(url) = redis_url().await else { return };
+    let (_user, user_url) = UserWithoutXack::create(&url).await;
+    let stream = unique("noack");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let (telemetry, observer) = bus_telemetry();
+    let shutdown = CancellationToken::new();
+    let consumer = ConsumerConfig {
+        stream: stream.clone(),
+        group: "g".into(),
+        consumer: "c".into(),
+        count: 20,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+        trim_every: None,
+    };
+    let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
+        user_url,
+        consumer,
+        Box::new(FileSink::new("file", &out, false)),
+        test_driver(dir.path(), 20, 100),
+        None,
+        observer,
+        shutdown.clone(),
+    ));
+    // Three batches: the acknowledgements queue up behind the first.
+    publish(&url, &stream, 0..50).await;
+    let labels = format!(r#"{{group="g",stream="{stream}"}}"#);
+    let errors = format!("bus_redis_ack_errors_total{labels}");
+    wait_for_async("the events, and a refused acknowledgement", || async {
+        delivered(&out).len() == 50 && value(&telemetry.render().unwrap(), &errors) >= 1.0
+    })
+    .await;
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.0, 50,
+        "refused acknowledgements leave the entries pending"
+    );
+    let abandoned = format!("bus_redis_abandoned_entries_total{labels}");
+    assert_eq!(
+        sample(&telemetry.render().unwrap(), &abandoned),
+        Some(0.0),
+        "nothing given up while the consumer still tries"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the consumer stops within a bound though Redis refuses its acknowledgements")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        value(&telemetry.render().unwrap(), &abandoned),
+        50.0,
+        "every entry taken is left pending, counted once"
+    );
 }
 
 /// A sink that sends nothing until the test opens it.
