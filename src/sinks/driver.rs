@@ -311,20 +311,28 @@ impl SinkDriver {
                     batch.len() >= batch_size
                 }
             };
-            if due {
-                // A delivery (with its retries) yields to shutdown; its batch then joins the
-                // final flush, and what the service already took may be sent again, as
-                // at-least-once allows.
-                let done = tokio::select! {
+            if due && !batch.events.is_empty() {
+                // A send (with its retries) yields to shutdown; its batch then joins the final
+                // flush, and what the service already took may be sent again, as at-least-once
+                // allows.
+                let settled = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    settled = self.send(&batch.events) => settled,
+                };
+                // Sent: whatever happens next, it is not sent again. Handing its acknowledgements
+                // over waits for the acknowledger, and yields to shutdown too: then they stay
+                // pending (the consumer counts them as abandoned).
+                let handed = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => false,
-                    () = self.deliver(&batch.events, &batch.acks) => true,
+                    () = self.hand_over(settled, &batch.acks) => true,
                 };
-                if !done {
-                    break;
-                }
                 batch.clear();
                 oldest = None;
+                if !handed {
+                    break;
+                }
             }
             self.depth(&events, batch.len());
         }
@@ -386,6 +394,12 @@ impl SinkDriver {
             return;
         }
         let settled = self.send(batch).await;
+        self.hand_over(settled, ids).await;
+    }
+
+    /// Hands a sent batch's bus entry ids to the acknowledger, when it settled (every event sent
+    /// or dead-lettered).
+    async fn hand_over(&self, settled: bool, ids: &[Option<String>]) {
         if let (true, Some(acks)) = (settled, &self.acks) {
             let ids: Vec<String> = ids.iter().flatten().cloned().collect();
             if !ids.is_empty() {
