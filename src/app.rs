@@ -858,10 +858,7 @@ impl ToEngine {
 impl Deliver for ToEngine {
     async fn deliver(&mut self, entry: Entry, acks: &Acks) {
         let (engine, stream) = (&self.engine, &self.stream);
-        let message = match entry.data.as_deref() {
-            Some(data) => serde_json::from_str::<OutputMessage>(data).map_err(|e| e.to_string()),
-            None => Err("the entry has no `data` field".to_owned()),
-        };
+        let message = crate::bus::redis::source_message(entry.data.as_deref());
         let terminal = match message {
             Ok(OutputMessage { topic, envelope }) => {
                 // The sender's trace, from the envelope's headers, is the dispatch's parent.

@@ -597,6 +597,89 @@ pub async fn republish(
     })
 }
 
+/// Reads a `[[sources]]` entry's `data` as the message it carries (`{"topic": …, "envelope":
+/// …}`), or says why it cannot: what a source dispatches, and what it keeps in
+/// `<stream>:unreadable` instead.
+pub fn source_message(data: Option<&str>) -> Result<crate::engine::OutputMessage, String> {
+    match data {
+        Some(data) => serde_json::from_str(data).map_err(|e| e.to_string()),
+        None => Err("the entry has no `data` field".to_owned()),
+    }
+}
+
+/// What [`requeue_unreadable`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    /// Entries moved back onto the stream.
+    pub moved: usize,
+    /// Entries left in `<stream>:unreadable`: this version cannot read them either.
+    pub left: usize,
+    /// The first of those, and why.
+    pub first_left: Option<(String, String)>,
+}
+
+/// KEYS: the stream, `<stream>:unreadable`. ARGV: the kept entry's id, its data. Deletes the kept
+/// entry and appends its data to the stream, in one step: a crash or a second run at the same
+/// time neither loses it nor posts it twice (the one that deleted it posts it).
+const REQUEUE: &str = "
+if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return false end
+return redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
+";
+
+/// Moves the entries a source kept in `<stream>:unreadable` back onto `stream`, oldest first,
+/// each one that this version reads as a message; the others stay where they are (posted again
+/// they would only be kept again). For after an upgrade: the sources of the new version dispatch
+/// what the old one could not read.
+pub async fn requeue_unreadable(url: &str, stream: &str) -> Result<Requeued, String> {
+    let kept = format!("{stream}:unreadable");
+    let mut connection = connect(url, Duration::from_secs(5))
+        .await
+        .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
+    let mut done = Requeued {
+        moved: 0,
+        left: 0,
+        first_left: None,
+    };
+    let mut after = "-".to_owned();
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&kept)
+            .arg(&after)
+            .arg("+")
+            .arg("COUNT")
+            .arg(100)
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| format!("cannot read {kept}: {e}"))?;
+        let Some(last) = page.ids.last() else {
+            return Ok(done);
+        };
+        after = format!("({}", last.id);
+        for entry in &page.ids {
+            let data = entry.get::<String>("data");
+            if let Err(error) = source_message(data.as_deref()) {
+                done.left += 1;
+                done.first_left.get_or_insert((entry.id.clone(), error));
+                continue;
+            }
+            let Some(data) = data else { continue };
+            let posted: Option<String> = redis::cmd("EVAL")
+                .arg(REQUEUE)
+                .arg(2)
+                .arg(stream)
+                .arg(&kept)
+                .arg(&entry.id)
+                .arg(&data)
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| format!("cannot move {} of {kept} to {stream}: {e}", entry.id))?;
+            if posted.is_some() {
+                done.moved += 1;
+            }
+        }
+    }
+}
+
 /// Publishes handler outputs on the bus: an output of topic `t` goes to stream
 /// `<prefix>t` as `{"topic": t, "envelope": …}`; a failure makes the dispatch `publish_failed`.
 pub struct RedisOutputs {

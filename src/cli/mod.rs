@@ -1,4 +1,4 @@
-//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `simulate`,
+//! The command line: `serve` (the default), `check-config`, `sink`, `republish`, `requeue`, `simulate`,
 //! `loadtest`, `top`, and for packaging `completions`, `man` and `health`.
 //!
 //! The edge of the program: the only place that prints to the terminal, reads signals and
@@ -54,6 +54,11 @@ enum Command {
     /// aside first (to <name>.republished.jsonl, or -2, -3 … when taken); events Redis refuses
     /// again go back to FILE. Safe while serve runs: its next dead letters go to a new FILE.
     Republish(RepublishArgs),
+    /// Move the entries a [[sources]] consumer kept aside in <STREAM>:unreadable (messages its
+    /// version could not read) back onto STREAM, oldest first, each one this version reads; the
+    /// others stay. Run it with the version that will consume them, after an upgrade. Safe while
+    /// serve runs, and to run twice: each entry is moved once.
+    Requeue(RequeueArgs),
     /// Send realistic traffic (successes, slow calls, failures, duplicates, denied commands) so
     /// the dashboards and alerts can be seen working. Without --target it runs dispatchd
     /// in-process, with demonstration dispatchers, on the configured address.
@@ -213,6 +218,15 @@ struct RepublishArgs {
 }
 
 #[derive(Debug, Args)]
+struct RequeueArgs {
+    /// The [[sources]] stream, such as orders:inbound.
+    stream: String,
+    /// The Redis, such as redis://127.0.0.1:6379.
+    #[arg(long, env = "DISPATCHD_REDIS_URL", value_name = "URL")]
+    bus: String,
+}
+
+#[derive(Debug, Args)]
 struct SimulateArgs {
     /// A running dispatchd to send to, such as http://127.0.0.1:9000.
     #[arg(long, value_name = "URL")]
@@ -244,6 +258,7 @@ pub fn main() -> ExitCode {
         Some(Command::Sink(args)) => sink(config.as_deref(), *args),
         Some(Command::Top(args)) => top(args),
         Some(Command::Republish(args)) => republish(args),
+        Some(Command::Requeue(args)) => requeue(args),
         Some(Command::Completions { shell }) => completions(shell),
         Some(Command::Man { subcommand }) => man(subcommand.as_deref()),
         Some(Command::Health { url, timeout }) => health(&url, timeout),
@@ -542,6 +557,32 @@ fn republish(args: RepublishArgs) -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn requeue(args: RequeueArgs) -> ExitCode {
+    init_logging(&std::env::var("DISPATCHD_LOG").unwrap_or_else(|_| "warn".to_owned()));
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(crate::bus::redis::requeue_unreadable(
+        &args.bus,
+        &args.stream,
+    )) {
+        Ok(done) => {
+            println!(
+                "moved {} entries from {}:unreadable back to {}; {} left there",
+                done.moved, args.stream, args.stream, done.left
+            );
+            if let Some((id, why)) = done.first_left {
+                println!("this version cannot read them either; the first, {id}: {why}");
+            }
+            ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!("error: {error}");

@@ -1574,7 +1574,8 @@ async fn consumers_create_their_groups_again_when_redis_restarts_empty() {
 /// A `[[sources]]` stream whose key holds something else (`WRONGTYPE`) cannot be read: serve
 /// keeps trying and counts each failure (`bus_redis_read_errors_total`, which alerts), instead of
 /// giving the source up after one log line; once the key is a stream, its messages are dispatched,
-/// and an entry that is not a message is kept in `<stream>:unreadable` rather than dropped.
+/// and an entry that is not a message is kept in `<stream>:unreadable` rather than dropped; what
+/// this version can read there, `dispatchd requeue` dispatches once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_cannot_start_is_counted_and_retried() {
     let Some(url) = redis_url().await else { return };
@@ -1675,6 +1676,75 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
         }
     })
     .await;
+
+    // After an upgrade: an entry an older version kept because it could not read it, which this
+    // one can, beside the one no version reads. `dispatchd requeue` moves the first back onto
+    // the stream, where the source dispatches it, and leaves the other; run again, it moves
+    // nothing twice.
+    let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({"from": "kept by an older version"}))});
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{source}:unreadable"))
+        .arg("*")
+        .arg("data")
+        .arg(message.to_string())
+        .arg("error")
+        .arg("unknown variant `newer`")
+        .arg("entry_id")
+        .arg("1-1")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let requeue = || {
+        let output = Command::new(BINARY)
+            .args(["requeue", &source, "--bus", &url])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let first = requeue();
+    assert!(
+        first.contains("moved 1 entries") && first.contains("; 1 left there"),
+        "{first}"
+    );
+    assert!(
+        first.contains("invalid type"),
+        "says why one stays: {first}"
+    );
+    let requeued = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .filter(|line| line["payload"]["from"] == "kept by an older version")
+            .count()
+    };
+    crate::support::wait_for("the requeued message", || requeued(&app.jsonl_lines()) == 1).await;
+    let kept: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{source}:unreadable"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(kept.ids.len(), 1, "{kept:?}");
+    assert_eq!(kept.ids[0].get::<String>("entry_id").unwrap(), bad);
+    let second = requeue();
+    assert!(
+        second.contains("moved 0 entries") && second.contains("; 1 left there"),
+        "{second}"
+    );
+    post_to_source(&url, &source, "after the requeue").await;
+    crate::support::wait_for("the message after the requeue", || {
+        app.jsonl_lines()
+            .iter()
+            .any(|line| line["payload"]["from"] == "after the requeue")
+    })
+    .await;
+    assert_eq!(requeued(&app.jsonl_lines()), 1, "dispatched once");
     app.stop().await.unwrap();
 }
 
