@@ -12,6 +12,7 @@
 //! with it, and the sinks put it on their requests.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry::propagation::{Injector, TextMapPropagator};
 use opentelemetry::trace::{
@@ -226,15 +227,80 @@ fn remote_context(parent: TraceParent, members: &[(&str, &str)]) -> Context {
     }
 }
 
-/// The caller's context from HTTP headers; the current context (no parent: a new trace) when
-/// `traceparent` is absent, sent more than once, or invalid.
-pub fn extract_http(headers: &axum::http::HeaderMap) -> Context {
+/// What carried a trace context into dispatchd: an HTTP request's headers, or an envelope's
+/// (the message's own headers, over HTTP or from a `[[sources]]` stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carrier {
+    Http,
+    Envelope,
+}
+
+impl Carrier {
+    pub const ALL: [Carrier; 2] = [Carrier::Http, Carrier::Envelope];
+
+    /// The `carrier` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Carrier::Http => "http",
+            Carrier::Envelope => "envelope",
+        }
+    }
+}
+
+/// `traceparent`s that were there but invalid, by [`Carrier`]: the caller meant a trace that
+/// dispatchd could not continue (`trace_context_invalid_total`). Process-wide, like the trace
+/// pipeline it describes.
+static INVALID: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// How many `traceparent`s carried by `carrier` were invalid, since the process started.
+pub fn invalid_trace_contexts(carrier: Carrier) -> u64 {
+    INVALID[carrier as usize].load(Ordering::Relaxed)
+}
+
+/// A `traceparent` as it arrived.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrived {
+    Absent,
+    /// Malformed, or sent more than once.
+    Invalid,
+    Valid(TraceParent),
+}
+
+impl Arrived {
+    fn parent(self, carrier: Carrier) -> Option<TraceParent> {
+        match self {
+            Arrived::Absent => None,
+            Arrived::Invalid => {
+                INVALID[carrier as usize].fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Arrived::Valid(parent) => Some(parent),
+        }
+    }
+}
+
+fn http_traceparent(headers: &axum::http::HeaderMap) -> Arrived {
     let mut traceparents = headers.get_all(TRACEPARENT).iter();
-    let parent = match (traceparents.next(), traceparents.next()) {
-        (Some(value), None) => TraceParent::parse_bytes(value.as_bytes()),
-        _ => None,
-    };
-    let Some(parent) = parent else {
+    match (traceparents.next(), traceparents.next()) {
+        (None, _) => Arrived::Absent,
+        (Some(value), None) => {
+            TraceParent::parse_bytes(value.as_bytes()).map_or(Arrived::Invalid, Arrived::Valid)
+        }
+        (Some(_), Some(_)) => Arrived::Invalid,
+    }
+}
+
+fn map_traceparent(headers: &BTreeMap<String, String>) -> Arrived {
+    match headers.get(TRACEPARENT) {
+        None => Arrived::Absent,
+        Some(value) => TraceParent::parse(value).map_or(Arrived::Invalid, Arrived::Valid),
+    }
+}
+
+/// The caller's context from HTTP headers; the current context (no parent: a new trace) when
+/// `traceparent` is absent, sent more than once, or invalid (those two counted).
+pub fn extract_http(headers: &axum::http::HeaderMap) -> Context {
+    let Some(parent) = http_traceparent(headers).parent(Carrier::Http) else {
         return Context::current();
     };
     // A line that is not visible ASCII makes the whole list invalid, like a bad member.
@@ -250,10 +316,7 @@ pub fn extract_http(headers: &axum::http::HeaderMap) -> Context {
 /// The sender's context from envelope headers (`traceparent` and `tracestate`, lowercase keys),
 /// by the same rules as [`extract_http`].
 pub fn extract_map(headers: &BTreeMap<String, String>) -> Context {
-    let Some(parent) = headers
-        .get(TRACEPARENT)
-        .and_then(|value| TraceParent::parse(value))
-    else {
+    let Some(parent) = map_traceparent(headers).parent(Carrier::Envelope) else {
         return Context::current();
     };
     let members = headers
@@ -623,6 +686,37 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Only a `traceparent` that is there and cannot be followed counts as invalid: absent is a
+    /// new trace by design; twice, or malformed, is a caller's trace lost.
+    #[test]
+    fn a_traceparent_is_invalid_only_when_present_and_unusable() {
+        const VALID: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let http = |values: &[&str]| {
+            let mut headers = axum::http::HeaderMap::new();
+            for value in values {
+                headers.append(TRACEPARENT, value.parse().unwrap());
+            }
+            http_traceparent(&headers)
+        };
+        assert_eq!(http(&[]), Arrived::Absent);
+        assert!(matches!(http(&[VALID]), Arrived::Valid(_)));
+        assert_eq!(http(&["00-xyz"]), Arrived::Invalid);
+        assert_eq!(http(&[VALID, VALID]), Arrived::Invalid);
+        let map = |value: Option<&str>| {
+            let headers = value
+                .map(|value| BTreeMap::from([(TRACEPARENT.to_owned(), value.to_owned())]))
+                .unwrap_or_default();
+            map_traceparent(&headers)
+        };
+        assert_eq!(map(None), Arrived::Absent);
+        assert!(matches!(map(Some(VALID)), Arrived::Valid(_)));
+        assert_eq!(map(Some("")), Arrived::Invalid);
+
+        let before = invalid_trace_contexts(Carrier::Envelope);
+        assert_eq!(Arrived::Invalid.parent(Carrier::Envelope), None);
+        assert!(invalid_trace_contexts(Carrier::Envelope) > before);
+    }
 
     /// What `Unexported` makes is what the SDK's tracer makes for the same parent: the parent's
     /// trace (or a new, valid one), a new span id, the parent-based ratio decision and the

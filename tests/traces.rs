@@ -249,6 +249,17 @@ async fn every_w3c_case_through_post_messages() {
     let cases = w3c_cases::cases();
     let mut failures = Vec::new();
     let (mut through_http, mut through_envelope) = (0, 0);
+    // A traceparent that is there but cannot be followed is counted, by carrier.
+    use dispatchd::propagation::{Carrier, invalid_trace_contexts};
+    let invalid_before = Carrier::ALL.map(invalid_trace_contexts);
+    let mut invalid_sent = [0u64; 2];
+    let lost = |case: &w3c_cases::Case| {
+        case.trace == w3c_cases::Trace::New
+            && case
+                .headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("traceparent"))
+    };
     for case in &cases {
         let sent: Vec<String> = case
             .headers
@@ -266,6 +277,7 @@ async fn every_w3c_case_through_post_messages() {
         }
         if headers.len() == case.headers.len() {
             through_http += 1;
+            invalid_sent[Carrier::Http as usize] += u64::from(lost(case));
             let response = app
                 .client
                 .post(app.url("/api/v1/messages/orders.intents"))
@@ -280,6 +292,7 @@ async fn every_w3c_case_through_post_messages() {
         }
         if let Some(map) = case.as_map() {
             through_envelope += 1;
+            invalid_sent[Carrier::Envelope as usize] += u64::from(lost(case));
             let response = app
                 .client
                 .post(app.url("/api/v1/messages/orders.intents"))
@@ -299,6 +312,25 @@ async fn every_w3c_case_through_post_messages() {
         7,
         "cases a map cannot carry"
     );
+    // At least: other tests of this binary may count their own meanwhile.
+    let metrics = app.scrape().await;
+    for carrier in Carrier::ALL {
+        let (sent, counted) = (
+            invalid_sent[carrier as usize],
+            invalid_trace_contexts(carrier) - invalid_before[carrier as usize],
+        );
+        assert!(sent > 10, "the cases include invalid ones: {sent}");
+        assert!(counted >= sent, "{carrier:?}: {counted} of {sent} counted");
+        let exported = support::sample(
+            &metrics,
+            &format!(
+                r#"trace_context_invalid_total{{carrier="{}"}}"#,
+                carrier.as_str()
+            ),
+        )
+        .unwrap_or_else(|| panic!("no {carrier:?} series in {metrics}"));
+        assert!(exported >= sent as f64, "{carrier:?}: {exported} exported");
+    }
     app.stop().await.unwrap();
     drop(provider);
 }

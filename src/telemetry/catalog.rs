@@ -126,6 +126,7 @@ pub mod label {
     pub const REASON: &str = "reason";
     pub const FILE_KIND: &str = "file_kind";
     pub const SIGNAL: &str = "signal";
+    pub const CARRIER: &str = "carrier";
     pub const PROTECTION: &str = "protection";
 }
 
@@ -531,6 +532,15 @@ pub const TRACE_SPANS_DROPPED: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const TRACE_CONTEXT_INVALID: InstrumentSpec = InstrumentSpec {
+    name: "trace_context_invalid",
+    kind: Kind::ObservableCounter,
+    unit: "{context}",
+    description: "Incoming traceparent values that were present but invalid (malformed, or sent more than once), by carrier (http: the request's header; envelope: the message's headers); each such dispatch started a new trace instead of continuing the caller's.",
+    labels: &[label::CARRIER],
+    buckets: &[],
+};
+
 /// Not an OpenTelemetry instrument: computed at scrape time from what the exporter gathered
 /// (see [`super::Telemetry::render`]). Declared here so the catalog is the one list of names.
 pub const METRIC_CARDINALITY_OVERFLOW: InstrumentSpec = InstrumentSpec {
@@ -601,6 +611,7 @@ pub const ALL: &[InstrumentSpec] = &[
     HTTP_CONNECTIONS_CLOSED,
     DISPATCHER_WORKER_THREADS,
     TRACE_SPANS_DROPPED,
+    TRACE_CONTEXT_INVALID,
     OTLP_EXPORTS_FAILED,
     METRIC_CARDINALITY_OVERFLOW,
     FILE_TORN_TAILS,
@@ -657,6 +668,7 @@ mod tests {
                 "http_connections_closed_total",
                 "dispatcher_worker_threads",
                 "trace_spans_dropped_total",
+                "trace_context_invalid_total",
                 "otlp_exports_failed_total",
                 "metric_cardinality_overflow",
                 "file_torn_tails_total",

@@ -405,6 +405,7 @@ mod tests {
             .filter(|line| {
                 !line.starts_with("otlp_exports_failed_total{")
                     && !line.starts_with("trace_spans_dropped_total ")
+                    && !line.starts_with("trace_context_invalid_total{")
             })
             .map(|line| format!("{line}\n"))
             .collect()
@@ -643,7 +644,9 @@ mod tests {
         let process_wide = |f: &prometheus::proto::MetricFamily| {
             !matches!(
                 f.name(),
-                "otlp_exports_failed_total" | "trace_spans_dropped_total"
+                "otlp_exports_failed_total"
+                    | "trace_spans_dropped_total"
+                    | "trace_context_invalid_total"
             )
         };
         let mut ours = telemetry.gather().unwrap();

@@ -417,6 +417,24 @@ impl Enabled {
             })
             .build();
 
+        let spec = catalog::TRACE_CONTEXT_INVALID;
+        let _ = meter
+            .u64_observable_counter(spec.name)
+            .with_description(spec.description)
+            .with_unit(spec.unit)
+            .with_callback(|observer| {
+                for carrier in crate::propagation::Carrier::ALL {
+                    observer.observe(
+                        crate::propagation::invalid_trace_contexts(carrier),
+                        &[opentelemetry::KeyValue::new(
+                            catalog::label::CARRIER,
+                            carrier.as_str(),
+                        )],
+                    );
+                }
+            })
+            .build();
+
         let spec = catalog::OTLP_EXPORTS_FAILED;
         let _ = meter
             .u64_observable_counter(spec.name)
