@@ -1124,25 +1124,7 @@ async fn a_deleted_group_is_created_again_and_later_events_arrive_once() {
     let out = dir.path().join("out.jsonl");
     let (telemetry, observer) = bus_telemetry();
     let shutdown = CancellationToken::new();
-    let consumer = ConsumerConfig {
-        stream: stream.clone(),
-        group: "g".into(),
-        consumer: "c".into(),
-        count: 20,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(30),
-        retention: Duration::from_secs(3600),
-        trim_every: None,
-    };
-    let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
-        url.clone(),
-        consumer,
-        Box::new(FileSink::new("file", &out, false)),
-        test_driver(dir.path(), 20, 100),
-        None,
-        observer,
-        shutdown.clone(),
-    ));
+    let running = spawn_file_sink(url.clone(), &stream, &out, observer, shutdown.clone());
     publish(&url, &stream, 0..10).await;
     wait_for_async("the first events", || async { delivered(&out).len() == 10 }).await;
 
@@ -1193,6 +1175,35 @@ async fn a_deleted_group_is_created_again_and_later_events_arrive_once() {
         Some(0.0),
         "a clean stop leaves nothing unacknowledged: {metrics}"
     );
+}
+
+/// `run_from_redis` as member `c` of group `g` of `stream`, into a file sink at `out`.
+fn spawn_file_sink(
+    url: String,
+    stream: &str,
+    out: &Path,
+    observer: Option<Arc<dyn dispatchd::bus::BusObserver>>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), dispatchd::bus::redis::BusError>> {
+    let consumer = ConsumerConfig {
+        stream: stream.to_owned(),
+        group: "g".into(),
+        consumer: "c".into(),
+        count: 20,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+        trim_every: None,
+    };
+    tokio::spawn(dispatchd::sinks::service::run_from_redis(
+        url,
+        consumer,
+        Box::new(FileSink::new("file", out, false)),
+        test_driver(out.parent().unwrap(), 20, 100),
+        None,
+        observer,
+        shutdown,
+    ))
 }
 
 /// A Redis user that may do everything but `XACK`, removed when dropped.
@@ -1257,25 +1268,7 @@ async fn refused_acknowledgements_are_counted_and_the_entries_stay_pending() {
     let out = dir.path().join("out.jsonl");
     let (telemetry, observer) = bus_telemetry();
     let shutdown = CancellationToken::new();
-    let consumer = ConsumerConfig {
-        stream: stream.clone(),
-        group: "g".into(),
-        consumer: "c".into(),
-        count: 20,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(30),
-        retention: Duration::from_secs(3600),
-        trim_every: None,
-    };
-    let running = tokio::spawn(dispatchd::sinks::service::run_from_redis(
-        user_url,
-        consumer,
-        Box::new(FileSink::new("file", &out, false)),
-        test_driver(dir.path(), 20, 100),
-        None,
-        observer,
-        shutdown.clone(),
-    ));
+    let running = spawn_file_sink(user_url, &stream, &out, observer, shutdown.clone());
     // Three batches: the acknowledgements queue up behind the first.
     publish(&url, &stream, 0..50).await;
     let labels = format!(r#"{{group="g",stream="{stream}"}}"#);
