@@ -1240,6 +1240,22 @@ impl UserWithoutXack {
         };
         (user, user_url)
     }
+
+    /// Grants or takes back `XACK`; connected clients follow at once.
+    async fn allow_xack(&self, url: &str, allowed: bool) {
+        let mut admin = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&self.name)
+            .arg(if allowed { "+xack" } else { "-xack" })
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
 }
 
 impl Drop for UserWithoutXack {
@@ -1256,59 +1272,83 @@ impl Drop for UserWithoutXack {
 }
 
 /// Redis refuses a consumer's acknowledgements (an ACL without `XACK`) while it reads: the events
-/// still reach the sink, every failed `XACK` is counted, the entries stay pending, and when the
-/// consumer stops it gives them up within a bound and counts them as work that will be done
-/// again, instead of hanging or saying nothing.
+/// still reach the sink, every failed `XACK` is counted and the entries stay pending. Granted
+/// `XACK`, the same consumer acknowledges them all, with no restart (as the runbook says).
+/// Refused again, it stops within a bound and counts exactly the entries it leaves
+/// unacknowledged, instead of hanging or saying nothing; and nothing reaches the sink twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_acknowledgements_are_counted_and_the_entries_stay_pending() {
     let Some(url) = redis_url().await else { return };
-    let (_user, user_url) = UserWithoutXack::create(&url).await;
+    let (user, user_url) = UserWithoutXack::create(&url).await;
     let stream = unique("noack");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let (telemetry, observer) = bus_telemetry();
     let shutdown = CancellationToken::new();
     let running = spawn_file_sink(user_url, &stream, &out, observer, shutdown.clone());
-    // Three batches: the acknowledgements queue up behind the first.
-    publish(&url, &stream, 0..50).await;
-    let labels = format!(r#"{{group="g",stream="{stream}"}}"#);
-    let errors = format!("bus_redis_ack_errors_total{labels}");
-    wait_for_async("the events, and a refused acknowledgement", || async {
-        delivered(&out).len() == 50 && value(&telemetry.render().unwrap(), &errors) >= 1.0
-    })
-    .await;
-    let mut connection = redis::Client::open(url.as_str())
+    let connection = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("g")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let pending = || {
+        let (mut connection, stream) = (connection.clone(), stream.clone());
+        async move {
+            let summary: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg("g")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            summary.0
+        }
+    };
+    let labels = format!(r#"{{group="g",stream="{stream}"}}"#);
+    let errors = format!("bus_redis_ack_errors_total{labels}");
+    let abandoned = format!("bus_redis_abandoned_entries_total{labels}");
+    let now = |series: &str| value(&telemetry.render().unwrap(), series);
+
+    // Three batches: the acknowledgements queue up behind the first.
+    publish(&url, &stream, 0..50).await;
+    wait_for_async("the events, and a refused acknowledgement", || async {
+        delivered(&out).len() == 50 && now(&errors) >= 1.0
+    })
+    .await;
     assert_eq!(
-        pending.0, 50,
+        pending().await,
+        50,
         "refused acknowledgements leave the entries pending"
     );
-    let abandoned = format!("bus_redis_abandoned_entries_total{labels}");
     assert_eq!(
         sample(&telemetry.render().unwrap(), &abandoned),
         Some(0.0),
         "nothing given up while the consumer still tries"
     );
 
+    user.allow_xack(&url, true).await;
+    wait_for_async("every entry acknowledged once XACK is allowed", || async {
+        pending().await == 0
+    })
+    .await;
+
+    user.allow_xack(&url, false).await;
+    let refused_so_far = now(&errors);
+    publish(&url, &stream, 50..100).await;
+    wait_for_async("the next events, refused again", || async {
+        delivered(&out).len() == 100 && now(&errors) > refused_so_far
+    })
+    .await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("the consumer stops within a bound though Redis refuses its acknowledgements")
         .unwrap()
         .unwrap();
+    assert_eq!(pending().await, 50);
     assert_eq!(
-        value(&telemetry.render().unwrap(), &abandoned),
+        now(&abandoned),
         50.0,
-        "every entry taken is left pending, counted once"
+        "the entries left unacknowledged, and only those, counted once"
     );
     // The batch whose acknowledgements were waiting for the acknowledger when the stop came was
     // sent already: the stop does not send it again.
