@@ -629,7 +629,8 @@ return redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
 /// Moves the entries a source kept in `<stream>:unreadable` back onto `stream`, oldest first,
 /// each one that this version reads as a message; the others stay where they are (posted again
 /// they would only be kept again). For after an upgrade: the sources of the new version dispatch
-/// what the old one could not read.
+/// what the old one could not read. Only the entries kept when it starts are looked at, so it
+/// ends even while an older consumer keeps again what it moves.
 pub async fn requeue_unreadable(url: &str, stream: &str) -> Result<Requeued, String> {
     let kept = format!("{stream}:unreadable");
     let mut connection = connect(url, Duration::from_secs(5))
@@ -640,12 +641,26 @@ pub async fn requeue_unreadable(url: &str, stream: &str) -> Result<Requeued, Str
         left: 0,
         first_left: None,
     };
+    // Only what was kept when it started: a consumer of an older version, still running, keeps
+    // again what this one moves, and would otherwise be handed it back forever.
+    let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(&kept)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .map_err(|e| format!("cannot read {kept}: {e}"))?;
+    let Some(end) = newest.ids.first().map(|entry| entry.id.clone()) else {
+        return Ok(done);
+    };
     let mut after = "-".to_owned();
     loop {
         let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(&kept)
             .arg(&after)
-            .arg("+")
+            .arg(&end)
             .arg("COUNT")
             .arg(100)
             .query_async(&mut connection)

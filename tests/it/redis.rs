@@ -1781,6 +1781,84 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
     app.stop().await.unwrap();
 }
 
+/// `requeue` looks only at what was kept when it started: a consumer of an older version, still
+/// running, keeps again everything that is moved back (here a task that copies each new entry of
+/// the stream to `<stream>:unreadable`), and the command still ends, having moved each entry once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_ends_while_an_older_consumer_keeps_again_what_it_moves() {
+    let Some(url) = redis_url().await else { return };
+    let stream = unique("requeue");
+    let kept = format!("{stream}:unreadable");
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({}))}).to_string();
+    for _ in 0..250 {
+        let _: String = redis::cmd("XADD")
+            .arg(&kept)
+            .arg("*")
+            .arg("data")
+            .arg(&message)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    let stop = CancellationToken::new();
+    let older = tokio::spawn({
+        let (mut connection, stream, kept, stop) = (
+            connection.clone(),
+            stream.clone(),
+            kept.clone(),
+            stop.clone(),
+        );
+        async move {
+            let mut last = "0".to_owned();
+            while !stop.is_cancelled() {
+                let read: redis::streams::StreamReadReply = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(50)
+                    .arg("BLOCK")
+                    .arg(50)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(&last)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                for entry in read.keys.iter().flat_map(|key| &key.ids) {
+                    let data: String = entry.get("data").unwrap();
+                    let _: String = redis::cmd("XADD")
+                        .arg(&kept)
+                        .arg("*")
+                        .arg("data")
+                        .arg(data)
+                        .query_async(&mut connection)
+                        .await
+                        .unwrap();
+                    last = entry.id.clone();
+                }
+            }
+        }
+    });
+    let done = tokio::time::timeout(
+        Duration::from_secs(30),
+        dispatchd::bus::redis::requeue_unreadable(&url, &stream),
+    )
+    .await
+    .expect("requeue ends");
+    stop.cancel();
+    older.await.unwrap();
+    assert_eq!(done.unwrap().moved, 250, "each kept entry moved once");
+    let length: usize = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(length, 250);
+}
+
 /// Build, then run: a start that fails at its last step (the engine refuses a route) leaves no
 /// task and no Redis connection behind, though the Redis bus, its dead-letter file, a sink and a
 /// JSONL dispatcher were all set up before it.
