@@ -44,6 +44,42 @@ fn recording(c: &mut Criterion) {
     group.finish();
 }
 
+/// `http_server_request_duration_seconds` per request, as the API's guard records it after each
+/// answer: on one thread, and on two at once (each thread's time per request), as the service's
+/// workers do.
+fn http_request(c: &mut Criterion) {
+    use axum::http::Method;
+    let telemetry = telemetry(2000);
+    let http = telemetry.http_metrics().unwrap();
+    let record = || {
+        http.request_finished(
+            std::hint::black_box("/api/v1/messages/{topic}"),
+            &Method::POST,
+            200,
+            std::hint::black_box(0.000_42),
+        )
+    };
+    record();
+    let mut group = c.benchmark_group("http_metrics");
+    group.bench_function("request_finished", |b| b.iter(record));
+    group.bench_function("request_finished_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        for _ in 0..iters {
+                            record();
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
 /// Rendering `/metrics` with N counter series beside dispatchd's own, in both formats, and the
 /// way it was rendered before (opentelemetry-prometheus, `Registry::gather`, `TextEncoder`) on
 /// the same series, measured in the same run.
@@ -197,5 +233,5 @@ impl opentelemetry_sdk::metrics::reader::MetricReader for SharedReader {
     }
 }
 
-criterion_group!(benches, recording, render);
+criterion_group!(benches, recording, http_request, render);
 criterion_main!(benches);

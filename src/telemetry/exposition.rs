@@ -638,6 +638,84 @@ mod tests {
         }
     }
 
+    /// The HTTP request histogram is ours too: requests on several routes, methods and
+    /// statuses, past a cardinality limit of four, give opentelemetry-prometheus's page byte for
+    /// byte, in both exposition routes (`render` and, through `gather`, the stats API).
+    #[test]
+    fn the_http_request_histogram_is_byte_for_byte_the_reference_exporters() {
+        use axum::http::Method;
+        for namespace in ["", "ns"] {
+            let (telemetry, registry) = with_reference(&MetricsConfig {
+                enabled: true,
+                namespace: namespace.into(),
+                cardinality_limit: 4,
+            });
+            let http = telemetry.http_metrics().unwrap();
+            let requests = [
+                ("/api/v1/messages/{topic}", Method::POST, 200, 0.000_37),
+                ("/api/v1/messages/{topic}", Method::POST, 200, 0.004),
+                ("/api/v1/messages/{topic}", Method::POST, 503, 0.25),
+                ("/health", Method::GET, 200, 0.000_01),
+                ("/api/v1/messages/{topic}", Method::POST, 200, 1.5),
+                ("/metrics", Method::GET, 200, 0.002),
+                // The fifth series, past the limit of four: the overflow series.
+                ("/api/v1/messages/{topic}", Method::PATCH, 404, 7.0),
+                ("/health", Method::GET, 200, 0.1),
+                ("/metrics", Method::GET, 200, 60.0),
+            ];
+            for (route, method, status, seconds) in &requests {
+                http.request_finished(route, method, *status, *seconds);
+            }
+            let ours: String = steady(&telemetry.render().unwrap())
+                .lines()
+                .filter(|line| !line.contains("metric_cardinality_overflow"))
+                .map(|line| {
+                    format!(
+                        "{line}
+"
+                    )
+                })
+                .collect();
+            let expected = reference(&registry);
+            let name = format!(
+                "{}http_server_request_duration_seconds",
+                if namespace.is_empty() { "" } else { "ns_" }
+            );
+            assert!(
+                expected.contains(&format!(
+                    "{name}_count{{http_request_method=\"POST\",http_response_status_code=\"200\",http_route=\"/api/v1/messages/{{topic}}\"}} 3\n"
+                )),
+                "{expected}"
+            );
+            assert!(
+                expected.contains(&format!(
+                    "{name}_count{{otel_metric_overflow=\"true\"}} 1\n"
+                )),
+                "{expected}"
+            );
+            for (n, (a, b)) in ours.lines().zip(expected.lines()).enumerate() {
+                assert_eq!(a, b, "line {n}");
+            }
+            assert_eq!(ours, expected);
+            assert!(
+                telemetry
+                    .render()
+                    .unwrap()
+                    .contains(&format!("overflow{{metric=\"{name}\"}} 1\n"))
+            );
+            let process_wide = |f: &prometheus::proto::MetricFamily| {
+                !f.name().starts_with("otlp_exports_failed")
+                    && !f.name().starts_with("trace_")
+                    && !f.name().contains("metric_cardinality_overflow")
+            };
+            let mut gathered = telemetry.gather().unwrap();
+            let mut theirs = registry.gather();
+            gathered.retain(process_wide);
+            theirs.retain(process_wide);
+            assert_eq!(gathered, theirs);
+        }
+    }
+
     #[test]
     fn gather_gives_the_reference_families_for_the_stats_api() {
         let (telemetry, registry) = tricky("");

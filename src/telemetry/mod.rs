@@ -86,6 +86,8 @@ struct Enabled {
     bus: std::sync::OnceLock<Arc<BusMetrics>>,
     /// Made once (see [`EngineMetrics::new`]) and shared by every engine strategy.
     engine: std::sync::OnceLock<EngineMetrics>,
+    /// Made once and shared by every router: its request histogram is read by the scrape.
+    http: std::sync::OnceLock<HttpMetrics>,
     cardinality_limit: usize,
     /// Whether a reader other than `/metrics`' reads the SDK (OTLP, or the reference exporter
     /// in tests), so that the engine's latency histograms must be recorded into it as well.
@@ -250,10 +252,21 @@ impl Telemetry {
             .map(|enabled| FileMetrics::new(&enabled.meter))
     }
 
-    /// The HTTP API's metrics, or `None` when metrics are off.
+    /// The HTTP API's metrics, or `None` when metrics are off. Made once and shared: every
+    /// router built from this telemetry records into the same series.
     pub fn http_metrics(&self) -> Option<HttpMetrics> {
-        self.enabled()
-            .map(|enabled| HttpMetrics::new(&enabled.meter))
+        self.enabled().map(|enabled| {
+            enabled
+                .http
+                .get_or_init(|| {
+                    HttpMetrics::new(
+                        &enabled.meter,
+                        enabled.cardinality_limit,
+                        enabled.sdk_histograms,
+                    )
+                })
+                .clone()
+        })
     }
 
     /// The configured namespace (empty for none).
@@ -275,11 +288,12 @@ impl Telemetry {
             State::Failed(reason) => return Err(RenderError::Unavailable(reason.clone())),
             State::Enabled(enabled) => enabled,
         };
-        let own = enabled
+        let mut own = enabled
             .engine
             .get()
             .map(EngineMetrics::own_families)
             .unwrap_or_default();
+        own.extend(enabled.http.get().map(HttpMetrics::own_family));
         enabled
             .scraper
             .scrape(own, |mut families| {
@@ -460,6 +474,7 @@ impl Enabled {
             namespace: config.namespace.clone(),
             bus: std::sync::OnceLock::new(),
             engine: std::sync::OnceLock::new(),
+            http: std::sync::OnceLock::new(),
             cardinality_limit: limit,
             sdk_histograms,
             exemplars: Arc::new(exemplars::ExemplarStore::new(&config.namespace)),

@@ -421,6 +421,7 @@ async fn the_binary_exports_traces_and_metrics_to_the_collector_in_its_environme
             && pushed("dispatch_messages")
             && pushed("dispatch_duration")
             && pushed("dispatcher_execution_duration")
+            && pushed("http.server.request.duration")
     })
     .await;
     let spans = crate::support::otlp_spans(&received);
