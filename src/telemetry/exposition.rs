@@ -403,9 +403,10 @@ mod tests {
     fn steady(text: &str) -> String {
         text.lines()
             .filter(|line| {
-                !line.starts_with("otlp_exports_failed_total{")
-                    && !line.starts_with("trace_spans_dropped_total ")
-                    && !line.starts_with("trace_context_invalid_total{")
+                // With or without a namespace.
+                !line.contains("otlp_exports_failed_total{")
+                    && !line.contains("trace_spans_dropped_total ")
+                    && !line.contains("trace_context_invalid_total{")
             })
             .map(|line| format!("{line}\n"))
             .collect()
@@ -704,8 +705,9 @@ mod tests {
                     .contains(&format!("overflow{{metric=\"{name}\"}} 1\n"))
             );
             let process_wide = |f: &prometheus::proto::MetricFamily| {
-                !f.name().starts_with("otlp_exports_failed")
-                    && !f.name().starts_with("trace_")
+                !f.name().contains("otlp_exports_failed")
+                    && !f.name().contains("trace_spans_dropped")
+                    && !f.name().contains("trace_context_invalid")
                     && !f.name().contains("metric_cardinality_overflow")
             };
             let mut gathered = telemetry.gather().unwrap();
