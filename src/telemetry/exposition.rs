@@ -626,17 +626,26 @@ mod tests {
                 expected.contains("status=\"dispatcher_error\""),
                 "{expected}"
             );
-            for (n, (a, b)) in ours.lines().zip(expected.lines()).enumerate() {
-                assert_eq!(a, b, "line {n}");
-            }
-            assert_eq!(ours, expected);
-            assert!(
-                telemetry
-                    .render()
-                    .unwrap()
-                    .contains(&format!("overflow{{metric=\"{duration}\"}} 1\n"))
-            );
+            assert_same_page(&ours, &expected);
+            assert_overflowing(&telemetry, &duration);
         }
+    }
+
+    /// `ours` is `expected`, line for line (the first differing line named).
+    fn assert_same_page(ours: &str, expected: &str) {
+        for (n, (a, b)) in ours.lines().zip(expected.lines()).enumerate() {
+            assert_eq!(a, b, "line {n}");
+        }
+        assert_eq!(ours, expected);
+    }
+
+    /// `metric_cardinality_overflow` reports `family` as overflowing.
+    fn assert_overflowing(telemetry: &Telemetry, family: &str) {
+        let page = telemetry.render().unwrap();
+        assert!(
+            page.contains(&format!("overflow{{metric=\"{family}\"}} 1\n")),
+            "{page}"
+        );
     }
 
     /// The HTTP request histogram is ours too: requests on several routes, methods and
@@ -694,16 +703,8 @@ mod tests {
                 )),
                 "{expected}"
             );
-            for (n, (a, b)) in ours.lines().zip(expected.lines()).enumerate() {
-                assert_eq!(a, b, "line {n}");
-            }
-            assert_eq!(ours, expected);
-            assert!(
-                telemetry
-                    .render()
-                    .unwrap()
-                    .contains(&format!("overflow{{metric=\"{name}\"}} 1\n"))
-            );
+            assert_same_page(&ours, &expected);
+            assert_overflowing(&telemetry, &name);
             let process_wide = |f: &prometheus::proto::MetricFamily| {
                 !f.name().contains("otlp_exports_failed")
                     && !f.name().contains("trace_spans_dropped")

@@ -18,11 +18,7 @@ use crate::redis::{delivered, event, redis_url, test_driver, unique, use_redis};
 use crate::support::{TestApp, wait_for_async};
 
 async fn connection(url: &str) -> MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    crate::redis::connect(url).await
 }
 
 fn group_config(stream: &str, group: &str, consumer: &str) -> ConsumerConfig {

@@ -35,6 +35,15 @@ pub(crate) async fn redis_url() -> Option<String> {
     Some(url)
 }
 
+/// A connection to `url`.
+pub(crate) async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 /// A stream and group no other test (or run) uses.
 pub(crate) fn unique(name: &str) -> String {
     format!("dispatchd-test:{name}:{}", uuid::Uuid::new_v4())
@@ -545,11 +554,7 @@ impl dispatchd::engine::Handler for Echo {
 
 /// The run ids of the dispatch events on `stream`, in stream order.
 async fn stream_run_ids(url: &str, stream: &str) -> Vec<String> {
-    let mut connection = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(url).await;
     let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
@@ -1216,11 +1221,7 @@ impl UserWithoutXack {
     /// Creates it through `url` (the default user); answers it and its URL.
     async fn create(url: &str) -> (UserWithoutXack, String) {
         let name = format!("dispatchd-test-noack-{}", uuid::Uuid::new_v4().simple());
-        let mut admin = redis::Client::open(url)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut admin = connect(url).await;
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
             .arg(&name)
@@ -1243,11 +1244,7 @@ impl UserWithoutXack {
 
     /// Grants or takes back `XACK`; connected clients follow at once.
     async fn allow_xack(&self, url: &str, allowed: bool) {
-        let mut admin = redis::Client::open(url)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut admin = connect(url).await;
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
             .arg(&self.name)
@@ -1461,11 +1458,7 @@ async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
 
 /// Appends a `[[sources]]` message (an order event whose payload says `from`) to `stream`.
 async fn post_to_source(url: &str, stream: &str, from: &str) {
-    let mut connection = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(url).await;
     let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({"from": from}))});
     let _: String = redis::cmd("XADD")
         .arg(stream)
