@@ -278,11 +278,7 @@ async fn entries_a_dead_consumer_left_pending_are_reclaimed_under_traffic() {
     let stream = unique("reclaim");
     publish(&url, &stream, 0..100).await;
     // A consumer takes 60 entries and dies without acknowledging them.
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&url).await;
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&stream)
@@ -648,11 +644,7 @@ async fn serve_on_redis_publishes_events_and_outputs_and_dispatches_a_source() {
     .await;
 
     // The output was published under its topic.
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&url).await;
     let outputs: usize = redis::cmd("XLEN")
         .arg(format!("{outputs_prefix}shop.confirmations.events"))
         .query_async(&mut connection)
@@ -1133,11 +1125,7 @@ async fn a_deleted_group_is_created_again_and_later_events_arrive_once() {
     publish(&url, &stream, 0..10).await;
     wait_for_async("the first events", || async { delivered(&out).len() == 10 }).await;
 
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&url).await;
     let destroyed: u64 = redis::cmd("XGROUP")
         .arg("DESTROY")
         .arg(&stream)
@@ -1283,11 +1271,7 @@ async fn refused_acknowledgements_are_counted_and_the_entries_stay_pending() {
     let (telemetry, observer) = bus_telemetry();
     let shutdown = CancellationToken::new();
     let running = spawn_file_sink(user_url, &stream, &out, observer, shutdown.clone());
-    let connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let connection = connect(&url).await;
     let pending = || {
         let (mut connection, stream) = (connection.clone(), stream.clone());
         async move {
@@ -1607,11 +1591,7 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
     let Some(url) = redis_url().await else { return };
     let prefix = unique("wrongtype");
     let source = format!("{prefix}:inbound");
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&url).await;
     let _: () = redis::cmd("SET")
         .arg(&source)
         .arg("not a stream")
@@ -1665,13 +1645,7 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
             .any(|line| line["payload"]["from"] == "after the bad one")
     })
     .await;
-    let kept: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{source}:unreadable"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let kept = kept_entries(&mut connection, &source).await;
     assert_eq!(kept.ids.len(), 1, "{kept:?}");
     let field = |name: &str| -> String { kept.ids[0].get(name).unwrap() };
     assert_eq!(field("data"), "{\"topic\": 7}");
@@ -1749,13 +1723,7 @@ async fn a_source_that_cannot_start_is_counted_and_retried() {
             .count()
     };
     crate::support::wait_for("the requeued message", || requeued(&app.jsonl_lines()) == 1).await;
-    let kept: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{source}:unreadable"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let kept = kept_entries(&mut connection, &source).await;
     assert_eq!(kept.ids.len(), 1, "{kept:?}");
     assert_eq!(kept.ids[0].get::<String>("entry_id").unwrap(), bad);
     let second = requeue();
@@ -1782,11 +1750,7 @@ async fn requeue_ends_while_an_older_consumer_keeps_again_what_it_moves() {
     let Some(url) = redis_url().await else { return };
     let stream = unique("requeue");
     let kept = format!("{stream}:unreadable");
-    let mut connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut connection = connect(&url).await;
     let message = json!({"topic": "shop.orders.events", "envelope": dispatchd::engine::Envelope::new("order.placed", json!({}))}).to_string();
     for _ in 0..250 {
         let _: String = redis::cmd("XADD")
@@ -1850,6 +1814,20 @@ async fn requeue_ends_while_an_older_consumer_keeps_again_what_it_moves() {
         .await
         .unwrap();
     assert_eq!(length, 250);
+}
+
+/// What a source keeps in `<source>:unreadable`, oldest first.
+async fn kept_entries(
+    connection: &mut redis::aio::MultiplexedConnection,
+    source: &str,
+) -> redis::streams::StreamRangeReply {
+    redis::cmd("XRANGE")
+        .arg(format!("{source}:unreadable"))
+        .arg("-")
+        .arg("+")
+        .query_async(connection)
+        .await
+        .unwrap()
 }
 
 /// Build, then run: a start that fails at its last step (the engine refuses a route) leaves no
