@@ -499,6 +499,10 @@ pub struct Backlog {
     /// Entries not yet delivered to the group; `None` when Redis cannot tell (a group created
     /// at an id in the middle of the stream, until it caught up).
     pub lag: Option<u64>,
+    /// How long the oldest entry not yet delivered to the group has been in the stream, on
+    /// Redis' clock (an entry's id is the millisecond it was added); zero when none waits.
+    /// `None` when it could not be read.
+    pub undelivered_age: Option<Duration>,
 }
 
 async fn read_backlog(
@@ -523,10 +527,54 @@ async fn read_backlog(
             .get(name)
             .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
     };
+    let lag = field("lag");
+    let undelivered_age = if lag == Some(0) {
+        Some(Duration::ZERO)
+    } else {
+        let last_delivered = group
+            .get("last-delivered-id")
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+        match last_delivered {
+            Some(last) => undelivered_age(connection, &config.stream, &last).await?,
+            None => None,
+        }
+    };
     Ok(Some(Backlog {
         pending: field("pending").unwrap_or(0),
-        lag: field("lag"),
+        lag,
+        undelivered_age,
     }))
+}
+
+/// The age of the first entry of `stream` after `last_delivered` (the group's
+/// `last-delivered-id`): Redis' `TIME` minus the millisecond in its id; zero when there is none.
+async fn undelivered_age(
+    connection: &mut ConnectionManager,
+    stream: &str,
+    last_delivered: &str,
+) -> Result<Option<Duration>, BusError> {
+    let (next, time): (redis::streams::StreamRangeReply, (u64, u64)) = redis::pipe()
+        .cmd("XRANGE")
+        .arg(stream)
+        .arg(format!("({last_delivered}"))
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .cmd("TIME")
+        .query_async(connection)
+        .await?;
+    let Some(entry) = next.ids.first() else {
+        return Ok(Some(Duration::ZERO));
+    };
+    let Some(added_ms) = entry
+        .id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+    else {
+        return Ok(None);
+    };
+    let now_ms = time.0 * 1000 + time.1 / 1000;
+    Ok(Some(Duration::from_millis(now_ms.saturating_sub(added_ms))))
 }
 
 /// What [`republish`] did.

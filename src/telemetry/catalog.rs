@@ -451,6 +451,15 @@ pub const BUS_CONSUMER_LAG: InstrumentSpec = InstrumentSpec {
     buckets: &[],
 };
 
+pub const BUS_UNDELIVERED_AGE: InstrumentSpec = InstrumentSpec {
+    name: "bus_redis_oldest_undelivered_age",
+    kind: Kind::ObservableGauge,
+    unit: "s",
+    description: "How long the oldest entry of a Redis stream not yet delivered to a consumer group has waited, on Redis' clock; 0 when none waits (read every second; absent while unknown).",
+    labels: &[label::STREAM, label::GROUP],
+    buckets: &[],
+};
+
 pub const BUS_RECONNECTS: InstrumentSpec = InstrumentSpec {
     name: "bus_redis_reconnects",
     kind: Kind::Counter,
@@ -598,6 +607,7 @@ pub const ALL: &[InstrumentSpec] = &[
     SINK_QUEUE_DEPTH,
     BUS_PENDING_ENTRIES,
     BUS_CONSUMER_LAG,
+    BUS_UNDELIVERED_AGE,
     BUS_RECONNECTS,
     BUS_EVENTS,
     BUS_READ_ERRORS,
@@ -655,6 +665,7 @@ mod tests {
                 "sink_queue_depth",
                 "bus_redis_pending_entries",
                 "bus_redis_consumer_lag",
+                "bus_redis_oldest_undelivered_age_seconds",
                 "bus_redis_reconnects_total",
                 "bus_redis_events_total",
                 "bus_redis_read_errors_total",

@@ -112,7 +112,8 @@ impl FileObserver for FileMetrics {
 /// scrape time.
 type Backlogs = Arc<Mutex<BTreeMap<(String, String), Backlog>>>;
 
-/// `bus_redis_pending_entries`, `bus_redis_consumer_lag`, `bus_redis_reconnects_total`,
+/// `bus_redis_pending_entries`, `bus_redis_consumer_lag`,
+/// `bus_redis_oldest_undelivered_age_seconds`, `bus_redis_reconnects_total`,
 /// `bus_redis_events_total`, `bus_redis_read_errors_total`,
 /// `bus_redis_group_recreated_total`, `bus_redis_unreadable_entries_total`,
 /// `bus_redis_ack_errors_total` and `bus_redis_abandoned_entries_total`.
@@ -156,6 +157,23 @@ impl BusMetrics {
         };
         gauge(catalog::BUS_PENDING_ENTRIES, |b| Some(b.pending));
         gauge(catalog::BUS_CONSUMER_LAG, |b| b.lag);
+        let spec = catalog::BUS_UNDELIVERED_AGE;
+        let ages = backlogs.clone();
+        let _ = meter
+            .f64_observable_gauge(spec.name)
+            .with_description(spec.description)
+            .with_unit(spec.unit)
+            .with_callback(move |observer| {
+                let Ok(backlogs) = ages.lock() else {
+                    return;
+                };
+                for ((stream, group), backlog) in backlogs.iter() {
+                    if let Some(age) = backlog.undelivered_age {
+                        observer.observe(age.as_secs_f64(), &stream_group(stream, group));
+                    }
+                }
+            })
+            .build();
         BusMetrics {
             backlogs,
             reconnects: counter(meter, catalog::BUS_RECONNECTS),

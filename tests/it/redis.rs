@@ -1404,6 +1404,14 @@ async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
     // loaded machine. The old reading every half `claim_idle` would take 15 s.
     const FRESH: Duration = Duration::from_secs(5);
     crate::support::wait_for("the first reading", || backlog() == Some(0.0)).await;
+    assert_eq!(
+        sample(
+            &telemetry.render().unwrap(),
+            &format!("bus_redis_oldest_undelivered_age_seconds{labels}")
+        ),
+        Some(0.0),
+        "nothing waits in an empty stream"
+    );
 
     // 30 entries: some read and held by the sink (pending), the rest not yet read (lag).
     publish(&url, &stream, 0..30).await;
@@ -1416,6 +1424,23 @@ async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
         "the entries the sink holds are pending: {metrics}"
     );
     assert_eq!(sent.load(Ordering::SeqCst), 0);
+    // The sink holds what it read and the consumer reads no more: the oldest entry not yet
+    // delivered waits, and its age grows with the clock.
+    let age = || {
+        sample(
+            &telemetry.render().unwrap(),
+            &format!("bus_redis_oldest_undelivered_age_seconds{labels}"),
+        )
+    };
+    assert!(
+        value(&metrics, &format!("bus_redis_consumer_lag{labels}")) > 0.0,
+        "{metrics}"
+    );
+    crate::support::wait_for(
+        "the oldest undelivered entry to have waited a second",
+        || age().is_some_and(|age| age >= 1.0),
+    )
+    .await;
 
     // The sink takes them all: the backlog empties, and the gauges follow.
     open.add_permits(1000);
@@ -1425,7 +1450,7 @@ async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
     .await;
     let drained = std::time::Instant::now();
     crate::support::wait_for("the gauges to show an empty backlog", || {
-        backlog() == Some(0.0)
+        backlog() == Some(0.0) && age() == Some(0.0)
     })
     .await;
     assert!(drained.elapsed() < FRESH, "{:?}", drained.elapsed());
@@ -1437,6 +1462,14 @@ async fn the_backlog_gauges_follow_the_backlog_within_seconds() {
         sample(&metrics, &format!("bus_redis_consumer_lag{labels}")),
         None,
         "a stopped consumer's backlog is unknown, not its last value: {metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("bus_redis_oldest_undelivered_age_seconds{labels}")
+        ),
+        None,
+        "{metrics}"
     );
 }
 
