@@ -101,12 +101,23 @@ async fn acknowledge(
     let (stream, group) = (acker.config().stream.clone(), acker.config().group.clone());
     for attempt in 1..=ACK_ATTEMPTS {
         match acker.ack(ids).await {
-            Ok(_) => return true,
+            Ok(_) => {
+                if attempt > 1 {
+                    tracing::info!(stream = %stream, group = %group, attempts = attempt, "Acknowledgements go through again.");
+                }
+                return true;
+            }
             Err(error) => {
                 if let Some(observer) = observer {
                     observer.ack_failed(&stream, &group);
                 }
-                tracing::warn!(%error, stream = %stream, group = %group, attempt, "Acknowledging entries failed; retrying.");
+                // Once per batch: every failure is counted (`bus_redis_ack_errors_total`), and a
+                // line every few seconds while Redis refuses would bury the log.
+                if attempt == 1 {
+                    tracing::warn!(%error, stream = %stream, group = %group, "Acknowledging entries failed; retrying (each failure is counted in bus_redis_ack_errors_total).");
+                } else {
+                    tracing::debug!(%error, stream = %stream, group = %group, attempt, "Acknowledging entries failed again.");
+                }
                 if attempt < ACK_ATTEMPTS {
                     tokio::time::sleep(RECONNECT.ceiling(attempt)).await;
                 }
