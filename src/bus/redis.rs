@@ -566,15 +566,20 @@ async fn undelivered_age(
     let Some(entry) = next.ids.first() else {
         return Ok(Some(Duration::ZERO));
     };
-    let Some(added_ms) = entry
-        .id
-        .split_once('-')
-        .and_then(|(ms, _)| ms.parse::<u64>().ok())
-    else {
-        return Ok(None);
-    };
-    let now_ms = time.0 * 1000 + time.1 / 1000;
-    Ok(Some(Duration::from_millis(now_ms.saturating_sub(added_ms))))
+    Ok(entry_age(&entry.id, time.0 * 1000 + time.1 / 1000))
+}
+
+/// Before 2000-01-01 in Unix milliseconds: an id whose first part is smaller was not made by
+/// Redis' clock (`XADD … *`) but given by a producer (`1-1`, a sequence).
+const EARLIEST_CLOCK_ID_MS: u64 = 946_684_800_000;
+
+/// How long ago Redis added the entry `id` (`<milliseconds>-<sequence>`), at `now_ms`; `None`
+/// when the id does not carry the time it was added (a producer's own numbering), so that such a
+/// stream shows no age rather than one of decades.
+fn entry_age(id: &str, now_ms: u64) -> Option<Duration> {
+    let added_ms = id.split_once('-')?.0.parse::<u64>().ok()?;
+    (added_ms >= EARLIEST_CLOCK_ID_MS)
+        .then(|| Duration::from_millis(now_ms.saturating_sub(added_ms)))
 }
 
 /// What [`republish`] did.
@@ -873,6 +878,22 @@ impl crate::bus::EventBus for RedisPublisher {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_entrys_age_is_read_from_a_clock_made_id_only() {
+        let now = 1_764_800_000_000;
+        assert_eq!(
+            entry_age("1764799999000-3", now),
+            Some(Duration::from_secs(1))
+        );
+        // Added "later" than now (another clock's id): no negative age.
+        assert_eq!(entry_age("1764800000500-0", now), Some(Duration::ZERO));
+        // A producer's own numbering, and ids that are not ids: unknown, not decades old.
+        assert_eq!(entry_age("1-1", now), None);
+        assert_eq!(entry_age("42", now), None);
+        assert_eq!(entry_age("x-1", now), None);
+    }
+
     use super::*;
 
     #[test]
