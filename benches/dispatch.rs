@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -642,25 +644,17 @@ fn strategy_hooks(c: &mut Criterion) {
     // thread's time (shared counters move between the cores' caches here).
     c.bench_function("metrics_strategy/hooks_of_one_dispatch_2_threads", |b| {
         b.iter_custom(|iters| {
-            let start = std::time::Instant::now();
-            std::thread::scope(|scope| {
-                for _ in 0..2 {
-                    scope.spawn(|| {
-                        for _ in 0..iters {
-                            let elapsed = black_box(Duration::from_micros(12));
-                            strategy.on_dispatch_start(black_box(&info));
-                            strategy.on_dispatcher_complete(
-                                &info,
-                                dispatcher,
-                                ExecutionResult::Success,
-                                elapsed,
-                            );
-                            strategy.on_dispatch_success(&info, black_box(&result), elapsed);
-                        }
-                    });
-                }
-            });
-            start.elapsed()
+            common::on_two_threads(iters, || {
+                let elapsed = black_box(Duration::from_micros(12));
+                strategy.on_dispatch_start(black_box(&info));
+                strategy.on_dispatcher_complete(
+                    &info,
+                    dispatcher,
+                    ExecutionResult::Success,
+                    elapsed,
+                );
+                strategy.on_dispatch_success(&info, black_box(&result), elapsed);
+            })
         });
     });
 }

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use dispatchd::config::MetricsConfig;
 use dispatchd::telemetry::Telemetry;
@@ -63,19 +65,7 @@ fn http_request(c: &mut Criterion) {
     let mut group = c.benchmark_group("http_metrics");
     group.bench_function("request_finished", |b| b.iter(record));
     group.bench_function("request_finished_2_threads", |b| {
-        b.iter_custom(|iters| {
-            let start = std::time::Instant::now();
-            std::thread::scope(|scope| {
-                for _ in 0..2 {
-                    scope.spawn(|| {
-                        for _ in 0..iters {
-                            record();
-                        }
-                    });
-                }
-            });
-            start.elapsed()
-        })
+        b.iter_custom(|iters| common::on_two_threads(iters, record))
     });
     group.finish();
 }
